@@ -1,0 +1,69 @@
+"""`rollout_matching.*` (+ the server part of `vllm.*`) normalized into one typed contract.
+
+The trainer, the eval loop and the rollout backends receive this object and nothing else about
+rollouts; `decode_batch_size` is the single micro-batching knob for rollout decode and eval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from coordexp.config.schema import RepeatTerminateConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class RolloutContract:
+    backend: str                     # "hf" | "vllm"
+    vllm_mode: Optional[str]         # "server" | None
+    server_base_urls: Tuple[str, ...]
+    decode_batch_size: int           # rollout micro-batch (train and eval)
+    eval_batch_size: int             # == decode_batch_size, whatever training.per_device_eval_batch_size says
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    candidate_top_k: int
+    iou_gate: float
+    fp_cost: float
+    fn_cost: float
+    object_field_order: str
+    repeat_terminate: RepeatTerminateConfig
+    infer_timeout_s: float
+    request_timeout_s: float
+    sync_mode: str
+    sync_transport: str
+    sync_timeout_s: float
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def rollout_contract(cfg: TrainConfig) -> RolloutContract:
+    rm, v = cfg.rollout_matching, cfg.vllm
+    server = rm.rollout_backend.value == "vllm"
+    return RolloutContract(
+        backend=rm.rollout_backend.value,
+        vllm_mode=v.mode.value if server and v.mode is not None else None,
+        server_base_urls=tuple(v.server.base_urls) if server else (),
+        decode_batch_size=rm.decode_batch_size,
+        eval_batch_size=rm.decode_batch_size,
+        max_new_tokens=rm.max_new_tokens,
+        temperature=rm.decoding.temperature,
+        top_p=rm.decoding.top_p,
+        top_k=rm.decoding.top_k,
+        repetition_penalty=rm.repetition_penalty,
+        candidate_top_k=rm.candidate_top_k,
+        iou_gate=rm.iou_gate,
+        fp_cost=rm.fp_cost,
+        fn_cost=rm.fn_cost,
+        object_field_order=cfg.data.object_field_order.value,
+        repeat_terminate=rm.repeat_terminate,
+        infer_timeout_s=v.server.infer_timeout_s,
+        request_timeout_s=v.server.request_timeout_s,
+        sync_mode=v.sync.mode.value,
+        sync_transport=v.sync.transport.value,
+        sync_timeout_s=v.sync.timeout_s,
+    )

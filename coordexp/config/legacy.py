@@ -1,0 +1,47 @@
+"""Removed and renamed config keys, with migration text. Data, not if-chains.
+
+A raw key path matches an entry when it equals the entry's path or lies below it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Tuple
+
+LEGACY_KEYS: Tuple[Tuple[str, str], ...] = (
+    ("custom.extra.rollout_matching", "move rollout settings to top-level rollout_matching.*"),
+    ("custom", "the `custom` section is gone: data keys live under data.*, loss weights under stage2_ab.*, "
+               "free-form notes under extra.*"),
+    ("stage2_ab.schedule.pattern", "use stage2_ab.schedule.b_ratio (float in [0,1])"),
+    ("stage2_ab.bbox_l1_weight", "use stage2_ab.bbox_smoothl1_weight"),
+    ("stage2_ab.bbox_giou_weight", "use stage2_ab.bbox_ciou_weight"),
+    ("stage2_ab.channel_b.rollouts_per_step", "use training.effective_batch_size"),
+    ("stage2_ab.channel_b.rollout_decode_batch_size", "use rollout_matching.decode_batch_size"),
+    ("stage2_ab.channel_b.mode", "removed: Channel B is step-budgeted; delete the key"),
+    ("stage2_ab.channel_b.async", "removed: delete the key"),
+    ("rollout_matching.temperature", "use rollout_matching.decoding.temperature"),
+    ("rollout_matching.top_p", "use rollout_matching.decoding.top_p"),
+    ("rollout_matching.top_k", "use rollout_matching.decoding.top_k"),
+    ("rollout_matching.rollout_generate_batch_size", "use rollout_matching.decode_batch_size"),
+    ("rollout_matching.rollout_infer_batch_size", "use rollout_matching.decode_batch_size"),
+    ("rollout_matching.maskiou_gate", "use rollout_matching.iou_gate (exact box IoU)"),
+    ("rollout_matching.vllm", "server settings moved to top-level vllm.* (e.g. vllm.server.base_urls)"),
+    ("rollout_matching.rollout_buffer", "removed: delete the key"),
+    ("vllm.server.servers", "use vllm.server.base_urls: [http://host:port, ...]"),
+    ("vllm.server.base_url", "use vllm.server.base_urls: [http://host:port, ...]"),
+    ("training.packing_length", "removed: rollouts are not packed; delete the key"),
+    ("training.gradient_accumulation", "use training.effective_batch_size (accumulation is derived)"),
+)
+
+
+def legacy_problems(paths: Iterable[str]) -> List[str]:
+    """One message per legacy subtree (a whole `custom.extra.rollout_matching` block counts once)."""
+    problems: List[str] = []
+    seen_roots = set()
+    for path in paths:
+        for legacy, advice in LEGACY_KEYS:
+            if path == legacy or path.startswith(legacy + "."):
+                if legacy not in seen_roots:
+                    seen_roots.add(legacy)
+                    problems.append(f"{legacy}: legacy key: {advice}")
+                break
+    return problems

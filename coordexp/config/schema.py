@@ -1,0 +1,258 @@
+"""Typed schema of the whole config tree.
+
+Every node of the composed Hydra config is one of these dataclasses; the tree is registered in
+Hydra's ConfigStore (see ``store.py``) so unknown keys and wrong types fail during composition.
+Defaults live here; YAML under ``conf/`` only selects and pins. Each field's ``help`` metadata
+feeds the generated config reference (docs/config.md).
+
+This module is pure Python (no torch, no vLLM, no Hydra) so the pure core can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+def doc(text: str, default: Any = MISSING, **kwargs: Any) -> Any:
+    """A dataclass field with a help text (the config reference is generated from it)."""
+    if "default_factory" in kwargs:
+        return field(default_factory=kwargs.pop("default_factory"), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+class ModelKind(str, Enum):
+    tiny = "tiny"
+    local = "local"
+
+
+class TinyArch(str, Enum):
+    qwen2 = "qwen2"
+    qwen3 = "qwen3"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class DataKind(str, Enum):
+    synthetic = "synthetic"
+    jsonl = "jsonl"
+
+
+class FieldOrder(str, Enum):
+    desc_first = "desc_first"
+    geometry_first = "geometry_first"
+
+
+class IntervalStrategy(str, Enum):
+    no = "no"
+    steps = "steps"
+
+
+class RolloutBackend(str, Enum):
+    hf = "hf"
+    vllm = "vllm"
+
+
+class VllmMode(str, Enum):
+    server = "server"
+
+
+class ServerDevice(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class SyncMode(str, Enum):
+    full = "full"
+    none = "none"
+
+
+class SyncTransport(str, Enum):
+    file = "file"
+    nccl = "nccl"
+
+
+@dataclass
+class ModelConfig:
+    kind: ModelKind = doc("`tiny`: build the random tiny local model on demand; `local`: load `path`.",
+                          ModelKind.tiny)
+    path: str = doc("Checkpoint directory. For `kind: tiny`, the cache dir the tiny model is built in.")
+    tiny_arch: TinyArch = doc("Architecture of the tiny model (kind: tiny only).", TinyArch.qwen2)
+    dtype: DType = doc("Learner dtype.", DType.float32)
+
+
+@dataclass
+class SyntheticDataConfig:
+    train_samples: int = doc("Number of synthetic training records.", 2048)
+    val_samples: int = doc("Number of synthetic held-out records.", 64)
+    min_objects: int = doc("Fewest objects per synthetic record.", 1)
+    max_objects: int = doc("Most objects per synthetic record.", 3)
+    seed: int = doc("Generator seed (validation uses seed + 1).", 1234)
+
+
+@dataclass
+class DataConfig:
+    kind: DataKind = doc("`synthetic`: generate the synthetic task into the run dir; `jsonl`: read files.",
+                         DataKind.synthetic)
+    train_jsonl: Optional[str] = doc("Training JSONL (kind: jsonl).", None)
+    val_jsonl: Optional[str] = doc("Held-out JSONL for rollout eval (kind: jsonl).", None)
+    object_field_order: FieldOrder = doc("Key order inside each CoordJSON object.", FieldOrder.desc_first)
+    system_prompt: Optional[str] = doc("Optional system turn prepended to every prompt.", None)
+    val_sample_limit: Optional[int] = doc("Cap on held-out samples used per eval (null = all).", None)
+    synthetic: SyntheticDataConfig = doc("Synthetic task settings (kind: synthetic).",
+                                         default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class TrainingConfig:
+    run_name: str = doc("Run name (TensorBoard run, metadata).")
+    output_dir: str = doc("Run directory: checkpoints, metrics.jsonl, run_metadata.json.")
+    logging_dir: str = doc("TensorBoard event directory.")
+    learning_rate: float = doc("Peak learning rate (AdamW).")
+    effective_batch_size: int = doc(
+        "Samples per optimizer step over all learner ranks; gradient accumulation is derived from it.")
+    per_device_train_batch_size: int = doc("Samples per rank per micro-step.", 1)
+    per_device_eval_batch_size: int = doc(
+        "HF eval batch size. Rollout eval ignores it: rollout_matching.decode_batch_size rules.", 8)
+    gradient_accumulation_steps: Optional[int] = doc(
+        "Leave null: derived as effective_batch_size / (per_device_train_batch_size * nproc_per_node). "
+        "A value that differs from the derived one is an error.", None)
+    nproc_per_node: int = doc("Learner processes (torchrun ranks).", 1)
+    max_steps: int = doc("Optimizer steps to run.")
+    warmup_steps: int = doc("Linear warmup steps.", 0)
+    lr_scheduler_type: str = doc("transformers scheduler name (linear, cosine, constant, ...).", "linear")
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    max_grad_norm: float = doc("Gradient clipping norm (0 disables).", 1.0)
+    logging_steps: int = doc("Log metrics every N optimizer steps.", 1)
+    eval_strategy: IntervalStrategy = doc("`steps`: rollout eval every eval_steps; `no`: never.")
+    eval_steps: int = doc("Optimizer steps between rollout evals.")
+    save_strategy: IntervalStrategy = doc("`steps`: checkpoint every save_steps; `no`: never.")
+    save_steps: int = doc("Optimizer steps between checkpoints.")
+    save_total_limit: Optional[int] = doc("Keep at most N checkpoints (null = all).", 2)
+    metric_for_best_model: str = doc("Metric that picks the best checkpoint.", "eval_rollout/f1")
+    resume_from_checkpoint: Optional[str] = doc(
+        "`latest` resumes from the newest checkpoint in output_dir; a path resumes from it.", None)
+    dataloader_num_workers: int = doc("DataLoader worker processes.", 0)
+
+
+@dataclass
+class ScheduleConfig:
+    b_ratio: float = doc("Fraction of optimizer steps that run Channel B, in [0, 1]. Step s is B iff "
+                         "floor((s+1)*r) > floor(s*r).")
+
+
+@dataclass
+class ChannelBConfig:
+    drop_invalid_struct_ce_multiplier: float = doc(
+        "Scales structure CE of appended/closure tokens when invalid objects were dropped; in [1, 4].", 1.0)
+
+
+@dataclass
+class Stage2ABConfig:
+    schedule: ScheduleConfig = doc("Channel schedule.", default_factory=ScheduleConfig)
+    n_softctx_iter: int = doc("Channel-A forward passes (1 = plain teacher forcing; >1 adds soft "
+                              "self-context passes).", 1)
+    softctx_temperature: float = doc("Temperature of the coordinate softmax (expectation decode, "
+                                     "soft self-context).", 1.0)
+    desc_ce_weight: float = doc("CE weight of desc value tokens.", 1.0)
+    bbox_smoothl1_weight: float = doc("Weight of SmoothL1 on expectation-decoded boxes.", 1.0)
+    bbox_ciou_weight: float = doc("Weight of (1 - CIoU) on expectation-decoded boxes.", 1.0)
+    channel_b: ChannelBConfig = doc("Channel-B settings.", default_factory=ChannelBConfig)
+
+
+@dataclass
+class DecodingConfig:
+    temperature: float = doc("0 = greedy; > 0 samples.", 0.0)
+    top_p: float = doc("Nucleus mass in (0, 1].", 1.0)
+    top_k: int = doc("-1 = off, else >= 1.", -1)
+
+
+@dataclass
+class RepeatTerminateConfig:
+    enabled: bool = doc("Force EOS per sequence on degenerate repetition.", True)
+    min_new_tokens: int = doc("No rule fires before this many generated tokens.", 8)
+    max_consecutive_token_repeats: int = doc("Fire when the trailing run of one token id reaches this "
+                                             "length (0 disables).", 16)
+    ngram_size: int = doc("n of the n-gram rule (0 disables).", 8)
+    ngram_repeats: int = doc("Fire when the last ngram_size tokens repeat back-to-back this many times "
+                             "(0 disables; otherwise >= 2).", 3)
+    max_object_keys: Optional[int] = doc("Fire when this many objects have been started (null disables).",
+                                         None)
+
+
+@dataclass
+class RolloutMatchingConfig:
+    rollout_backend: RolloutBackend = doc("`hf`: in-process generate; `vllm`: rollout server.", RolloutBackend.hf)
+    decode_batch_size: int = doc("Sequences per rollout decode call, in training and eval: the single "
+                                 "source of truth for rollout micro-batching.", 8)
+    max_new_tokens: int = doc("Rollout generation budget.", 128)
+    repetition_penalty: float = doc("Multiplicative repetition penalty (1.0 = off).", 1.0)
+    decoding: DecodingConfig = doc("Sampling settings.", default_factory=DecodingConfig)
+    candidate_top_k: int = doc("GT candidates kept per prediction (by IoU) before Hungarian.", 5)
+    iou_gate: float = doc("Pairs with IoU below this are infeasible (counted as gating rejections).", 0.3)
+    fp_cost: float = doc("Cost of leaving a prediction unmatched.", 0.5)
+    fn_cost: float = doc("Cost of leaving a GT object unmatched.", 2.0)
+    repeat_terminate: RepeatTerminateConfig = doc("Repeat-aware forced EOS.",
+                                                  default_factory=RepeatTerminateConfig)
+
+
+@dataclass
+class ServerConfig:
+    base_urls: List[str] = doc("Rollout server URLs (http://host:port).", default_factory=list)
+    reuse_existing: bool = doc("Use servers already running at base_urls instead of starting one.", False)
+    host: str = doc("Bind host of a server the launcher starts.", "127.0.0.1")
+    startup_timeout_s: float = doc("Deadline for /health/ after start.", 600.0)
+    infer_timeout_s: float = doc("Per /infer/ call timeout (one retry, then a clear error).", 120.0)
+    request_timeout_s: float = doc("Timeout of every other HTTP call.", 30.0)
+    log_tail_lines: int = doc("Server log lines printed when the run fails.", 40)
+
+
+@dataclass
+class SyncConfig:
+    mode: SyncMode = doc("`full`: push all weights to the server before a Channel-B step whose weights "
+                         "changed (required with > 1 learner process); `none`: never sync.", SyncMode.full)
+    transport: SyncTransport = doc("`file`: learner writes safetensors, server loads them (CPU and GPU); "
+                                   "`nccl`: NCCL broadcast (GPU).", SyncTransport.file)
+    timeout_s: float = doc("Timeout of one weight sync (HTTP and collectives).", 120.0)
+
+
+@dataclass
+class VllmConfig:
+    mode: Optional[VllmMode] = doc("`server`: separately launched `swift rollout`; null with the hf backend.",
+                                   None)
+    device: ServerDevice = doc("Where the rollout server runs.", ServerDevice.cpu)
+    server: ServerConfig = doc("Server endpoints and timeouts.", default_factory=ServerConfig)
+    sync: SyncConfig = doc("Weight sync.", default_factory=SyncConfig)
+    max_model_len: int = doc("Server context length; must exceed rollout_matching.max_new_tokens.", 1024)
+    dtype: DType = doc("Server dtype.", DType.float32)
+    enforce_eager: bool = doc("Disable CUDA graphs / compilation in the server.", True)
+    gpu_memory_utilization: float = doc("Fraction of each server GPU vLLM may use (GPU only).", 0.85)
+    cpu_kvcache_space_gib: int = doc("KV cache size for a CPU server (VLLM_CPU_KVCACHE_SPACE).", 1)
+    data_parallel_size: int = doc("Server data-parallel engines.", 1)
+    tensor_parallel_size: int = doc("Server tensor parallelism.", 1)
+    server_gpus: List[int] = doc("GPU ids of the server (device: cuda); disjoint from learner_gpus.",
+                                 default_factory=list)
+    learner_gpus: List[int] = doc("GPU ids of the learner (device: cuda).", default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    experiment: str = doc("Name of the experiment leaf (set by each leaf).")
+    seed: int = doc("Global seed.", 17)
+    model: ModelConfig = doc("Model to train.", default_factory=ModelConfig)
+    data: DataConfig = doc("Data.", default_factory=DataConfig)
+    training: TrainingConfig = doc("Optimization, logging and checkpoint policy.",
+                                   default_factory=TrainingConfig)
+    stage2_ab: Stage2ABConfig = doc("Stage-2 AB channel mix and losses.", default_factory=Stage2ABConfig)
+    rollout_matching: RolloutMatchingConfig = doc("Rollout, parsing and matching (canonical rollout "
+                                                  "namespace).", default_factory=RolloutMatchingConfig)
+    vllm: VllmConfig = doc("Rollout server settings.", default_factory=VllmConfig)
+    extra: Dict[str, Any] = doc("Free-form user notes; recorded, never read by coordexp.",
+                                default_factory=dict)

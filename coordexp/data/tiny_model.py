@@ -1,0 +1,393 @@
+"""Tiny local model factory: a random-weight Qwen2/Qwen3 causal LM with a locally trained tokenizer.
+
+Nothing is downloaded. :func:`ensure_tiny_model` builds (once) and returns a ``save_pretrained`` folder
+that ``AutoTokenizer`` / ``AutoModelForCausalLM`` (offline), vLLM and ``swift rollout`` all load.
+
+Tokenizer (the trap this module exists to avoid): for ``model_type: qwen2`` folders, transformers'
+``AutoTokenizer`` returns ``Qwen2Tokenizer``, which *rebuilds* the normalizer (NFC) and the
+pre-tokenizer (Qwen2 split regex, digits one by one, then byte-level without its own regex) and ignores
+the ones stored in ``tokenizer.json``. The BPE is therefore trained with exactly that normalizer and
+pre-tokenizer, so raw ``tokenizers``, ``PreTrainedTokenizerFast``, ``AutoTokenizer`` and vLLM produce
+identical ids. The split regex is read from the installed transformers (not re-typed here) and is part
+of the build hash.
+
+Vocabulary: BPE pieces trained on a corpus of the synthetic task's chat transcripts (prompts and
+CoordJSON answers in both field orders), then the special tokens ``<|endoftext|>`` (pad),
+``<|im_start|>``, ``<|im_end|>`` (EOS), then 1000 *non-special* added tokens ``<|coord_0|>`` ..
+``<|coord_999|>`` with contiguous ids (one id each; they survive ``skip_special_tokens=True``).
+
+Folder name: ``<cache_dir>/tiny-<arch>-<12 hex of the build hash>``. The build happens in a temporary
+sibling folder and is published with one ``rename``; a file lock makes concurrent callers (DDP ranks)
+wait for the first builder instead of building twice, and the rename race is handled too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+__all__ = [
+    "COORD_BINS",
+    "PAD_TOKEN",
+    "IM_START",
+    "IM_END",
+    "SPECIAL_TOKENS",
+    "SPEC_FILE",
+    "CHATML_TEMPLATE",
+    "TinyModelSpec",
+    "coord_token",
+    "coord_tokens",
+    "ensure_tiny_model",
+    "build_tiny_model",
+    "tiny_model_dir",
+    "read_build_info",
+    "main",
+]
+
+COORD_BINS = 1000
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)
+SPEC_FILE = "coordexp_tiny_model.json"  # written last; its presence marks a complete folder
+FORMAT_VERSION = 1
+
+# ChatML, identical to ms-swift's `chatml` template (no default system turn, no BOS).
+# String contents render as is; list contents render their text parts only (the tiny model is text-only).
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Text pieces between coordinate tokens in CoordJSON answers; used to report which are fused tokens.
+STRUCTURAL_PIECES = (
+    '{"objects": [{"desc": "',
+    '", "bbox_2d": [',
+    ", ",
+    "]}, {\"desc\": \"",
+    "]}]}",
+    '{"objects": [{"bbox_2d": [',
+    '], "desc": "',
+    '"}, {"bbox_2d": [',
+    '"}]}',
+)
+
+
+def coord_token(k: int) -> str:
+    """The vocabulary token of norm1000 bin ``k`` (0..999)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < COORD_BINS:
+        raise ValueError(f"coordinate bin must be an int in [0, {COORD_BINS - 1}], got {k!r}")
+    return f"<|coord_{k}|>"
+
+
+def coord_tokens() -> list[str]:
+    return [f"<|coord_{k}|>" for k in range(COORD_BINS)]
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Everything that determines the built folder; its hash names the folder."""
+
+    arch: str = "qwen2"  # "qwen2" | "qwen3"
+    seed: int = 0
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 32  # vLLM's CPU attention supports head sizes >= 32 only
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    bpe_vocab_size: int = 1024  # BPE pieces incl. the 256-byte alphabet and the 3 special tokens
+    bpe_min_frequency: int = 2
+    corpus_records: int = 2000
+    corpus_seed: int = 7
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("qwen2", "qwen3"):
+            raise ValueError(f"arch must be 'qwen2' or 'qwen3', got {self.arch!r}")
+        if self.hidden_size != self.num_attention_heads * self.head_dim and self.arch == "qwen2":
+            raise ValueError("qwen2 derives head_dim = hidden_size / num_attention_heads; they must agree")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+
+_ADDED_RE = re.compile(r"<\|coord_\d+\|>|<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>")
+
+
+def _qwen2_split_regex() -> str:
+    from transformers.models.qwen2 import tokenization_qwen2
+
+    return tokenization_qwen2.PRETOKENIZE_REGEX
+
+
+def _render_chatml(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+    # Python twin of CHATML_TEMPLATE for string contents (used only to make the BPE corpus).
+    out = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return out + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+def _default_answer_renderer() -> Callable[[Sequence[dict[str, Any]], str], str]:
+    from coordexp.coordjson import serialize_objects  # lazy: keeps this module importable alone
+
+    return lambda objects, order: serialize_objects(objects, object_field_order=order)
+
+
+def corpus_texts(
+    spec: TinyModelSpec, render_answer: Callable[[Sequence[dict[str, Any]], str], str] | None = None
+) -> list[str]:
+    """Chat transcripts of the synthetic task (both field orders, with and without a system turn)."""
+    from coordexp.data.prompt import PromptSpec, build_messages
+    from coordexp.data.synthetic import SyntheticSpec, generate_record
+
+    render = render_answer or _default_answer_renderer()
+    # The corpus covers more objects and a finer grid than the default task, so the merges are generic.
+    task = SyntheticSpec(min_objects=1, max_objects=6, grid=1000)
+    texts = []
+    for i in range(spec.corpus_records):
+        rec = generate_record(spec.corpus_seed, i, task)
+        order = ("desc_first", "geometry_first")[i % 2]
+        system = "You are a helpful assistant." if i % 3 == 0 else None
+        messages = build_messages(rec, PromptSpec(object_field_order=order, system_prompt=system, scene="text"))
+        messages.append({"role": "assistant", "content": render(rec["objects"], order)})
+        texts.append(_render_chatml(messages, add_generation_prompt=False))
+    # A little plain text so common words, digits and punctuation get merges too.
+    texts += [
+        f"Image {w}x{h}, {n} objects. The answer is 0 1 2 3 4 5 6 7 8 9 and 10, 100, 999."
+        for w, h, n in ((640, 480, 1), (800, 600, 2), (512, 512, 3), (1024, 768, 4))
+    ]
+    return texts
+
+
+def _training_segments(texts: Sequence[str]) -> Iterator[str]:
+    # Added/special tokens are cut out before the BPE model sees text, so train on what lies between.
+    for text in texts:
+        for seg in _ADDED_RE.split(text):
+            if seg:
+                yield seg
+
+
+# ----------------------------------------------------------------------------------------------- build
+
+
+def _spec_digest(spec: TinyModelSpec, corpus: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "spec": asdict(spec),
+        "split_regex": _qwen2_split_regex(),
+        "chat_template": CHATML_TEMPLATE,
+        "corpus_sha256": hashlib.sha256("\x00".join(corpus).encode()).hexdigest(),
+    }
+    h.update(json.dumps(payload, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def tiny_model_dir(cache_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Sequence[str] | None = None) -> Path:
+    """Where :func:`ensure_tiny_model` puts (or finds) the folder for ``spec``."""
+    corpus = corpus if corpus is not None else corpus_texts(spec)
+    return Path(cache_dir) / f"tiny-{spec.arch}-{_spec_digest(spec, corpus)[:12]}"
+
+
+def _train_tokenizer(spec: TinyModelSpec, corpus: Sequence[str]):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_qwen2_split_regex()), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.bpe_vocab_size,
+        min_frequency=spec.bpe_min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, nothing unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_segments(corpus), trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in coord_tokens()])
+    return tok
+
+
+def _structural_report(tok) -> dict[str, list[str]]:
+    return {piece: tok.encode(piece, add_special_tokens=False).tokens for piece in STRUCTURAL_PIECES}
+
+
+def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Sequence[str] | None = None) -> dict:
+    """Build the folder's content into ``out_dir`` (no locking, no atomicity; see ensure_tiny_model)."""
+    import tokenizers
+    import torch
+    import transformers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    corpus = corpus if corpus is not None else corpus_texts(spec)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    raw = _train_tokenizer(spec, corpus)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        unk_token=None,
+        extra_special_tokens=[IM_START, IM_END],
+        model_max_length=spec.max_position_embeddings,
+        clean_up_tokenization_spaces=False,
+    )
+    hf_tok.chat_template = CHATML_TEMPLATE
+    vocab_size = len(hf_tok)
+    ids = {t: hf_tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    coord0 = hf_tok.convert_tokens_to_ids(coord_token(0))
+    if [hf_tok.convert_tokens_to_ids(t) for t in coord_tokens()] != list(range(coord0, coord0 + COORD_BINS)):
+        raise RuntimeError("coordinate tokens did not get contiguous ids")
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=ids[IM_END],
+        pad_token_id=ids[PAD_TOKEN],
+    )
+    if spec.arch == "qwen2":
+        from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model
+    else:
+        from transformers import Qwen3Config as Config, Qwen3ForCausalLM as Model
+
+        common["head_dim"] = spec.head_dim
+    config = Config(**common)
+    config.dtype = torch.float32
+    torch.manual_seed(spec.seed)
+    model = Model(config).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        eos_token_id=ids[IM_END], pad_token_id=ids[PAD_TOKEN], bos_token_id=None, do_sample=False
+    )
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+
+    info = {
+        "format_version": FORMAT_VERSION,
+        "name": out.name,
+        "spec": asdict(spec),
+        "digest": _spec_digest(spec, corpus),
+        "corpus_records": len(corpus),
+        "vocab_size": vocab_size,
+        "bpe_vocab_size": raw.get_vocab_size(with_added_tokens=False),
+        "special_token_ids": ids,
+        "coord_token_id_0": coord0,
+        "coord_token_id_999": coord0 + COORD_BINS - 1,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "structural_tokens": _structural_report(raw),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "python": sys.version.split()[0],
+        },
+    }
+    (out / SPEC_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return info
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / SPEC_FILE).is_file()
+
+
+def ensure_tiny_model(
+    cache_dir: str | os.PathLike,
+    arch: str = "qwen2",
+    seed: int = 0,
+    *,
+    spec: TinyModelSpec | None = None,
+) -> Path:
+    """Return the folder of the tiny model for (arch, seed), building it first if absent.
+
+    Safe to call from several processes at once (DDP ranks): one builds, the others wait on a lock
+    and then reuse the published folder. ``spec`` overrides every build knob (``arch``/``seed`` are
+    then ignored).
+    """
+    spec = spec or TinyModelSpec(arch=arch, seed=seed)
+    cache = Path(cache_dir).expanduser().resolve()
+    corpus = corpus_texts(spec)
+    final = tiny_model_dir(cache, spec, corpus)
+    if _complete(final):
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache / f".{final.name}.lock"):
+        if _complete(final):
+            return final
+        if final.exists():
+            raise RuntimeError(f"{final} exists but is not a complete tiny model (no {SPEC_FILE}); remove it")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building.", dir=cache))
+        try:
+            build_tiny_model(tmp, spec, corpus)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not _complete(final):  # lost a race against a builder that bypassed the lock
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def read_build_info(model_dir: str | os.PathLike) -> dict:
+    """The build record (spec, ids, versions, fused structural tokens) of a tiny model folder."""
+    return json.loads((Path(model_dir) / SPEC_FILE).read_text())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m coordexp.data.tiny_model",
+                                description="Build (if absent) the tiny local model and print its folder.")
+    p.add_argument("--out", required=True, help="cache directory the model folder is created in")
+    p.add_argument("--arch", choices=("qwen2", "qwen3"), default="qwen2")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    print(ensure_tiny_model(args.out, arch=args.arch, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

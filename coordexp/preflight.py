@@ -1,0 +1,51 @@
+"""`python -m coordexp.preflight +experiment=<leaf> [overrides]`: resolve the config exactly as the
+learner does and print the launcher contract as one JSON object (no GPU, no download, any cwd)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Dict, Sequence
+
+from coordexp.config.contract import rollout_contract
+from coordexp.config.errors import exit_on_config_error
+from coordexp.config.load import compose, to_train_config
+from coordexp.config.schema import TrainConfig
+
+
+def preflight(cfg: TrainConfig) -> Dict[str, Any]:
+    contract = rollout_contract(cfg)
+    v = cfg.vllm
+    return {
+        "experiment": cfg.experiment,
+        "rollout_backend": contract.backend,
+        "vllm_mode": contract.vllm_mode,
+        "server_base_urls": list(contract.server_base_urls),
+        "server_reuse_existing": v.server.reuse_existing if contract.vllm_mode else None,
+        "server_device": v.device.value if contract.vllm_mode else None,
+        "server_model": cfg.model.path,
+        "server_dtype": v.dtype.value,
+        "vllm_max_model_len": v.max_model_len,
+        "server_data_parallel_size": v.data_parallel_size,
+        "server_tensor_parallel_size": v.tensor_parallel_size,
+        "server_gpus": list(v.server_gpus),
+        "learner_gpus": list(v.learner_gpus),
+        "learner_nproc_per_node": cfg.training.nproc_per_node,
+        "sync_mode": contract.sync_mode,
+        "sync_transport": contract.sync_transport,
+        "decode_batch_size": contract.decode_batch_size,
+        "max_new_tokens": contract.max_new_tokens,
+        "repeat_terminate": vars(contract.repeat_terminate),
+        "output_dir": cfg.training.output_dir,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with exit_on_config_error():
+        cfg = to_train_config(compose(argv))
+    print(json.dumps(preflight(cfg), sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
