@@ -54,8 +54,7 @@ def _walk(node: Any, tp: Any, path: str) -> Iterator[Tuple[str, bool]]:
             sub = f"{path}.{key}" if path else str(key)
             known, sub_tp = child_type(tp, str(key)) if tp is not None else (True, None)
             yield sub, known
-            if known:
-                yield from _walk(value, sub_tp, sub)
+            yield from _walk(value, sub_tp if known else None, sub)  # unknown subtrees: legacy scan only
     elif isinstance(node, list):
         item_tp = None
         if typing.get_origin(tp) in (list, List):
@@ -94,7 +93,7 @@ def key_problems(raw: Mapping[str, Any], root: Type[Any] = TrainConfig, prefix: 
     problems = legacy_problems(p for p, _ in paths)
     legacy_roots = [p.split(":", 1)[0] for p in problems]
     for path, known in paths:
-        if known or any(path == r or path.startswith(r + ".") for r in legacy_roots):
+        if known or any(path == r or path.startswith(r + ".") or r.startswith(path + ".") for r in legacy_roots):
             continue
         parent_path = path.rsplit(".", 1)[0] if "." in path else ""
         parent_tp = _type_at(parent_path, root) if parent_path else root

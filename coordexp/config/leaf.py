@@ -51,6 +51,10 @@ def leaf_problems(name: str) -> List[str]:
     if not path.is_file():
         return [f"+experiment={name}: no such experiment leaf ({where}); available: "
                 f"{', '.join(available_experiments())}"]
+    return leaf_file_problems(path, where)
+
+
+def leaf_file_problems(path: Path, where: str) -> List[str]:
     text = path.read_text()
     raw = yaml.safe_load(text) or {}
     problems: List[str] = []

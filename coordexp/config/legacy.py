@@ -34,14 +34,10 @@ LEGACY_KEYS: Tuple[Tuple[str, str], ...] = (
 
 
 def legacy_problems(paths: Iterable[str]) -> List[str]:
-    """One message per legacy subtree (a whole `custom.extra.rollout_matching` block counts once)."""
-    problems: List[str] = []
-    seen_roots = set()
-    for path in paths:
-        for legacy, advice in LEGACY_KEYS:
-            if path == legacy or path.startswith(legacy + "."):
-                if legacy not in seen_roots:
-                    seen_roots.add(legacy)
-                    problems.append(f"{legacy}: legacy key: {advice}")
-                break
-    return problems
+    """One message per legacy subtree; the most specific entry wins (custom.extra.rollout_matching over
+    custom)."""
+    paths = list(paths)
+    hit = [legacy for legacy, _ in LEGACY_KEYS
+           if any(p == legacy or p.startswith(legacy + ".") for p in paths)]
+    specific = [h for h in hit if not any(o != h and o.startswith(h + ".") for o in hit)]
+    return [f"{legacy}: legacy key: {advice}" for legacy, advice in LEGACY_KEYS if legacy in specific]

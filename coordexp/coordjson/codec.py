@@ -1,0 +1,149 @@
+"""Coordinate codec: pixels <-> norm1000 bins <-> `<|coord_k|>` tokens.
+
+A bin k in 0..999 stands for the normalized position k/999 (never k/1000), so bin 0 is the first pixel
+and bin 999 the last one: k = x / (size - 1) * 999.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NUM_BINS = 1000
+MAX_BIN = NUM_BINS - 1
+
+# Strict spelling: no sign, no leading zeros, 0..999.
+_COORD_TOKEN_RE = re.compile(r"<\|coord_(0|[1-9][0-9]{0,2})\|>")
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, (int, np.integer)) or size < 2:
+        raise ValueError(f"image size must be an int >= 2, got {size!r}")
+
+
+def _check_bin(k: int) -> None:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= MAX_BIN:
+        raise ValueError(f"coord bin must be an int in [0, {MAX_BIN}], got {k!r}")
+
+
+def _clamp_bin(k: int) -> int:
+    return min(max(k, 0), MAX_BIN)
+
+
+def _scaled(x: float, size: int) -> float:
+    # Multiply before dividing: integer pixels that land exactly on a bin stay exact (no 12.9999 -> 12).
+    return x * MAX_BIN / (size - 1)
+
+
+def pixel_to_bin(x: float, size: int) -> int:
+    """Nearest bin of pixel coordinate `x` on an axis of `size` pixels, clamped to [0, 999]."""
+    _check_size(size)
+    return _clamp_bin(math.floor(_scaled(x, size) + 0.5))
+
+
+def pixel_box_to_bins(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """Pixel box [x1, y1, x2, y2] -> bins: floor x1/y1, ceil x2/y2, clamp, then nudge so x2 > x1, y2 > y1."""
+    _check_size(width)
+    _check_size(height)
+    if len(box) != 4:
+        raise ValueError(f"box must have 4 values, got {len(box)}")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ValueError(f"box has non-finite values: {box!r}")
+    if x2 < x1 or y2 < y1:
+        raise ValueError(f"box must satisfy x2 >= x1 and y2 >= y1, got {box!r}")
+    lo_x, hi_x = _nudged(math.floor(_scaled(x1, width)), math.ceil(_scaled(x2, width)))
+    lo_y, hi_y = _nudged(math.floor(_scaled(y1, height)), math.ceil(_scaled(y2, height)))
+    return lo_x, lo_y, hi_x, hi_y
+
+
+def _nudged(lo: int, hi: int) -> tuple[int, int]:
+    lo, hi = _clamp_bin(lo), _clamp_bin(hi)
+    if hi > lo:
+        return lo, hi
+    if lo < MAX_BIN:
+        return lo, lo + 1
+    return MAX_BIN - 1, MAX_BIN
+
+
+def bin_to_norm(k: int) -> float:
+    """Bin -> normalized coordinate k/999 in [0, 1]."""
+    _check_bin(k)
+    return k / MAX_BIN
+
+
+def bin_to_pixel(k: int, size: int) -> float:
+    """Bin -> pixel coordinate k/999 * (size - 1)."""
+    _check_bin(k)
+    _check_size(size)
+    return k * (size - 1) / MAX_BIN
+
+
+def bins_to_pixel_box(bins: Sequence[int], width: int, height: int) -> tuple[float, float, float, float]:
+    """Bin box [x1, y1, x2, y2] -> pixel box."""
+    x1, y1, x2, y2 = bins
+    return (bin_to_pixel(x1, width), bin_to_pixel(y1, height), bin_to_pixel(x2, width), bin_to_pixel(y2, height))
+
+
+def bin_to_token(k: int) -> str:
+    """Bin -> its token string `<|coord_k|>`."""
+    _check_bin(k)
+    return f"<|coord_{int(k)}|>"
+
+
+def token_to_bin(token: str) -> int:
+    """Token string `<|coord_k|>` -> k; raises ValueError on anything else (leading zeros, k > 999, spaces)."""
+    match = _COORD_TOKEN_RE.fullmatch(token)
+    if match is None:
+        raise ValueError(f"not a coord token: {token!r}")
+    return int(match.group(1))
+
+
+def try_token_to_bin(token: str) -> int | None:
+    """Like token_to_bin, but None instead of raising."""
+    match = _COORD_TOKEN_RE.fullmatch(token)
+    return None if match is None else int(match.group(1))
+
+
+@dataclass(frozen=True)
+class CoordVocab:
+    """The 1000 coord token ids of a tokenizer, indexed by bin (token_ids[k] is the id of `<|coord_k|>`)."""
+
+    token_ids: tuple[int, ...]
+    _bin_of_id: dict[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ids = tuple(int(i) for i in self.token_ids)
+        if len(ids) != NUM_BINS:
+            raise ValueError(f"CoordVocab needs {NUM_BINS} token ids, got {len(ids)}")
+        if len(set(ids)) != NUM_BINS:
+            raise ValueError("CoordVocab token ids must be distinct")
+        if min(ids) < 0:
+            raise ValueError("CoordVocab token ids must be >= 0")
+        object.__setattr__(self, "token_ids", ids)
+        object.__setattr__(self, "_bin_of_id", {tid: k for k, tid in enumerate(ids)})
+
+    @classmethod
+    def from_vocab(cls, vocab: Mapping[str, int]) -> CoordVocab:
+        """Build from a token-string -> id mapping (e.g. a tokenizer's get_vocab()); all 1000 must exist."""
+        missing = [bin_to_token(k) for k in range(NUM_BINS) if bin_to_token(k) not in vocab]
+        if missing:
+            raise ValueError(f"vocabulary lacks {len(missing)} coord tokens, first: {missing[0]}")
+        return cls(tuple(vocab[bin_to_token(k)] for k in range(NUM_BINS)))
+
+    def bin_of(self, token_id: int) -> int | None:
+        """Bin of a token id, or None if it is not a coord token."""
+        return self._bin_of_id.get(int(token_id))
+
+    def id_of(self, k: int) -> int:
+        """Token id of bin k."""
+        _check_bin(k)
+        return self.token_ids[k]
+
+    def is_coord(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Boolean mask: which of `token_ids` are coord tokens."""
+        return np.isin(np.asarray(token_ids, dtype=np.int64), np.asarray(self.token_ids, dtype=np.int64))

@@ -1,0 +1,201 @@
+"""Config schema, legacy keys, leaf contract, validation and normalization (no subprocesses)."""
+
+import dataclasses
+from pathlib import Path
+from typing import List
+
+import pytest
+from omegaconf import OmegaConf
+
+from coordexp.config.contract import rollout_contract
+from coordexp.config.errors import ConfigError
+from coordexp.config.keys import key_problems
+from coordexp.config.leaf import REQUIRED_LEAF_KNOBS, check_command_line, leaf_file_problems, leaf_problems
+from coordexp.config.load import compose, load_saved, save_resolved, to_train_config
+from coordexp.config.paths import available_experiments
+
+LEAVES = available_experiments()
+
+
+def resolved(*overrides: str):
+    return to_train_config(compose(list(overrides)))
+
+
+def problems_of(*overrides: str) -> List[str]:
+    with pytest.raises(ConfigError) as err:
+        resolved(*overrides)
+    return err.value.problems
+
+
+def test_expected_leaves_exist():
+    assert {"a_only", "b_only", "ab_mixed", "smoke/a_only", "smoke/b_only", "smoke/ab_mixed"} <= set(LEAVES)
+
+
+@pytest.mark.parametrize("leaf", LEAVES)
+def test_every_leaf_meets_the_contract_and_validates(leaf):
+    assert leaf_problems(leaf) == []
+    cfg = resolved(f"+experiment={leaf}")
+    assert cfg.experiment == leaf
+
+
+@pytest.mark.parametrize("leaf,ratio", [("a_only", 0.0), ("b_only", 1.0), ("ab_mixed", 0.85),
+                                        ("smoke/a_only", 0.0), ("smoke/b_only", 1.0), ("smoke/ab_mixed", 0.85)])
+def test_leaf_b_ratios(leaf, ratio):
+    assert resolved(f"+experiment={leaf}").stage2_ab.schedule.b_ratio == ratio
+
+
+def test_leaf_missing_knobs_are_listed_at_once(tmp_path):
+    leaf = tmp_path / "bad.yaml"
+    leaf.write_text("# @package _global_\ntraining:\n  run_name: x\n")
+    problems = leaf_file_problems(leaf, "bad.yaml")
+    missing = [k for k in REQUIRED_LEAF_KNOBS if k != "training.run_name"]
+    assert problems == [f"bad.yaml: missing required knobs: {', '.join(missing)} (every leaf pins them)"]
+
+
+def test_leaf_including_another_leaf_is_rejected(tmp_path):
+    body = Path("conf/experiment/smoke/ab_mixed.yaml").read_text().replace(
+        "defaults:\n", "defaults:\n  - /experiment/smoke/a_only\n")
+    leaf = tmp_path / "two_hop.yaml"
+    leaf.write_text(body)
+    (problem,) = leaf_file_problems(leaf, "two_hop.yaml")
+    assert problem.startswith("two_hop.yaml: defaults entry '/experiment/smoke/a_only' includes another leaf")
+
+
+def test_leaf_legacy_and_unknown_keys(tmp_path):
+    body = Path("conf/experiment/smoke/ab_mixed.yaml").read_text() + (
+        "custom:\n  extra:\n    rollout_matching:\n      decode_batch_size: 2\n"
+        "rollout_matching:\n  decodng:\n    temperature: 0.0\n")
+    leaf = tmp_path / "legacy.yaml"
+    leaf.write_text(body)
+    assert leaf_file_problems(leaf, "legacy.yaml") == [
+        "legacy.yaml: custom.extra.rollout_matching: legacy key: move rollout settings to top-level "
+        "rollout_matching.*",
+        "legacy.yaml: rollout_matching.decodng: unknown key (not in RolloutMatchingConfig); did you mean "
+        "'rollout_matching.decoding'?",
+    ]
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("bogus=1", "bogus: unknown key (not in TrainConfig)"),
+    ("training.lerning_rate=1", "training.lerning_rate: unknown key (not in TrainingConfig); did you mean "
+                                "'training.learning_rate'?"),
+    ("+rollout_matching.repeat_terminate.ngram=3", "rollout_matching.repeat_terminate.ngram: unknown key "
+                                                   "(not in RepeatTerminateConfig); did you mean "
+                                                   "'rollout_matching.repeat_terminate.ngram_size'?"),
+    ("stage2_ab.schedule.pattern=AABB", "stage2_ab.schedule.pattern: legacy key: use stage2_ab.schedule.b_ratio "
+                                        "(float in [0,1])"),
+    ("+custom.extra.rollout_matching.decode_batch_size=2", "custom.extra.rollout_matching: legacy key: move "
+                                                           "rollout settings to top-level rollout_matching.*"),
+])
+def test_command_line_key_problems(override, expected):
+    with pytest.raises(ConfigError) as err:
+        check_command_line(["+experiment=smoke/ab_mixed", override])
+    assert err.value.problems == [f"{expected} (from command-line override '{override}')"]
+
+
+def test_missing_experiment_is_reported():
+    with pytest.raises(ConfigError) as err:
+        check_command_line(["training.max_steps=3"])
+    assert err.value.problems[0].startswith("no experiment selected: add +experiment=<name>; available: a_only")
+
+
+@dataclasses.dataclass
+class Item:
+    url: str = ""
+
+
+@dataclasses.dataclass
+class Root:
+    items: List[Item] = dataclasses.field(default_factory=list)
+
+
+def test_unknown_keys_inside_lists_have_indexed_paths():
+    raw = {"items": [{"url": "a"}, {"url": "b", "port": 1}]}
+    assert key_problems(raw, root=Root) == ["items[1].port: unknown key (not in Item)"]
+
+
+def test_wrong_type_and_enum_name_the_key():
+    assert problems_of("+experiment=smoke/ab_mixed", "training.learning_rate=fast") == [
+        "training.learning_rate: Value 'fast' of type 'str' could not be converted to Float "
+        "(Error merging override training.learning_rate=fast)"]
+    assert problems_of("+experiment=smoke/ab_mixed", "vllm.device=tpu") == [
+        "vllm.device: Invalid value 'tpu', expected one of [cpu, cuda] (Error merging override vllm.device=tpu)"]
+
+
+def test_range_and_cross_field_violations_are_reported_together():
+    problems = problems_of(
+        "+experiment=smoke/ab_mixed", "rollout=vllm_server", "stage2_ab.schedule.b_ratio=1.5",
+        "rollout_matching.max_new_tokens=4096", "training.nproc_per_node=2", "vllm.sync.mode=none",
+        "vllm.server.base_urls=[]", "rollout_matching.repeat_terminate.ngram_repeats=1",
+        "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier=5")
+    assert problems == [
+        "stage2_ab.schedule.b_ratio: 1.5 is outside [0, 1]",
+        "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier: 5.0 is outside [1, 4]",
+        "training.effective_batch_size: 16 is not divisible by per_device_train_batch_size x nproc_per_node = 32",
+        "rollout_matching.repeat_terminate.ngram_repeats: must be 0 (off) or >= 2: one occurrence is not a repeat",
+        "vllm.server.base_urls: server mode needs at least one URL",
+        "rollout_matching.max_new_tokens: 4096 must be < vllm.max_model_len (1024)",
+        "vllm.sync.mode: must be full with more than one learner process (nproc_per_node=2)",
+    ]
+
+
+def test_backend_and_server_mode_must_agree():
+    assert problems_of("+experiment=smoke/ab_mixed", "vllm.mode=server") == [
+        "vllm.mode: is server but rollout_matching.rollout_backend is hf: select rollout=vllm_server "
+        "(or rollout=hf) instead of setting them apart"]
+
+
+def test_gpu_sets_must_be_disjoint():
+    problems = problems_of("+experiment=ab_mixed", "vllm.learner_gpus=[5,6]")
+    assert problems == ["vllm.server_gpus: overlaps vllm.learner_gpus on GPUs [5]"]
+
+
+def test_gradient_accumulation_is_derived_and_conflicts_fail():
+    from coordexp.config.validate import derived_grad_accumulation
+
+    cfg = resolved("+experiment=ab_mixed")
+    assert derived_grad_accumulation(cfg) == 56 // (1 * 2)
+    assert problems_of("+experiment=ab_mixed", "training.gradient_accumulation_steps=4") == [
+        "training.gradient_accumulation_steps: 4 conflicts with the derived value 28; leave it null"]
+
+
+def test_decode_batch_size_is_the_single_rollout_batching_knob():
+    cfg = resolved("+experiment=smoke/ab_mixed", "rollout_matching.decode_batch_size=4",
+                   "training.per_device_eval_batch_size=16")
+    contract = rollout_contract(cfg)
+    assert (contract.decode_batch_size, contract.eval_batch_size) == (4, 4)
+
+
+def test_contract_normalizes_server_settings():
+    contract = rollout_contract(resolved("+experiment=smoke/ab_mixed", "rollout=vllm_server"))
+    assert (contract.backend, contract.vllm_mode, contract.server_base_urls) == (
+        "vllm", "server", ("http://127.0.0.1:8000",))
+    assert contract.repeat_terminate.enabled is True
+    hf = rollout_contract(resolved("+experiment=smoke/ab_mixed"))
+    assert (hf.backend, hf.vllm_mode, hf.server_base_urls) == ("hf", None, ())
+
+
+def test_saved_config_round_trips_through_the_same_schema(tmp_path):
+    cfg = resolved("+experiment=smoke/ab_mixed", "training.max_steps=7")
+    path = save_resolved(cfg, tmp_path / "resolved_config.yaml")
+    assert load_saved(path) == cfg
+    raw = OmegaConf.load(path)
+    raw.training.max_steps = -1
+    OmegaConf.save(raw, path)
+    with pytest.raises(ConfigError) as err:
+        load_saved(path)
+    assert err.value.problems == ["training.max_steps: must be >= 1"]
+
+
+def test_saved_config_with_unknown_key_fails(tmp_path):
+    path = save_resolved(resolved("+experiment=smoke/ab_mixed"), tmp_path / "c.yaml")
+    path.write_text(path.read_text() + "surprise: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_saved(path)
+    assert err.value.problems[0].startswith("surprise: Key 'surprise' not in 'TrainConfig'")
+
+
+def test_config_reference_matches_schema():
+    from coordexp.config.reference import render
+
+    assert Path("docs/config.md").read_text() == render(), "run `make docs` to regenerate docs/config.md"
