@@ -114,20 +114,32 @@ def _shift(span: Span, by: int) -> Span:
 def _render_record(obj: CoordObject, field_order: FieldOrder) -> tuple[str, Span, list[Span]]:
     desc_literal = json.dumps(obj.desc, ensure_ascii=False)
     coord_literals = [bin_to_token(k) for k in obj.bbox]
-    geometry = "[" + ", ".join(coord_literals) + "]"
-    desc_part = f'"{DESC_KEY}": {desc_literal}'
-    bbox_part = f'"{BBOX_KEY}": {geometry}'
-    first, second = (desc_part, bbox_part) if field_order is FieldOrder.DESC_FIRST else (bbox_part, desc_part)
-    text = "{" + first + ", " + second + "}"
-
-    desc_start = text.index(desc_part) + len(desc_part) - len(desc_literal) + 1
-    desc_span = (desc_start, desc_start + len(desc_literal) - 2)
-    coord_spans = []
-    pos = text.index(bbox_part) + len(bbox_part) - len(geometry) + 1
-    for literal in coord_literals:
-        coord_spans.append((pos, pos + len(literal)))
-        pos += len(literal) + 2  # ", "
-    return text, desc_span, coord_spans
+    parts: list[str] = ["{"]
+    pos = 1
+    desc_span: Span = (0, 0)
+    coord_spans: list[Span] = []
+    for key_index, key in enumerate(field_order.keys):
+        head = ('"' if key_index == 0 else ', "') + key + '": '
+        parts.append(head)
+        pos += len(head)
+        if key == DESC_KEY:
+            desc_span = (pos + 1, pos + len(desc_literal) - 1)
+            parts.append(desc_literal)
+            pos += len(desc_literal)
+            continue
+        parts.append("[")
+        pos += 1
+        for coord_index, literal in enumerate(coord_literals):
+            if coord_index:
+                parts.append(", ")
+                pos += 2
+            coord_spans.append((pos, pos + len(literal)))
+            parts.append(literal)
+            pos += len(literal)
+        parts.append("]")
+        pos += 1
+    parts.append("}")
+    return "".join(parts), desc_span, coord_spans
 
 
 def serialize_record(obj: CoordObject, field_order: FieldOrder) -> str:
