@@ -164,6 +164,10 @@ class Stage2ABConfig:
     desc_ce_weight: float = doc("CE weight of desc value tokens.", 1.0)
     bbox_smoothl1_weight: float = doc("Weight of SmoothL1 on expectation-decoded boxes.", 1.0)
     bbox_ciou_weight: float = doc("Weight of (1 - CIoU) on expectation-decoded boxes.", 1.0)
+    bbox_smoothl1_beta: float = doc("SmoothL1 transition point in normalized [0, 1] units (beta 1 would "
+                                    "make it plain MSE on [0, 1]).", 0.05)
+    coord_ce_weight: float = doc("Weight of CE over the 1000 coordinate logits at geometry slots (a "
+                                 "geometry regularizer; coordinate tokens never get full-vocab CE).", 0.0)
     channel_b: ChannelBConfig = doc("Channel-B settings.", default_factory=ChannelBConfig)
 
 

@@ -115,6 +115,8 @@ class CoordVocab:
 
     token_ids: tuple[int, ...]
     _bin_of_id: dict[int, int] = field(init=False, repr=False, compare=False)
+    _sorted_ids: np.ndarray = field(init=False, repr=False, compare=False)
+    _bins_of_sorted: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ids = tuple(int(i) for i in self.token_ids)
@@ -126,6 +128,9 @@ class CoordVocab:
             raise ValueError("CoordVocab token ids must be >= 0")
         object.__setattr__(self, "token_ids", ids)
         object.__setattr__(self, "_bin_of_id", {tid: k for k, tid in enumerate(ids)})
+        order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+        object.__setattr__(self, "_sorted_ids", np.asarray(ids, dtype=np.int64)[order])
+        object.__setattr__(self, "_bins_of_sorted", order.astype(np.int64))
 
     @classmethod
     def from_vocab(cls, vocab: Mapping[str, int]) -> CoordVocab:
@@ -144,6 +149,12 @@ class CoordVocab:
         _check_bin(k)
         return self.token_ids[k]
 
+    def bins_of(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Bin of each token id (int64 array), -1 where the id is not a coord token."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), NUM_BINS - 1)
+        return np.where(self._sorted_ids[pos] == ids, self._bins_of_sorted[pos], -1)
+
     def is_coord(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Boolean mask: which of `token_ids` are coord tokens."""
-        return np.isin(np.asarray(token_ids, dtype=np.int64), np.asarray(self.token_ids, dtype=np.int64))
+        return self.bins_of(token_ids) >= 0

@@ -1,0 +1,253 @@
+"""Strict rollout parser in the token frame (Channel B).
+
+The rollout's generated tokens are decoded one at a time; their concatenation is the text all spans refer
+to. The parser stops at the first stop token, finds the first `{"objects": [` container, validates every
+record (scan.py), and cuts a teacher-forcing prefix out of the rollout's own tokens: from the container's
+`{` to just after the last complete record's `}` (or just after `[` when there is none). Text before the
+container is never part of the prefix. Only a token that straddles either end of the prefix is re-encoded,
+and its re-encoding must decode to exactly the kept text; otherwise the rollout falls back to the bare
+header `{"objects": [` with no predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from coordexp.coordjson.codec import CoordVocab
+from coordexp.coordjson.frame import DecodeTokenFn, EncodeFn, TokenFrame, encode_exactly
+from coordexp.coordjson.scan import CONTAINER_HEADER_RE, DropReason, ScannedElement, scan_array
+from coordexp.coordjson.serialize import CONTAINER_HEADER, FieldOrder, Span
+
+
+class FallbackReason(str, Enum):
+    NO_CONTAINER = "no_container"  # no `{"objects": [` before the stop token
+    PREFIX_REENCODE_FAILED = "prefix_reencode_failed"  # a straddling token did not re-encode exactly
+
+
+@dataclass(frozen=True)
+class ParsedObject:
+    """A valid predicted object. Token positions index `ParsedRollout.prefix_ids`; char spans its text."""
+
+    desc: str
+    bbox: tuple[int, int, int, int]
+    coord_positions: tuple[int, int, int, int]
+    token_span: tuple[int, int]  # [first, stop) of the tokens overlapping the record
+    char_span: Span
+    desc_char_span: Span  # desc value content, without quotes
+
+
+@dataclass(frozen=True)
+class DroppedRecord:
+    """An invalid element that lies inside the prefix (its text stays there, unsupervised)."""
+
+    reason: DropReason
+    token_span: tuple[int, int]
+    char_span: Span
+
+
+@dataclass(frozen=True)
+class ParsedRollout:
+    objects: tuple[ParsedObject, ...]
+    drop_counts: dict[str, int]  # every DropReason value -> number of elements dropped for it
+    dropped_in_prefix: tuple[DroppedRecord, ...]
+    num_records: int  # complete elements in the container: len(objects) + sum(drop_counts.values())
+    truncated: bool  # the objects array was never closed
+    truncated_tail: bool  # an unfinished element at the end was discarded (not counted as dropped)
+    invalid_rollout: bool  # fell back to the bare header prefix; see fallback_reason
+    fallback_reason: FallbackReason | None
+    leading_junk: bool  # non-whitespace text before the container (never in the prefix)
+    prefix_ids: tuple[int, ...]
+    prefix_pieces: tuple[str, ...]
+    prefix_ends_with_record: bool  # prefix ends with a record's `}` (else with `[`)
+    header_chars: int  # length of the container header at the start of the prefix text
+
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.drop_counts.values())
+
+    @property
+    def prefix_text(self) -> str:
+        return "".join(self.prefix_pieces)
+
+
+def parse_rollout(
+    token_ids: Sequence[int],
+    pieces: Sequence[str],
+    *,
+    coord_vocab: CoordVocab,
+    stop_ids: Collection[int],
+    field_order: FieldOrder,
+    encode: EncodeFn,
+    decode_token: DecodeTokenFn,
+) -> ParsedRollout:
+    """Parse generated tokens (`pieces[i]` = token i decoded alone). Never raises on rollout content.
+
+    `encode` (text -> ids, no special tokens added) and `decode_token` (id -> text) are used only for a token
+    straddling a prefix end, and for the fallback header.
+    """
+    if len(token_ids) != len(pieces):
+        raise ValueError(f"{len(token_ids)} token ids but {len(pieces)} pieces")
+    field_order = FieldOrder(field_order)
+    stops = set(int(s) for s in stop_ids)
+    end = next((i for i, t in enumerate(token_ids) if int(t) in stops), len(token_ids))
+    rollout = TokenFrame.from_pieces(token_ids[:end], pieces[:end])
+
+    header = CONTAINER_HEADER_RE.search(rollout.text)
+    if header is None:
+        return _fallback(FallbackReason.NO_CONTAINER, {}, (), False, False, False, encode, decode_token)
+
+    leading_junk = bool(rollout.text[: header.start()].strip())
+    scan = scan_array(rollout.text, header.end(), field_order)
+    counts = _zero_counts()
+    for element in scan.elements:
+        if element.reason is not None:
+            counts[element.reason.value] += 1
+    records = [e for e in scan.elements if e.is_record]
+    cut = records[-1].span[1] if records else header.end()
+
+    prefix = _cut_prefix(rollout, header.start(), cut, encode, decode_token)
+    if prefix is None:
+        counts[DropReason.PREFIX_UNUSABLE.value] += sum(e.reason is None for e in scan.elements)
+        return _fallback(
+            FallbackReason.PREFIX_REENCODE_FAILED,
+            counts,
+            scan.elements,
+            scan.truncated,
+            scan.truncated_tail,
+            leading_junk,
+            encode,
+            decode_token,
+        )
+
+    frame = TokenFrame.from_pieces(*prefix)
+    objects, dropped = _locate_elements(frame, scan.elements, header.start(), cut, coord_vocab, counts)
+    return ParsedRollout(
+        objects=objects,
+        drop_counts=counts,
+        dropped_in_prefix=dropped,
+        num_records=len(scan.elements),
+        truncated=scan.truncated,
+        truncated_tail=scan.truncated_tail,
+        invalid_rollout=False,
+        fallback_reason=None,
+        leading_junk=leading_junk,
+        prefix_ids=tuple(int(t) for t in frame.ids),
+        prefix_pieces=frame.pieces,
+        prefix_ends_with_record=bool(records),
+        header_chars=header.end() - header.start(),
+    )
+
+
+def _zero_counts() -> dict[str, int]:
+    return {reason.value: 0 for reason in DropReason}
+
+
+def _cut_prefix(
+    rollout: TokenFrame, head: int, cut: int, encode: EncodeFn, decode_token: DecodeTokenFn
+) -> tuple[list[int], list[str]] | None:
+    """Tokens spelling rollout.text[head:cut]; only straddling end tokens are re-encoded."""
+    first, last = (int(t) for t in rollout.tokens_at([head, cut - 1]))
+    head_inside = rollout.starts[first] < head
+    tail_inside = rollout.ends[last] > cut
+    if first == last:
+        if head_inside or tail_inside:
+            return encode_exactly(rollout.text[head:cut], encode, decode_token)
+        return [int(rollout.ids[first])], [rollout.pieces[first]]
+
+    head_part = _end_token(rollout, first, (head, int(rollout.ends[first])), head_inside, encode, decode_token)
+    tail_part = _end_token(rollout, last, (int(rollout.starts[last]), cut), tail_inside, encode, decode_token)
+    if head_part is None or tail_part is None:
+        return None
+    middle_ids = [int(t) for t in rollout.ids[first + 1 : last]]
+    middle_pieces = list(rollout.pieces[first + 1 : last])
+    return head_part[0] + middle_ids + tail_part[0], head_part[1] + middle_pieces + tail_part[1]
+
+
+def _end_token(
+    rollout: TokenFrame, index: int, keep: Span, straddles: bool, encode: EncodeFn, decode_token: DecodeTokenFn
+) -> tuple[list[int], list[str]] | None:
+    if not straddles:
+        return [int(rollout.ids[index])], [rollout.pieces[index]]
+    return encode_exactly(rollout.text[keep[0] : keep[1]], encode, decode_token)
+
+
+def _locate_elements(
+    frame: TokenFrame,
+    elements: Sequence[ScannedElement],
+    head: int,
+    cut: int,
+    coord_vocab: CoordVocab,
+    counts: dict[str, int],
+) -> tuple[tuple[ParsedObject, ...], tuple[DroppedRecord, ...]]:
+    """Map text-valid records onto prefix tokens; a coord literal that is not one coord token drops the record."""
+    valid = [e for e in elements if e.reason is None]
+    if valid:
+        coord_spans = np.array([e.fields.coord_spans for e in valid], dtype=np.int64).reshape(-1, 2) - head
+        positions = frame.exact_tokens(coord_spans)
+        bins = np.where(positions >= 0, coord_vocab.bins_of(frame.ids[np.maximum(positions, 0)]), -1)
+        expected = np.array([e.fields.bbox for e in valid], dtype=np.int64).reshape(-1)
+        aligned = (bins == expected).reshape(-1, 4).all(axis=1)
+        positions = positions.reshape(-1, 4)
+
+    objects: list[ParsedObject] = []
+    dropped: list[DroppedRecord] = []
+    valid_index = 0
+    for element in elements:
+        if element.span[1] > cut:
+            continue
+        span = (element.span[0] - head, element.span[1] - head)
+        reason = element.reason
+        if reason is None:
+            fields = element.fields
+            ok, slots = aligned[valid_index], positions[valid_index]
+            valid_index += 1
+            if ok:
+                objects.append(
+                    ParsedObject(
+                        desc=fields.desc,
+                        bbox=fields.bbox,
+                        coord_positions=tuple(int(p) for p in slots),  # type: ignore[arg-type]
+                        token_span=frame.token_span(span),
+                        char_span=span,
+                        desc_char_span=(fields.desc_span[0] - head, fields.desc_span[1] - head),
+                    )
+                )
+                continue
+            reason = DropReason.AMBIGUOUS_COORD
+            counts[reason.value] += 1
+        dropped.append(DroppedRecord(reason, frame.token_span(span), span))
+    return tuple(objects), tuple(dropped)
+
+
+def _fallback(
+    reason: FallbackReason,
+    counts: Mapping[str, int],
+    elements: Sequence[ScannedElement],
+    truncated: bool,
+    truncated_tail: bool,
+    leading_junk: bool,
+    encode: EncodeFn,
+    decode_token: DecodeTokenFn,
+) -> ParsedRollout:
+    header = encode_exactly(CONTAINER_HEADER, encode, decode_token)
+    if header is None:
+        raise ValueError(f"tokenizer cannot encode {CONTAINER_HEADER!r} so that its tokens decode back exactly")
+    return ParsedRollout(
+        objects=(),
+        drop_counts={**_zero_counts(), **counts},
+        dropped_in_prefix=(),
+        num_records=len(elements),
+        truncated=truncated,
+        truncated_tail=truncated_tail,
+        invalid_rollout=True,
+        fallback_reason=reason,
+        leading_junk=leading_junk,
+        prefix_ids=tuple(header[0]),
+        prefix_pieces=tuple(header[1]),
+        prefix_ends_with_record=False,
+        header_chars=len(CONTAINER_HEADER),
+    )
