@@ -1,0 +1,327 @@
+"""Teacher-forcing targets: token ids plus per-token CE weights, roles and geometry groups.
+
+Channel B: Y = rollout prefix + encode(", "? + unmatched GT records + "]}") + EOS.
+Channel A: Y = encode(whole GT document) + EOS.
+Every token gets one TokenRole; its CE weight follows from the role (`role_ce_weights`). Coordinate tokens
+never get CE: they are supervised through geometry groups (4 slot positions in Y + the target bins).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from coordexp.coordjson.codec import CoordVocab
+from coordexp.coordjson.frame import DecodeTokenFn, EncodeFn, TokenFrame
+from coordexp.coordjson.parse import ParsedRollout
+from coordexp.coordjson.scan import CONTAINER_HEADER_RE, find_container_close, scan_array
+from coordexp.coordjson.serialize import (
+    CONTAINER_CLOSURE,
+    CONTAINER_HEADER,
+    CoordObject,
+    FieldOrder,
+    Span,
+    append_fragment_lead,
+    canonical_order,
+    render_records,
+)
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class TokenRole(IntEnum):
+    PREFIX_HEADER = 0  # `{"objects": [` taken from the rollout
+    PREFIX_SEPARATOR = 1  # rollout text between prefix records
+    INVALID_RECORD = 2  # a dropped rollout element
+    UNMATCHED_PREDICTION = 3  # a valid rollout record without a GT match (false positive)
+    MATCHED_STRUCTURE = 4  # keys, quotes, brackets, braces, commas of a matched rollout record
+    MATCHED_DESC = 5  # desc value of a matched rollout record
+    COORD = 6  # any coordinate token
+    APPENDED_STRUCTURE = 7  # GT text written by the target, except desc values and the closure
+    APPENDED_DESC = 8  # desc value of a written GT record
+    CLOSURE = 9  # the container's closing `]}`
+    EOS = 10
+
+
+class TargetInvariantError(ValueError):
+    """A per-sample consistency check failed; callers drop the sample and count `reason`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class GeometryGroup:
+    positions: tuple[int, int, int, int]  # indices into input_ids of the x1, y1, x2, y2 coord tokens
+    gt_bins: tuple[int, int, int, int]
+    gt_index: int
+    pred_index: int | None  # the matched rollout object, or None for a written (appended) GT record
+
+
+@dataclass(frozen=True)
+class TeacherForcedTarget:
+    input_ids: np.ndarray  # int64, ends with EOS
+    ce_weights: np.ndarray  # float32, aligned with input_ids; 0 = no CE
+    roles: np.ndarray  # int8 TokenRole per token
+    geometry_groups: tuple[GeometryGroup, ...]
+    prefix_len: int  # tokens taken from the rollout (0 in Channel A)
+    closure_position: int  # token holding the container's final `}`
+    appended_gt_indices: tuple[int, ...]  # GT objects written by the target, in written order
+    pieces: tuple[str, ...]  # each token decoded alone (EOS included)
+
+    @property
+    def eos_position(self) -> int:
+        return len(self.input_ids) - 1
+
+
+def role_ce_weights(desc_ce_weight: float, struct_multiplier: float = 1.0) -> np.ndarray:
+    """CE weight of each TokenRole (index = role value)."""
+    weights = np.zeros(len(TokenRole), dtype=np.float32)
+    weights[TokenRole.MATCHED_STRUCTURE] = 1.0
+    weights[TokenRole.APPENDED_STRUCTURE] = struct_multiplier
+    weights[TokenRole.APPENDED_DESC] = desc_ce_weight
+    weights[TokenRole.CLOSURE] = struct_multiplier
+    weights[TokenRole.EOS] = struct_multiplier
+    return weights
+
+
+def build_channel_b_target(
+    parsed: ParsedRollout,
+    gt_objects: Sequence[CoordObject],
+    matches: Iterable[tuple[int, int]],
+    *,
+    field_order: FieldOrder,
+    coord_vocab: CoordVocab,
+    encode: EncodeFn,
+    decode_token: DecodeTokenFn,
+    eos_id: int,
+    desc_ce_weight: float,
+    drop_invalid_struct_ce_multiplier: float = 1.0,
+) -> TeacherForcedTarget:
+    """Prefix + unmatched GT appended + closure + EOS; `matches` are (parsed object index, GT index) pairs.
+
+    Raises TargetInvariantError when a consistency check fails for this sample.
+    """
+    _check_weight(desc_ce_weight)
+    if not 1.0 <= drop_invalid_struct_ce_multiplier <= 4.0:
+        raise ValueError(f"drop_invalid_struct_ce_multiplier must be in [1, 4], got {drop_invalid_struct_ce_multiplier}")
+    pairs = _checked_pairs(matches, len(parsed.objects), len(gt_objects))
+    matched_gt = {gt for _, gt in pairs}
+    unmatched = [g for g in range(len(gt_objects)) if g not in matched_gt]
+    appended = [unmatched[i] for i in canonical_order([gt_objects[g] for g in unmatched])]
+
+    prefix = TokenFrame.from_pieces(parsed.prefix_ids, parsed.prefix_pieces)
+    prefix_roles = _prefix_roles(prefix, parsed, {pred for pred, _ in pairs})
+    lead = append_fragment_lead(parsed.prefix_ends_with_record, len(appended))
+    multiplier = drop_invalid_struct_ce_multiplier if parsed.num_dropped_invalid > 0 else 1.0
+    matched_groups = [
+        GeometryGroup(parsed.objects[pred].coord_positions, gt_objects[gt].bbox, gt, pred) for pred, gt in pairs
+    ]
+    pred_bins = [parsed.objects[pred].bbox for pred, _ in pairs]
+    return _assemble(
+        prefix,
+        prefix_roles,
+        [gt_objects[g] for g in appended],
+        appended,
+        lead,
+        field_order,
+        matched_groups,
+        pred_bins,
+        coord_vocab,
+        encode,
+        decode_token,
+        eos_id,
+        role_ce_weights(desc_ce_weight, multiplier),
+    )
+
+
+def build_channel_a_target(
+    gt_objects: Sequence[CoordObject],
+    *,
+    field_order: FieldOrder,
+    coord_vocab: CoordVocab,
+    encode: EncodeFn,
+    decode_token: DecodeTokenFn,
+    eos_id: int,
+    desc_ce_weight: float,
+) -> TeacherForcedTarget:
+    """The whole GT document (sorted by (minY, minX)) + EOS; header and closure get CE 1 here."""
+    _check_weight(desc_ce_weight)
+    order = canonical_order(gt_objects)
+    empty = TokenFrame.from_pieces([], [])
+    return _assemble(
+        empty,
+        np.zeros(0, dtype=np.int8),
+        [gt_objects[g] for g in order],
+        order,
+        CONTAINER_HEADER,
+        field_order,
+        [],
+        [],
+        coord_vocab,
+        encode,
+        decode_token,
+        eos_id,
+        role_ce_weights(desc_ce_weight),
+    )
+
+
+def _check_weight(desc_ce_weight: float) -> None:
+    if not (math.isfinite(desc_ce_weight) and desc_ce_weight >= 0):
+        raise ValueError(f"desc_ce_weight must be finite and >= 0, got {desc_ce_weight}")
+
+
+def _checked_pairs(matches: Iterable[tuple[int, int]], num_pred: int, num_gt: int) -> list[tuple[int, int]]:
+    pairs = [(int(p), int(g)) for p, g in matches]
+    preds = [p for p, _ in pairs]
+    gts = [g for _, g in pairs]
+    if len(set(preds)) != len(preds) or len(set(gts)) != len(gts):
+        raise ValueError(f"matches must be one-to-one, got {pairs}")
+    if any(not 0 <= p < num_pred for p in preds) or any(not 0 <= g < num_gt for g in gts):
+        raise ValueError(f"match indices out of range ({num_pred} predictions, {num_gt} GT): {pairs}")
+    return sorted(pairs)
+
+
+def _prefix_roles(prefix: TokenFrame, parsed: ParsedRollout, matched_preds: set[int]) -> np.ndarray:
+    # Later writes win where a token straddles two regions.
+    roles = np.full(len(prefix), TokenRole.PREFIX_SEPARATOR, dtype=np.int8)
+    _paint(roles, prefix, (0, parsed.header_chars), TokenRole.PREFIX_HEADER)
+    for record in parsed.dropped_in_prefix:
+        _paint(roles, prefix, record.char_span, TokenRole.INVALID_RECORD)
+    for index, obj in enumerate(parsed.objects):
+        if index not in matched_preds:
+            _paint(roles, prefix, obj.char_span, TokenRole.UNMATCHED_PREDICTION)
+    for index in sorted(matched_preds):
+        _paint(roles, prefix, parsed.objects[index].char_span, TokenRole.MATCHED_STRUCTURE)
+    for index in sorted(matched_preds):
+        _paint(roles, prefix, parsed.objects[index].desc_char_span, TokenRole.MATCHED_DESC)
+    return roles
+
+
+def _paint(roles: np.ndarray, frame: TokenFrame, span: Span, role: TokenRole) -> None:
+    if span[1] > span[0]:
+        first, stop = frame.token_span(span)
+        roles[first:stop] = role
+
+
+@dataclass(frozen=True)
+class _FragmentLayout:
+    desc_spans: tuple[Span, ...]
+    coord_spans: np.ndarray  # (records * 4, 2)
+    closure_span: Span
+
+
+def _assemble(
+    prefix: TokenFrame,
+    prefix_roles: np.ndarray,
+    written: Sequence[CoordObject],
+    written_gt_indices: Sequence[int],
+    lead: str,
+    field_order: FieldOrder,
+    matched_groups: list[GeometryGroup],
+    matched_pred_bins: list[tuple[int, int, int, int]],
+    coord_vocab: CoordVocab,
+    encode: EncodeFn,
+    decode_token: DecodeTokenFn,
+    eos_id: int,
+    weights_by_role: np.ndarray,
+) -> TeacherForcedTarget:
+    field_order = FieldOrder(field_order)
+    text = render_records(written, field_order, lead=lead, tail=CONTAINER_CLOSURE).text
+    ids = [int(t) for t in encode(text)]
+    fragment = TokenFrame.from_pieces(ids, [decode_token(t) for t in ids])
+    after_element = prefix.text.endswith("}")
+    layout = _locate_fragment(fragment.text, written, field_order, after_element, is_document=len(prefix) == 0)
+
+    fragment_roles = np.full(len(fragment), TokenRole.APPENDED_STRUCTURE, dtype=np.int8)
+    _paint(fragment_roles, fragment, layout.closure_span, TokenRole.CLOSURE)
+    for span in layout.desc_spans:
+        _paint(fragment_roles, fragment, span, TokenRole.APPENDED_DESC)
+    slots = fragment.exact_tokens(layout.coord_spans)
+    if (slots < 0).any():
+        raise TargetInvariantError("appended_coord_not_single_token", f"fragment {fragment.pieces!r}")
+
+    input_ids = np.concatenate([prefix.ids, fragment.ids, np.array([eos_id], dtype=np.int64)])
+    roles = np.concatenate([prefix_roles, fragment_roles, np.array([TokenRole.EOS], dtype=np.int8)])
+    roles[coord_vocab.is_coord(input_ids)] = TokenRole.COORD
+    slots = (slots + len(prefix)).reshape(-1, 4)
+    groups = matched_groups + [
+        GeometryGroup(tuple(int(p) for p in slots[i]), obj.bbox, gt, None)  # type: ignore[arg-type]
+        for i, (obj, gt) in enumerate(zip(written, written_gt_indices))
+    ]
+    pieces = prefix.pieces + fragment.pieces + (decode_token(eos_id),)
+    closure = _check_closure(prefix.text + fragment.text, len(prefix), fragment, len(input_ids))
+    _check_geometry(input_ids, groups, matched_pred_bins, coord_vocab)
+    ce_weights = weights_by_role[roles]
+    if not len(input_ids) == len(roles) == len(ce_weights) == len(pieces):
+        raise TargetInvariantError("length_mismatch", "ids, roles, weights and pieces differ in length")
+    return TeacherForcedTarget(
+        input_ids=input_ids,
+        ce_weights=ce_weights,
+        roles=roles,
+        geometry_groups=tuple(groups),
+        prefix_len=len(prefix),
+        closure_position=closure,
+        appended_gt_indices=tuple(written_gt_indices),
+        pieces=pieces,
+    )
+
+
+def _locate_fragment(
+    text: str, written: Sequence[CoordObject], field_order: FieldOrder, after_element: bool, is_document: bool
+) -> _FragmentLayout:
+    """Re-scan the encoded fragment as its tokens decode, and check it says what was serialized."""
+    start = 0
+    if is_document:
+        header = CONTAINER_HEADER_RE.match(text)
+        if header is None:
+            raise TargetInvariantError("fragment_mismatch", f"document does not start with a header: {text!r}")
+        start = header.end()
+    scan = scan_array(text, start, field_order, after_element=after_element)
+    fields = [e.fields for e in scan.elements]
+    if scan.close_span is None or any(f is None for f in fields) or len(fields) != len(written):
+        raise TargetInvariantError("fragment_mismatch", f"encoded fragment does not re-parse: {text!r}")
+    for got, want in zip(fields, written):
+        same_desc = got.desc == want.desc or _REPLACEMENT_CHAR in got.desc  # bytes split across tokens
+        if got.bbox != want.bbox or not same_desc:
+            raise TargetInvariantError("fragment_mismatch", f"{got.desc!r} {got.bbox} != {want.desc!r} {want.bbox}")
+    closure = (scan.close_span[0], len(text))
+    if text[closure[0] :] != CONTAINER_CLOSURE:
+        raise TargetInvariantError("fragment_mismatch", f"fragment does not end with the closure: {text!r}")
+    return _FragmentLayout(
+        desc_spans=tuple(f.desc_span for f in fields),
+        coord_spans=np.array([f.coord_spans for f in fields], dtype=np.int64).reshape(-1, 2),
+        closure_span=closure,
+    )
+
+
+def _check_closure(text: str, prefix_len: int, fragment: TokenFrame, num_tokens: int) -> int:
+    """The container opened at char 0 must close at the very last char, in the token right before EOS."""
+    close = find_container_close(text, 0) if text.startswith("{") else None
+    if close is None or close != len(text) - 1 or text[close] != "}":
+        raise TargetInvariantError("closure_not_found", f"outermost '}}' is not the last char before EOS: {text!r}")
+    position = prefix_len + int(fragment.tokens_at([close - (len(text) - len(fragment.text))])[0])
+    if position != num_tokens - 2:
+        raise TargetInvariantError("closure_not_found", f"closing token at {position}, EOS at {num_tokens - 1}")
+    return position
+
+
+def _check_geometry(
+    input_ids: np.ndarray,
+    groups: Sequence[GeometryGroup],
+    matched_pred_bins: Sequence[tuple[int, int, int, int]],
+    coord_vocab: CoordVocab,
+) -> None:
+    if not groups:
+        return
+    positions = np.array([g.positions for g in groups], dtype=np.int64)
+    if positions.min() < 0 or positions.max() >= len(input_ids):
+        raise TargetInvariantError("geometry_slot_not_coord", "a geometry slot lies outside the target")
+    expected = np.array(list(matched_pred_bins) + [g.gt_bins for g in groups[len(matched_pred_bins) :]])
+    if not (coord_vocab.bins_of(input_ids[positions]) == expected).all():
+        raise TargetInvariantError("geometry_slot_not_coord", "a geometry slot is not the expected coord token")

@@ -1,0 +1,57 @@
+"""Teacher-forced sequences (prompt + supervised target) and their collation into tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Sequence, Tuple
+
+import torch
+
+PREFIX, APPENDED = 0, 1  # geometry group kinds: matched rollout-prefix object, appended GT object
+
+
+@dataclass
+class TrainSequence:
+    """One sample's teacher-forced sequence; positions index ``target_ids``."""
+
+    prompt_ids: List[int]
+    target_ids: List[int]
+    ce_weights: List[float]                       # weight of predicting target_ids[i]; 0 = no CE
+    geometry_slots: List[Tuple[int, int, int, int]] = field(default_factory=list)
+    geometry_bins: List[Tuple[int, int, int, int]] = field(default_factory=list)
+    geometry_kinds: List[int] = field(default_factory=list)  # PREFIX or APPENDED
+
+    def __post_init__(self) -> None:
+        if len(self.ce_weights) != len(self.target_ids):
+            raise ValueError(f"ce_weights ({len(self.ce_weights)}) and target_ids ({len(self.target_ids)}) differ")
+        if not (len(self.geometry_slots) == len(self.geometry_bins) == len(self.geometry_kinds)):
+            raise ValueError("geometry slots, bins and kinds must have one entry per box")
+
+
+def collate(seqs: Sequence[TrainSequence], pad_id: int) -> dict:
+    """Right-padded batch: input_ids, attention_mask, ce_weights [B, T]; geometry as absolute
+    (row, position) slots [N, 4, 2], bins [N, 4], kinds [N]."""
+    lengths = [len(s.prompt_ids) + len(s.target_ids) for s in seqs]
+    width = max(lengths)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    weights = torch.zeros((len(seqs), width), dtype=torch.float32)
+    slots, bins, kinds = [], [], []
+    for row, seq in enumerate(seqs):
+        start = len(seq.prompt_ids)
+        ids = list(seq.prompt_ids) + list(seq.target_ids)
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[row, : len(ids)] = 1
+        weights[row, start: len(ids)] = torch.tensor(seq.ce_weights, dtype=torch.float32)
+        for group, gt, kind in zip(seq.geometry_slots, seq.geometry_bins, seq.geometry_kinds):
+            slots.append([[row, start + p] for p in group])
+            bins.append(list(gt))
+            kinds.append(kind)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "ce_weights": weights,
+        "geometry_slots": torch.tensor(slots, dtype=torch.long).reshape(-1, 4, 2),
+        "geometry_bins": torch.tensor(bins, dtype=torch.long).reshape(-1, 4),
+        "geometry_kinds": torch.tensor(kinds, dtype=torch.long),
+    }
