@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from coordexp.config.errors import exit_on_config_error
@@ -22,7 +24,12 @@ def hydra_task(cfg: DictConfig) -> int:
     resolved = save_resolved(train_cfg, run_dir / RESOLVED_CONFIG_NAME)
     from coordexp.launch.run import run_experiment  # heavy imports only when a run really starts
 
-    return run_experiment(train_cfg, run_dir, resolved)
+    code = run_experiment(train_cfg, run_dir, resolved)
+    if code != 0:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise RuntimeError(f"job {run_dir} failed with exit code {code}")  # the sweep reports it
+        sys.exit(code)
+    return code
 
 
 def main() -> None:

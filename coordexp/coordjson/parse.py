@@ -70,6 +70,11 @@ class ParsedRollout:
         return sum(self.drop_counts.values())
 
     @property
+    def num_dropped_invalid(self) -> int:
+        """Drops for invalid content (everything but prefix_unusable)."""
+        return self.num_dropped - self.drop_counts[DropReason.PREFIX_UNUSABLE.value]
+
+    @property
     def prefix_text(self) -> str:
         return "".join(self.prefix_pieces)
 

@@ -122,20 +122,21 @@ def build_channel_b_target(
     matched_groups = [
         GeometryGroup(parsed.objects[pred].coord_positions, gt_objects[gt].bbox, gt, pred) for pred, gt in pairs
     ]
-    pred_bins = [parsed.objects[pred].bbox for pred, _ in pairs]
+    _check_slots(prefix.ids, [g.positions for g in matched_groups], [parsed.objects[p].bbox for p, _ in pairs], coord_vocab)
+    written = _WrittenGT([gt_objects[g] for g in appended], appended, lead)
+    fragment, fragment_roles, appended_groups = _encode_written(
+        written, FieldOrder(field_order), parsed.prefix_ends_with_record, len(prefix), coord_vocab, encode, decode_token
+    )
     return _assemble(
         prefix,
         prefix_roles,
-        [gt_objects[g] for g in appended],
-        appended,
-        lead,
-        field_order,
-        matched_groups,
-        pred_bins,
+        fragment,
+        fragment_roles,
+        matched_groups + appended_groups,
+        written.gt_indices,
         coord_vocab,
-        encode,
-        decode_token,
         eos_id,
+        decode_token,
         role_ce_weights(desc_ce_weight, multiplier),
     )
 
@@ -153,20 +154,20 @@ def build_channel_a_target(
     """The whole GT document (sorted by (minY, minX)) + EOS; header and closure get CE 1 here."""
     _check_weight(desc_ce_weight)
     order = canonical_order(gt_objects)
-    empty = TokenFrame.from_pieces([], [])
+    written = _WrittenGT([gt_objects[g] for g in order], order, CONTAINER_HEADER)
+    fragment, fragment_roles, groups = _encode_written(
+        written, FieldOrder(field_order), False, 0, coord_vocab, encode, decode_token
+    )
     return _assemble(
-        empty,
+        TokenFrame.from_pieces([], []),
         np.zeros(0, dtype=np.int8),
-        [gt_objects[g] for g in order],
-        order,
-        CONTAINER_HEADER,
-        field_order,
-        [],
-        [],
+        fragment,
+        fragment_roles,
+        groups,
+        written.gt_indices,
         coord_vocab,
-        encode,
-        decode_token,
         eos_id,
+        decode_token,
         role_ce_weights(desc_ce_weight),
     )
 
@@ -210,53 +211,82 @@ def _paint(roles: np.ndarray, frame: TokenFrame, span: Span, role: TokenRole) ->
 
 
 @dataclass(frozen=True)
+class _WrittenGT:
+    objects: list[CoordObject]
+    gt_indices: list[int]
+    lead: str  # ", " or "" after a prefix; the container header for a whole document
+
+
+@dataclass(frozen=True)
 class _FragmentLayout:
     desc_spans: tuple[Span, ...]
     coord_spans: np.ndarray  # (records * 4, 2)
     closure_span: Span
 
 
-def _assemble(
-    prefix: TokenFrame,
-    prefix_roles: np.ndarray,
-    written: Sequence[CoordObject],
-    written_gt_indices: Sequence[int],
-    lead: str,
+def _encode_written(
+    written: _WrittenGT,
     field_order: FieldOrder,
-    matched_groups: list[GeometryGroup],
-    matched_pred_bins: list[tuple[int, int, int, int]],
+    after_record: bool,
+    offset: int,
     coord_vocab: CoordVocab,
     encode: EncodeFn,
     decode_token: DecodeTokenFn,
-    eos_id: int,
-    weights_by_role: np.ndarray,
-) -> TeacherForcedTarget:
-    field_order = FieldOrder(field_order)
-    text = render_records(written, field_order, lead=lead, tail=CONTAINER_CLOSURE).text
+) -> tuple[TokenFrame, np.ndarray, list[GeometryGroup]]:
+    """Encode the written GT text; its roles and geometry groups (positions shifted by `offset`)."""
+    text = render_records(written.objects, field_order, lead=written.lead, tail=CONTAINER_CLOSURE).text
     ids = [int(t) for t in encode(text)]
     fragment = TokenFrame.from_pieces(ids, [decode_token(t) for t in ids])
-    after_element = prefix.text.endswith("}")
-    layout = _locate_fragment(fragment.text, written, field_order, after_element, is_document=len(prefix) == 0)
+    is_document = written.lead == CONTAINER_HEADER
+    layout = _locate_fragment(fragment.text, written.objects, field_order, after_record, is_document)
 
-    fragment_roles = np.full(len(fragment), TokenRole.APPENDED_STRUCTURE, dtype=np.int8)
-    _paint(fragment_roles, fragment, layout.closure_span, TokenRole.CLOSURE)
+    roles = np.full(len(fragment), TokenRole.APPENDED_STRUCTURE, dtype=np.int8)
+    _paint(roles, fragment, layout.closure_span, TokenRole.CLOSURE)
     for span in layout.desc_spans:
-        _paint(fragment_roles, fragment, span, TokenRole.APPENDED_DESC)
-    slots = fragment.exact_tokens(layout.coord_spans)
-    if (slots < 0).any():
-        raise TargetInvariantError("appended_coord_not_single_token", f"fragment {fragment.pieces!r}")
+        _paint(roles, fragment, span, TokenRole.APPENDED_DESC)
+    slots = fragment.exact_tokens(layout.coord_spans).reshape(-1, 4)
+    positions = [tuple(int(p) for p in row) for row in slots]
+    _check_slots(fragment.ids, positions, [obj.bbox for obj in written.objects], coord_vocab)
+    groups = [
+        GeometryGroup(tuple(p + offset for p in pos), obj.bbox, gt, None)  # type: ignore[arg-type]
+        for pos, obj, gt in zip(positions, written.objects, written.gt_indices)
+    ]
+    return fragment, roles, groups
 
+
+def _check_slots(
+    ids: np.ndarray,
+    positions: Sequence[tuple[int, ...]],
+    bins: Sequence[tuple[int, int, int, int]],
+    coord_vocab: CoordVocab,
+) -> None:
+    """Every geometry slot must be one coord token holding the expected bin."""
+    if not positions:
+        return
+    flat = np.array(positions, dtype=np.int64).reshape(-1)
+    inside = (flat >= 0) & (flat < len(ids))
+    got = np.where(inside, coord_vocab.bins_of(ids[np.clip(flat, 0, max(len(ids) - 1, 0))]), -1)
+    if not (got == np.array(bins, dtype=np.int64).reshape(-1)).all():
+        raise TargetInvariantError("geometry_slot_not_coord", f"slots {positions} do not hold bins {bins}")
+
+
+def _assemble(
+    prefix: TokenFrame,
+    prefix_roles: np.ndarray,
+    fragment: TokenFrame,
+    fragment_roles: np.ndarray,
+    groups: list[GeometryGroup],
+    written_gt_indices: Sequence[int],
+    coord_vocab: CoordVocab,
+    eos_id: int,
+    decode_token: DecodeTokenFn,
+    weights_by_role: np.ndarray,
+) -> TeacherForcedTarget:
     input_ids = np.concatenate([prefix.ids, fragment.ids, np.array([eos_id], dtype=np.int64)])
     roles = np.concatenate([prefix_roles, fragment_roles, np.array([TokenRole.EOS], dtype=np.int8)])
     roles[coord_vocab.is_coord(input_ids)] = TokenRole.COORD
-    slots = (slots + len(prefix)).reshape(-1, 4)
-    groups = matched_groups + [
-        GeometryGroup(tuple(int(p) for p in slots[i]), obj.bbox, gt, None)  # type: ignore[arg-type]
-        for i, (obj, gt) in enumerate(zip(written, written_gt_indices))
-    ]
     pieces = prefix.pieces + fragment.pieces + (decode_token(eos_id),)
-    closure = _check_closure(prefix.text + fragment.text, len(prefix), fragment, len(input_ids))
-    _check_geometry(input_ids, groups, matched_pred_bins, coord_vocab)
+    closure = _check_closure(prefix, fragment)
     ce_weights = weights_by_role[roles]
     if not len(input_ids) == len(roles) == len(ce_weights) == len(pieces):
         raise TargetInvariantError("length_mismatch", "ids, roles, weights and pieces differ in length")
@@ -300,28 +330,13 @@ def _locate_fragment(
     )
 
 
-def _check_closure(text: str, prefix_len: int, fragment: TokenFrame, num_tokens: int) -> int:
+def _check_closure(prefix: TokenFrame, fragment: TokenFrame) -> int:
     """The container opened at char 0 must close at the very last char, in the token right before EOS."""
+    text = prefix.text + fragment.text
     close = find_container_close(text, 0) if text.startswith("{") else None
     if close is None or close != len(text) - 1 or text[close] != "}":
         raise TargetInvariantError("closure_not_found", f"outermost '}}' is not the last char before EOS: {text!r}")
-    position = prefix_len + int(fragment.tokens_at([close - (len(text) - len(fragment.text))])[0])
-    if position != num_tokens - 2:
-        raise TargetInvariantError("closure_not_found", f"closing token at {position}, EOS at {num_tokens - 1}")
+    position = len(prefix) + int(fragment.tokens_at([close - len(prefix.text)])[0])
+    if position != len(prefix) + len(fragment) - 1:
+        raise TargetInvariantError("closure_not_found", f"closing brace in token {position}, not right before EOS")
     return position
-
-
-def _check_geometry(
-    input_ids: np.ndarray,
-    groups: Sequence[GeometryGroup],
-    matched_pred_bins: Sequence[tuple[int, int, int, int]],
-    coord_vocab: CoordVocab,
-) -> None:
-    if not groups:
-        return
-    positions = np.array([g.positions for g in groups], dtype=np.int64)
-    if positions.min() < 0 or positions.max() >= len(input_ids):
-        raise TargetInvariantError("geometry_slot_not_coord", "a geometry slot lies outside the target")
-    expected = np.array(list(matched_pred_bins) + [g.gt_bins for g in groups[len(matched_pred_bins) :]])
-    if not (coord_vocab.bins_of(input_ids[positions]) == expected).all():
-        raise TargetInvariantError("geometry_slot_not_coord", "a geometry slot is not the expected coord token")

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from coordexp.coordjson import bin_to_token
+
 __all__ = [
     "FIELD_ORDERS",
     "SCENES",
@@ -67,12 +69,6 @@ class PromptSpec:
             raise ValueError(f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}")
 
 
-def _coord_token(k: int) -> str:
-    from coordexp.data.tiny_model import coord_token
-
-    return coord_token(k)
-
-
 def instruction_text(object_field_order: str = "desc_first") -> str:
     """The task instruction for the given object field order."""
     try:
@@ -96,7 +92,7 @@ def scene_text(objects: Iterable[Any], object_field_order: str = "desc_first") -
     lines = ["Objects:"]
     for obj in objects:
         desc, box = _obj_parts(obj)
-        coords = " ".join(_coord_token(int(v)) for v in box)
+        coords = " ".join(bin_to_token(int(v)) for v in box)
         lines.append(f"{desc} {coords}" if object_field_order == "desc_first" else f"{coords} {desc}")
     return "\n".join(lines)
 

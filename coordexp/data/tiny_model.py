@@ -34,10 +34,11 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
+
+from coordexp.coordjson import NUM_BINS, CoordObject, FieldOrder, bin_to_token, serialize_objects
 
 __all__ = [
-    "COORD_BINS",
     "PAD_TOKEN",
     "IM_START",
     "IM_END",
@@ -45,8 +46,7 @@ __all__ = [
     "SPEC_FILE",
     "CHATML_TEMPLATE",
     "TinyModelSpec",
-    "coord_token",
-    "coord_tokens",
+    "corpus_texts",
     "ensure_tiny_model",
     "build_tiny_model",
     "tiny_model_dir",
@@ -54,7 +54,6 @@ __all__ = [
     "main",
 ]
 
-COORD_BINS = 1000
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -90,15 +89,8 @@ STRUCTURAL_PIECES = (
 )
 
 
-def coord_token(k: int) -> str:
-    """The vocabulary token of norm1000 bin ``k`` (0..999)."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < COORD_BINS:
-        raise ValueError(f"coordinate bin must be an int in [0, {COORD_BINS - 1}], got {k!r}")
-    return f"<|coord_{k}|>"
-
-
-def coord_tokens() -> list[str]:
-    return [f"<|coord_{k}|>" for k in range(COORD_BINS)]
+def _coord_tokens() -> list[str]:
+    return [bin_to_token(k) for k in range(NUM_BINS)]
 
 
 @dataclass(frozen=True)
@@ -146,20 +138,16 @@ def _render_chatml(messages: Sequence[dict[str, Any]], add_generation_prompt: bo
     return out + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
-def _default_answer_renderer() -> Callable[[Sequence[dict[str, Any]], str], str]:
-    from coordexp.coordjson import serialize_objects  # lazy: keeps this module importable alone
+def _render_answer(objects: Sequence[dict[str, Any]], order: str) -> str:
+    coord_objects = [CoordObject(o["desc"], tuple(o["bbox_2d"])) for o in objects]
+    return serialize_objects(coord_objects, FieldOrder(order))
 
-    return lambda objects, order: serialize_objects(objects, object_field_order=order)
 
-
-def corpus_texts(
-    spec: TinyModelSpec, render_answer: Callable[[Sequence[dict[str, Any]], str], str] | None = None
-) -> list[str]:
+def corpus_texts(spec: TinyModelSpec) -> list[str]:
     """Chat transcripts of the synthetic task (both field orders, with and without a system turn)."""
     from coordexp.data.prompt import PromptSpec, build_messages
     from coordexp.data.synthetic import SyntheticSpec, generate_record
 
-    render = render_answer or _default_answer_renderer()
     # The corpus covers more objects and a finer grid than the default task, so the merges are generic.
     task = SyntheticSpec(min_objects=1, max_objects=6, grid=1000)
     texts = []
@@ -168,7 +156,7 @@ def corpus_texts(
         order = ("desc_first", "geometry_first")[i % 2]
         system = "You are a helpful assistant." if i % 3 == 0 else None
         messages = build_messages(rec, PromptSpec(object_field_order=order, system_prompt=system, scene="text"))
-        messages.append({"role": "assistant", "content": render(rec["objects"], order)})
+        messages.append({"role": "assistant", "content": _render_answer(rec["objects"], order)})
         texts.append(_render_chatml(messages, add_generation_prompt=False))
     # A little plain text so common words, digits and punctuation get merges too.
     texts += [
@@ -228,7 +216,7 @@ def _train_tokenizer(spec: TinyModelSpec, corpus: Sequence[str]):
         show_progress=False,
     )
     tok.train_from_iterator(_training_segments(corpus), trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in coord_tokens()])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _coord_tokens()])
     return tok
 
 
@@ -260,8 +248,8 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
     hf_tok.chat_template = CHATML_TEMPLATE
     vocab_size = len(hf_tok)
     ids = {t: hf_tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    coord0 = hf_tok.convert_tokens_to_ids(coord_token(0))
-    if [hf_tok.convert_tokens_to_ids(t) for t in coord_tokens()] != list(range(coord0, coord0 + COORD_BINS)):
+    coord0 = hf_tok.convert_tokens_to_ids(bin_to_token(0))
+    if [hf_tok.convert_tokens_to_ids(t) for t in _coord_tokens()] != list(range(coord0, coord0 + NUM_BINS)):
         raise RuntimeError("coordinate tokens did not get contiguous ids")
 
     common = dict(
@@ -304,7 +292,7 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
         "bpe_vocab_size": raw.get_vocab_size(with_added_tokens=False),
         "special_token_ids": ids,
         "coord_token_id_0": coord0,
-        "coord_token_id_999": coord0 + COORD_BINS - 1,
+        "coord_token_id_999": coord0 + NUM_BINS - 1,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "structural_tokens": _structural_report(raw),
         "versions": {
@@ -362,6 +350,9 @@ def ensure_tiny_model(
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building.", dir=cache))
         try:
             build_tiny_model(tmp, spec, corpus)
+            for f in tmp.iterdir():  # mkdtemp makes 0700; the folder is shared (server, other ranks)
+                f.chmod(0o644)
+            tmp.chmod(0o755)
             try:
                 os.rename(tmp, final)
             except OSError:

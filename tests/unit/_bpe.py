@@ -13,9 +13,18 @@ import random
 import re
 from dataclasses import dataclass
 
+from hypothesis import strategies as st
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from coordexp.coordjson import CoordVocab
+from coordexp.coordjson import (
+    CoordObject,
+    CoordVocab,
+    FieldOrder,
+    ParsedRollout,
+    bin_to_token,
+    parse_rollout,
+    serialize_record,
+)
 
 QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -53,14 +62,6 @@ class BpeTestTokenizer:
     def pieces(self, ids: list[int]) -> list[str]:
         return [self.piece_table[t] for t in ids]
 
-    def token_id(self, piece: str) -> int | None:
-        return self.tokenizer.token_to_id(piece) if piece.startswith("<|") else _id_of_piece(self, piece)
-
-
-def _id_of_piece(tok: BpeTestTokenizer, piece: str) -> int | None:
-    matches = [i for i, p in enumerate(tok.piece_table) if p == piece]
-    return matches[0] if matches else None
-
 
 @functools.lru_cache(maxsize=1)
 def build_test_tokenizer() -> TestTokenizer:
@@ -89,3 +90,76 @@ def build_test_tokenizer() -> TestTokenizer:
     tok.add_tokens([AddedToken(f"<|coord_{k}|>", special=False, normalized=False) for k in range(1000)])
     table = tuple(tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size()))
     return BpeTestTokenizer(tok, CoordVocab.from_vocab(tok.get_vocab()), tok.token_to_id(EOS_TOKEN), table)
+
+
+def rollout_tokens(tok: BpeTestTokenizer, text: str, *, eos: bool = True) -> tuple[list[int], list[str]]:
+    """Token ids of `text` (+ EOS) and their per-token pieces, as a rollout server would return them."""
+    ids = tok.encode(text) + ([tok.eos_id] if eos else [])
+    return ids, tok.pieces(ids)
+
+
+def parse_ids(tok: BpeTestTokenizer, ids: list[int], field_order: FieldOrder | str) -> ParsedRollout:
+    return parse_rollout(
+        ids,
+        tok.pieces(ids),
+        coord_vocab=tok.coord_vocab,
+        stop_ids=[tok.eos_id],
+        field_order=field_order,
+        encode=tok.encode,
+        decode_token=tok.decode_token,
+    )
+
+
+def parse_text(tok: BpeTestTokenizer, text: str, field_order: FieldOrder | str, *, eos: bool = True) -> ParsedRollout:
+    return parse_ids(tok, rollout_tokens(tok, text, eos=eos)[0], field_order)
+
+
+def tokenizer_fns(tok: BpeTestTokenizer) -> dict:
+    """Keyword arguments the target builders take from the tokenizer."""
+    return {"coord_vocab": tok.coord_vocab, "encode": tok.encode, "decode_token": tok.decode_token, "eos_id": tok.eos_id}
+
+
+# ---------------------------------------------------------------- rollout builders for property tests
+
+DESC_PARTS = ["red", " ", "square", "cat", '"', "\\", "{", "}", "[", "]", ",", ":", "<|coord_5|>", "\n", "é", "x y"]
+descs = st.lists(st.sampled_from(DESC_PARTS), min_size=1, max_size=5).map("".join).filter(lambda d: d.strip())
+
+
+@st.composite
+def bboxes(draw):
+    x1, x2 = sorted(draw(st.lists(st.integers(0, 999), min_size=2, max_size=2)))
+    y1, y2 = sorted(draw(st.lists(st.integers(0, 999), min_size=2, max_size=2)))
+    return (x1, y1, x2, y2)
+
+
+objects_lists = st.lists(st.builds(CoordObject, descs, bboxes()), max_size=6)
+orders = st.sampled_from(list(FieldOrder))
+
+
+def corrupted_record(kind, obj, order):
+    desc = json.dumps(obj.desc, ensure_ascii=False)
+    x1, y1, x2, y2 = obj.bbox
+    coords = "[" + ", ".join(bin_to_token(k) for k in obj.bbox) + "]"
+
+    def record(desc_value, geometry, *extra):
+        pairs = [("desc", desc_value), ("bbox_2d", geometry)]
+        pairs = pairs if order is FieldOrder.DESC_FIRST else pairs[::-1]
+        return "{" + ", ".join(f'"{key}": {value}' for key, value in pairs + list(extra)) + "}"
+
+    swapped = FieldOrder.GEOMETRY_FIRST if order is FieldOrder.DESC_FIRST else FieldOrder.DESC_FIRST
+    return {
+        "malformed": record(desc, coords).replace('": ', '" ', 1),  # the first key loses its colon
+        "unexpected_keys": record(desc, coords, ("score", "1")),
+        "missing_desc": '{"bbox_2d": ' + coords + "}",
+        "missing_geometry": '{"desc": ' + desc + "}",
+        "order_violation": serialize_record(obj, swapped),
+        "invalid_desc": record("7", coords),
+        "empty_desc": record('" "', coords),
+        "wrong_arity": record(desc, coords[: coords.rindex(",")] + "]"),
+        "non_coord_geometry": record(desc, "[1, 2, 3, 4]"),
+        "bbox_invalid": record(desc, f"[<|coord_{x1 + 1}|>, <|coord_{y1}|>, <|coord_{x1}|>, <|coord_{y2}|>]"),
+    }[kind]
+
+
+KINDS = ["valid", "malformed", "unexpected_keys", "missing_desc", "missing_geometry", "order_violation",
+         "invalid_desc", "empty_desc", "wrong_arity", "non_coord_geometry", "bbox_invalid"]

@@ -1,0 +1,170 @@
+"""Builds Channel-A and Channel-B teacher-forced sequences for a micro-batch of samples, and records
+the per-sample rollout statistics every metric is computed from."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Sequence
+
+from coordexp.config.contract import RolloutContract
+from coordexp.config.schema import Stage2ABConfig
+from coordexp.coordjson import (CoordObject, CoordVocab, DropReason, FieldOrder, TargetInvariantError,
+                                build_channel_a_target, build_channel_b_target, parse_rollout)
+from coordexp.matching import match_boxes
+from coordexp.telemetry.metrics import MetricBuffer
+from coordexp.trainer.batch import APPENDED, PREFIX, TrainSequence
+from coordexp.trainer.rollouts import Rollout
+
+
+class PromptMismatchError(RuntimeError):
+    """The rollout's prompt ids differ from the training prompt ids: the step must not train on it."""
+
+
+class TokenizerAdapter:
+    """The tokenizer as the pure core sees it: encode, per-token pieces, coordinate vocabulary."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
+        self.coord_vocab = CoordVocab.from_vocab(tokenizer.get_vocab())
+        self.coord_token_ids = [self.coord_vocab.id_of(k) for k in range(1000)]
+        self.decode_token = lru_cache(maxsize=None)(lambda i: tokenizer.decode([int(i)]))
+
+    def encode(self, text: str) -> List[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def pieces(self, ids: Sequence[int]) -> List[str]:
+        return [self.decode_token(int(i)) for i in ids]
+
+    def prompt_ids(self, messages: List[Dict[str, Any]]) -> List[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.encode(text)
+
+
+@dataclass
+class SampleRecord:
+    """Per-sample Channel-B outcome (written to rollout_samples.jsonl; metrics are sums over these)."""
+
+    sample_id: str
+    gen_tokens: int
+    triggered: int
+    hit_max_new_tokens: int
+    truncated: int
+    invalid_rollout: int
+    valid_pred: int
+    dropped: Dict[str, int]
+    gt: int
+    matched: int
+    fp: int
+    fn: int
+    matched_iou_sum: float
+    gating_rejections: int
+    target_dropped: int
+
+
+def gt_objects(sample) -> List[CoordObject]:
+    return [CoordObject(o.desc, tuple(o.bbox_2d)) for o in sample.objects]
+
+
+def channel_a_sequence(sample, prompt_ids: List[int], tok: TokenizerAdapter, field_order: str,
+                       ab: Stage2ABConfig) -> TrainSequence:
+    target = build_channel_a_target(gt_objects(sample), field_order=FieldOrder(field_order),
+                                    coord_vocab=tok.coord_vocab, encode=tok.encode,
+                                    decode_token=tok.decode_token, eos_id=tok.eos_id,
+                                    desc_ce_weight=ab.desc_ce_weight)
+    return _to_sequence(prompt_ids, target)
+
+
+def _to_sequence(prompt_ids: List[int], target) -> TrainSequence:
+    groups = target.geometry_groups
+    return TrainSequence(
+        prompt_ids=list(prompt_ids),
+        target_ids=[int(i) for i in target.input_ids],
+        ce_weights=[float(w) for w in target.ce_weights],
+        geometry_slots=[tuple(int(p) for p in g.positions) for g in groups],
+        geometry_bins=[tuple(int(b) for b in g.gt_bins) for g in groups],
+        geometry_kinds=[PREFIX if g.pred_index is not None else APPENDED for g in groups],
+    )
+
+
+def score_rollout(sample, rollout: Rollout, tok: TokenizerAdapter, contract: RolloutContract):
+    """Strict parse + Hungarian match of one rollout: (parsed, GT objects, match)."""
+    gts = gt_objects(sample)
+    parsed = parse_rollout(rollout.token_ids, tok.pieces(rollout.token_ids), coord_vocab=tok.coord_vocab,
+                           stop_ids=[tok.eos_id], field_order=FieldOrder(contract.object_field_order),
+                           encode=tok.encode, decode_token=tok.decode_token)
+    match = match_boxes([o.bbox for o in parsed.objects], [g.bbox for g in gts],
+                        top_k=contract.candidate_top_k, iou_gate=contract.iou_gate,
+                        fp_cost=contract.fp_cost, fn_cost=contract.fn_cost)
+    return parsed, gts, match
+
+
+def sample_record(sample, rollout: Rollout, parsed, gts, match, target_dropped: bool) -> SampleRecord:
+    return SampleRecord(
+        sample_id=str(sample.sample_id), gen_tokens=len(rollout.token_ids), triggered=int(rollout.triggered),
+        hit_max_new_tokens=int(rollout.hit_max_new_tokens), truncated=int(parsed.truncated),
+        invalid_rollout=int(parsed.invalid_rollout), valid_pred=len(parsed.objects),
+        dropped={r.value: int(parsed.drop_counts.get(r.value, 0)) for r in DropReason}, gt=len(gts),
+        matched=len(match.pairs), fp=len(match.false_positives), fn=len(match.false_negatives),
+        matched_iou_sum=float(sum(p.iou for p in match.pairs)), gating_rejections=match.gating_rejections,
+        target_dropped=int(target_dropped))
+
+
+def channel_b_sequence(sample, prompt_ids: List[int], rollout: Rollout, tok: TokenizerAdapter,
+                       contract: RolloutContract, ab: Stage2ABConfig):
+    """(TrainSequence, or None if the sample's target failed its invariants; SampleRecord)."""
+    if list(rollout.prompt_ids) != list(prompt_ids):
+        raise PromptMismatchError(
+            f"sample {sample.sample_id}: rollout prompt ids ({len(rollout.prompt_ids)} tokens) differ from the "
+            f"training prompt ids ({len(prompt_ids)} tokens); the server's chat template must render the prompt "
+            f"exactly as the learner's tokenizer does")
+    parsed, gts, match = score_rollout(sample, rollout, tok, contract)
+    sequence: Optional[TrainSequence] = None
+    try:
+        target = build_channel_b_target(
+            parsed, gts, match.index_pairs, field_order=FieldOrder(contract.object_field_order),
+            coord_vocab=tok.coord_vocab, encode=tok.encode, decode_token=tok.decode_token, eos_id=tok.eos_id,
+            desc_ce_weight=ab.desc_ce_weight,
+            drop_invalid_struct_ce_multiplier=ab.channel_b.drop_invalid_struct_ce_multiplier)
+        sequence = _to_sequence(prompt_ids, target)
+    except TargetInvariantError:
+        sequence = None
+    return sequence, sample_record(sample, rollout, parsed, gts, match, sequence is None)
+
+
+def record_rollout_metrics(buf: MetricBuffer, records: Sequence[SampleRecord], prefix: str = "rollout") -> None:
+    """Counters, ratio-of-sums rates and the p99 sample list from per-sample records."""
+    n = len(records)
+    s = lambda field: sum(getattr(r, field) for r in records)  # noqa: E731
+    pred, gt, matched = s("valid_pred"), s("gt"), s("matched")
+    dropped = {reason.value: sum(r.dropped[reason.value] for r in records) for reason in DropReason}
+    buf.add_sum(f"{prefix}/raw_rollouts", n)
+    buf.add_sum(f"{prefix}/repeat_terminate_triggered_sequences", s("triggered"))
+    buf.add_sum(f"{prefix}/hit_max_new_tokens", s("hit_max_new_tokens"))
+    buf.add_sum(f"{prefix}/parse_truncated", s("truncated"))
+    buf.add_ratio(f"{prefix}/parse_truncated_rate", s("truncated"), n)
+    buf.add_sum(f"{prefix}/invalid_rollout", s("invalid_rollout"))
+    buf.add_ratio(f"{prefix}/invalid_rollout_rate", s("invalid_rollout"), n)
+    buf.add_sum(f"{prefix}/parse_dropped_invalid", sum(dropped.values()))
+    for reason, count in dropped.items():
+        buf.add_sum(f"{prefix}/parse_dropped/{reason}", count)
+    buf.add_sum(f"{prefix}/valid_pred_objects", pred)
+    buf.add_sum(f"{prefix}/gt_objects", gt)
+    buf.add_sum(f"{prefix}/matched", matched)
+    buf.add_sum(f"{prefix}/fp", s("fp"))
+    buf.add_sum(f"{prefix}/fn", s("fn"))
+    buf.add_ratio(f"{prefix}/precision", matched, pred)
+    buf.add_ratio(f"{prefix}/recall", matched, gt)
+    buf.add_ratio(f"{prefix}/f1", 2 * matched, pred + gt)
+    buf.add_ratio(f"{prefix}/matched_iou_mean", s("matched_iou_sum"), matched)
+    buf.add_sum(f"{prefix}/gating_rejections", s("gating_rejections"))
+    buf.add_sum(f"{prefix}/target_invariant_dropped", s("target_dropped"))
+    buf.add_sum(f"{prefix}/gen_new_tokens_total", s("gen_tokens"))
+    buf.add_ratio(f"{prefix}/gen_new_tokens_mean", s("gen_tokens"), n)
+    buf.add_samples(f"{prefix}/gen_new_tokens_p99", [r.gen_tokens for r in records])
+
+
+def record_as_dict(record: SampleRecord) -> dict:
+    return asdict(record)

@@ -1,0 +1,199 @@
+"""The learner process: builds model, data, rollout backend and the Stage-2 trainer from a validated
+config and trains. Runs in-process (one learner) or as each torchrun rank:
+
+    python -m coordexp.trainer.learner --config <run_dir>/resolved_config.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from coordexp.config.contract import RolloutContract, rollout_contract
+from coordexp.config.schema import DataKind, IntervalStrategy, ModelKind, TrainConfig
+from coordexp.config.validate import derived_grad_accumulation
+
+
+class LearnerError(RuntimeError):
+    """A problem the user can fix (missing model, bad data, unusable checkpoint); printed without traceback."""
+
+
+@dataclass
+class TrainSample:
+    sample_id: str
+    objects: list
+    messages: List[Dict[str, Any]]
+    width: int
+    height: int
+    images: list
+
+
+def load_model(cfg: TrainConfig):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.model.kind == ModelKind.tiny:
+        from coordexp.data.tiny_model import ensure_tiny_model
+
+        model_dir = Path(ensure_tiny_model(cfg.model.path, arch=cfg.model.tiny_arch.value))
+    else:
+        model_dir = Path(cfg.model.path)
+        if not (model_dir / "config.json").is_file():
+            raise LearnerError(f"model.path '{model_dir}' is not a checkpoint directory (no config.json): "
+                               f"pass model.path=<local checkpoint dir>")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype = getattr(torch, cfg.model.dtype.value)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model, tokenizer, model_dir
+
+
+def load_samples(cfg: TrainConfig, run_dir: Path):
+    from coordexp.data.jsonl import load_jsonl
+    from coordexp.data.prompt import PromptSpec, build_messages
+
+    if cfg.data.kind == DataKind.synthetic:
+        from coordexp.data.synthetic import SyntheticSpec, write_synthetic_jsonl
+
+        syn = cfg.data.synthetic
+        spec = SyntheticSpec(min_objects=syn.min_objects, max_objects=syn.max_objects)
+        data_dir = run_dir / "data"
+        train_path = write_synthetic_jsonl(data_dir / "train.jsonl", syn.train_samples, syn.seed, spec)
+        val_path = write_synthetic_jsonl(data_dir / "val.jsonl", syn.val_samples, syn.seed + 1, spec)
+    else:
+        train_path, val_path = Path(cfg.data.train_jsonl), cfg.data.val_jsonl and Path(cfg.data.val_jsonl)
+    prompt = PromptSpec(object_field_order=cfg.data.object_field_order.value, system_prompt=cfg.data.system_prompt)
+
+    def wrap(path: Path) -> List[TrainSample]:
+        return [TrainSample(f"{Path(path).name}:{s.line}", list(s.objects), build_messages(s, prompt), s.width,
+                            s.height, list(s.images)) for s in load_jsonl(path)]
+
+    train = wrap(train_path)
+    val = wrap(val_path) if val_path else []
+    if cfg.data.val_sample_limit is not None:
+        val = val[: cfg.data.val_sample_limit]
+    return train, val
+
+
+def find_checkpoint(spec: Optional[str], run_dir: Path) -> Optional[str]:
+    """`latest`: newest checkpoint of this experiment's runs; a checkpoint dir; or a run dir (its newest)."""
+    if not spec:
+        return None
+
+    def newest(dirs) -> Optional[Path]:
+        found = [c for d in dirs for c in Path(d).glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+        return max(found, key=lambda c: (int(c.name.split("-")[-1]), c.stat().st_mtime)) if found else None
+
+    if spec == "latest":
+        picked = newest([run_dir, *run_dir.parent.iterdir()] if run_dir.parent.is_dir() else [run_dir])
+        if picked is None:
+            raise LearnerError(f"training.resume_from_checkpoint=latest: no checkpoint-* under {run_dir.parent}")
+        return str(picked)
+    path = Path(spec)
+    if (path / "trainer_state.json").is_file():
+        return str(path)
+    picked = newest([path]) if path.is_dir() else None
+    if picked is None:
+        raise LearnerError(f"training.resume_from_checkpoint='{spec}' is neither a checkpoint dir nor a run dir "
+                           f"with checkpoint-* inside")
+    return str(picked)
+
+
+def build_rollout_backend(cfg: TrainConfig, contract: RolloutContract, trainer_ref: dict, tokenizer):
+    if contract.backend == "hf":
+        from coordexp.trainer.rollouts import HFRolloutBackend
+
+        return HFRolloutBackend(lambda: trainer_ref["trainer"].accelerator.unwrap_model(trainer_ref["trainer"].model),
+                                tokenizer, contract)
+    from coordexp.trainer.server_backend import ServerRolloutBackend
+
+    return ServerRolloutBackend(cfg, contract, trainer_ref)
+
+
+class _MetricsJsonl:
+    """Appends every log record (rank 0) to <run_dir>/metrics.jsonl."""
+
+    def __new__(cls, path: Path):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if state.is_world_process_zero and logs:
+                    with path.open("a") as f:
+                        f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+        return Callback()
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> int:
+    import torch
+    from transformers import TrainingArguments, set_seed
+
+    from coordexp.trainer.channels import TokenizerAdapter
+    from coordexp.trainer.evaluation import rollout_evaluator
+    from coordexp.trainer.stage2_trainer import Stage2ABTrainer
+
+    set_seed(cfg.seed)
+    t = cfg.training
+    run_dir.mkdir(parents=True, exist_ok=True)
+    contract = rollout_contract(cfg)
+    model, tokenizer, _ = load_model(cfg)
+    try:
+        adapter = TokenizerAdapter(tokenizer)
+    except ValueError as err:
+        raise LearnerError(f"the tokenizer of model.path lacks the coordinate vocabulary: {err}. Add the 1000 "
+                           f"tokens <|coord_0|>..<|coord_999|> as single tokens (see docs/data.md)") from None
+    train_samples, val_samples = load_samples(cfg, run_dir)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = t.logging_dir
+    use_cpu = not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(run_dir), run_name=t.run_name, seed=cfg.seed, data_seed=cfg.seed,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=contract.eval_batch_size,
+        gradient_accumulation_steps=derived_grad_accumulation(cfg),
+        learning_rate=t.learning_rate, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps, report_to=["tensorboard"],
+        eval_strategy=t.eval_strategy.value if val_samples else "no",
+        eval_steps=t.eval_steps if t.eval_strategy == IntervalStrategy.steps else None,
+        save_strategy=t.save_strategy.value, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        metric_for_best_model=t.metric_for_best_model, greater_is_better=True,
+        remove_unused_columns=False, dataloader_num_workers=t.dataloader_num_workers,
+        use_cpu=use_cpu, ddp_backend="gloo" if use_cpu else None, ddp_timeout=600,
+    )
+    trainer_ref: dict = {}
+    backend = build_rollout_backend(cfg, contract, trainer_ref, tokenizer)
+    evaluator = rollout_evaluator(val_samples, adapter, backend, contract, cfg.seed) if val_samples else None
+    trainer = Stage2ABTrainer(
+        model=model, args=args, train_dataset=train_samples, eval_dataset=val_samples or None,
+        data_collator=lambda batch: {"samples": batch}, processing_class=tokenizer,
+        callbacks=[_MetricsJsonl(run_dir / "metrics.jsonl")],
+        stage2_ab=cfg.stage2_ab, contract=contract, adapter=adapter, rollout_backend=backend, seed=cfg.seed,
+        run_dir=run_dir, evaluator=evaluator)
+    trainer_ref["trainer"] = trainer
+    trainer.train(resume_from_checkpoint=find_checkpoint(t.resume_from_checkpoint, run_dir))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from coordexp.config.errors import exit_on_config_error
+    from coordexp.config.load import load_saved
+
+    parser = argparse.ArgumentParser(description="Stage-2 AB learner (one process or one torchrun rank)")
+    parser.add_argument("--config", required=True, help="resolved_config.yaml written by coordexp.train")
+    ns = parser.parse_args(argv)
+    with exit_on_config_error():
+        cfg = load_saved(ns.config)
+    try:
+        return train(cfg, Path(cfg.training.output_dir))
+    except LearnerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The Stage-2 AB trainer: a `transformers.Trainer` whose loss step runs Channel A or Channel B.
+
+The Trainer provides DDP, gradient accumulation, optimizer/scheduler, checkpoints/resume, logging
+callbacks (TensorBoard, progress bars). This subclass supplies the per-micro-step sequences and the
+losses, buffers metrics over the logging window, and reduces them globally when the Trainer logs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from transformers import Trainer
+
+from coordexp.config.contract import RolloutContract
+from coordexp.config.schema import Stage2ABConfig
+from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
+from coordexp.trainer.batch import APPENDED, PREFIX, collate
+from coordexp.trainer.channels import (TokenizerAdapter, channel_a_sequence, channel_b_sequence,
+                                       record_as_dict, record_rollout_metrics)
+from coordexp.trainer.losses import coord_distribution, geometry_losses, weighted_token_ce
+from coordexp.trainer.rollouts import RolloutBackend
+from coordexp.trainer.schedule import is_channel_b, realized_b_ratio
+
+
+class Stage2ABTrainer(Trainer):
+    def __init__(self, *args, stage2_ab: Stage2ABConfig, contract: RolloutContract, adapter: TokenizerAdapter,
+                 rollout_backend: RolloutBackend, seed: int, run_dir: Path, evaluator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage2_ab = stage2_ab
+        self.contract = contract
+        self.adapter = adapter
+        self.rollout_backend = rollout_backend
+        self.seed = seed
+        self.run_dir = Path(run_dir)
+        self.evaluator = evaluator
+        self.metric_buffer = MetricBuffer()
+        self._coord_ids = torch.tensor(adapter.coord_token_ids, dtype=torch.long)
+        self._sample_log = self.run_dir / f"rollout_samples.rank{self.args.process_index}.jsonl"
+
+    # ---- one micro-step -------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        samples = inputs["samples"]
+        step = self.state.global_step
+        channel_b = is_channel_b(step, self.stage2_ab.schedule.b_ratio)
+        buf = self.metric_buffer
+        prompt_ids = [self.adapter.prompt_ids(s.messages) for s in samples]
+        if channel_b:
+            seqs = self._channel_b_sequences(samples, prompt_ids, step)
+        else:
+            seqs = [channel_a_sequence(s, p, self.adapter, self.contract.object_field_order, self.stage2_ab)
+                    for s, p in zip(samples, prompt_ids)]
+        buf.add_max("stage2/channel_b", float(channel_b))
+        buf.add_max("stage2/channel_a", float(not channel_b))
+        buf.add_max("stage2_ab/b_ratio_realized", realized_b_ratio(step + 1, self.stage2_ab.schedule.b_ratio))
+        buf.add_sum("train/samples", len(samples))
+        start = time.perf_counter()
+        loss = self._loss(model, seqs)
+        buf.add_max("time/forward_s", time.perf_counter() - start)
+        return loss
+
+    def _channel_b_sequences(self, samples, prompt_ids, step):
+        buf = self.metric_buffer
+        seed = (self.seed + step * 1000003 + self.args.process_index * 7919) & 0x7FFFFFFF
+        batch = self.rollout_backend.generate(prompt_ids, [s.messages for s in samples], seed)
+        buf.add_max("time/rollout_generate_s", batch.seconds)
+        buf.add_max("rollout/repeat_terminate_active", batch.repeat_terminate_active)
+        start = time.perf_counter()
+        seqs, records = [], []
+        for sample, prompt, rollout in zip(samples, prompt_ids, batch.rollouts):
+            seq, record = channel_b_sequence(sample, prompt, rollout, self.adapter, self.contract, self.stage2_ab)
+            records.append(record)
+            if seq is not None:
+                seqs.append(seq)
+        buf.add_max("time/rollout_parse_match_s", time.perf_counter() - start)
+        record_rollout_metrics(buf, records)
+        with self._sample_log.open("a") as f:
+            for record in records:
+                f.write(json.dumps({"step": step, **record_as_dict(record)}) + "\n")
+        return seqs
+
+    def _loss(self, model, seqs) -> torch.Tensor:
+        buf = self.metric_buffer
+        ab = self.stage2_ab
+        if not seqs:  # every sample failed its target invariants: keep DDP in step with a zero loss
+            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            buf.add_mean("loss/total", 0.0)
+            return zero
+        batch = {k: v.to(self.args.device) for k, v in collate(seqs, self.adapter.pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce = weighted_token_ce(logits, batch["input_ids"], batch["ce_weights"])
+        probs = coord_distribution(logits, batch["geometry_slots"], self._coord_ids.to(logits.device),
+                                   ab.softctx_temperature)
+        sl1, ciou, coord_ce = geometry_losses(probs, batch["geometry_bins"], ab.bbox_smoothl1_beta)
+        total = ce + ab.bbox_smoothl1_weight * sl1 + ab.bbox_ciou_weight * ciou + ab.coord_ce_weight * coord_ce
+        buf.add_mean("loss/ce", ce.item())
+        buf.add_mean("loss/bbox_smoothl1", sl1.item())
+        buf.add_mean("loss/bbox_ciou", ciou.item())
+        buf.add_mean("loss/coord_ce", coord_ce.item())
+        buf.add_mean("loss/total", total.item())
+        kinds = batch["geometry_kinds"]
+        buf.add_sum("stage2/geometry_groups_prefix", int((kinds == PREFIX).sum()))
+        buf.add_sum("stage2/geometry_groups_appended", int((kinds == APPENDED).sum()))
+        buf.add_sum("stage2/supervised_tokens", int((batch["ce_weights"] > 0).sum()))
+        return total
+
+    # ---- logging: every metric is global ---------------------------------------------------------
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        if "loss" in logs and not any(k.startswith("eval") for k in logs):
+            reduced = gather_and_reduce(self.metric_buffer)  # collective: every rank logs at this step
+            self.metric_buffer = MetricBuffer()
+            if reduced.get("time/rollout_generate_s"):
+                reduced["rollout/gen_tokens_per_s"] = (reduced["rollout/gen_new_tokens_total"]
+                                                       / reduced["time/rollout_generate_s"])
+            logs = {**logs, **reduced}
+        super().log(logs, start_time)
+
+    # ---- rollout evaluation ------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
+        if self.evaluator is None:
+            return {}
+        metrics = self.evaluator(self)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
