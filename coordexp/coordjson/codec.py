@@ -7,7 +7,6 @@ and bin 999 the last one: k = x / (size - 1) * 999.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -16,8 +15,8 @@ import numpy as np
 NUM_BINS = 1000
 MAX_BIN = NUM_BINS - 1
 
-# Strict spelling: no sign, no leading zeros, 0..999.
-_COORD_TOKEN_RE = re.compile(r"<\|coord_(0|[1-9][0-9]{0,2})\|>")
+# Exactly these 1000 spellings are coord tokens: no sign, no leading zeros, no spaces.
+_BIN_OF_TOKEN = {f"<|coord_{k}|>": k for k in range(NUM_BINS)}
 
 
 def _check_size(size: int) -> None:
@@ -86,7 +85,12 @@ def bin_to_pixel(k: int, size: int) -> float:
 def bins_to_pixel_box(bins: Sequence[int], width: int, height: int) -> tuple[float, float, float, float]:
     """Bin box [x1, y1, x2, y2] -> pixel box."""
     x1, y1, x2, y2 = bins
-    return (bin_to_pixel(x1, width), bin_to_pixel(y1, height), bin_to_pixel(x2, width), bin_to_pixel(y2, height))
+    return (
+        bin_to_pixel(x1, width),
+        bin_to_pixel(y1, height),
+        bin_to_pixel(x2, width),
+        bin_to_pixel(y2, height),
+    )
 
 
 def bin_to_token(k: int) -> str:
@@ -96,17 +100,16 @@ def bin_to_token(k: int) -> str:
 
 
 def token_to_bin(token: str) -> int:
-    """Token string `<|coord_k|>` -> k; raises ValueError on anything else (leading zeros, k > 999, spaces)."""
-    match = _COORD_TOKEN_RE.fullmatch(token)
-    if match is None:
+    """Token string `<|coord_k|>` -> k; ValueError on anything else (leading zeros, k > 999, spaces)."""
+    k = _BIN_OF_TOKEN.get(token)
+    if k is None:
         raise ValueError(f"not a coord token: {token!r}")
-    return int(match.group(1))
+    return k
 
 
 def try_token_to_bin(token: str) -> int | None:
     """Like token_to_bin, but None instead of raising."""
-    match = _COORD_TOKEN_RE.fullmatch(token)
-    return None if match is None else int(match.group(1))
+    return _BIN_OF_TOKEN.get(token)
 
 
 @dataclass(frozen=True)

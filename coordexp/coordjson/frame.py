@@ -26,9 +26,30 @@ class TokenFrame:
         if len(ids) != len(pieces):
             raise ValueError(f"{len(ids)} token ids but {len(pieces)} decoded pieces")
         pieces = tuple(pieces)
-        ends = np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)))
-        starts = ends - np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
-        return cls(np.asarray(ids, dtype=np.int64), pieces, starts, ends, "".join(pieces))
+        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        return cls._from_lengths(np.asarray(ids, dtype=np.int64), pieces, lengths, "".join(pieces))
+
+    @classmethod
+    def _from_lengths(
+        cls, ids: np.ndarray, pieces: tuple[str, ...], lengths: np.ndarray, text: str
+    ) -> TokenFrame:
+        ends = np.cumsum(lengths)
+        return cls(ids, pieces, ends - lengths, ends, text)
+
+    @classmethod
+    def concat(cls, frames: Sequence[TokenFrame]) -> TokenFrame:
+        return cls._from_lengths(
+            np.concatenate([f.ids for f in frames]),
+            tuple(p for f in frames for p in f.pieces),
+            np.concatenate([f.ends - f.starts for f in frames]),
+            "".join(f.text for f in frames),
+        )
+
+    def slice(self, first: int, stop: int) -> TokenFrame:
+        """Tokens [first, stop) as a frame of their own."""
+        text = self.text[self.starts[first] : self.ends[stop - 1]] if stop > first else ""
+        lengths = (self.ends - self.starts)[first:stop]
+        return TokenFrame._from_lengths(self.ids[first:stop], self.pieces[first:stop], lengths, text)
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -37,10 +58,13 @@ class TokenFrame:
         """Index of the (non-empty) token holding each char position."""
         return np.searchsorted(self.ends, np.asarray(chars, dtype=np.int64), side="right")
 
-    def token_span(self, span: Span) -> tuple[int, int]:
-        """[first, stop) of the tokens overlapping the non-empty char span."""
-        first, last = self.tokens_at([span[0], span[1] - 1])
-        return int(first), int(last) + 1
+    def token_spans(self, spans: Sequence[Span]) -> list[tuple[int, int]]:
+        """[first, stop) of the tokens overlapping each non-empty char span."""
+        if not spans:
+            return []
+        bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2) - [0, 1]
+        tokens = self.tokens_at(bounds.reshape(-1)).reshape(-1, 2) + [0, 1]
+        return [(first, stop) for first, stop in tokens.tolist()]
 
     def exact_tokens(self, spans: np.ndarray) -> np.ndarray:
         """For each (start, end) char span, the index of the one token spanning exactly it, else -1."""
@@ -52,8 +76,13 @@ class TokenFrame:
         return np.where(exact, index, -1)
 
 
-def encode_exactly(text: str, encode: EncodeFn, decode_token: DecodeTokenFn) -> tuple[list[int], list[str]] | None:
-    """Encode `text`; None unless its tokens, decoded one at a time, spell `text` exactly."""
+def encode_frame(text: str, encode: EncodeFn, decode_token: DecodeTokenFn) -> TokenFrame:
+    """Encode `text` and decode each resulting token alone."""
     ids = [int(t) for t in encode(text)]
-    pieces = [decode_token(t) for t in ids]
-    return (ids, pieces) if "".join(pieces) == text else None
+    return TokenFrame.from_pieces(ids, [decode_token(t) for t in ids])
+
+
+def encode_exactly(text: str, encode: EncodeFn, decode_token: DecodeTokenFn) -> TokenFrame | None:
+    """Encode `text`; None unless its tokens, decoded one at a time, spell `text` exactly."""
+    frame = encode_frame(text, encode, decode_token)
+    return frame if frame.text == text else None

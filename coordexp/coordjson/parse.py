@@ -11,15 +11,15 @@ header `{"objects": [` with no predictions.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 
 from coordexp.coordjson.codec import CoordVocab
 from coordexp.coordjson.frame import DecodeTokenFn, EncodeFn, TokenFrame, encode_exactly
-from coordexp.coordjson.scan import CONTAINER_HEADER_RE, DropReason, ScannedElement, scan_array
+from coordexp.coordjson.scan import CONTAINER_HEADER_RE, ContainerScan, DropReason, ScannedElement, scan_array
 from coordexp.coordjson.serialize import CONTAINER_HEADER, FieldOrder, Span
 
 
@@ -64,6 +64,16 @@ class ParsedRollout:
     prefix_pieces: tuple[str, ...]
     prefix_ends_with_record: bool  # prefix ends with a record's `}` (else with `[`)
     header_chars: int  # length of the container header at the start of the prefix text
+    _frame: TokenFrame | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def prefix_frame(self) -> TokenFrame:
+        """The prefix tokens with their char spans."""
+        return (
+            self._frame
+            if self._frame is not None
+            else TokenFrame.from_pieces(self.prefix_ids, self.prefix_pieces)
+        )
 
     @property
     def num_dropped(self) -> int:
@@ -97,13 +107,14 @@ def parse_rollout(
     if len(token_ids) != len(pieces):
         raise ValueError(f"{len(token_ids)} token ids but {len(pieces)} pieces")
     field_order = FieldOrder(field_order)
-    stops = set(int(s) for s in stop_ids)
-    end = next((i for i, t in enumerate(token_ids) if int(t) in stops), len(token_ids))
-    rollout = TokenFrame.from_pieces(token_ids[:end], pieces[:end])
+    ids = np.asarray(token_ids, dtype=np.int64)
+    stop_positions = np.flatnonzero(np.isin(ids, np.asarray(list(stop_ids), dtype=np.int64)))
+    end = int(stop_positions[0]) if len(stop_positions) else len(ids)
+    rollout = TokenFrame.from_pieces(ids[:end], pieces[:end])
 
     header = CONTAINER_HEADER_RE.search(rollout.text)
     if header is None:
-        return _fallback(FallbackReason.NO_CONTAINER, {}, (), False, False, False, encode, decode_token)
+        return _fallback(FallbackReason.NO_CONTAINER, encode, decode_token)
 
     leading_junk = bool(rollout.text[: header.start()].strip())
     scan = scan_array(rollout.text, header.end(), field_order)
@@ -119,17 +130,14 @@ def parse_rollout(
         counts[DropReason.PREFIX_UNUSABLE.value] += sum(e.reason is None for e in scan.elements)
         return _fallback(
             FallbackReason.PREFIX_REENCODE_FAILED,
-            counts,
-            scan.elements,
-            scan.truncated,
-            scan.truncated_tail,
-            leading_junk,
             encode,
             decode_token,
+            counts=counts,
+            scan=scan,
+            leading_junk=leading_junk,
         )
 
-    frame = TokenFrame.from_pieces(*prefix)
-    objects, dropped = _locate_elements(frame, scan.elements, header.start(), cut, coord_vocab, counts)
+    objects, dropped = _locate_elements(prefix, scan.elements, header.start(), cut, coord_vocab, counts)
     return ParsedRollout(
         objects=objects,
         drop_counts=counts,
@@ -140,10 +148,11 @@ def parse_rollout(
         invalid_rollout=False,
         fallback_reason=None,
         leading_junk=leading_junk,
-        prefix_ids=tuple(int(t) for t in frame.ids),
-        prefix_pieces=frame.pieces,
+        prefix_ids=tuple(prefix.ids.tolist()),
+        prefix_pieces=prefix.pieces,
         prefix_ends_with_record=bool(records),
         header_chars=header.end() - header.start(),
+        _frame=prefix,
     )
 
 
@@ -153,31 +162,28 @@ def _zero_counts() -> dict[str, int]:
 
 def _cut_prefix(
     rollout: TokenFrame, head: int, cut: int, encode: EncodeFn, decode_token: DecodeTokenFn
-) -> tuple[list[int], list[str]] | None:
+) -> TokenFrame | None:
     """Tokens spelling rollout.text[head:cut]; only straddling end tokens are re-encoded."""
     first, last = (int(t) for t in rollout.tokens_at([head, cut - 1]))
-    head_inside = rollout.starts[first] < head
-    tail_inside = rollout.ends[last] > cut
+    head_straddles = rollout.starts[first] < head
+    tail_straddles = rollout.ends[last] > cut
     if first == last:
-        if head_inside or tail_inside:
+        if head_straddles or tail_straddles:
             return encode_exactly(rollout.text[head:cut], encode, decode_token)
-        return [int(rollout.ids[first])], [rollout.pieces[first]]
-
-    head_part = _end_token(rollout, first, (head, int(rollout.ends[first])), head_inside, encode, decode_token)
-    tail_part = _end_token(rollout, last, (int(rollout.starts[last]), cut), tail_inside, encode, decode_token)
-    if head_part is None or tail_part is None:
+        return rollout.slice(first, last + 1)
+    head_token = (
+        encode_exactly(rollout.text[head : rollout.ends[first]], encode, decode_token)
+        if head_straddles
+        else rollout.slice(first, first + 1)
+    )
+    tail_token = (
+        encode_exactly(rollout.text[rollout.starts[last] : cut], encode, decode_token)
+        if tail_straddles
+        else rollout.slice(last, last + 1)
+    )
+    if head_token is None or tail_token is None:
         return None
-    middle_ids = [int(t) for t in rollout.ids[first + 1 : last]]
-    middle_pieces = list(rollout.pieces[first + 1 : last])
-    return head_part[0] + middle_ids + tail_part[0], head_part[1] + middle_pieces + tail_part[1]
-
-
-def _end_token(
-    rollout: TokenFrame, index: int, keep: Span, straddles: bool, encode: EncodeFn, decode_token: DecodeTokenFn
-) -> tuple[list[int], list[str]] | None:
-    if not straddles:
-        return [int(rollout.ids[index])], [rollout.pieces[index]]
-    return encode_exactly(rollout.text[keep[0] : keep[1]], encode, decode_token)
+    return TokenFrame.concat([head_token, rollout.slice(first + 1, last), tail_token])
 
 
 def _locate_elements(
@@ -188,7 +194,7 @@ def _locate_elements(
     coord_vocab: CoordVocab,
     counts: dict[str, int],
 ) -> tuple[tuple[ParsedObject, ...], tuple[DroppedRecord, ...]]:
-    """Map text-valid records onto prefix tokens; a coord literal that is not one coord token drops the record."""
+    """Map text-valid records onto prefix tokens; a coord literal that is not one coord token drops it."""
     valid = [e for e in elements if e.reason is None]
     if valid:
         coord_spans = np.array([e.fields.coord_spans for e in valid], dtype=np.int64).reshape(-1, 2) - head
@@ -198,13 +204,12 @@ def _locate_elements(
         aligned = (bins == expected).reshape(-1, 4).all(axis=1)
         positions = positions.reshape(-1, 4)
 
+    in_prefix = [e for e in elements if e.span[1] <= cut]  # only junk lies past the cut
+    spans = [(e.span[0] - head, e.span[1] - head) for e in in_prefix]
     objects: list[ParsedObject] = []
     dropped: list[DroppedRecord] = []
     valid_index = 0
-    for element in elements:
-        if element.span[1] > cut:
-            continue
-        span = (element.span[0] - head, element.span[1] - head)
+    for element, span, token_span in zip(in_prefix, spans, frame.token_spans(spans), strict=True):
         reason = element.reason
         if reason is None:
             fields = element.fields
@@ -215,8 +220,8 @@ def _locate_elements(
                     ParsedObject(
                         desc=fields.desc,
                         bbox=fields.bbox,
-                        coord_positions=tuple(int(p) for p in slots),  # type: ignore[arg-type]
-                        token_span=frame.token_span(span),
+                        coord_positions=tuple(slots.tolist()),
+                        token_span=token_span,
                         char_span=span,
                         desc_char_span=(fields.desc_span[0] - head, fields.desc_span[1] - head),
                     )
@@ -224,35 +229,37 @@ def _locate_elements(
                 continue
             reason = DropReason.AMBIGUOUS_COORD
             counts[reason.value] += 1
-        dropped.append(DroppedRecord(reason, frame.token_span(span), span))
+        dropped.append(DroppedRecord(reason, token_span, span))
     return tuple(objects), tuple(dropped)
 
 
 def _fallback(
     reason: FallbackReason,
-    counts: Mapping[str, int],
-    elements: Sequence[ScannedElement],
-    truncated: bool,
-    truncated_tail: bool,
-    leading_junk: bool,
     encode: EncodeFn,
     decode_token: DecodeTokenFn,
+    *,
+    counts: dict[str, int] | None = None,
+    scan: ContainerScan | None = None,
+    leading_junk: bool = False,
 ) -> ParsedRollout:
     header = encode_exactly(CONTAINER_HEADER, encode, decode_token)
     if header is None:
-        raise ValueError(f"tokenizer cannot encode {CONTAINER_HEADER!r} so that its tokens decode back exactly")
+        raise ValueError(
+            f"tokenizer cannot encode {CONTAINER_HEADER!r} so that its tokens decode back exactly"
+        )
     return ParsedRollout(
         objects=(),
-        drop_counts={**_zero_counts(), **counts},
+        drop_counts=counts if counts is not None else _zero_counts(),
         dropped_in_prefix=(),
-        num_records=len(elements),
-        truncated=truncated,
-        truncated_tail=truncated_tail,
+        num_records=len(scan.elements) if scan else 0,
+        truncated=scan.truncated if scan else False,
+        truncated_tail=scan.truncated_tail if scan else False,
         invalid_rollout=True,
         fallback_reason=reason,
         leading_junk=leading_junk,
-        prefix_ids=tuple(header[0]),
-        prefix_pieces=tuple(header[1]),
+        prefix_ids=tuple(header.ids.tolist()),
+        prefix_pieces=header.pieces,
         prefix_ends_with_record=False,
         header_chars=len(CONTAINER_HEADER),
+        _frame=header,
     )

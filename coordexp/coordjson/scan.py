@@ -7,29 +7,50 @@ the first that applies in the order the enum lists them.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from enum import Enum
+from json.decoder import scanstring
+
+import numpy as np
 
 from coordexp.coordjson.codec import try_token_to_bin
 from coordexp.coordjson.serialize import BBOX_KEY, DESC_KEY, FieldOrder, Span
 
 CONTAINER_HEADER_RE = re.compile(r'\{\s*"objects"\s*:\s*\[')
 
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_OPEN_STRING = r'".*'  # no closing quote anywhere after: the string runs to the end of the text
+_COORD_LITERAL = r"<\|coord_[0-9]+\|>"  # value checked strictly afterwards (no leading zeros, <= 999)
+
 _LEXEME_RE = re.compile(
-    r"(?P<ws>\s+)"
-    r'|(?P<string>"(?:[^"\\]|\\.)*")'
-    r'|(?P<open_string>".*)'  # no closing quote anywhere after: the string runs to the end of the text
-    r"|(?P<coord><\|coord_[0-9]+\|>)"
-    r"|(?P<punct>[{}\[\],:])"
-    r'|(?P<other>[^\s{}\[\],:"<]+|<)',
+    rf"(?P<ws>\s+)|(?P<string>{_STRING})|(?P<open_string>{_OPEN_STRING})|(?P<coord>{_COORD_LITERAL})"
+    r'|(?P<punct>[{}\[\],:])|(?P<other>[^\s{}\[\],:"<]+|<)',
     re.DOTALL,
 )
+_COORD_SLOTS = r"\s*,\s*".join(rf"(?P<{name}>{_COORD_LITERAL})" for name in ("x1", "y1", "x2", "y2"))
+_RECORD_PARTS = {
+    "desc": rf'"{DESC_KEY}"\s*:\s*(?P<desc>{_STRING})',
+    "bbox": rf'"{BBOX_KEY}"\s*:\s*\[\s*{_COORD_SLOTS}\s*\]',
+}
+# The shape almost every record has; anything else goes through the general parser, which agrees with this
+# pattern wherever it matches.
+_CANONICAL_RECORD_RE = {
+    FieldOrder.DESC_FIRST: re.compile(
+        rf"\{{\s*{_RECORD_PARTS['desc']}\s*,\s*{_RECORD_PARTS['bbox']}\s*\}}", re.DOTALL
+    ),
+    FieldOrder.GEOMETRY_FIRST: re.compile(
+        rf"\{{\s*{_RECORD_PARTS['bbox']}\s*,\s*{_RECORD_PARTS['desc']}\s*\}}", re.DOTALL
+    ),
+}
+_STRING_TO_END_RE = re.compile(f"{_STRING}|{_OPEN_STRING}", re.DOTALL)
 
 _OPENERS = frozenset("{[")
 _CLOSERS = frozenset("}]")
 _JUNK_TERMINATORS = frozenset(",]")
+_DEPTH_STEP = np.zeros(256, dtype=np.int64)  # per UTF-8 byte; multi-byte chars never contain ASCII bytes
+_DEPTH_STEP[[ord("{"), ord("[")]] = 1
+_DEPTH_STEP[[ord("}"), ord("]")]] = -1
 
 # Nesting deeper than this inside one record is malformed (and keeps the recursive parser bounded).
 _MAX_VALUE_DEPTH = 16
@@ -90,9 +111,12 @@ class _Malformed(Exception):
 _Lexeme = tuple[str, int, int]
 
 
-def scan_array(text: str, start: int, field_order: FieldOrder, *, after_element: bool = False) -> ContainerScan:
+def scan_array(
+    text: str, start: int, field_order: FieldOrder, *, after_element: bool = False
+) -> ContainerScan:
     """Scan the objects array from `start` (just after its `[`, or after an element when `after_element`)."""
     field_order = FieldOrder(field_order)
+    canonical_record = _CANONICAL_RECORD_RE[field_order]
     elements: list[ScannedElement] = []
     expecting_element = not after_element
     bad_separator = False
@@ -100,8 +124,10 @@ def scan_array(text: str, start: int, field_order: FieldOrder, *, after_element:
     current_is_object = False
     current_bad = False
     depth = 0
+    pos = start
 
-    for match in _LEXEME_RE.finditer(text, start):
+    while (match := _LEXEME_RE.match(text, pos)) is not None:
+        pos = match.end()
         kind = match.lastgroup
         if kind == "ws":
             continue
@@ -129,20 +155,35 @@ def scan_array(text: str, start: int, field_order: FieldOrder, *, after_element:
             bad_separator = bad_separator or expecting_element  # `[,` or `,,`: an empty element
             expecting_element = True
             continue
+        bad = bad_separator or not expecting_element
+        bad_separator = False
+        if ch == "{" and (record := canonical_record.match(text, s)) is not None:
+            elements.append(_canonical_element(text, record, bad))
+            pos, expecting_element = record.end(), False
+            continue
         current = [(kind, s, e)]
         current_is_object = ch == "{"
-        current_bad = bad_separator or not expecting_element
-        bad_separator = False
+        current_bad = bad
         depth = 1 if ch in _OPENERS else 0
 
     return ContainerScan(tuple(elements), None, truncated_tail=current is not None)
+
+
+def _canonical_element(text: str, record: re.Match, bad_separator: bool) -> ScannedElement:
+    if bad_separator:
+        return ScannedElement(record.span(), True, DropReason.MALFORMED, None)
+    coord_spans = tuple(record.span(name) for name in ("x1", "y1", "x2", "y2"))
+    reason, fields = _check_desc_and_box(text, record.span("desc"), coord_spans)
+    return ScannedElement(record.span(), True, reason, fields)
 
 
 def _junk(lexemes: list[_Lexeme]) -> ScannedElement:
     return ScannedElement((lexemes[0][1], lexemes[-1][2]), False, DropReason.MALFORMED, None)
 
 
-def _finish_object(text: str, lexemes: list[_Lexeme], bad_separator: bool, field_order: FieldOrder) -> ScannedElement:
+def _finish_object(
+    text: str, lexemes: list[_Lexeme], bad_separator: bool, field_order: FieldOrder
+) -> ScannedElement:
     span = (lexemes[0][1], lexemes[-1][2])
     is_record = text[span[1] - 1] == "}"
     if bad_separator:
@@ -243,48 +284,45 @@ def _validate_pairs(
     desc_value = values[_DESC_KEY_LITERAL]
     if desc_value[0] != "string":
         return DropReason.INVALID_DESC, None
+    geometry = values[_BBOX_KEY_LITERAL]
+    if geometry[0] != "array":
+        return _check_desc_and_box(text, desc_value[1:], DropReason.NON_COORD_GEOMETRY)
+    items = geometry[1]
+    if len(items) != 4:
+        return _check_desc_and_box(text, desc_value[1:], DropReason.WRONG_ARITY)
+    if any(item[0] != "coord" for item in items):
+        return _check_desc_and_box(text, desc_value[1:], DropReason.NON_COORD_GEOMETRY)
+    return _check_desc_and_box(text, desc_value[1:], tuple(item[1:] for item in items))
+
+
+def _check_desc_and_box(
+    text: str, desc_literal: Span, geometry: tuple[Span, ...] | DropReason
+) -> tuple[DropReason | None, RecordFields | None]:
+    """Desc checks first; then the geometry's own failure, or else the values of its 4 coord literals."""
     try:
-        desc = json.loads(text[desc_value[1] : desc_value[2]])
+        desc, _ = scanstring(text, desc_literal[0] + 1, True)  # json.loads' own strict string decoder
     except ValueError:
         return DropReason.INVALID_DESC, None
     if not desc.strip():
         return DropReason.EMPTY_DESC, None
-
-    geometry = values[_BBOX_KEY_LITERAL]
-    if geometry[0] != "array":
+    if isinstance(geometry, DropReason):
+        return geometry, None
+    coord_spans = geometry
+    bins = [try_token_to_bin(text[s:e]) for s, e in coord_spans]
+    if None in bins:
         return DropReason.NON_COORD_GEOMETRY, None
-    items = geometry[1]
-    if len(items) != 4:
-        return DropReason.WRONG_ARITY, None
-    bins = []
-    for item in items:
-        k = try_token_to_bin(text[item[1] : item[2]]) if item[0] == "coord" else None
-        if k is None:
-            return DropReason.NON_COORD_GEOMETRY, None
-        bins.append(k)
     x1, y1, x2, y2 = bins
     if x2 < x1 or y2 < y1:
         return DropReason.BBOX_INVALID, None
-    fields = RecordFields(
-        desc=desc,
-        bbox=(x1, y1, x2, y2),
-        desc_span=(desc_value[1] + 1, desc_value[2] - 1),
-        coord_spans=tuple((item[1], item[2]) for item in items),  # type: ignore[arg-type]
-    )
-    return None, fields
+    desc_span = (desc_literal[0] + 1, desc_literal[1] - 1)
+    return None, RecordFields(desc, (x1, y1, x2, y2), desc_span, coord_spans)  # type: ignore[arg-type]
 
 
-def find_container_close(text: str, start: int) -> int | None:
-    """Index of the closer that brings the nesting opened by `{` at `start` back to depth 0 (strings skipped)."""
-    depth = 0
-    for match in _LEXEME_RE.finditer(text, start):
-        if match.lastgroup != "punct":
-            continue
-        ch = text[match.start()]
-        if ch in _OPENERS:
-            depth += 1
-        elif ch in _CLOSERS:
-            depth -= 1
-            if depth <= 0:
-                return match.start()
-    return None
+def container_closes_at_end(text: str) -> bool:
+    """True iff the `{` at index 0 is closed (depth back to 0, strings skipped) by the last char, a `}`."""
+    if not text.startswith("{") or not text.endswith("}"):
+        return False
+    # Emptying strings shifts positions, but not which bracket comes first or last.
+    brackets_only = _STRING_TO_END_RE.sub('""', text).encode()
+    depth = np.cumsum(_DEPTH_STEP[np.frombuffer(brackets_only, dtype=np.uint8)])
+    return bool(depth[-1] == 0 and (depth[:-1] > 0).all())

@@ -154,12 +154,16 @@ def serialize_objects(objects: Sequence[CoordObject], field_order: FieldOrder, *
 
 
 def append_fragment_lead(prefix_ends_with_record: bool, num_objects: int) -> str:
-    """", " when records are appended after a prefix that already ends with a record's `}`, else ""."""
+    """ ", " when records are appended after a prefix that already ends with a record's `}`, else ""."""
     return RECORD_SEPARATOR if prefix_ends_with_record and num_objects else ""
 
 
 def serialize_append_fragment(
-    objects: Sequence[CoordObject], field_order: FieldOrder, *, prefix_ends_with_record: bool, sort: bool = True
+    objects: Sequence[CoordObject],
+    field_order: FieldOrder,
+    *,
+    prefix_ends_with_record: bool,
+    sort: bool = True,
 ) -> str:
     """Continuation of a cut rollout prefix: optional ", ", the given records, then the closure `]}`."""
     ordered = sort_objects(objects) if sort else list(objects)

@@ -16,12 +16,13 @@ from enum import IntEnum
 import numpy as np
 
 from coordexp.coordjson.codec import CoordVocab
-from coordexp.coordjson.frame import DecodeTokenFn, EncodeFn, TokenFrame
+from coordexp.coordjson.frame import DecodeTokenFn, EncodeFn, TokenFrame, encode_frame
 from coordexp.coordjson.parse import ParsedRollout
-from coordexp.coordjson.scan import CONTAINER_HEADER_RE, find_container_close, scan_array
+from coordexp.coordjson.scan import CONTAINER_HEADER_RE, container_closes_at_end, scan_array
 from coordexp.coordjson.serialize import (
     CONTAINER_CLOSURE,
     CONTAINER_HEADER,
+    RECORD_SEPARATOR,
     CoordObject,
     FieldOrder,
     Span,
@@ -109,23 +110,27 @@ def build_channel_b_target(
     """
     _check_weight(desc_ce_weight)
     if not 1.0 <= drop_invalid_struct_ce_multiplier <= 4.0:
-        raise ValueError(f"drop_invalid_struct_ce_multiplier must be in [1, 4], got {drop_invalid_struct_ce_multiplier}")
+        raise ValueError(
+            f"drop_invalid_struct_ce_multiplier must be in [1, 4], got {drop_invalid_struct_ce_multiplier}"
+        )
     pairs = _checked_pairs(matches, len(parsed.objects), len(gt_objects))
     matched_gt = {gt for _, gt in pairs}
     unmatched = [g for g in range(len(gt_objects)) if g not in matched_gt]
     appended = [unmatched[i] for i in canonical_order([gt_objects[g] for g in unmatched])]
 
-    prefix = TokenFrame.from_pieces(parsed.prefix_ids, parsed.prefix_pieces)
+    prefix = parsed.prefix_frame
     prefix_roles = _prefix_roles(prefix, parsed, {pred for pred, _ in pairs})
     lead = append_fragment_lead(parsed.prefix_ends_with_record, len(appended))
     multiplier = drop_invalid_struct_ce_multiplier if parsed.num_dropped_invalid > 0 else 1.0
     matched_groups = [
-        GeometryGroup(parsed.objects[pred].coord_positions, gt_objects[gt].bbox, gt, pred) for pred, gt in pairs
+        GeometryGroup(parsed.objects[pred].coord_positions, gt_objects[gt].bbox, gt, pred)
+        for pred, gt in pairs
     ]
-    _check_slots(prefix.ids, [g.positions for g in matched_groups], [parsed.objects[p].bbox for p, _ in pairs], coord_vocab)
+    predicted_bins = [parsed.objects[pred].bbox for pred, _ in pairs]
+    _check_slots(prefix.ids, [g.positions for g in matched_groups], predicted_bins, coord_vocab)
     written = _WrittenGT([gt_objects[g] for g in appended], appended, lead)
     fragment, fragment_roles, appended_groups = _encode_written(
-        written, FieldOrder(field_order), parsed.prefix_ends_with_record, len(prefix), coord_vocab, encode, decode_token
+        written, FieldOrder(field_order), len(prefix), coord_vocab, encode, decode_token
     )
     return _assemble(
         prefix,
@@ -156,7 +161,7 @@ def build_channel_a_target(
     order = canonical_order(gt_objects)
     written = _WrittenGT([gt_objects[g] for g in order], order, CONTAINER_HEADER)
     fragment, fragment_roles, groups = _encode_written(
-        written, FieldOrder(field_order), False, 0, coord_vocab, encode, decode_token
+        written, FieldOrder(field_order), 0, coord_vocab, encode, decode_token
     )
     return _assemble(
         TokenFrame.from_pieces([], []),
@@ -189,24 +194,26 @@ def _checked_pairs(matches: Iterable[tuple[int, int]], num_pred: int, num_gt: in
 
 
 def _prefix_roles(prefix: TokenFrame, parsed: ParsedRollout, matched_preds: set[int]) -> np.ndarray:
-    # Later writes win where a token straddles two regions.
+    # Later layers win where a token straddles two regions.
+    objects = parsed.objects
+    layers = [
+        (TokenRole.PREFIX_HEADER, [(0, parsed.header_chars)]),
+        (TokenRole.INVALID_RECORD, [r.char_span for r in parsed.dropped_in_prefix]),
+        (
+            TokenRole.UNMATCHED_PREDICTION,
+            [o.char_span for i, o in enumerate(objects) if i not in matched_preds],
+        ),
+        (TokenRole.MATCHED_STRUCTURE, [objects[i].char_span for i in sorted(matched_preds)]),
+        (TokenRole.MATCHED_DESC, [objects[i].desc_char_span for i in sorted(matched_preds)]),
+    ]
     roles = np.full(len(prefix), TokenRole.PREFIX_SEPARATOR, dtype=np.int8)
-    _paint(roles, prefix, (0, parsed.header_chars), TokenRole.PREFIX_HEADER)
-    for record in parsed.dropped_in_prefix:
-        _paint(roles, prefix, record.char_span, TokenRole.INVALID_RECORD)
-    for index, obj in enumerate(parsed.objects):
-        if index not in matched_preds:
-            _paint(roles, prefix, obj.char_span, TokenRole.UNMATCHED_PREDICTION)
-    for index in sorted(matched_preds):
-        _paint(roles, prefix, parsed.objects[index].char_span, TokenRole.MATCHED_STRUCTURE)
-    for index in sorted(matched_preds):
-        _paint(roles, prefix, parsed.objects[index].desc_char_span, TokenRole.MATCHED_DESC)
+    for role, spans in layers:
+        _paint(roles, prefix, spans, role)
     return roles
 
 
-def _paint(roles: np.ndarray, frame: TokenFrame, span: Span, role: TokenRole) -> None:
-    if span[1] > span[0]:
-        first, stop = frame.token_span(span)
+def _paint(roles: np.ndarray, frame: TokenFrame, spans: Sequence[Span], role: TokenRole) -> None:
+    for first, stop in frame.token_spans([s for s in spans if s[1] > s[0]]):
         roles[first:stop] = role
 
 
@@ -227,7 +234,6 @@ class _FragmentLayout:
 def _encode_written(
     written: _WrittenGT,
     field_order: FieldOrder,
-    after_record: bool,
     offset: int,
     coord_vocab: CoordVocab,
     encode: EncodeFn,
@@ -235,21 +241,18 @@ def _encode_written(
 ) -> tuple[TokenFrame, np.ndarray, list[GeometryGroup]]:
     """Encode the written GT text; its roles and geometry groups (positions shifted by `offset`)."""
     text = render_records(written.objects, field_order, lead=written.lead, tail=CONTAINER_CLOSURE).text
-    ids = [int(t) for t in encode(text)]
-    fragment = TokenFrame.from_pieces(ids, [decode_token(t) for t in ids])
-    is_document = written.lead == CONTAINER_HEADER
-    layout = _locate_fragment(fragment.text, written.objects, field_order, after_record, is_document)
+    fragment = encode_frame(text, encode, decode_token)
+    layout = _locate_fragment(fragment.text, written, field_order)
 
     roles = np.full(len(fragment), TokenRole.APPENDED_STRUCTURE, dtype=np.int8)
-    _paint(roles, fragment, layout.closure_span, TokenRole.CLOSURE)
-    for span in layout.desc_spans:
-        _paint(roles, fragment, span, TokenRole.APPENDED_DESC)
+    _paint(roles, fragment, [layout.closure_span], TokenRole.CLOSURE)
+    _paint(roles, fragment, layout.desc_spans, TokenRole.APPENDED_DESC)
     slots = fragment.exact_tokens(layout.coord_spans).reshape(-1, 4)
     positions = [tuple(int(p) for p in row) for row in slots]
     _check_slots(fragment.ids, positions, [obj.bbox for obj in written.objects], coord_vocab)
     groups = [
         GeometryGroup(tuple(p + offset for p in pos), obj.bbox, gt, None)  # type: ignore[arg-type]
-        for pos, obj, gt in zip(positions, written.objects, written.gt_indices)
+        for pos, obj, gt in zip(positions, written.objects, written.gt_indices, strict=True)
     ]
     return fragment, roles, groups
 
@@ -264,9 +267,8 @@ def _check_slots(
     if not positions:
         return
     flat = np.array(positions, dtype=np.int64).reshape(-1)
-    inside = (flat >= 0) & (flat < len(ids))
-    got = np.where(inside, coord_vocab.bins_of(ids[np.clip(flat, 0, max(len(ids) - 1, 0))]), -1)
-    if not (got == np.array(bins, dtype=np.int64).reshape(-1)).all():
+    expected = np.array(bins, dtype=np.int64).reshape(-1)
+    if flat.min() < 0 or flat.max() >= len(ids) or (coord_vocab.bins_of(ids[flat]) != expected).any():
         raise TargetInvariantError("geometry_slot_not_coord", f"slots {positions} do not hold bins {bins}")
 
 
@@ -302,27 +304,33 @@ def _assemble(
     )
 
 
-def _locate_fragment(
-    text: str, written: Sequence[CoordObject], field_order: FieldOrder, after_element: bool, is_document: bool
-) -> _FragmentLayout:
+def _locate_fragment(text: str, written: _WrittenGT, field_order: FieldOrder) -> _FragmentLayout:
     """Re-scan the encoded fragment as its tokens decode, and check it says what was serialized."""
     start = 0
-    if is_document:
+    if written.lead == CONTAINER_HEADER:
         header = CONTAINER_HEADER_RE.match(text)
         if header is None:
-            raise TargetInvariantError("fragment_mismatch", f"document does not start with a header: {text!r}")
+            raise TargetInvariantError(
+                "fragment_mismatch", f"document does not start with a header: {_excerpt(text)}"
+            )
         start = header.end()
-    scan = scan_array(text, start, field_order, after_element=after_element)
+    scan = scan_array(text, start, field_order, after_element=written.lead == RECORD_SEPARATOR)
     fields = [e.fields for e in scan.elements]
-    if scan.close_span is None or any(f is None for f in fields) or len(fields) != len(written):
-        raise TargetInvariantError("fragment_mismatch", f"encoded fragment does not re-parse: {text!r}")
-    for got, want in zip(fields, written):
+    if scan.close_span is None or any(f is None for f in fields) or len(fields) != len(written.objects):
+        raise TargetInvariantError(
+            "fragment_mismatch", f"encoded fragment does not re-parse: {_excerpt(text)}"
+        )
+    for got, want in zip(fields, written.objects, strict=True):
         same_desc = got.desc == want.desc or _REPLACEMENT_CHAR in got.desc  # bytes split across tokens
         if got.bbox != want.bbox or not same_desc:
-            raise TargetInvariantError("fragment_mismatch", f"{got.desc!r} {got.bbox} != {want.desc!r} {want.bbox}")
+            raise TargetInvariantError(
+                "fragment_mismatch", f"{got.desc!r} {got.bbox} != {want.desc!r} {want.bbox}"
+            )
     closure = (scan.close_span[0], len(text))
     if text[closure[0] :] != CONTAINER_CLOSURE:
-        raise TargetInvariantError("fragment_mismatch", f"fragment does not end with the closure: {text!r}")
+        raise TargetInvariantError(
+            "fragment_mismatch", f"fragment does not end with the closure: {_excerpt(text)}"
+        )
     return _FragmentLayout(
         desc_spans=tuple(f.desc_span for f in fields),
         coord_spans=np.array([f.coord_spans for f in fields], dtype=np.int64).reshape(-1, 2),
@@ -333,10 +341,14 @@ def _locate_fragment(
 def _check_closure(prefix: TokenFrame, fragment: TokenFrame) -> int:
     """The container opened at char 0 must close at the very last char, in the token right before EOS."""
     text = prefix.text + fragment.text
-    close = find_container_close(text, 0) if text.startswith("{") else None
-    if close is None or close != len(text) - 1 or text[close] != "}":
-        raise TargetInvariantError("closure_not_found", f"outermost '}}' is not the last char before EOS: {text!r}")
-    position = len(prefix) + int(fragment.tokens_at([close - len(prefix.text)])[0])
-    if position != len(prefix) + len(fragment) - 1:
-        raise TargetInvariantError("closure_not_found", f"closing brace in token {position}, not right before EOS")
-    return position
+    if not container_closes_at_end(text):
+        raise TargetInvariantError(
+            "closure_not_found", f"outermost '}}' is not the last char before EOS: {_excerpt(text)}"
+        )
+    if fragment.pieces[-1] == "":
+        raise TargetInvariantError("closure_not_found", "the token before EOS decodes to nothing")
+    return len(prefix) + len(fragment) - 1
+
+
+def _excerpt(text: str, limit: int = 160) -> str:
+    return repr(text) if len(text) <= limit else repr("..." + text[-limit:])

@@ -18,10 +18,14 @@ def as_boxes(boxes: object) -> np.ndarray:
 
 
 def box_iou(boxes_a: object, boxes_b: object) -> np.ndarray:
-    """(N, M) IoU between [x1, y1, x2, y2] boxes (continuous areas; a zero-area box has IoU 0 with anything)."""
+    """(N, M) IoU of [x1, y1, x2, y2] boxes (continuous areas; a zero-area box has IoU 0 with anything)."""
     a, b = as_boxes(boxes_a), as_boxes(boxes_b)
-    width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    width = np.clip(
+        np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None
+    )
+    height = np.clip(
+        np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None
+    )
     intersection = width * height
     area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
     area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)

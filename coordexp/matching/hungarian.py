@@ -92,12 +92,12 @@ def match_boxes(
     cost[:num_pred, num_gt:] = fp_cost
     cost[num_pred:, :num_gt] = fn_cost
     rows, cols = linear_sum_assignment(cost)
-
-    pairs = [
-        MatchedPair(int(r), int(c), float(iou[r, c]))
-        for r, c in zip(rows, cols)
-        if r < num_pred and c < num_gt and feasible[r, c]
-    ]
+    real = (rows < num_pred) & (cols < num_gt)
+    rows, cols = rows[real], cols[real]
+    kept = feasible[rows, cols]
+    rows, cols = rows[kept], cols[kept]
+    ious = iou[rows, cols].tolist()
+    pairs = [MatchedPair(r, c, v) for r, c, v in zip(rows.tolist(), cols.tolist(), ious, strict=True)]
     matched_preds = {p.pred_index for p in pairs}
     matched_gts = {p.gt_index for p in pairs}
     false_positives = tuple(i for i in range(num_pred) if i not in matched_preds)

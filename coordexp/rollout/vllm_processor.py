@@ -80,6 +80,17 @@ PROCESSOR_FQCN = "coordexp.rollout.vllm_processor:RepeatTerminateLogitsProcessor
 logger = logging.getLogger("vllm.coordexp.repeat_terminate")
 
 
+def _announce(msg: str) -> None:
+    """Log through vLLM's logger when vLLM configured it, else print to stderr (ms-swift turns vLLM's
+    logging configuration off), so the attach line always reaches the server log."""
+    if logger.isEnabledFor(logging.INFO) and logging.getLogger("vllm").handlers:
+        logger.info(msg)
+    else:
+        import sys
+
+        print(f"[coordexp pid={os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
 def server_default_config(environ: Optional[dict] = None) -> RepeatTerminateConfig:
     """Server-wide defaults: the JSON in ``COORDEXP_VLLM_REPEAT_TERMINATE_CONFIG_JSON``; disabled if unset."""
     env = os.environ if environ is None else environ
@@ -207,7 +218,7 @@ if _V1Base is not None:
             self.core = core or ProcessorCore(vllm_config)
             self.rows: dict[int, _V1Row] = {}
             self.forced_requests = 0
-            logger.info(self.core.describe(self.runner))
+            _announce(self.core.describe(self.runner))
 
         @classmethod
         def validate_params(cls, sampling_params: Any) -> None:
@@ -290,7 +301,7 @@ class RepeatTerminateMRV2LogitsProcessor(_mrv2_impl_base()):  # type: ignore[mis
         self.req_states = req_states
         self.slots: dict[int, _SlotRow] = {}
         self.forced_requests = 0
-        logger.info(self.core.describe(self.runner))
+        _announce(self.core.describe(self.runner))
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:

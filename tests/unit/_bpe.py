@@ -27,10 +27,29 @@ from coordexp.coordjson import (
 )
 
 QWEN2_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 EOS_TOKEN = "<|im_end|>"
-WORDS = "red blue green yellow square circle triangle cat dog person car tree small large the of a".split()
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "square",
+    "circle",
+    "triangle",
+    "cat",
+    "dog",
+    "person",
+    "car",
+    "tree",
+    "small",
+    "large",
+    "the",
+    "of",
+    "a",
+]
 _COORD_LITERAL_RE = re.compile(r"<\|coord_\d+\|>")
 
 
@@ -39,10 +58,8 @@ def _corpus_document(rng: random.Random) -> str:
     for _ in range(rng.randint(0, 4)):
         desc = json.dumps(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))))
         bbox = "[" + ", ".join(f"<|coord_{rng.randint(0, 999)}|>" for _ in range(4)) + "]"
-        if rng.random() < 0.5:
-            records.append('{"desc": %s, "bbox_2d": %s}' % (desc, bbox))
-        else:
-            records.append('{"bbox_2d": %s, "desc": %s}' % (bbox, desc))
+        pairs = [f'"desc": {desc}', f'"bbox_2d": {bbox}']
+        records.append("{" + ", ".join(pairs if rng.random() < 0.5 else pairs[::-1]) + "}")
     return '{"objects": [' + ", ".join(records) + "]}"
 
 
@@ -64,7 +81,7 @@ class BpeTestTokenizer:
 
 
 @functools.lru_cache(maxsize=1)
-def build_test_tokenizer() -> TestTokenizer:
+def build_test_tokenizer() -> BpeTestTokenizer:
     rng = random.Random(1234)
     corpus = [_corpus_document(rng) for _ in range(3000)]
     # Coord literals become added tokens, so BPE only ever sees the text between them.
@@ -110,18 +127,42 @@ def parse_ids(tok: BpeTestTokenizer, ids: list[int], field_order: FieldOrder | s
     )
 
 
-def parse_text(tok: BpeTestTokenizer, text: str, field_order: FieldOrder | str, *, eos: bool = True) -> ParsedRollout:
+def parse_text(
+    tok: BpeTestTokenizer, text: str, field_order: FieldOrder | str, *, eos: bool = True
+) -> ParsedRollout:
     return parse_ids(tok, rollout_tokens(tok, text, eos=eos)[0], field_order)
 
 
 def tokenizer_fns(tok: BpeTestTokenizer) -> dict:
     """Keyword arguments the target builders take from the tokenizer."""
-    return {"coord_vocab": tok.coord_vocab, "encode": tok.encode, "decode_token": tok.decode_token, "eos_id": tok.eos_id}
+    return {
+        "coord_vocab": tok.coord_vocab,
+        "encode": tok.encode,
+        "decode_token": tok.decode_token,
+        "eos_id": tok.eos_id,
+    }
 
 
 # ---------------------------------------------------------------- rollout builders for property tests
 
-DESC_PARTS = ["red", " ", "square", "cat", '"', "\\", "{", "}", "[", "]", ",", ":", "<|coord_5|>", "\n", "é", "x y"]
+DESC_PARTS = [
+    "red",
+    " ",
+    "square",
+    "cat",
+    '"',
+    "\\",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    ":",
+    "<|coord_5|>",
+    "\n",
+    "é",
+    "x y",
+]
 descs = st.lists(st.sampled_from(DESC_PARTS), min_size=1, max_size=5).map("".join).filter(lambda d: d.strip())
 
 
@@ -138,7 +179,7 @@ orders = st.sampled_from(list(FieldOrder))
 
 def corrupted_record(kind, obj, order):
     desc = json.dumps(obj.desc, ensure_ascii=False)
-    x1, y1, x2, y2 = obj.bbox
+    x1, y1, _, y2 = obj.bbox
     coords = "[" + ", ".join(bin_to_token(k) for k in obj.bbox) + "]"
 
     def record(desc_value, geometry, *extra):
@@ -161,5 +202,16 @@ def corrupted_record(kind, obj, order):
     }[kind]
 
 
-KINDS = ["valid", "malformed", "unexpected_keys", "missing_desc", "missing_geometry", "order_violation",
-         "invalid_desc", "empty_desc", "wrong_arity", "non_coord_geometry", "bbox_invalid"]
+KINDS = [
+    "valid",
+    "malformed",
+    "unexpected_keys",
+    "missing_desc",
+    "missing_geometry",
+    "order_violation",
+    "invalid_desc",
+    "empty_desc",
+    "wrong_arity",
+    "non_coord_geometry",
+    "bbox_invalid",
+]

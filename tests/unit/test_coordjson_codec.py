@@ -69,7 +69,16 @@ def test_token_strings_round_trip_for_every_bin():
 
 
 @pytest.mark.parametrize(
-    "text", ["<|coord_1000|>", "<|coord_01|>", "<|coord_-1|>", " <|coord_1|>", "<|coord_1|> ", "<|coord_|>", "coord_1"]
+    "text",
+    [
+        "<|coord_1000|>",
+        "<|coord_01|>",
+        "<|coord_-1|>",
+        " <|coord_1|>",
+        "<|coord_1|> ",
+        "<|coord_|>",
+        "coord_1",
+    ],
 )
 def test_token_to_bin_is_strict(text):
     with pytest.raises(ValueError):

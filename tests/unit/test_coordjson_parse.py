@@ -1,4 +1,6 @@
+import re
 from collections import Counter
+from unittest import mock
 
 import pytest
 from _bpe import (
@@ -27,7 +29,8 @@ from coordexp.coordjson import (
     serialize_record,
     sort_objects,
 )
-from coordexp.coordjson.scan import CONTAINER_HEADER_RE
+from coordexp.coordjson import scan as scan_module
+from coordexp.coordjson.scan import CONTAINER_HEADER_RE, scan_array
 from coordexp.coordjson.serialize import render_records
 
 TOK = build_test_tokenizer()
@@ -62,7 +65,9 @@ def test_the_tokenizer_fuses_closing_runs():
     assert any("}]}" in p for p in pieces)
 
 
-@pytest.mark.parametrize("order, fused, kept", [("desc_first", "]}]}", "]}"), ("geometry_first", '"}]}', '"}')])
+@pytest.mark.parametrize(
+    "order, fused, kept", [("desc_first", "]}]}", "]}"), ("geometry_first", '"}]}', '"}')]
+)
 def test_cut_inside_a_fused_closing_token_re_encodes_only_that_token(order, fused, kept):
     text = serialize_objects([CoordObject("cat", (1, 2, 3, 4)), CoordObject("dog", (5, 6, 7, 8))], order)
     ids, pieces = rollout_tokens(TOK, text)
@@ -114,8 +119,13 @@ def test_parsing_stops_at_the_first_stop_token():
     other_stop = TOK.tokenizer.token_to_id("<|endoftext|>")
     ids = TOK.encode('{"objects": [' + VALID) + [other_stop] + TOK.encode("]}")
     parsed = parse_rollout(
-        ids, TOK.pieces(ids), coord_vocab=TOK.coord_vocab, stop_ids=[TOK.eos_id, other_stop],
-        field_order="desc_first", encode=TOK.encode, decode_token=TOK.decode_token,
+        ids,
+        TOK.pieces(ids),
+        coord_vocab=TOK.coord_vocab,
+        stop_ids=[TOK.eos_id, other_stop],
+        field_order="desc_first",
+        encode=TOK.encode,
+        decode_token=TOK.decode_token,
     )
     assert parsed.truncated and not parsed.truncated_tail and len(parsed.objects) == 1
 
@@ -155,8 +165,13 @@ RECORD_CASES = [
     ('"just a string"', DropReason.MALFORMED),
     ("[<|coord_1|>]", DropReason.MALFORMED),
     ('{"desc": "cat", "bbox_2d": ' + COORDS + ', "score": 1}', DropReason.UNEXPECTED_KEYS),
-    ('{"desc": "cat", "poly": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>, <|coord_5|>, <|coord_6|>]}',
-     DropReason.UNEXPECTED_KEYS),
+    (
+        (
+            '{"desc": "cat", "poly": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>, <|coord_5|>, '
+            "<|coord_6|>]}"
+        ),
+        DropReason.UNEXPECTED_KEYS,
+    ),
     ('{"desc": "cat", "desc": "dog", "bbox_2d": ' + COORDS + "}", DropReason.UNEXPECTED_KEYS),
     ('{"\\u0064esc": "cat", "bbox_2d": ' + COORDS + "}", DropReason.UNEXPECTED_KEYS),
     ('{"bbox_2d": ' + COORDS + "}", DropReason.MISSING_DESC),
@@ -172,12 +187,22 @@ RECORD_CASES = [
     ('{"desc": "cat", "bbox_2d": [1, 2, 3]}', DropReason.WRONG_ARITY),
     ('{"desc": "cat", "bbox_2d": [1, 2, 3, 4]}', DropReason.NON_COORD_GEOMETRY),
     ('{"desc": "cat", "bbox_2d": "box"}', DropReason.NON_COORD_GEOMETRY),
-    ('{"desc": "cat", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_1000|>, <|coord_4|>]}',
-     DropReason.NON_COORD_GEOMETRY),
-    ('{"desc": "cat", "bbox_2d": [<|coord_01|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}',
-     DropReason.NON_COORD_GEOMETRY),
-    ('{"desc": "cat", "bbox_2d": [<|coord_5|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}', DropReason.BBOX_INVALID),
-    ('{"desc": "cat", "bbox_2d": [<|coord_1|>, <|coord_9|>, <|coord_3|>, <|coord_4|>]}', DropReason.BBOX_INVALID),
+    (
+        '{"desc": "cat", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_1000|>, <|coord_4|>]}',
+        DropReason.NON_COORD_GEOMETRY,
+    ),
+    (
+        '{"desc": "cat", "bbox_2d": [<|coord_01|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}',
+        DropReason.NON_COORD_GEOMETRY,
+    ),
+    (
+        '{"desc": "cat", "bbox_2d": [<|coord_5|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}',
+        DropReason.BBOX_INVALID,
+    ),
+    (
+        '{"desc": "cat", "bbox_2d": [<|coord_1|>, <|coord_9|>, <|coord_3|>, <|coord_4|>]}',
+        DropReason.BBOX_INVALID,
+    ),
 ]
 
 
@@ -198,7 +223,9 @@ def test_each_invalid_record_gets_exactly_its_reason(record, reason):
 def test_geometry_first_order_is_enforced():
     parsed = parse_text(TOK, '{"objects": [' + VALID + "]}", "geometry_first")
     assert nonzero(parsed.drop_counts) == {"order_violation": 1} and parsed.objects == ()
-    assert parsed.prefix_ends_with_record  # an invalid record still ends the prefix; its text stays unsupervised
+    assert (
+        parsed.prefix_ends_with_record
+    )  # an invalid record still ends the prefix; its text stays unsupervised
 
 
 def test_missing_separator_makes_the_second_record_malformed():
@@ -228,8 +255,13 @@ def test_prefix_that_cannot_be_re_encoded_falls_back_and_keeps_the_count_invaria
     text = '{"objects": [' + VALID + "]}"
     ids, pieces = rollout_tokens(TOK, text)
     parsed = parse_rollout(
-        ids, pieces, coord_vocab=TOK.coord_vocab, stop_ids=[TOK.eos_id], field_order="desc_first",
-        encode=lambda t: TOK.encode(t.replace("]}", "] }")), decode_token=TOK.decode_token,
+        ids,
+        pieces,
+        coord_vocab=TOK.coord_vocab,
+        stop_ids=[TOK.eos_id],
+        field_order="desc_first",
+        encode=lambda t: TOK.encode(t.replace("]}", "] }")),
+        decode_token=TOK.decode_token,
     )
     assert parsed.invalid_rollout and parsed.fallback_reason is FallbackReason.PREFIX_REENCODE_FAILED
     assert parsed.objects == () and nonzero(parsed.drop_counts) == {"prefix_unusable": 1}
@@ -237,22 +269,36 @@ def test_prefix_that_cannot_be_re_encoded_falls_back_and_keeps_the_count_invaria
 
 
 def test_non_ascii_desc_split_across_tokens_does_not_crash():
-    parsed = parse_text(TOK, serialize_objects([CoordObject("café 中文", (1, 2, 3, 4))], "desc_first"), "desc_first")
+    parsed = parse_text(
+        TOK, serialize_objects([CoordObject("café 中文", (1, 2, 3, 4))], "desc_first"), "desc_first"
+    )
     (obj,) = parsed.objects
     assert obj.desc.startswith("café ") and obj.bbox == (1, 2, 3, 4)
 
 
 def test_mismatched_lengths_are_a_caller_error():
     with pytest.raises(ValueError, match="pieces"):
-        parse_rollout([1, 2], ["a"], coord_vocab=TOK.coord_vocab, stop_ids=[], field_order="desc_first",
-                      encode=TOK.encode, decode_token=TOK.decode_token)
+        parse_rollout(
+            [1, 2],
+            ["a"],
+            coord_vocab=TOK.coord_vocab,
+            stop_ids=[],
+            field_order="desc_first",
+            encode=TOK.encode,
+            decode_token=TOK.decode_token,
+        )
 
 
 # ---------------------------------------------------------------- properties
 
+
 @HYPOTHESIS
-@given(objects=objects_lists, order=orders, junk=st.sampled_from(["", "Sure: ", "\n", "ok {"]),
-       trailer=st.sampled_from(["", " done", "]}"]))
+@given(
+    objects=objects_lists,
+    order=orders,
+    junk=st.sampled_from(["", "Sure: ", "\n", "ok {"]),
+    trailer=st.sampled_from(["", " done", "]}"]),
+)
 def test_serialize_tokenize_parse_is_identity(objects, order, junk, trailer):
     text = serialize_objects(objects, order)
     parsed = parse_text(TOK, junk + text + trailer, order)
@@ -292,14 +338,31 @@ def test_any_truncation_keeps_exactly_the_complete_records(objects, order, data)
 )
 def test_each_corrupted_record_lands_in_exactly_its_bucket(records, order):
     records = [(k, o) for k, o in records if k != "bbox_invalid" or o.bbox[0] < 999]
-    texts = [serialize_record(o, order) if k == "valid" else corrupted_record(k, o, order) for k, o in records]
+    texts = [
+        serialize_record(o, order) if k == "valid" else corrupted_record(k, o, order) for k, o in records
+    ]
     parsed = parse_text(TOK, CONTAINER_HEADER + ", ".join(texts) + "]}", order)
     assert described(parsed) == [(o.desc, o.bbox) for k, o in records if k == "valid"]
     assert nonzero(parsed.drop_counts) == dict(Counter(k for k, _ in records if k != "valid"))
     assert parsed.num_records == len(records)
 
 
-MUTATION_SNIPPETS = ["{", "}", "[", "]", ",", ":", '"', "\\", " ", "x", "<|coord_7|>", '"desc": ', "<|coord_", "1"]
+MUTATION_SNIPPETS = [
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    ":",
+    '"',
+    "\\",
+    " ",
+    "x",
+    "<|coord_7|>",
+    '"desc": ',
+    "<|coord_",
+    "1",
+]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -319,7 +382,9 @@ def test_random_corruptions_never_raise_and_every_record_is_accounted_for(object
         ids.append(TOK.eos_id)
 
     parsed = parse_ids(TOK, ids, order)
-    event(f"dropped={min(parsed.num_dropped, 2)} truncated={parsed.truncated} fallback={parsed.invalid_rollout}")
+    event(
+        f"dropped={min(parsed.num_dropped, 2)} truncated={parsed.truncated} fallback={parsed.invalid_rollout}"
+    )
     assert len(parsed.objects) + parsed.num_dropped == parsed.num_records
     assert_prefix_is_a_valid_continuation_point(parsed, order)
 
@@ -334,3 +399,20 @@ def assert_prefix_is_a_valid_continuation_point(parsed, order):
     closed = parse_ids(TOK, list(parsed.prefix_ids) + TOK.encode("]}") + [TOK.eos_id], order)
     assert described(closed) == described(parsed) and not closed.truncated
     assert Counter(r.reason.value for r in parsed.dropped_in_prefix) == Counter(nonzero(closed.drop_counts))
+
+
+@HYPOTHESIS
+@given(
+    records=st.lists(st.tuples(st.sampled_from(KINDS), st.builds(CoordObject, descs, bboxes())), max_size=5),
+    order=orders,
+    spacing=st.sampled_from([": ", " :\n ", ":"]),
+)
+def test_fast_record_pattern_agrees_with_the_general_parser(records, order, spacing):
+    texts = [
+        serialize_record(o, order) if k == "valid" else corrupted_record(k, o, order) for k, o in records
+    ]
+    text = (CONTAINER_HEADER + ", ".join(texts) + "]}").replace(": ", spacing)
+    fast = scan_array(text, len(CONTAINER_HEADER), order)
+    with mock.patch.dict(scan_module._CANONICAL_RECORD_RE, {FieldOrder(order): re.compile(r"(?!)")}):
+        general = scan_array(text, len(CONTAINER_HEADER), order)
+    assert fast == general

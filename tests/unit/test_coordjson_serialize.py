@@ -77,15 +77,29 @@ def test_rendered_spans_point_at_desc_content_and_coord_literals(order):
     text = rendered.text
     assert text[first.desc_span[0] : first.desc_span[1]] == "cat"
     assert text[second.desc_span[0] : second.desc_span[1]] == 'q\\"x'
-    assert [text[s:e] for s, e in second.coord_spans] == ["<|coord_9|>", "<|coord_8|>", "<|coord_10|>", "<|coord_999|>"]
+    assert [text[s:e] for s, e in second.coord_spans] == [
+        "<|coord_9|>",
+        "<|coord_8|>",
+        "<|coord_10|>",
+        "<|coord_999|>",
+    ]
     assert text[first.span[0]] == "{" and text[first.span[1] - 1] == "}"
     assert text[first.span[1] : second.span[0]] == ", "
 
 
 @pytest.mark.parametrize(
     "desc, bbox",
-    [("", (0, 0, 1, 1)), ("  ", (0, 0, 1, 1)), (3, (0, 0, 1, 1)), ("a", (0, 0, 1)), ("a", (2, 0, 1, 1)),
-     ("a", (0, 2, 1, 1)), ("a", (0, 0, 1, 1000)), ("a", (0, 0, 1.0, 1)), ("a", (0, 0, True, 1))],
+    [
+        ("", (0, 0, 1, 1)),
+        ("  ", (0, 0, 1, 1)),
+        (3, (0, 0, 1, 1)),
+        ("a", (0, 0, 1)),
+        ("a", (2, 0, 1, 1)),
+        ("a", (0, 2, 1, 1)),
+        ("a", (0, 0, 1, 1000)),
+        ("a", (0, 0, 1.0, 1)),
+        ("a", (0, 0, True, 1)),
+    ],
 )
 def test_coord_object_rejects_invalid_gt(desc, bbox):
     with pytest.raises(ValueError):

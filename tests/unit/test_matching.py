@@ -37,7 +37,7 @@ def test_box_iou_is_symmetric_and_bounded():
 def test_gate_keeps_top_k_per_prediction_and_counts_rejections():
     iou = np.array([[0.9, 0.5, 0.2, 0.4], [0.1, 0.1, 0.0, 0.35]])
     feasible, rejections, candidates = gate_candidates(iou, top_k=2, iou_gate=0.3)
-    # pred 0: top-2 = gt0 (0.9), gt1 (0.5), both pass; gt3 (0.4) is out of its top-2 -> infeasible, not a rejection.
+    # pred 0: top-2 = gt0 (0.9), gt1 (0.5), both pass; gt3 (0.4) is not a candidate: infeasible, not rejected.
     # pred 1: top-2 = gt3 (0.35) then gt0 (0.1, tie with gt1 broken by index) -> one rejection.
     np.testing.assert_array_equal(feasible, [[True, True, False, False], [False, False, False, True]])
     assert (rejections, candidates) == (1, 4)
@@ -83,7 +83,9 @@ def test_top_k_limits_candidates():
     pred2 = [[0, 0, 10, 10], [0, 0, 10, 10]]
     # The second pred's only candidate (top-1) is gt0, which the first pred takes; gt1 stays unmatched.
     result = match_boxes(pred2, gts, top_k=1, iou_gate=0.3, fp_cost=0.5, fn_cost=2.0)
-    assert result.index_pairs == [(0, 0)] and result.false_negatives == (1,) and result.false_positives == (1,)
+    assert (
+        result.index_pairs == [(0, 0)] and result.false_negatives == (1,) and result.false_positives == (1,)
+    )
     result = match_boxes(pred2, gts, top_k=2, iou_gate=0.3, fp_cost=0.5, fn_cost=2.0)
     assert len(result.pairs) == 2
     assert match_boxes(preds, gts, **COSTS).index_pairs == [(0, 0)]
@@ -91,7 +93,14 @@ def test_top_k_limits_candidates():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"top_k": 0}, {"top_k": 1.5}, {"iou_gate": 1.5}, {"iou_gate": -0.1}, {"fp_cost": -1}, {"fn_cost": float("inf")}],
+    [
+        {"top_k": 0},
+        {"top_k": 1.5},
+        {"iou_gate": 1.5},
+        {"iou_gate": -0.1},
+        {"fp_cost": -1},
+        {"fn_cost": float("inf")},
+    ],
 )
 def test_invalid_settings_are_rejected(kwargs):
     with pytest.raises(ValueError):
@@ -104,8 +113,8 @@ def brute_force_cost(iou, feasible, fp_cost, fn_cost):
     for size in range(1, min(num_pred, num_gt) + 1):
         for preds in itertools.combinations(range(num_pred), size):
             for gts in itertools.permutations(range(num_gt), size):
-                if all(feasible[p, g] for p, g in zip(preds, gts)):
-                    cost = sum(1 - iou[p, g] for p, g in zip(preds, gts))
+                if all(feasible[p, g] for p, g in zip(preds, gts, strict=True)):
+                    cost = sum(1 - iou[p, g] for p, g in zip(preds, gts, strict=True))
                     best = min(best, cost + fp_cost * (num_pred - size) + fn_cost * (num_gt - size))
     return best
 
@@ -133,7 +142,9 @@ def test_hungarian_equals_brute_force_optimum(preds, gts, top_k, iou_gate, fp_co
     matched_preds = [p.pred_index for p in result.pairs]
     matched_gts = [p.gt_index for p in result.pairs]
     assert len(set(matched_preds)) == len(matched_preds) and len(set(matched_gts)) == len(matched_gts)
-    assert all(feasible[p.pred_index, p.gt_index] and p.iou == iou[p.pred_index, p.gt_index] for p in result.pairs)
+    assert all(
+        feasible[p.pred_index, p.gt_index] and p.iou == iou[p.pred_index, p.gt_index] for p in result.pairs
+    )
     assert sorted(matched_preds + list(result.false_positives)) == list(range(len(preds)))
     assert sorted(matched_gts + list(result.false_negatives)) == list(range(len(gts)))
 

@@ -1,0 +1,87 @@
+"""Loss math: weighted CE positions, expectation decode, CIoU, geometry losses, collation."""
+
+import math
+
+import pytest
+import torch
+
+from coordexp.trainer.batch import APPENDED, PREFIX, TrainSequence, collate
+from coordexp.trainer.losses import (ciou, coord_distribution, expected_coords, geometry_losses,
+                                     weighted_token_ce)
+
+
+def test_weighted_ce_uses_previous_position_logits_and_weights():
+    vocab = 5
+    logits = torch.zeros(1, 4, vocab)
+    logits[0, 1, 3] = 10.0  # position 1 predicts token at position 2
+    input_ids = torch.tensor([[0, 1, 3, 4]])
+    weights = torch.tensor([[0.0, 0.0, 2.0, 0.0]])
+    ce = weighted_token_ce(logits, input_ids, weights)
+    expected = -torch.log_softmax(logits[0, 1], -1)[3]
+    assert ce.item() == pytest.approx(expected.item())
+
+
+def test_weighted_ce_is_zero_without_weights_and_keeps_the_graph():
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    ce = weighted_token_ce(logits, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
+    assert ce.item() == 0.0
+    ce.backward()
+    assert logits.grad is not None
+
+
+def test_expectation_of_split_mass_is_the_midpoint():
+    probs = torch.zeros(1, 1000)
+    probs[0, 0] = probs[0, 999] = 0.5
+    assert expected_coords(probs).item() == pytest.approx(0.5)
+    one_hot = torch.zeros(1, 1000)
+    one_hot[0, 333] = 1.0
+    assert expected_coords(one_hot).item() == pytest.approx(333 / 999)
+
+
+def test_ciou_identity_and_disjoint():
+    box = torch.tensor([[0.1, 0.2, 0.5, 0.6]])
+    assert ciou(box, box).item() == pytest.approx(1.0, abs=1e-5)
+    far = torch.tensor([[0.7, 0.7, 0.9, 0.9]])
+    value = ciou(far, box).item()
+    assert value < 0  # no overlap: IoU 0 minus the centre-distance penalty
+    # canonicalization: swapped corners give the same result
+    assert ciou(torch.tensor([[0.5, 0.6, 0.1, 0.2]]), box).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_geometry_losses_on_exact_prediction():
+    bins = torch.tensor([[100, 200, 300, 400]])
+    probs = torch.zeros(1, 4, 1000)
+    probs[0, torch.arange(4), bins[0]] = 1.0
+    sl1, ciou_loss, coord_ce = geometry_losses(probs, bins, smoothl1_beta=0.05)
+    assert sl1.item() == pytest.approx(0.0, abs=1e-7)
+    assert ciou_loss.item() == pytest.approx(0.0, abs=1e-5)
+    assert coord_ce.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_coord_distribution_reads_the_logits_before_each_slot():
+    logits = torch.zeros(1, 6, 1010)
+    coord_ids = torch.arange(10, 1010)
+    logits[0, 2, 10 + 7] = 50.0  # slot at position 3 is predicted by position 2 -> bin 7
+    slots = torch.tensor([[[0, 3], [0, 4], [0, 5], [0, 5]]])
+    probs = coord_distribution(logits, slots, coord_ids)
+    assert probs.shape == (1, 4, 1000)
+    assert probs[0, 0].argmax().item() == 7
+    assert math.isclose(probs[0, 1].max().item(), 1 / 1000, rel_tol=1e-4)
+
+
+def test_collate_places_targets_after_prompts():
+    a = TrainSequence([1, 2], [5, 6, 7], [1.0, 0.0, 1.0], [(0, 1, 2, 2)], [(1, 2, 3, 4)], [PREFIX])
+    b = TrainSequence([1], [8], [1.0], [(0, 0, 0, 0)], [(5, 6, 7, 8)], [APPENDED])
+    batch = collate([a, b], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 5, 6, 7], [1, 8, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch["ce_weights"].tolist() == [[0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]
+    assert batch["geometry_slots"].tolist() == [[[0, 2], [0, 3], [0, 4], [0, 4]], [[1, 1], [1, 1], [1, 1], [1, 1]]]
+    assert batch["geometry_bins"].tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert batch["geometry_kinds"].tolist() == [PREFIX, APPENDED]
+
+
+def test_collate_without_geometry():
+    batch = collate([TrainSequence([1], [2], [1.0])], pad_id=0)
+    assert batch["geometry_slots"].shape == (0, 4, 2)
+    assert batch["geometry_bins"].shape == (0, 4)
