@@ -149,7 +149,8 @@ def record_rollout_metrics(buf: MetricBuffer, records: Sequence[SampleRecord], p
     buf.add_ratio(f"{prefix}/invalid_rollout_rate", s("invalid_rollout"), n)
     buf.add_sum(f"{prefix}/parse_dropped_invalid", sum(dropped.values()))
     for reason, count in dropped.items():
-        buf.add_sum(f"{prefix}/parse_dropped/{reason}", count)
+        if count:  # absent means 0: keeps the log short
+            buf.add_sum(f"{prefix}/parse_dropped/{reason}", count)
     buf.add_sum(f"{prefix}/valid_pred_objects", pred)
     buf.add_sum(f"{prefix}/gt_objects", gt)
     buf.add_sum(f"{prefix}/matched", matched)

@@ -163,7 +163,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
         save_strategy=t.save_strategy.value, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         metric_for_best_model=t.metric_for_best_model, greater_is_better=True,
         remove_unused_columns=False, dataloader_num_workers=t.dataloader_num_workers,
-        use_cpu=use_cpu, ddp_backend="gloo" if use_cpu else None, ddp_timeout=600,
+        use_cpu=use_cpu, ddp_timeout=600,
+        ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     trainer_ref: dict = {}
     backend = build_rollout_backend(cfg, contract, trainer_ref, tokenizer)
@@ -175,6 +176,12 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
         stage2_ab=cfg.stage2_ab, contract=contract, adapter=adapter, rollout_backend=backend, seed=cfg.seed,
         run_dir=run_dir, evaluator=evaluator)
     trainer_ref["trainer"] = trainer
+    from transformers.trainer_callback import ProgressCallback
+
+    from coordexp.telemetry.console import CompactProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgressCallback)
     trainer.train(resume_from_checkpoint=find_checkpoint(t.resume_from_checkpoint, run_dir))
     return 0
 

@@ -272,13 +272,28 @@ def test_real_vllm_engine_forces_only_offending_sequences(tiny_model_dir, tiny_t
     """Offline vLLM (V1 runner on CPU) with the processor registered by FQCN at engine start: in one batch only
     the sequences whose rule holds end early with EOS; the others run to max_tokens, token-identical to the same
     prompt with the feature off. Server defaults come from the env JSON."""
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     defaults = {"enabled": True, "min_new_tokens": 3, "max_consecutive_token_repeats": 5, "ngram_size": 0,
                 "ngram_repeats": 0, "max_object_keys": None}
     monkeypatch.setenv(ENV_CONFIG_JSON, json.dumps(defaults))
     llm = LLM(model=str(tiny_model_dir), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
               logits_processors=[PROCESSOR_FQCN])
+    try:
+        _check_engine(llm, tiny_tokenizer, defaults)
+    finally:
+        _shutdown(llm)
+
+
+def _shutdown(llm) -> None:
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+
+
+def _check_engine(llm, tiny_tokenizer, defaults) -> None:
+    from vllm import SamplingParams
+
     eos = tiny_tokenizer.eos_token_id
     prompts = ["hello", "red square", "detect all objects now please", "blue star <|coord_5|>", "x",
                "Objects:\ngreen heart"]
@@ -323,4 +338,3 @@ def test_real_vllm_engine_forces_only_offending_sequences(tiny_model_dir, tiny_t
     # bad per-request overrides are rejected at admission
     with pytest.raises(Exception, match="unknown key"):
         llm.generate(token_prompts[:1], [SamplingParams(max_tokens=4, extra_args={XARGS_KEY: {"bogus": 1}})])
-    del llm
