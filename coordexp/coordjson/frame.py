@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class TokenFrame:
     def concat(cls, frames: Sequence[TokenFrame]) -> TokenFrame:
         return cls._from_lengths(
             np.concatenate([f.ids for f in frames]),
-            tuple(p for f in frames for p in f.pieces),
+            tuple(chain.from_iterable(f.pieces for f in frames)),
             np.concatenate([f.ends - f.starts for f in frames]),
             "".join(f.text for f in frames),
         )

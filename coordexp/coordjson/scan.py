@@ -172,7 +172,7 @@ def scan_array(
 def _canonical_element(text: str, record: re.Match, bad_separator: bool) -> ScannedElement:
     if bad_separator:
         return ScannedElement(record.span(), True, DropReason.MALFORMED, None)
-    coord_spans = tuple(record.span(name) for name in ("x1", "y1", "x2", "y2"))
+    coord_spans = (record.span("x1"), record.span("y1"), record.span("x2"), record.span("y2"))
     reason, fields = _check_desc_and_box(text, record.span("desc"), coord_spans)
     return ScannedElement(record.span(), True, reason, fields)
 

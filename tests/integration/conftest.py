@@ -61,3 +61,15 @@ def live_descendants(pgid: int) -> list[int]:
         if pgrp == pgid and state != "Z":
             out.append(int(d))
     return out
+
+
+@pytest.fixture(scope="session")
+def cpu_env_vars() -> dict:
+    """VLLM_CPU_ENV as a fixture (for server specs: ``spec.extra_env.update(cpu_env_vars)``)."""
+    return dict(VLLM_CPU_ENV)
+
+
+@pytest.fixture(scope="session")
+def group_members():
+    """``group_members(pgid) -> [pid, ...]``: live processes of a process group."""
+    return live_descendants
