@@ -168,6 +168,9 @@ class Stage2ABConfig:
                                     "make it plain MSE on [0, 1]).", 0.05)
     coord_ce_weight: float = doc("Weight of CE over the 1000 coordinate logits at geometry slots (a "
                                  "geometry regularizer; coordinate tokens never get full-vocab CE).", 0.0)
+    coord_gate_weight: float = doc("Weight of the coordinate gate -log P(any coordinate token) at geometry "
+                                   "slots (logsumexp(all) - logsumexp(coord)): teaches a model without a "
+                                   "Stage-1 checkpoint to emit coordinate tokens there.", 0.0)
     channel_b: ChannelBConfig = doc("Channel-B settings.", default_factory=ChannelBConfig)
 
 

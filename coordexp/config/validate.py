@@ -34,7 +34,8 @@ def problems(cfg: TrainConfig) -> List[str]:
     need(ab.n_softctx_iter >= 1, "stage2_ab.n_softctx_iter", "must be >= 1")
     need(ab.softctx_temperature > 0, "stage2_ab.softctx_temperature", "must be > 0")
     need(ab.bbox_smoothl1_beta > 0, "stage2_ab.bbox_smoothl1_beta", "must be > 0")
-    for name in ("desc_ce_weight", "bbox_smoothl1_weight", "bbox_ciou_weight", "coord_ce_weight"):
+    for name in ("desc_ce_weight", "bbox_smoothl1_weight", "bbox_ciou_weight", "coord_ce_weight",
+                 "coord_gate_weight"):
         need(getattr(ab, name) >= 0, f"stage2_ab.{name}", "must be >= 0")
     mult = ab.channel_b.drop_invalid_struct_ce_multiplier
     need(1.0 <= mult <= 4.0, "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier", f"{mult} is outside [1, 4]")

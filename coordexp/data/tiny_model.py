@@ -190,10 +190,14 @@ def _spec_digest(spec: TinyModelSpec, corpus: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _folder_name(spec: TinyModelSpec, corpus: Sequence[str]) -> str:
+    return f"tiny-{spec.arch}-{_spec_digest(spec, corpus)[:12]}"
+
+
 def tiny_model_dir(cache_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Sequence[str] | None = None) -> Path:
     """Where :func:`ensure_tiny_model` puts (or finds) the folder for ``spec``."""
     corpus = corpus if corpus is not None else corpus_texts(spec)
-    return Path(cache_dir) / f"tiny-{spec.arch}-{_spec_digest(spec, corpus)[:12]}"
+    return Path(cache_dir) / _folder_name(spec, corpus)
 
 
 def _train_tokenizer(spec: TinyModelSpec, corpus: Sequence[str]):
@@ -279,12 +283,14 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
     model.generation_config = GenerationConfig(
         eos_token_id=ids[IM_END], pad_token_id=ids[PAD_TOKEN], bos_token_id=None, do_sample=False
     )
-    model.save_pretrained(out)
+    with _quiet_progress_bars():
+        model.save_pretrained(out)
     hf_tok.save_pretrained(out)
+    _check_reload_ids(out, raw, corpus)
 
     info = {
         "format_version": FORMAT_VERSION,
-        "name": out.name,
+        "name": _folder_name(spec, corpus),
         "spec": asdict(spec),
         "digest": _spec_digest(spec, corpus),
         "corpus_records": len(corpus),
@@ -304,6 +310,33 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
     }
     (out / SPEC_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _check_reload_ids(out: Path, raw, corpus: Sequence[str]) -> None:
+    """Fail the build if AutoTokenizer (what every consumer loads) disagrees with the trained tokenizer."""
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(out)
+    probes = [corpus[0], corpus[1], "x1=123, y 2024: <|coord_7|><|coord_999|> naïve ÅΩ 日本 ]}]}"]
+    for text in probes:
+        want = raw.encode(text, add_special_tokens=False).ids
+        got = reloaded.encode(text, add_special_tokens=False)
+        if got != want:
+            raise RuntimeError(f"tokenizer round trip through AutoTokenizer ({type(reloaded).__name__}) changed ids "
+                               f"for {text[:60]!r}: the normalizer/pre-tokenizer setup no longer matches")
 
 
 @contextlib.contextmanager

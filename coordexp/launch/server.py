@@ -2,10 +2,11 @@
 
 Importable without torch (only ``requests`` and the pure config/rule modules).
 
-* :func:`launch_spec_from_config` turns a ``TrainConfig`` into a :class:`ServerLaunchSpec`; :func:`build_command`
-  and :func:`build_env` turn that into the exact command line and environment (the repeat-terminate subtree is
-  exported as JSON in ``COORDEXP_VLLM_REPEAT_TERMINATE_CONFIG_JSON`` together with the guard
-  ``COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION=1``, for the server process only).
+* :func:`launch_spec_from_config` turns a ``TrainConfig`` into a :class:`ServerLaunchSpec`;
+  :func:`build_command` and :func:`build_env` turn that into the exact command line and environment
+  (the repeat-terminate subtree is exported as JSON in ``COORDEXP_VLLM_REPEAT_TERMINATE_CONFIG_JSON``
+  together with the guard ``COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION=1``, for the server process
+  only).
 * :class:`RolloutServer` starts it in its own session / process group (``setsid``), refuses a port that is
   already in use, polls ``/health/`` against a deadline with progress lines, notices an early exit and
   raises :class:`ServerStartError` with the tail of the server log, logs ``/get_world_size/``, runs the
@@ -102,7 +103,9 @@ def _tiny_model_type(model_dir: str) -> Optional[str]:
         return None
 
 
-def launch_spec_from_config(cfg: Any, model_dir: str | os.PathLike, base_url: Optional[str] = None) -> ServerLaunchSpec:
+def launch_spec_from_config(
+    cfg: Any, model_dir: str | os.PathLike, base_url: Optional[str] = None
+) -> ServerLaunchSpec:
     """The launch spec of the (single) server a ``TrainConfig`` asks for, at ``base_url`` (default: the first
     of ``vllm.server.base_urls``). For the tiny model, ms-swift is told ``--model_type <qwen2|qwen3>
     --template chatml`` (its auto-detection is ambiguous for a bare Qwen2 folder)."""
@@ -135,25 +138,40 @@ def launch_spec_from_config(cfg: Any, model_dir: str | os.PathLike, base_url: Op
         data_parallel_size=int(v.data_parallel_size),
         tensor_parallel_size=int(v.tensor_parallel_size),
         server_gpus=list(v.server_gpus),
-        repeat_terminate=parse_config(cfg.rollout_matching.repeat_terminate,
-                                      where="rollout_matching.repeat_terminate."),
+        repeat_terminate=parse_config(
+            cfg.rollout_matching.repeat_terminate, where="rollout_matching.repeat_terminate."
+        ),
         model_type=model_type,
         template=template,
     )
 
 
 def build_command(spec: ServerLaunchSpec) -> List[str]:
-    cmd = [spec.python, "-m", "swift.cli.rollout",
-           "--model", spec.model_dir,
-           "--host", spec.host,
-           "--port", str(spec.port),
-           "--infer_backend", "vllm",
-           "--torch_dtype", spec.dtype,
-           "--vllm_max_model_len", str(spec.max_model_len),
-           "--vllm_enforce_eager", "true" if spec.enforce_eager else "false",
-           "--vllm_data_parallel_size", str(spec.data_parallel_size),
-           "--vllm_tensor_parallel_size", str(spec.tensor_parallel_size),
-           "--external_plugins", spec.plugin_path]
+    cmd = [
+        spec.python,
+        "-m",
+        "swift.cli.rollout",
+        "--model",
+        spec.model_dir,
+        "--host",
+        spec.host,
+        "--port",
+        str(spec.port),
+        "--infer_backend",
+        "vllm",
+        "--torch_dtype",
+        spec.dtype,
+        "--vllm_max_model_len",
+        str(spec.max_model_len),
+        "--vllm_enforce_eager",
+        "true" if spec.enforce_eager else "false",
+        "--vllm_data_parallel_size",
+        str(spec.data_parallel_size),
+        "--vllm_tensor_parallel_size",
+        str(spec.tensor_parallel_size),
+        "--external_plugins",
+        spec.plugin_path,
+    ]
     if spec.device != "cpu":
         cmd += ["--vllm_gpu_memory_utilization", str(spec.gpu_memory_utilization)]
     if spec.model_type:
@@ -308,8 +326,15 @@ class RolloutServer:
     # ------------------------------------------------------------------------------------------ factory
 
     @classmethod
-    def from_config(cls, cfg: Any, *, model_dir: str | os.PathLike, log_path: str | os.PathLike,
-                    base_url: Optional[str] = None, **kwargs: Any) -> "RolloutServer":
+    def from_config(
+        cls,
+        cfg: Any,
+        *,
+        model_dir: str | os.PathLike,
+        log_path: str | os.PathLike,
+        base_url: Optional[str] = None,
+        **kwargs: Any,
+    ) -> "RolloutServer":
         s = cfg.vllm.server
         urls = list(s.base_urls)
         url = base_url or (urls[0] if urls else None)
@@ -322,13 +347,22 @@ class RolloutServer:
         else:
             if len(urls) > 1 and base_url is None:
                 raise ServerStartError(
-                    f"vllm.server.base_urls has {len(urls)} URLs but reuse_existing is false: the launcher starts "
-                    "one server (scale it with vllm.data_parallel_size), or start several yourself and set "
-                    "vllm.server.reuse_existing=true")
+                    f"vllm.server.base_urls has {len(urls)} URLs but reuse_existing is false: the launcher "
+                    "starts one server (scale it with vllm.data_parallel_size), or start several yourself "
+                    "and set vllm.server.reuse_existing=true"
+                )
             spec = launch_spec_from_config(cfg, model_dir, url)
-        return cls(spec, url, log_path=log_path, startup_timeout_s=s.startup_timeout_s,
-                   request_timeout_s=s.request_timeout_s, probe_timeout_s=s.infer_timeout_s,
-                   log_tail_lines=s.log_tail_lines, reuse_existing=s.reuse_existing, **kwargs)
+        return cls(
+            spec,
+            url,
+            log_path=log_path,
+            startup_timeout_s=s.startup_timeout_s,
+            request_timeout_s=s.request_timeout_s,
+            probe_timeout_s=s.infer_timeout_s,
+            log_tail_lines=s.log_tail_lines,
+            reuse_existing=s.reuse_existing,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -357,8 +391,10 @@ class RolloutServer:
         try:
             if self.reuse_existing:
                 if not check_health(self.base_url, self.request_timeout_s):
-                    raise ServerStartError(f"vllm.server.reuse_existing is true but no healthy server answers "
-                                           f"{self.base_url}/health/")
+                    raise ServerStartError(
+                        f"vllm.server.reuse_existing is true but no healthy server answers "
+                        f"{self.base_url}/health/"
+                    )
                 self.progress(f"reusing the rollout server at {self.base_url}")
             else:
                 self._spawn()
@@ -366,9 +402,13 @@ class RolloutServer:
             try:
                 self.world_size = get_world_size(self.base_url, self.request_timeout_s)
             except RolloutServerError as exc:
-                raise self._fail(f"rollout server at {self.base_url} is up but /get_world_size/ failed: {exc}")
-            self.progress(f"rollout server {self.base_url} healthy after {time.monotonic() - t0:.1f} s "
-                          f"(world_size={self.world_size})")
+                raise self._fail(
+                    f"rollout server at {self.base_url} is up but /get_world_size/ failed: {exc}"
+                ) from None
+            self.progress(
+                f"rollout server {self.base_url} healthy after {time.monotonic() - t0:.1f} s "
+                f"(world_size={self.world_size})"
+            )
             if self.run_probe:
                 self._probe()
             self.startup_seconds = time.monotonic() - t0
@@ -383,9 +423,11 @@ class RolloutServer:
         if not Path(spec.plugin_path).is_file():
             raise ServerStartError(f"coordexp swift plugin not found at {spec.plugin_path}")
         if port_in_use(spec.host, spec.port):
-            raise ServerStartError(f"port {spec.port} on {spec.host} is already in use: stop whatever listens "
-                                   f"there, pick another port in vllm.server.base_urls, or set "
-                                   f"vllm.server.reuse_existing=true to use a server that is already running")
+            raise ServerStartError(
+                f"port {spec.port} on {spec.host} is already in use: stop whatever listens "
+                f"there, pick another port in vllm.server.base_urls, or set "
+                f"vllm.server.reuse_existing=true to use a server that is already running"
+            )
         cmd = build_command(spec)
         env = build_env(spec)
         if self.log_path:
@@ -395,10 +437,19 @@ class RolloutServer:
             out = self._log_fh
         else:
             out = subprocess.DEVNULL
-        self.progress(f"starting rollout server on {spec.host}:{spec.port} ({spec.device}); log: {self.log_path}")
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_set_parent_death_signal,
-                                     cwd=os.getcwd())
+        self.progress(
+            f"starting rollout server on {spec.host}:{spec.port} ({spec.device}); log: {self.log_path}"
+        )
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_set_parent_death_signal,
+            cwd=os.getcwd(),
+        )
         self.pgid = self.proc.pid  # session leader: its pid is the process-group id
         atexit.register(self.stop)
 
@@ -408,17 +459,23 @@ class RolloutServer:
         while True:
             code = self.proc.poll() if self.proc else None
             if code is not None:
-                raise self._fail(f"rollout server exited with code {code} before becoming healthy "
-                                 f"({time.monotonic() - t0:.1f} s after start)")
+                raise self._fail(
+                    f"rollout server exited with code {code} before becoming healthy "
+                    f"({time.monotonic() - t0:.1f} s after start)"
+                )
             if check_health(self.base_url, timeout_s=min(5.0, self.request_timeout_s)):
                 return
             now = time.monotonic()
             if now >= deadline:
-                raise self._fail(f"rollout server at {self.base_url} not healthy within "
-                                 f"vllm.server.startup_timeout_s={self.startup_timeout_s:g} s")
+                raise self._fail(
+                    f"rollout server at {self.base_url} not healthy within "
+                    f"vllm.server.startup_timeout_s={self.startup_timeout_s:g} s"
+                )
             if now >= next_note:
-                self.progress(f"waiting for {self.base_url}/health/ ... {now - t0:.0f} s "
-                              f"(deadline {self.startup_timeout_s:.0f} s)")
+                self.progress(
+                    f"waiting for {self.base_url}/health/ ... {now - t0:.0f} s "
+                    f"(deadline {self.startup_timeout_s:.0f} s)"
+                )
                 next_note = now + self.progress_every_s
             time.sleep(self.poll_interval_s)
 
@@ -426,14 +483,17 @@ class RolloutServer:
         from coordexp.rollout.probe import ProbeError, run_probe
 
         try:
-            self.probe_report = run_probe(self.base_url, timeout_s=self.probe_timeout_s,
-                                          eos_token_id=self.eos_token_id)
+            self.probe_report = run_probe(
+                self.base_url, timeout_s=self.probe_timeout_s, eos_token_id=self.eos_token_id
+            )
         except ProbeError as exc:
             raise self._fail(str(exc), with_log=not self.reuse_existing) from None
         r = self.probe_report
-        self.progress(f"repeat-terminate probe passed in {r.seconds:.1f} s (attempt {r.attempts}): forced request "
-                      f"stopped after {len(r.trigger.token_ids)} tokens with flag 1; control ran "
-                      f"{len(r.control.token_ids)} tokens with flag 0")
+        self.progress(
+            f"repeat-terminate probe passed in {r.seconds:.1f} s (attempt {r.attempts}): forced request "
+            f"stopped after {len(r.trigger.token_ids)} tokens with flag 1; control ran "
+            f"{len(r.control.token_ids)} tokens with flag 0"
+        )
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Terminate the whole process group (TERM, wait, KILL). Idempotent."""

@@ -84,7 +84,9 @@ class RepeatTerminateGuard(LogitsProcessor):
         if self.prompt_length is None:
             self.prompt_length = seq_len
         if seq_len < self.prompt_length:
-            raise ValueError(f"input_ids has {seq_len} columns, fewer than prompt_length={self.prompt_length}")
+            raise ValueError(
+                f"input_ids has {seq_len} columns, fewer than prompt_length={self.prompt_length}"
+            )
         self._states = [SequenceState(self.config, self.matcher) for _ in range(batch)]
         self._done = [False] * batch
         self._forced = [0] * batch
@@ -95,12 +97,14 @@ class RepeatTerminateGuard(LogitsProcessor):
         if not self._states:
             self._init_rows(batch, seq_len)
         elif batch != len(self._states):
-            raise ValueError(f"batch size changed from {len(self._states)} to {batch} between calls "
-                             "(beam search or a reused guard?); call reset() between generate calls")
+            raise ValueError(
+                f"batch size changed from {len(self._states)} to {batch} between calls "
+                "(beam search or a reused guard?); call reset() between generate calls"
+            )
         if not self.config.enabled:
             return scores
         if seq_len > self._consumed:
-            new = input_ids[:, self._consumed:seq_len].tolist()
+            new = input_ids[:, self._consumed : seq_len].tolist()
             stop = self.stop_ids
             for row, toks in enumerate(new):
                 if self._done[row]:

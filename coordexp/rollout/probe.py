@@ -35,8 +35,14 @@ from coordexp.rollout.server_client import (
 
 __all__ = ["ProbeError", "ProbeReport", "PROBE_TRIGGER", "PROBE_CONTROL", "run_probe", "check_probe_results"]
 
-PROBE_TRIGGER = {"enabled": True, "min_new_tokens": 1, "max_consecutive_token_repeats": 1,
-                 "ngram_size": 0, "ngram_repeats": 0, "max_object_keys": None}
+PROBE_TRIGGER = {
+    "enabled": True,
+    "min_new_tokens": 1,
+    "max_consecutive_token_repeats": 1,
+    "ngram_size": 0,
+    "ngram_repeats": 0,
+    "max_object_keys": None,
+}
 PROBE_CONTROL = {"enabled": False}
 PROBE_MESSAGES = ({"role": "user", "content": "Detect every object and answer in CoordJSON."},)
 
@@ -55,30 +61,43 @@ class ProbeReport:
 
 
 def _describe(r: RolloutResult) -> str:
-    return (f"finish_reason={r.finish_reason!r} completion_tokens={len(r.token_ids)} "
-            f"last_token={r.token_ids[-1] if r.token_ids else None} "
-            f"repeat_terminate_triggered={r.repeat_terminate_triggered}")
+    return (
+        f"finish_reason={r.finish_reason!r} completion_tokens={len(r.token_ids)} "
+        f"last_token={r.token_ids[-1] if r.token_ids else None} "
+        f"repeat_terminate_triggered={r.repeat_terminate_triggered}"
+    )
 
 
-def check_probe_results(trigger: RolloutResult, control: RolloutResult, max_tokens: int,
-                        eos_token_id: Optional[int] = None) -> Optional[str]:
+def check_probe_results(
+    trigger: RolloutResult, control: RolloutResult, max_tokens: int, eos_token_id: Optional[int] = None
+) -> Optional[str]:
     """None if the pair proves activation, ``"inconclusive"`` if request 0 stopped by itself at its first
     token, else the reason it does not."""
     if trigger.repeat_terminate_triggered is None or control.repeat_terminate_triggered is None:
         return "the response has no coordexp.repeat_terminate_triggered field (plugin not active)"
-    if len(trigger.token_ids) == 1 and trigger.finish_reason == "stop" and trigger.repeat_terminate_triggered == 0:
+    if (
+        len(trigger.token_ids) == 1
+        and trigger.finish_reason == "stop"
+        and trigger.repeat_terminate_triggered == 0
+    ):
         return "inconclusive"
     problems = []
     if trigger.repeat_terminate_triggered != 1:
         problems.append("request 0 (must trigger) came back with repeat_terminate_triggered=0")
     if len(trigger.token_ids) != 2 or trigger.finish_reason != "stop":
-        problems.append(f"request 0 should stop with the forced EOS as its 2nd token, got {_describe(trigger)}")
+        problems.append(
+            f"request 0 should stop with the forced EOS as its 2nd token, got {_describe(trigger)}"
+        )
     if eos_token_id is not None and trigger.token_ids and trigger.token_ids[-1] != eos_token_id:
         problems.append(f"request 0's last token is {trigger.token_ids[-1]}, not EOS {eos_token_id}")
     if control.repeat_terminate_triggered != 0:
         problems.append("request 1 (feature off for it) came back with repeat_terminate_triggered=1")
-    if len(control.token_ids) == 2 and control.finish_reason == "stop" and max_tokens > 2 and (
-            eos_token_id is None or control.token_ids[-1] == eos_token_id):
+    if (
+        len(control.token_ids) == 2
+        and control.finish_reason == "stop"
+        and max_tokens > 2
+        and (eos_token_id is None or control.token_ids[-1] == eos_token_id)
+    ):
         problems.append(f"request 1 (control) looks force-stopped too: {_describe(control)}")
     return "; ".join(problems) or None
 
@@ -96,8 +115,10 @@ def run_probe(
     """Run the probe against one server; returns the report or raises :class:`ProbeError`."""
     t0 = time.monotonic()
     params = DecodeParams(max_tokens=max_tokens, temperature=1.0, top_p=1.0, top_k=-1, seed=seed)
-    reqs = [InferRequest(messages=list(messages), vllm_xargs={XARGS_KEY: PROBE_TRIGGER}),
-            InferRequest(messages=list(messages), vllm_xargs={XARGS_KEY: PROBE_CONTROL})]
+    reqs = [
+        InferRequest(messages=list(messages), vllm_xargs={XARGS_KEY: PROBE_TRIGGER}),
+        InferRequest(messages=list(messages), vllm_xargs={XARGS_KEY: PROBE_CONTROL}),
+    ]
     last: List[RolloutResult] = []
     for attempt in range(1, attempts + 1):
         payload = build_infer_payload(reqs, params, seed + 1000 * attempt)
@@ -114,7 +135,10 @@ def run_probe(
             raise ProbeError(
                 f"repeat-terminate startup probe against {base_url}: the logits processor is not active: "
                 f"{verdict}. Request 0 carried vllm_xargs {json.dumps({XARGS_KEY: PROBE_TRIGGER})}; "
-                f"got request 0: {_describe(results[0])}; request 1: {_describe(results[1])}")
-    raise ProbeError(f"repeat-terminate startup probe against {base_url}: request 0 ended by itself at its first "
-                     f"token in all {attempts} attempts (the model emits EOS immediately), so activation "
-                     f"could not be shown; last: {_describe(last[0]) if last else 'nothing'}")
+                f"got request 0: {_describe(results[0])}; request 1: {_describe(results[1])}"
+            )
+    raise ProbeError(
+        f"repeat-terminate startup probe against {base_url}: request 0 ended by itself at its first "
+        f"token in all {attempts} attempts (the model emits EOS immediately), so activation "
+        f"could not be shown; last: {_describe(last[0]) if last else 'nothing'}"
+    )

@@ -148,7 +148,9 @@ def config_to_dict(cfg: RepeatTerminateConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in CONFIG_KEYS}
 
 
-def merge_overrides(base: RepeatTerminateConfig, overrides: Optional[Mapping[str, Any]]) -> RepeatTerminateConfig:
+def merge_overrides(
+    base: RepeatTerminateConfig, overrides: Optional[Mapping[str, Any]]
+) -> RepeatTerminateConfig:
     """``base`` with the keys of a validated partial mapping replaced."""
     if not overrides:
         return base
@@ -242,14 +244,29 @@ class SequenceState:
     :attr:`fired` before sampling the next token."""
 
     __slots__ = (
-        "cfg", "matcher", "length", "_last", "_run", "_ring", "_match_run", "_ac", "objects",
-        "_min", "_k", "_n", "_ngram_need", "_cap", "_enabled",
+        "cfg",
+        "matcher",
+        "length",
+        "_last",
+        "_run",
+        "_ring",
+        "_match_run",
+        "_ac",
+        "objects",
+        "_min",
+        "_k",
+        "_n",
+        "_ngram_need",
+        "_cap",
+        "_enabled",
     )
 
     def __init__(self, cfg: RepeatTerminateConfig, matcher: Optional[ObjectOpenMatcher] = None):
         if cfg.enabled and cfg.max_object_keys is not None and not matcher:
-            raise ValueError("max_object_keys is set but no object-opening patterns were given "
-                             "(derive them with derive_object_open_patterns(tokenizer))")
+            raise ValueError(
+                "max_object_keys is set but no object-opening patterns were given "
+                "(derive them with derive_object_open_patterns(tokenizer))"
+            )
         self.cfg = cfg
         self.matcher = matcher
         self._enabled = bool(cfg.enabled)
@@ -328,7 +345,7 @@ def count_object_openings(tokens: Sequence[int], patterns: Iterable[Sequence[int
     toks = list(tokens)
     n = 0
     for end in range(1, len(toks) + 1):
-        if any(len(p) <= end and tuple(toks[end - len(p): end]) == p for p in pats):
+        if any(len(p) <= end and tuple(toks[end - len(p) : end]) == p for p in pats):
             n += 1
     return n
 
@@ -347,12 +364,12 @@ def triggered(
     if length < cfg.min_new_tokens:
         return False
     k = cfg.max_consecutive_token_repeats
-    if k and length >= k and len(set(ids[length - k:])) == 1:
+    if k and length >= k and len(set(ids[length - k :])) == 1:
         return True
     n, r = cfg.ngram_size, cfg.ngram_repeats
     if n > 0 and r >= 2 and length >= n * r:
-        tail = ids[length - n:]
-        if all(ids[length - n * (j + 1): length - n * j] == tail for j in range(1, r)):
+        tail = ids[length - n :]
+        if all(ids[length - n * (j + 1) : length - n * j] == tail for j in range(1, r)):
             return True
     if cfg.max_object_keys is not None:
         pats = list(object_patterns or ())
@@ -417,8 +434,10 @@ def consistency_problem(
         return None
     if first == len(ids) - 1 and ids[-1] in set(stop_ids):
         return None
-    return (f"the repeat-terminate rule held after {first} generated tokens but the sequence went on to "
-            f"{len(ids)} tokens (last id {ids[-1] if ids else None}); the logits processor did not act")
+    return (
+        f"the repeat-terminate rule held after {first} generated tokens but the sequence went on to "
+        f"{len(ids)} tokens (last id {ids[-1] if ids else None}); the logits processor did not act"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- patterns
@@ -454,7 +473,9 @@ def _token_spans(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, 
     ids = list(tokenizer.encode(text, add_special_tokens=False))
     spans, prev = [], 0
     for i in range(len(ids)):
-        cur = len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        cur = len(
+            tokenizer.decode(ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        )
         spans.append((prev, cur))
         prev = cur
     return ids, spans

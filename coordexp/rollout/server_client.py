@@ -1,4 +1,6 @@
-"""Learner-side client of the ``swift rollout`` server: ``POST /infer/``, ``GET /health/``, ``GET /get_world_size/``.
+"""Learner-side client of the ``swift rollout`` server.
+
+Routes: ``POST /infer/``, ``GET /health/``, ``GET /get_world_size/``.
 
 Only ``requests`` is needed (no torch). One :class:`RolloutClient` serves every server in
 ``vllm.server.base_urls``:
@@ -129,11 +131,17 @@ def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def parse_infer_response(body: Any, n_expected: int, require_flag: bool, base_url: str = "") -> List[RolloutResult]:
+def parse_infer_response(
+    body: Any, n_expected: int, require_flag: bool, base_url: str = ""
+) -> List[RolloutResult]:
     """Check and unpack a ``/infer/`` JSON body (see the module docstring for the accepted shapes)."""
     _expect(isinstance(body, list), "body", "must be a JSON list", body)
-    _expect(len(body) == n_expected, "body", f"must have {n_expected} items (one per request)",
-            f"{len(body)} items")
+    _expect(
+        len(body) == n_expected,
+        "body",
+        f"must have {n_expected} items (one per request)",
+        f"{len(body)} items",
+    )
     out = []
     for i, item in enumerate(body):
         where = f"item {i}"
@@ -143,14 +151,24 @@ def parse_infer_response(body: Any, n_expected: int, require_flag: bool, base_ur
         flag: Optional[int] = None
         if FLAG_FIELD in item:
             cx = item[FLAG_FIELD]
-            _expect(isinstance(cx, dict) and FLAG_KEY in cx, f"{where}.{FLAG_FIELD}",
-                    f"must be an object with '{FLAG_KEY}'", cx)
+            _expect(
+                isinstance(cx, dict) and FLAG_KEY in cx,
+                f"{where}.{FLAG_FIELD}",
+                f"must be an object with '{FLAG_KEY}'",
+                cx,
+            )
             flag = cx[FLAG_KEY]
-            _expect(isinstance(flag, int) and not isinstance(flag, bool) and flag in (0, 1),
-                    f"{where}.{FLAG_FIELD}.{FLAG_KEY}", "must be 0 or 1", flag)
+            _expect(
+                isinstance(flag, int) and not isinstance(flag, bool) and flag in (0, 1),
+                f"{where}.{FLAG_FIELD}.{FLAG_KEY}",
+                "must be 0 or 1",
+                flag,
+            )
             flag = int(flag)
             rollout = item.get("response")
-            _expect(isinstance(rollout, dict), f"{where}.response", "must be an object (RolloutOutput)", rollout)
+            _expect(
+                isinstance(rollout, dict), f"{where}.response", "must be an object (RolloutOutput)", rollout
+            )
             where = f"{where}.response"
         else:
             if require_flag:
@@ -158,29 +176,55 @@ def parse_infer_response(body: Any, n_expected: int, require_flag: bool, base_ur
                     f"/infer/ {where} has no '{FLAG_FIELD}.{FLAG_KEY}' field although "
                     "rollout_matching.repeat_terminate.enabled is true: the server was started without the "
                     "coordexp plugin (swift rollout --external_plugins coordexp/rollout/swift_plugin.py with "
-                    "COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION=1)")
+                    "COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION=1)"
+                )
             rollout = item
         chat = rollout.get("response")
-        _expect(isinstance(chat, dict), f"{where}.response", "must be an object (ChatCompletionResponse)", chat)
+        _expect(
+            isinstance(chat, dict), f"{where}.response", "must be an object (ChatCompletionResponse)", chat
+        )
         if chat.get("object") == "error":
             raise RolloutServerError(f"/infer/ {where} is an error from the server: {json.dumps(chat)[:500]}")
         choices = chat.get("choices")
-        _expect(isinstance(choices, list) and len(choices) >= 1, f"{where}.response.choices",
-                "must be a non-empty list", choices)
+        _expect(
+            isinstance(choices, list) and len(choices) >= 1,
+            f"{where}.response.choices",
+            "must be a non-empty list",
+            choices,
+        )
         choice = choices[0]
         _expect(isinstance(choice, dict), f"{where}.response.choices[0]", "must be an object", choice)
         token_ids = choice.get("token_ids")
-        _expect(_int_list(token_ids), f"{where}.response.choices[0].token_ids",
-                "must be a list of ints (request_config.return_details=true)", token_ids)
+        _expect(
+            _int_list(token_ids),
+            f"{where}.response.choices[0].token_ids",
+            "must be a list of ints (request_config.return_details=true)",
+            token_ids,
+        )
         message = choice.get("message")
-        _expect(isinstance(message, dict) and isinstance(message.get("content"), str),
-                f"{where}.response.choices[0].message.content", "must be a string", message)
+        _expect(
+            isinstance(message, dict) and isinstance(message.get("content"), str),
+            f"{where}.response.choices[0].message.content",
+            "must be a string",
+            message,
+        )
         prompt_ids = chat.get("prompt_token_ids")
-        _expect(_int_list(prompt_ids) and len(prompt_ids) > 0, f"{where}.response.prompt_token_ids",
-                "must be a non-empty list of ints", prompt_ids)
-        out.append(RolloutResult(prompt_token_ids=list(prompt_ids), token_ids=list(token_ids),
-                                 text=message["content"], finish_reason=choice.get("finish_reason"),
-                                 repeat_terminate_triggered=flag, base_url=base_url))
+        _expect(
+            _int_list(prompt_ids) and len(prompt_ids) > 0,
+            f"{where}.response.prompt_token_ids",
+            "must be a non-empty list of ints",
+            prompt_ids,
+        )
+        out.append(
+            RolloutResult(
+                prompt_token_ids=list(prompt_ids),
+                token_ids=list(token_ids),
+                text=message["content"],
+                finish_reason=choice.get("finish_reason"),
+                repeat_terminate_triggered=flag,
+                base_url=base_url,
+            )
+        )
     return out
 
 
@@ -226,19 +270,25 @@ def get_world_size(base_url: str, timeout_s: float = 30.0, session: Optional[req
     try:
         ws = r.json()["world_size"]
     except (ValueError, KeyError, TypeError):
-        raise MalformedResponseError(f"GET {url}: expected {{\"world_size\": int}}, got {r.text[:300]}") from None
+        raise MalformedResponseError(
+            f'GET {url}: expected {{"world_size": int}}, got {r.text[:300]}'
+        ) from None
     if not isinstance(ws, int) or isinstance(ws, bool) or ws < 1:
         raise MalformedResponseError(f"GET {url}: world_size must be an int >= 1, got {ws!r}")
     return ws
 
 
-def post_infer(base_url: str, payload: dict, timeout_s: float,
-               session_factory: Callable[[], requests.Session] = requests.Session) -> Any:
+def post_infer(
+    base_url: str,
+    payload: dict,
+    timeout_s: float,
+    session_factory: Callable[[], requests.Session] = requests.Session,
+) -> Any:
     """POST one ``/infer/`` body; one retry on a fresh session for transient failures; returns the JSON."""
     url = base_url.rstrip("/") + "/infer/"
     n = len(payload.get("infer_requests", ()))
     last: Optional[str] = None
-    for attempt in (1, 2):
+    for _attempt in (1, 2):
         session = session_factory()
         try:
             r = session.post(url, json=payload, timeout=_timeout(timeout_s))
@@ -257,11 +307,15 @@ def post_infer(base_url: str, payload: dict, timeout_s: float,
             last = f"HTTP {r.status_code}: {r.text[:300]}"
             continue
         if r.status_code != 200:
-            raise RolloutServerError(f"POST {url} ({n} requests) returned HTTP {r.status_code}: {r.text[:500]}")
+            raise RolloutServerError(
+                f"POST {url} ({n} requests) returned HTTP {r.status_code}: {r.text[:500]}"
+            )
         try:
             return r.json()
         except ValueError:
-            raise MalformedResponseError(f"POST {url} returned a body that is not JSON: {r.text[:300]!r}") from None
+            raise MalformedResponseError(
+                f"POST {url} returned a body that is not JSON: {r.text[:300]!r}"
+            ) from None
     raise RolloutServerError(f"POST {url} ({n} requests) failed twice (one retry): {last}")
 
 
@@ -318,9 +372,14 @@ class RolloutClient:
         """From a ``TrainConfig`` (``vllm.server.*`` and ``rollout_matching.*``)."""
         server = cfg.vllm.server
         rm = cfg.rollout_matching
-        return cls(list(server.base_urls), decode_batch_size=rm.decode_batch_size,
-                   repeat_terminate_enabled=rm.repeat_terminate.enabled,
-                   infer_timeout_s=server.infer_timeout_s, request_timeout_s=server.request_timeout_s, **kwargs)
+        return cls(
+            list(server.base_urls),
+            decode_batch_size=rm.decode_batch_size,
+            repeat_terminate_enabled=rm.repeat_terminate.enabled,
+            infer_timeout_s=server.infer_timeout_s,
+            request_timeout_s=server.request_timeout_s,
+            **kwargs,
+        )
 
     def world_sizes(self) -> List[int]:
         with self._lock:
@@ -342,7 +401,7 @@ class RolloutClient:
         return out
 
     def infer(self, reqs: Sequence[InferRequest], params: DecodeParams) -> List[RolloutResult]:
-        """Rollouts for ``reqs`` in order. Request ``i`` is decoded with seed ``params.seed + i`` (when set)."""
+        """Rollouts for ``reqs``, in order. Request ``i`` uses seed ``params.seed + i`` (when set)."""
         reqs = list(reqs)
         if not reqs:
             return []

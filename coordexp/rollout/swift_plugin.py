@@ -1,8 +1,8 @@
 """ms-swift rollout-server plugin: repeat-aware termination on a ``swift rollout`` server.
 
-Load it with ``swift rollout --external_plugins <path of this file> ...`` (the coordexp launcher does). ms-swift
-executes the file in its main (FastAPI) process while parsing arguments and again in every rollout worker
-process before the engine is built. It does nothing unless the server environment has
+Load it with ``swift rollout --external_plugins <path of this file> ...`` (the coordexp launcher does).
+ms-swift executes the file in its main (FastAPI) process while parsing arguments and again in every
+rollout worker process before the engine is built. It does nothing unless the server environment has
 ``COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION=1`` (so a plain ``import`` in tests or tools patches
 nothing). With the guard set it:
 
@@ -19,7 +19,8 @@ nothing). With the guard set it:
    all tokens before it, i.e. exactly when the processor forced it. An output that contradicts an attached
    processor (rule held earlier but generation went on) is logged as an error;
 5. *response* (main) - wraps every ``/infer/`` output as
-   ``{"response": <ms-swift RolloutOutput as a plain dict>, "coordexp": {"repeat_terminate_triggered": 0|1}}``;
+   ``{"response": <ms-swift RolloutOutput as a plain dict>,
+   "coordexp": {"repeat_terminate_triggered": 0|1}}``;
 6. CPU only (``COORDEXP_SERVER_DEVICE=cpu``, set by the launcher): ms-swift's device-count check is told
    there is one device.
 
@@ -96,7 +97,9 @@ def load_server_config(environ: Optional[dict] = None):
     try:
         return config_from_json(text, source=ENV_CONFIG_JSON)
     except ValueError as exc:
-        raise PluginConfigError(f"coordexp swift plugin: refusing to start the rollout server: {exc}") from None
+        raise PluginConfigError(
+            f"coordexp swift plugin: refusing to start the rollout server: {exc}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -132,12 +135,14 @@ def request_overrides(request: Any) -> Optional[dict]:
 
 
 def wrap_output(output: Any) -> dict:
-    """One ``/infer/`` item: ``{"response": <plain output>, "coordexp": {"repeat_terminate_triggered": f}}``."""
+    """One ``/infer/`` item: ``{"response": <plain output>, "coordexp": {FLAG_KEY: flag}}``."""
     plain = to_plain(output)
     infos = plain.get("rollout_infos") if isinstance(plain, dict) else None
     if not isinstance(infos, dict) or FLAG_INFO_KEY not in infos:
-        raise RuntimeError("coordexp swift plugin: a rollout worker returned an output without the "
-                           f"'{FLAG_INFO_KEY}' flag; the plugin is not active in the worker processes")
+        raise RuntimeError(
+            "coordexp swift plugin: a rollout worker returned an output without the "
+            f"'{FLAG_INFO_KEY}' flag; the plugin is not active in the worker processes"
+        )
     flag = int(infos.pop(FLAG_INFO_KEY))
     return {"response": plain, RESPONSE_KEY: {FLAG_KEY: flag}}
 
@@ -155,13 +160,17 @@ def _flag_core(engine: Any, defaults: Any):
     return core
 
 
-def attach_flags(engine: Any, infer_requests: list, outputs: list, defaults: Any, strip_details: bool) -> None:
+def attach_flags(
+    engine: Any, infer_requests: list, outputs: list, defaults: Any, strip_details: bool
+) -> None:
     """Worker side: compute each output's flag and leave it in ``rollout_infos[FLAG_INFO_KEY]``."""
     from coordexp.rollout.repeat_rules import consistency_problem, forced_eos_flag, merge_overrides
 
     core = _flag_core(engine, defaults)
     if len(outputs) != len(infer_requests):
-        raise RuntimeError(f"coordexp swift plugin: {len(infer_requests)} requests but {len(outputs)} outputs")
+        raise RuntimeError(
+            f"coordexp swift plugin: {len(infer_requests)} requests but {len(outputs)} outputs"
+        )
     for req, out in zip(infer_requests, outputs):
         cfg = merge_overrides(defaults, request_overrides(req))
         flag = 0
@@ -202,7 +211,7 @@ def _patch_engine(defaults: Any) -> None:
     from swift.infer_engine.grpo_vllm_engine import GRPOVllmEngine
     from swift.infer_engine.vllm_engine import VllmEngine
 
-    from coordexp.rollout.repeat_rules import validate_overrides, XARGS_KEY
+    from coordexp.rollout.repeat_rules import XARGS_KEY, validate_overrides
     from coordexp.rollout.vllm_processor import PROCESSOR_FQCN
 
     if getattr(VllmEngine, "_coordexp_patched", False):
@@ -223,8 +232,10 @@ def _patch_engine(defaults: Any) -> None:
         result = orig_kwargs(self, max_model_len, engine_kwargs)
         registered = list(getattr(self.engine_args, "logits_processors", None) or [])
         if getattr(self, "task_type", None) in (None, "causal_lm") and PROCESSOR_FQCN not in registered:
-            raise RuntimeError("coordexp swift plugin: the repeat-terminate logits processor did not reach "
-                               f"vLLM's engine args (logits_processors={registered})")
+            raise RuntimeError(
+                "coordexp swift plugin: the repeat-terminate logits processor did not reach "
+                f"vLLM's engine args (logits_processors={registered})"
+            )
         _say(f"registered vLLM logits processor {PROCESSOR_FQCN} (engine logits_processors={registered})")
         return result
 
@@ -248,9 +259,13 @@ def _patch_engine(defaults: Any) -> None:
     orig_infer = GRPOVllmEngine.infer
 
     @functools.wraps(orig_infer)
-    def infer(self, infer_requests, request_config=None, metrics=None, *, use_tqdm=None, adapter_request=None):
+    def infer(
+        self, infer_requests, request_config=None, metrics=None, *, use_tqdm=None, adapter_request=None
+    ):
         rc, strip = _with_details(request_config)
-        res = orig_infer(self, infer_requests, rc, metrics, use_tqdm=use_tqdm, adapter_request=adapter_request)
+        res = orig_infer(
+            self, infer_requests, rc, metrics, use_tqdm=use_tqdm, adapter_request=adapter_request
+        )
         if isinstance(res, list):
             attach_flags(self, list(infer_requests), res, defaults, strip)
         return res
@@ -258,7 +273,9 @@ def _patch_engine(defaults: Any) -> None:
     orig_async = GRPOVllmEngine.async_infer
 
     @functools.wraps(orig_async)
-    async def async_infer(self, infer_requests, request_config=None, metrics=None, *, use_tqdm=None, **kwargs):
+    async def async_infer(
+        self, infer_requests, request_config=None, metrics=None, *, use_tqdm=None, **kwargs
+    ):
         rc, strip = _with_details(request_config)
         res = await orig_async(self, infer_requests, rc, metrics, use_tqdm=use_tqdm, **kwargs)
         attach_flags(self, list(infer_requests), res, defaults, strip)
@@ -280,7 +297,24 @@ def _patch_deploy() -> None:
 
     @functools.wraps(orig_infer)
     async def infer(self, infer_requests, request_config=None, *, use_tqdm=None):
-        outputs = await orig_infer(self, infer_requests, request_config, use_tqdm=use_tqdm)
+        from fastapi import HTTPException
+
+        from coordexp.rollout.repeat_rules import XARGS_KEY, validate_overrides
+
+        for i, req in enumerate(infer_requests or []):  # reject bad per-request settings before any work
+            try:
+                overrides = request_overrides(req)
+                if overrides is not None:
+                    validate_overrides(overrides, where=f"{XARGS_KEY}.")
+            except ValueError as exc:
+                raise HTTPException(status_code=400, detail=f"coordexp: infer_requests[{i}]: {exc}") from None
+        try:
+            outputs = await orig_infer(self, infer_requests, request_config, use_tqdm=use_tqdm)
+        except TypeError as exc:  # a worker's method failed and sent None instead of its outputs
+            raise HTTPException(
+                status_code=500,
+                detail=f"coordexp: a rollout worker failed ({exc}); see the server log for its traceback",
+            ) from None
         return [wrap_output(o) for o in outputs]
 
     orig_register = SwiftRolloutDeploy._register_rl_rollout_app
@@ -315,7 +349,8 @@ def install(environ: Optional[dict] = None) -> bool:
     _patch_deploy()
     from coordexp.rollout.repeat_rules import config_to_dict
 
-    _say(f"repeat-terminate injection active (server defaults {config_to_dict(defaults)}, device={device or 'gpu'})")
+    where = device or "gpu"
+    _say(f"repeat-terminate injection active (server defaults {config_to_dict(defaults)}, device={where})")
     return True
 
 

@@ -126,8 +126,11 @@ def _engine_tokenizer(vllm_config: Any):
         except ImportError:  # pragma: no cover - older/newer vLLM layouts
             tok = None
     if tok is None:
-        tok = _load_tokenizer_cached(str(mc.tokenizer), getattr(mc, "tokenizer_revision", None),
-                                     bool(getattr(mc, "trust_remote_code", False)))
+        tok = _load_tokenizer_cached(
+            str(mc.tokenizer),
+            getattr(mc, "tokenizer_revision", None),
+            bool(getattr(mc, "trust_remote_code", False)),
+        )
     return tok
 
 
@@ -135,11 +138,18 @@ class ProcessorCore:
     """What both runner implementations share: defaults, EOS id, object-opening matcher, per-request
     config resolution. Built from the engine's own tokenizer inside the engine process."""
 
-    def __init__(self, vllm_config: Any = None, *, tokenizer: Any = None,
-                 defaults: Optional[RepeatTerminateConfig] = None):
+    def __init__(
+        self,
+        vllm_config: Any = None,
+        *,
+        tokenizer: Any = None,
+        defaults: Optional[RepeatTerminateConfig] = None,
+    ):
         if vllm_config is not None and getattr(vllm_config, "speculative_config", None) is not None:
-            raise ValueError("coordexp repeat-terminate: speculative decoding is not supported (the rule "
-                             "engine follows committed tokens only); disable speculative_config")
+            raise ValueError(
+                "coordexp repeat-terminate: speculative decoding is not supported (the rule "
+                "engine follows committed tokens only); disable speculative_config"
+            )
         self.defaults = defaults if defaults is not None else server_default_config()
         if tokenizer is None:
             if vllm_config is None:
@@ -147,8 +157,9 @@ class ProcessorCore:
             tokenizer = _engine_tokenizer(vllm_config)
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is None or int(eos) < 0:
-            raise ValueError("coordexp repeat-terminate: the engine tokenizer has no eos_token_id, so EOS "
-                             "cannot be forced")
+            raise ValueError(
+                "coordexp repeat-terminate: the engine tokenizer has no eos_token_id, so EOS cannot be forced"
+            )
         vocab = None
         if vllm_config is not None:
             try:
@@ -171,8 +182,10 @@ class ProcessorCore:
         return SequenceState(cfg, self.matcher)
 
     def describe(self, runner: str) -> str:
-        return (f"coordexp repeat-terminate attached: runner={runner} eos={self.stop_ids} "
-                f"object_open_patterns={len(self.patterns)} defaults={config_to_dict(self.defaults)}")
+        return (
+            f"coordexp repeat-terminate attached: runner={runner} eos={self.stop_ids} "
+            f"object_open_patterns={len(self.patterns)} defaults={config_to_dict(self.defaults)}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- V1 runner
@@ -213,8 +226,14 @@ if _V1Base is not None:
 
         runner = "v1"
 
-        def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool,
-                     *, core: Optional[ProcessorCore] = None):
+        def __init__(
+            self,
+            vllm_config: Any,
+            device: torch.device,
+            is_pin_memory: bool,
+            *,
+            core: Optional[ProcessorCore] = None,
+        ):
             self.core = core or ProcessorCore(vllm_config)
             self.rows: dict[int, _V1Row] = {}
             self.forced_requests = 0
@@ -352,7 +371,7 @@ class RepeatTerminateMRV2LogitsProcessor(_mrv2_impl_base()):  # type: ignore[mis
             toks = table[r, c].tolist()
             pos = 0
             for row, k in feeds:
-                row.state.extend(toks[pos:pos + k])
+                row.state.extend(toks[pos : pos + k])
                 row.consumed += k
                 pos += k
         fired_pos: list[int] = []
@@ -397,9 +416,11 @@ class RepeatTerminateLogitsProcessor(*_FACADE_BASES):  # type: ignore[misc]
             if RepeatTerminateV1LogitsProcessor is None:  # pragma: no cover
                 raise RuntimeError("coordexp repeat-terminate: V1 logits-processor interface not importable")
             return RepeatTerminateV1LogitsProcessor(vllm_config, *args, **kwargs)
-        raise TypeError("coordexp repeat-terminate: unknown logits-processor constructor signature "
-                        f"(vllm_config, {', '.join(type(a).__name__ for a in args)}); neither the V1 runner "
-                        "(vllm_config, device, is_pin_memory) nor Model Runner V2 (vllm_config, req_states)")
+        raise TypeError(
+            "coordexp repeat-terminate: unknown logits-processor constructor signature "
+            f"(vllm_config, {', '.join(type(a).__name__ for a in args)}); neither the V1 runner "
+            "(vllm_config, device, is_pin_memory) nor Model Runner V2 (vllm_config, req_states)"
+        )
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:

@@ -54,7 +54,8 @@ class SampleRecord:
     truncated: int
     invalid_rollout: int
     valid_pred: int
-    dropped: Dict[str, int]
+    dropped_invalid: int          # complete records dropped by the strict parser (reason != prefix_unusable)
+    dropped: Dict[str, int]       # per reason, prefix_unusable included
     gt: int
     matched: int
     fp: int
@@ -106,6 +107,7 @@ def sample_record(sample, rollout: Rollout, parsed, gts, match, target_dropped: 
         sample_id=str(sample.sample_id), gen_tokens=len(rollout.token_ids), triggered=int(rollout.triggered),
         hit_max_new_tokens=int(rollout.hit_max_new_tokens), truncated=int(parsed.truncated),
         invalid_rollout=int(parsed.invalid_rollout), valid_pred=len(parsed.objects),
+        dropped_invalid=int(parsed.num_dropped_invalid),
         dropped={r.value: int(parsed.drop_counts.get(r.value, 0)) for r in DropReason}, gt=len(gts),
         matched=len(match.pairs), fp=len(match.false_positives), fn=len(match.false_negatives),
         matched_iou_sum=float(sum(p.iou for p in match.pairs)), gating_rejections=match.gating_rejections,
@@ -147,7 +149,7 @@ def record_rollout_metrics(buf: MetricBuffer, records: Sequence[SampleRecord], p
     buf.add_ratio(f"{prefix}/parse_truncated_rate", s("truncated"), n)
     buf.add_sum(f"{prefix}/invalid_rollout", s("invalid_rollout"))
     buf.add_ratio(f"{prefix}/invalid_rollout_rate", s("invalid_rollout"), n)
-    buf.add_sum(f"{prefix}/parse_dropped_invalid", sum(dropped.values()))
+    buf.add_sum(f"{prefix}/parse_dropped_invalid", s("dropped_invalid"))
     for reason, count in dropped.items():
         if count:  # absent means 0: keeps the log short
             buf.add_sum(f"{prefix}/parse_dropped/{reason}", count)

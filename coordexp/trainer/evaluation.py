@@ -1,12 +1,16 @@
 """Rollout evaluation during training: each rank decodes its shard of the held-out set (micro-batch =
-decode_batch_size), parses strictly, matches, and the counts are reduced globally into eval_rollout/*."""
+decode_batch_size), parses strictly, matches, and the counts are reduced globally into eval_rollout/*.
+Rank 0 also writes qualitative dumps and PNGs of its first samples (coordexp.evaluation.report)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable, Dict, Sequence
 
 from coordexp.config.contract import RolloutContract
+from coordexp.evaluation.detection import add_detection_metrics, finish_detection_metrics
+from coordexp.evaluation.report import find_tensorboard_writer, score_rollouts, write_eval_artifacts
 from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
 from coordexp.trainer.channels import TokenizerAdapter, record_rollout_metrics, sample_record, score_rollout
 from coordexp.trainer.rollouts import RolloutBackend
@@ -20,12 +24,22 @@ def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, backend:
         start = time.perf_counter()
         prompts = [adapter.prompt_ids(s.messages) for s in shard]
         batch = backend.generate(prompts, [s.messages for s in shard], seed)
-        records = [sample_record(s, r, *score_rollout(s, r, adapter, contract), target_dropped=False)
-                   for s, r in zip(shard, batch.rollouts)]
+        scored = [score_rollout(s, r, adapter, contract) for s, r in zip(shard, batch.rollouts)]
+        records = [sample_record(s, r, *sc, target_dropped=False) for s, r, sc in zip(shard, batch.rollouts, scored)]
+        predictions, agg, _ = score_rollouts(shard, batch.rollouts, adapter, contract, scored=scored)
         buf = MetricBuffer()
         record_rollout_metrics(buf, records, prefix="eval_rollout")
+        add_detection_metrics(buf, agg, prefix="eval_rollout")
         buf.add_max("eval_rollout/repeat_terminate_active", batch.repeat_terminate_active)
         buf.add_max("eval_time/rollout_s", time.perf_counter() - start)
-        return gather_and_reduce(buf)
+        metrics = finish_detection_metrics(gather_and_reduce(buf), prefix="eval_rollout")
+        if trainer.is_world_process_zero():
+            try:
+                write_eval_artifacts(predictions, trainer.run_dir, trainer.state.global_step,
+                                     tb_writer=find_tensorboard_writer(trainer))
+            except Exception as err:  # artifacts are secondary: report, never stop training for them
+                print(f"warning: eval artifacts at step {trainer.state.global_step} failed: "
+                      f"{type(err).__name__}: {err}", file=sys.stderr)
+        return metrics
 
     return evaluate

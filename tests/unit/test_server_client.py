@@ -24,9 +24,19 @@ from coordexp.rollout.server_client import (
 
 
 def rollout_item(i: int, flag: Optional[int] = 0, finish: str = "stop", wrapped: bool = True) -> dict:
-    chat = {"model": "m", "object": "chat.completion", "prompt_token_ids": [1, 2, 3],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"text{i}"},
-                         "finish_reason": finish, "token_ids": [10 + i, 11, 2]}]}
+    chat = {
+        "model": "m",
+        "object": "chat.completion",
+        "prompt_token_ids": [1, 2, 3],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"text{i}"},
+                "finish_reason": finish,
+                "token_ids": [10 + i, 11, 2],
+            }
+        ],
+    }
     ro = {"response": chat, "messages": None, "rollout_infos": {}}
     if not wrapped:
         return ro
@@ -36,9 +46,13 @@ def rollout_item(i: int, flag: Optional[int] = 0, finish: str = "stop", wrapped:
 class FakeServer:
     """A tiny HTTP server: ``infer(body) -> (status, json_or_text)`` decides each /infer/ answer."""
 
-    def __init__(self, world_size: int = 1, infer: Optional[Callable[[dict], Any]] = None, delay_s: float = 0.0):
+    def __init__(
+        self, world_size: int = 1, infer: Optional[Callable[[dict], Any]] = None, delay_s: float = 0.0
+    ):
         self.world_size = world_size
-        self.infer_fn = infer or (lambda body: (200, [rollout_item(i) for i in range(len(body["infer_requests"]))]))
+        self.infer_fn = infer or (
+            lambda body: (200, [rollout_item(i) for i in range(len(body["infer_requests"]))])
+        )
         self.delay_s = delay_s
         self.bodies: List[dict] = []
         self.calls = 0
@@ -117,8 +131,10 @@ def _walk_keys(obj):
 def test_payload_never_carries_logits_processors(servers):
     s = servers()
     client = RolloutClient([s.url], decode_batch_size=4, repeat_terminate_enabled=True)
-    xreq = InferRequest(messages=[{"role": "user", "content": "p"}],
-                        vllm_xargs={"coordexp_repeat_terminate": {"enabled": False}})
+    xreq = InferRequest(
+        messages=[{"role": "user", "content": "p"}],
+        vllm_xargs={"coordexp_repeat_terminate": {"enabled": False}},
+    )
     client.infer(reqs(3) + [xreq], PARAMS)
     assert s.bodies
     for body in s.bodies:
@@ -128,13 +144,19 @@ def test_payload_never_carries_logits_processors(servers):
         assert rc["return_details"] is True and rc["n"] == 1 and rc["stop"] == ["<|im_end|>"]
         assert rc["max_tokens"] == 8 and rc["temperature"] == 0.0 and rc["seed"] == 100
     assert s.bodies[0]["infer_requests"][3]["data_dict"] == {
-        "vllm_xargs": {"coordexp_repeat_terminate": {"enabled": False}}}
+        "vllm_xargs": {"coordexp_repeat_terminate": {"enabled": False}}
+    }
     assert "data_dict" not in s.bodies[0]["infer_requests"][0]
 
 
 def test_flags_come_from_the_coordexp_field_not_finish_reason(servers):
     # item 0: finish "stop" but flag 0; item 1: finish "length" but flag 1 -> flags [0, 1]
-    s = servers(infer=lambda b: (200, [rollout_item(0, flag=0, finish="stop"), rollout_item(1, flag=1, finish="length")]))
+    s = servers(
+        infer=lambda b: (
+            200,
+            [rollout_item(0, flag=0, finish="stop"), rollout_item(1, flag=1, finish="length")],
+        )
+    )
     client = RolloutClient([s.url], decode_batch_size=8, repeat_terminate_enabled=True)
     res = client.infer(reqs(2), PARAMS)
     assert [r.repeat_terminate_triggered for r in res] == [0, 1]
@@ -143,7 +165,9 @@ def test_flags_come_from_the_coordexp_field_not_finish_reason(servers):
 
 
 def test_missing_flag_fails_fast_when_enabled_and_is_fine_when_disabled(servers):
-    s = servers(infer=lambda b: (200, [rollout_item(i, wrapped=False) for i in range(len(b["infer_requests"]))]))
+    s = servers(
+        infer=lambda b: (200, [rollout_item(i, wrapped=False) for i in range(len(b["infer_requests"]))])
+    )
     with pytest.raises(MalformedResponseError, match="coordexp.repeat_terminate_triggered"):
         RolloutClient([s.url], decode_batch_size=8, repeat_terminate_enabled=True).infer(reqs(2), PARAMS)
     res = RolloutClient([s.url], decode_batch_size=8, repeat_terminate_enabled=False).infer(reqs(2), PARAMS)
@@ -151,14 +175,25 @@ def test_missing_flag_fails_fast_when_enabled_and_is_fine_when_disabled(servers)
     assert RolloutClient.count_triggered(res) == 0
 
 
-@pytest.mark.parametrize("body, needle", [
-    ({"not": "a list"}, "must be a JSON list"),
-    ([rollout_item(0)], "must have 2 items"),
-    ([rollout_item(0), {"response": {"response": {"choices": []}}, "coordexp": {"repeat_terminate_triggered": 0}}],
-     "choices"),
-    ([rollout_item(0), {"response": {}, "coordexp": {"repeat_terminate_triggered": 2}}], "must be 0 or 1"),
-    ([rollout_item(0), {"response": {}, "coordexp": {}}], "repeat_terminate_triggered"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"not": "a list"}, "must be a JSON list"),
+        ([rollout_item(0)], "must have 2 items"),
+        (
+            [
+                rollout_item(0),
+                {"response": {"response": {"choices": []}}, "coordexp": {"repeat_terminate_triggered": 0}},
+            ],
+            "choices",
+        ),
+        (
+            [rollout_item(0), {"response": {}, "coordexp": {"repeat_terminate_triggered": 2}}],
+            "must be 0 or 1",
+        ),
+        ([rollout_item(0), {"response": {}, "coordexp": {}}], "repeat_terminate_triggered"),
+    ],
+)
 def test_malformed_responses_raise_clear_errors(servers, body, needle):
     s = servers(infer=lambda b: (200, body))
     client = RolloutClient([s.url], decode_batch_size=8, repeat_terminate_enabled=True)
@@ -219,8 +254,13 @@ def test_client_error_is_not_retried(servers):
 
 
 def test_unreachable_server():
-    client = RolloutClient(["http://127.0.0.1:9"], decode_batch_size=2, repeat_terminate_enabled=True,
-                           world_sizes=[1], infer_timeout_s=2)
+    client = RolloutClient(
+        ["http://127.0.0.1:9"],
+        decode_batch_size=2,
+        repeat_terminate_enabled=True,
+        world_sizes=[1],
+        infer_timeout_s=2,
+    )
     with pytest.raises(RolloutServerError, match=r"127.0.0.1:9/infer/.*failed twice"):
         client.infer(reqs(1), PARAMS)
 
@@ -251,14 +291,17 @@ def test_chunks_weighted_by_world_size_and_micro_batched(servers):
     assert sorted(got) == sorted(f"q{i}" for i in range(n))
     assert [r.base_url for r in res] == [a.url] * sum(sizes_a) + [b.url] * sum(sizes_b)
     # per-call seed = seed + index of the chunk's first request (swift adds the in-batch index)
-    starts = [0] + [sum(sizes_a[:i + 1]) for i in range(len(sizes_a) - 1)]
+    starts = [0] + [sum(sizes_a[: i + 1]) for i in range(len(sizes_a) - 1)]
     assert [x["request_config"]["seed"] for x in a.bodies] == [1000 + s for s in starts]
 
 
 def test_world_sizes_come_from_the_servers(servers):
     a = servers(world_size=2)
     assert RolloutClient([a.url], decode_batch_size=3, repeat_terminate_enabled=False).plan(13) == [
-        (a.url, 0, 6), (a.url, 6, 12), (a.url, 12, 13)]
+        (a.url, 0, 6),
+        (a.url, 6, 12),
+        (a.url, 12, 13),
+    ]
 
 
 def test_build_payload_shape():

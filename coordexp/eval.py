@@ -1,0 +1,166 @@
+"""`python -m coordexp.eval +experiment=<leaf> model.kind=local model.path=<checkpoint> [overrides]`
+
+Evaluates a checkpoint on a held-out JSONL split with the run's own config tree (conf/train.yaml):
+rollouts through the configured backend, strict parse, Hungarian matching at IoU 0.50:0.05:0.95,
+COCO AP (constant score and mean coordinate-token probability), parse/truncation/duplicate/forced-EOS
+rates. Writes into the Hydra run dir: eval_report.json, predictions.jsonl, qualitative/eval.md and
+viz/*.png. The split is ``data.val_jsonl`` if set, else (``data.kind: synthetic``) the synthetic held-out
+split generated exactly as the learner does. ``-m`` sweeps, e.g. over ``model.path=a,b``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from coordexp.config.errors import exit_on_config_error
+from coordexp.config.leaf import check_command_line
+from coordexp.config.load import to_train_config
+from coordexp.config.schema import DataKind, TrainConfig
+from coordexp.config.store import register_configs
+
+
+class EvalError(RuntimeError):
+    """A problem the user can fix; printed without a traceback, exit code 2."""
+
+
+def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> Tuple[list, Path]:
+    """(samples, split path): data.val_jsonl, else the synthetic held-out split (seed + 1, as the learner)."""
+    from coordexp.data.prompt import PromptSpec
+    from coordexp.trainer.learner import TrainSample
+
+    if cfg.data.val_jsonl:
+        path = Path(cfg.data.val_jsonl)
+        if not path.is_file():
+            raise EvalError(f"data.val_jsonl '{path}' does not exist")
+    elif cfg.data.kind == DataKind.synthetic:
+        from coordexp.data.synthetic import SyntheticSpec, write_synthetic_jsonl
+
+        syn = cfg.data.synthetic
+        spec = SyntheticSpec(min_objects=syn.min_objects, max_objects=syn.max_objects)
+        path = write_synthetic_jsonl(out_dir / "data" / "val.jsonl", syn.val_samples, syn.seed + 1, spec)
+    else:
+        raise EvalError("no held-out split: pass data.val_jsonl=<file> (data.kind: jsonl has no generated split)")
+    from coordexp.data.jsonl import load_jsonl
+
+    prompt = PromptSpec(object_field_order=cfg.data.object_field_order.value, system_prompt=cfg.data.system_prompt)
+    try:
+        data = load_jsonl(path, prompt)
+    except (OSError, ValueError) as err:
+        raise EvalError(f"{path}: {err}") from None
+    # sample ids as the learner writes them (<file name>:<line>)
+    samples = [TrainSample(f"{path.name}:{s.source.rsplit(':', 1)[-1]}", list(s.objects), list(s.messages),
+                           s.width, s.height, list(s.images)) for s in data]
+    if cfg.data.val_sample_limit is not None:
+        samples = samples[: cfg.data.val_sample_limit]
+    if not samples:
+        raise EvalError(f"{path}: no samples to evaluate")
+    return samples, path
+
+
+def build_backend(cfg: TrainConfig, contract, model, tokenizer):
+    """A RolloutBackend for ``model``; any object with ``generate(prompt_ids, messages, seed)`` works with
+    ``coordexp.evaluation.report.evaluate_rollouts``."""
+    if contract.backend == "hf":
+        from coordexp.trainer.rollouts import HFRolloutBackend
+
+        return HFRolloutBackend(lambda: model, tokenizer, contract)
+    raise EvalError("coordexp.eval runs rollouts in-process: add rollout=hf (a rollout server serving the "
+                    "checkpoint can be plugged in through coordexp.evaluation.report.evaluate_rollouts)")
+
+
+def _checkpoint_meta(model_dir: Path) -> dict:
+    meta = {"checkpoint": str(model_dir)}
+    state = model_dir / "trainer_state.json"
+    if state.is_file():
+        try:
+            meta["global_step"] = json.loads(state.read_text()).get("global_step")
+        except (OSError, ValueError):
+            pass
+    return meta
+
+
+def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
+    import torch
+    from transformers import set_seed
+
+    from coordexp.config.contract import rollout_contract
+    from coordexp.evaluation.report import (PREDICTIONS_NAME, REPORT_NAME, VIZ_LIMIT, TeacherForcedScorer,
+                                            evaluate_rollouts, format_summary, write_predictions,
+                                            write_qualitative, write_report)
+    from coordexp.trainer.channels import TokenizerAdapter
+    from coordexp.trainer.learner import LearnerError, load_model
+    from coordexp.viz import write_sample_pngs
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    contract = rollout_contract(cfg)
+    try:
+        model, tokenizer, model_dir = load_model(cfg)
+    except (LearnerError, OSError) as err:
+        raise EvalError(str(err)) from None
+    try:
+        adapter = TokenizerAdapter(tokenizer)
+    except ValueError as err:
+        raise EvalError(f"the tokenizer of {model_dir} lacks the coordinate vocabulary: {err}") from None
+    if torch.cuda.is_available():
+        model.to("cuda")
+    samples, split = load_eval_samples(cfg, out_dir)
+    backend = build_backend(cfg, contract, model, tokenizer)
+    has_images = any(s.images for s in samples)
+    scorer = None if has_images else TeacherForcedScorer(model, adapter.pad_id, contract.decode_batch_size)
+    meta = {"experiment": cfg.experiment, **_checkpoint_meta(Path(model_dir)),
+            "split": {"path": str(split), "samples": len(samples)}, "seed": cfg.seed}
+    if has_images:
+        meta["notes"] = ["coord-prob score skipped: the teacher-forced scorer is text-only and the split has images"]
+    print(f"coordexp.eval: {len(samples)} samples from {split}, checkpoint {model_dir}", flush=True)
+    result = evaluate_rollouts(samples, backend, adapter, contract, seed=cfg.seed, scorer=scorer, meta=meta)
+    report_path = write_report(result.report, out_dir / REPORT_NAME)
+    write_predictions(result.records, out_dir / PREDICTIONS_NAME)
+    write_qualitative(result.records, out_dir / "qualitative" / "eval.md", title=f"coordexp.eval: {model_dir}")
+    write_sample_pngs(result.records, out_dir / "viz", limit=VIZ_LIMIT, image_root=split.parent)
+    print(format_summary(result.report))
+    print(f"report: {report_path}")
+    return 0
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def hydra_task(cfg: DictConfig) -> int:
+    with exit_on_config_error():
+        train_cfg = to_train_config(cfg)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        code = run_eval(train_cfg, out_dir)
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    if code != 0:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise RuntimeError(f"eval job {out_dir} failed with exit code {code}")
+        sys.exit(code)
+    return code
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    from coordexp.train import _overrides
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    register_configs()
+    if "--help" not in sys.argv and "-h" not in sys.argv and "--hydra-help" not in sys.argv:
+        with exit_on_config_error():
+            check_command_line(_overrides(sys.argv[1:]))
+    if any(a in ("--cfg", "-c") for a in sys.argv) and "--resolve" not in sys.argv:
+        sys.argv.append("--resolve")
+    hydra_task()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Benchmark of repeat-aware termination (run: ``python tests/benchmarks/bench_repeat_terminate.py``).
+
+Measured side by side in one run, printed as tables of ratios:
+
+1. Processor cost per decode step (the real V1 ``RepeatTerminateV1LogitsProcessor``: one new token per row,
+   then ``apply``) at batch 1 / 64 / 256 with every row already 256 vs 8192 tokens long. Target: the
+   8192/256 ratio <= 1.2 (cost independent of length).
+2. The same step against a naive rescan implementation (every step recomputes the rules from the whole
+   generated sequence, as a post-hoc ``triggered`` would) at 4096 tokens. Target: >= 20x faster.
+3. vLLM tokens/s on the tiny model, CPU, **offline engine** (``LLM(...)``), with the processor attached
+   (every request tracked, thresholds that never fire) vs not attached. Same prompts, ``ignore_eos`` and
+   a fixed ``max_tokens`` so both runs generate the same number of tokens. Two engines, one after the other.
+
+Options: ``--quick`` (fewer steps), ``--skip-vllm``, ``--vllm-prompts N``, ``--vllm-tokens M``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+# Typical production thresholds (shipped defaults of the original system, with an object cap).
+BENCH_CFG = {
+    "enabled": True,
+    "min_new_tokens": 32,
+    "max_consecutive_token_repeats": 64,
+    "ngram_size": 64,
+    "ngram_repeats": 2,
+    "max_object_keys": 256,
+}
+
+
+def _tokenizer(cache: Path):
+    from transformers import AutoTokenizer
+
+    from coordexp.data.tiny_model import ensure_tiny_model
+
+    path = ensure_tiny_model(cache, arch="qwen2")
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+def _safe_tokens(tok, core, n, rng):
+    """Random ids that never complete a rule: no pattern tokens, no long runs, no tail repeats."""
+    banned = {t for p in core.patterns for t in p} | set(core.stop_ids)
+    pool = [t for t in range(10, len(tok)) if t not in banned]
+    return [rng.choice(pool) for _ in range(n)]
+
+
+class NaiveRescan:
+    """Baseline: every step and row re-derives every rule from the full generated list (no state)."""
+
+    def __init__(self, cfg, matcher, stop_ids):
+        self.cfg, self.matcher, self.stop_ids = cfg, matcher, stop_ids
+        self.rows = {}
+
+    def add(self, index, out):
+        self.rows[index] = out
+
+    def fired(self, ids):
+        c = self.cfg
+        n = len(ids)
+        if n < c.min_new_tokens:
+            return False
+        k = c.max_consecutive_token_repeats
+        if k and n >= k and len(set(ids[n - k :])) == 1:
+            return True
+        g, r = c.ngram_size, c.ngram_repeats
+        if g and r >= 2 and n >= g * r:
+            tail = ids[n - g :]
+            if all(ids[n - g * (j + 1) : n - g * j] == tail for j in range(1, r)):
+                return True
+        return c.max_object_keys is not None and self.matcher.count(ids) >= c.max_object_keys
+
+    def apply(self, logits):
+        from coordexp.rollout.hf_guard import force_eos_rows
+
+        fired = [i for i, out in self.rows.items() if self.fired(out)]
+        if fired:
+            force_eos_rows(logits, fired, self.stop_ids)
+        return logits
+
+
+def _setup(core, tok, batch, length, naive=False, seed=0):
+    import torch
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from coordexp.rollout.repeat_rules import parse_config
+    from coordexp.rollout.vllm_processor import RepeatTerminateV1LogitsProcessor
+
+    rng = random.Random(seed)
+    cfg = parse_config(BENCH_CFG)
+    base = _safe_tokens(tok, core, length + 4096, rng)
+    outs = [list(base[i % 97 : i % 97 + length]) for i in range(batch)]
+    if naive:
+        proc = NaiveRescan(cfg, core.matcher, core.stop_ids)
+        for i, out in enumerate(outs):
+            proc.add(i, out)
+    else:
+        proc = RepeatTerminateV1LogitsProcessor(None, torch.device("cpu"), False, core=core)
+        added = [
+            (i, SimpleNamespace(extra_args={"coordexp_repeat_terminate": BENCH_CFG}), [1], out)
+            for i, out in enumerate(outs)
+        ]
+        proc.update_state(BatchUpdate(batch_size=batch, removed=[], added=added, moved=[]))
+    logits = torch.zeros(batch, 1024)
+    proc.apply(logits)  # catch up on the existing `length` tokens (not timed)
+    feed = _safe_tokens(tok, core, 4096, rng)
+    return proc, outs, logits, feed
+
+
+def time_steps(proc, outs, logits, feed, steps):
+    """Median-of-3 seconds per decode step (append one token to every row, then apply)."""
+    runs = []
+    pos = 0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            t = feed[pos % len(feed)]
+            pos += 1
+            for out in outs:
+                out.append(t)
+            proc.apply(logits)
+        runs.append((time.perf_counter() - t0) / steps)
+    if logits.isinf().any():
+        raise RuntimeError("a rule fired during the benchmark; the measurement is invalid")
+    return statistics.median(runs)
+
+
+def bench_processor(core, tok, quick):
+    rows = []
+    for batch in (1, 64, 256):
+        steps = {1: 2000, 64: 100, 256: 40}[batch] // (4 if quick else 1)
+        per = {}
+        for length in (256, 8192):
+            proc, outs, logits, feed = _setup(core, tok, batch, length)
+            per[length] = time_steps(proc, outs, logits, feed, steps)
+        rows.append((batch, per[256], per[8192], per[8192] / per[256]))
+    return rows
+
+
+def bench_naive(core, tok, quick):
+    rows = []
+    for batch in (1, 64):
+        steps = {1: 200, 64: 10}[batch] // (2 if quick else 1)
+        proc, outs, logits, feed = _setup(core, tok, batch, 4096)
+        inc = time_steps(proc, outs, logits, feed, steps)
+        proc, outs, logits, feed = _setup(core, tok, batch, 4096, naive=True)
+        naive = time_steps(proc, outs, logits, feed, max(2, steps))
+        rows.append((batch, inc, naive, naive / inc))
+    return rows
+
+
+_VLLM_CHILD = r"""
+import json, os, sys, time
+if __name__ == "__main__":
+    model, attach, n_prompts, n_tokens = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+    from vllm import LLM, SamplingParams
+    fqcn = "coordexp.rollout.vllm_processor:RepeatTerminateLogitsProcessor"
+    kw = {"logits_processors": [fqcn]} if attach else {}
+    llm = LLM(model=model, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0, **kw)
+    xa = {"coordexp_repeat_terminate": {"enabled": True, "min_new_tokens": 32,
+          "max_consecutive_token_repeats": 100000,
+          "ngram_size": 0, "ngram_repeats": 0, "max_object_keys": None}} if attach else None
+    prompts = [{"prompt_token_ids": [1, 20 + i, 30 + i % 7, 40, 201]} for i in range(n_prompts)]
+    sp = SamplingParams(max_tokens=n_tokens, temperature=1.0, seed=1, ignore_eos=True, extra_args=xa)
+    llm.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True, extra_args=xa))  # warm-up
+    best = None
+    for _ in range(3):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        toks = sum(len(o.outputs[0].token_ids) for o in outs)
+        best = max(best or 0, toks / dt)
+    print("RESULT", json.dumps({"tokens_per_s": best, "tokens": toks}), flush=True)
+    llm.llm_engine.engine_core.shutdown()
+"""
+
+
+def bench_vllm(model_dir, n_prompts, n_tokens, rounds):
+    """tokens/s per run, keyed by attached (0/1); engines alternate A B B A ... (one at a time: 2 cores)."""
+    import subprocess
+
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        MODELSCOPE_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_PLUGINS="none",
+    )
+    res = {0: [], 1: []}
+    order = [a for r in range(rounds) for a in ((0, 1) if r % 2 == 0 else (1, 0))]
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
+        fh.write(_VLLM_CHILD)
+        child = fh.name
+    try:
+        for attach in order:
+            p = subprocess.run(
+                [sys.executable, child, str(model_dir), str(attach), str(n_prompts), str(n_tokens)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if p.returncode != 0 or not line:
+                raise RuntimeError(f"vLLM benchmark child failed ({p.returncode}):\n{p.stderr[-3000:]}")
+            res[attach].append(json.loads(line[-1][7:])["tokens_per_s"])
+    finally:
+        os.unlink(child)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--vllm-prompts", type=int, default=64)
+    ap.add_argument("--vllm-tokens", type=int, default=256)
+    ap.add_argument("--vllm-rounds", type=int, default=2, help="engine pairs, alternating order")
+    ap.add_argument("--cache", default=str(REPO / ".cache" / "bench-tiny"))
+    args = ap.parse_args(argv)
+
+    import coordexp.rollout.vllm_processor as vp
+    from coordexp.rollout.vllm_processor import ProcessorCore
+
+    vp._announce = lambda msg: None  # one "attached" line per processor instance would drown the tables
+    model_dir, tok = _tokenizer(Path(args.cache))
+    core = ProcessorCore(tokenizer=tok)
+    print(
+        f"config: {BENCH_CFG}; object-opening patterns: {len(core.patterns)}; "
+        f"python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    )
+
+    print("\n[1] processor cost per decode step (V1 processor, one token per row + apply)")
+    print(f"{'batch':>6} {'len 256 (us)':>14} {'len 8192 (us)':>14} {'8192/256':>9}  target <= 1.2")
+    for b, a, c, r in bench_processor(core, tok, args.quick):
+        print(f"{b:>6} {a * 1e6:>14.1f} {c * 1e6:>14.1f} {r:>9.2f}  {'ok' if r <= 1.2 else 'MISS'}")
+
+    print("\n[2] incremental vs naive rescan at 4096 generated tokens")
+    print(f"{'batch':>6} {'incremental (us)':>17} {'rescan (us)':>12} {'speed-up':>9}  target >= 20x")
+    for b, a, c, r in bench_naive(core, tok, args.quick):
+        print(f"{b:>6} {a * 1e6:>17.1f} {c * 1e6:>12.1f} {r:>8.0f}x  {'ok' if r >= 20 else 'MISS'}")
+
+    if not args.skip_vllm:
+        print(
+            f"\n[3] vLLM offline engine on CPU (tiny model), {args.vllm_prompts} prompts x "
+            f"{args.vllm_tokens} tokens, ignore_eos, best of 3"
+        )
+        res = bench_vllm(model_dir, args.vllm_prompts, args.vllm_tokens, args.vllm_rounds)
+        a, b = max(res[0]), max(res[1])
+        runs = lambda xs: ", ".join(f"{x:.0f}" for x in xs)  # noqa: E731
+        print(f"{'not attached':>14}: {a:10.1f} tok/s  (runs: {runs(res[0])})")
+        print(f"{'attached':>14}: {b:10.1f} tok/s  (runs: {runs(res[1])})")
+        print(
+            f"attached / not attached = {b / a:.3f} (best of each; CPU timings are noisy when the machine "
+            "is shared)"
+        )
+
+
+if __name__ == "__main__":
+    main()
