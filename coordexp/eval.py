@@ -47,10 +47,12 @@ def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> Tuple[list, Path]:
         spec = SyntheticSpec(min_objects=syn.min_objects, max_objects=syn.max_objects)
         path = write_synthetic_jsonl(out_dir / "data" / "val.jsonl", syn.val_samples, syn.seed + 1, spec)
     else:
-        raise EvalError("no held-out split: pass data.val_jsonl=<file> (data.kind: jsonl has no generated split)")
+        raise EvalError("no held-out split: pass data.val_jsonl=<file> (data.kind: jsonl has no generated "
+                        "split)")
     from coordexp.data.jsonl import load_jsonl
 
-    prompt = PromptSpec(object_field_order=cfg.data.object_field_order.value, system_prompt=cfg.data.system_prompt)
+    prompt = PromptSpec(object_field_order=cfg.data.object_field_order.value,
+                        system_prompt=cfg.data.system_prompt)
     try:
         data = load_jsonl(path, prompt)
     except (OSError, ValueError) as err:
@@ -102,6 +104,7 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     contract = rollout_contract(cfg)
+    samples, split = load_eval_samples(cfg, out_dir)  # data problems fail before the model loads
     try:
         model, tokenizer, model_dir = load_model(cfg)
     except (LearnerError, OSError) as err:
@@ -112,19 +115,20 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
         raise EvalError(f"the tokenizer of {model_dir} lacks the coordinate vocabulary: {err}") from None
     if torch.cuda.is_available():
         model.to("cuda")
-    samples, split = load_eval_samples(cfg, out_dir)
     backend = build_backend(cfg, contract, model, tokenizer)
     has_images = any(s.images for s in samples)
     scorer = None if has_images else TeacherForcedScorer(model, adapter.pad_id, contract.decode_batch_size)
     meta = {"experiment": cfg.experiment, **_checkpoint_meta(Path(model_dir)),
             "split": {"path": str(split), "samples": len(samples)}, "seed": cfg.seed}
     if has_images:
-        meta["notes"] = ["coord-prob score skipped: the teacher-forced scorer is text-only and the split has images"]
+        meta["notes"] = ["coord-prob score skipped: the teacher-forced scorer is text-only and the split has "
+                         "images"]
     print(f"coordexp.eval: {len(samples)} samples from {split}, checkpoint {model_dir}", flush=True)
     result = evaluate_rollouts(samples, backend, adapter, contract, seed=cfg.seed, scorer=scorer, meta=meta)
     report_path = write_report(result.report, out_dir / REPORT_NAME)
     write_predictions(result.records, out_dir / PREDICTIONS_NAME)
-    write_qualitative(result.records, out_dir / "qualitative" / "eval.md", title=f"coordexp.eval: {model_dir}")
+    write_qualitative(result.records, out_dir / "qualitative" / "eval.md",
+                      title=f"coordexp.eval: {model_dir}")
     write_sample_pngs(result.records, out_dir / "viz", limit=VIZ_LIMIT, image_root=split.parent)
     print(format_summary(result.report))
     print(f"report: {report_path}")

@@ -13,7 +13,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 METRICS_NAME = "metrics.jsonl"
 OUTPUT_NAME = "training_curves.png"
@@ -56,7 +56,8 @@ def series(records: Sequence[dict], key: str, where=None) -> Tuple[List[float], 
     xs, ys = [], []
     for r in records:
         v = r.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (where is None or where(r)):
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if numeric and (where is None or where(r)):
             xs.append(r["step"])
             ys.append(float(v))
     return xs, ys
@@ -153,9 +154,11 @@ def _finish(ax) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m coordexp.plot",
-                                     description="Training curves of a coordexp run (from metrics.jsonl) as a PNG.")
-    parser.add_argument("run_dir", type=Path, help="run dir holding metrics.jsonl (or the metrics.jsonl itself)")
+    parser = argparse.ArgumentParser(
+        prog="python -m coordexp.plot",
+        description="Training curves of a coordexp run (from metrics.jsonl) as a PNG.")
+    parser.add_argument("run_dir", type=Path,
+                        help="run dir holding metrics.jsonl (or the metrics.jsonl itself)")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help=f"output PNG (default: <run_dir>/{OUTPUT_NAME})")
     ns = parser.parse_args(argv)

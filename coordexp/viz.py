@@ -56,8 +56,9 @@ def _dashed_rect(draw: ImageDraw.ImageDraw, box, colour, width: int, dash: int =
         steps = max(int(length // dash), 1)
         for i in range(0, steps, 2):
             t0, t1 = i / steps, min((i + 1) / steps, 1.0)
-            draw.line([(ax + (bx - ax) * t0, ay + (by - ay) * t0), (ax + (bx - ax) * t1, ay + (by - ay) * t1)],
-                      fill=colour, width=width)
+            start = (ax + (bx - ax) * t0, ay + (by - ay) * t0)
+            end = (ax + (bx - ax) * t1, ay + (by - ay) * t1)
+            draw.line([start, end], fill=colour, width=width)
 
 
 def _label(draw: ImageDraw.ImageDraw, xy, text: str, colour, font, canvas_size, below: bool = False) -> None:
@@ -177,11 +178,13 @@ def render_prediction(record: dict, *, image_root: Optional[Path] = None, iou_ke
     elif record.get("truncated"):
         title += " [truncated]"
     return draw_detections(gt, pred, pairs, width=int(record["width"]), height=int(record["height"]),
-                           image_path=image, title=title, max_side=max_side, iou_label=f"IoU {float(iou_key):.2f}")
+                           image_path=image, title=title, max_side=max_side,
+                           iou_label=f"IoU {float(iou_key):.2f}")
 
 
 def write_sample_pngs(records: Sequence[dict], out_dir: Path, *, limit: int = 4,
-                      image_root: Optional[Path] = None, iou_key: str = "0.50") -> List[Tuple[Path, Image.Image]]:
+                      image_root: Optional[Path] = None,
+                      iou_key: str = "0.50") -> List[Tuple[Path, Image.Image]]:
     """PNGs of the first ``limit`` records as ``<out_dir>/<index>_<sample>.png``; returns (path, image)."""
     out = []
     for i, record in enumerate(records[:limit]):

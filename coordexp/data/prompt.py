@@ -39,16 +39,8 @@ FIELD_ORDERS = ("desc_first", "geometry_first")
 SCENES = ("auto", "text", "images")
 
 _INSTRUCTIONS = {
-    "desc_first": (
-        'Detect every object. Answer with one line of CoordJSON: {"objects": [{"desc": ..., '
-        '"bbox_2d": [x1, y1, x2, y2]}, ...]}, each object with "desc" first, then "bbox_2d", '
-        "objects ordered top to bottom, then left to right."
-    ),
-    "geometry_first": (
-        'Detect every object. Answer with one line of CoordJSON: {"objects": [{"bbox_2d": '
-        '[x1, y1, x2, y2], "desc": ...}, ...]}, each object with "bbox_2d" first, then "desc", '
-        "objects ordered top to bottom, then left to right."
-    ),
+    "desc_first": 'List all objects as CoordJSON, each {"desc", "bbox_2d"}, top to bottom, then left to right.',
+    "geometry_first": 'List all objects as CoordJSON, each {"bbox_2d", "desc"}, top to bottom, then left to right.',
 }
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from coordexp.coordjson import TokenFrame
 from coordexp.evaluation.coco import CocoImage, CocoObject, coco_ap
 from coordexp.evaluation.detection import (DUPLICATE_IOU, IOU_THRESHOLDS, DetectionAggregate, MatchSettings,
-                                           SampleOutcome, ThresholdMatch, match_at_threshold, prf, threshold_key)
+                                           SampleOutcome, ThresholdMatch, prf, threshold_key)
 
 REPORT_NAME = "eval_report.json"
 PREDICTIONS_NAME = "predictions.jsonl"
@@ -34,6 +34,8 @@ QUALITATIVE_LIMIT = 8
 VIZ_LIMIT = 4
 #: Characters of rollout text kept in one qualitative entry.
 QUALITATIVE_TEXT_CHARS = 3000
+COORD_PROB_SCORE = ("mean over the 4 coordinate slots of the full-vocabulary softmax probability of the "
+                    "emitted coord token (teacher-forced prompt + rollout)")
 
 # (prompt ids per rollout, generated ids per rollout, generated-token indices per rollout) -> probabilities
 Scorer = Callable[[Sequence[List[int]], Sequence[List[int]], Sequence[List[int]]], List[List[float]]]
@@ -44,7 +46,8 @@ def match_settings(contract) -> MatchSettings:
 
 
 # ---- coordinate-token probabilities ------------------------------------------------------------------
-def rollout_coord_indices(parsed, token_ids: Sequence[int], pieces: Sequence[str]) -> List[Optional[Tuple[int, ...]]]:
+def rollout_coord_indices(parsed, token_ids: Sequence[int],
+                          pieces: Sequence[str]) -> List[Optional[Tuple[int, ...]]]:
     """For each parsed object, the indices in the *generated* tokens of its 4 coordinate tokens.
 
     Parsed positions index the parse prefix (which starts at the container and may re-encode a straddling
@@ -116,13 +119,15 @@ class TeacherForcedScorer:
 
 
 # ---- per-sample records ------------------------------------------------------------------------------
-def prediction_record(sample, rollout, parsed, text: str, matches: Sequence[ThresholdMatch], duplicates: Sequence[bool],
+def prediction_record(sample, rollout, parsed, text: str, matches: Sequence[ThresholdMatch],
+                      duplicates: Sequence[bool],
                       coord_probs: Optional[Sequence[Optional[Sequence[float]]]] = None) -> Dict[str, Any]:
     """One predictions.jsonl row. ``matches`` hold every evaluated IoU threshold."""
     pred = []
     for i, obj in enumerate(parsed.objects):
         probs = coord_probs[i] if coord_probs is not None else None
-        pred.append({"desc": obj.desc, "bbox_2d": [int(v) for v in obj.bbox], "duplicate": bool(duplicates[i]),
+        pred.append({"desc": obj.desc, "bbox_2d": [int(v) for v in obj.bbox],
+                     "duplicate": bool(duplicates[i]),
                      "coord_probs": [round(float(p), 6) for p in probs] if probs else None,
                      "score": round(sum(probs) / len(probs), 6) if probs else None})
     return {
@@ -130,7 +135,8 @@ def prediction_record(sample, rollout, parsed, text: str, matches: Sequence[Thre
         "images": [str(p) for p in (sample.images or [])],
         "gt": [{"desc": o.desc, "bbox_2d": [int(v) for v in o.bbox_2d]} for o in sample.objects],
         "pred": pred,
-        "matches": {threshold_key(m.threshold): [[p, g, round(iou, 6)] for p, g, iou in m.pairs] for m in matches},
+        "matches": {threshold_key(m.threshold): [[p, g, round(iou, 6)] for p, g, iou in m.pairs]
+                    for m in matches},
         "invalid_rollout": bool(parsed.invalid_rollout),
         "fallback_reason": getattr(parsed.fallback_reason, "value", parsed.fallback_reason),
         "truncated": bool(parsed.truncated), "leading_junk": bool(parsed.leading_junk),
@@ -155,8 +161,9 @@ class EvalResult:
     records: List[Dict[str, Any]]
 
 
-def score_rollouts(samples: Sequence, rollouts: Sequence, adapter, contract, *, scorer: Optional[Scorer] = None,
-                   thresholds: Sequence[float] = IOU_THRESHOLDS, scored: Optional[Sequence] = None
+def score_rollouts(samples: Sequence, rollouts: Sequence, adapter, contract, *,
+                   scorer: Optional[Scorer] = None, thresholds: Sequence[float] = IOU_THRESHOLDS,
+                   scored: Optional[Sequence] = None
                    ) -> Tuple[List[Dict[str, Any]], DetectionAggregate, Dict[str, int]]:
     """Parse, match and (optionally) score rollouts: (records, aggregate, training-gate counts).
 
@@ -201,16 +208,18 @@ def coco_tables(records: Sequence[Dict[str, Any]], *, with_coord_prob: bool) -> 
                 for r in records]
 
     constant = images(lambda p: 1.0)
-    out: Dict[str, Any] = {"score_constant": coco_ap(constant), "by_desc": {"score_constant": coco_ap(constant, "by_desc")}}
+    out: Dict[str, Any] = {"score_constant": coco_ap(constant)}
+    by_desc = {"score_constant": coco_ap(constant, "by_desc")}
     if with_coord_prob:
         scored = images(lambda p: p["score"] if p["score"] is not None else 0.0)
         out["score_coord_prob"] = coco_ap(scored)
-        out["by_desc"]["score_coord_prob"] = coco_ap(scored, "by_desc")
+        by_desc["score_coord_prob"] = coco_ap(scored, "by_desc")
+    out["by_desc"] = by_desc
     return out
 
 
-def build_report(records: Sequence[Dict[str, Any]], agg: DetectionAggregate, gate: Dict[str, int], contract, *,
-                 with_coord_prob: bool, meta: Optional[Dict[str, Any]] = None,
+def build_report(records: Sequence[Dict[str, Any]], agg: DetectionAggregate, gate: Dict[str, int],
+                 contract, *, with_coord_prob: bool, meta: Optional[Dict[str, Any]] = None,
                  timing: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     summary = agg.summary()
     coco = coco_tables(records, with_coord_prob=with_coord_prob)
@@ -224,7 +233,8 @@ def build_report(records: Sequence[Dict[str, Any]], agg: DetectionAggregate, gat
         "precision@0.5": iou50.get("precision"), "recall@0.5": iou50.get("recall"), "f1@0.5": iou50.get("f1"),
         "precision@[.5:.95]": mean["precision"], "recall@[.5:.95]": mean["recall"], "f1@[.5:.95]": mean["f1"],
         "AP_score_constant": ap("score_constant", "AP"), "AP50_score_constant": ap("score_constant", "AP50"),
-        "AP_score_coord_prob": ap("score_coord_prob", "AP"), "AP50_score_coord_prob": ap("score_coord_prob", "AP50"),
+        "AP_score_coord_prob": ap("score_coord_prob", "AP"),
+        "AP50_score_coord_prob": ap("score_coord_prob", "AP50"),
         **{k: summary["rates"][k] for k in ("invalid_rollout_rate", "parse_truncated_rate", "duplicate_rate",
                                              "forced_eos_rate")},
     }
@@ -235,16 +245,17 @@ def build_report(records: Sequence[Dict[str, Any]], agg: DetectionAggregate, gat
         **(meta or {}),
         "summary": headline,
         "detection": {"iou50": summary.get("iou50"), "iou50_95": mean,
-                      "training_gate": {"iou_gate": contract.iou_gate, **prf(gate["tp"], gate["pred"], gate["gt"]),
-                                        "tp": gate["tp"]},
+                      "training_gate": {"iou_gate": contract.iou_gate,
+                                        **prf(gate["tp"], gate["pred"], gate["gt"]), "tp": gate["tp"]},
                       "per_threshold": summary["per_threshold"]},
         "coco": coco,
         "rates": summary["rates"], "counts": {**summary["counts"], "unscored_predictions": unscored},
         "gen_new_tokens": summary["gen_new_tokens"],
         "settings": {
             "backend": contract.backend, "decode_batch_size": contract.decode_batch_size,
-            "max_new_tokens": contract.max_new_tokens, "temperature": contract.temperature, "top_p": contract.top_p,
-            "top_k": contract.top_k, "repetition_penalty": contract.repetition_penalty,
+            "max_new_tokens": contract.max_new_tokens, "temperature": contract.temperature,
+            "top_p": contract.top_p, "top_k": contract.top_k,
+            "repetition_penalty": contract.repetition_penalty,
             "repeat_terminate": {k: getattr(rt, k) for k in ("enabled", "min_new_tokens",
                                                               "max_consecutive_token_repeats", "ngram_size",
                                                               "ngram_repeats", "max_object_keys")},
@@ -252,21 +263,22 @@ def build_report(records: Sequence[Dict[str, Any]], agg: DetectionAggregate, gat
                          "fn_cost": contract.fn_cost, "iou_thresholds": list(agg.thresholds),
                          "duplicate_iou": DUPLICATE_IOU},
             "object_field_order": contract.object_field_order,
-            "coord_prob_score": "mean over the 4 coordinate slots of the full-vocabulary softmax probability of "
-                                "the emitted coord token (teacher-forced prompt + rollout)" if with_coord_prob else None,
+            "coord_prob_score": COORD_PROB_SCORE if with_coord_prob else None,
         },
         "timing": timing or {},
     }
 
 
-def evaluate_rollouts(samples: Sequence, backend, adapter, contract, *, seed: int, scorer: Optional[Scorer] = None,
-                      thresholds: Sequence[float] = IOU_THRESHOLDS, meta: Optional[Dict[str, Any]] = None) -> EvalResult:
+def evaluate_rollouts(samples: Sequence, backend, adapter, contract, *, seed: int,
+                      scorer: Optional[Scorer] = None, thresholds: Sequence[float] = IOU_THRESHOLDS,
+                      meta: Optional[Dict[str, Any]] = None) -> EvalResult:
     """Roll out ``samples`` through ``backend`` and evaluate them (see the module docstring)."""
     start = time.perf_counter()
     prompts = [adapter.prompt_ids(s.messages) for s in samples]
     batch = backend.generate(prompts, [s.messages for s in samples], seed)
     if len(batch.rollouts) != len(samples):
-        raise RuntimeError(f"rollout backend returned {len(batch.rollouts)} rollouts for {len(samples)} prompts")
+        raise RuntimeError(f"rollout backend returned {len(batch.rollouts)} rollouts for "
+                           f"{len(samples)} prompts")
     rollout_s = time.perf_counter() - start
     start = time.perf_counter()
     records, agg, gate = score_rollouts(samples, batch.rollouts, adapter, contract, scorer=scorer,
@@ -295,6 +307,14 @@ def write_predictions(records: Sequence[Dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _visible(text: str) -> str:
+    """Rollout text on one line: control characters escaped (CoordJSON itself is one line)."""
+    out = text
+    for raw, shown in (("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
+        out = out.replace(raw, shown)
+    return out.replace("```", "` ` `")
+
+
 def _fmt_box(b) -> str:
     return "[" + ", ".join(str(int(v)) for v in b) + "]"
 
@@ -302,16 +322,17 @@ def _fmt_box(b) -> str:
 def qualitative_markdown(records: Sequence[Dict[str, Any]], *, title: str, limit: int = QUALITATIVE_LIMIT,
                          iou_key: str = "0.50") -> str:
     lines = [f"# {title}", "",
-             f"First {min(limit, len(records))} of {len(records)} rollouts: raw text (special tokens kept) and "
-             f"the strict parse. Matching at IoU {float(iou_key):.2f}; boxes in norm1000 bins.", ""]
+             f"First {min(limit, len(records))} of {len(records)} rollouts: raw text (special tokens "
+             f"kept, newlines shown as \\n) and the strict parse. Matching at IoU {float(iou_key):.2f}; "
+             f"boxes in norm1000 bins.", ""]
     for r in records[:limit]:
         pairs = {p: (g, iou) for p, g, iou in r["matches"].get(iou_key, [])}
-        flags = [name for name in ("invalid_rollout", "truncated", "forced_eos", "hit_max_new_tokens", "leading_junk")
-                 if r.get(name)]
+        flags = [name for name in ("invalid_rollout", "truncated", "forced_eos", "hit_max_new_tokens",
+                                   "leading_junk") if r.get(name)]
         n_tp = len(pairs)
         lines += [f"## {r['sample_id']}", "",
-                  f"- {len(r['pred'])} valid predictions, {len(r['gt'])} GT: TP {n_tp}, FP {len(r['pred']) - n_tp}, "
-                  f"FN {len(r['gt']) - n_tp}; {r['gen_tokens']} generated tokens"
+                  f"- {len(r['pred'])} valid predictions, {len(r['gt'])} GT: TP {n_tp}, "
+                  f"FP {len(r['pred']) - n_tp}, FN {len(r['gt']) - n_tp}; {r['gen_tokens']} generated tokens"
                   + (f"; flags: {', '.join(flags)}" if flags else ""),
                   ]
         if r.get("fallback_reason"):
@@ -320,8 +341,9 @@ def qualitative_markdown(records: Sequence[Dict[str, Any]], *, title: str, limit
             lines.append("- dropped: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["dropped"].items())))
         text = r["text"]
         if len(text) > QUALITATIVE_TEXT_CHARS:
-            text = text[:QUALITATIVE_TEXT_CHARS] + f" ... [{len(r['text']) - QUALITATIVE_TEXT_CHARS} more chars]"
-        lines += ["", "```text", text.replace("```", "` ` `"), "```", "",
+            more = len(r["text"]) - QUALITATIVE_TEXT_CHARS
+            text = text[:QUALITATIVE_TEXT_CHARS] + f" ... [{more} more chars]"
+        lines += ["", "```text", _visible(text), "```", "",
                   "| | desc | bbox_2d | result |", "|---|---|---|---|"]
         matched_gt = {g for g, _ in pairs.values()}
         for i, p in enumerate(r["pred"]):
@@ -356,7 +378,8 @@ def format_summary(report: Dict[str, Any]) -> str:
     return "\n".join([
         f"rollouts {c['rollouts']} | GT {c['gt_objects']} | valid predictions {c['pred_objects']}",
         f"IoU 0.5:      P {f(s['precision@0.5'])}  R {f(s['recall@0.5'])}  F1 {f(s['f1@0.5'])}",
-        f"IoU .5:.95:   P {f(s['precision@[.5:.95]'])}  R {f(s['recall@[.5:.95]'])}  F1 {f(s['f1@[.5:.95]'])}",
+        f"IoU .5:.95:   P {f(s['precision@[.5:.95]'])}  R {f(s['recall@[.5:.95]'])}  "
+        f"F1 {f(s['f1@[.5:.95]'])}",
         f"COCO AP:      score=1 {f(s['AP_score_constant'])} (AP50 {f(s['AP50_score_constant'])}) | "
         f"score=coord prob {f(s['AP_score_coord_prob'])} (AP50 {f(s['AP50_score_coord_prob'])})",
         f"rates:        invalid {f(s['invalid_rollout_rate'])}  truncated {f(s['parse_truncated_rate'])}  "
@@ -387,7 +410,8 @@ def write_eval_artifacts(records: Sequence[Dict[str, Any]], run_dir: Path, step:
     run_dir = Path(run_dir)
     md = write_qualitative(records, run_dir / "qualitative" / f"step-{step}.md",
                            title=f"in-training eval, step {step}", limit=qualitative_limit)
-    pngs = write_sample_pngs(records, run_dir / "viz" / f"step-{step}", limit=viz_limit, image_root=image_root)
+    pngs = write_sample_pngs(records, run_dir / "viz" / f"step-{step}", limit=viz_limit,
+                             image_root=image_root)
     if tb_writer is not None:
         import numpy as np
 

@@ -104,7 +104,7 @@ def score_rollout(sample, rollout: Rollout, tok: TokenizerAdapter, contract: Rol
 
 def sample_record(sample, rollout: Rollout, parsed, gts, match, target_dropped: bool) -> SampleRecord:
     return SampleRecord(
-        sample_id=str(sample.sample_id), gen_tokens=len(rollout.token_ids), triggered=int(rollout.triggered),
+        sample_id=str(sample.source), gen_tokens=len(rollout.token_ids), triggered=int(rollout.triggered),
         hit_max_new_tokens=int(rollout.hit_max_new_tokens), truncated=int(parsed.truncated),
         invalid_rollout=int(parsed.invalid_rollout), valid_pred=len(parsed.objects),
         dropped_invalid=int(parsed.num_dropped_invalid),
@@ -119,7 +119,7 @@ def channel_b_sequence(sample, prompt_ids: List[int], rollout: Rollout, tok: Tok
     """(TrainSequence, or None if the sample's target failed its invariants; SampleRecord)."""
     if list(rollout.prompt_ids) != list(prompt_ids):
         raise PromptMismatchError(
-            f"sample {sample.sample_id}: rollout prompt ids ({len(rollout.prompt_ids)} tokens) differ from the "
+            f"sample {sample.source}: rollout prompt ids ({len(rollout.prompt_ids)} tokens) differ from the "
             f"training prompt ids ({len(prompt_ids)} tokens); the server's chat template must render the prompt "
             f"exactly as the learner's tokenizer does")
     parsed, gts, match = score_rollout(sample, rollout, tok, contract)

@@ -25,7 +25,8 @@ def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, backend:
         prompts = [adapter.prompt_ids(s.messages) for s in shard]
         batch = backend.generate(prompts, [s.messages for s in shard], seed)
         scored = [score_rollout(s, r, adapter, contract) for s, r in zip(shard, batch.rollouts)]
-        records = [sample_record(s, r, *sc, target_dropped=False) for s, r, sc in zip(shard, batch.rollouts, scored)]
+        records = [sample_record(s, r, *sc, target_dropped=False)
+                   for s, r, sc in zip(shard, batch.rollouts, scored)]
         predictions, agg, _ = score_rollouts(shard, batch.rollouts, adapter, contract, scored=scored)
         buf = MetricBuffer()
         record_rollout_metrics(buf, records, prefix="eval_rollout")

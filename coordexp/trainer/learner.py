@@ -10,9 +10,8 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 from coordexp.config.contract import RolloutContract, rollout_contract
 from coordexp.config.schema import DataKind, IntervalStrategy, ModelKind, TrainConfig
@@ -21,16 +20,6 @@ from coordexp.config.validate import derived_grad_accumulation
 
 class LearnerError(RuntimeError):
     """A problem the user can fix (missing model, bad data, unusable checkpoint); printed without traceback."""
-
-
-@dataclass
-class TrainSample:
-    sample_id: str
-    objects: list
-    messages: List[Dict[str, Any]]
-    width: int
-    height: int
-    images: list
 
 
 def load_model(cfg: TrainConfig):
@@ -53,8 +42,9 @@ def load_model(cfg: TrainConfig):
 
 
 def load_samples(cfg: TrainConfig, run_dir: Path):
-    from coordexp.data.jsonl import load_jsonl
-    from coordexp.data.prompt import PromptSpec, build_messages
+    """(train, val) DetectionSamples with their prompt messages; synthetic data is written to the run dir."""
+    from coordexp.data.jsonl import DataValidationError, load_jsonl
+    from coordexp.data.prompt import PromptSpec
 
     if cfg.data.kind == DataKind.synthetic:
         from coordexp.data.synthetic import SyntheticSpec, write_synthetic_jsonl
@@ -67,15 +57,11 @@ def load_samples(cfg: TrainConfig, run_dir: Path):
     else:
         train_path, val_path = Path(cfg.data.train_jsonl), cfg.data.val_jsonl and Path(cfg.data.val_jsonl)
     prompt = PromptSpec(object_field_order=cfg.data.object_field_order.value, system_prompt=cfg.data.system_prompt)
-
-    def wrap(path: Path) -> List[TrainSample]:
-        return [TrainSample(f"{Path(path).name}:{s.line}", list(s.objects), build_messages(s, prompt), s.width,
-                            s.height, list(s.images)) for s in load_jsonl(path)]
-
-    train = wrap(train_path)
-    val = wrap(val_path) if val_path else []
-    if cfg.data.val_sample_limit is not None:
-        val = val[: cfg.data.val_sample_limit]
+    try:
+        train = list(load_jsonl(train_path, prompt))
+        val = list(load_jsonl(val_path, prompt, limit=cfg.data.val_sample_limit)) if val_path else []
+    except (DataValidationError, FileNotFoundError) as err:
+        raise LearnerError(str(err)) from None
     return train, val
 
 

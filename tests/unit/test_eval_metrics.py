@@ -40,8 +40,8 @@ def test_empty_predictions():
 def test_all_false_positives():
     s = summarize([SampleOutcome(pred_boxes=[FAR, (800, 0, 900, 50)], gt_boxes=[GT_A])])
     for t in IOU_THRESHOLDS:
-        assert s["per_threshold"][f"{t:.2f}"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 2,
-                                                  "fn": 1}
+        assert s["per_threshold"][f"{t:.2f}"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
+                                                  "tp": 0, "fp": 2, "fn": 1}
 
 
 def test_mixed_ious_across_thresholds():
@@ -77,7 +77,8 @@ def test_duplicates():
     assert s["counts"]["duplicates"] == 2
     assert s["rates"]["duplicate_rate"] == 0.5
     # one-to-one matching: the copies are false positives
-    assert s["iou50"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 * 2 / 6), "tp": 2, "fp": 2, "fn": 0}
+    assert s["iou50"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 * 2 / 6),
+                          "tp": 2, "fp": 2, "fn": 0}
 
 
 def test_rollout_rates():
@@ -106,7 +107,8 @@ def test_threshold_is_the_gate_and_costs_apply():
 
 
 def test_in_training_metrics_reduce_like_the_aggregate():
-    outcomes = [SampleOutcome([(0, 0, 100, 62)], [GT_A]), SampleOutcome([GT_B, GT_B], [GT_B, FAR], forced_eos=True),
+    outcomes = [SampleOutcome([(0, 0, 100, 62)], [GT_A]),
+                SampleOutcome([GT_B, GT_B], [GT_B, FAR], forced_eos=True),
                 SampleOutcome([], [GT_A])]
     whole = summarize(outcomes)
     payloads = []
@@ -184,7 +186,8 @@ TOK = build_test_tokenizer()
 
 
 def test_rollout_coord_indices_map_prefix_positions_to_generated_tokens():
-    text = ('Sure: {"objects": [{"desc": "red square", "bbox_2d": [<|coord_12|>, <|coord_10|>, <|coord_100|>, '
+    text = ('Sure: {"objects": [{"desc": "red square", "bbox_2d": [<|coord_12|>, <|coord_10|>, '
+            '<|coord_100|>, '
             '<|coord_98|>]}, {"desc": "dog", "bbox_2d": [<|coord_700|>, <|coord_701|>, <|coord_800|>, '
             '<|coord_802|>]}]}')
     ids, pieces = rollout_tokens(TOK, text)

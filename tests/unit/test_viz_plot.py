@@ -46,7 +46,9 @@ def test_colours_mark_matched_false_positive_and_missed():
     fp_only = colours(_record([("cat", (0, 0, 50, 50))], []))
     assert viz.PRED_FP in fp_only
     # the empty prediction draws every GT as missed; box pixels of TP colour appear only in the legend
-    count = lambda rec, c: int((np.asarray(viz.render_prediction(rec).convert("RGB")) == c).all(-1).sum())  # noqa
+    def count(rec, c):
+        return int((np.asarray(viz.render_prediction(rec).convert("RGB")) == c).all(-1).sum())
+
     assert count(EMPTY, viz.GT_MISSED) > count(PERFECT, viz.GT_MISSED)
     assert count(PERFECT, viz.PRED_TP) > count(EMPTY, viz.PRED_TP)
     assert empty != perfect

@@ -1,0 +1,126 @@
+"""End to end: a real (short) smoke training run, then `coordexp.plot` on its metrics.jsonl and
+`coordexp.eval` on its checkpoint. Also the CLIs' error paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Small enough for 2 shared CPU cores: 4 optimizer steps of 8 samples, evals at steps 2 and 4 on 8 samples.
+SMALL = ["training.max_steps=4", "training.eval_steps=2", "training.save_steps=2",
+         "training.effective_batch_size=8", "training.per_device_train_batch_size=8",
+         "data.synthetic.train_samples=64", "data.synthetic.val_samples=8",
+         "rollout_matching.decode_batch_size=8", "rollout_matching.max_new_tokens=48"]
+
+
+def _run(args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                                  f"--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    _ok(_run(["-m", "coordexp.train", "+experiment=smoke/ab_mixed", *SMALL, f"hydra.run.dir={run_dir}"]))
+    return run_dir
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_eval_artifacts_and_picks_a_best_checkpoint(smoke_run):
+    records = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_rollout/f1" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        for key in ("eval_rollout/f1_iou50", "eval_rollout/f1_iou50_95", "eval_rollout/precision_iou50",
+                    "eval_rollout/recall_iou50", "eval_rollout/duplicate_rate",
+                    "eval_rollout/forced_eos_rate"):
+            assert 0.0 <= r[key] <= 1.0, key
+        assert not any("/_f1@" in k for k in r)
+    state = json.loads((smoke_run / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] is not None
+    assert Path(state["best_model_checkpoint"]).name in ("checkpoint-2", "checkpoint-4")
+    assert state["best_metric"] == max(r["eval_rollout/f1"] for r in evals)
+    for step in (2, 4):
+        md = (smoke_run / "qualitative" / f"step-{step}.md").read_text()
+        assert md.startswith(f"# in-training eval, step {step}")
+        assert md.count("\n## val.jsonl:") == 8  # one rank holds all 8 samples
+        pngs = sorted((smoke_run / "viz" / f"step-{step}").glob("*.png"))
+        assert len(pngs) == 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(smoke_run / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("eval_viz/0")] == [2, 4]
+
+
+@pytest.mark.slow
+def test_plot_on_the_smoke_run(smoke_run):
+    proc = _ok(_run(["-m", "coordexp.plot", str(smoke_run)], timeout=120))
+    out = smoke_run / "training_curves.png"
+    assert proc.stdout.strip() == str(out)
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (1300, 850)
+
+
+@pytest.mark.slow
+def test_eval_cli_on_the_smoke_checkpoint(smoke_run, tmp_path):
+    out = tmp_path / "eval"
+    proc = _ok(_run(["-m", "coordexp.eval", "+experiment=smoke/ab_mixed", "model.kind=local",
+                     f"model.path={smoke_run / 'checkpoint-4'}", "data.synthetic.val_samples=8",
+                     "rollout_matching.decode_batch_size=8", "rollout_matching.max_new_tokens=48",
+                     f"hydra.run.dir={out}"]))
+    assert "IoU 0.5:" in proc.stdout and "COCO AP:" in proc.stdout
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["checkpoint"].endswith("checkpoint-4") and report["global_step"] == 4
+    assert report["split"]["samples"] == 8
+    for key in ("precision@0.5", "recall@0.5", "f1@0.5", "f1@[.5:.95]", "AP_score_constant",
+                "AP_score_coord_prob", "invalid_rollout_rate", "parse_truncated_rate", "duplicate_rate",
+                "forced_eos_rate"):
+        assert key in report["summary"], key
+    assert set(report["detection"]["per_threshold"]) == {f"{0.5 + 0.05 * i:.2f}" for i in range(10)}
+    assert report["counts"]["rollouts"] == 8 and report["counts"]["unscored_predictions"] == 0
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8
+    assert report["counts"]["pred_objects"] == sum(len(p["pred"]) for p in predictions)
+    assert all(p["score"] is not None and 0 <= p["score"] <= 1 for r in predictions for p in r["pred"])
+    assert (out / "qualitative" / "eval.md").is_file() and len(list((out / "viz").glob("*.png"))) == 4
+    # same checkpoint, same greedy decode, same held-out samples: the CLI reproduces the in-training eval
+    last = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()
+            if '"eval_rollout/f1"' in line][-1]
+    assert report["detection"]["training_gate"]["f1"] == pytest.approx(last["eval_rollout/f1"])
+    assert report["summary"]["f1@0.5"] == pytest.approx(last["eval_rollout/f1_iou50"])
+    assert report["summary"]["f1@[.5:.95]"] == pytest.approx(last["eval_rollout/f1_iou50_95"])
+    summary = report["summary"]
+    assert summary["invalid_rollout_rate"] == pytest.approx(last["eval_rollout/invalid_rollout_rate"])
+    assert report["gen_new_tokens"]["mean"] == pytest.approx(last["eval_rollout/gen_new_tokens_mean"])
+
+
+def test_eval_cli_errors_are_clear(tmp_path):
+    proc = _run(["-m", "coordexp.eval", "+experiment=smoke/ab_mixed", "model.kind=local",
+                 f"model.path={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'out'}"], timeout=120)
+    assert proc.returncode == 2
+    assert "error: model.path" in proc.stderr and "no config.json" in proc.stderr
+    proc = _run(["-m", "coordexp.eval", "model.kind=local"], timeout=120)
+    assert proc.returncode != 0 and "no experiment selected" in proc.stderr
+    proc = _run(["-m", "coordexp.eval", "+experiment=smoke/ab_mixed", "data.val_jsonl=/nonexistent.jsonl",
+                 f"hydra.run.dir={tmp_path / 'out2'}"], timeout=120)
+    assert proc.returncode == 2 and "data.val_jsonl '/nonexistent.jsonl' does not exist" in proc.stderr
+
+
+def test_plot_cli_error_on_a_dir_without_metrics(tmp_path):
+    proc = _run(["-m", "coordexp.plot", str(tmp_path)], timeout=120)
+    assert proc.returncode == 2 and "no metrics file" in proc.stderr
