@@ -34,7 +34,6 @@ class EvalError(RuntimeError):
 def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> Tuple[list, Path]:
     """(samples, split path): data.val_jsonl, else the synthetic held-out split (seed + 1, as the learner)."""
     from coordexp.data.prompt import PromptSpec
-    from coordexp.trainer.learner import TrainSample
 
     if cfg.data.val_jsonl:
         path = Path(cfg.data.val_jsonl)
@@ -53,15 +52,10 @@ def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> Tuple[list, Path]:
 
     prompt = PromptSpec(object_field_order=cfg.data.object_field_order.value,
                         system_prompt=cfg.data.system_prompt)
-    try:
-        data = load_jsonl(path, prompt)
+    try:  # the same samples (DetectionSample with prompt messages) the learner evaluates on
+        samples = list(load_jsonl(path, prompt, limit=cfg.data.val_sample_limit))
     except (OSError, ValueError) as err:
-        raise EvalError(f"{path}: {err}") from None
-    # sample ids as the learner writes them (<file name>:<line>)
-    samples = [TrainSample(f"{path.name}:{s.source.rsplit(':', 1)[-1]}", list(s.objects), list(s.messages),
-                           s.width, s.height, list(s.images)) for s in data]
-    if cfg.data.val_sample_limit is not None:
-        samples = samples[: cfg.data.val_sample_limit]
+        raise EvalError(str(err)) from None
     if not samples:
         raise EvalError(f"{path}: no samples to evaluate")
     return samples, path

@@ -41,6 +41,12 @@ COORD_PROB_SCORE = ("mean over the 4 coordinate slots of the full-vocabulary sof
 Scorer = Callable[[Sequence[List[int]], Sequence[List[int]], Sequence[List[int]]], List[List[float]]]
 
 
+def sample_name(sample) -> str:
+    """Short id of a sample: ``<file name>:<line>`` from a DetectionSample's ``source`` (or ``sample_id``)."""
+    source = getattr(sample, "source", None)
+    return Path(str(source)).name if source else str(getattr(sample, "sample_id", "?"))
+
+
 def match_settings(contract) -> MatchSettings:
     return MatchSettings(top_k=contract.candidate_top_k, fp_cost=contract.fp_cost, fn_cost=contract.fn_cost)
 
@@ -131,7 +137,7 @@ def prediction_record(sample, rollout, parsed, text: str, matches: Sequence[Thre
                      "coord_probs": [round(float(p), 6) for p in probs] if probs else None,
                      "score": round(sum(probs) / len(probs), 6) if probs else None})
     return {
-        "sample_id": str(sample.sample_id), "width": int(sample.width), "height": int(sample.height),
+        "sample_id": sample_name(sample), "width": int(sample.width), "height": int(sample.height),
         "images": [str(p) for p in (sample.images or [])],
         "gt": [{"desc": o.desc, "bbox_2d": [int(v) for v in o.bbox_2d]} for o in sample.objects],
         "pred": pred,

@@ -122,6 +122,8 @@ def parse_config(value: Any, where: str = "") -> RepeatTerminateConfig:
         values = dict(value)
     elif hasattr(value, "items") and callable(value.items):  # DictConfig and friends
         values = dict(value.items())
+    elif all(hasattr(value, k) for k in CONFIG_KEYS):  # another config object with the same fields
+        values = {k: getattr(value, k) for k in CONFIG_KEYS}
     else:
         raise ValueError(f"{where or 'repeat_terminate'} must be a mapping, got {type(value).__name__}")
     problems = _unknown(values, where) + _check_values(values, where)
