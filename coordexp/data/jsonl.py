@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from coordexp.coordjson import MAX_BIN, try_token_to_bin
 from coordexp.data.prompt import PromptSpec, build_messages
@@ -34,8 +35,8 @@ __all__ = [
     "DetectionObject",
     "DetectionSample",
     "JsonlDetectionDataset",
-    "parse_record",
     "load_jsonl",
+    "parse_record",
 ]
 
 RECORD_KEYS = frozenset({"images", "width", "height", "objects", "summary", "metadata"})

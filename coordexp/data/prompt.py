@@ -21,8 +21,9 @@ the real VLM case: the user turn holds the images followed by the instruction, n
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from coordexp.coordjson import bin_to_token
 
@@ -30,9 +31,9 @@ __all__ = [
     "FIELD_ORDERS",
     "SCENES",
     "PromptSpec",
+    "build_messages",
     "instruction_text",
     "scene_text",
-    "build_messages",
 ]
 
 FIELD_ORDERS = ("desc_first", "geometry_first")

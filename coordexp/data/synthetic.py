@@ -24,17 +24,18 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = [
     "COLOURS",
     "SHAPES",
     "SyntheticSpec",
-    "grid_values",
     "generate_record",
     "generate_records",
+    "grid_values",
     "iter_records",
     "write_synthetic_jsonl",
 ]
@@ -70,10 +71,10 @@ class SyntheticSpec:
         if self.unique_desc and isinstance(self.max_objects, int) and self.max_objects > n_desc:
             problems.append(f"max_objects={self.max_objects} exceeds the {n_desc} distinct descs")
         # Distinct (y1, x1) start keys available on the grid: starts use indices 0..grid-2 on each axis.
-        if isinstance(self.grid, int) and self.grid >= 2 and isinstance(self.max_objects, int):
-            if self.max_objects > (self.grid - 1) ** 2:
-                problems.append(f"max_objects={self.max_objects} exceeds the {(self.grid - 1) ** 2} "
-                                f"distinct box corners of grid={self.grid}")
+        corners_ok = isinstance(self.grid, int) and self.grid >= 2 and isinstance(self.max_objects, int)
+        if corners_ok and self.max_objects > (self.grid - 1) ** 2:
+            problems.append(f"max_objects={self.max_objects} exceeds the {(self.grid - 1) ** 2} "
+                            f"distinct box corners of grid={self.grid}")
         if not self.image_sizes or any(len(s) != 2 or min(s) < 1 for s in self.image_sizes):
             problems.append("image_sizes must be a non-empty list of (width, height) with positive ints")
         if problems:
@@ -164,7 +165,6 @@ def write_synthetic_jsonl(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for rec in iter_records(n, seed, base):
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in iter_records(n, seed, base))
     os.replace(tmp, path)
     return path

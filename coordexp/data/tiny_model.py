@@ -32,26 +32,27 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from coordexp.coordjson import NUM_BINS, CoordObject, FieldOrder, bin_to_token, serialize_objects
 
 __all__ = [
-    "PAD_TOKEN",
-    "IM_START",
+    "CHATML_TEMPLATE",
     "IM_END",
+    "IM_START",
+    "PAD_TOKEN",
     "SPECIAL_TOKENS",
     "SPEC_FILE",
-    "CHATML_TEMPLATE",
     "TinyModelSpec",
+    "build_tiny_model",
     "corpus_texts",
     "ensure_tiny_model",
-    "build_tiny_model",
-    "tiny_model_dir",
-    "read_build_info",
     "main",
+    "read_build_info",
+    "tiny_model_dir",
 ]
 
 PAD_TOKEN = "<|endoftext|>"
@@ -201,7 +202,16 @@ def tiny_model_dir(cache_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
 
 
 def _train_tokenizer(spec: TinyModelSpec, corpus: Sequence[str]):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -256,24 +266,26 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
     if [hf_tok.convert_tokens_to_ids(t) for t in _coord_tokens()] != list(range(coord0, coord0 + NUM_BINS)):
         raise RuntimeError("coordinate tokens did not get contiguous ids")
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=ids[IM_END],
-        pad_token_id=ids[PAD_TOKEN],
-    )
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
+        "tie_word_embeddings": True,
+        "bos_token_id": None,
+        "eos_token_id": ids[IM_END],
+        "pad_token_id": ids[PAD_TOKEN],
+    }
     if spec.arch == "qwen2":
-        from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model
+        from transformers import Qwen2Config as Config
+        from transformers import Qwen2ForCausalLM as Model
     else:
-        from transformers import Qwen3Config as Config, Qwen3ForCausalLM as Model
+        from transformers import Qwen3Config as Config
+        from transformers import Qwen3ForCausalLM as Model
 
         common["head_dim"] = spec.head_dim
     config = Config(**common)

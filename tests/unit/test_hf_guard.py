@@ -105,6 +105,20 @@ PROMPTS = [
     "the answer is 5",
     "a b c d e f g",
 ]
+DEGENERATE_ROWS = (0, 2, 5)
+
+
+class _RowBias:
+    """Test harness, not a fake of the guard: makes the random model degenerate on some rows only (a large
+    bias on one token id), so one real ``generate`` batch holds rows that must be forced and rows that must
+    not. It runs before the guard, like any model preference would."""
+
+    def __init__(self, rows, token_id, bias=50.0):
+        self.rows, self.token_id, self.bias = list(rows), token_id, bias
+
+    def __call__(self, input_ids, scores):
+        scores[self.rows, self.token_id] += self.bias
+        return scores
 
 
 def test_real_generate_forces_only_offending_rows(tiny):
@@ -116,43 +130,41 @@ def test_real_generate_forces_only_offending_rows(tiny):
         tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in PROMPTS
     ]
-    enc = tok(texts, return_tensors="pt", padding=True)
+    enc = tok(texts, return_tensors="pt", padding=True)  # left padding
     plen = enc.input_ids.shape[1]
     max_new = 12
-    gen = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-    with torch.no_grad():
-        ref = model.generate(**enc, **gen)[:, plen:].tolist()
+    c = cfg(min_new_tokens=2, max_consecutive_token_repeats=4)
+    bias = _RowBias(DEGENERATE_ROWS, tok.convert_tokens_to_ids("<|coord_7|>"))
+    gen = dict(
+        max_new_tokens=max_new,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tok.pad_token_id,
+    )
 
-    def until_eos(row):
-        return row[: row.index(eos) + 1] if eos in row else row
+    def run(processors):
+        torch.manual_seed(1234)
+        with torch.no_grad():
+            out = model.generate(**enc, **gen, logits_processor=LogitsProcessorList(processors))
+        return [r[: r.index(eos) + 1] if eos in r else r for r in out[:, plen:].tolist()]
 
-    ref = [until_eos(r) for r in ref]
-    # pick the consecutive-run threshold that splits this batch into forced and free rows
-    chosen = None
-    for k in range(3, max_new):
-        c = cfg(min_new_tokens=2, max_consecutive_token_repeats=k)
-        firsts = [first_trigger_length(c, r) for r in ref]
-        forced = [
-            f is not None and f < len(r) and (eos not in r or f < len(r) - 1) for f, r in zip(firsts, ref)
-        ]
-        if any(forced) and not all(forced):
-            chosen = (c, firsts, forced)
-            break
-    assert chosen is not None, f"no threshold splits the batch: {ref}"
-    c, firsts, forced = chosen
+    ref = run([bias])
+    firsts = [first_trigger_length(c, r) for r in ref]
+    forced = [f is not None and f < len(r) for f, r in zip(firsts, ref)]
+    assert any(forced) and not all(forced), ref
 
     guard = build_hf_guard(c, tok)
-    with torch.no_grad():
-        out = model.generate(**enc, **gen, logits_processor=LogitsProcessorList([guard]))[:, plen:].tolist()
-    out = [until_eos(r) for r in out]
+    out = run([bias, guard])
     flags = guard.triggered_flags()
     for i, (r_ref, r_out) in enumerate(zip(ref, out)):
         if forced[i]:
             assert r_out == r_ref[: firsts[i]] + [eos], (i, r_ref, r_out)
             assert flags[i] == 1
-        else:
+        else:  # untouched: the same sampled tokens as without the guard
             assert r_out == r_ref, (i, r_ref, r_out)
             assert flags[i] == 0
         # the HF flag is exactly the deterministic flag rule the server uses
         assert flags[i] == forced_eos_flag(c, r_out, [eos])
-    assert 0 < sum(flags) < len(flags)
+    assert [i for i, f in enumerate(flags) if f] == [i for i in range(len(PROMPTS)) if forced[i]]

@@ -245,9 +245,10 @@ def test_patterns_cover_bpe_merges_with_neighbours(tiny_tokenizer):
     tok = tiny_tokenizer
     pats = derive_object_open_patterns(tok)
     first_pieces = {tok.convert_ids_to_tokens(p[0]) for p in pats}
-    # the opening brace is fused with its left neighbour in real output: " [{" (first object), " {" (later)
-    assert any("[" in piece and "{" in piece for piece in first_pieces), first_pieces
-    assert any(piece.startswith("\u0120{") for piece in first_pieces), first_pieces  # Ġ{ = " {"
+    # real output fuses the opening brace with its left neighbour (e.g. " [{" for the first object and
+    # " {" for later ones with this tokenizer): some variant's first token holds more than `{"`
+    assert any(set(piece) - set('{"') for piece in first_pieces), first_pieces
+    assert len(pats) > 2, pats  # several variants, not one context-free encoding
     # both field orders
     decoded = {tok.decode(list(p)) for p in pats}
     assert any("desc" in d for d in decoded) and any("bbox_2d" in d for d in decoded), decoded

@@ -14,10 +14,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from coordexp.coordjson import CoordObject, FieldOrder, bin_to_token, serialize_objects  # noqa: E402
-from coordexp.data.prompt import PromptSpec, build_messages  # noqa: E402
-from coordexp.data.synthetic import generate_records  # noqa: E402
-from coordexp.data.tiny_model import (  # noqa: E402
+from coordexp.coordjson import CoordObject, FieldOrder, bin_to_token, serialize_objects
+from coordexp.data.prompt import PromptSpec, build_messages
+from coordexp.data.synthetic import generate_records
+from coordexp.data.tiny_model import (
     SPEC_FILE,
     TinyModelSpec,
     ensure_tiny_model,
