@@ -46,6 +46,7 @@ class TokenRole(IntEnum):
     APPENDED_DESC = 8  # desc value of a written GT record
     CLOSURE = 9  # the container's closing `]}`
     EOS = 10
+    FALLBACK_HEADER = 11  # `{"objects": [` injected because the rollout had no usable container
 
 
 class TargetInvariantError(ValueError):
@@ -88,6 +89,7 @@ def role_ce_weights(desc_ce_weight: float, struct_multiplier: float = 1.0) -> np
     weights[TokenRole.APPENDED_DESC] = desc_ce_weight
     weights[TokenRole.CLOSURE] = struct_multiplier
     weights[TokenRole.EOS] = struct_multiplier
+    weights[TokenRole.FALLBACK_HEADER] = 1.0  # not the model's output: teach it to open the container
     return weights
 
 
@@ -197,7 +199,8 @@ def _prefix_roles(prefix: TokenFrame, parsed: ParsedRollout, matched_preds: set[
     # Later layers win where a token straddles two regions.
     objects = parsed.objects
     layers = [
-        (TokenRole.PREFIX_HEADER, [(0, parsed.header_chars)]),
+        (TokenRole.FALLBACK_HEADER if parsed.invalid_rollout else TokenRole.PREFIX_HEADER,
+         [(0, parsed.header_chars)]),
         (TokenRole.INVALID_RECORD, [r.char_span for r in parsed.dropped_in_prefix]),
         (
             TokenRole.UNMATCHED_PREDICTION,
