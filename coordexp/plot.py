@@ -18,11 +18,12 @@ from typing import List, Optional, Sequence, Tuple
 METRICS_NAME = "metrics.jsonl"
 OUTPUT_NAME = "training_curves.png"
 
-LOSS_KEYS = ("loss/total", "loss/ce", "loss/bbox_smoothl1", "loss/bbox_ciou", "loss/coord_ce")
+LOSS_KEYS = ("loss/total", "loss/ce", "loss/bbox_smoothl1", "loss/bbox_ciou", "loss/coord_ce")  # first, in order
 F1_SERIES = (("rollout/f1", "train B steps: F1 (gate)", "-"),
              ("eval_rollout/f1", "eval: F1 (gate)", "-"),
              ("eval_rollout/f1_iou50", "eval: F1@0.5", "--"),
-             ("eval_rollout/f1_iou50_95", "eval: F1@[.5:.95]", ":"))
+             ("eval_rollout/f1_iou50_95", "eval: F1@[.5:.95]", ":"),
+             ("eval_rollout/desc_match_iou50", "eval: desc match of TPs@0.5", "-."))
 
 
 class PlotError(RuntimeError):
@@ -82,12 +83,14 @@ def plot_run(run_dir_or_file: Path, output: Optional[Path] = None) -> Path:
     metrics = src if src.is_file() else src / METRICS_NAME
     records = read_metrics(metrics)
     out = Path(output) if output else metrics.parent / OUTPUT_NAME
-    train = [r for r in records if not any(k.startswith("eval_") for k in r)]
+    train = [r for r in records if "loss" in r or any(k.startswith("loss/") for k in r)]
+    loss_keys = [k for k in LOSS_KEYS if any(k in r for r in train)]
+    loss_keys += sorted({k for r in train for k in r if k.startswith("loss/")} - set(loss_keys))
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5), constrained_layout=True)
     ax = axes[0][0]
     drawn = False
-    for key in LOSS_KEYS:
+    for key in loss_keys:
         xs, ys = series(train, key)
         if xs:
             ax.plot(xs, ys, label=key, lw=1.4 if key == "loss/total" else 1.0)
@@ -105,7 +108,7 @@ def plot_run(run_dir_or_file: Path, output: Optional[Path] = None) -> Path:
         if xs:
             ax.plot(xs, ys, style, marker="o" if key.startswith("eval") else ".", ms=4, label=label)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("rollout F1")
+    ax.set_title("rollout F1 (and desc accuracy of matches)")
     ax.set_xlabel("optimizer step")
     _finish(ax)
 

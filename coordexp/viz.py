@@ -4,7 +4,7 @@ Colours (Okabe-Ito, readable with the common colour-vision deficiencies) and lin
 
     GT, matched        blue,           dashed
     GT, missed (FN)    reddish purple, dashed, thick
-    prediction, TP     bluish green,   solid   (label: desc and IoU with its GT)
+    prediction, TP     bluish green,   solid   (label: desc, IoU with its GT, the GT desc if different)
     prediction, FP     vermilion,      solid   (label: desc)
 
 A legend with the counts sits in the top-right corner. Text-only samples (the synthetic task) are drawn
@@ -116,7 +116,12 @@ def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair
         hit = matched_pred.get(pi)
         colour = PRED_TP if hit else PRED_FP
         draw.rectangle(box, outline=colour, width=line)
-        _label(draw, (box[0], box[1]), f"{desc} {hit[1]:.2f}" if hit else f"FP {desc}", colour, font, (w, h))
+        if hit:
+            gt_desc = gt[hit[0]][0] if 0 <= hit[0] < len(gt) else desc
+            text = f"{desc} {hit[1]:.2f}" + ("" if gt_desc.strip() == desc.strip() else f" (GT: {gt_desc})")
+        else:
+            text = f"FP {desc}"
+        _label(draw, (box[0], box[1]), text, colour, font, (w, h))
 
     n_tp = len(pairs)
     entries = [(GT_MATCHED, True, f"GT matched ({len(matched_gt)})"),

@@ -99,7 +99,7 @@ def check_command_line(argv: Sequence[str], need_experiment: bool = True) -> Non
             elif not ov.is_delete():
                 experiment = str(ov.value())
             continue
-        if key.startswith("hydra.") or key == "hydra" or is_config_group(key):
+        if key.startswith(("hydra.", "hydra/")) or key == "hydra" or is_config_group(key):
             continue
         problem = path_problems(key)
         if problem:

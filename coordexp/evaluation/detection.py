@@ -10,6 +10,8 @@ Definitions (docs/evaluation.md has the full table):
 - **@[.5:.95]**: the mean of the per-threshold values over ``IOU_THRESHOLDS`` (0.50, 0.55, ..., 0.95).
 - **duplicate**: a valid prediction whose box has IoU >= ``DUPLICATE_IOU`` with an *earlier* valid
   prediction of the same rollout. duplicate_rate = duplicates / all valid predictions.
+- **desc_match@0.5**: matched pairs at IoU 0.5 whose predicted desc equals the GT desc (exact string,
+  surrounding whitespace ignored) / matched pairs: the class-agnostic numbers say nothing about desc.
 - Rollout-level rates are over rollouts: invalid_rollout (strict parse fell back), parse_truncated (the
   objects array never closed), forced_eos (repeat-terminate forced EOS), hit_max_new_tokens.
 """
@@ -109,6 +111,8 @@ class SampleOutcome:
     hit_max_new_tokens: bool = False
     gen_tokens: int = 0
     dropped: Mapping[str, int] = field(default_factory=dict)
+    pred_descs: Optional[Sequence[str]] = None   # for desc_match (None: not counted)
+    gt_descs: Optional[Sequence[str]] = None
 
 
 def threshold_key(t: float) -> str:
@@ -132,6 +136,8 @@ class DetectionAggregate:
     gen_tokens: List[int] = field(default_factory=list)
     dropped: Dict[str, int] = field(default_factory=dict)
     tp: Dict[float, int] = field(default_factory=dict)
+    desc_match_50: int = 0   # matched pairs at IoU 0.5 with equal desc
+    desc_checked_50: int = 0  # matched pairs at IoU 0.5 whose descs were given
 
     def add(self, outcome: SampleOutcome) -> Tuple[List[ThresholdMatch], List[bool]]:
         """Account one sample; returns its per-threshold matches and duplicate flags."""
@@ -151,6 +157,10 @@ class DetectionAggregate:
                 self.dropped[reason] = self.dropped.get(reason, 0) + int(count)
         for m in matches:
             self.tp[m.threshold] = self.tp.get(m.threshold, 0) + m.tp
+            if m.threshold == 0.5 and outcome.pred_descs is not None and outcome.gt_descs is not None:
+                self.desc_checked_50 += m.tp
+                self.desc_match_50 += sum(outcome.pred_descs[p].strip() == outcome.gt_descs[g].strip()
+                                          for p, g, _ in m.pairs)
         return matches, dups
 
     def at(self, threshold: float) -> Dict[str, float]:
@@ -180,7 +190,7 @@ class DetectionAggregate:
                                "max": int(gen[-1]) if gen else 0},
         }
         if 0.5 in self.thresholds:
-            out["iou50"] = self.at(0.5)
+            out["iou50"] = {**self.at(0.5), "desc_match": safe_ratio(self.desc_match_50, self.desc_checked_50)}
         out["iou50_95"] = mean
         out["per_threshold"] = per_t
         return out
@@ -206,6 +216,7 @@ def add_detection_metrics(buf, agg: DetectionAggregate, prefix: str = "eval_roll
         buf.add_ratio(f"{prefix}/f1_iou50", 2 * tp50, agg.n_pred + agg.n_gt)
     for t in agg.thresholds:
         buf.add_ratio(f"{prefix}/_f1@{threshold_key(t)}", 2 * agg.tp.get(t, 0), agg.n_pred + agg.n_gt)
+    buf.add_ratio(f"{prefix}/desc_match_iou50", agg.desc_match_50, agg.desc_checked_50)
     buf.add_ratio(f"{prefix}/duplicate_rate", agg.duplicates, agg.n_pred)
     buf.add_ratio(f"{prefix}/forced_eos_rate", agg.forced_eos, agg.rollouts)
 

@@ -153,14 +153,6 @@ def prediction_record(sample, rollout, parsed, text: str, matches: Sequence[Thre
     }
 
 
-def outcome_of(record: Dict[str, Any]) -> SampleOutcome:
-    return SampleOutcome(pred_boxes=[tuple(p["bbox_2d"]) for p in record["pred"]],
-                         gt_boxes=[tuple(g["bbox_2d"]) for g in record["gt"]],
-                         invalid_rollout=record["invalid_rollout"], truncated=record["truncated"],
-                         forced_eos=record["forced_eos"], hit_max_new_tokens=record["hit_max_new_tokens"],
-                         gen_tokens=record["gen_tokens"], dropped=record["dropped"])
-
-
 @dataclass
 class EvalResult:
     report: Dict[str, Any]
@@ -197,7 +189,8 @@ def score_rollouts(samples: Sequence, rollouts: Sequence, adapter, contract, *,
                                 gt_boxes=[tuple(g.bbox) for g in gts], invalid_rollout=parsed.invalid_rollout,
                                 truncated=parsed.truncated, forced_eos=bool(rollout.triggered),
                                 hit_max_new_tokens=bool(rollout.hit_max_new_tokens),
-                                gen_tokens=len(rollout.token_ids), dropped=parsed.drop_counts)
+                                gen_tokens=len(rollout.token_ids), dropped=parsed.drop_counts,
+                                pred_descs=[o.desc for o in parsed.objects], gt_descs=[g.desc for g in gts])
         matches, dups = agg.add(outcome)
         gate["tp"] += len(match.pairs)
         gate["pred"] += len(parsed.objects)
@@ -237,6 +230,7 @@ def build_report(records: Sequence[Dict[str, Any]], agg: DetectionAggregate, gat
 
     headline = {
         "precision@0.5": iou50.get("precision"), "recall@0.5": iou50.get("recall"), "f1@0.5": iou50.get("f1"),
+        "desc_match@0.5": iou50.get("desc_match"),
         "precision@[.5:.95]": mean["precision"], "recall@[.5:.95]": mean["recall"], "f1@[.5:.95]": mean["f1"],
         "AP_score_constant": ap("score_constant", "AP"), "AP50_score_constant": ap("score_constant", "AP50"),
         "AP_score_coord_prob": ap("score_coord_prob", "AP"),
@@ -383,7 +377,8 @@ def format_summary(report: Dict[str, Any]) -> str:
     s, c = report["summary"], report["counts"]
     return "\n".join([
         f"rollouts {c['rollouts']} | GT {c['gt_objects']} | valid predictions {c['pred_objects']}",
-        f"IoU 0.5:      P {f(s['precision@0.5'])}  R {f(s['recall@0.5'])}  F1 {f(s['f1@0.5'])}",
+        f"IoU 0.5:      P {f(s['precision@0.5'])}  R {f(s['recall@0.5'])}  F1 {f(s['f1@0.5'])}  "
+        f"(desc match of TPs {f(s['desc_match@0.5'])})",
         f"IoU .5:.95:   P {f(s['precision@[.5:.95]'])}  R {f(s['recall@[.5:.95]'])}  "
         f"F1 {f(s['f1@[.5:.95]'])}",
         f"COCO AP:      score=1 {f(s['AP_score_constant'])} (AP50 {f(s['AP50_score_constant'])}) | "

@@ -1,32 +1,463 @@
-"""What `python -m coordexp.train` does once the config is valid: record the run, then train with one
-in-process learner or a torchrun group on the saved config (ranks never re-compose Hydra)."""
+"""What `python -m coordexp.train` does once the config is valid: the run's whole process lifecycle.
+
+``run_experiment(cfg, run_dir, resolved)``:
+
+1. ``rollout=hf``: record the run (``run_metadata.json``), train (in-process learner for
+   ``training.nproc_per_node == 1``, else ``torchrun`` on the saved ``resolved_config.yaml`` - ranks never
+   re-compose Hydra), return the learner's exit code.
+2. ``rollout=vllm_server`` additionally, before the learner:
+
+   * resolve the model dir the server must serve - the very folder the learner trains (for the tiny model
+     ``ensure_tiny_model(model.path, arch)``, built here, before the server starts); a missing checkpoint
+     fails here, before anything starts;
+   * start ``swift rollout`` with the coordexp plugin and the repeat-terminate environment in its own
+     process group (:class:`~coordexp.launch.server.RolloutServer`: port check, ``/health/`` deadline with
+     progress lines, early-exit detection, activation probe) - or, with ``vllm.server.reuse_existing``,
+     check and probe the servers already running at ``vllm.server.base_urls`` (never stopped here);
+   * tell the learner, through ``COORDEXP_SERVER_INITIAL_WEIGHTS``, that a server it started serves the
+     learner's initial checkpoint (so the first weight sync can wait until the weights change);
+   * run the learner; for a torchrun learner, watch the server too: a server that dies mid-training stops
+     the learner at once with the server's exit code and log tail;
+   * on exit, error, SIGINT or SIGTERM: the learner's process group, then the server's, get TERM, then KILL.
+
+Exit code: the learner's (in-process: 0, or 2 for a :class:`~coordexp.trainer.learner.LearnerError` such
+as a server failure mid-training); 3 when the rollout server could not be started or probed, or died
+during a torchrun learner; 2 for a model path that is not a checkpoint; 128+signal on SIGINT/SIGTERM. On
+failure the tail of each started server's log is printed.
+
+Inside a Hydra sweep with ``hydra/launcher=coordexp`` (see ``launchers/``), a :class:`ServerPool` keeps the
+server between jobs whose server settings are equal; each job's learner then re-syncs weights before its
+first rollout (the server holds the previous job's weights). Plain runs never see a launcher (Hydra
+instantiates launchers only in MULTIRUN mode), which is why this lifecycle lives here, in the task function.
+
+Importing this module is cheap (no torch): the launcher plugin and ``coordexp.train`` import it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from coordexp.config.schema import TrainConfig
 from coordexp.launch import metadata
+from coordexp.trainer.weight_sync import ENV_INITIAL_WEIGHTS  # import-light (no torch)
+
+EXIT_LEARNER_ERROR = 2
+EXIT_SERVER_ERROR = 3
+ENV_RUN_ID = "COORDEXP_RUN_ID"
+SERVER_LOG_NAME = "server/swift_rollout{suffix}.log"
 
 
-def learner_command(cfg: TrainConfig, resolved: Path) -> list[str]:
+class LaunchError(RuntimeError):
+    """Something the orchestrator checks before starting processes (printed without a traceback)."""
+
+    def __init__(self, message: str, code: int = EXIT_LEARNER_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+def _say(msg: str) -> None:
+    print(f"[coordexp launch] {msg}", file=sys.stderr, flush=True)
+
+
+def _enum(v: Any) -> Any:
+    return getattr(v, "value", v)
+
+
+# ----------------------------------------------------------------------------------------------- timeline
+
+
+def process_start_epoch() -> float:
+    """Wall-clock time this process started (Linux /proc; falls back to now)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as fh:
+            btime = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
+        return btime + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+_LAST_RUN_END: Optional[float] = None
+
+
+@dataclass
+class Timeline:
+    """Named marks (epoch seconds); each phase is the time since the previous mark."""
+
+    start: float
+    marks: List[Tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, name: str, at: Optional[float] = None) -> None:
+        self.marks.append((name, time.time() if at is None else at))
+
+    def phases(self) -> Dict[str, float]:
+        out, prev = {}, self.start
+        for name, t in self.marks:
+            out[name] = round(t - prev, 3)
+            prev = t
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"start": self.start, "marks": {n: t for n, t in self.marks}, "phases_s": self.phases()}
+
+
+# ----------------------------------------------------------------------------------------------- learner
+
+
+def learner_command(cfg: TrainConfig, resolved: Path) -> List[str]:
     nproc = cfg.training.nproc_per_node
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "coordexp.trainer.learner", "--config", str(resolved)]
 
 
-def run_experiment(cfg: TrainConfig, run_dir: Path, resolved: Path) -> int:
-    metadata.write(run_dir, cfg, resolved)
-    if cfg.training.nproc_per_node == 1:
-        from coordexp.trainer.learner import LearnerError, train
+def learner_env(cfg: TrainConfig) -> Dict[str, str]:
+    """Environment additions for the learner (its GPU set on a GPU node)."""
+    v = cfg.vllm
+    env: Dict[str, str] = {}
+    if _enum(cfg.rollout_matching.rollout_backend) == "vllm" and _enum(v.device) == "cuda" and v.learner_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in v.learner_gpus)
+    return env
 
+
+def _pdeathsig() -> None:  # child, between fork and exec: die with the orchestrator
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def stop_group(proc: Optional[subprocess.Popen], timeout_s: float = 15.0) -> None:
+    """TERM the process group led by ``proc``, wait, then KILL."""
+    if proc is None:
+        return
+    pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            continue
+        break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def _env_overlay(extra: Dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ----------------------------------------------------------------------------------------------- servers
+
+
+def resolve_model_dir(cfg: TrainConfig) -> Path:
+    """The checkpoint folder the learner will load (and the server must serve)."""
+    if _enum(cfg.model.kind) == "tiny":
+        from coordexp.data.tiny_model import ensure_tiny_model
+
+        return Path(ensure_tiny_model(cfg.model.path, arch=_enum(cfg.model.tiny_arch))).resolve()
+    path = Path(cfg.model.path).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise LaunchError(f"model.path '{cfg.model.path}' is not a checkpoint directory (no config.json at "
+                          f"{path}): pass model.path=<local checkpoint dir>; nothing was started")
+    return path
+
+
+def server_key(cfg: TrainConfig, model_dir: Path) -> str:
+    """Everything that decides what a started server is; equal keys => the server can be kept."""
+    from omegaconf import OmegaConf
+
+    v = OmegaConf.to_container(OmegaConf.structured(cfg.vllm), resolve=True, enum_to_str=True)
+    v.pop("sync", None)
+    v.pop("learner_gpus", None)
+    for k in ("infer_timeout_s", "request_timeout_s", "log_tail_lines", "startup_timeout_s"):
+        v["server"].pop(k, None)
+    rt = OmegaConf.to_container(OmegaConf.structured(cfg.rollout_matching.repeat_terminate), enum_to_str=True)
+    return json.dumps({"model": str(model_dir), "kind": _enum(cfg.model.kind), "vllm": v, "repeat_terminate": rt},
+                      sort_keys=True)
+
+
+class ServerSet:
+    """The rollout servers of a run: one started here, or every ``base_url`` reused."""
+
+    def __init__(self, servers: List[Any], key: str, model_dir: Path):
+        self.servers = servers
+        self.key = key
+        self.model_dir = model_dir
+
+    @property
+    def started_here(self) -> bool:
+        return any(s.spec is not None for s in self.servers)
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, model_dir: Path, run_dir: Path, run_id: str) -> "ServerSet":
+        from coordexp.launch.server import RolloutServer
+
+        urls = list(cfg.vllm.server.base_urls)
+        servers: List[Any] = []
+        try:
+            if cfg.vllm.server.reuse_existing:
+                for i, url in enumerate(urls):
+                    servers.append(RolloutServer.from_config(cfg, model_dir=model_dir, base_url=url,
+                                                             log_path=run_dir / SERVER_LOG_NAME.format(suffix=f".{i}")))
+            else:
+                srv = RolloutServer.from_config(cfg, model_dir=model_dir,
+                                                log_path=run_dir / SERVER_LOG_NAME.format(suffix=""))
+                srv.spec.extra_env[ENV_RUN_ID] = run_id
+                servers.append(srv)
+            for srv in servers:
+                srv.start()
+        except BaseException:
+            for srv in servers:
+                srv.stop()
+            raise
+        return cls(servers, server_key(cfg, model_dir), model_dir)
+
+    def dead(self) -> Optional[Tuple[Any, int]]:
+        for srv in self.servers:
+            code = srv.exit_code()
+            if code is not None:
+                return srv, code
+        return None
+
+    def healthy(self) -> bool:
+        from coordexp.rollout.server_client import check_health
+
+        return self.dead() is None and all(check_health(s.base_url, s.request_timeout_s) for s in self.servers)
+
+    def log_tails(self) -> str:
+        parts = []
+        for srv in self.servers:
+            if srv.spec is not None and srv.log_path:
+                parts.append(f"--- last {srv.log_tail_lines} lines of {srv.log_path} ---\n{srv.log_tail()}")
+        return "\n".join(parts)
+
+    def describe(self) -> List[Dict[str, Any]]:
+        return [s.describe() for s in self.servers]
+
+    def stop(self) -> None:
+        for srv in self.servers:
+            srv.stop()
+
+
+class ServerPool:
+    """Keeps one server set alive across the jobs of a sweep (used by the coordexp Hydra launcher)."""
+
+    def __init__(self) -> None:
+        self.current: Optional[ServerSet] = None
+        self.jobs_served = 0
+
+    def acquire(self, cfg: TrainConfig, model_dir: Path, run_dir: Path, run_id: str) -> Tuple[ServerSet, bool]:
+        """(servers, fresh): fresh = started now, so it holds the initial checkpoint's weights."""
+        key = server_key(cfg, model_dir)
+        cur = self.current
+        if cur is not None:
+            if cur.key == key and cur.healthy():
+                self.jobs_served += 1
+                _say(f"keeping the sweep's rollout server(s) {[s.base_url for s in cur.servers]} "
+                     f"(job {self.jobs_served + 1}); the learner re-syncs weights before its first rollout")
+                return cur, False
+            _say("server settings changed between sweep jobs (or the server is unhealthy): restarting it")
+            self.close()
+        self.current = ServerSet.start(cfg, model_dir, run_dir, run_id)
+        self.jobs_served = 0
+        return self.current, True
+
+    def release(self, ok: bool) -> None:
+        if not ok and self.current is not None:
+            _say("a sweep job failed: stopping its rollout server (the next job starts a fresh one)")
+            self.close()
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+            self.current = None
+
+
+_POOL: Optional[ServerPool] = None
+
+
+@contextlib.contextmanager
+def shared_servers() -> Iterator[ServerPool]:
+    """Within the block, run_experiment keeps servers between calls (the sweep launcher uses this)."""
+    global _POOL
+    prev, _POOL = _POOL, ServerPool()
+    try:
+        yield _POOL
+    finally:
+        pool, _POOL = _POOL, prev
+        pool.close()
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def _update_metadata(run_dir: Path, launcher: Dict[str, Any]) -> None:
+    path = run_dir / metadata.METADATA_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    data["launcher"] = launcher
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _run_in_process(cfg: TrainConfig, run_dir: Path, env: Dict[str, str]) -> int:
+    from coordexp.trainer.learner import LearnerError, train
+
+    with _env_overlay(env):
         try:
             return train(cfg, run_dir)
         except LearnerError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(learner_command(cfg, resolved), env=env)
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return EXIT_LEARNER_ERROR
+
+
+def _run_torchrun(cmd: List[str], env: Dict[str, str], servers: Optional[ServerSet], launcher: Dict[str, Any],
+                  run_dir: Path) -> int:
+    full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env}
+    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True, preexec_fn=_pdeathsig)
+    launcher["learner"]["pgid"] = proc.pid
+    _update_metadata(run_dir, launcher)
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            dead = servers.dead() if servers is not None else None
+            if dead is not None:
+                srv, code = dead
+                _say(f"error: the rollout server {srv.base_url} exited with code {code} during training; "
+                     f"stopping the learner")
+                return EXIT_SERVER_ERROR
+    finally:
+        stop_group(proc)
+
+
+def run_experiment(cfg: TrainConfig, run_dir: Path, resolved: Path) -> int:
+    """The whole run (see the module docstring); returns the exit code."""
+    global _LAST_RUN_END
+    from coordexp.launch.server import terminate_on_signals
+
+    timeline = Timeline(start=_LAST_RUN_END or process_start_epoch())
+    timeline.mark("config")
+    try:
+        with terminate_on_signals():
+            return _run(cfg, Path(run_dir), Path(resolved), timeline)
+    finally:
+        _LAST_RUN_END = time.time()
+
+
+def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) -> int:
+    from coordexp.launch.server import ServerStartError
+
+    server_mode = _enum(cfg.rollout_matching.rollout_backend) == "vllm"
+    nproc = cfg.training.nproc_per_node
+    run_id = uuid.uuid4().hex[:12]
+    pool = _POOL
+    v = cfg.vllm
+    launcher: Dict[str, Any] = {
+        "entry": "hydra_launcher:coordexp" if pool is not None else "task_function",
+        "run_id": run_id,
+        "orchestrator_pid": os.getpid(),
+        "rollout_backend": _enum(cfg.rollout_matching.rollout_backend),
+        "learner": {"mode": "in_process" if nproc == 1 else "torchrun", "nproc_per_node": nproc,
+                    "gpus": list(v.learner_gpus) if server_mode and _enum(v.device) == "cuda" else [],
+                    "pgid": None},
+    }
+    env: Dict[str, str] = {ENV_RUN_ID: run_id, **learner_env(cfg)}
+    servers: Optional[ServerSet] = None
+    code: Optional[int] = None
+    try:
+        if server_mode:
+            try:
+                model_dir = resolve_model_dir(cfg)
+            except LaunchError as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                return err.code
+            timeline.mark("model")
+            launcher.update(
+                model=str(model_dir), dtype=_enum(v.dtype), device=_enum(v.device),
+                server_base_urls=list(v.server.base_urls), reuse_existing=bool(v.server.reuse_existing),
+                data_parallel_size=v.data_parallel_size, tensor_parallel_size=v.tensor_parallel_size,
+                server_gpus=list(v.server_gpus) if _enum(v.device) == "cuda" else [],
+                weight_sync={"mode": _enum(v.sync.mode), "transport": _enum(v.sync.transport),
+                             "timeout_s": v.sync.timeout_s},
+            )
+            try:
+                if pool is not None:
+                    servers, fresh = pool.acquire(cfg, model_dir, run_dir, run_id)
+                else:
+                    servers, fresh = ServerSet.start(cfg, model_dir, run_dir, run_id), True
+            except ServerStartError as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                return EXIT_SERVER_ERROR
+            for srv in servers.servers:
+                for phase in ("spawn", "health", "probe"):
+                    if phase in srv.timings and fresh:
+                        timeline.marks.append((f"server_{phase}", timeline.marks[-1][1] + srv.timings[phase]))
+            timeline.mark("server_ready")
+            launcher["servers"] = servers.describe()
+            launcher["server_fresh"] = fresh
+            if fresh and servers.started_here:
+                env[ENV_INITIAL_WEIGHTS] = str(model_dir)
+        metadata.write(run_dir, cfg, resolved, launcher)
+        timeline.mark("learner_start")
+        launcher["timeline"] = timeline.to_dict()
+        _update_metadata(run_dir, launcher)
+        if nproc == 1:
+            code = _run_in_process(cfg, run_dir, env)
+        else:
+            launcher["learner"]["command"] = learner_command(cfg, resolved)
+            code = _run_torchrun(learner_command(cfg, resolved), env, servers, launcher, run_dir)
+        return code
+    finally:
+        failed = code is None or code != 0
+        if servers is not None and failed:
+            dead = servers.dead()
+            if dead is not None:
+                _say(f"the rollout server {dead[0].base_url} exited with code {dead[1]}")
+            tails = servers.log_tails()
+            if tails:
+                print(tails, file=sys.stderr, flush=True)
+        if servers is not None:
+            if pool is not None:
+                pool.release(ok=not failed)
+            else:
+                servers.stop()
+        timeline.mark("end")
+        launcher["timeline"] = timeline.to_dict()
+        launcher["exit_code"] = code
+        _update_metadata(run_dir, launcher)

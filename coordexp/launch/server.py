@@ -320,6 +320,8 @@ class RolloutServer:
         self.world_size: Optional[int] = None
         self.probe_report: Any = None
         self.startup_seconds: Optional[float] = None
+        #: seconds per start phase: ``spawn`` (Popen), ``health`` (until /health/ answered), ``probe``
+        self.timings: Dict[str, float] = {}
         self._log_fh = None
         self._signals: Optional[contextlib.ExitStack] = None
 
@@ -374,6 +376,45 @@ class RolloutServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def exit_code(self) -> Optional[int]:
+        """The exit code of a server started here that has exited; None while it runs (or if reused)."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def describe(self) -> Dict[str, Any]:
+        """What run_metadata.json records about this server."""
+        spec = self.spec
+        out: Dict[str, Any] = {
+            "base_url": self.base_url,
+            "started_here": spec is not None,
+            "pgid": self.pgid,
+            "log": str(self.log_path) if self.log_path and spec is not None else None,
+            "world_size": self.world_size,
+            "startup_seconds": self.startup_seconds,
+            "timings": dict(self.timings),
+            "probe": None,
+        }
+        if spec is not None:
+            out.update(
+                model=spec.model_dir,
+                device=spec.device,
+                dtype=spec.dtype,
+                data_parallel_size=spec.data_parallel_size,
+                tensor_parallel_size=spec.tensor_parallel_size,
+                gpus=list(spec.server_gpus),
+                max_model_len=spec.max_model_len,
+                command=build_command(spec),
+            )
+        r = self.probe_report
+        if r is not None:
+            out["probe"] = {
+                "passed": True,
+                "attempts": r.attempts,
+                "seconds": round(r.seconds, 3),
+                "trigger_tokens": len(r.trigger.token_ids),
+                "control_tokens": len(r.control.token_ids),
+            }
+        return out
+
     def log_tail(self, n: Optional[int] = None) -> str:
         n = self.log_tail_lines if n is None else n
         if not self.log_path or not self.log_path.is_file():
@@ -398,7 +439,10 @@ class RolloutServer:
                 self.progress(f"reusing the rollout server at {self.base_url}")
             else:
                 self._spawn()
+                self.timings["spawn"] = time.monotonic() - t0
                 self._wait_healthy(t0)
+            t_healthy = time.monotonic()
+            self.timings["health"] = t_healthy - t0 - self.timings.get("spawn", 0.0)
             try:
                 self.world_size = get_world_size(self.base_url, self.request_timeout_s)
             except RolloutServerError as exc:
@@ -410,7 +454,9 @@ class RolloutServer:
                 f"(world_size={self.world_size})"
             )
             if self.run_probe:
+                t_probe = time.monotonic()
                 self._probe()
+                self.timings["probe"] = time.monotonic() - t_probe
             self.startup_seconds = time.monotonic() - t0
             return self
         except BaseException:

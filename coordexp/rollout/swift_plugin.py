@@ -22,7 +22,11 @@ nothing). With the guard set it:
    ``{"response": <ms-swift RolloutOutput as a plain dict>,
    "coordexp": {"repeat_terminate_triggered": 0|1}}``;
 6. CPU only (``COORDEXP_SERVER_DEVICE=cpu``, set by the launcher): ms-swift's device-count check is told
-   there is one device.
+   there is one device;
+7. *weight sync* (through the two extension points below): the vLLM workers get the worker extension
+   :data:`coordexp.trainer.weight_sync.WORKER_EXTENSION_FQCN` (ms-swift's own NCCL extension plus a
+   file loader), and the app gets ``POST /coordexp/load_weights/ {"path": ...}``, which makes every rollout
+   worker load a safetensors file the learner wrote (``collective_rpc`` by method name; no pickled code).
 
 Extension points (for e.g. a weight-sync route): :func:`register_route_installer` adds FastAPI routes to the
 server app after ms-swift registered its own; :func:`register_engine_kwargs_hook` edits the vLLM engine
@@ -330,6 +334,86 @@ def _patch_deploy() -> None:
     SwiftRolloutDeploy._coordexp_patched = True
 
 
+# ----------------------------------------------------------------------------------------------- weight sync
+
+#: ms-swift's own vLLM worker extension (NCCL weight routes); the coordexp one subclasses it.
+SWIFT_WORKER_EXTENSION = "swift.pipelines.infer.rollout.WeightSyncWorkerExtension"
+
+
+def _weight_sync_engine_kwargs(engine: Any, engine_kwargs: dict) -> None:
+    """Engine-kwargs hook: the vLLM workers get coordexp's worker extension (ms-swift's + a file loader)."""
+    from coordexp.trainer.weight_sync import WORKER_EXTENSION_FQCN
+
+    current = engine_kwargs.get("worker_extension_cls")
+    if current and current not in (SWIFT_WORKER_EXTENSION, WORKER_EXTENSION_FQCN):
+        _say(f"WARNING: keeping worker_extension_cls={current}; coordexp file weight sync is unavailable")
+        return
+    engine_kwargs["worker_extension_cls"] = WORKER_EXTENSION_FQCN
+
+
+def _install_weight_sync_route(deploy: Any) -> None:
+    """``POST /coordexp/load_weights/ {"path": <safetensors>, "timeout_s": t}``: every rollout worker (all DP
+    engines, every TP rank through ``collective_rpc``) loads the file with ``model.load_weights``. Answers
+    ``{"workers": [<per-worker report>], "seconds": s}``; 400 for a bad path, 500 when a worker failed (its
+    traceback is in the server log), 504 when the workers did not finish within ``timeout_s``."""
+    import asyncio
+    import time as _time
+
+    from fastapi import Body, Depends, HTTPException
+
+    from coordexp.trainer.weight_sync import LOAD_WEIGHTS_ROUTE, WORKER_METHOD
+
+    lock = asyncio.Lock()
+
+    async def load_weights(payload: dict = Body(...)):
+        path = payload.get("path") if isinstance(payload, dict) else None
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise HTTPException(status_code=400, detail=f"coordexp: 'path' must be an absolute path, got {path!r}")
+        if not os.path.isfile(path):
+            raise HTTPException(
+                status_code=400,
+                detail=f"coordexp: weights file {path} does not exist on the server host (the learner's run dir "
+                "must be on a filesystem the server can read)",
+            )
+        try:
+            timeout_s = float(payload.get("timeout_s", 600.0))
+        except (TypeError, ValueError):
+            raise HTTPException(status_code=400, detail="coordexp: 'timeout_s' must be a number") from None
+        t0 = _time.monotonic()
+        loop = asyncio.get_running_loop()
+        kwargs = {"method": WORKER_METHOD, "args": (path,), "timeout": timeout_s}
+        async with lock:
+            for conn in deploy.connections:
+                conn.send({"type": "call", "method": "collective_rpc", "kwargs": kwargs})
+            try:
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(loop.run_in_executor(None, c.recv) for c in deploy.connections)), timeout_s
+                )
+            except asyncio.TimeoutError:
+                _say(f"ERROR weight load from {path} did not finish within {timeout_s:g} s")
+                raise HTTPException(
+                    status_code=504,
+                    detail=f"coordexp: rollout workers did not load {path} within {timeout_s:g} s",
+                ) from None
+        if any(r is None for r in results):
+            raise HTTPException(
+                status_code=500,
+                detail=f"coordexp: a rollout worker failed to load weights from {path}; see the server log",
+            )
+        workers = [w for r in results for w in (r if isinstance(r, list) else [r])]
+        _say(f"loaded weights from {path} into {len(workers)} worker(s) in {_time.monotonic() - t0:.2f} s")
+        return {"workers": workers, "seconds": round(_time.monotonic() - t0, 4), "step": payload.get("step")}
+
+    guard = getattr(deploy, "_require_api_key", None)
+    deps = [Depends(guard())] if callable(guard) else []
+    deploy.app.post(LOAD_WEIGHTS_ROUTE, dependencies=deps)(load_weights)
+
+
+def _register_weight_sync() -> None:
+    register_engine_kwargs_hook(_weight_sync_engine_kwargs)
+    register_route_installer(_install_weight_sync_route)
+
+
 def _patch_cpu() -> None:
     import swift.arguments.deploy_args as deploy_args
 
@@ -345,6 +429,7 @@ def install(environ: Optional[dict] = None) -> bool:
     device = str(env.get(ENV_SERVER_DEVICE, "")).strip().lower()
     if device == "cpu":
         _patch_cpu()
+    _register_weight_sync()
     _patch_engine(defaults)
     _patch_deploy()
     from coordexp.rollout.repeat_rules import config_to_dict

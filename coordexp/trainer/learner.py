@@ -97,7 +97,7 @@ def build_rollout_backend(cfg: TrainConfig, contract: RolloutContract, trainer_r
                                 tokenizer, contract)
     from coordexp.trainer.server_backend import ServerRolloutBackend
 
-    return ServerRolloutBackend(cfg, contract, trainer_ref)
+    return ServerRolloutBackend(cfg, contract, trainer_ref, tokenizer)
 
 
 class _MetricsJsonl:

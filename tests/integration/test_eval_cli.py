@@ -47,7 +47,7 @@ def test_smoke_run_writes_eval_artifacts_and_picks_a_best_checkpoint(smoke_run):
     for r in evals:
         for key in ("eval_rollout/f1_iou50", "eval_rollout/f1_iou50_95", "eval_rollout/precision_iou50",
                     "eval_rollout/recall_iou50", "eval_rollout/duplicate_rate",
-                    "eval_rollout/forced_eos_rate"):
+                    "eval_rollout/forced_eos_rate", "eval_rollout/desc_match_iou50"):
             assert 0.0 <= r[key] <= 1.0, key
         assert not any("/_f1@" in k for k in r)
     state = json.loads((smoke_run / "checkpoint-4" / "trainer_state.json").read_text())
@@ -87,7 +87,7 @@ def test_eval_cli_on_the_smoke_checkpoint(smoke_run, tmp_path):
     report = json.loads((out / "eval_report.json").read_text())
     assert report["checkpoint"].endswith("checkpoint-4") and report["global_step"] == 4
     assert report["split"]["samples"] == 8
-    for key in ("precision@0.5", "recall@0.5", "f1@0.5", "f1@[.5:.95]", "AP_score_constant",
+    for key in ("precision@0.5", "recall@0.5", "f1@0.5", "desc_match@0.5", "f1@[.5:.95]", "AP_score_constant",
                 "AP_score_coord_prob", "invalid_rollout_rate", "parse_truncated_rate", "duplicate_rate",
                 "forced_eos_rate"):
         assert key in report["summary"], key
@@ -107,6 +107,7 @@ def test_eval_cli_on_the_smoke_checkpoint(smoke_run, tmp_path):
     summary = report["summary"]
     assert summary["invalid_rollout_rate"] == pytest.approx(last["eval_rollout/invalid_rollout_rate"])
     assert report["gen_new_tokens"]["mean"] == pytest.approx(last["eval_rollout/gen_new_tokens_mean"])
+    assert summary["desc_match@0.5"] == pytest.approx(last["eval_rollout/desc_match_iou50"])
 
 
 def test_eval_cli_errors_are_clear(tmp_path):

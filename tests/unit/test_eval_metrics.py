@@ -31,7 +31,8 @@ def test_prf_zero_denominators():
 
 def test_empty_predictions():
     s = summarize([SampleOutcome(pred_boxes=[], gt_boxes=[GT_A, GT_B])])
-    assert s["iou50"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0, "fn": 2}
+    assert s["iou50"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0, "fn": 2,
+                          "desc_match": 0.0}
     assert s["iou50_95"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
     assert s["rates"]["duplicate_rate"] == 0.0
     assert s["counts"]["pred_objects"] == 0 and s["counts"]["gt_objects"] == 2
@@ -78,7 +79,17 @@ def test_duplicates():
     assert s["rates"]["duplicate_rate"] == 0.5
     # one-to-one matching: the copies are false positives
     assert s["iou50"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 * 2 / 6),
-                          "tp": 2, "fp": 2, "fn": 0}
+                          "tp": 2, "fp": 2, "fn": 0, "desc_match": 0.0}
+
+
+def test_desc_match_counts_true_positives_with_the_gt_desc():
+    outcomes = [SampleOutcome([GT_A, GT_B, FAR], [GT_A, GT_B], pred_descs=["cat", " dog ", "cat"],
+                              gt_descs=["cat", "cow"]),
+                SampleOutcome([GT_A], [GT_A], pred_descs=["dog"], gt_descs=["dog"]),
+                SampleOutcome([GT_A], [GT_A])]  # descs not given: not counted
+    s = summarize(outcomes)
+    assert s["iou50"]["tp"] == 4
+    assert s["iou50"]["desc_match"] == pytest.approx(2 / 3)  # cat/cat and dog/dog of 3 checked pairs
 
 
 def test_rollout_rates():
@@ -127,6 +138,7 @@ def test_in_training_metrics_reduce_like_the_aggregate():
     assert metrics["eval_rollout/f1_iou50_95"] == pytest.approx(whole["iou50_95"]["f1"])
     assert metrics["eval_rollout/duplicate_rate"] == pytest.approx(whole["rates"]["duplicate_rate"]) == 1 / 3
     assert metrics["eval_rollout/forced_eos_rate"] == pytest.approx(1 / 3)
+    assert metrics["eval_rollout/desc_match_iou50"] == 0.0  # no descs given
 
 
 # ---------------------------------------------------------------- COCO AP (pycocotools)

@@ -1,0 +1,160 @@
+"""Rollouts from the ``swift rollout`` server(s): the server implementation of the RolloutBackend interface.
+
+``ServerRolloutBackend.generate(prompt_ids, messages, seed)`` sends the chat messages (the server renders the
+prompt with the model's chat template) through :class:`~coordexp.rollout.server_client.RolloutClient` and
+returns a :class:`~coordexp.trainer.rollouts.RolloutBatch`:
+
+* ``Rollout.prompt_ids`` are the server's ``prompt_token_ids``; the Channel-B builder compares them with the
+  learner's own prompt ids and fails the step when they differ;
+* ``Rollout.token_ids``: generated ids up to and including the first stop (EOS) token;
+* ``Rollout.triggered``: the server's ``coordexp.repeat_terminate_triggered`` field only (never the finish
+  reason); the client fails when the field is missing while the feature is enabled;
+* ``Rollout.hit_max_new_tokens``: the budget ran out without a stop token (``finish_reason == "length"``);
+* requests are seeded per rank (the trainer's seed mixes in the rank) and per position (``seed + i``);
+* ``repeat_terminate_active`` is 1 only after the activation probe (:mod:`coordexp.rollout.probe`) passed
+  against every server **from this learner process**, at first use. The orchestrator probes at server start
+  too (fail fast before the learner is built), but the learner does not trust a claim it cannot check: the
+  server may have been replaced since, or the learner may run on its own against ``reuse_existing`` servers.
+  The probe is two short requests per server per process (about 0.1 s on the tiny CPU model).
+
+Before each rollout, :class:`~coordexp.trainer.weight_sync.WeightSync` pushes the learner's weights if they
+changed since the last push (``vllm.sync.mode: full``). Every ``generate`` call is therefore a collective
+under DDP (Channel-B steps and rollout evals are reached by all ranks at the same step).
+
+Server failures become :class:`ServerBackendError` (a ``LearnerError``: printed without a traceback, exit 2)
+naming the server, the call and the cause.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from coordexp.config.contract import RolloutContract
+from coordexp.rollout.server_client import (DecodeParams, InferRequest, RolloutClient, RolloutResult,
+                                            RolloutServerError)
+from coordexp.trainer.learner import LearnerError
+from coordexp.trainer.rollouts import Rollout, RolloutBatch
+from coordexp.trainer.weight_sync import WeightSync, WeightSyncError
+
+
+class ServerBackendError(LearnerError):
+    """The rollout server failed, answered garbage, or a weight sync failed (the message says which)."""
+
+
+def _model_dir(cfg) -> Optional[str]:
+    kind = getattr(cfg.model.kind, "value", cfg.model.kind)
+    if kind == "tiny":
+        from coordexp.data.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model(cfg.model.path, arch=getattr(cfg.model.tiny_arch, "value", cfg.model.tiny_arch)))
+    return str(Path(cfg.model.path).resolve())
+
+
+class ServerRolloutBackend:
+    def __init__(self, cfg, contract: RolloutContract, trainer_ref: dict, tokenizer=None, *,
+                 client: Optional[RolloutClient] = None, weight_sync: Optional[WeightSync] = None,
+                 model_dir: Optional[str] = None):
+        if contract.backend != "vllm" or not contract.server_base_urls:
+            raise ServerBackendError("ServerRolloutBackend needs rollout_matching.rollout_backend=vllm and "
+                                     "vllm.server.base_urls")
+        self.cfg = cfg
+        self.contract = contract
+        self.trainer_ref = trainer_ref
+        self.client = client or RolloutClient(
+            list(contract.server_base_urls), decode_batch_size=contract.decode_batch_size,
+            repeat_terminate_enabled=contract.repeat_terminate.enabled,
+            infer_timeout_s=contract.infer_timeout_s, request_timeout_s=contract.request_timeout_s)
+        if tokenizer is not None:
+            self.stop_ids = [int(tokenizer.eos_token_id)]
+        else:
+            from coordexp.launch.server import read_eos_token_id
+
+            eos = read_eos_token_id(model_dir or _model_dir(cfg))
+            self.stop_ids = [eos] if eos is not None else []
+        if weight_sync is None and contract.sync_mode != "none":
+            run_dir = Path(cfg.training.output_dir)
+            weight_sync = WeightSync.from_config(cfg, run_dir, model_dir=model_dir or _model_dir(cfg))
+        self.weight_sync = weight_sync
+        self._active: Optional[int] = None   # repeat_terminate_active, once the probe decided it
+        self.probe_reports: List[Any] = []
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _trainer(self):
+        return self.trainer_ref.get("trainer") if self.trainer_ref else None
+
+    def _unwrapped_model(self):
+        trainer = self._trainer()
+        return trainer.accelerator.unwrap_model(trainer.model)
+
+    def _where(self) -> str:
+        trainer = self._trainer()
+        step = getattr(getattr(trainer, "state", None), "global_step", None)
+        return f" (optimizer step {step})" if step is not None else ""
+
+    def _sync_weights(self) -> None:
+        trainer = self._trainer()
+        if self.weight_sync is None or trainer is None:
+            return
+        step = int(trainer.state.global_step)
+        if not self.weight_sync.needed(step):
+            return
+        t0 = time.perf_counter()
+        self.weight_sync.maybe_sync(self._unwrapped_model, step)
+        buf = getattr(trainer, "metric_buffer", None)
+        if buf is not None:  # every rank records it (rank 0: the push; others: the wait)
+            buf.add_max("time/weight_sync_s", time.perf_counter() - t0)
+
+    def _ensure_active(self) -> int:
+        if self._active is not None:
+            return self._active
+        if not self.contract.repeat_terminate.enabled:
+            self._active = 0
+            return 0
+        from coordexp.rollout.probe import ProbeError, run_probe
+
+        eos = self.stop_ids[0] if self.stop_ids else None
+        for url in self.client.base_urls:
+            try:
+                self.probe_reports.append(run_probe(url, timeout_s=self.contract.infer_timeout_s, eos_token_id=eos))
+            except ProbeError as exc:
+                raise ServerBackendError(f"repeat-terminate is enabled but not proven active on {url}: {exc}") from None
+        self._active = 1
+        return 1
+
+    def _to_rollout(self, r: RolloutResult) -> Rollout:
+        gen: List[int] = []
+        for t in r.token_ids:
+            gen.append(int(t))
+            if t in self.stop_ids:
+                break
+        stopped = bool(gen) and gen[-1] in self.stop_ids
+        hit_max = not stopped and (r.finish_reason == "length" or len(gen) >= self.contract.max_new_tokens)
+        return Rollout(prompt_ids=list(r.prompt_token_ids), token_ids=gen,
+                       triggered=int(r.repeat_terminate_triggered or 0), hit_max_new_tokens=bool(hit_max))
+
+    # ------------------------------------------------------------------------------------------ interface
+
+    def generate(self, prompt_ids: Sequence[List[int]], messages: Sequence[List[Dict[str, Any]]],
+                 seed: int) -> RolloutBatch:
+        try:
+            self._sync_weights()  # collective: before any rank's first request of this rollout
+            active = self._ensure_active()
+            start = time.perf_counter()
+            if not messages:
+                return RolloutBatch([], 0.0, active, [])
+            c = self.contract
+            params = DecodeParams(max_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                                  top_k=c.top_k, repetition_penalty=c.repetition_penalty, seed=seed)
+            reqs = [InferRequest(messages=list(m)) for m in messages]
+            sizes = [b - a for _, a, b in self.client.plan(len(reqs))]
+            results = self.client.infer(reqs, params)
+        except WeightSyncError as exc:
+            raise ServerBackendError(f"{exc}{self._where()}") from None
+        except RolloutServerError as exc:
+            raise ServerBackendError(f"rollout server failure{self._where()}: {exc}") from None
+        rollouts = [self._to_rollout(r) for r in results]
+        return RolloutBatch(rollouts, time.perf_counter() - start, active, sizes)
+
