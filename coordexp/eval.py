@@ -3,9 +3,10 @@
 Evaluates a checkpoint on a held-out JSONL split with the run's own config tree (conf/train.yaml):
 rollouts through the configured backend, strict parse, Hungarian matching at IoU 0.50:0.05:0.95,
 COCO AP (constant score and mean coordinate-token probability), parse/truncation/duplicate/forced-EOS
-rates. Writes into the Hydra run dir: eval_report.json, predictions.jsonl, qualitative/eval.md and
-viz/*.png. The split is ``data.val_jsonl`` if set, else (``data.kind: synthetic``) the synthetic held-out
-split generated exactly as the learner does. ``-m`` sweeps, e.g. over ``model.path=a,b``.
+rates. Writes into the Hydra run dir (default ``runs/<experiment>-eval/<timestamp>/``, apart from
+training runs): eval_report.json, predictions.jsonl, qualitative/eval.md and viz/*.png. The split is
+``data.val_jsonl`` if set, else (``data.kind: synthetic``) the synthetic held-out split generated exactly
+as the learner does. ``-m`` sweeps, e.g. over ``model.path=a,b``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ from omegaconf import DictConfig
 from coordexp.config.errors import exit_on_config_error
 from coordexp.config.leaf import check_command_line
 from coordexp.config.load import to_train_config
-from coordexp.config.schema import DataKind, TrainConfig
+from coordexp.config.schema import DataKind, ModelKind, TrainConfig
 from coordexp.config.store import register_configs
+
+
+#: Where evals go unless hydra.run.dir / hydra.sweep.dir are given (training runs use runs/<experiment>/...).
+DEFAULT_DIRS = {"hydra.run.dir": "runs/${experiment}-eval/${now:%Y-%m-%d_%H-%M-%S}",
+                "hydra.sweep.dir": "runs/${experiment}-eval-sweep/${now:%Y-%m-%d_%H-%M-%S}"}
 
 
 class EvalError(RuntimeError):
@@ -84,10 +90,20 @@ def _checkpoint_meta(model_dir: Path) -> dict:
 
 
 def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
+    from coordexp.config.contract import rollout_contract
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    contract = rollout_contract(cfg)
+    if contract.backend != "hf":
+        build_backend(cfg, contract, None, None)  # fails fast with the reason
+    if cfg.model.kind == ModelKind.local and not (Path(cfg.model.path) / "config.json").is_file():
+        raise EvalError(f"model.path '{cfg.model.path}' is not a checkpoint directory (no config.json): pass "
+                        f"model.path=<checkpoint dir>, e.g. <run_dir>/checkpoint-<N>")
+    samples, split = load_eval_samples(cfg, out_dir)  # data problems fail before torch and the model load
+
     import torch
     from transformers import set_seed
 
-    from coordexp.config.contract import rollout_contract
     from coordexp.evaluation.report import (PREDICTIONS_NAME, REPORT_NAME, VIZ_LIMIT, TeacherForcedScorer,
                                             evaluate_rollouts, format_summary, write_predictions,
                                             write_qualitative, write_report)
@@ -95,10 +111,7 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
     from coordexp.trainer.learner import LearnerError, load_model
     from coordexp.viz import write_sample_pngs
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    contract = rollout_contract(cfg)
-    samples, split = load_eval_samples(cfg, out_dir)  # data problems fail before the model loads
     try:
         model, tokenizer, model_dir = load_model(cfg)
     except (LearnerError, OSError) as err:
@@ -157,6 +170,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             check_command_line(_overrides(sys.argv[1:]))
     if any(a in ("--cfg", "-c") for a in sys.argv) and "--resolve" not in sys.argv:
         sys.argv.append("--resolve")
+    for key, default in DEFAULT_DIRS.items():  # keep evals apart from training runs unless told otherwise
+        if not any(a.startswith(f"{key}=") for a in sys.argv[1:]):
+            sys.argv.append(f"{key}={default}")
     hydra_task()
 
 

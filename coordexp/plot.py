@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 METRICS_NAME = "metrics.jsonl"
 OUTPUT_NAME = "training_curves.png"
 
-LOSS_KEYS = ("loss/total", "loss/ce", "loss/bbox_smoothl1", "loss/bbox_ciou", "loss/coord_ce")  # first, in order
+# drawn first, in this order; any other loss/* key of the run follows
+LOSS_KEYS = ("loss/total", "loss/ce", "loss/bbox_smoothl1", "loss/bbox_ciou", "loss/coord_ce")
 F1_SERIES = (("rollout/f1", "train B steps: F1 (gate)", "-"),
              ("eval_rollout/f1", "eval: F1 (gate)", "-"),
              ("eval_rollout/f1_iou50", "eval: F1@0.5", "--"),

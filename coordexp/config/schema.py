@@ -85,6 +85,9 @@ class ModelConfig:
                           ModelKind.tiny)
     path: str = doc("Checkpoint directory. For `kind: tiny`, the cache dir the tiny model is built in.")
     tiny_arch: TinyArch = doc("Architecture of the tiny model (kind: tiny only).", TinyArch.qwen2)
+    tiny_stage1_steps: int = doc("Channel-A steps that turn the random tiny model into a Stage-1 checkpoint "
+                                 "(cached next to it) before Stage 2 starts; 0 = start from random weights "
+                                 "(kind: tiny only).", 0)
     dtype: DType = doc("Learner dtype.", DType.float32)
 
 

@@ -124,6 +124,7 @@ def problems(cfg: TrainConfig) -> List[str]:
         if v.device == ServerDevice.cpu:
             need(v.sync.transport.value == "file", "vllm.sync.transport",
                  "NCCL does not work on CPU; use file")
+    need(cfg.model.tiny_stage1_steps >= 0, "model.tiny_stage1_steps", "must be >= 0")
     if cfg.model.kind == ModelKind.tiny:
         need(cfg.model.dtype.value == "float32", "model.dtype", "the tiny model trains in float32 on CPU")
     return out

@@ -190,7 +190,8 @@ class DetectionAggregate:
                                "max": int(gen[-1]) if gen else 0},
         }
         if 0.5 in self.thresholds:
-            out["iou50"] = {**self.at(0.5), "desc_match": safe_ratio(self.desc_match_50, self.desc_checked_50)}
+            desc_match = safe_ratio(self.desc_match_50, self.desc_checked_50)
+            out["iou50"] = {**self.at(0.5), "desc_match": desc_match}
         out["iou50_95"] = mean
         out["per_threshold"] = per_t
         return out

@@ -183,15 +183,12 @@ def _env_overlay(extra: Dict[str, str]) -> Iterator[None]:
 
 def resolve_model_dir(cfg: TrainConfig) -> Path:
     """The checkpoint folder the learner will load (and the server must serve)."""
-    if _enum(cfg.model.kind) == "tiny":
-        from coordexp.data.tiny_model import ensure_tiny_model
+    from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
 
-        return Path(ensure_tiny_model(cfg.model.path, arch=_enum(cfg.model.tiny_arch))).resolve()
-    path = Path(cfg.model.path).expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise LaunchError(f"model.path '{cfg.model.path}' is not a checkpoint directory (no config.json at "
-                          f"{path}): pass model.path=<local checkpoint dir>; nothing was started")
-    return path
+    try:
+        return prepare_model_dir(cfg)
+    except ModelDirError as err:
+        raise LaunchError(f"{err}; nothing was started") from None
 
 
 def server_key(cfg: TrainConfig, model_dir: Path) -> str:
@@ -338,7 +335,8 @@ def _run_in_process(cfg: TrainConfig, run_dir: Path, env: Dict[str, str]) -> int
 
     with _env_overlay(env):
         try:
-            return train(cfg, run_dir)
+            train(cfg, run_dir)
+            return 0
         except LearnerError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             return EXIT_LEARNER_ERROR

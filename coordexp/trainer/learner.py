@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from coordexp.config.contract import RolloutContract, rollout_contract
-from coordexp.config.schema import DataKind, IntervalStrategy, ModelKind, TrainConfig
+from coordexp.config.schema import DataKind, IntervalStrategy, TrainConfig
 from coordexp.config.validate import derived_grad_accumulation
 
 
@@ -26,18 +26,14 @@ def load_model(cfg: TrainConfig):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if cfg.model.kind == ModelKind.tiny:
-        from coordexp.data.tiny_model import ensure_tiny_model
+    from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
 
-        model_dir = Path(ensure_tiny_model(cfg.model.path, arch=cfg.model.tiny_arch.value))
-    else:
-        model_dir = Path(cfg.model.path)
-        if not (model_dir / "config.json").is_file():
-            raise LearnerError(f"model.path '{model_dir}' is not a checkpoint directory (no config.json): "
-                               f"pass model.path=<local checkpoint dir>")
+    try:
+        model_dir = prepare_model_dir(cfg)
+    except ModelDirError as err:
+        raise LearnerError(str(err)) from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dtype = getattr(torch, cfg.model.dtype.value)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.model.dtype.value))
     return model, tokenizer, model_dir
 
 
@@ -115,7 +111,8 @@ class _MetricsJsonl:
         return Callback()
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> int:
+def train(cfg: TrainConfig, run_dir: Path):
+    """Train to the end; returns the Stage2ABTrainer."""
     import torch
     from transformers import TrainingArguments, set_seed
 
@@ -169,7 +166,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> int:
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactProgressCallback)
     trainer.train(resume_from_checkpoint=find_checkpoint(t.resume_from_checkpoint, run_dir))
-    return 0
+    return trainer
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -182,7 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with exit_on_config_error():
         cfg = load_saved(ns.config)
     try:
-        return train(cfg, Path(cfg.training.output_dir))
+        train(cfg, Path(cfg.training.output_dir))
+        return 0
     except LearnerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -44,12 +44,9 @@ class ServerBackendError(LearnerError):
 
 
 def _model_dir(cfg) -> Optional[str]:
-    kind = getattr(cfg.model.kind, "value", cfg.model.kind)
-    if kind == "tiny":
-        from coordexp.data.tiny_model import ensure_tiny_model
+    from coordexp.trainer.model_dir import prepare_model_dir
 
-        return str(ensure_tiny_model(cfg.model.path, arch=getattr(cfg.model.tiny_arch, "value", cfg.model.tiny_arch)))
-    return str(Path(cfg.model.path).resolve())
+    return str(prepare_model_dir(cfg))
 
 
 class ServerRolloutBackend:

@@ -12,8 +12,9 @@ Both ends of the protocol live here, so the file format has one owner:
 * transport ``file`` (CPU and GPU): rank 0 writes the unique parameters (HF names, cast to the server
   dtype) as one safetensors file into ``<run_dir>/weight_sync/`` and POSTs :data:`LOAD_WEIGHTS_ROUTE`
   ``{"path": ...}`` to each server; the coordexp plugin route sends ``collective_rpc(WORKER_METHOD)`` to
-  every rollout worker, and each vLLM worker loads the file with ``model.load_weights`` (vLLM maps HF names
-  to its fused layout and shards for TP itself). The file must be readable by the server: same host or a
+  every rollout worker, and each vLLM worker loads the file in place with vLLM's ``Worker.reload_weights``
+  (checkpoint-format HF names; vLLM maps them to its fused layout, shards for TP and re-runs post-load
+  processing such as the CPU backend's weight repacking). The file must be readable by the server: same host or a
   shared filesystem.
 * transport ``nccl`` (GPU only): ms-swift's own routes (``/init_communicator/``,
   ``/update_flattened_params/``, ``/process_weights_after_loading/``) with a thin client here that puts a
@@ -36,6 +37,7 @@ Importing this module is cheap (no torch, no vLLM, no ms-swift at import time).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -116,32 +118,55 @@ def write_weights_file(tensors: Dict[str, Any], path: Path, metadata: Optional[D
     return path.stat().st_size
 
 
-def load_weights_file_into(model, path: str) -> Dict[str, Any]:
-    """Server-worker side: load a weights file written by :func:`write_weights_file` into a vLLM model
-    (``model.load_weights`` with HF names). Returns what was loaded, for the learner's log."""
+def load_weights_file_into(worker, path: str) -> Dict[str, Any]:
+    """Server-worker side: load a weights file written by :func:`write_weights_file` into the vLLM worker's
+    model, in place, through vLLM's own reload path (``Worker.reload_weights``: checkpoint-format HF names,
+    layer-wise reload that re-runs each layer's post-load processing - needed on CPU, where vLLM repacks
+    linear weights after loading, and for quantized layers). Returns what was loaded, for the learner's log."""
     from safetensors.torch import load_file
 
     t0 = time.perf_counter()
     tensors = load_file(path, device="cpu")
-    try:  # ms-swift's fix-up for fused-MoE weight loaders (a no-op for dense models)
-        from swift.pipelines.infer.rollout import _patch_full_weight_reload_loader
+    reload = getattr(worker, "reload_weights", None)
+    if callable(reload):
+        reload(weights_iterator=list(tensors.items()), is_checkpoint_format=True)
+        how = "reload_weights"
+        tied = _refresh_tied_heads(worker.model_runner.model)
+    else:  # older vLLM: plain load_weights, then ms-swift's post-load processing
+        model = worker.model_runner.model
+        model.load_weights(weights=list(tensors.items()))
+        from swift.rlhf_trainers.utils import finish_vllm_weight_reload
 
-        _patch_full_weight_reload_loader(model)
-    except Exception:  # noqa: BLE001 - older ms-swift: nothing to patch
-        pass
-    loaded = model.load_weights(weights=list(tensors.items()))
-    loaded = set(loaded) if loaded is not None else None
-    params = {n for n, _ in model.named_parameters()}
-    not_loaded = sorted(params - loaded) if loaded is not None else []
-    return {
-        "path": path,
-        "tensors": len(tensors),
-        "params_loaded": None if loaded is None else len(loaded & params),
-        "params_total": len(params),
-        "params_not_loaded": not_loaded[:20],
-        "seconds": round(time.perf_counter() - t0, 4),
-        "pid": os.getpid(),
-    }
+        finish_vllm_weight_reload(model, model_config=worker.model_runner.model_config, target_device=worker.device,
+                                  strict=True)
+        how = "load_weights"
+        tied = _refresh_tied_heads(model)
+    return {"path": path, "tensors": len(tensors), "how": how, "tied_heads_refreshed": tied,
+            "seconds": round(time.perf_counter() - t0, 4), "pid": os.getpid()}
+
+
+def _refresh_tied_heads(model) -> int:
+    """Re-run post-load processing of an ``lm_head`` tied to the input embeddings.
+
+    vLLM's layer-wise reload copies the new embedding values into the shared tensor, but the tied
+    ``lm_head`` receives no weights of its own, so its derived state is not rebuilt: on CPU the oneDNN /
+    packed GEMM handle made from the old weights keeps producing the old logits (the server's greedy output
+    then differs from the learner's). Returns the number of heads refreshed."""
+    try:
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+    except ImportError:
+        return 0
+    embed_ptrs = {m.weight.data_ptr() for m in model.modules()
+                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+                  and getattr(m, "weight", None) is not None and not m.weight.is_meta}
+    n = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        method = getattr(m, "quant_method", None)
+        if isinstance(m, ParallelLMHead) and w is not None and method is not None and w.data_ptr() in embed_ptrs:
+            method.process_weights_after_loading(m)
+            n += 1
+    return n
 
 
 def flatten_bucket(named: Sequence[tuple]) -> tuple:
@@ -339,7 +364,7 @@ class WeightSync:
     """Decides when to sync and runs the DDP choreography; the transport does the push."""
 
     def __init__(self, transport, timeout_s: float, initial_step: Optional[int] = None,
-                 log: Callable[[str], None] = lambda msg: print(msg, flush=True)):
+                 log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)):
         self.transport = transport
         self.timeout_s = float(timeout_s)
         self.server_step: Optional[int] = initial_step
@@ -420,12 +445,9 @@ class WeightSync:
         self.server_step = step
         if rank == 0:
             rep = self.reports[-1]
-            problems = {u: b.get("params_not_loaded") for u, b in rep.servers.items()
-                        if isinstance(b, dict) and b.get("params_not_loaded")}
-            note = f"; server params not in the pushed weights: {problems}" if problems else ""
             self.log(f"[coordexp weight sync] step {step}: pushed {rep.bytes / 2**20:.2f} MiB over "
                      f"{self.transport.name} to {len(getattr(self.transport, 'base_urls', []))} server(s) in "
-                     f"{rep.seconds:.2f} s{note}")
+                     f"{rep.seconds:.2f} s")
         return self.reports[-1] if rank == 0 and self.reports else None
 
 
@@ -443,7 +465,7 @@ def _build_worker_extension():
         """Adds :data:`WORKER_METHOD` to the vLLM worker (keeps ms-swift's NCCL methods)."""
 
         def coordexp_load_weights(self, path: str) -> Dict[str, Any]:
-            return load_weights_file_into(self.model_runner.model, path)
+            return load_weights_file_into(self, path)
 
     CoordexpWorkerExtension.__module__ = __name__
     return CoordexpWorkerExtension

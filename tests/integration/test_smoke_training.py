@@ -55,12 +55,12 @@ def test_smoke_writes_every_artifact(smoke_run):
     assert set(meta["git"]) == {"sha", "dirty"} and meta["seed"] == 17
     assert (smoke_run / "resolved_config.yaml").is_file()
     assert list((smoke_run / "tb").glob("events.out.tfevents.*"))
-    assert (smoke_run / "checkpoint-300" / "trainer_state.json").is_file()
+    assert (smoke_run / "checkpoint-150" / "trainer_state.json").is_file()
     assert (smoke_run / "rollout_samples.rank0.jsonl").stat().st_size > 0
 
 
 def test_killed_run_resumes_at_the_same_step_and_schedule_position(tmp_path):
-    common = ["+experiment=smoke/ab_mixed", "stage2_ab.schedule.b_ratio=0.5", "training.max_steps=8",
+    common = ["+experiment=smoke/ab_mixed", "model.tiny_stage1_steps=0", "stage2_ab.schedule.b_ratio=0.5", "training.max_steps=8",
               "training.save_steps=4", "training.eval_strategy=no", "rollout_matching.max_new_tokens=24",
               "data.synthetic.train_samples=256"]
     first = tmp_path / "first"

@@ -1,0 +1,87 @@
+"""The one answer to "which checkpoint directory do the learner and the rollout server load?".
+
+`kind: local` -> `model.path`. `kind: tiny` -> the random tiny model built on demand, or, with
+`model.tiny_stage1_steps > 0`, a Stage-1 checkpoint made from it by that many Channel-A steps on the
+synthetic task (the state a real Stage-2 run starts from: the model already writes CoordJSON). Both are
+cached; the key covers everything that changes the weights, so a cache hit is the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from coordexp.config.schema import DataKind, IntervalStrategy, ModelKind, TrainConfig
+
+
+class ModelDirError(RuntimeError):
+    pass
+
+
+def prepare_model_dir(cfg: TrainConfig) -> Path:
+    if cfg.model.kind == ModelKind.local:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            raise ModelDirError(f"model.path '{path}' is not a checkpoint directory (no config.json): "
+                                f"pass model.path=<local checkpoint dir>")
+        return path.resolve()
+    from coordexp.data.tiny_model import ensure_tiny_model
+
+    base = Path(ensure_tiny_model(cfg.model.path, arch=cfg.model.tiny_arch.value)).resolve()
+    if cfg.model.tiny_stage1_steps == 0:
+        return base
+    stage1 = _stage1_config(cfg, base)
+    key = hashlib.sha256(json.dumps(_weights_key(stage1), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    target = base.parent / f"{base.name}-stage1-{cfg.model.tiny_stage1_steps}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    _train_stage1(stage1, base, target)
+    return target
+
+
+def _stage1_config(cfg: TrainConfig, base: Path) -> TrainConfig:
+    t = dataclasses.replace(cfg.training, max_steps=cfg.model.tiny_stage1_steps, eval_strategy=IntervalStrategy.no,
+                            save_strategy=IntervalStrategy.no, resume_from_checkpoint=None, nproc_per_node=1,
+                            gradient_accumulation_steps=None, warmup_steps=min(cfg.training.warmup_steps, 10),
+                            per_device_train_batch_size=cfg.training.effective_batch_size)
+    schedule = dataclasses.replace(cfg.stage2_ab.schedule, b_ratio=0.0)
+    ab = dataclasses.replace(cfg.stage2_ab, schedule=schedule)
+    rm = dataclasses.replace(cfg.rollout_matching, rollout_backend=type(cfg.rollout_matching.rollout_backend).hf)
+    vllm = dataclasses.replace(cfg.vllm, mode=None)
+    model = dataclasses.replace(cfg.model, kind=ModelKind.local, path=str(base), tiny_stage1_steps=0)
+    return dataclasses.replace(cfg, model=model, training=t, stage2_ab=ab, rollout_matching=rm, vllm=vllm)
+
+
+def _weights_key(stage1: TrainConfig) -> dict:
+    if stage1.data.kind != DataKind.synthetic:
+        raise ModelDirError("model.tiny_stage1_steps needs data.kind: synthetic (the tiny model's task)")
+    t, ab = stage1.training, stage1.stage2_ab
+    return {"base": stage1.model.path, "seed": stage1.seed, "steps": t.max_steps, "lr": t.learning_rate,
+            "batch": t.effective_batch_size, "sched": t.lr_scheduler_type, "warmup": t.warmup_steps,
+            "data": dataclasses.asdict(stage1.data), "losses": dataclasses.asdict(ab)}
+
+
+def _train_stage1(stage1: TrainConfig, base: Path, target: Path) -> None:
+    from coordexp.trainer.learner import train
+
+    print(f"coordexp: building the tiny Stage-1 checkpoint ({stage1.training.max_steps} Channel-A steps) "
+          f"-> {target}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        run = dataclasses.replace(stage1, training=dataclasses.replace(
+            stage1.training, output_dir=str(work / "run"), logging_dir=str(work / "run" / "tb")))
+        trainer = train(run, work / "run")
+        trainer.save_model(str(work / "model"))
+        trainer.processing_class.save_pretrained(str(work / "model"))
+        try:
+            os.rename(work / "model", target)
+        except OSError:  # another process finished first: theirs is the same model
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

