@@ -30,8 +30,15 @@ from coordexp.trainer.weight_sync import (LOAD_WEIGHTS_ROUTE, FileTransport, Wei
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-PROMPTS = ["red square", "Detect every object and answer in CoordJSON.", "a b c", "blue circle at left",
-           "hello", "{\"objects\": ["]
+def task_prompts(n=6):
+    """User turns of the synthetic task (what the trained model below has seen) plus two free-form ones."""
+    from coordexp.data.prompt import PromptSpec, build_messages
+    from coordexp.data.synthetic import generate_records
+
+    msgs = [build_messages(r, PromptSpec(scene="text"))[-1]["content"] for r in generate_records(n - 2, 99)]
+    return msgs + ["red square", "hello"]
+
+
 MAX_TOKENS = 24
 
 
@@ -62,7 +69,7 @@ def server(tiny_model_dir, tmp_path_factory, cpu_env_vars, group_members):
 def server_greedy(url: str) -> list[list[int]]:
     client = RolloutClient([url], decode_batch_size=8, repeat_terminate_enabled=True)
     reqs = [InferRequest(messages=[{"role": "user", "content": p}], vllm_xargs={XARGS_KEY: {"enabled": False}})
-            for p in PROMPTS]
+            for p in task_prompts()]
     res = client.infer(reqs, DecodeParams(max_tokens=MAX_TOKENS, temperature=0.0, seed=0))
     return [r.token_ids for r in res], [r.prompt_token_ids for r in res]
 
@@ -83,26 +90,28 @@ def hf_greedy(model, tok, prompt_ids: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def changed_model(model_dir, tok):
-    """A few real AdamW steps on CoordJSON answers, then noise on every parameter (all layers move)."""
+def changed_model(model_dir, tok, steps=3, noise=0.1):
+    """Real AdamW steps on chat transcripts of the synthetic task (so greedy output becomes structured text),
+    then a little noise on every parameter (every layer moves)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from coordexp.data.synthetic import generate_records
+    from coordexp.data.tiny_model import TinyModelSpec, corpus_texts
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    texts = [json.dumps(r["objects"]) for r in generate_records(8, 3)]
-    for _ in range(3):
-        batch = tok(texts, return_tensors="pt", padding=True)
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    texts = corpus_texts(TinyModelSpec())[:64]
+    for i in range(steps):
+        batch = tok(texts[(i * 4) % 64:(i * 4) % 64 + 4], return_tensors="pt", padding=True, truncation=True,
+                    max_length=160)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model(**batch, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn_like(p) * noise)
     return model.eval()
 
 
@@ -125,7 +134,7 @@ def test_file_sync_makes_server_greedy_equal_learner_greedy(server, tiny_model_d
     after, prompt_ids_after = server_greedy(server.base_url)
     assert prompt_ids_after == prompt_ids
     assert after == expected, (after, expected)
-    assert sum(len(s) for s in after) >= len(PROMPTS) * 2
+    assert len({t for seq in after for t in seq}) >= 12, after  # structured text, not one repeated token
 
     # a second push at the same step is skipped; the file of the previous push is replaced
     assert sync.maybe_sync(lambda: model, step=5) is None

@@ -38,11 +38,12 @@ def test_smoke_learns(smoke_run):
     evals = [r for r in rows if "eval_rollout/f1" in r]
     first, last = train[:10], train[-10:]
     mean = lambda rs: sum(r["loss"] for r in rs) / len(rs)  # noqa: E731
-    assert mean(last) < 0.5 * mean(first), (mean(first), mean(last))
-    # A random model's rollouts never parse (F1 0); after training, held-out greedy rollouts must find
-    # objects: 0.3 is far above chance for exact-IoU matching at the 0.3 gate on an unseen split.
-    assert evals[0]["eval_rollout/f1"] < evals[-1]["eval_rollout/f1"]
-    assert evals[-1]["eval_rollout/f1"] >= 0.3, [e["eval_rollout/f1"] for e in evals]
+    assert mean(last) < 0.8 * mean(first), (mean(first), mean(last))
+    # The random tiny model's rollouts never parse (F1 0; the resume test checks it). A Stage-2-only run
+    # from random weights reached 0.25 held-out F1 after 300 steps in our measurements, copying the format
+    # but rarely the prompt's objects; with the Stage-1 warmup the final held-out F1 measured ~0.5 and up.
+    # 0.4 therefore shows the model reads the prompt, with margin for run-to-run noise.
+    assert evals[-1]["eval_rollout/f1"] >= 0.4, [e["eval_rollout/f1"] for e in evals]
     assert max(r.get("stage2/channel_b", 0) for r in train) == 1.0
     b_rows = [r for r in train if r["stage2/channel_b"] == 1.0]
     assert all(r["rollout/repeat_terminate_active"] == 1.0 for r in b_rows)
@@ -77,6 +78,7 @@ def test_killed_run_resumes_at_the_same_step_and_schedule_position(tmp_path):
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [r for r in read_jsonl(second / "metrics.jsonl") if "loss" in r]
+    assert all(r["rollout/f1"] == 0.0 for r in rows if r["stage2/channel_b"]), "random weights never parse"
     steps = [r["step"] for r in rows]
     assert steps[0] == 5 and steps[-1] == 8, steps
     for r in rows:
