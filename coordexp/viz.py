@@ -61,13 +61,26 @@ def _dashed_rect(draw: ImageDraw.ImageDraw, box, colour, width: int, dash: int =
             draw.line([start, end], fill=colour, width=width)
 
 
-def _label(draw: ImageDraw.ImageDraw, xy, text: str, colour, font, canvas_size, below: bool = False) -> None:
+def _overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _label(draw: ImageDraw.ImageDraw, xy, text: str, colour, font, canvas_size, placed: List[tuple],
+           below: bool = False) -> None:
+    """A filled text tag at a box corner, moved down (or up, near the bottom) off tags already placed."""
     x, y = xy
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     w, h = right - left + 4, bottom - top + 4
     x = min(max(x, 0), max(canvas_size[0] - w, 0))
     y = y if below else y - h
     y = min(max(y, 0), max(canvas_size[1] - h, 0))
+    step = h if y + h * 2 <= canvas_size[1] else -h
+    for _ in range(len(placed) + 1):
+        rect = (x, y, x + w, y + h)
+        if not any(_overlaps(rect, other) for other in placed):
+            break
+        y = min(max(y + step, 0), max(canvas_size[1] - h, 0))
+    placed.append((x, y, x + w, y + h))
     draw.rectangle([x, y, x + w, y + h], fill=colour)
     draw.text((x + 2 - left, y + 2 - top), text, fill=(255, 255, 255), font=font)
 
@@ -105,12 +118,13 @@ def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair
         x1, y1, x2, y2 = bins_to_pixel_box(tuple(int(v) for v in bins), w, h)
         return x1, y1, x2, y2
 
+    labels = []  # drawn after every box, so no box line crosses a tag
     for gi, (desc, bins) in enumerate(gt):
         missed = gi not in matched_gt
         box = px(bins)
         _dashed_rect(draw, box, GT_MISSED if missed else GT_MATCHED, line * 2 if missed else line)
         if missed:
-            _label(draw, (box[0], box[3]), f"FN {desc}", GT_MISSED, font, (w, h), below=True)
+            labels.append(((box[0], box[3]), f"FN {desc}", GT_MISSED, True))
     for pi, (desc, bins) in enumerate(pred):
         box = px(bins)
         hit = matched_pred.get(pi)
@@ -121,7 +135,10 @@ def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair
             text = f"{desc} {hit[1]:.2f}" + ("" if gt_desc.strip() == desc.strip() else f" (GT: {gt_desc})")
         else:
             text = f"FP {desc}"
-        _label(draw, (box[0], box[1]), text, colour, font, (w, h))
+        labels.append(((box[0], box[1]), text, colour, False))
+    placed: List[tuple] = []
+    for anchor, text, colour, below in labels:
+        _label(draw, anchor, text, colour, font, (w, h), placed, below=below)
 
     n_tp = len(pairs)
     entries = [(GT_MATCHED, True, f"GT matched ({len(matched_gt)})"),

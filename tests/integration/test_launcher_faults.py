@@ -142,7 +142,9 @@ def harness(tmp_path):
 
 def orchestrate(script, run_dir, *overrides, port=None, mode="ok", popen=False, timeout=300):
     port = port or free_port()
-    cmd = [sys.executable, str(script) if script else "-m", *([] if script else ["coordexp.train"]),
+    flags = [o for o in overrides if o.startswith("-")]  # e.g. -m: before the overrides (argparse)
+    overrides = [o for o in overrides if not o.startswith("-")]
+    cmd = [sys.executable, str(script) if script else "-m", *([] if script else ["coordexp.train"]), *flags,
            f"hydra.run.dir={run_dir}", *FAST, f"vllm.server.base_urls=[http://127.0.0.1:{port}]", *overrides]
     env = {**os.environ, "FAKE_MODE": mode, "PYTHONUNBUFFERED": "1"}
     if popen:

@@ -171,7 +171,7 @@ def test_sweep_launcher_runs_jobs_against_the_server(server, tmp_path):
            "rollout=vllm_server", f"vllm.server.base_urls=[{server.base_url}]", "vllm.server.reuse_existing=true",
            "vllm.max_model_len=512", f"hydra.sweep.dir={sweep_dir}", "stage2_ab.schedule.b_ratio=1.0",
            "training.max_steps=2", "training.eval_strategy=no", "training.save_strategy=no",
-           "data.synthetic.train_samples=32", "rollout_matching.max_new_tokens=24", "seed=1,2"]
+           "data.synthetic.train_samples=32", "model.tiny_stage1_steps=0", "rollout_matching.max_new_tokens=24,16"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     for job in ("0", "1"):
