@@ -10,13 +10,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from coordexp.config.paths import CONF_DIR
 from coordexp.config.errors import exit_on_config_error
 from coordexp.config.leaf import check_command_line
 from coordexp.config.load import RESOLVED_CONFIG_NAME, save_resolved, to_train_config
 from coordexp.config.store import register_configs
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_task(cfg: DictConfig) -> int:
     with exit_on_config_error():
         train_cfg = to_train_config(cfg)

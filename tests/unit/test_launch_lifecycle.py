@@ -1,0 +1,111 @@
+"""Orchestrator pieces without servers: timeline, server identity for sweep sharing, the sweep pool,
+learner GPU env, process-group teardown, model-dir errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from coordexp.config.load import compose, to_train_config
+from coordexp.launch import run
+
+
+def cfg_of(*overrides):
+    return to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=vllm_server", *overrides]))
+
+
+def test_timeline_phases_are_gaps_between_marks():
+    tl = run.Timeline(start=100.0)
+    tl.mark("config", at=101.5)
+    tl.mark("server_health", at=160.0)
+    tl.mark("end", at=170.25)
+    d = tl.to_dict()
+    assert d["phases_s"] == {"config": 1.5, "server_health": 58.5, "end": 10.25}
+    assert d["marks"]["end"] == 170.25
+    assert run.process_start_epoch() <= time.time()
+
+
+def test_server_key_ignores_learner_side_settings_and_tracks_server_ones(tmp_path):
+    base = run.server_key(cfg_of(), tmp_path)
+    same = [("training.learning_rate=0.1",), ("rollout_matching.max_new_tokens=7",), ("vllm.sync.timeout_s=9",),
+            ("vllm.server.infer_timeout_s=3",), ("seed=3",)]
+    for o in same:
+        assert run.server_key(cfg_of(*o), tmp_path) == base, o
+    differ = [("vllm.max_model_len=777",), ("rollout_matching.repeat_terminate.min_new_tokens=3",),
+              ("vllm.server.base_urls=[http://127.0.0.1:9001]",), ("vllm.cpu_kvcache_space_gib=2",)]
+    for o in differ:
+        assert run.server_key(cfg_of(*o), tmp_path) != base, o
+    assert run.server_key(cfg_of(), tmp_path / "other") != base
+
+
+def test_learner_env_gets_the_learner_gpus_only_on_gpu():
+    assert run.learner_env(cfg_of()) == {}
+    gpu = cfg_of("vllm=gpu", "training.nproc_per_node=2", "training.effective_batch_size=32")
+    assert run.learner_env(gpu) == {"CUDA_VISIBLE_DEVICES": "6,7"}
+
+
+class FakeSet:
+    def __init__(self, key):
+        self.key, self.stopped, self.ok = key, False, True
+        self.servers = [type("S", (), {"base_url": "http://x:1"})()]
+
+    def healthy(self):
+        return self.ok
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_pool_keeps_equal_servers_restarts_on_change_failure_or_sickness(monkeypatch, tmp_path):
+    monkeypatch.setattr(run, "server_key", lambda cfg, model_dir: cfg)  # the "config" is the key here
+    monkeypatch.setattr(run.ServerSet, "start", classmethod(lambda cls, cfg, md, rd, rid: FakeSet(cfg)))
+    pool = run.ServerPool()
+    s1, fresh1 = pool.acquire("A", tmp_path, tmp_path, "r1")   # start
+    s2, fresh2 = pool.acquire("A", tmp_path, tmp_path, "r2")   # same settings: keep
+    assert s1 is s2 and (fresh1, fresh2) == (True, False) and not s1.stopped
+    s3, fresh3 = pool.acquire("B", tmp_path, tmp_path, "r3")   # changed: restart
+    assert s1.stopped and s3 is not s1 and fresh3
+    pool.release(ok=False)                                       # a failed job: stop it
+    assert s3.stopped and pool.current is None
+    s4, _ = pool.acquire("B", tmp_path, tmp_path, "r4")        # fresh start
+    s4.ok = False
+    s5, fresh5 = pool.acquire("B", tmp_path, tmp_path, "r5")   # unhealthy: restart although the key matches
+    assert s4.stopped and fresh5 and s5 is not s4
+    pool.close()
+    assert s5.stopped and pool.current is None
+
+
+def test_shared_servers_context_installs_and_closes_the_pool():
+    assert run._POOL is None
+    with run.shared_servers() as pool:
+        assert run._POOL is pool
+        fake = FakeSet("k")
+        pool.current = fake
+    assert run._POOL is None and fake.stopped
+
+
+def test_stop_group_kills_grandchildren():
+    proc = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300 & wait"], start_new_session=True)
+    time.sleep(0.3)
+    run.stop_group(proc, timeout_s=5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+
+
+def test_stop_group_escalates_to_kill():
+    proc = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 300 & wait; sleep 300"], start_new_session=True)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    run.stop_group(proc, timeout_s=1)
+    assert time.monotonic() - t0 < 10 and proc.poll() == -signal.SIGKILL
+
+
+def test_missing_local_checkpoint_is_a_launch_error():
+    cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", "model=local", "model.path=/no/such/ckpt",
+                                   "model.dtype=float32"]))
+    with pytest.raises(run.LaunchError, match="'/no/such/ckpt' is not a checkpoint directory.*nothing was started"):
+        run.resolve_model_dir(cfg)
