@@ -160,8 +160,8 @@ class ChannelBConfig:
 @dataclass
 class Stage2ABConfig:
     schedule: ScheduleConfig = doc("Channel schedule.", default_factory=ScheduleConfig)
-    n_softctx_iter: int = doc("Channel-A forward passes (1 = plain teacher forcing; >1 adds soft "
-                              "self-context passes).", 1)
+    n_softctx_iter: int = doc("Channel-A forward passes; only 1 (plain teacher forcing) is implemented, "
+                              "soft self-context passes (> 1) are rejected.", 1)
     softctx_temperature: float = doc("Temperature of the coordinate softmax (expectation decode, "
                                      "soft self-context).", 1.0)
     desc_ce_weight: float = doc("CE weight of desc value tokens.", 1.0)

@@ -199,3 +199,9 @@ def test_config_reference_matches_schema():
     from coordexp.config.reference import render
 
     assert Path("docs/config.md").read_text() == render(), "run `make docs` to regenerate docs/config.md"
+
+
+def test_unimplemented_soft_self_context_is_rejected_not_ignored():
+    assert problems_of("+experiment=smoke/ab_mixed", "stage2_ab.n_softctx_iter=2") == [
+        "stage2_ab.n_softctx_iter: 2: soft self-context passes are not implemented yet; use 1 (plain teacher "
+        "forcing)"]
