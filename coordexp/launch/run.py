@@ -77,14 +77,14 @@ def _enum(v: Any) -> Any:
 
 
 def process_start_epoch() -> float:
-    """Wall-clock time this process started (Linux /proc; falls back to now)."""
+    """Wall-clock time this process started (Linux: /proc start ticks against /proc/uptime; else now)."""
     try:
         with open("/proc/self/stat") as fh:
             start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as fh:
-            btime = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
-        return btime + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return time.time()
 
 
@@ -117,8 +117,17 @@ class Timeline:
 
 def learner_command(cfg: TrainConfig, resolved: Path) -> List[str]:
     nproc = cfg.training.nproc_per_node
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "coordexp.trainer.learner", "--config", str(resolved)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "coordexp.trainer.learner",
+        "--config",
+        str(resolved),
+    ]
 
 
 def learner_env(cfg: TrainConfig) -> Dict[str, str]:
@@ -201,8 +210,10 @@ def server_key(cfg: TrainConfig, model_dir: Path) -> str:
     for k in ("infer_timeout_s", "request_timeout_s", "log_tail_lines", "startup_timeout_s"):
         v["server"].pop(k, None)
     rt = OmegaConf.to_container(OmegaConf.structured(cfg.rollout_matching.repeat_terminate), enum_to_str=True)
-    return json.dumps({"model": str(model_dir), "kind": _enum(cfg.model.kind), "vllm": v, "repeat_terminate": rt},
-                      sort_keys=True)
+    return json.dumps(
+        {"model": str(model_dir), "kind": _enum(cfg.model.kind), "vllm": v, "repeat_terminate": rt},
+        sort_keys=True,
+    )
 
 
 class ServerSet:
@@ -226,11 +237,18 @@ class ServerSet:
         try:
             if cfg.vllm.server.reuse_existing:
                 for i, url in enumerate(urls):
-                    servers.append(RolloutServer.from_config(cfg, model_dir=model_dir, base_url=url,
-                                                             log_path=run_dir / SERVER_LOG_NAME.format(suffix=f".{i}")))
+                    servers.append(
+                        RolloutServer.from_config(
+                            cfg,
+                            model_dir=model_dir,
+                            base_url=url,
+                            log_path=run_dir / SERVER_LOG_NAME.format(suffix=f".{i}"),
+                        )
+                    )
             else:
-                srv = RolloutServer.from_config(cfg, model_dir=model_dir,
-                                                log_path=run_dir / SERVER_LOG_NAME.format(suffix=""))
+                srv = RolloutServer.from_config(
+                    cfg, model_dir=model_dir, log_path=run_dir / SERVER_LOG_NAME.format(suffix="")
+                )
                 srv.spec.extra_env[ENV_RUN_ID] = run_id
                 servers.append(srv)
             for srv in servers:
@@ -251,7 +269,9 @@ class ServerSet:
     def healthy(self) -> bool:
         from coordexp.rollout.server_client import check_health
 
-        return self.dead() is None and all(check_health(s.base_url, s.request_timeout_s) for s in self.servers)
+        return self.dead() is None and all(
+            check_health(s.base_url, s.request_timeout_s) for s in self.servers
+        )
 
     def log_tails(self) -> str:
         parts = []
@@ -275,15 +295,19 @@ class ServerPool:
         self.current: Optional[ServerSet] = None
         self.jobs_served = 0
 
-    def acquire(self, cfg: TrainConfig, model_dir: Path, run_dir: Path, run_id: str) -> Tuple[ServerSet, bool]:
+    def acquire(
+        self, cfg: TrainConfig, model_dir: Path, run_dir: Path, run_id: str
+    ) -> Tuple[ServerSet, bool]:
         """(servers, fresh): fresh = started now, so it holds the initial checkpoint's weights."""
         key = server_key(cfg, model_dir)
         cur = self.current
         if cur is not None:
             if cur.key == key and cur.healthy():
                 self.jobs_served += 1
-                _say(f"keeping the sweep's rollout server(s) {[s.base_url for s in cur.servers]} "
-                     f"(job {self.jobs_served + 1}); the learner re-syncs weights before its first rollout")
+                _say(
+                    f"keeping the sweep's rollout server(s) {[s.base_url for s in cur.servers]} "
+                    f"(job {self.jobs_served + 1}); the learner re-syncs weights before its first rollout"
+                )
                 return cur, False
             _say("server settings changed between sweep jobs (or the server is unhealthy): restarting it")
             self.close()
@@ -342,8 +366,9 @@ def _run_in_process(cfg: TrainConfig, run_dir: Path, env: Dict[str, str]) -> int
             return EXIT_LEARNER_ERROR
 
 
-def _run_torchrun(cmd: List[str], env: Dict[str, str], servers: Optional[ServerSet], launcher: Dict[str, Any],
-                  run_dir: Path) -> int:
+def _run_torchrun(
+    cmd: List[str], env: Dict[str, str], servers: Optional[ServerSet], launcher: Dict[str, Any], run_dir: Path
+) -> int:
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env}
     proc = subprocess.Popen(cmd, env=full_env, start_new_session=True, preexec_fn=_pdeathsig)
     launcher["learner"]["pgid"] = proc.pid
@@ -357,8 +382,10 @@ def _run_torchrun(cmd: List[str], env: Dict[str, str], servers: Optional[ServerS
             dead = servers.dead() if servers is not None else None
             if dead is not None:
                 srv, code = dead
-                _say(f"error: the rollout server {srv.base_url} exited with code {code} during training; "
-                     f"stopping the learner")
+                _say(
+                    f"error: the rollout server {srv.base_url} exited with code {code} during training; "
+                    f"stopping the learner"
+                )
                 return EXIT_SERVER_ERROR
     finally:
         stop_group(proc)
@@ -391,9 +418,12 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
         "run_id": run_id,
         "orchestrator_pid": os.getpid(),
         "rollout_backend": _enum(cfg.rollout_matching.rollout_backend),
-        "learner": {"mode": "in_process" if nproc == 1 else "torchrun", "nproc_per_node": nproc,
-                    "gpus": list(v.learner_gpus) if server_mode and _enum(v.device) == "cuda" else [],
-                    "pgid": None},
+        "learner": {
+            "mode": "in_process" if nproc == 1 else "torchrun",
+            "nproc_per_node": nproc,
+            "gpus": list(v.learner_gpus) if server_mode and _enum(v.device) == "cuda" else [],
+            "pgid": None,
+        },
     }
     env: Dict[str, str] = {ENV_RUN_ID: run_id, **learner_env(cfg)}
     servers: Optional[ServerSet] = None
@@ -407,12 +437,19 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
                 return err.code
             timeline.mark("model")
             launcher.update(
-                model=str(model_dir), dtype=_enum(v.dtype), device=_enum(v.device),
-                server_base_urls=list(v.server.base_urls), reuse_existing=bool(v.server.reuse_existing),
-                data_parallel_size=v.data_parallel_size, tensor_parallel_size=v.tensor_parallel_size,
+                model=str(model_dir),
+                dtype=_enum(v.dtype),
+                device=_enum(v.device),
+                server_base_urls=list(v.server.base_urls),
+                reuse_existing=bool(v.server.reuse_existing),
+                data_parallel_size=v.data_parallel_size,
+                tensor_parallel_size=v.tensor_parallel_size,
                 server_gpus=list(v.server_gpus) if _enum(v.device) == "cuda" else [],
-                weight_sync={"mode": _enum(v.sync.mode), "transport": _enum(v.sync.transport),
-                             "timeout_s": v.sync.timeout_s},
+                weight_sync={
+                    "mode": _enum(v.sync.mode),
+                    "transport": _enum(v.sync.transport),
+                    "timeout_s": v.sync.timeout_s,
+                },
             )
             try:
                 if pool is not None:
@@ -422,14 +459,16 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
             except ServerStartError as err:
                 print(f"error: {err}", file=sys.stderr, flush=True)
                 return EXIT_SERVER_ERROR
+            # fresh: started now by this orchestrator, so it holds the learner's initial checkpoint
+            fresh = fresh and servers.started_here
             for srv in servers.servers:
                 for phase in ("spawn", "health", "probe"):
-                    if phase in srv.timings and fresh:
+                    if phase in srv.timings and (fresh or not servers.started_here):
                         timeline.marks.append((f"server_{phase}", timeline.marks[-1][1] + srv.timings[phase]))
             timeline.mark("server_ready")
             launcher["servers"] = servers.describe()
             launcher["server_fresh"] = fresh
-            if fresh and servers.started_here:
+            if fresh:
                 env[ENV_INITIAL_WEIGHTS] = str(model_dir)
         metadata.write(run_dir, cfg, resolved, launcher)
         timeline.mark("learner_start")

@@ -590,3 +590,60 @@ class RolloutServer:
             if self._signals is not None:
                 self._signals.close()
                 self._signals = None
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m coordexp.launch.server [--base-url URL] [--log PATH] +experiment=<leaf> rollout=vllm_server
+    [overrides]``: start one rollout server exactly as a run would (same model dir, command, environment,
+    probe) and keep it up until SIGINT/SIGTERM - for ``vllm.server.reuse_existing=true`` runs, several
+    servers, or sweeps that must not pay a server start per job. Exit code 3 if it cannot be started."""
+    import argparse
+    import dataclasses
+
+    from coordexp.config.errors import exit_on_config_error
+    from coordexp.config.load import compose, to_train_config
+
+    ap = argparse.ArgumentParser(prog="python -m coordexp.launch.server", description=main.__doc__)
+    ap.add_argument("--base-url", help="URL to serve (default: the first of vllm.server.base_urls)")
+    ap.add_argument("--log", help="server log file (default: runs/servers/<host>_<port>.log)")
+    ap.add_argument("overrides", nargs="*")
+    ns = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    with exit_on_config_error():
+        cfg = to_train_config(compose(ns.overrides))
+    if getattr(cfg.rollout_matching.rollout_backend, "value", None) != "vllm":
+        print("error: select rollout=vllm_server (the config's rollout backend is not the server)",
+              file=sys.stderr)
+        return 2
+    from coordexp.launch.run import LaunchError, resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(cfg)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.code
+    url = ns.base_url or (list(cfg.vllm.server.base_urls) or [None])[0]
+    if not url:
+        print("error: no URL: pass --base-url or vllm.server.base_urls=[http://host:port]", file=sys.stderr)
+        return 2
+    parsed = urlparse(url)
+    log = Path(ns.log) if ns.log else Path("runs") / "servers" / f"{parsed.hostname}_{parsed.port}.log"
+    cfg = dataclasses.replace(cfg, vllm=dataclasses.replace(
+        cfg.vllm, server=dataclasses.replace(cfg.vllm.server, reuse_existing=False)))
+    try:
+        with RolloutServer.from_config(cfg, model_dir=model_dir, log_path=log, base_url=url) as srv:
+            _stderr_progress(f"serving {model_dir} at {srv.base_url} (process group {srv.pgid}, log {log}); "
+                             f"SIGINT/SIGTERM stops it")
+            while srv.alive():
+                time.sleep(1.0)
+            _stderr_progress(f"the rollout server exited with code {srv.exit_code()}\n{srv.log_tail()}")
+            return 3
+    except ServerStartError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -368,12 +368,14 @@ def _install_weight_sync_route(deploy: Any) -> None:
     async def load_weights(payload: dict = Body(...)):
         path = payload.get("path") if isinstance(payload, dict) else None
         if not isinstance(path, str) or not os.path.isabs(path):
-            raise HTTPException(status_code=400, detail=f"coordexp: 'path' must be an absolute path, got {path!r}")
+            raise HTTPException(
+                status_code=400, detail=f"coordexp: 'path' must be an absolute path, got {path!r}"
+            )
         if not os.path.isfile(path):
             raise HTTPException(
                 status_code=400,
-                detail=f"coordexp: weights file {path} does not exist on the server host (the learner's run dir "
-                "must be on a filesystem the server can read)",
+                detail=f"coordexp: weights file {path} does not exist on the server host (the learner's "
+                "run dir must be on a filesystem the server can read)",
             )
         try:
             timeout_s = float(payload.get("timeout_s", 600.0))
@@ -386,9 +388,8 @@ def _install_weight_sync_route(deploy: Any) -> None:
             for conn in deploy.connections:
                 conn.send({"type": "call", "method": "collective_rpc", "kwargs": kwargs})
             try:
-                results = await asyncio.wait_for(
-                    asyncio.gather(*(loop.run_in_executor(None, c.recv) for c in deploy.connections)), timeout_s
-                )
+                replies = [loop.run_in_executor(None, c.recv) for c in deploy.connections]
+                results = await asyncio.wait_for(asyncio.gather(*replies), timeout_s)
             except asyncio.TimeoutError:
                 _say(f"ERROR weight load from {path} did not finish within {timeout_s:g} s")
                 raise HTTPException(

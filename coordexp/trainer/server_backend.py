@@ -32,8 +32,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from coordexp.config.contract import RolloutContract
-from coordexp.rollout.server_client import (DecodeParams, InferRequest, RolloutClient, RolloutResult,
-                                            RolloutServerError)
+from coordexp.rollout.server_client import (
+    DecodeParams,
+    InferRequest,
+    RolloutClient,
+    RolloutResult,
+    RolloutServerError,
+)
 from coordexp.trainer.learner import LearnerError
 from coordexp.trainer.rollouts import Rollout, RolloutBatch
 from coordexp.trainer.weight_sync import WeightSync, WeightSyncError
@@ -50,19 +55,31 @@ def _model_dir(cfg) -> Optional[str]:
 
 
 class ServerRolloutBackend:
-    def __init__(self, cfg, contract: RolloutContract, trainer_ref: dict, tokenizer=None, *,
-                 client: Optional[RolloutClient] = None, weight_sync: Optional[WeightSync] = None,
-                 model_dir: Optional[str] = None):
+    def __init__(
+        self,
+        cfg,
+        contract: RolloutContract,
+        trainer_ref: dict,
+        tokenizer=None,
+        *,
+        client: Optional[RolloutClient] = None,
+        weight_sync: Optional[WeightSync] = None,
+        model_dir: Optional[str] = None,
+    ):
         if contract.backend != "vllm" or not contract.server_base_urls:
-            raise ServerBackendError("ServerRolloutBackend needs rollout_matching.rollout_backend=vllm and "
-                                     "vllm.server.base_urls")
+            raise ServerBackendError(
+                "ServerRolloutBackend needs rollout_matching.rollout_backend=vllm and vllm.server.base_urls"
+            )
         self.cfg = cfg
         self.contract = contract
         self.trainer_ref = trainer_ref
         self.client = client or RolloutClient(
-            list(contract.server_base_urls), decode_batch_size=contract.decode_batch_size,
+            list(contract.server_base_urls),
+            decode_batch_size=contract.decode_batch_size,
             repeat_terminate_enabled=contract.repeat_terminate.enabled,
-            infer_timeout_s=contract.infer_timeout_s, request_timeout_s=contract.request_timeout_s)
+            infer_timeout_s=contract.infer_timeout_s,
+            request_timeout_s=contract.request_timeout_s,
+        )
         if tokenizer is not None:
             self.stop_ids = [int(tokenizer.eos_token_id)]
         else:
@@ -74,7 +91,7 @@ class ServerRolloutBackend:
             run_dir = Path(cfg.training.output_dir)
             weight_sync = WeightSync.from_config(cfg, run_dir, model_dir=model_dir or _model_dir(cfg))
         self.weight_sync = weight_sync
-        self._active: Optional[int] = None   # repeat_terminate_active, once the probe decided it
+        self._active: Optional[int] = None  # repeat_terminate_active, once the probe decided it
         self.probe_reports: List[Any] = []
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -115,9 +132,13 @@ class ServerRolloutBackend:
         eos = self.stop_ids[0] if self.stop_ids else None
         for url in self.client.base_urls:
             try:
-                self.probe_reports.append(run_probe(url, timeout_s=self.contract.infer_timeout_s, eos_token_id=eos))
+                self.probe_reports.append(
+                    run_probe(url, timeout_s=self.contract.infer_timeout_s, eos_token_id=eos)
+                )
             except ProbeError as exc:
-                raise ServerBackendError(f"repeat-terminate is enabled but not proven active on {url}: {exc}") from None
+                raise ServerBackendError(
+                    f"repeat-terminate is enabled but not proven active on {url}: {exc}"
+                ) from None
         self._active = 1
         return 1
 
@@ -129,13 +150,18 @@ class ServerRolloutBackend:
                 break
         stopped = bool(gen) and gen[-1] in self.stop_ids
         hit_max = not stopped and (r.finish_reason == "length" or len(gen) >= self.contract.max_new_tokens)
-        return Rollout(prompt_ids=list(r.prompt_token_ids), token_ids=gen,
-                       triggered=int(r.repeat_terminate_triggered or 0), hit_max_new_tokens=bool(hit_max))
+        return Rollout(
+            prompt_ids=list(r.prompt_token_ids),
+            token_ids=gen,
+            triggered=int(r.repeat_terminate_triggered or 0),
+            hit_max_new_tokens=bool(hit_max),
+        )
 
     # ------------------------------------------------------------------------------------------ interface
 
-    def generate(self, prompt_ids: Sequence[List[int]], messages: Sequence[List[Dict[str, Any]]],
-                 seed: int) -> RolloutBatch:
+    def generate(
+        self, prompt_ids: Sequence[List[int]], messages: Sequence[List[Dict[str, Any]]], seed: int
+    ) -> RolloutBatch:
         try:
             self._sync_weights()  # collective: before any rank's first request of this rollout
             active = self._ensure_active()
@@ -143,8 +169,14 @@ class ServerRolloutBackend:
             if not messages:
                 return RolloutBatch([], 0.0, active, [])
             c = self.contract
-            params = DecodeParams(max_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                                  top_k=c.top_k, repetition_penalty=c.repetition_penalty, seed=seed)
+            params = DecodeParams(
+                max_tokens=c.max_new_tokens,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                top_k=c.top_k,
+                repetition_penalty=c.repetition_penalty,
+                seed=seed,
+            )
             reqs = [InferRequest(messages=list(m)) for m in messages]
             sizes = [b - a for _, a, b in self.client.plan(len(reqs))]
             results = self.client.infer(reqs, params)
@@ -154,4 +186,3 @@ class ServerRolloutBackend:
             raise ServerBackendError(f"rollout server failure{self._where()}: {exc}") from None
         rollouts = [self._to_rollout(r) for r in results]
         return RolloutBatch(rollouts, time.perf_counter() - start, active, sizes)
-

@@ -14,8 +14,8 @@ Both ends of the protocol live here, so the file format has one owner:
   ``{"path": ...}`` to each server; the coordexp plugin route sends ``collective_rpc(WORKER_METHOD)`` to
   every rollout worker, and each vLLM worker loads the file in place with vLLM's ``Worker.reload_weights``
   (checkpoint-format HF names; vLLM maps them to its fused layout, shards for TP and re-runs post-load
-  processing such as the CPU backend's weight repacking). The file must be readable by the server: same host or a
-  shared filesystem.
+  processing such as the CPU backend's weight repacking). The file must be readable by the server: same host
+  or a shared filesystem.
 * transport ``nccl`` (GPU only): ms-swift's own routes (``/init_communicator/``,
   ``/update_flattened_params/``, ``/process_weights_after_loading/``) with a thin client here that puts a
   timeout on every HTTP call and runs each NCCL broadcast on a daemon thread joined with the time left.
@@ -122,7 +122,8 @@ def load_weights_file_into(worker, path: str) -> Dict[str, Any]:
     """Server-worker side: load a weights file written by :func:`write_weights_file` into the vLLM worker's
     model, in place, through vLLM's own reload path (``Worker.reload_weights``: checkpoint-format HF names,
     layer-wise reload that re-runs each layer's post-load processing - needed on CPU, where vLLM repacks
-    linear weights after loading, and for quantized layers). Returns what was loaded, for the learner's log."""
+    linear weights after loading, and for quantized layers). Returns what was loaded, for the learner's
+    log."""
     from safetensors.torch import load_file
 
     t0 = time.perf_counter()
@@ -137,12 +138,19 @@ def load_weights_file_into(worker, path: str) -> Dict[str, Any]:
         model.load_weights(weights=list(tensors.items()))
         from swift.rlhf_trainers.utils import finish_vllm_weight_reload
 
-        finish_vllm_weight_reload(model, model_config=worker.model_runner.model_config, target_device=worker.device,
-                                  strict=True)
+        finish_vllm_weight_reload(
+            model, model_config=worker.model_runner.model_config, target_device=worker.device, strict=True
+        )
         how = "load_weights"
         tied = _refresh_tied_heads(model)
-    return {"path": path, "tensors": len(tensors), "how": how, "tied_heads_refreshed": tied,
-            "seconds": round(time.perf_counter() - t0, 4), "pid": os.getpid()}
+    return {
+        "path": path,
+        "tensors": len(tensors),
+        "how": how,
+        "tied_heads_refreshed": tied,
+        "seconds": round(time.perf_counter() - t0, 4),
+        "pid": os.getpid(),
+    }
 
 
 def _refresh_tied_heads(model) -> int:
@@ -156,14 +164,24 @@ def _refresh_tied_heads(model) -> int:
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
     except ImportError:
         return 0
-    embed_ptrs = {m.weight.data_ptr() for m in model.modules()
-                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
-                  and getattr(m, "weight", None) is not None and not m.weight.is_meta}
+    embed_ptrs = {
+        m.weight.data_ptr()
+        for m in model.modules()
+        if isinstance(m, VocabParallelEmbedding)
+        and not isinstance(m, ParallelLMHead)
+        and getattr(m, "weight", None) is not None
+        and not m.weight.is_meta
+    }
     n = 0
     for m in model.modules():
         w = getattr(m, "weight", None)
         method = getattr(m, "quant_method", None)
-        if isinstance(m, ParallelLMHead) and w is not None and method is not None and w.data_ptr() in embed_ptrs:
+        if (
+            isinstance(m, ParallelLMHead)
+            and w is not None
+            and method is not None
+            and w.data_ptr() in embed_ptrs
+        ):
             method.process_weights_after_loading(m)
             n += 1
     return n
@@ -179,8 +197,16 @@ def flatten_bucket(named: Sequence[tuple]) -> tuple:
     for name, t in named:
         flat = t.contiguous().flatten().view(torch.uint8)
         n = flat.numel()
-        metas.append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype), "start_idx": offset,
-                      "end_idx": offset + n, "numel": n})
+        metas.append(
+            {
+                "name": name,
+                "shape": list(t.shape),
+                "dtype": str(t.dtype),
+                "start_idx": offset,
+                "end_idx": offset + n,
+                "numel": n,
+            }
+        )
         chunks.append(flat)
         offset += n
     return metas, torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
@@ -205,21 +231,30 @@ def _post(url: str, payload: Optional[dict], deadline: float, what: str, session
         r = s.post(url, json=payload, timeout=(min(10.0, left), left))
     except requests.Timeout:
         raise WeightSyncError(
-            f"weight sync: POST {url} ({what}) timed out after {left:.1f} s (vllm.sync.timeout_s); the server "
-            f"is stuck or too slow to load the weights") from None
+            f"weight sync: POST {url} ({what}) timed out after {left:.1f} s (vllm.sync.timeout_s); the "
+            "server "
+            f"is stuck or too slow to load the weights"
+        ) from None
     except requests.RequestException as exc:
-        raise WeightSyncError(f"weight sync: POST {url} ({what}) failed: {exc.__class__.__name__}: {exc}") from None
+        raise WeightSyncError(
+            f"weight sync: POST {url} ({what}) failed: {exc.__class__.__name__}: {exc}"
+        ) from None
     if r.status_code == 404 and LOAD_WEIGHTS_ROUTE in url:
         raise WeightSyncError(
             f"weight sync: {url} does not exist (HTTP 404): the server was started without the coordexp "
             f"plugin (or an older one); start it through coordexp or with --external_plugins "
-            f"coordexp/rollout/swift_plugin.py and COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION=1")
+            f"coordexp/rollout/swift_plugin.py and COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION=1"
+        )
     if r.status_code != 200:
-        raise WeightSyncError(f"weight sync: POST {url} ({what}) returned HTTP {r.status_code}: {r.text[:500]}")
+        raise WeightSyncError(
+            f"weight sync: POST {url} ({what}) returned HTTP {r.status_code}: {r.text[:500]}"
+        )
     try:
         return r.json()
     except ValueError:
-        raise WeightSyncError(f"weight sync: POST {url} ({what}) returned non-JSON: {r.text[:300]!r}") from None
+        raise WeightSyncError(
+            f"weight sync: POST {url} ({what}) returned non-JSON: {r.text[:300]!r}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------- transports
@@ -230,8 +265,9 @@ class FileTransport:
 
     name = "file"
 
-    def __init__(self, base_urls: Sequence[str], sync_dir: Path, dtype: Optional[str] = None,
-                 keep_last: int = 1):
+    def __init__(
+        self, base_urls: Sequence[str], sync_dir: Path, dtype: Optional[str] = None, keep_last: int = 1
+    ):
         self.base_urls = [u.rstrip("/") for u in base_urls]
         self.sync_dir = Path(sync_dir).resolve()
         self.dtype = dtype
@@ -241,14 +277,19 @@ class FileTransport:
     def push(self, model, step: int, deadline: float) -> SyncReport:
         t0 = time.monotonic()
         path = self.sync_dir / f"step-{step:08d}.safetensors"
-        nbytes = write_weights_file(named_weights(model, self.dtype), path,
-                                    metadata={"coordexp_step": str(step)})
+        nbytes = write_weights_file(
+            named_weights(model, self.dtype), path, metadata={"coordexp_step": str(step)}
+        )
         write_s = time.monotonic() - t0
         servers: Dict[str, Any] = {}
         for url in self.base_urls:
             left = _left(deadline, f"loading weights on {url}")
-            body = _post(url + LOAD_WEIGHTS_ROUTE, {"path": str(path), "step": step, "timeout_s": left},
-                         deadline, f"load {path.name}")
+            body = _post(
+                url + LOAD_WEIGHTS_ROUTE,
+                {"path": str(path), "step": step, "timeout_s": left},
+                deadline,
+                f"load {path.name}",
+            )
             _post(url + "/reset_prefix_cache/", None, deadline, "reset prefix cache after weight sync")
             servers[url] = body
         self._written.append(path)
@@ -268,8 +309,13 @@ class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see d
 
     name = "nccl"
 
-    def __init__(self, base_urls: Sequence[str], dtype: Optional[str] = None, group_port: Optional[int] = None,
-                 bucket_mb: int = 512):
+    def __init__(
+        self,
+        base_urls: Sequence[str],
+        dtype: Optional[str] = None,
+        group_port: Optional[int] = None,
+        bucket_mb: int = 512,
+    ):
         self.base_urls = [u.rstrip("/") for u in base_urls]
         self.dtype = dtype
         port = group_port or int(os.environ.get("COORDEXP_NCCL_GROUP_PORT", "51216"))
@@ -307,8 +353,12 @@ class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see d
         for url, port in zip(self.base_urls, self.group_ports):
             ws = get_world_size(url, _left(deadline, "get_world_size"))
             host = urlparse(url).hostname
-            _post(url + "/init_communicator/", {"host": "0.0.0.0", "port": port, "world_size": ws + 1}, deadline,
-                  "init NCCL communicator")
+            _post(
+                url + "/init_communicator/",
+                {"host": "0.0.0.0", "port": port, "world_size": ws + 1},
+                deadline,
+                "init NCCL communicator",
+            )
             holder: list = []
 
             def connect(host=host, port=port, ws=ws):
@@ -363,8 +413,13 @@ class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see d
 class WeightSync:
     """Decides when to sync and runs the DDP choreography; the transport does the push."""
 
-    def __init__(self, transport, timeout_s: float, initial_step: Optional[int] = None,
-                 log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)):
+    def __init__(
+        self,
+        transport,
+        timeout_s: float,
+        initial_step: Optional[int] = None,
+        log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
+    ):
         self.transport = transport
         self.timeout_s = float(timeout_s)
         self.server_step: Optional[int] = initial_step
@@ -373,7 +428,9 @@ class WeightSync:
         self._pg = None
 
     @classmethod
-    def from_config(cls, cfg, run_dir: Path, model_dir: Optional[str] = None, **kwargs) -> Optional["WeightSync"]:
+    def from_config(
+        cls, cfg, run_dir: Path, model_dir: Optional[str] = None, **kwargs
+    ) -> Optional["WeightSync"]:
         """None for ``vllm.sync.mode: none``. ``model_dir``: the checkpoint the learner loaded (compared with
         :data:`ENV_INITIAL_WEIGHTS`)."""
         v = cfg.vllm
@@ -399,7 +456,9 @@ class WeightSync:
         if self._pg is None:
             from datetime import timedelta
 
-            self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s + COLLECTIVE_GRACE_S))
+            self._pg = dist.new_group(
+                backend="gloo", timeout=timedelta(seconds=self.timeout_s + COLLECTIVE_GRACE_S)
+            )
         return self._pg
 
     def maybe_sync(self, model_getter: Callable[[], Any], step: int) -> Optional[SyncReport]:
@@ -420,7 +479,8 @@ class WeightSync:
                 raise WeightSyncError(
                     f"weight sync at step {step}: rank {rank} gave up at the opening barrier after "
                     f"{time.monotonic() - t0:.0f} s (vllm.sync.timeout_s={self.timeout_s:g} + "
-                    f"{COLLECTIVE_GRACE_S:g} s): another rank is stuck or gone ({exc})") from None
+                    f"{COLLECTIVE_GRACE_S:g} s): another rank is stuck or gone ({exc})"
+                ) from None
         outcome: List[Any] = [None]
         if rank == 0:
             try:
@@ -430,24 +490,32 @@ class WeightSync:
             except WeightSyncError as exc:
                 outcome = [{"ok": False, "error": str(exc)}]
             except Exception as exc:  # noqa: BLE001 - any failure must reach every rank
-                outcome = [{"ok": False, "error": f"weight sync at step {step} failed on rank 0: "
-                                                  f"{exc.__class__.__name__}: {exc}"}]
+                outcome = [
+                    {
+                        "ok": False,
+                        "error": f"weight sync at step {step} failed on rank 0: "
+                        f"{exc.__class__.__name__}: {exc}",
+                    }
+                ]
         if distributed:
             try:
                 dist.broadcast_object_list(outcome, src=0, group=pg)
             except RuntimeError as exc:
                 raise WeightSyncError(
                     f"weight sync at step {step}: rank {rank} timed out waiting for rank 0 to push the "
-                    f"weights (vllm.sync.timeout_s={self.timeout_s:g} + {COLLECTIVE_GRACE_S:g} s): {exc}") from None
+                    f"weights (vllm.sync.timeout_s={self.timeout_s:g} + {COLLECTIVE_GRACE_S:g} s): {exc}"
+                ) from None
         result = outcome[0]
         if not result["ok"]:
             raise WeightSyncError(result["error"])
         self.server_step = step
         if rank == 0:
             rep = self.reports[-1]
-            self.log(f"[coordexp weight sync] step {step}: pushed {rep.bytes / 2**20:.2f} MiB over "
-                     f"{self.transport.name} to {len(getattr(self.transport, 'base_urls', []))} server(s) in "
-                     f"{rep.seconds:.2f} s")
+            self.log(
+                f"[coordexp weight sync] step {step}: pushed {rep.bytes / 2**20:.2f} MiB over "
+                f"{self.transport.name} to {len(getattr(self.transport, 'base_urls', []))} server(s) in "
+                f"{rep.seconds:.2f} s"
+            )
         return self.reports[-1] if rank == 0 and self.reports else None
 
 

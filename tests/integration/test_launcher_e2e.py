@@ -6,8 +6,8 @@ its own process group, waits for ``/health/``, runs the repeat-terminate activat
 group on the saved config, and tears everything down. Channel B every step (``b_ratio=1.0``): step 0 rolls
 out with the server's initial weights (it was started from the learner's checkpoint), steps 1 and 2 each
 start with a weight sync (``file`` transport) and then roll out; the rollout eval after step 3 syncs again
-and goes through the server too. Overrides keep it small: the random tiny model (``model.tiny_stage1_steps=0``, no Stage-1
-build), 8 samples per step, 24 new tokens.
+and goes through the server too. Overrides keep it small: the random tiny model
+(``model.tiny_stage1_steps=0``, no Stage-1 build), 8 samples per step, 24 new tokens.
 """
 
 from __future__ import annotations
@@ -37,14 +37,30 @@ def free_port() -> int:
 def test_smoke_with_vllm_server_and_torchrun_learner(tmp_path, group_members):
     run_dir = tmp_path / "run"
     port = free_port()
-    cmd = [sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed", "rollout=vllm_server",
-           f"hydra.run.dir={run_dir}", f"vllm.server.base_urls=[http://127.0.0.1:{port}]",
-           "vllm.max_model_len=512", "vllm.server.startup_timeout_s=400", "model.tiny_stage1_steps=0",
-           "training.nproc_per_node=2", "training.max_steps=3", "stage2_ab.schedule.b_ratio=1.0",
-           "training.effective_batch_size=8", "training.per_device_train_batch_size=4",
-           "rollout_matching.decode_batch_size=4", "rollout_matching.max_new_tokens=24",
-           "training.eval_strategy=steps", "training.eval_steps=3", "data.synthetic.val_samples=8",
-           "training.save_strategy=no", "data.synthetic.train_samples=64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "coordexp.train",
+        "+experiment=smoke/ab_mixed",
+        "rollout=vllm_server",
+        f"hydra.run.dir={run_dir}",
+        f"vllm.server.base_urls=[http://127.0.0.1:{port}]",
+        "vllm.max_model_len=512",
+        "vllm.server.startup_timeout_s=400",
+        "model.tiny_stage1_steps=0",
+        "training.nproc_per_node=2",
+        "training.max_steps=3",
+        "stage2_ab.schedule.b_ratio=1.0",
+        "training.effective_batch_size=8",
+        "training.per_device_train_batch_size=4",
+        "rollout_matching.decode_batch_size=4",
+        "rollout_matching.max_new_tokens=24",
+        "training.eval_strategy=steps",
+        "training.eval_steps=3",
+        "data.synthetic.val_samples=8",
+        "training.save_strategy=no",
+        "data.synthetic.train_samples=64",
+    ]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(REPO / ".cache" / "torchinductor")}
     t0 = time.monotonic()
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

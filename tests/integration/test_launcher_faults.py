@@ -31,7 +31,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-FAKE_SERVER = textwrap.dedent('''
+FAKE_SERVER = textwrap.dedent("""
     import json, os, sys, time, subprocess
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     args = sys.argv[1:]
@@ -86,25 +86,36 @@ FAKE_SERVER = textwrap.dedent('''
             print("infer", len(out), flush=True)
             self._send(out)
     ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-''')
+""")
 
-HARNESS = textwrap.dedent('''
+HARNESS = textwrap.dedent("""
     import sys
     import coordexp.launch.server as server
     _orig = server.build_command
     server.build_command = lambda spec: [sys.executable, {fake!r}] + _orig(spec)[3:]
-    import runpy
-    sys.argv = ["coordexp.train"] + sys.argv[1:]
-    runpy.run_module("coordexp.train", run_name="__main__", alter_sys=True)
-''')
+    import os, runpy
+    module = os.environ.get("HARNESS_MODULE", "coordexp.train")
+    sys.argv = [module] + sys.argv[1:]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+""")
 
 # Small and fast: random tiny model (no Stage-1 build), tiny data, Channel B every step, no eval/checkpoints.
-FAST = ["+experiment=smoke/ab_mixed", "rollout=vllm_server", "model.tiny_stage1_steps=0",
-        "stage2_ab.schedule.b_ratio=1.0", "training.eval_strategy=no", "training.save_strategy=no",
-        "data.synthetic.train_samples=64", "rollout_matching.max_new_tokens=16",
-        "training.effective_batch_size=4", "training.per_device_train_batch_size=4",
-        "rollout_matching.decode_batch_size=4", "rollout_matching.repeat_terminate.enabled=false",
-        "vllm.server.startup_timeout_s=60", "vllm.server.infer_timeout_s=10"]
+FAST = [
+    "+experiment=smoke/ab_mixed",
+    "rollout=vllm_server",
+    "model.tiny_stage1_steps=0",
+    "stage2_ab.schedule.b_ratio=1.0",
+    "training.eval_strategy=no",
+    "training.save_strategy=no",
+    "data.synthetic.train_samples=64",
+    "rollout_matching.max_new_tokens=16",
+    "training.effective_batch_size=4",
+    "training.per_device_train_batch_size=4",
+    "rollout_matching.decode_batch_size=4",
+    "rollout_matching.repeat_terminate.enabled=false",
+    "vllm.server.startup_timeout_s=60",
+    "vllm.server.infer_timeout_s=10",
+]
 
 
 def free_port() -> int:
@@ -144,12 +155,27 @@ def orchestrate(script, run_dir, *overrides, port=None, mode="ok", popen=False, 
     port = port or free_port()
     flags = [o for o in overrides if o.startswith("-")]  # e.g. -m: before the overrides (argparse)
     overrides = [o for o in overrides if not o.startswith("-")]
-    cmd = [sys.executable, str(script) if script else "-m", *([] if script else ["coordexp.train"]), *flags,
-           f"hydra.run.dir={run_dir}", *FAST, f"vllm.server.base_urls=[http://127.0.0.1:{port}]", *overrides]
+    cmd = [
+        sys.executable,
+        str(script) if script else "-m",
+        *([] if script else ["coordexp.train"]),
+        *flags,
+        f"hydra.run.dir={run_dir}",
+        *FAST,
+        f"vllm.server.base_urls=[http://127.0.0.1:{port}]",
+        *overrides,
+    ]
     env = {**os.environ, "FAKE_MODE": mode, "PYTHONUNBUFFERED": "1"}
     if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     t0 = time.monotonic()
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     out.seconds = time.monotonic() - t0
@@ -172,16 +198,20 @@ def assert_nothing_left(run_dir: Path, group_members, wait_s: float = 20.0) -> N
         procs = run_processes(run_id) if run_id else []
         if not left and not procs:
             return
-        assert time.monotonic() < deadline, f"processes of the run still alive: groups {left}, run pids {procs}"
+        assert time.monotonic() < deadline, (
+            f"processes of the run still alive: groups {left}, run pids {procs}"
+        )
         time.sleep(0.5)
 
 
-# ----------------------------------------------------------------------------------------------- no server needed
+# ------------------------------------------------------------------------------------------ no server needed
 
 
 def test_bad_model_path_fails_before_anything_starts(tmp_path):
     run_dir = tmp_path / "run"
-    out = orchestrate(None, run_dir, "model=local", "model.path=/nonexistent/checkpoint", "model.dtype=float32")
+    out = orchestrate(
+        None, run_dir, "model=local", "model.path=/nonexistent/checkpoint", "model.dtype=float32"
+    )
     assert out.returncode == 2, out.all[-3000:]
     assert "model.path '/nonexistent/checkpoint' is not a checkpoint directory" in out.all
     assert "nothing was started" in out.all and "starting rollout server" not in out.all
@@ -264,7 +294,9 @@ def test_server_killed_mid_training_stops_the_learner_quickly(harness, tmp_path,
             os.killpg(proc.pid, signal.SIGKILL)
     assert code == 2, text[-3000:]
     assert elapsed < 2 * 10, elapsed  # within 2x vllm.server.infer_timeout_s
-    assert ("rollout server failure" in text and "/infer/" in text) or "weight sync: POST" in text, text[-3000:]
+    assert ("rollout server failure" in text and "/infer/" in text) or "weight sync: POST" in text, text[
+        -3000:
+    ]
     assert "exited with code -9" in text  # the orchestrator names the dead server
     assert_nothing_left(run_dir, group_members)
 
@@ -273,8 +305,14 @@ def test_server_killed_mid_training_stops_the_learner_quickly(harness, tmp_path,
 @pytest.mark.parametrize("sig, nproc", [(signal.SIGINT, 1), (signal.SIGTERM, 2)])
 def test_signal_to_orchestrator_tears_down_the_whole_run(harness, tmp_path, group_members, sig, nproc):
     run_dir = tmp_path / "run"
-    proc = orchestrate(harness, run_dir, "training.max_steps=500", f"training.nproc_per_node={nproc}",
-                       "training.effective_batch_size=8", popen=True)
+    proc = orchestrate(
+        harness,
+        run_dir,
+        "training.max_steps=500",
+        f"training.nproc_per_node={nproc}",
+        "training.effective_batch_size=8",
+        popen=True,
+    )
     try:
         deadline = time.monotonic() + 240
         metrics = run_dir / "metrics.jsonl"
@@ -293,3 +331,64 @@ def test_signal_to_orchestrator_tears_down_the_whole_run(harness, tmp_path, grou
     assert code == 128 + sig, proc.stdout.read()[-3000:]
     assert_nothing_left(run_dir, group_members, wait_s=20)
     assert not group_members(proc.pid)
+
+
+@pytest.mark.slow
+def test_server_cli_serves_until_signal_and_a_run_reuses_it(harness, tmp_path, group_members):
+    """``python -m coordexp.launch.server`` (same lifecycle code) keeps a server up; a run with
+    ``reuse_existing=true`` uses it, pushes its weights before its first rollout (the server's weights are
+    unknown to it) and leaves it running; SIGTERM then stops the server's whole group."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "FAKE_MODE": "ok",
+        "HARNESS_MODULE": "coordexp.launch.server",
+        "PYTHONUNBUFFERED": "1",
+    }
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            str(harness),
+            "--log",
+            str(tmp_path / "cli.log"),
+            "+experiment=smoke/ab_mixed",
+            "rollout=vllm_server",
+            "model.tiny_stage1_steps=0",
+            f"vllm.server.base_urls=[{url}]",
+            "rollout_matching.repeat_terminate.enabled=false",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines = []
+        for line in cli.stdout:
+            lines.append(line)
+            if "SIGINT/SIGTERM stops it" in line:
+                break
+        assert cli.poll() is None, "".join(lines)[-3000:]
+        pgid = int(line.split("process group ")[1].split(",")[0])
+        assert group_members(pgid)
+        run_dir = tmp_path / "run"
+        out = orchestrate(
+            harness, run_dir, "training.max_steps=2", "vllm.server.reuse_existing=true", port=port
+        )
+        assert out.returncode == 0, out.all[-3000:]
+        meta = launcher_meta(run_dir)
+        assert meta["servers"][0]["started_here"] is False and meta["server_fresh"] is False
+        assert "[coordexp weight sync] step 0:" in out.all  # a reused server's weights are unknown
+        assert group_members(pgid), "the run must not stop a server it reused"
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 20
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not group_members(pgid)
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)

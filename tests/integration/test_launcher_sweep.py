@@ -1,10 +1,11 @@
 """``hydra/launcher=coordexp`` keeps one rollout server across the jobs of a sweep (fake ``swift rollout``
 program from test_launcher_faults; real orchestrator, real Hydra multirun, real learners).
 
-Three jobs: ``vllm.max_model_len=512,512,600``. Jobs 0 and 1 have equal server settings, so job 1 keeps job 0's
-server (same process group) and its learner pushes its weights before its first rollout (step 0), because
-the server still holds job 0's weights. Job 2 changes a server setting, so the launcher stops that server
-and starts a fresh one (no step-0 sync: it holds the initial checkpoint). After the sweep nothing is left.
+Three jobs: ``vllm.max_model_len=512,512,600``. Jobs 0 and 1 have equal server settings, so job 1 keeps
+job 0's server (same process group) and its learner pushes its weights before its first rollout (step 0),
+because the server still holds job 0's weights. Job 2 changes a server setting, so the launcher stops
+that server and starts a fresh one (no step-0 sync: it holds the initial checkpoint). After the sweep
+nothing is left.
 The real-server sweep (two jobs against a real ``swift rollout``) is in test_launcher_weight_sync.py.
 """
 
@@ -21,13 +22,24 @@ from tests.integration.test_launcher_faults import FAST, free_port, harness, orc
 pytestmark = pytest.mark.slow
 
 
-def test_sweep_shares_the_server_between_equal_jobs_and_restarts_on_change(harness, tmp_path,  # noqa: F811
-                                                                           group_members):
+def test_sweep_shares_the_server_between_equal_jobs_and_restarts_on_change(
+    harness,  # noqa: F811 - the fixture imported above
+    tmp_path,
+    group_members,
+):
     sweep = tmp_path / "sweep"
     port = free_port()
     t0 = time.monotonic()
-    out = orchestrate(harness, tmp_path / "unused", "-m", "hydra/launcher=coordexp", f"hydra.sweep.dir={sweep}",
-                      "training.max_steps=1", "vllm.max_model_len=512,512,600", port=port)
+    out = orchestrate(
+        harness,
+        tmp_path / "unused",
+        "-m",
+        "hydra/launcher=coordexp",
+        f"hydra.sweep.dir={sweep}",
+        "training.max_steps=1",
+        "vllm.max_model_len=512,512,600",
+        port=port,
+    )
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-5000:]
     metas = [json.loads((sweep / str(j) / "run_metadata.json").read_text())["launcher"] for j in range(3)]

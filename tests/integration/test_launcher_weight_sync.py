@@ -25,11 +25,18 @@ from coordexp.config.schema import RepeatTerminateConfig
 from coordexp.launch.server import RolloutServer, ServerLaunchSpec
 from coordexp.rollout.repeat_rules import XARGS_KEY
 from coordexp.rollout.server_client import DecodeParams, InferRequest, RolloutClient
-from coordexp.trainer.weight_sync import (LOAD_WEIGHTS_ROUTE, FileTransport, WeightSync, WeightSyncError,
-                                          named_weights)
+from coordexp.trainer.weight_sync import (
+    LOAD_WEIGHTS_ROUTE,
+    FileTransport,
+    WeightSync,
+    WeightSyncError,
+    named_weights,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
+
+
 def task_prompts(n=6):
     """User turns of the synthetic task (what the trained model below has seen) plus two free-form ones."""
     from coordexp.data.prompt import PromptSpec, build_messages
@@ -51,12 +58,19 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory, cpu_env_vars, group_members):
     port = free_port()
-    spec = ServerLaunchSpec(model_dir=str(tiny_model_dir), port=port, max_model_len=512, model_type="qwen2",
-                            template="chatml", repeat_terminate=RepeatTerminateConfig(enabled=True))
+    spec = ServerLaunchSpec(
+        model_dir=str(tiny_model_dir),
+        port=port,
+        max_model_len=512,
+        model_type="qwen2",
+        template="chatml",
+        repeat_terminate=RepeatTerminateConfig(enabled=True),
+    )
     spec.extra_env.update(cpu_env_vars)
     log = tmp_path_factory.mktemp("ws-server") / "swift_rollout.log"
-    srv = RolloutServer(spec, f"http://127.0.0.1:{port}", log_path=log, startup_timeout_s=400,
-                        probe_timeout_s=180)
+    srv = RolloutServer(
+        spec, f"http://127.0.0.1:{port}", log_path=log, startup_timeout_s=400, probe_timeout_s=180
+    )
     t0 = time.monotonic()
     srv.start()
     print(f"\nserver start {time.monotonic() - t0:.1f} s ({srv.timings})")
@@ -68,8 +82,10 @@ def server(tiny_model_dir, tmp_path_factory, cpu_env_vars, group_members):
 
 def server_greedy(url: str) -> list[list[int]]:
     client = RolloutClient([url], decode_batch_size=8, repeat_terminate_enabled=True)
-    reqs = [InferRequest(messages=[{"role": "user", "content": p}], vllm_xargs={XARGS_KEY: {"enabled": False}})
-            for p in task_prompts()]
+    reqs = [
+        InferRequest(messages=[{"role": "user", "content": p}], vllm_xargs={XARGS_KEY: {"enabled": False}})
+        for p in task_prompts()
+    ]
     res = client.infer(reqs, DecodeParams(max_tokens=MAX_TOKENS, temperature=0.0, seed=0))
     return [r.token_ids for r in res], [r.prompt_token_ids for r in res]
 
@@ -80,10 +96,15 @@ def hf_greedy(model, tok, prompt_ids: list[list[int]]) -> list[list[int]]:
     out = []
     with torch.no_grad():
         for ids in prompt_ids:
-            gen = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)
-            seq = gen[0, len(ids):].tolist()
+            gen = model.generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+            seq = gen[0, len(ids) :].tolist()
             if tok.eos_token_id in seq:
                 seq = seq[: seq.index(tok.eos_token_id) + 1]
             out.append(seq)
@@ -103,8 +124,13 @@ def changed_model(model_dir, tok, steps=3, noise=0.1):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     texts = corpus_texts(TinyModelSpec())[:64]
     for i in range(steps):
-        batch = tok(texts[(i * 4) % 64:(i * 4) % 64 + 4], return_tensors="pt", padding=True, truncation=True,
-                    max_length=160)
+        batch = tok(
+            texts[(i * 4) % 64 : (i * 4) % 64 + 4],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=160,
+        )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         model(**batch, labels=labels).loss.backward()
         opt.step()
@@ -122,7 +148,9 @@ def test_file_sync_makes_server_greedy_equal_learner_greedy(server, tiny_model_d
     expected = hf_greedy(model, tok, prompt_ids)
     assert before != expected, "the changed model must generate differently from the served checkpoint"
 
-    sync = WeightSync(FileTransport([server.base_url], tmp_path / "weight_sync", dtype="float32"), timeout_s=120)
+    sync = WeightSync(
+        FileTransport([server.base_url], tmp_path / "weight_sync", dtype="float32"), timeout_s=120
+    )
     assert sync.needed(5)
     rep = sync.maybe_sync(lambda: model, step=5)
     assert rep is not None and rep.bytes > 0 and not sync.needed(5)
@@ -167,11 +195,26 @@ def test_sweep_launcher_runs_jobs_against_the_server(server, tmp_path):
     """``-m hydra/launcher=coordexp``: two jobs (Channel B every step, in-process learner) against the running
     server; each job pushes its weights before its first rollout, the server is left running (reuse)."""
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "coordexp.train", "-m", "hydra/launcher=coordexp", "+experiment=smoke/ab_mixed",
-           "rollout=vllm_server", f"vllm.server.base_urls=[{server.base_url}]", "vllm.server.reuse_existing=true",
-           "vllm.max_model_len=512", f"hydra.sweep.dir={sweep_dir}", "stage2_ab.schedule.b_ratio=1.0",
-           "training.max_steps=2", "training.eval_strategy=no", "training.save_strategy=no",
-           "data.synthetic.train_samples=32", "model.tiny_stage1_steps=0", "rollout_matching.max_new_tokens=24,16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "coordexp.train",
+        "-m",
+        "hydra/launcher=coordexp",
+        "+experiment=smoke/ab_mixed",
+        "rollout=vllm_server",
+        f"vllm.server.base_urls=[{server.base_url}]",
+        "vllm.server.reuse_existing=true",
+        "vllm.max_model_len=512",
+        f"hydra.sweep.dir={sweep_dir}",
+        "stage2_ab.schedule.b_ratio=1.0",
+        "training.max_steps=2",
+        "training.eval_strategy=no",
+        "training.save_strategy=no",
+        "data.synthetic.train_samples=32",
+        "model.tiny_stage1_steps=0",
+        "rollout_matching.max_new_tokens=24,16",
+    ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     for job in ("0", "1"):

@@ -31,12 +31,21 @@ def test_timeline_phases_are_gaps_between_marks():
 
 def test_server_key_ignores_learner_side_settings_and_tracks_server_ones(tmp_path):
     base = run.server_key(cfg_of(), tmp_path)
-    same = [("training.learning_rate=0.1",), ("rollout_matching.max_new_tokens=7",), ("vllm.sync.timeout_s=9",),
-            ("vllm.server.infer_timeout_s=3",), ("seed=3",)]
+    same = [
+        ("training.learning_rate=0.1",),
+        ("rollout_matching.max_new_tokens=7",),
+        ("vllm.sync.timeout_s=9",),
+        ("vllm.server.infer_timeout_s=3",),
+        ("seed=3",),
+    ]
     for o in same:
         assert run.server_key(cfg_of(*o), tmp_path) == base, o
-    differ = [("vllm.max_model_len=777",), ("rollout_matching.repeat_terminate.min_new_tokens=3",),
-              ("vllm.server.base_urls=[http://127.0.0.1:9001]",), ("vllm.cpu_kvcache_space_gib=2",)]
+    differ = [
+        ("vllm.max_model_len=777",),
+        ("rollout_matching.repeat_terminate.min_new_tokens=3",),
+        ("vllm.server.base_urls=[http://127.0.0.1:9001]",),
+        ("vllm.cpu_kvcache_space_gib=2",),
+    ]
     for o in differ:
         assert run.server_key(cfg_of(*o), tmp_path) != base, o
     assert run.server_key(cfg_of(), tmp_path / "other") != base
@@ -64,16 +73,16 @@ def test_pool_keeps_equal_servers_restarts_on_change_failure_or_sickness(monkeyp
     monkeypatch.setattr(run, "server_key", lambda cfg, model_dir: cfg)  # the "config" is the key here
     monkeypatch.setattr(run.ServerSet, "start", classmethod(lambda cls, cfg, md, rd, rid: FakeSet(cfg)))
     pool = run.ServerPool()
-    s1, fresh1 = pool.acquire("A", tmp_path, tmp_path, "r1")   # start
-    s2, fresh2 = pool.acquire("A", tmp_path, tmp_path, "r2")   # same settings: keep
+    s1, fresh1 = pool.acquire("A", tmp_path, tmp_path, "r1")  # start
+    s2, fresh2 = pool.acquire("A", tmp_path, tmp_path, "r2")  # same settings: keep
     assert s1 is s2 and (fresh1, fresh2) == (True, False) and not s1.stopped
-    s3, fresh3 = pool.acquire("B", tmp_path, tmp_path, "r3")   # changed: restart
+    s3, fresh3 = pool.acquire("B", tmp_path, tmp_path, "r3")  # changed: restart
     assert s1.stopped and s3 is not s1 and fresh3
-    pool.release(ok=False)                                       # a failed job: stop it
+    pool.release(ok=False)  # a failed job: stop it
     assert s3.stopped and pool.current is None
-    s4, _ = pool.acquire("B", tmp_path, tmp_path, "r4")        # fresh start
+    s4, _ = pool.acquire("B", tmp_path, tmp_path, "r4")  # fresh start
     s4.ok = False
-    s5, fresh5 = pool.acquire("B", tmp_path, tmp_path, "r5")   # unhealthy: restart although the key matches
+    s5, fresh5 = pool.acquire("B", tmp_path, tmp_path, "r5")  # unhealthy: restart although the key matches
     assert s4.stopped and fresh5 and s5 is not s4
     pool.close()
     assert s5.stopped and pool.current is None
@@ -105,7 +114,12 @@ def test_stop_group_escalates_to_kill():
 
 
 def test_missing_local_checkpoint_is_a_launch_error():
-    cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", "model=local", "model.path=/no/such/ckpt",
-                                   "model.dtype=float32"]))
-    with pytest.raises(run.LaunchError, match="'/no/such/ckpt' is not a checkpoint directory.*nothing was started"):
+    cfg = to_train_config(
+        compose(
+            ["+experiment=smoke/ab_mixed", "model=local", "model.path=/no/such/ckpt", "model.dtype=float32"]
+        )
+    )
+    with pytest.raises(
+        run.LaunchError, match="'/no/such/ckpt' is not a checkpoint directory.*nothing was started"
+    ):
         run.resolve_model_dir(cfg)

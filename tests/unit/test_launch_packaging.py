@@ -26,7 +26,9 @@ def test_setup_cfg_lists_every_coordexp_package_and_the_plugin():
     assert {"hydra_plugins", "hydra_plugins.coordexp_launcher"} <= listed
     package_dir = cfg["options"]["package_dir"]
     assert "hydra_plugins = launchers/hydra_plugins" in package_dir
-    assert not (REPO / "launchers" / "hydra_plugins" / "__init__.py").exists(), "hydra_plugins is a namespace package"
+    assert not (REPO / "launchers" / "hydra_plugins" / "__init__.py").exists(), (
+        "hydra_plugins is a namespace package"
+    )
     assert (REPO / "launchers" / "hydra_plugins" / "coordexp_launcher" / "coordexp_launcher.py").is_file()
 
 
@@ -44,7 +46,9 @@ print(json.dumps({"path": [str(p) for p in hydra_plugins.__path__], "launchers":
 
 
 def test_hydra_discovers_the_installed_launcher_from_outside_the_repo(tmp_path):
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:] + "\n(run `pip install -e .` after changing setup.cfg)"
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert any(p.endswith("launchers/hydra_plugins") for p in info["path"]), info

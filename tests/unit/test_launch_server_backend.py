@@ -1,5 +1,5 @@
-"""ServerRolloutBackend (the RolloutBackend over the rollout server), with a stub client: what a Rollout holds,
-when repeat_terminate_active is 1, weight sync before the requests, and error wrapping."""
+"""ServerRolloutBackend (the RolloutBackend over the rollout server), with a stub client: what a Rollout
+holds, when repeat_terminate_active is 1, weight sync before the requests, and error wrapping."""
 
 from __future__ import annotations
 
@@ -20,8 +20,16 @@ EOS = 2
 
 @pytest.fixture(scope="module")
 def cfg():
-    return to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=vllm_server",
-                                    "rollout_matching.max_new_tokens=4", "rollout_matching.decode_batch_size=2"]))
+    return to_train_config(
+        compose(
+            [
+                "+experiment=smoke/ab_mixed",
+                "rollout=vllm_server",
+                "rollout_matching.max_new_tokens=4",
+                "rollout_matching.decode_batch_size=2",
+            ]
+        )
+    )
 
 
 class StubClient:
@@ -57,40 +65,69 @@ class StubSync:
 def make(cfg, client, sync=None, step=7, enabled=True):
     contract = rollout_contract(cfg)
     if not enabled:
-        contract = type(contract)(**{**contract.__dict__,
-                                     "repeat_terminate": type(contract.repeat_terminate)(enabled=False)})
-    trainer = SimpleNamespace(state=SimpleNamespace(global_step=step), metric_buffer=None,
-                              accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=object())
+        contract = type(contract)(
+            **{**contract.__dict__, "repeat_terminate": type(contract.repeat_terminate)(enabled=False)}
+        )
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(global_step=step),
+        metric_buffer=None,
+        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        model=object(),
+    )
     tok = SimpleNamespace(eos_token_id=EOS)
-    return ServerRolloutBackend(cfg, contract, {"trainer": trainer}, tok, client=client,
-                                weight_sync=sync or StubSync([]), model_dir="unused")
+    return ServerRolloutBackend(
+        cfg,
+        contract,
+        {"trainer": trainer},
+        tok,
+        client=client,
+        weight_sync=sync or StubSync([]),
+        model_dir="unused",
+    )
 
 
 def result(tokens, finish, flag, prompt=(5, 6)):
-    return RolloutResult(prompt_token_ids=list(prompt), token_ids=list(tokens), text="", finish_reason=finish,
-                         repeat_terminate_triggered=flag)
+    return RolloutResult(
+        prompt_token_ids=list(prompt),
+        token_ids=list(tokens),
+        text="",
+        finish_reason=finish,
+        repeat_terminate_triggered=flag,
+    )
 
 
 @pytest.fixture
 def probe_ok(monkeypatch):
     calls = []
-    monkeypatch.setattr("coordexp.rollout.probe.run_probe",
-                        lambda url, **kw: calls.append((url, kw)) or SimpleNamespace(attempts=1))
+    monkeypatch.setattr(
+        "coordexp.rollout.probe.run_probe",
+        lambda url, **kw: calls.append((url, kw)) or SimpleNamespace(attempts=1),
+    )
     return calls
 
 
 def test_rollouts_carry_server_prompt_ids_flags_and_budget(cfg, probe_ok):
-    client = StubClient([result([9, EOS], "stop", 1, prompt=(1, 2, 3)), result([9, 9, 9, 9], "length", 0),
-                         result([3, EOS, 4], "stop", None)])
+    client = StubClient(
+        [
+            result([9, EOS], "stop", 1, prompt=(1, 2, 3)),
+            result([9, 9, 9, 9], "length", 0),
+            result([3, EOS, 4], "stop", None),
+        ]
+    )
     log = []
     backend = make(cfg, client, StubSync(log))
     batch = backend.generate([[1, 2, 3], [5, 6], [5, 6]], [[{"role": "user", "content": "x"}]] * 3, seed=11)
     r0, r1, r2 = batch.rollouts
-    assert r0.prompt_ids == [1, 2, 3] and r0.token_ids == [9, EOS] and r0.triggered == 1 and not r0.hit_max_new_tokens
+    assert (
+        r0.prompt_ids == [1, 2, 3]
+        and r0.token_ids == [9, EOS]
+        and r0.triggered == 1
+        and not r0.hit_max_new_tokens
+    )
     assert r1.token_ids == [9, 9, 9, 9] and r1.hit_max_new_tokens and r1.triggered == 0
     assert r2.token_ids == [3, EOS] and r2.triggered == 0  # cut at the first stop token; no field -> 0
     assert batch.repeat_terminate_active == 1 and batch.decode_batch_sizes == [2, 1]
-    (_, n, params), = client.calls
+    ((_, n, params),) = client.calls
     assert n == 3 and params.seed == 11 and params.max_tokens == 4 and params.temperature == 0.0
     assert log == [("sync", 7)] and [u for u, _ in probe_ok] == ["http://a:1"]
     backend.generate([[1]], [[{"role": "user", "content": "y"}]], seed=12)
@@ -115,11 +152,18 @@ def test_probe_failure_is_a_learner_error(cfg, monkeypatch):
 
 
 def test_server_and_sync_errors_name_the_step(cfg, probe_ok):
-    backend = make(cfg, StubClient(error=MalformedResponseError("malformed /infer/ response: body must be a list")),
-                   step=3)
-    with pytest.raises(ServerBackendError, match=r"rollout server failure \(optimizer step 3\): malformed /infer/"):
+    backend = make(
+        cfg,
+        StubClient(error=MalformedResponseError("malformed /infer/ response: body must be a list")),
+        step=3,
+    )
+    with pytest.raises(
+        ServerBackendError, match=r"rollout server failure \(optimizer step 3\): malformed /infer/"
+    ):
         backend.generate([[1]], [[{"role": "user", "content": "x"}]], 0)
-    backend = make(cfg, StubClient([]), StubSync([], WeightSyncError("weight sync: POST x timed out")), step=5)
+    backend = make(
+        cfg, StubClient([]), StubSync([], WeightSyncError("weight sync: POST x timed out")), step=5
+    )
     with pytest.raises(ServerBackendError, match=r"timed out \(optimizer step 5\)"):
         backend.generate([[1]], [[{"role": "user", "content": "x"}]], 0)
 

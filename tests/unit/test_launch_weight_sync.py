@@ -15,8 +15,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from coordexp.trainer.weight_sync import (ENV_INITIAL_WEIGHTS, LOAD_WEIGHTS_ROUTE, FileTransport, WeightSync,
-                                          WeightSyncError, flatten_bucket, named_weights, write_weights_file)
+from coordexp.trainer.weight_sync import (
+    ENV_INITIAL_WEIGHTS,
+    LOAD_WEIGHTS_ROUTE,
+    FileTransport,
+    WeightSync,
+    WeightSyncError,
+    flatten_bucket,
+    named_weights,
+    write_weights_file,
+)
 
 
 class Tied(torch.nn.Module):
@@ -49,13 +57,18 @@ def test_weights_file_roundtrip_is_atomic(tmp_path):
 
 def test_flatten_bucket_matches_ms_swift_layout():
     utils = pytest.importorskip("swift.rlhf_trainers.utils")
-    named = [("a", torch.randn(3, 4)), ("b", torch.arange(5, dtype=torch.int64)), ("c", torch.randn(2).half())]
+    named = [
+        ("a", torch.randn(3, 4)),
+        ("b", torch.arange(5, dtype=torch.int64)),
+        ("c", torch.randn(2).half()),
+    ]
     metas, flat = flatten_bucket(named)
     ref = utils.FlattenedTensorBucket(named_tensors=named)
     assert torch.equal(flat, ref.get_flattened_tensor())
     assert metas == [{**m.model_dump(), "shape": list(m.shape)} for m in ref.get_metadata()]
-    rebuilt = utils.FlattenedTensorBucket(metadata=[utils.FlattenedTensorMetadata(**m) for m in metas],
-                                          flattened_tensor=flat).reconstruct_tensors()
+    rebuilt = utils.FlattenedTensorBucket(
+        metadata=[utils.FlattenedTensorMetadata(**m) for m in metas], flattened_tensor=flat
+    ).reconstruct_tensors()
     assert all(torch.equal(rebuilt[k], v) for k, v in named)
 
 
@@ -127,14 +140,18 @@ def test_file_transport_writes_posts_resets_and_prunes(fake, tmp_path):
         assert Path(body["path"]).is_absolute() and body["step"] == 0 and 0 < body["timeout_s"] <= 30
     assert rep.bytes == (tmp_path / "ws" / "step-00000000.safetensors").stat().st_size
     sync.maybe_sync(lambda: model, 3)
-    assert [p.name for p in (tmp_path / "ws").iterdir()] == ["step-00000003.safetensors"]  # keep the last only
+    assert [p.name for p in (tmp_path / "ws").iterdir()] == [
+        "step-00000003.safetensors"
+    ]  # keep the last only
 
 
 def test_http_timeout_names_the_route_and_the_setting(fake, tmp_path):
     slow = fake(delay=5.0)
     sync = WeightSync(FileTransport([slow.url], tmp_path / "ws"), timeout_s=1.0, log=lambda m: None)
     t0 = time.monotonic()
-    with pytest.raises(WeightSyncError, match=r"coordexp/load_weights/ .* timed out after .*vllm\.sync\.timeout_s"):
+    with pytest.raises(
+        WeightSyncError, match=r"coordexp/load_weights/ .* timed out after .*vllm\.sync\.timeout_s"
+    ):
         sync.maybe_sync(Tied, 1)
     assert time.monotonic() - t0 < 4
     assert sync.needed(1)  # a failed sync does not count
@@ -152,8 +169,11 @@ def test_missing_route_says_the_plugin_is_missing(fake, tmp_path):
 
 
 def _cfg(mode="full", transport="file", urls=("http://127.0.0.1:1",)):
-    v = SimpleNamespace(sync=SimpleNamespace(mode=mode, transport=transport, timeout_s=7.0), dtype="float32",
-                        server=SimpleNamespace(base_urls=list(urls)))
+    v = SimpleNamespace(
+        sync=SimpleNamespace(mode=mode, transport=transport, timeout_s=7.0),
+        dtype="float32",
+        server=SimpleNamespace(base_urls=list(urls)),
+    )
     return SimpleNamespace(vllm=v)
 
 
@@ -211,13 +231,16 @@ def test_ddp_rank0_pushes_between_barriers_and_every_rank_sees_the_outcome(fake,
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, s.url, str(tmp_path), fail), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _ddp_worker, args=(2, port, s.url, str(tmp_path), fail), nprocs=2, join=True, start_method="spawn"
+    )
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
     if fail == "error":
         assert r0["error"] == r1["error"] and "boom on rank 0" in r0["error"]
         assert r0["needed"] and r1["needed"] and s.calls == []
-    elif fail == "stuck":  # rank 1 does not wait forever for a rank that never comes (timeout 1 s + grace 1 s)
+    elif (
+        fail == "stuck"
+    ):  # rank 1 does not wait forever for a rank that never comes (timeout 1 s + grace 1 s)
         assert "rank 1 gave up at the opening barrier" in r1["error"] and r1["seconds"] < 5
         assert "error" in r0 and r0["needed"] and r1["needed"]
     else:

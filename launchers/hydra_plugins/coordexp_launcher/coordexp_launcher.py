@@ -26,7 +26,6 @@ Hydra scans ``hydra_plugins.*`` and imports every module: keep imports here ligh
 inside ``launch``).
 """
 
-
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -49,8 +48,9 @@ class CoordexpLauncherConf:
     share_server: bool = True
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="coordexp", node=CoordexpLauncherConf,
-                             provider="coordexp")
+ConfigStore.instance().store(
+    group="hydra/launcher", name="coordexp", node=CoordexpLauncherConf, provider="coordexp"
+)
 
 
 class CoordexpLauncher(Launcher):
@@ -74,21 +74,31 @@ class CoordexpLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        log.info(f"coordexp launcher: {len(job_overrides)} job(s), sequential, "
-                 f"{'one shared' if self.share_server else 'a fresh'} rollout server per "
-                 f"{'sweep' if self.share_server else 'job'} (server-mode jobs only)")
+        log.info(
+            f"coordexp launcher: {len(job_overrides)} job(s), sequential, "
+            f"{'one shared' if self.share_server else 'a fresh'} rollout server per "
+            f"{'sweep' if self.share_server else 'job'} (server-mode jobs only)"
+        )
         runs: List[JobReturn] = []
         pool_cm = shared_servers() if self.share_server else contextlib.nullcontext()
         with terminate_on_signals(), pool_cm:
             for i, overrides in enumerate(job_overrides):
                 idx = initial_job_idx + i
                 log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-                sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                sweep_config = self.hydra_context.config_loader.load_sweep_config(
+                    self.config, list(overrides)
+                )
                 with open_dict(sweep_config):
                     sweep_config.hydra.job.id = idx
                     sweep_config.hydra.job.num = idx
-                runs.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                    config=sweep_config, job_dir_key="hydra.sweep.dir",
-                                    job_subdir_key="hydra.sweep.subdir"))
+                runs.append(
+                    run_job(
+                        hydra_context=self.hydra_context,
+                        task_function=self.task_function,
+                        config=sweep_config,
+                        job_dir_key="hydra.sweep.dir",
+                        job_subdir_key="hydra.sweep.subdir",
+                    )
+                )
                 configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return runs
