@@ -23,7 +23,10 @@ def preflight(cfg: TrainConfig) -> Dict[str, Any]:
         "server_base_urls": list(contract.server_base_urls),
         "server_reuse_existing": v.server.reuse_existing if contract.vllm_mode else None,
         "server_device": v.device.value if contract.vllm_mode else None,
-        "server_model": cfg.model.path,
+        "model_kind": cfg.model.kind.value,
+        # the checkpoint the server serves; the tiny model's folder is built at launch (see tiny_model_cache)
+        "server_model": cfg.model.path if cfg.model.kind.value == "local" else None,
+        "tiny_model_cache": cfg.model.path if cfg.model.kind.value == "tiny" else None,
         "server_dtype": v.dtype.value,
         "vllm_max_model_len": v.max_model_len,
         "server_data_parallel_size": v.data_parallel_size,

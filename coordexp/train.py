@@ -38,7 +38,8 @@ def main() -> None:
     if "--help" not in sys.argv and "-h" not in sys.argv and "--hydra-help" not in sys.argv:
         with exit_on_config_error():
             check_command_line(_overrides(sys.argv[1:]))
-    if any(a in ("--cfg", "-c") for a in sys.argv) and "--resolve" not in sys.argv:
+    cfg_kind = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a in ("--cfg", "-c")), None)
+    if cfg_kind == "job" and "--resolve" not in sys.argv:
         sys.argv.append("--resolve")  # `--cfg job` prints the resolved config, ready to diff
     hydra_task()
 
