@@ -96,19 +96,17 @@ def build_rollout_backend(cfg: TrainConfig, contract: RolloutContract, trainer_r
     return ServerRolloutBackend(cfg, contract, trainer_ref, tokenizer)
 
 
-class _MetricsJsonl:
-    """Appends every log record (rank 0) to <run_dir>/metrics.jsonl."""
+def metrics_jsonl_callback(path: Path):
+    """A callback that appends every log record (rank 0) to ``path`` (<run_dir>/metrics.jsonl)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, path: Path):
-        from transformers import TrainerCallback
+    class MetricsJsonl(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with path.open("a") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
-        class Callback(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if state.is_world_process_zero and logs:
-                    with path.open("a") as f:
-                        f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-        return Callback()
+    return MetricsJsonl()
 
 
 def train(cfg: TrainConfig, run_dir: Path):
@@ -155,7 +153,7 @@ def train(cfg: TrainConfig, run_dir: Path):
     trainer = Stage2ABTrainer(
         model=model, args=args, train_dataset=train_samples, eval_dataset=val_samples or None,
         data_collator=lambda batch: {"samples": batch}, processing_class=tokenizer,
-        callbacks=[_MetricsJsonl(run_dir / "metrics.jsonl")],
+        callbacks=[metrics_jsonl_callback(run_dir / "metrics.jsonl")],
         stage2_ab=cfg.stage2_ab, contract=contract, adapter=adapter, rollout_backend=backend, seed=cfg.seed,
         run_dir=run_dir, evaluator=evaluator)
     trainer_ref["trainer"] = trainer
