@@ -37,17 +37,7 @@ from coordexp.rollout.vllm_processor import (  # noqa: E402
 V = 64
 
 
-def cfg(**kw):
-    base = dict(
-        enabled=True,
-        min_new_tokens=0,
-        max_consecutive_token_repeats=0,
-        ngram_size=0,
-        ngram_repeats=0,
-        max_object_keys=None,
-    )
-    base.update(kw)
-    return parse_config(base)
+from tests.conftest import rules_config as cfg  # noqa: E402
 
 
 def params(overrides=None):

@@ -6,23 +6,13 @@ import pytest
 import torch
 
 from coordexp.rollout.hf_guard import RepeatTerminateGuard, build_hf_guard
-from coordexp.rollout.repeat_rules import first_trigger_length, forced_eos_flag, parse_config
+from coordexp.rollout.repeat_rules import first_trigger_length, forced_eos_flag
 
 EOS = 7
 PAD = 0
 
 
-def cfg(**kw):
-    base = dict(
-        enabled=True,
-        min_new_tokens=0,
-        max_consecutive_token_repeats=0,
-        ngram_size=0,
-        ngram_repeats=0,
-        max_object_keys=None,
-    )
-    base.update(kw)
-    return parse_config(base)
+from tests.conftest import rules_config as cfg  # noqa: E402
 
 
 def step(guard, ids, vocab=10, seed=0):

@@ -26,17 +26,7 @@ from coordexp.rollout.repeat_rules import (
 )
 
 
-def cfg(**kw) -> RepeatTerminateConfig:
-    base = dict(
-        enabled=True,
-        min_new_tokens=0,
-        max_consecutive_token_repeats=0,
-        ngram_size=0,
-        ngram_repeats=0,
-        max_object_keys=None,
-    )
-    base.update(kw)
-    return parse_config(base)
+from tests.conftest import rules_config as cfg  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------- rules
