@@ -11,7 +11,8 @@ A legend with the counts sits in the top-right corner. Text-only samples (the sy
 on a blank canvas of the sample's width x height; a sample with images is drawn on its first image
 (paths relative to the JSONL's folder, unless absolute). Bins map to pixels with
 ``coordexp.coordjson.bins_to_pixel_box`` on the size of what is drawn on. The picture keeps that size
-unless its longer side exceeds ``max_side`` (then it is scaled down).
+unless its longer side exceeds ``max_side`` (then it is scaled down) or is under ``MIN_SIDE`` (then it is
+enlarged by an integer factor).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ DEFAULT_MAX_SIDE = 1280
 
 Obj = Tuple[str, Sequence[int]]              # (desc, bins [x1, y1, x2, y2])
 Pair = Tuple[int, int, float]                # (pred_index, gt_index, iou)
+
+
+MIN_SIDE = 448  # smaller canvases are enlarged by an integer factor so boxes and labels stay legible
 
 
 def _font(size: int):
@@ -105,6 +109,9 @@ def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair
     if max_side and max(canvas.size) > max_side:
         scale = max_side / max(canvas.size)
         canvas = canvas.resize((max(round(canvas.width * scale), 2), max(round(canvas.height * scale), 2)))
+    elif max(canvas.size) < MIN_SIDE:  # small images (e.g. 112 px synthetic scenes): enlarge, pixels kept sharp
+        scale = MIN_SIDE // max(canvas.size)
+        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
     w, h = canvas.size
     draw = ImageDraw.Draw(canvas)
     line = max(2, round(min(w, h) / 240))

@@ -32,6 +32,7 @@ class ModelKind(str, Enum):
 class TinyArch(str, Enum):
     qwen2 = "qwen2"
     qwen3 = "qwen3"
+    qwen2_vl = "qwen2_vl"
 
 
 class DType(str, Enum):
@@ -98,6 +99,8 @@ class SyntheticDataConfig:
     min_objects: int = doc("Fewest objects per synthetic record.", 1)
     max_objects: int = doc("Most objects per synthetic record.", 3)
     seed: int = doc("Generator seed (validation uses seed + 1).", 1234)
+    images: bool = doc("Render each scene as a 112x112 image of coloured shapes (the vision-language task, "
+                       "images/ next to the generated JSONL) instead of listing the objects in the prompt.", False)
 
 
 @dataclass

@@ -128,4 +128,11 @@ def problems(cfg: TrainConfig) -> List[str]:
     need(cfg.model.tiny_stage1_steps >= 0, "model.tiny_stage1_steps", "must be >= 0")
     if cfg.model.kind == ModelKind.tiny:
         need(cfg.model.dtype.value == "float32", "model.dtype", "the tiny model trains in float32 on CPU")
+        tiny_vl = cfg.model.tiny_arch.value.endswith("_vl")
+        need(tiny_vl or not (data.kind.value == "synthetic" and syn.images), "data.synthetic.images",
+             f"the tiny {cfg.model.tiny_arch.value} model is text-only and cannot read images: use model=tiny_vl "
+             f"(model.tiny_arch=qwen2_vl) or data.synthetic.images=false")
+        need(not (tiny_vl and server_mode), "rollout",
+             "the tiny VLM runs with rollout=hf only: vLLM's Qwen2-VL needs torchvision (absent from the CPU "
+             "stack) and ms-swift's qwen2_vl template expects Qwen's own vision-token ids (docs/vlm.md)")
     return out

@@ -38,6 +38,7 @@ __all__ = [
     "grid_values",
     "iter_records",
     "write_synthetic_jsonl",
+    "write_synthetic_split",
 ]
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white")
@@ -168,3 +169,16 @@ def write_synthetic_jsonl(
         f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in iter_records(n, seed, base))
     os.replace(tmp, path)
     return path
+
+
+def write_synthetic_split(path: str | os.PathLike, syn: Any, split: str) -> Path:
+    """The learner's (and coordexp.eval's) synthetic ``train``/``val`` split from ``data.synthetic``:
+    text scenes, or rendered images (``syn.images``); val uses ``seed + 1``."""
+    n, seed = (syn.train_samples, syn.seed) if split == "train" else (syn.val_samples, syn.seed + 1)
+    if syn.images:
+        from coordexp.data.synthetic_images import ImageTaskSpec, write_synthetic_image_jsonl
+
+        return write_synthetic_image_jsonl(path, n, seed, ImageTaskSpec(min_objects=syn.min_objects,
+                                                                        max_objects=syn.max_objects))
+    return write_synthetic_jsonl(path, n, seed, SyntheticSpec(min_objects=syn.min_objects,
+                                                              max_objects=syn.max_objects))

@@ -1,4 +1,5 @@
-"""Tiny local model factory: a random-weight Qwen2/Qwen3 causal LM with a locally trained tokenizer.
+"""Tiny local model factory: a random-weight Qwen2/Qwen3 causal LM, or a Qwen2-VL vision-language model,
+with a locally trained tokenizer.
 
 Nothing is downloaded. :func:`ensure_tiny_model` builds (once) and returns a ``save_pretrained`` folder
 that ``AutoTokenizer`` / ``AutoModelForCausalLM`` (offline), vLLM and ``swift rollout`` all load.
@@ -15,6 +16,13 @@ Vocabulary: BPE pieces trained on a corpus of the synthetic task's chat transcri
 CoordJSON answers in both field orders), then the special tokens ``<|endoftext|>`` (pad),
 ``<|im_start|>``, ``<|im_end|>`` (EOS), then 1000 *non-special* added tokens ``<|coord_0|>`` ..
 ``<|coord_999|>`` with contiguous ids (one id each; they survive ``skip_special_tokens=True``).
+
+Vision-language (``arch="qwen2_vl"``): the same tokenizer plus the Qwen2-VL vision tokens
+(``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>``, ``<|video_pad|>``, special), a one-block vision
+tower (patch 14, 2x2 merge) and the Qwen2-VL image processor (``preprocessor_config.json``) capped at
+``max_pixels``; the chat template renders an image part as ``<|vision_start|><|image_pad|><|vision_end|>``
+and adds Qwen2-VL's default system turn, like the released Qwen2-VL templates. The learner expands each
+``<|image_pad|>`` to the image's merged patch count (``coordexp.trainer.prompts``).
 
 Folder name: ``<cache_dir>/tiny-<arch>-<12 hex of the build hash>``. The build happens in a temporary
 sibling folder and is published with one ``rename``; a file lock makes concurrent callers (DDP ranks)
@@ -47,6 +55,10 @@ __all__ = [
     "SPECIAL_TOKENS",
     "SPEC_FILE",
     "TinyModelSpec",
+    "TinyVisionSpec",
+    "VISION_TOKENS",
+    "VL_ARCHS",
+    "VL_CHAT_TEMPLATE",
     "build_tiny_model",
     "corpus_texts",
     "ensure_tiny_model",
@@ -59,6 +71,9 @@ PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+VL_ARCHS = ("qwen2_vl",)
+VL_DEFAULT_SYSTEM = "You are a helpful assistant."
 SPEC_FILE = "coordexp_tiny_model.json"  # written last; its presence marks a complete folder
 FORMAT_VERSION = 1
 
@@ -70,6 +85,23 @@ CHATML_TEMPLATE = (
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Qwen2-VL style: default system turn, image parts as vision placeholders (expanded by the learner).
+VL_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + VL_DEFAULT_SYSTEM + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
@@ -95,10 +127,24 @@ def _coord_tokens() -> list[str]:
 
 
 @dataclass(frozen=True)
+class TinyVisionSpec:
+    """The vision tower and image processor of ``arch="qwen2_vl"``."""
+
+    depth: int = 1
+    embed_dim: int = 32
+    num_heads: int = 1
+    mlp_ratio: int = 2
+    patch_size: int = 14
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 224 * 224
+
+
+@dataclass(frozen=True)
 class TinyModelSpec:
     """Everything that determines the built folder; its hash names the folder."""
 
-    arch: str = "qwen2"  # "qwen2" | "qwen3"
+    arch: str = "qwen2"  # "qwen2" | "qwen3" | "qwen2_vl"
     seed: int = 0
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -112,19 +158,25 @@ class TinyModelSpec:
     bpe_min_frequency: int = 2
     corpus_records: int = 2000
     corpus_seed: int = 7
+    vision: TinyVisionSpec | None = None  # set for VL archs (defaulted by __post_init__)
 
     def __post_init__(self) -> None:
-        if self.arch not in ("qwen2", "qwen3"):
-            raise ValueError(f"arch must be 'qwen2' or 'qwen3', got {self.arch!r}")
-        if self.hidden_size != self.num_attention_heads * self.head_dim and self.arch == "qwen2":
-            raise ValueError("qwen2 derives head_dim = hidden_size / num_attention_heads; they must agree")
+        if self.arch not in ("qwen2", "qwen3", *VL_ARCHS):
+            raise ValueError(f"arch must be one of qwen2, qwen3, {', '.join(VL_ARCHS)}; got {self.arch!r}")
+        if self.arch in VL_ARCHS and self.vision is None:
+            object.__setattr__(self, "vision", TinyVisionSpec())
+        if self.arch not in VL_ARCHS and self.vision is not None:
+            raise ValueError(f"vision settings need a vision-language arch ({', '.join(VL_ARCHS)})")
+        if self.hidden_size != self.num_attention_heads * self.head_dim and self.arch != "qwen3":
+            raise ValueError(f"{self.arch} derives head_dim = hidden_size / num_attention_heads; they must agree")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
 
 # ----------------------------------------------------------------------------------------------- corpus
 
-_ADDED_RE = re.compile(r"<\|coord_\d+\|>|<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>")
+_ADDED_RE = re.compile(r"<\|coord_\d+\|>|<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>|<\|vision_\w+\|>"
+                       r"|<\|image_pad\|>|<\|video_pad\|>")
 
 
 def _qwen2_split_regex() -> str:
@@ -146,7 +198,7 @@ def _render_answer(objects: Sequence[dict[str, Any]], order: str) -> str:
 
 def corpus_texts(spec: TinyModelSpec) -> list[str]:
     """Chat transcripts of the synthetic task (both field orders, with and without a system turn)."""
-    from coordexp.data.prompt import PromptSpec, build_messages
+    from coordexp.data.prompt import PromptSpec, build_messages, instruction_text
     from coordexp.data.synthetic import SyntheticSpec, generate_record
 
     # The corpus covers more objects and a finer grid than the default task, so the merges are generic.
@@ -164,6 +216,15 @@ def corpus_texts(spec: TinyModelSpec) -> list[str]:
         f"Image {w}x{h}, {n} objects. The answer is 0 1 2 3 4 5 6 7 8 9 and 10, 100, 999."
         for w, h, n in ((640, 480, 1), (800, 600, 2), (512, 512, 3), (1024, 768, 4))
     ]
+    if spec.arch in VL_ARCHS:  # image prompts: the instruction after the vision placeholder, no object list
+        placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+        for i in range(spec.corpus_records // 4):
+            rec = generate_record(spec.corpus_seed + 1, i, task)
+            order = ("desc_first", "geometry_first")[i % 2]
+            messages = [{"role": "system", "content": VL_DEFAULT_SYSTEM},
+                        {"role": "user", "content": placeholder + instruction_text(order)},
+                        {"role": "assistant", "content": _render_answer(rec["objects"], order)}]
+            texts.append(_render_chatml(messages, add_generation_prompt=False))
     return texts
 
 
@@ -180,15 +241,20 @@ def _training_segments(texts: Sequence[str]) -> Iterator[str]:
 
 def _spec_digest(spec: TinyModelSpec, corpus: Sequence[str]) -> str:
     h = hashlib.sha256()
+    spec_dict = {k: v for k, v in asdict(spec).items() if not (k == "vision" and v is None)}  # text names unchanged
     payload = {
         "format_version": FORMAT_VERSION,
-        "spec": asdict(spec),
+        "spec": spec_dict,
         "split_regex": _qwen2_split_regex(),
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": _chat_template(spec),
         "corpus_sha256": hashlib.sha256("\x00".join(corpus).encode()).hexdigest(),
     }
     h.update(json.dumps(payload, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _chat_template(spec: TinyModelSpec) -> str:
+    return VL_CHAT_TEMPLATE if spec.arch in VL_ARCHS else CHATML_TEMPLATE
 
 
 def _folder_name(spec: TinyModelSpec, corpus: Sequence[str]) -> str:
@@ -231,6 +297,8 @@ def _train_tokenizer(spec: TinyModelSpec, corpus: Sequence[str]):
     )
     tok.train_from_iterator(_training_segments(corpus), trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _coord_tokens()])
+    if spec.arch in VL_ARCHS:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in VISION_TOKENS])
     return tok
 
 
@@ -255,11 +323,11 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
         eos_token=IM_END,
         pad_token=PAD_TOKEN,
         unk_token=None,
-        extra_special_tokens=[IM_START, IM_END],
+        extra_special_tokens=[IM_START, IM_END, *(VISION_TOKENS if spec.arch in VL_ARCHS else ())],
         model_max_length=spec.max_position_embeddings,
         clean_up_tokenization_spaces=False,
     )
-    hf_tok.chat_template = CHATML_TEMPLATE
+    hf_tok.chat_template = _chat_template(spec)
     vocab_size = len(hf_tok)
     ids = {t: hf_tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     coord0 = hf_tok.convert_tokens_to_ids(bin_to_token(0))
@@ -280,15 +348,18 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
         "eos_token_id": ids[IM_END],
         "pad_token_id": ids[PAD_TOKEN],
     }
-    if spec.arch == "qwen2":
+    if spec.arch in VL_ARCHS:
+        config, Model = _vl_config(spec, common, hf_tok)
+    elif spec.arch == "qwen2":
         from transformers import Qwen2Config as Config
         from transformers import Qwen2ForCausalLM as Model
+
+        config = Config(**common)
     else:
         from transformers import Qwen3Config as Config
         from transformers import Qwen3ForCausalLM as Model
 
-        common["head_dim"] = spec.head_dim
-    config = Config(**common)
+        config = Config(**common, head_dim=spec.head_dim)
     config.dtype = torch.float32
     torch.manual_seed(spec.seed)
     model = Model(config).to(torch.float32)
@@ -298,6 +369,8 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
     with _quiet_progress_bars():
         model.save_pretrained(out)
     hf_tok.save_pretrained(out)
+    if spec.arch in VL_ARCHS:
+        _image_processor(spec.vision).save_pretrained(out)
     _check_reload_ids(out, raw, corpus)
 
     info = {
@@ -311,6 +384,8 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
         "special_token_ids": ids,
         "coord_token_id_0": coord0,
         "coord_token_id_999": coord0 + NUM_BINS - 1,
+        "vision_token_ids": {t: hf_tok.convert_tokens_to_ids(t) for t in VISION_TOKENS} if spec.arch in VL_ARCHS
+        else None,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "structural_tokens": _structural_report(raw),
         "versions": {
@@ -322,6 +397,35 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
     }
     (out / SPEC_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
+
+
+def _vl_config(spec: TinyModelSpec, common: dict[str, Any], hf_tok):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    v = spec.vision
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    third = head_dim // 2 // 3  # M-RoPE splits the rotary half into (temporal, height, width) sections
+    text = {**common, "rope_parameters": {**common["rope_parameters"],
+                                          "mrope_section": [head_dim // 2 - 2 * third, third, third]}}
+    ids = {t: hf_tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config={"depth": v.depth, "embed_dim": v.embed_dim, "hidden_size": spec.hidden_size,
+                       "num_heads": v.num_heads, "mlp_ratio": v.mlp_ratio, "patch_size": v.patch_size,
+                       "spatial_merge_size": v.merge_size, "temporal_patch_size": 2},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    return config, Qwen2VLForConditionalGeneration
+
+
+def _image_processor(v: TinyVisionSpec):
+    # The PIL implementation: the CPU stack has no torchvision. Saved as "Qwen2VLImageProcessor", so stacks
+    # with torchvision load the default backend from the same file.
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=v.min_pixels, max_pixels=v.max_pixels, patch_size=v.patch_size,
+                                    merge_size=v.merge_size, temporal_patch_size=2)
 
 
 @contextlib.contextmanager
@@ -342,7 +446,7 @@ def _check_reload_ids(out: Path, raw, corpus: Sequence[str]) -> None:
     from transformers import AutoTokenizer
 
     reloaded = AutoTokenizer.from_pretrained(out)
-    probes = [corpus[0], corpus[1], "x1=123, y 2024: <|coord_7|><|coord_999|> naïve ÅΩ 日本 ]}]}"]
+    probes = [corpus[0], corpus[1], corpus[-1], "x1=123, y 2024: <|coord_7|><|coord_999|> naïve ÅΩ 日本 ]}]}"]
     for text in probes:
         want = raw.encode(text, add_special_tokens=False).ids
         got = reloaded.encode(text, add_special_tokens=False)
@@ -418,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m coordexp.data.tiny_model",
                                 description="Build (if absent) the tiny local model and print its folder.")
     p.add_argument("--out", required=True, help="cache directory the model folder is created in")
-    p.add_argument("--arch", choices=("qwen2", "qwen3"), default="qwen2")
+    p.add_argument("--arch", choices=("qwen2", "qwen3", *VL_ARCHS), default="qwen2")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     print(ensure_tiny_model(args.out, arch=args.arch, seed=args.seed))

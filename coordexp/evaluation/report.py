@@ -269,13 +269,14 @@ def build_report(records: Sequence[Dict[str, Any]], agg: DetectionAggregate, gat
     }
 
 
-def evaluate_rollouts(samples: Sequence, backend, adapter, contract, *, seed: int,
+def evaluate_rollouts(samples: Sequence, backend, adapter, prompts, contract, *, seed: int,
                       scorer: Optional[Scorer] = None, thresholds: Sequence[float] = IOU_THRESHOLDS,
                       meta: Optional[Dict[str, Any]] = None) -> EvalResult:
     """Roll out ``samples`` through ``backend`` and evaluate them (see the module docstring)."""
     start = time.perf_counter()
-    prompts = [adapter.prompt_ids(s.messages) for s in samples]
-    batch = backend.generate(prompts, [s.messages for s in samples], seed)
+    from coordexp.trainer.rollouts import generate_rollouts
+
+    batch = generate_rollouts(backend, samples, [prompts.encode(s) for s in samples], seed)
     if len(batch.rollouts) != len(samples):
         raise RuntimeError(f"rollout backend returned {len(batch.rollouts)} rollouts for "
                            f"{len(samples)} prompts")

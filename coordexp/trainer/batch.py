@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from coordexp.trainer.prompts import concat_vision
 
 PREFIX, APPENDED = 0, 1  # geometry group kinds: matched rollout-prefix object, appended GT object
 
@@ -20,6 +22,7 @@ class TrainSequence:
     geometry_slots: List[Tuple[int, int, int, int]] = field(default_factory=list)
     geometry_bins: List[Tuple[int, int, int, int]] = field(default_factory=list)
     geometry_kinds: List[int] = field(default_factory=list)  # PREFIX or APPENDED
+    vision: Optional[Dict[str, torch.Tensor]] = None         # image inputs of a vision-language prompt
 
     def __post_init__(self) -> None:
         if len(self.ce_weights) != len(self.target_ids):
@@ -28,9 +31,10 @@ class TrainSequence:
             raise ValueError("geometry slots, bins and kinds must have one entry per box")
 
 
-def collate(seqs: Sequence[TrainSequence], pad_id: int) -> dict:
+def collate(seqs: Sequence[TrainSequence], pad_id: int, image_token_id: Optional[int] = None) -> dict:
     """Right-padded batch: input_ids, attention_mask, ce_weights [B, T]; geometry as absolute
-    (row, position) slots [N, 4, 2], bins [N, 4], kinds [N]."""
+    (row, position) slots [N, 4, 2], bins [N, 4], kinds [N]; ``model_inputs``: the vision inputs of the
+    rows in order (pixel_values, image_grid_thw, mm_token_type_ids), empty for text."""
     lengths = [len(s.prompt_ids) + len(s.target_ids) for s in seqs]
     width = max(lengths)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -54,4 +58,5 @@ def collate(seqs: Sequence[TrainSequence], pad_id: int) -> dict:
         "geometry_slots": torch.tensor(slots, dtype=torch.long).reshape(-1, 4, 2),
         "geometry_bins": torch.tensor(bins, dtype=torch.long).reshape(-1, 4),
         "geometry_kinds": torch.tensor(kinds, dtype=torch.long),
+        "model_inputs": concat_vision([s.vision for s in seqs], image_token_id, input_ids),
     }

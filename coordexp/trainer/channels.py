@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from coordexp.config.contract import RolloutContract
 from coordexp.config.schema import Stage2ABConfig
@@ -14,6 +14,7 @@ from coordexp.coordjson import (CoordObject, CoordVocab, DropReason, FieldOrder,
 from coordexp.matching import match_boxes
 from coordexp.telemetry.metrics import MetricBuffer
 from coordexp.trainer.batch import APPENDED, PREFIX, TrainSequence
+from coordexp.trainer.prompts import EncodedPrompt
 from coordexp.trainer.rollouts import Rollout
 
 
@@ -37,10 +38,6 @@ class TokenizerAdapter:
 
     def pieces(self, ids: Sequence[int]) -> List[str]:
         return [self.decode_token(int(i)) for i in ids]
-
-    def prompt_ids(self, messages: List[Dict[str, Any]]) -> List[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.encode(text)
 
 
 @dataclass
@@ -69,19 +66,20 @@ def gt_objects(sample) -> List[CoordObject]:
     return [CoordObject(o.desc, tuple(o.bbox_2d)) for o in sample.objects]
 
 
-def channel_a_sequence(sample, prompt_ids: List[int], tok: TokenizerAdapter, field_order: str,
+def channel_a_sequence(sample, prompt: EncodedPrompt, tok: TokenizerAdapter, field_order: str,
                        ab: Stage2ABConfig) -> TrainSequence:
     target = build_channel_a_target(gt_objects(sample), field_order=FieldOrder(field_order),
                                     coord_vocab=tok.coord_vocab, encode=tok.encode,
                                     decode_token=tok.decode_token, eos_id=tok.eos_id,
                                     desc_ce_weight=ab.desc_ce_weight)
-    return _to_sequence(prompt_ids, target)
+    return _to_sequence(prompt, target)
 
 
-def _to_sequence(prompt_ids: List[int], target) -> TrainSequence:
+def _to_sequence(prompt: EncodedPrompt, target) -> TrainSequence:
     groups = target.geometry_groups
     return TrainSequence(
-        prompt_ids=list(prompt_ids),
+        prompt_ids=list(prompt.ids),
+        vision=prompt.vision,
         target_ids=[int(i) for i in target.input_ids],
         ce_weights=[float(w) for w in target.ce_weights],
         geometry_slots=[tuple(int(p) for p in g.positions) for g in groups],
@@ -114,14 +112,15 @@ def sample_record(sample, rollout: Rollout, parsed, gts, match, target_dropped: 
         target_dropped=int(target_dropped))
 
 
-def channel_b_sequence(sample, prompt_ids: List[int], rollout: Rollout, tok: TokenizerAdapter,
+def channel_b_sequence(sample, prompt: EncodedPrompt, rollout: Rollout, tok: TokenizerAdapter,
                        contract: RolloutContract, ab: Stage2ABConfig):
     """(TrainSequence, or None if the sample's target failed its invariants; SampleRecord)."""
-    if list(rollout.prompt_ids) != list(prompt_ids):
+    if list(rollout.prompt_ids) != list(prompt.ids):
         raise PromptMismatchError(
             f"sample {sample.source}: rollout prompt ids ({len(rollout.prompt_ids)} tokens) differ from the "
-            f"training prompt ids ({len(prompt_ids)} tokens); the server's chat template must render the prompt "
-            f"exactly as the learner's tokenizer does")
+            f"training prompt ids ({len(prompt.ids)} tokens, image placeholders expanded); the server's chat "
+            f"template must render the prompt exactly as the learner does (same system turn, same image "
+            f"placeholders; docs/vlm.md)")
     parsed, gts, match = score_rollout(sample, rollout, tok, contract)
     sequence: Optional[TrainSequence] = None
     try:
@@ -130,7 +129,7 @@ def channel_b_sequence(sample, prompt_ids: List[int], rollout: Rollout, tok: Tok
             coord_vocab=tok.coord_vocab, encode=tok.encode, decode_token=tok.decode_token, eos_id=tok.eos_id,
             desc_ce_weight=ab.desc_ce_weight,
             drop_invalid_struct_ce_multiplier=ab.channel_b.drop_invalid_struct_ce_multiplier)
-        sequence = _to_sequence(prompt_ids, target)
+        sequence = _to_sequence(prompt, target)
     except TargetInvariantError:
         sequence = None
     return sequence, sample_record(sample, rollout, parsed, gts, match, sequence is None)

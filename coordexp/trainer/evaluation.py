@@ -13,17 +13,17 @@ from coordexp.evaluation.detection import add_detection_metrics, finish_detectio
 from coordexp.evaluation.report import find_tensorboard_writer, score_rollouts, write_eval_artifacts
 from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
 from coordexp.trainer.channels import TokenizerAdapter, record_rollout_metrics, sample_record, score_rollout
-from coordexp.trainer.rollouts import RolloutBackend
+from coordexp.trainer.prompts import TextPromptEncoder
+from coordexp.trainer.rollouts import RolloutBackend, generate_rollouts
 
 
-def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, backend: RolloutBackend,
-                      contract: RolloutContract, seed: int) -> Callable:
+def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, prompts: TextPromptEncoder,
+                      backend: RolloutBackend, contract: RolloutContract, seed: int) -> Callable:
     def evaluate(trainer) -> Dict[str, float]:
         rank, world = trainer.args.process_index, trainer.args.world_size
         shard = list(val_samples[rank::world])
         start = time.perf_counter()
-        prompts = [adapter.prompt_ids(s.messages) for s in shard]
-        batch = backend.generate(prompts, [s.messages for s in shard], seed)
+        batch = generate_rollouts(backend, shard, [prompts.encode(s) for s in shard], seed)
         scored = [score_rollout(s, r, adapter, contract) for s, r in zip(shard, batch.rollouts)]
         records = [sample_record(s, r, *sc, target_dropped=False)
                    for s, r, sc in zip(shard, batch.rollouts, scored)]

@@ -23,18 +23,30 @@ class LearnerError(RuntimeError):
 
 
 def load_model(cfg: TrainConfig):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """(model, tokenizer, model_dir, prompt encoder) for the configured checkpoint (text or vision-language)."""
     from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
+    from coordexp.trainer.prompts import PromptError, load_model_and_prompts
 
     try:
         model_dir = prepare_model_dir(cfg)
-    except ModelDirError as err:
+        model, tokenizer, prompts = load_model_and_prompts(model_dir, cfg.model.dtype.value)
+    except (ModelDirError, PromptError) as err:
         raise LearnerError(str(err)) from None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.model.dtype.value))
-    return model, tokenizer, model_dir
+    return model, tokenizer, model_dir, prompts
+
+
+def coord_vocab_adapter(tokenizer, model_dir):
+    """The TokenizerAdapter, or a LearnerError saying how to add the coordinate vocabulary."""
+    from coordexp.trainer.channels import TokenizerAdapter
+
+    try:
+        return TokenizerAdapter(tokenizer)
+    except ValueError as err:
+        raise LearnerError(
+            f"the tokenizer of {model_dir} lacks the coordinate vocabulary: {err}. Add the 1000 tokens "
+            f"<|coord_0|>..<|coord_999|> as single added tokens and resize the embeddings: "
+            f"tokenizer.add_tokens([f'<|coord_{{k}}|>' for k in range(1000)]); "
+            f"model.resize_token_embeddings(len(tokenizer)); save both (docs/vlm.md)") from None
 
 
 def load_samples(cfg: TrainConfig, run_dir: Path):
@@ -43,13 +55,11 @@ def load_samples(cfg: TrainConfig, run_dir: Path):
     from coordexp.data.prompt import PromptSpec
 
     if cfg.data.kind == DataKind.synthetic:
-        from coordexp.data.synthetic import SyntheticSpec, write_synthetic_jsonl
+        from coordexp.data.synthetic import write_synthetic_split
 
-        syn = cfg.data.synthetic
-        spec = SyntheticSpec(min_objects=syn.min_objects, max_objects=syn.max_objects)
         data_dir = run_dir / "data"
-        train_path = write_synthetic_jsonl(data_dir / "train.jsonl", syn.train_samples, syn.seed, spec)
-        val_path = write_synthetic_jsonl(data_dir / "val.jsonl", syn.val_samples, syn.seed + 1, spec)
+        train_path = write_synthetic_split(data_dir / "train.jsonl", cfg.data.synthetic, "train")
+        val_path = write_synthetic_split(data_dir / "val.jsonl", cfg.data.synthetic, "val")
     else:
         train_path, val_path = Path(cfg.data.train_jsonl), cfg.data.val_jsonl and Path(cfg.data.val_jsonl)
     prompt = PromptSpec(object_field_order=cfg.data.object_field_order.value, system_prompt=cfg.data.system_prompt)
@@ -59,6 +69,20 @@ def load_samples(cfg: TrainConfig, run_dir: Path):
     except (DataValidationError, FileNotFoundError) as err:
         raise LearnerError(str(err)) from None
     return train, val
+
+
+def check_prompts(prompts, samples) -> None:
+    """Fail before training when a sample cannot be encoded for this model (image sizes, images on a text
+    model)."""
+    from coordexp.trainer.prompts import PromptError, VisionPromptEncoder
+
+    try:
+        if isinstance(prompts, VisionPromptEncoder):
+            prompts.check_sizes(samples)
+        elif any(s.images for s in samples):
+            prompts.encode(next(s for s in samples if s.images))  # raises the text-only error
+    except PromptError as err:
+        raise LearnerError(str(err)) from None
 
 
 def find_checkpoint(spec: Optional[str], run_dir: Path) -> Optional[str]:
@@ -85,12 +109,13 @@ def find_checkpoint(spec: Optional[str], run_dir: Path) -> Optional[str]:
     return str(picked)
 
 
-def build_rollout_backend(cfg: TrainConfig, contract: RolloutContract, trainer_ref: dict, tokenizer):
+def build_rollout_backend(cfg: TrainConfig, contract: RolloutContract, trainer_ref: dict, tokenizer,
+                          image_token_id=None):
     if contract.backend == "hf":
         from coordexp.trainer.rollouts import HFRolloutBackend
 
         return HFRolloutBackend(lambda: trainer_ref["trainer"].accelerator.unwrap_model(trainer_ref["trainer"].model),
-                                tokenizer, contract)
+                                tokenizer, contract, image_token_id)
     from coordexp.trainer.server_backend import ServerRolloutBackend
 
     return ServerRolloutBackend(cfg, contract, trainer_ref, tokenizer)
@@ -114,7 +139,6 @@ def train(cfg: TrainConfig, run_dir: Path):
     import torch
     from transformers import TrainingArguments, set_seed
 
-    from coordexp.trainer.channels import TokenizerAdapter
     from coordexp.trainer.evaluation import rollout_evaluator
     from coordexp.trainer.stage2_trainer import Stage2ABTrainer
 
@@ -122,13 +146,10 @@ def train(cfg: TrainConfig, run_dir: Path):
     t = cfg.training
     run_dir.mkdir(parents=True, exist_ok=True)
     contract = rollout_contract(cfg)
-    model, tokenizer, _ = load_model(cfg)
-    try:
-        adapter = TokenizerAdapter(tokenizer)
-    except ValueError as err:
-        raise LearnerError(f"the tokenizer of model.path lacks the coordinate vocabulary: {err}. Add the 1000 "
-                           f"tokens <|coord_0|>..<|coord_999|> as single tokens (see docs/data.md)") from None
+    model, tokenizer, model_dir, prompts = load_model(cfg)
+    adapter = coord_vocab_adapter(tokenizer, model_dir)
     train_samples, val_samples = load_samples(cfg, run_dir)
+    check_prompts(prompts, train_samples + val_samples)
     os.environ["TENSORBOARD_LOGGING_DIR"] = t.logging_dir
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
@@ -148,13 +169,14 @@ def train(cfg: TrainConfig, run_dir: Path):
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     trainer_ref: dict = {}
-    backend = build_rollout_backend(cfg, contract, trainer_ref, tokenizer)
-    evaluator = rollout_evaluator(val_samples, adapter, backend, contract, cfg.seed) if val_samples else None
+    backend = build_rollout_backend(cfg, contract, trainer_ref, tokenizer, getattr(prompts, "image_token_id", None))
+    evaluator = rollout_evaluator(val_samples, adapter, prompts, backend, contract, cfg.seed) if val_samples else None
     trainer = Stage2ABTrainer(
         model=model, args=args, train_dataset=train_samples, eval_dataset=val_samples or None,
         data_collator=lambda batch: {"samples": batch}, processing_class=tokenizer,
         callbacks=[metrics_jsonl_callback(run_dir / "metrics.jsonl")],
-        stage2_ab=cfg.stage2_ab, contract=contract, adapter=adapter, rollout_backend=backend, seed=cfg.seed,
+        stage2_ab=cfg.stage2_ab, contract=contract, adapter=adapter, prompts=prompts, rollout_backend=backend,
+        seed=cfg.seed,
         run_dir=run_dir, evaluator=evaluator)
     trainer_ref["trainer"] = trainer
     from transformers.trainer_callback import ProgressCallback

@@ -78,6 +78,9 @@ def _train_stage1(stage1: TrainConfig, base: Path, target: Path) -> None:
         trainer = train(run, work / "run")
         trainer.save_model(str(work / "model"))
         trainer.processing_class.save_pretrained(str(work / "model"))
+        for name in ("preprocessor_config.json",):  # the image processor of a VLM (the Trainer saves no copy)
+            if (base / name).is_file():
+                shutil.copy2(base / name, work / "model" / name)
         try:
             os.rename(work / "model", target)
         except OSError:  # another process finished first: theirs is the same model

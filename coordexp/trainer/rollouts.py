@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence
 
 import torch
 
 from coordexp.config.contract import RolloutContract
+from coordexp.trainer.prompts import concat_vision
 
 
 @dataclass
@@ -34,7 +35,16 @@ class RolloutBatch:
 
 class RolloutBackend(Protocol):
     def generate(self, prompt_ids: Sequence[List[int]], messages: Sequence[List[Dict[str, Any]]],
-                 seed: int) -> RolloutBatch: ...
+                 seed: int, vision: Optional[Sequence[Optional[Dict[str, torch.Tensor]]]] = None
+                 ) -> RolloutBatch: ...
+
+
+def generate_rollouts(backend: RolloutBackend, samples: Sequence, prompts: Sequence, seed: int) -> RolloutBatch:
+    """Roll out encoded prompts (``coordexp.trainer.prompts.EncodedPrompt``) of ``samples``: in-process
+    backends use the ids and vision inputs, a server renders the messages (image paths) itself."""
+    vision = [p.vision for p in prompts]
+    return backend.generate([p.ids for p in prompts], [s.messages for s in samples], seed,
+                            vision=vision if any(v is not None for v in vision) else None)
 
 
 def _cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> List[int]:
@@ -49,18 +59,19 @@ def _cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> List[int]:
 class HFRolloutBackend:
     """In-process `model.generate` (left-padded micro-batches) with the repeat-terminate HF guard."""
 
-    def __init__(self, model_getter, tokenizer, contract: RolloutContract):
+    def __init__(self, model_getter, tokenizer, contract: RolloutContract, image_token_id: Optional[int] = None):
         from coordexp.rollout.hf_guard import build_hf_guard
 
         self._model_getter = model_getter   # returns the unwrapped model (DDP wraps it after init)
         self.tokenizer = tokenizer
         self.contract = contract
+        self.image_token_id = image_token_id
         self.stop_ids = [tokenizer.eos_token_id]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._guard_factory = lambda: build_hf_guard(contract.repeat_terminate, tokenizer, stop_ids=self.stop_ids)
 
     @torch.no_grad()
-    def generate(self, prompt_ids, messages, seed: int) -> RolloutBatch:
+    def generate(self, prompt_ids, messages, seed: int, vision=None) -> RolloutBatch:
         model = self._model_getter()
         was_training = model.training
         model.eval()
@@ -71,14 +82,15 @@ class HFRolloutBackend:
         try:
             for chunk_start in range(0, len(prompt_ids), dbs):
                 chunk = [list(p) for p in prompt_ids[chunk_start: chunk_start + dbs]]
+                chunk_vision = vision[chunk_start: chunk_start + dbs] if vision is not None else [None] * len(chunk)
                 sizes.append(len(chunk))
-                rollouts += self._generate_chunk(model, chunk, seed + chunk_start)
+                rollouts += self._generate_chunk(model, chunk, chunk_vision, seed + chunk_start)
         finally:
             model.train(was_training)
         active = int(self.contract.repeat_terminate.enabled)  # the guard is in-process: attached == enabled
         return RolloutBatch(rollouts, time.perf_counter() - start, active, sizes)
 
-    def _generate_chunk(self, model, chunk: List[List[int]], seed: int) -> List[Rollout]:
+    def _generate_chunk(self, model, chunk: List[List[int]], vision, seed: int) -> List[Rollout]:
         width = max(len(p) for p in chunk)
         device = next(model.parameters()).device
         input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=device)
@@ -86,6 +98,7 @@ class HFRolloutBackend:
         for row, ids in enumerate(chunk):
             input_ids[row, width - len(ids):] = torch.tensor(ids, device=device)
             attention[row, width - len(ids):] = 1
+        model_inputs = {k: v.to(device) for k, v in concat_vision(vision, self.image_token_id, input_ids).items()}
         guard = self._guard_factory()
         c = self.contract
         sampling = c.temperature > 0
@@ -97,7 +110,7 @@ class HFRolloutBackend:
             input_ids=input_ids, attention_mask=attention, max_new_tokens=c.max_new_tokens,
             logits_processor=[guard] if c.repeat_terminate.enabled else None,
             repetition_penalty=c.repetition_penalty, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-            **kwargs)
+            **model_inputs, **kwargs)
         flags = guard.triggered_flags() if c.repeat_terminate.enabled else [0] * len(chunk)
         result = []
         for row, ids in enumerate(chunk):

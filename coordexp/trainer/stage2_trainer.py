@@ -23,17 +23,20 @@ from coordexp.trainer.channels import (TokenizerAdapter, channel_a_sequence, cha
                                        record_as_dict, record_rollout_metrics)
 from coordexp.trainer.losses import (coord_distribution, coord_gate, geometry_losses, slot_logits,
                                       weighted_token_ce)
-from coordexp.trainer.rollouts import RolloutBackend
+from coordexp.trainer.prompts import TextPromptEncoder
+from coordexp.trainer.rollouts import RolloutBackend, generate_rollouts
 from coordexp.trainer.schedule import is_channel_b, realized_b_ratio
 
 
 class Stage2ABTrainer(Trainer):
     def __init__(self, *args, stage2_ab: Stage2ABConfig, contract: RolloutContract, adapter: TokenizerAdapter,
-                 rollout_backend: RolloutBackend, seed: int, run_dir: Path, evaluator=None, **kwargs):
+                 prompts: TextPromptEncoder, rollout_backend: RolloutBackend, seed: int, run_dir: Path,
+                 evaluator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stage2_ab = stage2_ab
         self.contract = contract
         self.adapter = adapter
+        self.prompts = prompts
         self.rollout_backend = rollout_backend
         self.seed = seed
         self.run_dir = Path(run_dir)
@@ -48,12 +51,12 @@ class Stage2ABTrainer(Trainer):
         step = self.state.global_step
         channel_b = is_channel_b(step, self.stage2_ab.schedule.b_ratio)
         buf = self.metric_buffer
-        prompt_ids = [self.adapter.prompt_ids(s.messages) for s in samples]
+        prompts = [self.prompts.encode(s) for s in samples]
         if channel_b:
-            seqs = self._channel_b_sequences(samples, prompt_ids, step)
+            seqs = self._channel_b_sequences(samples, prompts, step)
         else:
             seqs = [channel_a_sequence(s, p, self.adapter, self.contract.object_field_order, self.stage2_ab)
-                    for s, p in zip(samples, prompt_ids)]
+                    for s, p in zip(samples, prompts)]
         buf.add_max("stage2/channel_b", float(channel_b))
         buf.add_max("stage2/channel_a", float(not channel_b))
         buf.add_max("stage2_ab/b_ratio_realized", realized_b_ratio(step + 1, self.stage2_ab.schedule.b_ratio))
@@ -63,15 +66,15 @@ class Stage2ABTrainer(Trainer):
         buf.add_max("time/forward_s", time.perf_counter() - start)
         return loss
 
-    def _channel_b_sequences(self, samples, prompt_ids, step):
+    def _channel_b_sequences(self, samples, prompts, step):
         buf = self.metric_buffer
         seed = (self.seed + step * 1000003 + self.args.process_index * 7919) & 0x7FFFFFFF
-        batch = self.rollout_backend.generate(prompt_ids, [s.messages for s in samples], seed)
+        batch = generate_rollouts(self.rollout_backend, samples, prompts, seed)
         buf.add_max("time/rollout_generate_s", batch.seconds)
         buf.add_max("rollout/repeat_terminate_active", batch.repeat_terminate_active)
         start = time.perf_counter()
         seqs, records = [], []
-        for sample, prompt, rollout in zip(samples, prompt_ids, batch.rollouts):
+        for sample, prompt, rollout in zip(samples, prompts, batch.rollouts):
             seq, record = channel_b_sequence(sample, prompt, rollout, self.adapter, self.contract, self.stage2_ab)
             records.append(record)
             if seq is not None:
@@ -90,8 +93,11 @@ class Stage2ABTrainer(Trainer):
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             buf.add_mean("loss/total", 0.0)
             return zero
-        batch = {k: v.to(self.args.device) for k, v in collate(seqs, self.adapter.pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        image_token_id = getattr(self.prompts, "image_token_id", None)
+        batch = collate(seqs, self.adapter.pad_id, image_token_id)
+        model_inputs = {k: v.to(self.args.device) for k, v in batch.pop("model_inputs").items()}
+        batch = {k: v.to(self.args.device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **model_inputs).logits
         ce = weighted_token_ce(logits, batch["input_ids"], batch["ce_weights"])
         slots = slot_logits(logits, batch["geometry_slots"])
         coord_ids = self._coord_ids.to(logits.device)
