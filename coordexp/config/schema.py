@@ -225,6 +225,9 @@ class ServerConfig:
     infer_timeout_s: float = doc("Per /infer/ call timeout (one retry, then a clear error).", 120.0)
     request_timeout_s: float = doc("Timeout of every other HTTP call.", 30.0)
     log_tail_lines: int = doc("Server log lines printed when the run fails.", 40)
+    image_root: Optional[str] = doc(
+        "The server's ROOT_IMAGE_DIR: where it finds the image paths the learner sends, which are relative to "
+        "the training JSONL's folder. null = that folder (server and learner share the filesystem).", None)
 
 
 @dataclass

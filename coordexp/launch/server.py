@@ -88,6 +88,7 @@ class ServerLaunchSpec:
     template: Optional[str] = None  # ms-swift --template (None: the model's default template)
     plugin_path: str = PLUGIN_PATH
     python: str = sys.executable
+    image_root: Optional[str] = None  # ROOT_IMAGE_DIR: the folder request image paths are relative to
     extra_args: List[str] = field(default_factory=list)
     extra_env: Dict[str, str] = field(default_factory=dict)  # applied last (tests, site tweaks)
 
@@ -143,7 +144,21 @@ def launch_spec_from_config(
         ),
         model_type=model_type,
         template=template,
+        image_root=server_image_root(cfg),
     )
+
+
+def learner_image_root(cfg: Any) -> Optional[str]:
+    """The folder the learner sends image paths relative to: the training JSONL's folder (synthetic data:
+    the run's data/ folder)."""
+    if _enum_value(cfg.data.kind) == "jsonl" and cfg.data.train_jsonl:
+        return str(Path(cfg.data.train_jsonl).resolve().parent)
+    return str((Path(cfg.training.output_dir) / "data").resolve())
+
+
+def server_image_root(cfg: Any) -> Optional[str]:
+    """ROOT_IMAGE_DIR of the server: ``vllm.server.image_root``, else the learner's folder (shared filesystem)."""
+    return cfg.vllm.server.image_root or learner_image_root(cfg)
 
 
 def build_command(spec: ServerLaunchSpec) -> List[str]:
@@ -188,6 +203,8 @@ def build_env(spec: ServerLaunchSpec, base: Optional[Dict[str, str]] = None) -> 
     env[ENV_CONFIG_JSON] = json.dumps(config_to_dict(spec.repeat_terminate), separators=(",", ":"))
     env[ENV_SERVER_DEVICE] = spec.device
     env["PYTHONUNBUFFERED"] = "1"
+    if spec.image_root:
+        env["ROOT_IMAGE_DIR"] = spec.image_root
     if spec.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_space_gib)
         # ms-swift's own vLLM general plugin imports torchvision, absent from the CPU stack.
