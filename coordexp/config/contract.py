@@ -7,6 +7,7 @@ rollouts; `decode_batch_size` is the single micro-batching knob for rollout deco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Tuple
 
 from coordexp.config.schema import RepeatTerminateConfig, TrainConfig
@@ -67,3 +68,11 @@ def rollout_contract(cfg: TrainConfig) -> RolloutContract:
         sync_transport=v.sync.transport.value,
         sync_timeout_s=v.sync.timeout_s,
     )
+
+
+def learner_image_root(cfg: TrainConfig) -> str:
+    """The folder image paths in rollout requests are relative to: the training JSONL's folder (synthetic
+    data: the run's data/ folder). The server's ROOT_IMAGE_DIR is ``vllm.server.image_root``, else this."""
+    if cfg.data.kind.value == "jsonl" and cfg.data.train_jsonl:
+        return str(Path(cfg.data.train_jsonl).resolve().parent)
+    return str((Path(cfg.training.output_dir) / "data").resolve())

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 from urllib.parse import urlparse
 
+from coordexp.config.contract import learner_image_root
 from coordexp.config.schema import RepeatTerminateConfig
 from coordexp.rollout.repeat_rules import config_to_dict, parse_config
 from coordexp.rollout.server_client import RolloutServerError, check_health, get_world_size
@@ -144,21 +145,8 @@ def launch_spec_from_config(
         ),
         model_type=model_type,
         template=template,
-        image_root=server_image_root(cfg),
+        image_root=cfg.vllm.server.image_root or learner_image_root(cfg),
     )
-
-
-def learner_image_root(cfg: Any) -> Optional[str]:
-    """The folder the learner sends image paths relative to: the training JSONL's folder (synthetic data:
-    the run's data/ folder)."""
-    if _enum_value(cfg.data.kind) == "jsonl" and cfg.data.train_jsonl:
-        return str(Path(cfg.data.train_jsonl).resolve().parent)
-    return str((Path(cfg.training.output_dir) / "data").resolve())
-
-
-def server_image_root(cfg: Any) -> Optional[str]:
-    """ROOT_IMAGE_DIR of the server: ``vllm.server.image_root``, else the learner's folder (shared filesystem)."""
-    return cfg.vllm.server.image_root or learner_image_root(cfg)
 
 
 def build_command(spec: ServerLaunchSpec) -> List[str]:

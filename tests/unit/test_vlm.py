@@ -222,3 +222,21 @@ def test_tiny_vlm_config_rules():
     with pytest.raises(ConfigError) as err:
         to_train_config(compose(["+experiment=smoke/ab_mixed_vl", "model=tiny"]))
     assert "data.synthetic.images: the tiny qwen2 model is text-only and cannot read images" in str(err.value)
+
+
+def test_server_image_root(tmp_path):
+    from coordexp.launch.server import build_env, launch_spec_from_config
+
+    (tmp_path / "data").mkdir()
+    train = tmp_path / "data" / "train.jsonl"
+    train.write_text("")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    common = ["+experiment=ab_mixed", "vllm=cpu", "vllm.max_model_len=4096", "model.dtype=float32", f"model.path={ckpt}", "data=jsonl",
+              f"data.train_jsonl={train}", "training.nproc_per_node=1", "training.per_device_train_batch_size=4"]
+    cfg = to_train_config(compose(common))
+    spec = launch_spec_from_config(cfg, ckpt)
+    assert spec.image_root == str(tmp_path / "data")
+    assert build_env(spec, base={})["ROOT_IMAGE_DIR"] == str(tmp_path / "data")
+    cfg = to_train_config(compose([*common, "vllm.server.image_root=/mnt/datasets/lvis"]))
+    assert build_env(launch_spec_from_config(cfg, ckpt), base={})["ROOT_IMAGE_DIR"] == "/mnt/datasets/lvis"
