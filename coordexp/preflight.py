@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any, Dict, Sequence
 
-from coordexp.config.contract import rollout_contract
+from coordexp.config.contract import learner_image_root, rollout_contract
 from coordexp.config.errors import exit_on_config_error
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import TrainConfig
@@ -23,6 +23,8 @@ def preflight(cfg: TrainConfig) -> Dict[str, Any]:
         "server_base_urls": list(contract.server_base_urls),
         "server_reuse_existing": v.server.reuse_existing if contract.vllm_mode else None,
         "server_device": v.device.value if contract.vllm_mode else None,
+        # ROOT_IMAGE_DIR of the server; request image paths are relative to the training JSONL's folder
+        "server_image_root": (v.server.image_root or learner_image_root(cfg)) if contract.vllm_mode else None,
         "model_kind": cfg.model.kind.value,
         # the checkpoint the server serves; the tiny model's folder is built at launch (see tiny_model_cache)
         "server_model": cfg.model.path if cfg.model.kind.value == "local" else None,

@@ -226,6 +226,7 @@ def test_tiny_vlm_config_rules():
 
 def test_server_image_root(tmp_path):
     from coordexp.launch.server import build_env, launch_spec_from_config
+    from coordexp.preflight import preflight
 
     (tmp_path / "data").mkdir()
     train = tmp_path / "data" / "train.jsonl"
@@ -240,3 +241,4 @@ def test_server_image_root(tmp_path):
     assert build_env(spec, base={})["ROOT_IMAGE_DIR"] == str(tmp_path / "data")
     cfg = to_train_config(compose([*common, "vllm.server.image_root=/mnt/datasets/lvis"]))
     assert build_env(launch_spec_from_config(cfg, ckpt), base={})["ROOT_IMAGE_DIR"] == "/mnt/datasets/lvis"
+    assert preflight(cfg)["server_image_root"] == "/mnt/datasets/lvis"
