@@ -7,10 +7,19 @@ rates. Writes into the Hydra run dir (default ``runs/<experiment>-eval/<timestam
 training runs): eval_report.json, predictions.jsonl, qualitative/eval.md and viz/*.png. The split is
 ``data.val_jsonl`` if set, else (``data.kind: synthetic``) the synthetic held-out split generated exactly
 as the learner does. ``-m`` sweeps, e.g. over ``model.path=a,b``.
+
+Backends: ``rollout=hf`` generates in-process. ``rollout=vllm_server`` starts a ``swift rollout`` server
+for the checkpoint through the launcher's lifecycle (:class:`coordexp.launch.server.RolloutServer`: port
+check, health wait, activation probe; log ``<out_dir>/server/swift_rollout.log``), rolls out through
+:class:`coordexp.trainer.server_backend.ServerRolloutBackend` without weight sync (the server loaded the
+checkpoint itself) and stops the server on every exit path (return, error, SIGINT, SIGTERM); with
+``vllm.server.reuse_existing=true`` it uses the running server at ``vllm.server.base_urls`` as it is. The
+teacher-forced coordinate-probability scorer always runs on the in-process model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -35,7 +44,12 @@ DEFAULT_DIRS = {"hydra.run.dir": "runs/${experiment}-eval/${now:%Y-%m-%d_%H-%M-%
 
 
 class EvalError(RuntimeError):
-    """A problem the user can fix; printed without a traceback, exit code 2."""
+    """A problem the user can fix; printed without a traceback. Exit code 2, or 3 when the rollout server
+    could not be started or probed (as for coordexp.train)."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
 
 
 def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> Tuple[list, Path]:
@@ -47,11 +61,9 @@ def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> Tuple[list, Path]:
         if not path.is_file():
             raise EvalError(f"data.val_jsonl '{path}' does not exist")
     elif cfg.data.kind == DataKind.synthetic:
-        from coordexp.data.synthetic import SyntheticSpec, write_synthetic_jsonl
+        from coordexp.data.synthetic import write_synthetic_split
 
-        syn = cfg.data.synthetic
-        spec = SyntheticSpec(min_objects=syn.min_objects, max_objects=syn.max_objects)
-        path = write_synthetic_jsonl(out_dir / "data" / "val.jsonl", syn.val_samples, syn.seed + 1, spec)
+        path = write_synthetic_split(out_dir / "data" / "val.jsonl", cfg.data.synthetic, "val")
     else:
         raise EvalError("no held-out split: pass data.val_jsonl=<file> (data.kind: jsonl has no generated "
                         "split)")
@@ -68,15 +80,56 @@ def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> Tuple[list, Path]:
     return samples, path
 
 
-def build_backend(cfg: TrainConfig, contract, model, tokenizer):
-    """A RolloutBackend for ``model``; any object with ``generate(prompt_ids, messages, seed)`` works with
+def build_backend(cfg: TrainConfig, contract, model, tokenizer, prompts, model_dir: Path):
+    """A RolloutBackend for the checkpoint: the in-process ``model`` (``rollout=hf``) or the rollout server
+    serving ``model_dir`` (``rollout=vllm_server``, started by :func:`start_server`). Any object with
+    ``generate(prompt_ids, messages, seed, vision=None)`` works with
     ``coordexp.evaluation.report.evaluate_rollouts``."""
     if contract.backend == "hf":
         from coordexp.trainer.rollouts import HFRolloutBackend
 
-        return HFRolloutBackend(lambda: model, tokenizer, contract)
-    raise EvalError("coordexp.eval runs rollouts in-process: add rollout=hf (a rollout server serving the "
-                    "checkpoint can be plugged in through coordexp.evaluation.report.evaluate_rollouts)")
+        image_token_id = getattr(prompts, "image_token_id", None)  # vision-language checkpoints
+        return HFRolloutBackend(lambda: model, tokenizer, contract, image_token_id)
+    from coordexp.trainer.server_backend import ServerRolloutBackend
+
+    # no learner, no weight sync: the server loaded the checkpoint itself
+    return SamePrompts(ServerRolloutBackend(cfg, contract, {}, tokenizer, model_dir=str(model_dir),
+                                            sync_weights=False))
+
+
+class SamePrompts:
+    """A server renders each prompt itself: fail, as Channel B does, when it rendered one differently from
+    the checkpoint's tokenizer (the numbers would belong to another prompt)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def generate(self, prompt_ids, messages, seed, vision=None):
+        batch = self.backend.generate(prompt_ids, messages, seed, vision=vision)
+        for i, (ids, rollout) in enumerate(zip(prompt_ids, batch.rollouts)):
+            served = list(rollout.prompt_ids)
+            if served != list(ids):
+                raise EvalError(f"sample {i}: the server's prompt ({len(served)} tokens) differs from the "
+                                f"checkpoint tokenizer's ({len(ids)} tokens): the server must render the "
+                                f"checkpoint's chat template (ms-swift --template)")
+        return batch
+
+
+def start_server(stack: contextlib.ExitStack, cfg: TrainConfig, model_dir: Path, out_dir: Path):
+    """The rollout server for ``model_dir``, entered on ``stack`` (stopped when the stack closes, on every
+    exit path): started as coordexp.train starts it, or the running one for ``vllm.server.reuse_existing``."""
+    from coordexp.launch.server import RolloutServer, ServerStartError
+
+    try:
+        server = RolloutServer.from_config(cfg, model_dir=model_dir,
+                                           log_path=out_dir / "server" / "swift_rollout.log")
+        stack.enter_context(server)
+    except ServerStartError as err:
+        raise EvalError(str(err), code=3) from None
+    if server.reuse_existing:
+        print(f"coordexp.eval: rolling out with the weights the server at {server.base_url} holds; it must "
+              f"serve {model_dir} (no weight sync)", file=sys.stderr, flush=True)
+    return server
 
 
 def _checkpoint_meta(model_dir: Path) -> dict:
@@ -95,8 +148,6 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     contract = rollout_contract(cfg)
-    if contract.backend != "hf":
-        build_backend(cfg, contract, None, None)  # fails fast with the reason
     if cfg.model.kind == ModelKind.local and not (Path(cfg.model.path) / "config.json").is_file():
         raise EvalError(f"model.path '{cfg.model.path}' is not a checkpoint directory (no config.json): pass "
                         f"model.path=<checkpoint dir>, e.g. <run_dir>/checkpoint-<N>")
@@ -109,12 +160,13 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
                                             evaluate_rollouts, format_summary, write_predictions,
                                             write_qualitative, write_report)
     from coordexp.trainer.channels import TokenizerAdapter
-    from coordexp.trainer.learner import LearnerError, load_model
+    from coordexp.trainer.learner import LearnerError, check_prompts, load_model
     from coordexp.viz import write_sample_pngs
 
     set_seed(cfg.seed)
     try:
-        model, tokenizer, model_dir = load_model(cfg)
+        model, tokenizer, model_dir, prompts = load_model(cfg)
+        check_prompts(prompts, samples)
     except (LearnerError, OSError) as err:
         raise EvalError(str(err)) from None
     try:
@@ -123,7 +175,6 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
         raise EvalError(f"the tokenizer of {model_dir} lacks the coordinate vocabulary: {err}") from None
     if torch.cuda.is_available():
         model.to("cuda")
-    backend = build_backend(cfg, contract, model, tokenizer)
     has_images = any(s.images for s in samples)
     scorer = None if has_images else TeacherForcedScorer(model, adapter.pad_id, contract.decode_batch_size)
     meta = {"experiment": cfg.experiment, **_checkpoint_meta(Path(model_dir)),
@@ -131,8 +182,20 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
     if has_images:
         meta["notes"] = ["coord-prob score skipped: the teacher-forced scorer is text-only and the split has "
                          "images"]
-    print(f"coordexp.eval: {len(samples)} samples from {split}, checkpoint {model_dir}", flush=True)
-    result = evaluate_rollouts(samples, backend, adapter, contract, seed=cfg.seed, scorer=scorer, meta=meta)
+    with contextlib.ExitStack() as stack:  # rollout=vllm_server: the server stops when this block is left
+        server = None
+        if contract.backend == "vllm":
+            server = start_server(stack, cfg, Path(model_dir), out_dir)
+            meta["server"] = server.describe()
+        backend = build_backend(cfg, contract, model, tokenizer, prompts, Path(model_dir))
+        print(f"coordexp.eval: {len(samples)} samples from {split}, checkpoint {model_dir}", flush=True)
+        try:
+            result = evaluate_rollouts(samples, backend, adapter, prompts, contract, seed=cfg.seed,
+                                       scorer=scorer, meta=meta)
+        except LearnerError as err:  # ServerBackendError: the server failed or answered garbage
+            started = server is not None and server.spec is not None
+            tail = f"\n--- last lines of {server.log_path} ---\n{server.log_tail()}" if started else ""
+            raise EvalError(f"{err}{tail}") from None
     report_path = write_report(result.report, out_dir / REPORT_NAME)
     write_predictions(result.records, out_dir / PREDICTIONS_NAME)
     write_qualitative(result.records, out_dir / "qualitative" / "eval.md",
@@ -152,7 +215,7 @@ def hydra_task(cfg: DictConfig) -> int:
         code = run_eval(train_cfg, out_dir)
     except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
-        code = 2
+        code = err.code
     if code != 0:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise RuntimeError(f"eval job {out_dir} failed with exit code {code}")

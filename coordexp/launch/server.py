@@ -105,12 +105,23 @@ def _tiny_model_type(model_dir: str) -> Optional[str]:
         return None
 
 
+def _is_tiny_checkpoint(model_dir: str) -> bool:
+    """A folder of the tiny model or trained from it (e.g. ``<run_dir>/checkpoint-N`` passed as
+    ``model.kind=local``): its chat template is the tiny model's ChatML."""
+    from coordexp.data.tiny_model import CHATML_TEMPLATE
+
+    try:
+        return (Path(model_dir) / "chat_template.jinja").read_text() == CHATML_TEMPLATE
+    except OSError:
+        return False
+
+
 def launch_spec_from_config(
     cfg: Any, model_dir: str | os.PathLike, base_url: Optional[str] = None
 ) -> ServerLaunchSpec:
     """The launch spec of the (single) server a ``TrainConfig`` asks for, at ``base_url`` (default: the first
-    of ``vllm.server.base_urls``). For the tiny model, ms-swift is told ``--model_type <qwen2|qwen3>
-    --template chatml`` (its auto-detection is ambiguous for a bare Qwen2 folder)."""
+    of ``vllm.server.base_urls``). For the tiny model and checkpoints trained from it, ms-swift is told
+    ``--model_type <qwen2|qwen3> --template chatml`` (its auto-detection is ambiguous for a bare Qwen2 folder)."""
     v = cfg.vllm
     urls = list(v.server.base_urls)
     url = base_url or (urls[0] if urls else None)
@@ -122,9 +133,8 @@ def launch_spec_from_config(
     model_dir = str(Path(model_dir).resolve())
     if not Path(model_dir).is_dir():
         raise ServerStartError(f"model directory {model_dir} does not exist")
-    kind = _enum_value(cfg.model.kind)
     model_type = template = None
-    if kind == "tiny":
+    if _enum_value(cfg.model.kind) == "tiny" or _is_tiny_checkpoint(model_dir):
         model_type = _tiny_model_type(model_dir) or _enum_value(cfg.model.tiny_arch)
         template = "chatml"
     return ServerLaunchSpec(

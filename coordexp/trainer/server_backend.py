@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from coordexp.config.contract import RolloutContract
+from coordexp.config.contract import RolloutContract, learner_image_root
 from coordexp.rollout.server_client import (
     DecodeParams,
     InferRequest,
@@ -46,6 +46,27 @@ from coordexp.trainer.weight_sync import WeightSync, WeightSyncError
 
 class ServerBackendError(LearnerError):
     """The rollout server failed, answered garbage, or a weight sync failed (the message says which)."""
+
+
+def relative_image_paths(messages: Sequence[Dict[str, Any]], image_root: str) -> List[Dict[str, Any]]:
+    """The messages with image paths under ``image_root`` made relative to it: the server resolves them
+    against its ROOT_IMAGE_DIR (``vllm.server.image_root``, or the same folder on a shared filesystem)."""
+    root = Path(image_root)
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{**part, "image": _relative(part["image"], root)} if part.get("type") == "image" else part
+                       for part in content]
+        out.append({**message, "content": content})
+    return out
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:  # outside the root (e.g. a val split elsewhere): absolute, for a shared filesystem
+        return str(path)
 
 
 def _model_dir(cfg) -> Optional[str]:
@@ -65,6 +86,7 @@ class ServerRolloutBackend:
         client: Optional[RolloutClient] = None,
         weight_sync: Optional[WeightSync] = None,
         model_dir: Optional[str] = None,
+        sync_weights: bool = True,
     ):
         if contract.backend != "vllm" or not contract.server_base_urls:
             raise ServerBackendError(
@@ -87,10 +109,12 @@ class ServerRolloutBackend:
 
             eos = read_eos_token_id(model_dir or _model_dir(cfg))
             self.stop_ids = [eos] if eos is not None else []
-        if weight_sync is None and contract.sync_mode != "none":
+        # sync_weights=False: the server already holds the weights to roll out with (coordexp.eval)
+        if weight_sync is None and sync_weights and contract.sync_mode != "none":
             run_dir = Path(cfg.training.output_dir)
             weight_sync = WeightSync.from_config(cfg, run_dir, model_dir=model_dir or _model_dir(cfg))
         self.weight_sync = weight_sync
+        self.image_root = learner_image_root(cfg)
         self._active: Optional[int] = None  # repeat_terminate_active, once the probe decided it
         self.probe_reports: List[Any] = []
 
@@ -160,8 +184,10 @@ class ServerRolloutBackend:
     # ------------------------------------------------------------------------------------------ interface
 
     def generate(
-        self, prompt_ids: Sequence[List[int]], messages: Sequence[List[Dict[str, Any]]], seed: int
+        self, prompt_ids: Sequence[List[int]], messages: Sequence[List[Dict[str, Any]]], seed: int, vision=None
     ) -> RolloutBatch:
+        """``vision`` (the learner's pixel inputs) is not sent: the server loads the images named in the
+        messages itself, relative to its ROOT_IMAGE_DIR."""
         try:
             self._sync_weights()  # collective: before any rank's first request of this rollout
             active = self._ensure_active()
@@ -177,7 +203,7 @@ class ServerRolloutBackend:
                 repetition_penalty=c.repetition_penalty,
                 seed=seed,
             )
-            reqs = [InferRequest(messages=list(m)) for m in messages]
+            reqs = [InferRequest(messages=relative_image_paths(m, self.image_root)) for m in messages]
             sizes = [b - a for _, a, b in self.client.plan(len(reqs))]
             results = self.client.infer(reqs, params)
         except WeightSyncError as exc:

@@ -509,12 +509,15 @@ class WeightSync:
         if not result["ok"]:
             raise WeightSyncError(result["error"])
         self.server_step = step
-        if rank == 0:
+        # rank 0 logs the first sync, then one line per 50 (the metric time/weight_sync_s records every sync)
+        n = len(self.reports)
+        if rank == 0 and (n - 1) % 50 == 0:
             rep = self.reports[-1]
+            note = f" (sync {n})" if n > 1 else "; from now on one line per 50 syncs"
             self.log(
                 f"[coordexp weight sync] step {step}: pushed {rep.bytes / 2**20:.2f} MiB over "
                 f"{self.transport.name} to {len(getattr(self.transport, 'base_urls', []))} server(s) in "
-                f"{rep.seconds:.2f} s"
+                f"{rep.seconds:.2f} s{note}"
             )
         return self.reports[-1] if rank == 0 and self.reports else None
 

@@ -21,7 +21,8 @@ def read_jsonl(path):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    cmd = [sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed", f"hydra.run.dir={run_dir}",
+    cmd = [sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed", "rollout=hf",
+           f"hydra.run.dir={run_dir}",
            "model.tiny_stage1_steps=0", "training.nproc_per_node=2", "training.per_device_train_batch_size=4", "training.effective_batch_size=16",
            "training.max_steps=3", "training.eval_strategy=no", "training.save_strategy=no",
            "stage2_ab.schedule.b_ratio=0.5", "rollout_matching.decode_batch_size=2",

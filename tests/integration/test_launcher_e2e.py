@@ -86,10 +86,9 @@ def test_smoke_with_vllm_server_and_torchrun_learner(tmp_path, group_members):
     assert all(r["rollout/repeat_terminate_active"] == 1.0 for r in train)  # proven, on every B step
     # step 0 used the server's initial weights; steps 1 and 2 synced first (rows are logged after the step)
     assert ["time/weight_sync_s" in r for r in train] == [False, True, True]
-    # the rollout eval after step 3 syncs the step-3 weights first
-    for step in (1, 2, 3):
-        assert f"[coordexp weight sync] step {step}:" in text
-    assert "[coordexp weight sync] step 0:" not in text
+    # steps 1, 2 and the rollout eval after step 3 sync first (the server log below counts 3 loads); rank 0
+    # logs the first sync (then one line per 50)
+    assert text.count("[coordexp weight sync]") == 1 and "[coordexp weight sync] step 1:" in text
     evals = [r for r in rows if "eval_rollout/f1" in r]
     assert evals and evals[-1]["eval_rollout/repeat_terminate_active"] == 1.0
 

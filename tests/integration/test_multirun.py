@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_sweep_over_b_ratio_gives_one_run_dir_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "coordexp.train", "-m", "+experiment=smoke/ab_mixed",
+    cmd = [sys.executable, "-m", "coordexp.train", "-m", "+experiment=smoke/ab_mixed", "rollout=hf",
            "stage2_ab.schedule.b_ratio=0.25,0.5", f"hydra.sweep.dir={sweep}", "model.tiny_stage1_steps=0",
            "training.max_steps=2", "training.eval_strategy=no", "training.save_strategy=no",
            "rollout_matching.max_new_tokens=16", "data.synthetic.train_samples=32"]

@@ -1,8 +1,11 @@
-"""The CPU smoke experiment as a user runs it: it learns, writes every artifact, and resumes exactly."""
+"""The CPU smoke experiment as a user runs it (the README's main command: rollouts from a real ``swift rollout``
+server that the launcher starts, probes, syncs weights into and stops): it learns, writes every artifact,
+and resumes exactly."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +14,7 @@ import pytest
 
 from coordexp.trainer.schedule import is_channel_b
 from tests.conftest import REPO_ROOT
+from tests.integration.test_launcher_faults import assert_nothing_left
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +29,16 @@ def train_cmd(run_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """The leaf as it is; only the server port is a free one (8000 may be taken by a server of the user's)."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    out = subprocess.run(train_cmd(run_dir, "+experiment=smoke/ab_mixed"), cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=1800)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(train_cmd(run_dir, "+experiment=smoke/ab_mixed",
+                                   f"vllm.server.base_urls=[http://127.0.0.1:{port}]"),
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run_dir.parent / "stderr.txt").write_text(out.stderr)
     return run_dir
 
 
@@ -50,6 +60,26 @@ def test_smoke_learns(smoke_run):
     assert train[-1]["stage2_ab/b_ratio_realized"] == pytest.approx(0.85, abs=0.01)
 
 
+def test_smoke_rolls_out_through_the_real_server(smoke_run, group_members):
+    launcher = json.loads((smoke_run / "run_metadata.json").read_text())["launcher"]
+    assert (launcher["rollout_backend"], launcher["exit_code"], launcher["server_fresh"]) == ("vllm", 0, True)
+    (srv,) = launcher["servers"]
+    assert srv["started_here"] and srv["probe"]["passed"] and srv["device"] == "cpu"
+    assert srv["command"][1:3] == ["-m", "swift.cli.rollout"] and "--external_plugins" in srv["command"]
+    rows = read_jsonl(smoke_run / "metrics.jsonl")
+    # the server started from the initial checkpoint; every later rollout (Channel-B step or rollout eval)
+    # runs on the weights of its optimizer step, pushed over the file transport first
+    rollout_steps = {r["step"] - 1 for r in rows if r.get("stage2/channel_b") == 1.0}
+    rollout_steps |= {r["step"] for r in rows if "eval_rollout/f1" in r}
+    syncs = len(rollout_steps - {0})
+    assert syncs > 100 and any("time/weight_sync_s" in r for r in rows)
+    assert (smoke_run / "server" / "swift_rollout.log").read_text().count("loaded weights from") == syncs
+    assert all(r["eval_rollout/repeat_terminate_active"] == 1.0 for r in rows if "eval_rollout/f1" in r)
+    # the first sync is logged, then one line per 50
+    assert (smoke_run.parent / "stderr.txt").read_text().count("[coordexp weight sync]") == 1 + (syncs - 1) // 50
+    assert_nothing_left(smoke_run, group_members)
+
+
 def test_smoke_writes_every_artifact(smoke_run):
     meta = json.loads((smoke_run / "run_metadata.json").read_text())
     assert meta["experiment"] == "smoke/ab_mixed"
@@ -61,9 +91,9 @@ def test_smoke_writes_every_artifact(smoke_run):
 
 
 def test_killed_run_resumes_at_the_same_step_and_schedule_position(tmp_path):
-    common = ["+experiment=smoke/ab_mixed", "model.tiny_stage1_steps=0", "stage2_ab.schedule.b_ratio=0.5", "training.max_steps=8",
-              "training.save_steps=4", "training.eval_strategy=no", "rollout_matching.max_new_tokens=24",
-              "data.synthetic.train_samples=256"]
+    common = ["+experiment=smoke/ab_mixed", "rollout=hf", "model.tiny_stage1_steps=0", "stage2_ab.schedule.b_ratio=0.5",
+              "training.max_steps=8", "training.save_steps=4", "training.eval_strategy=no",
+              "rollout_matching.max_new_tokens=24", "data.synthetic.train_samples=256"]
     first = tmp_path / "first"
     proc = subprocess.Popen(train_cmd(first, *common), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

@@ -30,7 +30,7 @@ def test_preflight_prints_the_launcher_contract_from_any_cwd(tmp_path):
 
 
 def test_preflight_hf_backend_has_no_server():
-    contract = json.loads(run("coordexp.preflight", "+experiment=smoke/a_only").stdout)
+    contract = json.loads(run("coordexp.preflight", "+experiment=smoke/a_only", "rollout=hf").stdout)
     assert (contract["rollout_backend"], contract["vllm_mode"], contract["server_base_urls"]) == ("hf", None, [])
 
 

@@ -140,7 +140,7 @@ def test_range_and_cross_field_violations_are_reported_together():
 
 
 def test_backend_and_server_mode_must_agree():
-    assert problems_of("+experiment=smoke/ab_mixed", "vllm.mode=server") == [
+    assert problems_of("+experiment=smoke/ab_mixed", "rollout=hf", "vllm.mode=server") == [
         "vllm.mode: is server but rollout_matching.rollout_backend is hf: select rollout=vllm_server "
         "(or rollout=hf) instead of setting them apart"]
 
@@ -171,7 +171,19 @@ def test_contract_normalizes_server_settings():
     assert (contract.backend, contract.vllm_mode, contract.server_base_urls) == (
         "vllm", "server", ("http://127.0.0.1:8000",))
     assert contract.repeat_terminate.enabled is True
-    hf = rollout_contract(resolved("+experiment=smoke/ab_mixed"))
+    hf = rollout_contract(resolved("+experiment=smoke/ab_mixed", "rollout=hf"))
+    assert (hf.backend, hf.vllm_mode, hf.server_base_urls) == ("hf", None, ())
+
+
+@pytest.mark.parametrize("leaf", ["smoke/a_only", "smoke/b_only", "smoke/ab_mixed"])
+def test_smoke_leaves_default_to_the_server_with_hf_as_the_fallback(leaf):
+    cfg = resolved(f"+experiment={leaf}")
+    contract = rollout_contract(cfg)
+    assert (contract.backend, contract.vllm_mode, contract.server_base_urls) == (
+        "vllm", "server", ("http://127.0.0.1:8000",))
+    assert (cfg.vllm.device.value, contract.sync_mode, contract.sync_transport) == ("cpu", "full", "file")
+    assert cfg.vllm.server.reuse_existing is False  # the launcher starts (and stops) the server itself
+    hf = rollout_contract(resolved(f"+experiment={leaf}", "rollout=hf"))
     assert (hf.backend, hf.vllm_mode, hf.server_base_urls) == ("hf", None, ())
 
 

@@ -19,6 +19,7 @@ from coordexp.trainer.weight_sync import (
     ENV_INITIAL_WEIGHTS,
     LOAD_WEIGHTS_ROUTE,
     FileTransport,
+    SyncReport,
     WeightSync,
     WeightSyncError,
     flatten_bucket,
@@ -166,6 +167,26 @@ def test_missing_route_says_the_plugin_is_missing(fake, tmp_path):
     sync = WeightSync(FileTransport([dead], tmp_path / "ws2"), timeout_s=10, log=lambda m: None)
     with pytest.raises(WeightSyncError, match=r"POST http://127.0.0.1:9/coordexp/load_weights/ .* failed"):
         sync.maybe_sync(Tied, 1)
+
+
+def test_log_names_the_first_sync_then_one_in_50():
+    class Transport:  # a push that always works, instantly
+        name, base_urls = "file", ["http://a:1"]
+
+        def push(self, model, step, deadline):
+            return SyncReport(step, 0.01, 2**20, self.name)
+
+    lines = []
+    sync = WeightSync(Transport(), timeout_s=10, log=lines.append)
+    for step in range(1, 121):
+        assert sync.maybe_sync(lambda: None, step).step == step
+    assert len(sync.reports) == 120
+    assert lines == [
+        ("[coordexp weight sync] step 1: pushed 1.00 MiB over file to 1 server(s) in 0.01 s; from now on one "
+         "line per 50 syncs"),
+        "[coordexp weight sync] step 51: pushed 1.00 MiB over file to 1 server(s) in 0.01 s (sync 51)",
+        "[coordexp weight sync] step 101: pushed 1.00 MiB over file to 1 server(s) in 0.01 s (sync 101)",
+    ]
 
 
 def _cfg(mode="full", transport="file", urls=("http://127.0.0.1:1",)):

@@ -14,6 +14,7 @@ from coordexp.data.tiny_model import ensure_tiny_model
 from coordexp.trainer.batch import APPENDED, PREFIX, collate
 from coordexp.trainer.channels import TokenizerAdapter, channel_b_sequence
 from coordexp.trainer.evaluation import rollout_evaluator
+from coordexp.trainer.prompts import TextPromptEncoder
 from coordexp.trainer.losses import coord_distribution, geometry_losses, slot_logits, weighted_token_ce
 from coordexp.trainer.rollouts import HFRolloutBackend, Rollout
 
@@ -30,7 +31,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg():
-    return to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout_matching.decode_batch_size=4"]))
+    return to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=hf",
+                                    "rollout_matching.decode_batch_size=4"]))
 
 
 def sample():
@@ -49,10 +51,10 @@ def test_channel_b_masks_and_gradients(tiny, cfg):
     tok, model = tiny
     adapter = TokenizerAdapter(tok)
     s = sample()
-    prompt = adapter.prompt_ids(list(s.messages))
+    prompt = TextPromptEncoder(tok).encode(s)
     gen = adapter.encode(rollout_text()) + [adapter.eos_id]
-    seq, record = channel_b_sequence(s, prompt, Rollout(prompt, gen, 0, False), adapter, rollout_contract(cfg),
-                                     cfg.stage2_ab)
+    seq, record = channel_b_sequence(s, prompt, Rollout(prompt.ids, gen, 0, False), adapter,
+                                     rollout_contract(cfg), cfg.stage2_ab)
     assert (record.valid_pred, record.dropped_invalid, record.matched, record.fp, record.fn) == (2, 1, 1, 1, 2)
     assert seq.geometry_kinds == [PREFIX, APPENDED, APPENDED]
     pieces = adapter.pieces(seq.target_ids)
@@ -75,7 +77,7 @@ def test_channel_b_masks_and_gradients(tiny, cfg):
     sl1, ciou, _ = geometry_losses(probs, batch["geometry_bins"], 0.05)
     (ce + sl1 + ciou).backward()
     grad_rows = logits.grad[0].abs().sum(-1)  # gradient reaching the logits that predict each position
-    offset = len(prompt)
+    offset = len(prompt.ids)
     for slot in [p for group in seq.geometry_slots for p in group]:
         assert grad_rows[offset + slot - 1] > 0, "geometry slots receive gradient"
     for i in fp_tokens:
@@ -86,11 +88,11 @@ def test_trigger_flag_does_not_change_supervision(tiny, cfg):
     tok, _ = tiny
     adapter = TokenizerAdapter(tok)
     s = sample()
-    prompt = adapter.prompt_ids(list(s.messages))
+    prompt = TextPromptEncoder(tok).encode(s)
     gen = adapter.encode(rollout_text()) + [adapter.eos_id]
     contract = rollout_contract(cfg)
-    a, rec_a = channel_b_sequence(s, prompt, Rollout(prompt, gen, 0, False), adapter, contract, cfg.stage2_ab)
-    b, rec_b = channel_b_sequence(s, prompt, Rollout(prompt, gen, 1, False), adapter, contract, cfg.stage2_ab)
+    a, rec_a = channel_b_sequence(s, prompt, Rollout(prompt.ids, gen, 0, False), adapter, contract, cfg.stage2_ab)
+    b, rec_b = channel_b_sequence(s, prompt, Rollout(prompt.ids, gen, 1, False), adapter, contract, cfg.stage2_ab)
     assert a == b
     assert (rec_a.triggered, rec_b.triggered) == (0, 1)
 
@@ -109,7 +111,7 @@ def test_decode_batch_size_is_the_generate_batch_in_training_and_eval(tiny, cfg)
     try:
         backend = HFRolloutBackend(lambda: model, tok, contract)
         adapter = TokenizerAdapter(tok)
-        prompts = [adapter.prompt_ids(list(sample().messages))] * 10
+        prompts = [TextPromptEncoder(tok).encode(sample()).ids] * 10
         batch = backend.generate(prompts, [list(sample().messages)] * 10, seed=0)
         assert seen == [4, 4, 2] and batch.decode_batch_sizes == [4, 4, 2] and len(batch.rollouts) == 10
         seen.clear()
@@ -124,7 +126,8 @@ def test_decode_batch_size_is_the_generate_batch_in_training_and_eval(tiny, cfg)
             def is_world_process_zero():
                 return False
 
-        metrics = rollout_evaluator([sample()] * 6, adapter, backend, contract, seed=0)(FakeTrainer)
+        metrics = rollout_evaluator([sample()] * 6, adapter, TextPromptEncoder(tok), backend, contract,
+                                    seed=0)(FakeTrainer)
         assert seen == [4, 2] and metrics["eval_rollout/raw_rollouts"] == 6
     finally:
         model.generate = original

@@ -242,3 +242,17 @@ def test_server_image_root(tmp_path):
     cfg = to_train_config(compose([*common, "vllm.server.image_root=/mnt/datasets/lvis"]))
     assert build_env(launch_spec_from_config(cfg, ckpt), base={})["ROOT_IMAGE_DIR"] == "/mnt/datasets/lvis"
     assert preflight(cfg)["server_image_root"] == "/mnt/datasets/lvis"
+
+
+def test_server_requests_name_images_relative_to_the_image_root(split):
+    from coordexp.trainer.server_backend import relative_image_paths
+
+    s = split[0]
+    root = s.images[0].parent.parent  # the JSONL's folder
+    sent = relative_image_paths(s.messages, str(root))
+    assert sent[-1]["content"][0] == {"type": "image", "image": "images/val_000000.png"}
+    assert sent[-1]["content"][1] == s.messages[-1]["content"][1]
+    elsewhere = relative_image_paths(s.messages, "/some/other/root")
+    assert elsewhere[-1]["content"][0]["image"] == str(s.images[0])  # outside the root: absolute
+    text = [{"role": "user", "content": "no images"}]
+    assert relative_image_paths(text, str(root)) == text

@@ -1,0 +1,51 @@
+"""coordexp.eval's rollout backends without a server: the server backend it builds pushes no weights (the
+server loaded the checkpoint itself), and a prompt the server rendered differently fails the eval. The real
+server is exercised in tests/integration/test_eval_cli.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from coordexp.config.contract import rollout_contract
+from coordexp.config.load import compose, to_train_config
+from coordexp.eval import EvalError, SamePrompts, build_backend
+from coordexp.trainer.rollouts import HFRolloutBackend, Rollout, RolloutBatch
+from coordexp.trainer.server_backend import ServerRolloutBackend
+
+
+def test_server_backend_of_the_eval_pushes_no_weights(tmp_path):
+    cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", f"hydra.run.dir={tmp_path}"]))
+    contract = rollout_contract(cfg)
+    assert (contract.backend, contract.sync_mode) == ("vllm", "full")  # a learner would sync
+    backend = build_backend(cfg, contract, None, SimpleNamespace(eos_token_id=2), None, tmp_path)
+    assert isinstance(backend, SamePrompts) and isinstance(backend.backend, ServerRolloutBackend)
+    assert backend.backend.weight_sync is None and backend.backend.stop_ids == [2]
+    with_sync = ServerRolloutBackend(cfg, contract, {}, SimpleNamespace(eos_token_id=2), model_dir=str(tmp_path))
+    assert with_sync.weight_sync is not None  # the default (training) still syncs
+
+
+def test_hf_backend_of_the_eval_is_in_process():
+    cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=hf"]))
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    assert isinstance(build_backend(cfg, rollout_contract(cfg), object(), tok, None, None), HFRolloutBackend)
+
+
+class Served:
+    def __init__(self, prompt_ids):
+        self.prompt_ids, self.calls = prompt_ids, []
+
+    def generate(self, prompt_ids, messages, seed, vision=None):
+        self.calls.append((len(prompt_ids), seed, vision))
+        return RolloutBatch([Rollout(p, [2], 0, False) for p in self.prompt_ids], 0.0, 1, [len(prompt_ids)])
+
+
+def test_a_prompt_the_server_rendered_differently_fails_the_eval():
+    mine = [[5, 6, 7], [5, 6, 8]]
+    same = Served(mine)
+    assert len(SamePrompts(same).generate(mine, [[], []], seed=3).rollouts) == 2
+    assert same.calls == [(2, 3, None)]
+    with pytest.raises(EvalError, match=r"sample 1: the server's prompt \(4 tokens\) differs from the checkpoint "
+                                        r"tokenizer's \(3 tokens\): .*--template"):
+        SamePrompts(Served([[5, 6, 7], [9, 5, 6, 8]])).generate(mine, [[], []], seed=3)
