@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -27,3 +28,8 @@ def rules_config(**overrides):
                 max_object_keys=None)
     base.update(overrides)
     return parse_config(base)
+
+
+def read_jsonl(path):
+    """The records of a JSONL file (metrics.jsonl, datasets), blank lines skipped."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -9,13 +9,9 @@ from collections import defaultdict
 import pytest
 
 from coordexp.telemetry.metrics import percentile
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, read_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

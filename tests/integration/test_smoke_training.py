@@ -13,14 +13,10 @@ import time
 import pytest
 
 from coordexp.trainer.schedule import is_channel_b
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, read_jsonl
 from tests.integration.test_launcher_faults import assert_nothing_left
 
 pytestmark = pytest.mark.slow
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def train_cmd(run_dir, *overrides):

@@ -10,13 +10,9 @@ from PIL import Image
 
 from coordexp.data.synthetic_images import IMAGE_COLOURS
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, read_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
