@@ -33,6 +33,8 @@ class TinyArch(str, Enum):
     qwen2 = "qwen2"
     qwen3 = "qwen3"
     qwen2_vl = "qwen2_vl"
+    qwen2_5_vl = "qwen2_5_vl"
+    qwen3_vl = "qwen3_vl"
 
 
 class DType(str, Enum):
@@ -85,7 +87,8 @@ class ModelConfig:
     kind: ModelKind = doc("`tiny`: build the random tiny local model on demand; `local`: load `path`.",
                           ModelKind.tiny)
     path: str = doc("Checkpoint directory. For `kind: tiny`, the cache dir the tiny model is built in.")
-    tiny_arch: TinyArch = doc("Architecture of the tiny model (kind: tiny only).", TinyArch.qwen2)
+    tiny_arch: TinyArch = doc("Architecture of the tiny model (kind: tiny only); the *_vl ones are "
+                              "vision-language models.", TinyArch.qwen2)
     tiny_stage1_steps: int = doc("Channel-A steps that turn the random tiny model into a Stage-1 checkpoint "
                                  "(cached next to it) before Stage 2 starts; 0 = start from random weights "
                                  "(kind: tiny only).", 0)
@@ -101,6 +104,8 @@ class SyntheticDataConfig:
     seed: int = doc("Generator seed (validation uses seed + 1).", 1234)
     images: bool = doc("Render each scene as a 112x112 image of coloured shapes (the vision-language task, "
                        "images/ next to the generated JSONL) instead of listing the objects in the prompt.", False)
+    image_cell: int = doc("Pixels per grid cell of the image task (4x4 cells): patch_size x merge_size of the "
+                          "model, 28 for Qwen2/2.5-VL, 32 for Qwen3-VL.", 28)
 
 
 @dataclass

@@ -91,6 +91,7 @@ def problems(cfg: TrainConfig) -> List[str]:
          "need 1 <= min_objects <= max_objects")
     need(syn.train_samples >= 1 and syn.val_samples >= 1, "data.synthetic.train_samples/val_samples",
          "must be >= 1")
+    need(syn.image_cell >= 2, "data.synthetic.image_cell", "must be >= 2 pixels")
     need(bool(cfg.model.path), "model.path", "is required")
 
     server_mode = rm.rollout_backend == RolloutBackend.vllm

@@ -178,7 +178,7 @@ def write_synthetic_split(path: str | os.PathLike, syn: Any, split: str) -> Path
     if syn.images:
         from coordexp.data.synthetic_images import ImageTaskSpec, write_synthetic_image_jsonl
 
-        return write_synthetic_image_jsonl(path, n, seed, ImageTaskSpec(min_objects=syn.min_objects,
-                                                                        max_objects=syn.max_objects))
+        task = ImageTaskSpec(cell=syn.image_cell, min_objects=syn.min_objects, max_objects=syn.max_objects)
+        return write_synthetic_image_jsonl(path, n, seed, task)
     return write_synthetic_jsonl(path, n, seed, SyntheticSpec(min_objects=syn.min_objects,
                                                               max_objects=syn.max_objects))

@@ -17,12 +17,12 @@ CoordJSON answers in both field orders), then the special tokens ``<|endoftext|>
 ``<|im_start|>``, ``<|im_end|>`` (EOS), then 1000 *non-special* added tokens ``<|coord_0|>`` ..
 ``<|coord_999|>`` with contiguous ids (one id each; they survive ``skip_special_tokens=True``).
 
-Vision-language (``arch="qwen2_vl"``): the same tokenizer plus the Qwen2-VL vision tokens
-(``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>``, ``<|video_pad|>``, special), a one-block vision
-tower (patch 14, 2x2 merge) and the Qwen2-VL image processor (``preprocessor_config.json``) capped at
-``max_pixels``; the chat template renders an image part as ``<|vision_start|><|image_pad|><|vision_end|>``
-and adds Qwen2-VL's default system turn, like the released Qwen2-VL templates. The learner expands each
-``<|image_pad|>`` to the image's merged patch count (``coordexp.trainer.prompts``).
+Vision-language (``arch`` ``qwen2_vl``, ``qwen2_5_vl`` or ``qwen3_vl``): the same tokenizer plus the Qwen-VL
+vision tokens (``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>``, ``<|video_pad|>``, special), a
+one-block vision tower (patch 14, or 16 for Qwen3-VL; 2x2 merge) and the Qwen2-VL image processor
+(``preprocessor_config.json``, the family's common one) capped at ``max_pixels``; the chat template renders an
+image part as ``<|vision_start|><|image_pad|><|vision_end|>`` and adds Qwen2-VL's default system turn. The
+learner expands each ``<|image_pad|>`` to the image's merged patch count (``coordexp.trainer.prompts``).
 
 Folder name: ``<cache_dir>/tiny-<arch>-<12 hex of the build hash>``. The build happens in a temporary
 sibling folder and is published with one ``rename``; a file lock makes concurrent callers (DDP ranks)
@@ -72,7 +72,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-VL_ARCHS = ("qwen2_vl",)
+VL_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 VL_DEFAULT_SYSTEM = "You are a helpful assistant."
 SPEC_FILE = "coordexp_tiny_model.json"  # written last; its presence marks a complete folder
 FORMAT_VERSION = 1
@@ -128,7 +128,7 @@ def _coord_tokens() -> list[str]:
 
 @dataclass(frozen=True)
 class TinyVisionSpec:
-    """The vision tower and image processor of ``arch="qwen2_vl"``."""
+    """The vision tower and image processor of the VL archs (``embed_dim`` is the vision width)."""
 
     depth: int = 1
     embed_dim: int = 32
@@ -144,7 +144,7 @@ class TinyVisionSpec:
 class TinyModelSpec:
     """Everything that determines the built folder; its hash names the folder."""
 
-    arch: str = "qwen2"  # "qwen2" | "qwen3" | "qwen2_vl"
+    arch: str = "qwen2"  # "qwen2" | "qwen3" | "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
     seed: int = 0
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -163,11 +163,13 @@ class TinyModelSpec:
     def __post_init__(self) -> None:
         if self.arch not in ("qwen2", "qwen3", *VL_ARCHS):
             raise ValueError(f"arch must be one of qwen2, qwen3, {', '.join(VL_ARCHS)}; got {self.arch!r}")
-        if self.arch in VL_ARCHS and self.vision is None:
-            object.__setattr__(self, "vision", TinyVisionSpec())
+        if self.arch in VL_ARCHS and self.vision is None:  # Qwen3-VL uses 16 px patches
+            vision = TinyVisionSpec(patch_size=16, min_pixels=64 * 64, max_pixels=256 * 256) \
+                if self.arch == "qwen3_vl" else TinyVisionSpec()
+            object.__setattr__(self, "vision", vision)
         if self.arch not in VL_ARCHS and self.vision is not None:
             raise ValueError(f"vision settings need a vision-language arch ({', '.join(VL_ARCHS)})")
-        if self.hidden_size != self.num_attention_heads * self.head_dim and self.arch != "qwen3":
+        if self.hidden_size != self.num_attention_heads * self.head_dim and self.arch not in ("qwen3", "qwen3_vl"):
             raise ValueError(f"{self.arch} derives head_dim = hidden_size / num_attention_heads; they must agree")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
@@ -400,23 +402,39 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
 
 
 def _vl_config(spec: TinyModelSpec, common: dict[str, Any], hf_tok):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    """(config, model class) of the tiny VLM of ``spec.arch``: the same text tower sizes, a one-block vision
+    tower whose merger projects to the text width."""
+    import transformers
 
     v = spec.vision
-    head_dim = spec.hidden_size // spec.num_attention_heads
+    head_dim = spec.head_dim if spec.arch == "qwen3_vl" else spec.hidden_size // spec.num_attention_heads
     third = head_dim // 2 // 3  # M-RoPE splits the rotary half into (temporal, height, width) sections
     text = {**common, "rope_parameters": {**common["rope_parameters"],
                                           "mrope_section": [head_dim // 2 - 2 * third, third, third]}}
+    vision = {"depth": v.depth, "num_heads": v.num_heads, "patch_size": v.patch_size,
+              "spatial_merge_size": v.merge_size, "temporal_patch_size": 2}
+    if spec.arch == "qwen2_vl":
+        vision.update(embed_dim=v.embed_dim, hidden_size=spec.hidden_size, mlp_ratio=v.mlp_ratio)
+        names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration")
+    elif spec.arch == "qwen2_5_vl":
+        vision.update(hidden_size=v.embed_dim, intermediate_size=v.embed_dim * v.mlp_ratio,
+                      out_hidden_size=spec.hidden_size, window_size=v.patch_size * v.merge_size * 4,
+                      fullatt_block_indexes=[v.depth - 1])
+        names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")
+    else:
+        text["head_dim"] = head_dim
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision.update(hidden_size=v.embed_dim, intermediate_size=v.embed_dim * v.mlp_ratio,
+                      out_hidden_size=spec.hidden_size, num_position_embeddings=64,
+                      deepstack_visual_indexes=[v.depth - 1])
+        names = ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")
     ids = {t: hf_tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config={"depth": v.depth, "embed_dim": v.embed_dim, "hidden_size": spec.hidden_size,
-                       "num_heads": v.num_heads, "mlp_ratio": v.mlp_ratio, "patch_size": v.patch_size,
-                       "spatial_merge_size": v.merge_size, "temporal_patch_size": 2},
+    config = getattr(transformers, names[0])(
+        text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
-    return config, Qwen2VLForConditionalGeneration
+    return config, getattr(transformers, names[1])
 
 
 def _image_processor(v: TinyVisionSpec):

@@ -233,8 +233,9 @@ def test_server_image_root(tmp_path):
     train.write_text("")
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    common = ["+experiment=ab_mixed", "vllm=cpu", "vllm.max_model_len=4096", "model.dtype=float32", f"model.path={ckpt}", "data=jsonl",
-              f"data.train_jsonl={train}", "training.nproc_per_node=1", "training.per_device_train_batch_size=4"]
+    common = ["+experiment=ab_mixed", "vllm=cpu", "vllm.max_model_len=4096", "model.dtype=float32",
+              f"model.path={ckpt}", "data=jsonl", f"data.train_jsonl={train}", "training.nproc_per_node=1",
+              "training.per_device_train_batch_size=4"]
     cfg = to_train_config(compose(common))
     spec = launch_spec_from_config(cfg, ckpt)
     assert spec.image_root == str(tmp_path / "data")
@@ -256,3 +257,34 @@ def test_server_requests_name_images_relative_to_the_image_root(split):
     assert elsewhere[-1]["content"][0]["image"] == str(s.images[0])  # outside the root: absolute
     text = [{"role": "user", "content": "no images"}]
     assert relative_image_paths(text, str(root)) == text
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_other_qwen_vl_families_load_encode_train_and_generate(arch, tmp_path, cfg):
+    """The loader and prompt encoder are family-generic: tiny Qwen2.5-VL and Qwen3-VL checkpoints (Qwen3-VL:
+    16 px patches, so 32 px cells) go through the same path as Qwen2-VL."""
+    from coordexp.data.prompt import build_messages
+    from coordexp.data.synthetic_images import render_image
+
+    path = ensure_tiny_model(tmp_path / "models", arch=arch)
+    model, tok, prompts = load_model_and_prompts(path, "float32")
+    assert isinstance(prompts, VisionPromptEncoder)
+    assert type(model).__name__ == {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                                    "qwen3_vl": "Qwen3VLForConditionalGeneration"}[arch]
+    cell = prompts.patch_size * prompts.merge_size
+    rec = generate_image_record(1, 0, ImageTaskSpec(cell=cell))
+    render_image(rec).save(tmp_path / "scene.png")
+    sample = DetectionSample(index=0, source="s.jsonl:1", width=rec["width"], height=rec["height"], objects=(),
+                             images=(tmp_path / "scene.png",))
+    sample = DetectionSample(**{**sample.__dict__, "messages": tuple(build_messages(sample))})
+    prompts.check_sizes([sample])
+    encoded = prompts.encode(sample)
+    assert encoded.ids.count(prompts.image_token_id) == 16  # 4x4 merged patches
+    inputs = collate([channel_a_sequence(sample, encoded, TokenizerAdapter(tok), "desc_first", cfg.stage2_ab)],
+                     0, prompts.image_token_id)
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **inputs["model_inputs"])
+    out.logits.sum().backward()
+    assert torch.isfinite(out.logits).all()
+    backend = HFRolloutBackend(lambda: model, tok, rollout_contract(cfg), prompts.image_token_id)
+    rollout = generate_rollouts(backend, [sample], [encoded], seed=0).rollouts[0]
+    assert rollout.prompt_ids == encoded.ids and 1 <= len(rollout.token_ids) <= 96
