@@ -64,3 +64,15 @@ def test_vl_smoke_artifacts(vl_run):
             total += 1
             hits += drawn.getpixel(centre) == IMAGE_COLOURS[obj["desc"].split()[0]]
     assert hits >= 0.75 * total, (hits, total)
+
+
+def test_image_size_mismatch_stops_before_training(tmp_path):
+    """Qwen3-VL resizes to multiples of 32 px: 112 px scenes (28 px cells) no longer match their records."""
+    out = subprocess.run([sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed_vl",
+                          "model.tiny_arch=qwen3_vl", "model.tiny_stage1_steps=0", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error: 1056 image(s) do not match their record's width/height after the processor's resize" in out.stderr
+    assert "train_000000.png is 112x112, the image processor resizes it to 128x128, but the record says " \
+           "width=112, height=112" in out.stderr
+    assert "multiples of 32 px" in out.stderr and not list((tmp_path / "run").glob("checkpoint-*"))
