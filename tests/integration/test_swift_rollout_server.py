@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from coordexp.config.schema import (
+    DataConfig,
     ModelConfig,
     ModelKind,
     RepeatTerminateConfig,
@@ -97,6 +98,8 @@ def make_cfg(model_dir, port, rt=SERVER_DEFAULTS, reuse=False, startup_timeout_s
         rollout_matching=RolloutMatchingConfig(
             rollout_backend=RolloutBackend.vllm, decode_batch_size=4, repeat_terminate=rt
         ),
+        data=DataConfig(),  # synthetic: the server's image root is <output_dir>/data
+        training=SimpleNamespace(output_dir=str(Path(model_dir).parent / "run")),
     )
 
 
