@@ -48,7 +48,7 @@ def test_vl_smoke_artifacts(vl_run):
     image = Image.open(vl_run / "data" / first["images"][0])
     assert image.size == (first["width"], first["height"]) == (112, 112)
     checkpoint = max(vl_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    assert (checkpoint / "model.safetensors").is_file()
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "preprocessor_config.json").is_file()
     # The PNGs are drawn on the real images (enlarged 4x): object centres keep their colours.
     val = read_jsonl(vl_run / "data" / "val.jsonl")
     pngs = sorted((vl_run / "viz").rglob("*_val.jsonl_*.png"))
@@ -76,3 +76,18 @@ def test_image_size_mismatch_stops_before_training(tmp_path):
     assert "train_000000.png is 112x112, the image processor resizes it to 128x128, but the record says " \
            "width=112, height=112" in out.stderr
     assert "multiples of 32 px" in out.stderr and not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_vl_checkpoint_evaluates_on_its_own(vl_run, tmp_path):
+    checkpoint = max(vl_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    out = subprocess.run([sys.executable, "-m", "coordexp.eval", "+experiment=smoke/ab_mixed_vl", "model.kind=local",
+                          f"model.path={checkpoint}", f"data.val_jsonl={vl_run / 'data' / 'val.jsonl'}",
+                          f"hydra.run.dir={tmp_path / 'eval'}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    final = [r for r in read_jsonl(vl_run / "metrics.jsonl") if "eval_rollout/f1" in r][-1]
+    assert report["split"]["samples"] == 32
+    # the same greedy rollouts on the same split as the in-training eval at the last step
+    assert report["detection"]["training_gate"]["f1"] == pytest.approx(final["eval_rollout/f1"])
+    assert report["summary"]["f1@0.5"] == pytest.approx(final["eval_rollout/f1_iou50"])
