@@ -88,7 +88,7 @@ def test_smoke_writes_every_artifact(smoke_run):
 
 def test_killed_run_resumes_at_the_same_step_and_schedule_position(tmp_path):
     common = ["+experiment=smoke/ab_mixed", "rollout=hf", "model.tiny_stage1_steps=0", "stage2_ab.schedule.b_ratio=0.5",
-              "training.max_steps=8", "training.save_steps=4", "training.eval_strategy=no",
+              "training.max_steps=12", "training.save_steps=4", "training.eval_strategy=no",
               "rollout_matching.max_new_tokens=24", "data.synthetic.train_samples=256"]
     first = tmp_path / "first"
     proc = subprocess.Popen(train_cmd(first, *common), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
@@ -96,9 +96,12 @@ def test_killed_run_resumes_at_the_same_step_and_schedule_position(tmp_path):
     deadline = time.time() + 600
     while not (first / "checkpoint-4" / "trainer_state.json").is_file():
         assert proc.poll() is None and time.time() < deadline, "first run ended before checkpoint-4"
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run: at step 4, or a few steps later on a fast machine
     proc.wait()
+    saved = [c for c in first.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    resumed_at = max(json.loads((c / "trainer_state.json").read_text())["global_step"] for c in saved)
+    assert resumed_at in (4, 8)
     second = tmp_path / "second"
     out = subprocess.run(train_cmd(second, *common, f"training.resume_from_checkpoint={first}"),
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -106,8 +109,8 @@ def test_killed_run_resumes_at_the_same_step_and_schedule_position(tmp_path):
     rows = [r for r in read_jsonl(second / "metrics.jsonl") if "loss" in r]
     assert all(r["rollout/f1"] == 0.0 for r in rows if r["stage2/channel_b"]), "random weights never parse"
     steps = [r["step"] for r in rows]
-    assert steps[0] == 5 and steps[-1] == 8, steps
+    assert steps == list(range(resumed_at + 1, 13)), (resumed_at, steps)  # the newest checkpoint, step by step
     for r in rows:
         assert r["stage2/channel_b"] == float(is_channel_b(r["step"] - 1, 0.5))
-    state = json.loads((second / "checkpoint-8" / "trainer_state.json").read_text())
-    assert state["global_step"] == 8
+    state = json.loads((second / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["global_step"] == 12
