@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,10 @@ def rules_config(**overrides):
 def read_jsonl(path):
     """The records of a JSONL file (metrics.jsonl, datasets), blank lines skipped."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now (for a server or a rendezvous a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.conftest import free_port  # noqa: E402 (needs the repo root on sys.path)
+
 CPU_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -46,12 +47,6 @@ CPU_ENV = {
     "VLLM_PLUGINS": "none",
     "TORCHINDUCTOR_CACHE_DIR": str(REPO / ".cache" / "torchinductor"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def table(rows, header):

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 FAKE_SERVER = textwrap.dedent("""
@@ -116,12 +118,6 @@ FAST = [
     "vllm.server.startup_timeout_s=60",
     "vllm.server.infer_timeout_s=10",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_processes(run_id: str) -> list[int]:

@@ -12,7 +12,6 @@ starts exactly one server.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from coordexp.trainer.weight_sync import (
     WeightSyncError,
     named_weights,
 )
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -47,12 +47,6 @@ def task_prompts(n=6):
 
 
 MAX_TOKENS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

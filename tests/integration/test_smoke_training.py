@@ -5,7 +5,6 @@ and resumes exactly."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import time
 import pytest
 
 from coordexp.trainer.schedule import is_channel_b
-from tests.conftest import REPO_ROOT, read_jsonl
+from tests.conftest import REPO_ROOT, free_port, read_jsonl
 from tests.integration.test_launcher_faults import assert_nothing_left
 
 pytestmark = pytest.mark.slow
@@ -27,11 +26,8 @@ def train_cmd(run_dir, *overrides):
 def smoke_run(tmp_path_factory):
     """The leaf as it is; only the server port is a free one (8000 may be taken by a server of the user's)."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = subprocess.run(train_cmd(run_dir, "+experiment=smoke/ab_mixed",
-                                   f"vllm.server.base_urls=[http://127.0.0.1:{port}]"),
+                                   f"vllm.server.base_urls=[http://127.0.0.1:{free_port()}]"),
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run_dir.parent / "stderr.txt").write_text(out.stderr)

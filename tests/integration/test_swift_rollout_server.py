@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -63,6 +62,7 @@ from coordexp.rollout.server_client import (
     get_health,
     get_world_size,
 )
+from tests.conftest import free_port
 
 SERVER_DEFAULTS = RepeatTerminateConfig(
     enabled=True,
@@ -72,12 +72,6 @@ SERVER_DEFAULTS = RepeatTerminateConfig(
     ngram_repeats=0,
     max_object_keys=None,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_cfg(model_dir, port, rt=SERVER_DEFAULTS, reuse=False, startup_timeout_s=400.0):

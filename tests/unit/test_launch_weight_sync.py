@@ -26,6 +26,7 @@ from coordexp.trainer.weight_sync import (
     named_weights,
     write_weights_file,
 )
+from tests.conftest import free_port
 
 
 class Tied(torch.nn.Module):
@@ -244,16 +245,11 @@ def _ddp_worker(rank, world, port, url, outdir, fail):
 @pytest.mark.slow
 @pytest.mark.parametrize("fail", ["", "error", "stuck"])
 def test_ddp_rank0_pushes_between_barriers_and_every_rank_sees_the_outcome(fake, tmp_path, fail):
-    import socket
-
     import torch.multiprocessing as mp
 
     s = fake()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     mp.start_processes(
-        _ddp_worker, args=(2, port, s.url, str(tmp_path), fail), nprocs=2, join=True, start_method="spawn"
+        _ddp_worker, args=(2, free_port(), s.url, str(tmp_path), fail), nprocs=2, join=True, start_method="spawn"
     )
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
     if fail == "error":
