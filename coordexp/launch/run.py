@@ -49,6 +49,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from coordexp.config.schema import TrainConfig
 from coordexp.launch import metadata
+from coordexp.launch.server import stop_group
 from coordexp.trainer.weight_sync import ENV_INITIAL_WEIGHTS  # import-light (no torch)
 
 EXIT_LEARNER_ERROR = 2
@@ -146,31 +147,6 @@ def _pdeathsig() -> None:  # child, between fork and exec: die with the orchestr
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
     except Exception:  # noqa: BLE001
         pass
-
-
-def stop_group(proc: Optional[subprocess.Popen], timeout_s: float = 15.0) -> None:
-    """TERM the process group led by ``proc``, wait, then KILL."""
-    if proc is None:
-        return
-    pgid = proc.pid
-    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            proc.poll()
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            continue
-        break
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
 
 
 @contextlib.contextmanager

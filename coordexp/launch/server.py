@@ -53,6 +53,7 @@ __all__ = [
     "build_command",
     "build_env",
     "port_in_use",
+    "stop_group",
     "read_eos_token_id",
     "RolloutServer",
     "terminate_on_signals",
@@ -252,6 +253,32 @@ def read_eos_token_id(model_dir: str | os.PathLike) -> Optional[int]:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return None
+
+
+def stop_group(proc: Optional[subprocess.Popen], timeout_s: float = 15.0) -> None:
+    """TERM the process group led by ``proc`` (a session leader, so its pid is the group id), wait up to
+    ``timeout_s`` for the group to empty, then KILL and wait up to 5 s. Stops the server and the learner."""
+    if proc is None:
+        return
+    pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader so it does not count as a member
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            continue
+        break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
 
 
 def _set_parent_death_signal() -> None:  # runs in the child between fork and exec
@@ -560,25 +587,7 @@ class RolloutServer:
         """Terminate the whole process group (TERM, wait, KILL). Idempotent."""
         proc, pgid = self.proc, self.pgid
         if proc is not None and pgid is not None:
-            try:
-                os.killpg(pgid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                proc.poll()  # reap the leader so it does not count as a member
-                try:
-                    os.killpg(pgid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.2)
-            else:
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
+            stop_group(proc, timeout_s)
             self.proc = None
             self.pgid = None
             with contextlib.suppress(Exception):
