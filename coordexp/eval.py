@@ -88,8 +88,7 @@ def build_backend(cfg: TrainConfig, contract, model, tokenizer, prompts, model_d
     if contract.backend == "hf":
         from coordexp.trainer.rollouts import HFRolloutBackend
 
-        image_token_id = getattr(prompts, "image_token_id", None)  # vision-language checkpoints
-        return HFRolloutBackend(lambda: model, tokenizer, contract, image_token_id)
+        return HFRolloutBackend(lambda: model, tokenizer, contract, prompts.image_token_id)
     from coordexp.trainer.server_backend import ServerRolloutBackend
 
     # no learner, no weight sync: the server loaded the checkpoint itself

@@ -74,13 +74,10 @@ def load_samples(cfg: TrainConfig, run_dir: Path):
 def check_prompts(prompts, samples) -> None:
     """Fail before training when a sample cannot be encoded for this model (image sizes, images on a text
     model)."""
-    from coordexp.trainer.prompts import PromptError, VisionPromptEncoder
+    from coordexp.trainer.prompts import PromptError
 
     try:
-        if isinstance(prompts, VisionPromptEncoder):
-            prompts.check_sizes(samples)
-        elif any(s.images for s in samples):
-            prompts.encode(next(s for s in samples if s.images))  # raises the text-only error
+        prompts.check(samples)
     except PromptError as err:
         raise LearnerError(str(err)) from None
 
@@ -182,13 +179,13 @@ def train(cfg: TrainConfig, run_dir: Path):
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     trainer_ref: dict = {}
-    backend = build_rollout_backend(cfg, contract, trainer_ref, tokenizer, getattr(prompts, "image_token_id", None))
+    backend = build_rollout_backend(cfg, contract, trainer_ref, tokenizer, prompts.image_token_id)
     evaluator = rollout_evaluator(val_samples, adapter, prompts, backend, contract, cfg.seed) if val_samples else None
     trainer = Stage2ABTrainer(
         model=model, args=args, train_dataset=train_samples, eval_dataset=val_samples or None,
         data_collator=lambda batch: {"samples": batch}, processing_class=tokenizer,
         callbacks=[metrics_jsonl_callback(run_dir / "metrics.jsonl"),
-                   *([image_processor_callback(prompts.image_processor)] if hasattr(prompts, "image_processor")
+                   *([image_processor_callback(prompts.image_processor)] if prompts.image_processor is not None
                      else [])],
         stage2_ab=cfg.stage2_ab, contract=contract, adapter=adapter, prompts=prompts, rollout_backend=backend,
         seed=cfg.seed,

@@ -10,7 +10,7 @@ as one image placeholder token (``<|image_pad|>``); the model's image processor 
 used because on the CPU stack (no torchvision) it cannot be built: its video processor needs torchvision.
 
 The image processor's resize must leave every image at the record's ``width`` x ``height`` (the size the
-norm1000 boxes refer to); :meth:`VisionPromptEncoder.check_sizes` fails before training when it would not.
+norm1000 boxes refer to); :meth:`VisionPromptEncoder.check` fails before training when it would not.
 """
 
 from __future__ import annotations
@@ -41,16 +41,24 @@ def is_vision_language(model_dir: str | Path) -> bool:
 
 
 class TextPromptEncoder:
+    image_token_id: Optional[int] = None  # set by the vision-language encoder
+    image_processor: Any = None
+
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
     def render(self, messages: Sequence[Dict[str, Any]]) -> str:
         return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
+    def check(self, samples: Sequence[Any]) -> None:
+        """Fail before training on samples this model cannot encode: for a text model, any with images."""
+        for sample in samples:
+            if sample.images:
+                raise PromptError(f"sample {sample.source} has images but the model is text-only: use a "
+                                  f"vision-language checkpoint (docs/vlm.md) or data without images")
+
     def encode(self, sample) -> EncodedPrompt:
-        if sample.images:
-            raise PromptError(f"sample {sample.source} has images but the model is text-only: use a "
-                              f"vision-language checkpoint (docs/vlm.md) or data without images")
+        self.check([sample])
         text = self.render(sample.messages)
         return EncodedPrompt(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
 
@@ -71,6 +79,9 @@ class VisionPromptEncoder(TextPromptEncoder):
         h, w = smart_resize(height, width, factor=self.patch_size * self.merge_size,
                             min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
         return w, h
+
+    def check(self, samples: Sequence[Any]) -> None:
+        self.check_sizes(samples)
 
     def check_sizes(self, samples: Sequence[Any], limit: int = 5) -> None:
         """Every image must come out of the processor's resize at the record's width x height."""
@@ -98,10 +109,9 @@ class VisionPromptEncoder(TextPromptEncoder):
     def encode(self, sample) -> EncodedPrompt:
         from PIL import Image
 
-        text = self.render(sample.messages)
         if not sample.images:
-            return EncodedPrompt(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
-        pieces = text.split(self.image_token)
+            return super().encode(sample)
+        pieces = self.render(sample.messages).split(self.image_token)
         if len(pieces) - 1 != len(sample.images):
             raise PromptError(f"sample {sample.source}: the chat template rendered {len(pieces) - 1} image "
                               f"placeholder(s) for {len(sample.images)} image(s); the model's chat template must "

@@ -93,8 +93,7 @@ class Stage2ABTrainer(Trainer):
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             buf.add_mean("loss/total", 0.0)
             return zero
-        image_token_id = getattr(self.prompts, "image_token_id", None)
-        batch = collate(seqs, self.adapter.pad_id, image_token_id)
+        batch = collate(seqs, self.adapter.pad_id, self.prompts.image_token_id)
         model_inputs = {k: v.to(self.args.device) for k, v in batch.pop("model_inputs").items()}
         batch = {k: v.to(self.args.device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **model_inputs).logits

@@ -45,7 +45,7 @@ def measure(leaf: str, steps: int) -> dict:
     syn.train_samples = 16 * steps
     path = write_synthetic_split(f"/tmp/coordexp-bench/{leaf.replace('/', '_')}/train.jsonl", syn, "train")
     samples = list(load_jsonl(path))
-    image_token_id = getattr(prompts, "image_token_id", None)
+    image_token_id = prompts.image_token_id
     backend = HFRolloutBackend(lambda: model, tok, contract, image_token_id)
     times = {k: [] for k in (*PARTS, "fwd_bwd_A")}
     for step in range(steps):

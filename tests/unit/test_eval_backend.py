@@ -11,6 +11,7 @@ import pytest
 from coordexp.config.contract import rollout_contract
 from coordexp.config.load import compose, to_train_config
 from coordexp.eval import EvalError, SamePrompts, build_backend
+from coordexp.trainer.prompts import TextPromptEncoder
 from coordexp.trainer.rollouts import HFRolloutBackend, Rollout, RolloutBatch
 from coordexp.trainer.server_backend import ServerRolloutBackend
 
@@ -29,7 +30,8 @@ def test_server_backend_of_the_eval_pushes_no_weights(tmp_path):
 def test_hf_backend_of_the_eval_is_in_process():
     cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=hf"]))
     tok = SimpleNamespace(eos_token_id=2, pad_token_id=0)
-    assert isinstance(build_backend(cfg, rollout_contract(cfg), object(), tok, None, None), HFRolloutBackend)
+    backend = build_backend(cfg, rollout_contract(cfg), object(), tok, TextPromptEncoder(tok), None)
+    assert isinstance(backend, HFRolloutBackend)
 
 
 class Served:
