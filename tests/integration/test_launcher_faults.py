@@ -268,17 +268,22 @@ def test_weight_sync_timeout_fails_with_the_timeout(harness, tmp_path, group_mem
     assert_nothing_left(run_dir, group_members)
 
 
+def wait_for_first_metrics(proc, run_dir: Path, timeout_s: float = 240) -> None:
+    """Until the learner logged its first step (the run is in full flight); fails if the run ends first."""
+    deadline = time.monotonic() + timeout_s
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+
 @pytest.mark.slow
 def test_server_killed_mid_training_stops_the_learner_quickly(harness, tmp_path, group_members):
     run_dir = tmp_path / "run"
     proc = orchestrate(harness, run_dir, "training.max_steps=200", popen=True)
     try:
-        deadline = time.monotonic() + 240
-        metrics = run_dir / "metrics.jsonl"
-        while not (metrics.is_file() and metrics.read_text().strip()):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        wait_for_first_metrics(proc, run_dir)
         pgid = launcher_meta(run_dir)["servers"][0]["pgid"]
         os.killpg(pgid, signal.SIGKILL)
         t_kill = time.monotonic()
@@ -310,12 +315,7 @@ def test_signal_to_orchestrator_tears_down_the_whole_run(harness, tmp_path, grou
         popen=True,
     )
     try:
-        deadline = time.monotonic() + 240
-        metrics = run_dir / "metrics.jsonl"
-        while not (metrics.is_file() and metrics.read_text().strip()):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        wait_for_first_metrics(proc, run_dir)
         meta = launcher_meta(run_dir)
         assert meta["learner"]["mode"] == ("torchrun" if nproc > 1 else "in_process")
         assert run_processes(meta["run_id"]), "the run's processes must be visible before the signal"
