@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -218,5 +219,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+def exit_rank(code: int) -> None:
+    """End the process with ``code``. A torchrun rank skips interpreter finalization: gloo's worker threads
+    keep the last collective's work (and its tensors) a moment after it completes, and a thread that drops
+    a Python tensor while the interpreter is finalizing aborts the rank with SIGABRT ("terminate called
+    without an active exception") after training has finished. Everything the learner writes is closed by
+    then (metrics, samples, checkpoints, TensorBoard on train end)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())
