@@ -92,26 +92,7 @@ def build_backend(cfg: TrainConfig, contract, model, tokenizer, prompts, model_d
     from coordexp.trainer.server_backend import ServerRolloutBackend
 
     # no learner, no weight sync: the server loaded the checkpoint itself
-    return SamePrompts(ServerRolloutBackend(cfg, contract, {}, tokenizer, model_dir=str(model_dir),
-                                            sync_weights=False))
-
-
-class SamePrompts:
-    """A server renders each prompt itself: fail, as Channel B does, when it rendered one differently from
-    the checkpoint's tokenizer (the numbers would belong to another prompt)."""
-
-    def __init__(self, backend):
-        self.backend = backend
-
-    def generate(self, prompt_ids, messages, seed, vision=None):
-        batch = self.backend.generate(prompt_ids, messages, seed, vision=vision)
-        for i, (ids, rollout) in enumerate(zip(prompt_ids, batch.rollouts)):
-            served = list(rollout.prompt_ids)
-            if served != list(ids):
-                raise EvalError(f"sample {i}: the server's prompt ({len(served)} tokens) differs from the "
-                                f"checkpoint tokenizer's ({len(ids)} tokens): the server must render the "
-                                f"checkpoint's chat template (ms-swift --template)")
-        return batch
+    return ServerRolloutBackend(cfg, contract, {}, tokenizer, model_dir=str(model_dir), sync_weights=False)
 
 
 def start_server(stack: contextlib.ExitStack, cfg: TrainConfig, model_dir: Path, out_dir: Path):
@@ -191,7 +172,7 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
         try:
             result = evaluate_rollouts(samples, backend, adapter, prompts, contract, seed=cfg.seed,
                                        scorer=scorer, meta=meta)
-        except LearnerError as err:  # ServerBackendError: the server failed or answered garbage
+        except LearnerError as err:  # the server failed, answered garbage or rendered another prompt
             started = server is not None and server.spec is not None
             tail = f"\n--- last lines of {server.log_path} ---\n{server.log_tail()}" if started else ""
             raise EvalError(f"{err}{tail}") from None

@@ -18,10 +18,6 @@ from coordexp.trainer.prompts import EncodedPrompt
 from coordexp.trainer.rollouts import Rollout
 
 
-class PromptMismatchError(RuntimeError):
-    """The rollout's prompt ids differ from the training prompt ids: the step must not train on it."""
-
-
 class TokenizerAdapter:
     """The tokenizer as the pure core sees it: encode, per-token pieces, coordinate vocabulary."""
 
@@ -120,12 +116,6 @@ def sample_record(sample, rollout: Rollout, parsed, gts, match, target_dropped: 
 def channel_b_sequence(sample, prompt: EncodedPrompt, rollout: Rollout, tok: TokenizerAdapter,
                        contract: RolloutContract, ab: Stage2ABConfig):
     """(TrainSequence, or None if the sample's target failed its invariants; SampleRecord)."""
-    if list(rollout.prompt_ids) != list(prompt.ids):
-        raise PromptMismatchError(
-            f"sample {sample.source}: rollout prompt ids ({len(rollout.prompt_ids)} tokens) differ from the "
-            f"training prompt ids ({len(prompt.ids)} tokens, image placeholders expanded); the server's chat "
-            f"template must render the prompt exactly as the learner does (same system turn, same image "
-            f"placeholders; docs/vlm.md)")
     parsed, gts, match = score_rollout(sample, rollout, tok, contract)
     sequence: Optional[TrainSequence] = None
     try:

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence
 import torch
 
 from coordexp.config.contract import RolloutContract
+from coordexp.trainer.learner import LearnerError
 from coordexp.trainer.prompts import concat_vision
 
 
@@ -39,12 +40,31 @@ class RolloutBackend(Protocol):
                  ) -> RolloutBatch: ...
 
 
+class PromptMismatchError(LearnerError):
+    """A rollout's prompt ids differ from the learner's: nothing may be trained or scored on it."""
+
+
 def generate_rollouts(backend: RolloutBackend, samples: Sequence, prompts: Sequence, seed: int) -> RolloutBatch:
     """Roll out encoded prompts (``coordexp.trainer.prompts.EncodedPrompt``) of ``samples``: in-process
-    backends use the ids and vision inputs, a server renders the messages (image paths) itself."""
+    backends use the ids and vision inputs, a server renders the messages (image paths) itself. Every
+    rollout must come back with the learner's prompt ids (Channel B, in-training and offline eval alike)."""
     vision = [p.vision for p in prompts]
-    return backend.generate([p.ids for p in prompts], [s.messages for s in samples], seed,
-                            vision=vision if any(v is not None for v in vision) else None)
+    batch = backend.generate([p.ids for p in prompts], [s.messages for s in samples], seed,
+                             vision=vision if any(v is not None for v in vision) else None)
+    for sample, prompt, rollout in zip(samples, prompts, batch.rollouts):
+        check_same_prompt(sample, list(prompt.ids), list(rollout.prompt_ids))
+    return batch
+
+
+def check_same_prompt(sample, own: List[int], served: List[int]) -> None:
+    if served == own:
+        return
+    first = next((k for k, (a, b) in enumerate(zip(own, served)) if a != b), min(len(own), len(served)))
+    raise PromptMismatchError(
+        f"sample {sample.source}: the rollout's prompt ({len(served)} tokens) differs from the learner's "
+        f"({len(own)} tokens, image placeholders expanded) from token {first} on; the server's chat template "
+        f"must render the prompt exactly as the learner does: same system turn, same image placeholders "
+        f"(ms-swift --template; docs/vlm.md)")
 
 
 def _cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> List[int]:

@@ -4,8 +4,8 @@
 prompt with the model's chat template) through :class:`~coordexp.rollout.server_client.RolloutClient` and
 returns a :class:`~coordexp.trainer.rollouts.RolloutBatch`:
 
-* ``Rollout.prompt_ids`` are the server's ``prompt_token_ids``; the Channel-B builder compares them with the
-  learner's own prompt ids and fails the step when they differ;
+* ``Rollout.prompt_ids`` are the server's ``prompt_token_ids``; ``generate_rollouts`` compares them with the
+  learner's own prompt ids and fails the step (or the eval) when they differ;
 * ``Rollout.token_ids``: generated ids up to and including the first stop (EOS) token;
 * ``Rollout.triggered``: the server's ``coordexp.repeat_terminate_triggered`` field only (never the finish
   reason); the client fails when the field is missing while the feature is enabled;

@@ -10,9 +10,9 @@ import pytest
 
 from coordexp.config.contract import rollout_contract
 from coordexp.config.load import compose, to_train_config
-from coordexp.eval import EvalError, SamePrompts, build_backend
+from coordexp.eval import build_backend
 from coordexp.trainer.prompts import TextPromptEncoder
-from coordexp.trainer.rollouts import HFRolloutBackend, Rollout, RolloutBatch
+from coordexp.trainer.rollouts import HFRolloutBackend, PromptMismatchError, Rollout, RolloutBatch, generate_rollouts
 from coordexp.trainer.server_backend import ServerRolloutBackend
 
 
@@ -21,8 +21,8 @@ def test_server_backend_of_the_eval_pushes_no_weights(tmp_path):
     contract = rollout_contract(cfg)
     assert (contract.backend, contract.sync_mode) == ("vllm", "full")  # a learner would sync
     backend = build_backend(cfg, contract, None, SimpleNamespace(eos_token_id=2), None, tmp_path)
-    assert isinstance(backend, SamePrompts) and isinstance(backend.backend, ServerRolloutBackend)
-    assert backend.backend.weight_sync is None and backend.backend.stop_ids == [2]
+    assert isinstance(backend, ServerRolloutBackend)
+    assert backend.weight_sync is None and backend.stop_ids == [2]
     with_sync = ServerRolloutBackend(cfg, contract, {}, SimpleNamespace(eos_token_id=2), model_dir=str(tmp_path))
     assert with_sync.weight_sync is not None  # the default (training) still syncs
 
@@ -44,10 +44,13 @@ class Served:
 
 
 def test_a_prompt_the_server_rendered_differently_fails_the_eval():
-    mine = [[5, 6, 7], [5, 6, 8]]
-    same = Served(mine)
-    assert len(SamePrompts(same).generate(mine, [[], []], seed=3).rollouts) == 2
+    samples = [SimpleNamespace(source="val.jsonl:1", messages=[]), SimpleNamespace(source="val.jsonl:2", messages=[])]
+    mine = [SimpleNamespace(ids=[5, 6, 7], vision=None), SimpleNamespace(ids=[5, 6, 8], vision=None)]
+    same = Served([[5, 6, 7], [5, 6, 8]])
+    assert len(generate_rollouts(same, samples, mine, seed=3).rollouts) == 2
     assert same.calls == [(2, 3, None)]
-    with pytest.raises(EvalError, match=r"sample 1: the server's prompt \(4 tokens\) differs from the checkpoint "
-                                        r"tokenizer's \(3 tokens\): .*--template"):
-        SamePrompts(Served([[5, 6, 7], [9, 5, 6, 8]])).generate(mine, [[], []], seed=3)
+    with pytest.raises(PromptMismatchError, match=r"sample val.jsonl:2: the rollout's prompt \(4 tokens\) differs "
+                                                  r"from the learner's \(3 tokens, .*\) from token 0 on; .*--template"):
+        generate_rollouts(Served([[5, 6, 7], [9, 5, 6, 8]]), samples, mine, seed=3)
+    with pytest.raises(PromptMismatchError, match=r"sample val.jsonl:1: .*\(2 tokens\) .*\(3 tokens, .* token 2 on"):
+        generate_rollouts(Served([[5, 6], [5, 6, 8]]), samples, mine, seed=3)

@@ -19,12 +19,12 @@ from coordexp.data.synthetic_images import (BACKGROUND, ImageTaskSpec, draw_obje
                                             write_synthetic_image_jsonl)
 from coordexp.data.tiny_model import VISION_TOKENS, ensure_tiny_model, read_build_info
 from coordexp.trainer.batch import collate
-from coordexp.trainer.channels import (PromptMismatchError, TokenizerAdapter, channel_a_sequence,
-                                       channel_b_sequence)
+from coordexp.trainer.channels import TokenizerAdapter, channel_a_sequence, channel_b_sequence
 from coordexp.trainer.learner import LearnerError, coord_vocab_adapter
 from coordexp.trainer.prompts import (PromptError, TextPromptEncoder, VisionPromptEncoder, is_vision_language,
                                       load_model_and_prompts)
-from coordexp.trainer.rollouts import HFRolloutBackend, Rollout, generate_rollouts
+from coordexp.trainer.rollouts import (HFRolloutBackend, PromptMismatchError, Rollout, RolloutBatch,
+                                      generate_rollouts)
 
 
 @pytest.fixture(scope="module")
@@ -194,16 +194,23 @@ def test_batched_rollouts_equal_single_rollouts(vlm, split, cfg):
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
 
 
-def test_prompt_mismatch_fails_the_step(vlm, split, cfg):
+def test_prompt_mismatch_fails_the_step(vlm, split):
     """A server that rendered the prompt differently (here: no placeholder expansion) must not be trained on."""
     _, _, tok, prompts = vlm
-    adapter = TokenizerAdapter(tok)
     s = split[0]
     encoded = prompts.encode(s)
     unexpanded = tok(prompts.render(s.messages), add_special_tokens=False)["input_ids"]
-    with pytest.raises(PromptMismatchError, match="image placeholders expanded"):
-        channel_b_sequence(s, encoded, Rollout(unexpanded, [adapter.eos_id], 0, False), adapter,
-                           rollout_contract(cfg), cfg.stage2_ab)
+    first = next(k for k, (a, b) in enumerate(zip(encoded.ids, unexpanded)) if a != b)
+
+    class Served:
+        def generate(self, prompt_ids, messages, seed, vision=None):
+            return RolloutBatch([Rollout(unexpanded, [tok.eos_token_id], 0, False)], 0.0, 1, [1])
+
+    with pytest.raises(PromptMismatchError, match=rf"sample {s.source}: the rollout's prompt \({len(unexpanded)} "
+                       rf"tokens\) differs from the learner's \({len(encoded.ids)} tokens, image placeholders "
+                       rf"expanded\) from token {first} on") as err:
+        generate_rollouts(Served(), [s], [encoded], seed=0)
+    assert isinstance(err.value, LearnerError)  # printed without a traceback, exit 2
 
 
 def test_written_split_follows_the_data_contract(split):
