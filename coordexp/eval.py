@@ -23,20 +23,18 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from coordexp.config.paths import CONF_DIR
 from coordexp.config.errors import exit_on_config_error
 from coordexp.config.leaf import check_command_line
 from coordexp.config.load import to_train_config
+from coordexp.config.paths import CONF_DIR
 from coordexp.config.schema import DataKind, ModelKind, TrainConfig
 from coordexp.config.store import register_configs
-
 
 #: Where evals go unless hydra.run.dir / hydra.sweep.dir are given (training runs use runs/<experiment>/...).
 DEFAULT_DIRS = {"hydra.run.dir": "runs/${experiment}-eval/${now:%Y-%m-%d_%H-%M-%S}",
@@ -52,7 +50,7 @@ class EvalError(RuntimeError):
         self.code = code
 
 
-def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> Tuple[list, Path]:
+def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> tuple[list, Path]:
     """(samples, split path): data.val_jsonl, else the synthetic held-out split (seed + 1, as the learner)."""
     from coordexp.data.prompt import PromptSpec
 
@@ -136,9 +134,17 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
     import torch
     from transformers import set_seed
 
-    from coordexp.evaluation.report import (PREDICTIONS_NAME, REPORT_NAME, VIZ_LIMIT, TeacherForcedScorer,
-                                            evaluate_rollouts, format_summary, write_predictions,
-                                            write_qualitative, write_report)
+    from coordexp.evaluation.report import (
+        PREDICTIONS_NAME,
+        REPORT_NAME,
+        VIZ_LIMIT,
+        TeacherForcedScorer,
+        evaluate_rollouts,
+        format_summary,
+        write_predictions,
+        write_qualitative,
+        write_report,
+    )
     from coordexp.trainer.channels import TokenizerAdapter
     from coordexp.trainer.learner import LearnerError, check_prompts, load_model
     from coordexp.viz import write_sample_pngs
@@ -203,7 +209,7 @@ def hydra_task(cfg: DictConfig) -> int:
     return code
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     from coordexp.train import _overrides
 
     if argv is not None:

@@ -12,8 +12,8 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 METRICS_NAME = "metrics.jsonl"
 OUTPUT_NAME = "training_curves.png"
@@ -31,7 +31,7 @@ class PlotError(RuntimeError):
     pass
 
 
-def read_metrics(path: Path) -> List[dict]:
+def read_metrics(path: Path) -> list[dict]:
     """Records of a metrics.jsonl; a partial last line (run still writing) is skipped."""
     if not path.is_file():
         raise PlotError(f"{path}: no metrics file (is this a run dir of coordexp.train?)")
@@ -54,7 +54,7 @@ def read_metrics(path: Path) -> List[dict]:
     return records
 
 
-def series(records: Sequence[dict], key: str, where=None) -> Tuple[List[float], List[float]]:
+def series(records: Sequence[dict], key: str, where=None) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in records:
         v = r.get(key)
@@ -65,7 +65,7 @@ def series(records: Sequence[dict], key: str, where=None) -> Tuple[List[float], 
     return xs, ys
 
 
-def rate_series(records: Sequence[dict], num: str, den: str) -> Tuple[List[float], List[float]]:
+def rate_series(records: Sequence[dict], num: str, den: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in records:
         if isinstance(r.get(num), (int, float)) and r.get(den):
@@ -74,7 +74,7 @@ def rate_series(records: Sequence[dict], num: str, den: str) -> Tuple[List[float
     return xs, ys
 
 
-def plot_run(run_dir_or_file: Path, output: Optional[Path] = None) -> Path:
+def plot_run(run_dir_or_file: Path, output: Path | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +157,7 @@ def _finish(ax) -> None:
                 color="gray")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m coordexp.plot",
         description="Training curves of a coordexp run (from metrics.jsonl) as a PNG.")

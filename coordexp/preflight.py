@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Dict, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from coordexp.config.contract import learner_image_root, rollout_contract
 from coordexp.config.errors import exit_on_config_error
@@ -13,7 +14,7 @@ from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import TrainConfig
 
 
-def preflight(cfg: TrainConfig) -> Dict[str, Any]:
+def preflight(cfg: TrainConfig) -> dict[str, Any]:
     contract = rollout_contract(cfg)
     v = cfg.vllm
     return {

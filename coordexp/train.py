@@ -10,10 +10,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from coordexp.config.paths import CONF_DIR
 from coordexp.config.errors import exit_on_config_error
 from coordexp.config.leaf import check_command_line
 from coordexp.config.load import RESOLVED_CONFIG_NAME, save_resolved, to_train_config
+from coordexp.config.paths import CONF_DIR
 from coordexp.config.store import register_configs
 
 

@@ -17,8 +17,8 @@ enlarged by an integer factor).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -31,8 +31,8 @@ PRED_FP = (213, 94, 0)
 CANVAS = (246, 246, 246)
 DEFAULT_MAX_SIDE = 1280
 
-Obj = Tuple[str, Sequence[int]]              # (desc, bins [x1, y1, x2, y2])
-Pair = Tuple[int, int, float]                # (pred_index, gt_index, iou)
+Obj = tuple[str, Sequence[int]]              # (desc, bins [x1, y1, x2, y2])
+Pair = tuple[int, int, float]                # (pred_index, gt_index, iou)
 
 
 MIN_SIDE = 448  # smaller canvases are enlarged by an integer factor so boxes and labels stay legible
@@ -45,7 +45,7 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def resolve_image(path: str, image_root: Optional[Path]) -> Optional[Path]:
+def resolve_image(path: str, image_root: Path | None) -> Path | None:
     """An image path from a sample: absolute as is, else relative to ``image_root`` (the JSONL folder),
     else relative to the working directory; ``None`` if no such file."""
     p = Path(path)
@@ -69,7 +69,7 @@ def _overlaps(a, b) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _label(draw: ImageDraw.ImageDraw, xy, text: str, colour, font, canvas_size, placed: List[tuple],
+def _label(draw: ImageDraw.ImageDraw, xy, text: str, colour, font, canvas_size, placed: list[tuple],
            below: bool = False) -> None:
     """A filled text tag at a box corner, moved down (or up, near the bottom) off tags already placed."""
     x, y = xy
@@ -90,8 +90,8 @@ def _label(draw: ImageDraw.ImageDraw, xy, text: str, colour, font, canvas_size, 
 
 
 def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair], *, width: int, height: int,
-                    image_path: Optional[Path] = None, title: Optional[str] = None,
-                    max_side: Optional[int] = DEFAULT_MAX_SIDE, iou_label: str = "IoU 0.5") -> Image.Image:
+                    image_path: Path | None = None, title: str | None = None,
+                    max_side: int | None = DEFAULT_MAX_SIDE, iou_label: str = "IoU 0.5") -> Image.Image:
     """The picture of one sample. ``pairs`` are the matches (pred index, GT index, IoU); every other
     prediction is a false positive and every other GT object a false negative."""
     note = None
@@ -121,7 +121,7 @@ def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair
     matched_pred = {p: (g, iou) for p, g, iou in pairs}
     matched_gt = {g for _, g, _ in pairs}
 
-    def px(bins) -> Tuple[float, float, float, float]:
+    def px(bins) -> tuple[float, float, float, float]:
         x1, y1, x2, y2 = bins_to_pixel_box(tuple(int(v) for v in bins), w, h)
         return x1, y1, x2, y2
 
@@ -143,7 +143,7 @@ def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair
         else:
             text = f"FP {desc}"
         labels.append(((box[0], box[1]), text, colour, False))
-    placed: List[tuple] = []
+    placed: list[tuple] = []
     for anchor, text, colour, below in labels:
         _label(draw, anchor, text, colour, font, (w, h), placed, below=below)
 
@@ -157,7 +157,7 @@ def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair
     return canvas
 
 
-def _legend(draw, entries, head: List[str], font, size, line: int) -> None:
+def _legend(draw, entries, head: list[str], font, size, line: int) -> None:
     pad, swatch = 6, 22
     rows = head + [text for _, _, text in entries]
     heights = [draw.textbbox((0, 0), r, font=font) for r in rows]
@@ -190,8 +190,8 @@ def save_png(image: Image.Image, path: Path) -> Path:
     return path
 
 
-def render_prediction(record: dict, *, image_root: Optional[Path] = None, iou_key: str = "0.50",
-                      max_side: Optional[int] = DEFAULT_MAX_SIDE) -> Image.Image:
+def render_prediction(record: dict, *, image_root: Path | None = None, iou_key: str = "0.50",
+                      max_side: int | None = DEFAULT_MAX_SIDE) -> Image.Image:
     """Picture of one ``predictions.jsonl`` row (see coordexp.evaluation.report.prediction_record)."""
     gt = [(o["desc"], o["bbox_2d"]) for o in record["gt"]]
     pred = [(o["desc"], o["bbox_2d"]) for o in record["pred"]]
@@ -212,8 +212,8 @@ def render_prediction(record: dict, *, image_root: Optional[Path] = None, iou_ke
 
 
 def write_sample_pngs(records: Sequence[dict], out_dir: Path, *, limit: int = 4,
-                      image_root: Optional[Path] = None,
-                      iou_key: str = "0.50") -> List[Tuple[Path, Image.Image]]:
+                      image_root: Path | None = None,
+                      iou_key: str = "0.50") -> list[tuple[Path, Image.Image]]:
     """PNGs of the first ``limit`` records as ``<out_dir>/<index>_<sample>.png``; returns (path, image)."""
     out = []
     for i, record in enumerate(records[:limit]):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
 
 from coordexp.config.schema import RepeatTerminateConfig, TrainConfig
 
@@ -16,8 +15,8 @@ from coordexp.config.schema import RepeatTerminateConfig, TrainConfig
 @dataclass(frozen=True)
 class RolloutContract:
     backend: str                     # "hf" | "vllm"
-    vllm_mode: Optional[str]         # "server" | None
-    server_base_urls: Tuple[str, ...]
+    vllm_mode: str | None         # "server" | None
+    server_base_urls: tuple[str, ...]
     decode_batch_size: int           # rollout micro-batch (train and eval)
     eval_batch_size: int             # == decode_batch_size, whatever training.per_device_eval_batch_size says
     max_new_tokens: int

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
-from typing import Any, Iterator, List, Mapping, Optional, Tuple, Type
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from coordexp.config.legacy import legacy_problems
 from coordexp.config.schema import TrainConfig
@@ -19,19 +21,19 @@ _OPEN = object()  # marker: a Dict[str, Any] node accepts any key
 
 
 def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) is typing.Union:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
             return args[0]
     return tp
 
 
-def _field_types(cls: Type[Any]) -> dict:
+def _field_types(cls: type[Any]) -> dict:
     hints = typing.get_type_hints(cls)
     return {f.name: _unwrap_optional(hints[f.name]) for f in dataclasses.fields(cls)}
 
 
-def child_type(parent: Any, key: str) -> Tuple[bool, Any]:
+def child_type(parent: Any, key: str) -> tuple[bool, Any]:
     """(known, type) of ``key`` under a node of type ``parent``."""
     if parent is _OPEN:
         return True, _OPEN
@@ -47,7 +49,7 @@ def child_type(parent: Any, key: str) -> Tuple[bool, Any]:
     return True, None  # a leaf value: nothing below it is checked here
 
 
-def _walk(node: Any, tp: Any, path: str) -> Iterator[Tuple[str, bool]]:
+def _walk(node: Any, tp: Any, path: str) -> Iterator[tuple[str, bool]]:
     """Yield (dotted path, known) for every key of a raw mapping, list items included."""
     if isinstance(node, Mapping):
         for key, value in node.items():
@@ -57,7 +59,7 @@ def _walk(node: Any, tp: Any, path: str) -> Iterator[Tuple[str, bool]]:
             yield from _walk(value, sub_tp if known else None, sub)  # unknown subtrees: legacy scan only
     elif isinstance(node, list):
         item_tp = None
-        if typing.get_origin(tp) in (list, List):
+        if typing.get_origin(tp) is list:
             (item_tp,) = typing.get_args(tp) or (None,)
         for i, value in enumerate(node):
             yield from _walk(value, item_tp if dataclasses.is_dataclass(item_tp) else None, f"{path}[{i}]")
@@ -71,7 +73,7 @@ def _suggestion(path: str, parent: Any) -> str:
     return f"; did you mean '{path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}'?" if close else ""
 
 
-def _type_at(path: str, root: Type[Any] = TrainConfig) -> Any:
+def _type_at(path: str, root: type[Any] = TrainConfig) -> Any:
     tp: Any = root
     for part in path.replace("]", "").replace("[", ".").split("."):
         if part.isdigit():
@@ -84,8 +86,8 @@ def _type_at(path: str, root: Type[Any] = TrainConfig) -> Any:
     return tp
 
 
-def key_problems(raw: Mapping[str, Any], root: Type[Any] = TrainConfig, prefix: str = "",
-                 allowed_top: Tuple[str, ...] = ("defaults", "hydra")) -> List[str]:
+def key_problems(raw: Mapping[str, Any], root: type[Any] = TrainConfig, prefix: str = "",
+                 allowed_top: tuple[str, ...] = ("defaults", "hydra")) -> list[str]:
     """All legacy and unknown keys of ``raw`` (a mapping placed at ``prefix`` in the tree)."""
     base_tp = _type_at(prefix, root) if prefix else root
     body = {k: v for k, v in raw.items() if not (not prefix and k in allowed_top)}
@@ -102,7 +104,7 @@ def key_problems(raw: Mapping[str, Any], root: Type[Any] = TrainConfig, prefix: 
     return problems
 
 
-def path_problems(path: str, root: Type[Any] = TrainConfig) -> Optional[str]:
+def path_problems(path: str, root: type[Any] = TrainConfig) -> str | None:
     """Problem with one dotted override key, or None if the schema has it."""
     problems = key_problems(_nest(path), root)
     return "; ".join(problems) if problems else None

@@ -7,8 +7,9 @@ another leaf, and it literally pins every high-signal knob below. The same check
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -44,7 +45,7 @@ def leaf_file(name: str) -> Path:
     return EXPERIMENT_DIR / f"{name}.yaml"
 
 
-def leaf_problems(name: str) -> List[str]:
+def leaf_problems(name: str) -> list[str]:
     """Every contract violation of experiment leaf ``name``, all at once."""
     path = leaf_file(name)
     where = f"conf/experiment/{name}.yaml"
@@ -54,10 +55,10 @@ def leaf_problems(name: str) -> List[str]:
     return leaf_file_problems(path, where)
 
 
-def leaf_file_problems(path: Path, where: str) -> List[str]:
+def leaf_file_problems(path: Path, where: str) -> list[str]:
     text = path.read_text()
     raw = yaml.safe_load(text) or {}
-    problems: List[str] = []
+    problems: list[str] = []
     if not text.lstrip().startswith("# @package _global_"):
         problems.append(f"{where}: a leaf must start with '# @package _global_'")
     for entry in raw.get("defaults", []) or []:
@@ -79,7 +80,7 @@ def _parse_overrides(argv: Sequence[str]):
     return OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
 
 
-def experiment_from_argv(argv: Sequence[str]) -> Optional[str]:
+def experiment_from_argv(argv: Sequence[str]) -> str | None:
     for ov in _parse_overrides(argv):
         if ov.key_or_group == "experiment" and not ov.is_delete():
             return str(ov.value())
@@ -88,7 +89,7 @@ def experiment_from_argv(argv: Sequence[str]) -> Optional[str]:
 
 def check_command_line(argv: Sequence[str], need_experiment: bool = True) -> None:
     """Pre-composition checks of ``argv`` overrides and the selected leaf; raises ConfigError."""
-    problems: List[str] = []
+    problems: list[str] = []
     overrides = _parse_overrides(argv)
     experiment = None
     for ov in overrides:

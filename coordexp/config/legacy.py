@@ -5,9 +5,9 @@ A raw key path matches an entry when it equals the entry's path or lies below it
 
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple
+from collections.abc import Iterable
 
-LEGACY_KEYS: Tuple[Tuple[str, str], ...] = (
+LEGACY_KEYS: tuple[tuple[str, str], ...] = (
     ("custom.extra.rollout_matching", "move rollout settings to top-level rollout_matching.*"),
     ("custom", "the `custom` section is gone: data keys live under data.*, loss weights under stage2_ab.*, "
                "free-form notes under extra.*"),
@@ -33,7 +33,7 @@ LEGACY_KEYS: Tuple[Tuple[str, str], ...] = (
 )
 
 
-def legacy_problems(paths: Iterable[str]) -> List[str]:
+def legacy_problems(paths: Iterable[str]) -> list[str]:
     """One message per legacy subtree; the most specific entry wins (custom.extra.rollout_matching over
     custom)."""
     paths = list(paths)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import types
 import typing
-from typing import Any, Iterator, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -31,12 +33,12 @@ Groups (select with `group=option`): `model` (tiny, local), `data` (synthetic, j
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return f"{_type_name(args[0])} or null"
-    if origin in (list, typing.List):
+    if origin in (list, list):
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
-    if origin in (dict, typing.Dict):
+    if origin in (dict, dict):
         return "mapping"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return " \\| ".join(m.value for m in tp)
@@ -53,7 +55,7 @@ def _default(f: dataclasses.Field) -> str:
     return "`null`" if value is None else f"`{value}`"
 
 
-def rows(cls: type = TrainConfig, prefix: str = "") -> Iterator[Tuple[str, str, str, str]]:
+def rows(cls: type = TrainConfig, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"

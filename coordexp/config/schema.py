@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -112,11 +112,11 @@ class SyntheticDataConfig:
 class DataConfig:
     kind: DataKind = doc("`synthetic`: generate the synthetic task into the run dir; `jsonl`: read files.",
                          DataKind.synthetic)
-    train_jsonl: Optional[str] = doc("Training JSONL (kind: jsonl).", None)
-    val_jsonl: Optional[str] = doc("Held-out JSONL for rollout eval (kind: jsonl).", None)
+    train_jsonl: str | None = doc("Training JSONL (kind: jsonl).", None)
+    val_jsonl: str | None = doc("Held-out JSONL for rollout eval (kind: jsonl).", None)
     object_field_order: FieldOrder = doc("Key order inside each CoordJSON object.", FieldOrder.desc_first)
-    system_prompt: Optional[str] = doc("Optional system turn prepended to every prompt.", None)
-    val_sample_limit: Optional[int] = doc("Cap on held-out samples used per eval (null = all).", None)
+    system_prompt: str | None = doc("Optional system turn prepended to every prompt.", None)
+    val_sample_limit: int | None = doc("Cap on held-out samples used per eval (null = all).", None)
     synthetic: SyntheticDataConfig = doc("Synthetic task settings (kind: synthetic).",
                                          default_factory=SyntheticDataConfig)
 
@@ -132,7 +132,7 @@ class TrainingConfig:
     per_device_train_batch_size: int = doc("Samples per rank per micro-step.", 1)
     per_device_eval_batch_size: int = doc(
         "HF eval batch size. Rollout eval ignores it: rollout_matching.decode_batch_size rules.", 8)
-    gradient_accumulation_steps: Optional[int] = doc(
+    gradient_accumulation_steps: int | None = doc(
         "Leave null: derived as effective_batch_size / (per_device_train_batch_size * nproc_per_node). "
         "A value that differs from the derived one is an error.", None)
     nproc_per_node: int = doc("Learner processes (torchrun ranks).", 1)
@@ -146,9 +146,9 @@ class TrainingConfig:
     eval_steps: int = doc("Optimizer steps between rollout evals.")
     save_strategy: IntervalStrategy = doc("`steps`: checkpoint every save_steps; `no`: never.")
     save_steps: int = doc("Optimizer steps between checkpoints.")
-    save_total_limit: Optional[int] = doc("Keep at most N checkpoints (null = all).", 2)
+    save_total_limit: int | None = doc("Keep at most N checkpoints (null = all).", 2)
     metric_for_best_model: str = doc("Metric that picks the best checkpoint.", "eval_rollout/f1")
-    resume_from_checkpoint: Optional[str] = doc(
+    resume_from_checkpoint: str | None = doc(
         "`latest` resumes from the newest checkpoint in output_dir; a path resumes from it.", None)
     dataloader_num_workers: int = doc("DataLoader worker processes.", 0)
 
@@ -201,7 +201,7 @@ class RepeatTerminateConfig:
     ngram_size: int = doc("n of the n-gram rule (0 disables).", 8)
     ngram_repeats: int = doc("Fire when the last ngram_size tokens repeat back-to-back this many times "
                              "(0 disables; otherwise >= 2).", 3)
-    max_object_keys: Optional[int] = doc("Fire when this many objects have been started (null disables).",
+    max_object_keys: int | None = doc("Fire when this many objects have been started (null disables).",
                                          None)
 
 
@@ -223,14 +223,14 @@ class RolloutMatchingConfig:
 
 @dataclass
 class ServerConfig:
-    base_urls: List[str] = doc("Rollout server URLs (http://host:port).", default_factory=list)
+    base_urls: list[str] = doc("Rollout server URLs (http://host:port).", default_factory=list)
     reuse_existing: bool = doc("Use servers already running at base_urls instead of starting one.", False)
     host: str = doc("Bind host of a server the launcher starts.", "127.0.0.1")
     startup_timeout_s: float = doc("Deadline for /health/ after start.", 600.0)
     infer_timeout_s: float = doc("Per /infer/ call timeout (one retry, then a clear error).", 120.0)
     request_timeout_s: float = doc("Timeout of every other HTTP call.", 30.0)
     log_tail_lines: int = doc("Server log lines printed when the run fails.", 40)
-    image_root: Optional[str] = doc(
+    image_root: str | None = doc(
         "The server's ROOT_IMAGE_DIR: where it finds the image paths the learner sends, which are relative to "
         "the training JSONL's folder. null = that folder (server and learner share the filesystem).", None)
 
@@ -246,7 +246,7 @@ class SyncConfig:
 
 @dataclass
 class VllmConfig:
-    mode: Optional[VllmMode] = doc("`server`: separately launched `swift rollout`; null with the hf backend.",
+    mode: VllmMode | None = doc("`server`: separately launched `swift rollout`; null with the hf backend.",
                                    None)
     device: ServerDevice = doc("Where the rollout server runs.", ServerDevice.cpu)
     server: ServerConfig = doc("Server endpoints and timeouts.", default_factory=ServerConfig)
@@ -258,9 +258,9 @@ class VllmConfig:
     cpu_kvcache_space_gib: int = doc("KV cache size for a CPU server (VLLM_CPU_KVCACHE_SPACE).", 1)
     data_parallel_size: int = doc("Server data-parallel engines.", 1)
     tensor_parallel_size: int = doc("Server tensor parallelism.", 1)
-    server_gpus: List[int] = doc("GPU ids of the server (device: cuda); disjoint from learner_gpus.",
+    server_gpus: list[int] = doc("GPU ids of the server (device: cuda); disjoint from learner_gpus.",
                                  default_factory=list)
-    learner_gpus: List[int] = doc("GPU ids of the learner (device: cuda).", default_factory=list)
+    learner_gpus: list[int] = doc("GPU ids of the learner (device: cuda).", default_factory=list)
 
 
 @dataclass
@@ -275,5 +275,5 @@ class TrainConfig:
     rollout_matching: RolloutMatchingConfig = doc("Rollout, parsing and matching (canonical rollout "
                                                   "namespace).", default_factory=RolloutMatchingConfig)
     vllm: VllmConfig = doc("Rollout server settings.", default_factory=VllmConfig)
-    extra: Dict[str, Any] = doc("Free-form user notes; recorded, never read by coordexp.",
+    extra: dict[str, Any] = doc("Free-form user notes; recorded, never read by coordexp.",
                                 default_factory=dict)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import List
 from urllib.parse import urlparse
 
-from coordexp.config.schema import (IntervalStrategy, ModelKind, RolloutBackend, ServerDevice, SyncMode,
-                                    TrainConfig, VllmMode)
+from coordexp.config.schema import (
+    IntervalStrategy,
+    ModelKind,
+    RolloutBackend,
+    ServerDevice,
+    SyncMode,
+    TrainConfig,
+    VllmMode,
+)
 
 
 def derived_grad_accumulation(cfg: TrainConfig) -> int:
@@ -21,8 +27,8 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
-def problems(cfg: TrainConfig) -> List[str]:
-    out: List[str] = []
+def problems(cfg: TrainConfig) -> list[str]:
+    out: list[str] = []
 
     def need(ok: bool, path: str, message: str) -> None:
         if not ok:

@@ -2,9 +2,19 @@
 pipeline and its files (``report``). ``python -m coordexp.eval`` is the CLI; docs/evaluation.md the guide."""
 
 from coordexp.evaluation.coco import CocoImage, CocoObject, coco_ap
-from coordexp.evaluation.detection import (DUPLICATE_IOU, IOU_THRESHOLDS, DetectionAggregate, MatchSettings,
-                                           SampleOutcome, ThresholdMatch, duplicate_flags, match_at_threshold,
-                                           match_at_thresholds, prf, summarize)
+from coordexp.evaluation.detection import (
+                                           DUPLICATE_IOU,
+                                           IOU_THRESHOLDS,
+                                           DetectionAggregate,
+                                           MatchSettings,
+                                           SampleOutcome,
+                                           ThresholdMatch,
+                                           duplicate_flags,
+                                           match_at_threshold,
+                                           match_at_thresholds,
+                                           prf,
+                                           summarize,
+)
 
 __all__ = [
     "DUPLICATE_IOU",

@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from coordexp.coordjson import bins_to_pixel_box
 
 #: COCOeval.stats index -> report key (maxDets = 1, 10, 100).
-STAT_NAMES: Tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
+STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
                                "ARm", "ARl")
 
 
 @dataclass(frozen=True)
 class CocoObject:
     desc: str
-    bbox: Tuple[int, int, int, int]   # norm1000 bins [x1, y1, x2, y2]
+    bbox: tuple[int, int, int, int]   # norm1000 bins [x1, y1, x2, y2]
     score: float = 1.0
 
 
@@ -44,12 +44,12 @@ class CocoImage:
     pred: Sequence[CocoObject]
 
 
-def _xywh(bins, width: int, height: int) -> List[float]:
+def _xywh(bins, width: int, height: int) -> list[float]:
     x1, y1, x2, y2 = bins_to_pixel_box(tuple(int(v) for v in bins), max(int(width), 2), max(int(height), 2))
     return [x1, y1, x2 - x1, y2 - y1]
 
 
-def coco_ap(images: Sequence[CocoImage], mode: str = "agnostic") -> Dict[str, Optional[float]]:
+def coco_ap(images: Sequence[CocoImage], mode: str = "agnostic") -> dict[str, float | None]:
     """AP/AR table of ``images`` (values in [0, 1]; ``None`` where COCO leaves a value undefined,
     e.g. no GT of that size). No GT at all gives all ``None``; no predictions gives 0 where defined."""
     if mode not in ("agnostic", "by_desc"):
@@ -63,7 +63,7 @@ def coco_ap(images: Sequence[CocoImage], mode: str = "agnostic") -> Dict[str, Op
         names = sorted({o.desc for im in images for o in im.gt})
         categories = {name: i + 1 for i, name in enumerate(names)}
 
-    def cat_of(desc: str) -> Optional[int]:
+    def cat_of(desc: str) -> int | None:
         return 1 if mode == "agnostic" else categories.get(desc)
 
     gt_anns, dets, unknown = [], [], 0
@@ -80,7 +80,7 @@ def coco_ap(images: Sequence[CocoImage], mode: str = "agnostic") -> Dict[str, Op
             dets.append({"image_id": image_id, "category_id": cat, "bbox": _xywh(o.bbox, im.width, im.height),
                          "score": float(o.score)})
 
-    result: Dict[str, Optional[float]] = {name: None for name in STAT_NAMES}
+    result: dict[str, float | None] = {name: None for name in STAT_NAMES}
     result.update(images=len(images), gt_objects=len(gt_anns), detections=len(dets))
     if mode == "by_desc":
         result.update(categories=len(categories), unknown_desc_predictions=unknown)

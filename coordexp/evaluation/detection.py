@@ -18,15 +18,15 @@ Definitions (docs/evaluation.md has the full table):
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from coordexp.matching import box_iou, match_boxes
 
 #: COCO's ten IoU thresholds 0.50:0.05:0.95 (rounded so keys print cleanly).
-IOU_THRESHOLDS: Tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 #: IoU at or above which a later prediction duplicates an earlier one of the same rollout.
 DUPLICATE_IOU = 0.95
 
@@ -47,9 +47,9 @@ class ThresholdMatch:
     """Outcome of one sample at one IoU threshold."""
 
     threshold: float
-    pairs: Tuple[Tuple[int, int, float], ...]  # (pred_index, gt_index, iou)
-    false_positives: Tuple[int, ...]
-    false_negatives: Tuple[int, ...]
+    pairs: tuple[tuple[int, int, float], ...]  # (pred_index, gt_index, iou)
+    false_positives: tuple[int, ...]
+    false_negatives: tuple[int, ...]
 
     @property
     def tp(self) -> int:
@@ -75,11 +75,11 @@ def match_at_threshold(pred_boxes: Sequence[Box], gt_boxes: Sequence[Box], thres
 
 def match_at_thresholds(pred_boxes: Sequence[Box], gt_boxes: Sequence[Box],
                         thresholds: Sequence[float] = IOU_THRESHOLDS,
-                        settings: MatchSettings = MatchSettings()) -> List[ThresholdMatch]:
+                        settings: MatchSettings = MatchSettings()) -> list[ThresholdMatch]:
     return [match_at_threshold(pred_boxes, gt_boxes, t, settings) for t in thresholds]
 
 
-def duplicate_flags(pred_boxes: Sequence[Box], iou_threshold: float = DUPLICATE_IOU) -> List[bool]:
+def duplicate_flags(pred_boxes: Sequence[Box], iou_threshold: float = DUPLICATE_IOU) -> list[bool]:
     """flags[i] is True iff prediction i has IoU >= iou_threshold with some prediction j < i."""
     n = len(pred_boxes)
     if n < 2:
@@ -93,7 +93,7 @@ def safe_ratio(numerator: float, denominator: float) -> float:
     return float(numerator) / float(denominator) if denominator else 0.0
 
 
-def prf(tp: float, n_pred: float, n_gt: float) -> Dict[str, float]:
+def prf(tp: float, n_pred: float, n_gt: float) -> dict[str, float]:
     """precision, recall, F1 from counts (each 0 when its denominator is 0)."""
     return {"precision": safe_ratio(tp, n_pred), "recall": safe_ratio(tp, n_gt),
             "f1": safe_ratio(2 * tp, n_pred + n_gt)}
@@ -103,16 +103,16 @@ def prf(tp: float, n_pred: float, n_gt: float) -> Dict[str, float]:
 class SampleOutcome:
     """What the aggregate needs from one rollout (built by the caller from the strict parse)."""
 
-    pred_boxes: List[Tuple[int, int, int, int]]
-    gt_boxes: List[Tuple[int, int, int, int]]
+    pred_boxes: list[tuple[int, int, int, int]]
+    gt_boxes: list[tuple[int, int, int, int]]
     invalid_rollout: bool = False
     truncated: bool = False
     forced_eos: bool = False
     hit_max_new_tokens: bool = False
     gen_tokens: int = 0
     dropped: Mapping[str, int] = field(default_factory=dict)
-    pred_descs: Optional[Sequence[str]] = None   # for desc_match (None: not counted)
-    gt_descs: Optional[Sequence[str]] = None
+    pred_descs: Sequence[str] | None = None   # for desc_match (None: not counted)
+    gt_descs: Sequence[str] | None = None
 
 
 def threshold_key(t: float) -> str:
@@ -123,7 +123,7 @@ def threshold_key(t: float) -> str:
 class DetectionAggregate:
     """Sums over samples; ``summary()`` turns them into the report's numbers."""
 
-    thresholds: Tuple[float, ...] = IOU_THRESHOLDS
+    thresholds: tuple[float, ...] = IOU_THRESHOLDS
     settings: MatchSettings = field(default_factory=MatchSettings)
     rollouts: int = 0
     n_pred: int = 0
@@ -133,13 +133,13 @@ class DetectionAggregate:
     truncated: int = 0
     forced_eos: int = 0
     hit_max_new_tokens: int = 0
-    gen_tokens: List[int] = field(default_factory=list)
-    dropped: Dict[str, int] = field(default_factory=dict)
-    tp: Dict[float, int] = field(default_factory=dict)
+    gen_tokens: list[int] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    tp: dict[float, int] = field(default_factory=dict)
     desc_match_50: int = 0   # matched pairs at IoU 0.5 with equal desc
     desc_checked_50: int = 0  # matched pairs at IoU 0.5 whose descs were given
 
-    def add(self, outcome: SampleOutcome) -> Tuple[List[ThresholdMatch], List[bool]]:
+    def add(self, outcome: SampleOutcome) -> tuple[list[ThresholdMatch], list[bool]]:
         """Account one sample; returns its per-threshold matches and duplicate flags."""
         matches = match_at_thresholds(outcome.pred_boxes, outcome.gt_boxes, self.thresholds, self.settings)
         dups = duplicate_flags(outcome.pred_boxes)
@@ -163,17 +163,17 @@ class DetectionAggregate:
                                           for p, g, _ in m.pairs)
         return matches, dups
 
-    def at(self, threshold: float) -> Dict[str, float]:
+    def at(self, threshold: float) -> dict[str, float]:
         tp = self.tp.get(float(threshold), 0)
         return {**prf(tp, self.n_pred, self.n_gt), "tp": tp, "fp": self.n_pred - tp, "fn": self.n_gt - tp}
 
-    def summary(self) -> Dict[str, object]:
+    def summary(self) -> dict[str, object]:
         per_t = {threshold_key(t): self.at(t) for t in self.thresholds}
         mean = {k: float(np.mean([v[k] for v in per_t.values()])) if per_t else 0.0
                 for k in ("precision", "recall", "f1")}
         gen = sorted(self.gen_tokens)
         n = self.rollouts
-        out: Dict[str, object] = {
+        out: dict[str, object] = {
             "counts": {"rollouts": n, "pred_objects": self.n_pred, "gt_objects": self.n_gt,
                        "duplicates": self.duplicates, "invalid_rollout": self.invalid_rollout,
                        "parse_truncated": self.truncated, "forced_eos": self.forced_eos,
@@ -198,7 +198,7 @@ class DetectionAggregate:
 
 
 def summarize(outcomes: Sequence[SampleOutcome], thresholds: Sequence[float] = IOU_THRESHOLDS,
-              settings: Optional[MatchSettings] = None) -> Dict[str, object]:
+              settings: MatchSettings | None = None) -> dict[str, object]:
     """One-call form: aggregate ``outcomes`` and summarize."""
     agg = DetectionAggregate(tuple(float(t) for t in thresholds), settings or MatchSettings())
     for o in outcomes:
@@ -222,7 +222,7 @@ def add_detection_metrics(buf, agg: DetectionAggregate, prefix: str = "eval_roll
     buf.add_ratio(f"{prefix}/forced_eos_rate", agg.forced_eos, agg.rollouts)
 
 
-def finish_detection_metrics(metrics: Dict[str, float], prefix: str = "eval_rollout") -> Dict[str, float]:
+def finish_detection_metrics(metrics: dict[str, float], prefix: str = "eval_rollout") -> dict[str, float]:
     """Replace the per-threshold helper keys by their mean, ``<prefix>/f1_iou50_95`` (in place)."""
     helper = f"{prefix}/_f1@"
     values = [metrics.pop(k) for k in [k for k in metrics if k.startswith(helper)]]

@@ -17,14 +17,23 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from coordexp.coordjson import TokenFrame
 from coordexp.evaluation.coco import CocoImage, CocoObject, coco_ap
-from coordexp.evaluation.detection import (DUPLICATE_IOU, IOU_THRESHOLDS, DetectionAggregate, MatchSettings,
-                                           SampleOutcome, ThresholdMatch, prf, threshold_key)
+from coordexp.evaluation.detection import (
+    DUPLICATE_IOU,
+    IOU_THRESHOLDS,
+    DetectionAggregate,
+    MatchSettings,
+    SampleOutcome,
+    ThresholdMatch,
+    prf,
+    threshold_key,
+)
 
 REPORT_NAME = "eval_report.json"
 PREDICTIONS_NAME = "predictions.jsonl"
@@ -38,7 +47,7 @@ COORD_PROB_SCORE = ("mean over the 4 coordinate slots of the full-vocabulary sof
                     "emitted coord token (teacher-forced prompt + rollout)")
 
 # (prompt ids per rollout, generated ids per rollout, generated-token indices per rollout) -> probabilities
-Scorer = Callable[[Sequence[List[int]], Sequence[List[int]], Sequence[List[int]]], List[List[float]]]
+Scorer = Callable[[Sequence[list[int]], Sequence[list[int]], Sequence[list[int]]], list[list[float]]]
 
 
 def sample_name(sample) -> str:
@@ -53,7 +62,7 @@ def match_settings(contract) -> MatchSettings:
 
 # ---- coordinate-token probabilities ------------------------------------------------------------------
 def rollout_coord_indices(parsed, token_ids: Sequence[int],
-                          pieces: Sequence[str]) -> List[Optional[Tuple[int, ...]]]:
+                          pieces: Sequence[str]) -> list[tuple[int, ...] | None]:
     """For each parsed object, the indices in the *generated* tokens of its 4 coordinate tokens.
 
     Parsed positions index the parse prefix (which starts at the container and may re-encode a straddling
@@ -66,7 +75,7 @@ def rollout_coord_indices(parsed, token_ids: Sequence[int],
     frame = TokenFrame.from_pieces(list(token_ids), list(pieces))
     prefix = parsed.prefix_frame
     offset = frame.text.find(prefix.text) if prefix.text else -1
-    out: List[Optional[Tuple[int, ...]]] = []
+    out: list[tuple[int, ...] | None] = []
     for obj in parsed.objects:
         if offset < 0:
             out.append(None)
@@ -93,10 +102,10 @@ class TeacherForcedScorer:
     def __init__(self, model, pad_id: int, batch_size: int = 8):
         self.model, self.pad_id, self.batch_size = model, int(pad_id), max(int(batch_size), 1)
 
-    def __call__(self, prompts, completions, positions) -> List[List[float]]:
+    def __call__(self, prompts, completions, positions) -> list[list[float]]:
         import torch
 
-        out: List[List[float]] = [[] for _ in prompts]
+        out: list[list[float]] = [[] for _ in prompts]
         todo = [i for i, pos in enumerate(positions) if pos]
         model = self.model
         was_training = model.training
@@ -127,7 +136,7 @@ class TeacherForcedScorer:
 # ---- per-sample records ------------------------------------------------------------------------------
 def prediction_record(sample, rollout, parsed, text: str, matches: Sequence[ThresholdMatch],
                       duplicates: Sequence[bool],
-                      coord_probs: Optional[Sequence[Optional[Sequence[float]]]] = None) -> Dict[str, Any]:
+                      coord_probs: Sequence[Sequence[float] | None] | None = None) -> dict[str, Any]:
     """One predictions.jsonl row. ``matches`` hold every evaluated IoU threshold."""
     pred = []
     for i, obj in enumerate(parsed.objects):
@@ -155,14 +164,14 @@ def prediction_record(sample, rollout, parsed, text: str, matches: Sequence[Thre
 
 @dataclass
 class EvalResult:
-    report: Dict[str, Any]
-    records: List[Dict[str, Any]]
+    report: dict[str, Any]
+    records: list[dict[str, Any]]
 
 
 def score_rollouts(samples: Sequence, rollouts: Sequence, adapter, contract, *,
-                   scorer: Optional[Scorer] = None, thresholds: Sequence[float] = IOU_THRESHOLDS,
-                   scored: Optional[Sequence] = None
-                   ) -> Tuple[List[Dict[str, Any]], DetectionAggregate, Dict[str, int]]:
+                   scorer: Scorer | None = None, thresholds: Sequence[float] = IOU_THRESHOLDS,
+                   scored: Sequence | None = None
+                   ) -> tuple[list[dict[str, Any]], DetectionAggregate, dict[str, int]]:
     """Parse, match and (optionally) score rollouts: (records, aggregate, training-gate counts).
 
     ``scored`` may pass ``score_rollout``'s (parsed, gts, match) per rollout when the caller has them."""
@@ -172,7 +181,7 @@ def score_rollouts(samples: Sequence, rollouts: Sequence, adapter, contract, *,
         scored = [score_rollout(s, r, adapter, contract) for s, r in zip(samples, rollouts)]
     settings = match_settings(contract)
     pieces = [adapter.pieces(r.token_ids) for r in rollouts]
-    coord_probs: List[Optional[List[Optional[List[float]]]]] = [None] * len(rollouts)
+    coord_probs: list[list[list[float] | None] | None] = [None] * len(rollouts)
     if scorer is not None:
         slots = [rollout_coord_indices(parsed, r.token_ids, pc)
                  for (parsed, _, _), r, pc in zip(scored, rollouts, pieces)]
@@ -199,15 +208,15 @@ def score_rollouts(samples: Sequence, rollouts: Sequence, adapter, contract, *,
     return records, agg, gate
 
 
-def coco_tables(records: Sequence[Dict[str, Any]], *, with_coord_prob: bool) -> Dict[str, Any]:
-    def images(score_of) -> List[CocoImage]:
+def coco_tables(records: Sequence[dict[str, Any]], *, with_coord_prob: bool) -> dict[str, Any]:
+    def images(score_of) -> list[CocoImage]:
         return [CocoImage(r["width"], r["height"],
                           [CocoObject(g["desc"], tuple(g["bbox_2d"])) for g in r["gt"]],
                           [CocoObject(p["desc"], tuple(p["bbox_2d"]), score_of(p)) for p in r["pred"]])
                 for r in records]
 
     constant = images(lambda p: 1.0)
-    out: Dict[str, Any] = {"score_constant": coco_ap(constant)}
+    out: dict[str, Any] = {"score_constant": coco_ap(constant)}
     by_desc = {"score_constant": coco_ap(constant, "by_desc")}
     if with_coord_prob:
         scored = images(lambda p: p["score"] if p["score"] is not None else 0.0)
@@ -217,15 +226,15 @@ def coco_tables(records: Sequence[Dict[str, Any]], *, with_coord_prob: bool) -> 
     return out
 
 
-def build_report(records: Sequence[Dict[str, Any]], agg: DetectionAggregate, gate: Dict[str, int],
-                 contract, *, with_coord_prob: bool, meta: Optional[Dict[str, Any]] = None,
-                 timing: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+def build_report(records: Sequence[dict[str, Any]], agg: DetectionAggregate, gate: dict[str, int],
+                 contract, *, with_coord_prob: bool, meta: dict[str, Any] | None = None,
+                 timing: dict[str, float] | None = None) -> dict[str, Any]:
     summary = agg.summary()
     coco = coco_tables(records, with_coord_prob=with_coord_prob)
     unscored = sum(1 for r in records for p in r["pred"] if p["score"] is None) if with_coord_prob else None
     iou50, mean = summary.get("iou50", {}), summary["iou50_95"]
 
-    def ap(table: str, key: str) -> Optional[float]:
+    def ap(table: str, key: str) -> float | None:
         return coco.get(table, {}).get(key)
 
     headline = {
@@ -241,7 +250,7 @@ def build_report(records: Sequence[Dict[str, Any]], agg: DetectionAggregate, gat
     rt = contract.repeat_terminate
     return {
         "kind": "coordexp.eval_report", "version": 1,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **(meta or {}),
         "summary": headline,
         "detection": {"iou50": summary.get("iou50"), "iou50_95": mean,
@@ -270,8 +279,8 @@ def build_report(records: Sequence[Dict[str, Any]], agg: DetectionAggregate, gat
 
 
 def evaluate_rollouts(samples: Sequence, backend, adapter, prompts, contract, *, seed: int,
-                      scorer: Optional[Scorer] = None, thresholds: Sequence[float] = IOU_THRESHOLDS,
-                      meta: Optional[Dict[str, Any]] = None) -> EvalResult:
+                      scorer: Scorer | None = None, thresholds: Sequence[float] = IOU_THRESHOLDS,
+                      meta: dict[str, Any] | None = None) -> EvalResult:
     """Roll out ``samples`` through ``backend`` and evaluate them (see the module docstring)."""
     start = time.perf_counter()
     from coordexp.trainer.rollouts import generate_rollouts
@@ -292,14 +301,14 @@ def evaluate_rollouts(samples: Sequence, backend, adapter, prompts, contract, *,
 
 
 # ---- files --------------------------------------------------------------------------------------------
-def write_report(report: Dict[str, Any], path: Path) -> Path:
+def write_report(report: dict[str, Any], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return path
 
 
-def write_predictions(records: Sequence[Dict[str, Any]], path: Path) -> Path:
+def write_predictions(records: Sequence[dict[str, Any]], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -320,7 +329,7 @@ def _fmt_box(b) -> str:
     return "[" + ", ".join(str(int(v)) for v in b) + "]"
 
 
-def qualitative_markdown(records: Sequence[Dict[str, Any]], *, title: str, limit: int = QUALITATIVE_LIMIT,
+def qualitative_markdown(records: Sequence[dict[str, Any]], *, title: str, limit: int = QUALITATIVE_LIMIT,
                          iou_key: str = "0.50") -> str:
     lines = [f"# {title}", "",
              f"First {min(limit, len(records))} of {len(records)} rollouts: raw text (special tokens "
@@ -362,7 +371,7 @@ def qualitative_markdown(records: Sequence[Dict[str, Any]], *, title: str, limit
     return "\n".join(lines)
 
 
-def write_qualitative(records: Sequence[Dict[str, Any]], path: Path, *, title: str,
+def write_qualitative(records: Sequence[dict[str, Any]], path: Path, *, title: str,
                       limit: int = QUALITATIVE_LIMIT) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,7 +379,7 @@ def write_qualitative(records: Sequence[Dict[str, Any]], path: Path, *, title: s
     return path
 
 
-def format_summary(report: Dict[str, Any]) -> str:
+def format_summary(report: dict[str, Any]) -> str:
     """A few console lines of the headline numbers."""
     def f(v) -> str:
         return "n/a" if v is None else f"{v:.4f}"
@@ -402,9 +411,9 @@ def find_tensorboard_writer(trainer):
     return None
 
 
-def write_eval_artifacts(records: Sequence[Dict[str, Any]], run_dir: Path, step: int, *, tb_writer=None,
-                         image_root: Optional[Path] = None, viz_limit: int = VIZ_LIMIT,
-                         qualitative_limit: int = QUALITATIVE_LIMIT) -> Dict[str, Any]:
+def write_eval_artifacts(records: Sequence[dict[str, Any]], run_dir: Path, step: int, *, tb_writer=None,
+                         image_root: Path | None = None, viz_limit: int = VIZ_LIMIT,
+                         qualitative_limit: int = QUALITATIVE_LIMIT) -> dict[str, Any]:
     """qualitative/step-<N>.md, viz/step-<N>/*.png and (if a writer is given) the PNGs as TensorBoard
     images ``eval_viz/<index>``. Returns the paths written."""
     from coordexp.viz import write_sample_pngs

@@ -8,7 +8,7 @@ import json
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from coordexp.config.paths import REPO_ROOT
 from coordexp.config.schema import TrainConfig
@@ -18,7 +18,7 @@ _DISTRIBUTIONS = {"torch": ("torch",), "transformers": ("transformers",), "vllm"
                   "ms-swift": ("ms-swift", "ms_swift"), "hydra-core": ("hydra-core",), "coordexp": ("coordexp",)}
 
 
-def _version(names: tuple) -> Optional[str]:
+def _version(names: tuple) -> str | None:
     for name in names:
         try:
             return importlib.metadata.version(name)
@@ -27,7 +27,7 @@ def _version(names: tuple) -> Optional[str]:
     return None
 
 
-def _git(*args: str) -> Optional[str]:
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -35,10 +35,10 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def collect(cfg: TrainConfig, resolved_config: Path, launcher: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def collect(cfg: TrainConfig, resolved_config: Path, launcher: dict[str, Any] | None = None) -> dict[str, Any]:
     status = _git("status", "--porcelain")
     return {
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
         "experiment": cfg.experiment,
         "run_name": cfg.training.run_name,
         "resolved_config": str(resolved_config),
@@ -53,7 +53,7 @@ def collect(cfg: TrainConfig, resolved_config: Path, launcher: Optional[Dict[str
 
 
 def write(run_dir: Path, cfg: TrainConfig, resolved_config: Path,
-          launcher: Optional[Dict[str, Any]] = None) -> Path:
+          launcher: dict[str, Any] | None = None) -> Path:
     path = run_dir / METADATA_NAME
     path.write_text(json.dumps(collect(cfg, resolved_config, launcher), indent=2) + "\n")
     return path

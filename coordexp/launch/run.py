@@ -38,18 +38,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 from coordexp.config.schema import TrainConfig
 from coordexp.launch import metadata
-from coordexp.launch.server import stop_group
+from coordexp.launch.server import set_parent_death_signal, stop_group
 from coordexp.trainer.weight_sync import ENV_INITIAL_WEIGHTS  # import-light (no torch)
 
 EXIT_LEARNER_ERROR = 2
@@ -89,7 +89,7 @@ def process_start_epoch() -> float:
         return time.time()
 
 
-_LAST_RUN_END: Optional[float] = None
+_LAST_RUN_END: float | None = None
 
 
 @dataclass
@@ -97,26 +97,26 @@ class Timeline:
     """Named marks (epoch seconds); each phase is the time since the previous mark."""
 
     start: float
-    marks: List[Tuple[str, float]] = field(default_factory=list)
+    marks: list[tuple[str, float]] = field(default_factory=list)
 
-    def mark(self, name: str, at: Optional[float] = None) -> None:
+    def mark(self, name: str, at: float | None = None) -> None:
         self.marks.append((name, time.time() if at is None else at))
 
-    def phases(self) -> Dict[str, float]:
+    def phases(self) -> dict[str, float]:
         out, prev = {}, self.start
         for name, t in self.marks:
             out[name] = round(t - prev, 3)
             prev = t
         return out
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"start": self.start, "marks": {n: t for n, t in self.marks}, "phases_s": self.phases()}
 
 
 # ----------------------------------------------------------------------------------------------- learner
 
 
-def learner_command(cfg: TrainConfig, resolved: Path) -> List[str]:
+def learner_command(cfg: TrainConfig, resolved: Path) -> list[str]:
     nproc = cfg.training.nproc_per_node
     return [
         sys.executable,
@@ -131,26 +131,17 @@ def learner_command(cfg: TrainConfig, resolved: Path) -> List[str]:
     ]
 
 
-def learner_env(cfg: TrainConfig) -> Dict[str, str]:
+def learner_env(cfg: TrainConfig) -> dict[str, str]:
     """Environment additions for the learner (its GPU set on a GPU node)."""
     v = cfg.vllm
-    env: Dict[str, str] = {}
+    env: dict[str, str] = {}
     if _enum(cfg.rollout_matching.rollout_backend) == "vllm" and _enum(v.device) == "cuda" and v.learner_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in v.learner_gpus)
     return env
 
 
-def _pdeathsig() -> None:  # child, between fork and exec: die with the orchestrator
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except Exception:  # noqa: BLE001
-        pass
-
-
 @contextlib.contextmanager
-def _env_overlay(extra: Dict[str, str]) -> Iterator[None]:
+def _env_overlay(extra: dict[str, str]) -> Iterator[None]:
     old = {k: os.environ.get(k) for k in extra}
     os.environ.update(extra)
     try:
@@ -195,7 +186,7 @@ def server_key(cfg: TrainConfig, model_dir: Path) -> str:
 class ServerSet:
     """The rollout servers of a run: one started here, or every ``base_url`` reused."""
 
-    def __init__(self, servers: List[Any], key: str, model_dir: Path):
+    def __init__(self, servers: list[Any], key: str, model_dir: Path):
         self.servers = servers
         self.key = key
         self.model_dir = model_dir
@@ -205,11 +196,11 @@ class ServerSet:
         return any(s.spec is not None for s in self.servers)
 
     @classmethod
-    def start(cls, cfg: TrainConfig, model_dir: Path, run_dir: Path, run_id: str) -> "ServerSet":
+    def start(cls, cfg: TrainConfig, model_dir: Path, run_dir: Path, run_id: str) -> ServerSet:
         from coordexp.launch.server import RolloutServer
 
         urls = list(cfg.vllm.server.base_urls)
-        servers: List[Any] = []
+        servers: list[Any] = []
         try:
             if cfg.vllm.server.reuse_existing:
                 for i, url in enumerate(urls):
@@ -235,7 +226,7 @@ class ServerSet:
             raise
         return cls(servers, server_key(cfg, model_dir), model_dir)
 
-    def dead(self) -> Optional[Tuple[Any, int]]:
+    def dead(self) -> tuple[Any, int] | None:
         for srv in self.servers:
             code = srv.exit_code()
             if code is not None:
@@ -256,7 +247,7 @@ class ServerSet:
                 parts.append(f"--- last {srv.log_tail_lines} lines of {srv.log_path} ---\n{srv.log_tail()}")
         return "\n".join(parts)
 
-    def describe(self) -> List[Dict[str, Any]]:
+    def describe(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self.servers]
 
     def stop(self) -> None:
@@ -268,12 +259,12 @@ class ServerPool:
     """Keeps one server set alive across the jobs of a sweep (used by the coordexp Hydra launcher)."""
 
     def __init__(self) -> None:
-        self.current: Optional[ServerSet] = None
+        self.current: ServerSet | None = None
         self.jobs_served = 0
 
     def acquire(
         self, cfg: TrainConfig, model_dir: Path, run_dir: Path, run_id: str
-    ) -> Tuple[ServerSet, bool]:
+    ) -> tuple[ServerSet, bool]:
         """(servers, fresh): fresh = started now, so it holds the initial checkpoint's weights."""
         key = server_key(cfg, model_dir)
         cur = self.current
@@ -302,7 +293,7 @@ class ServerPool:
             self.current = None
 
 
-_POOL: Optional[ServerPool] = None
+_POOL: ServerPool | None = None
 
 
 @contextlib.contextmanager
@@ -320,7 +311,7 @@ def shared_servers() -> Iterator[ServerPool]:
 # ----------------------------------------------------------------------------------------------- the run
 
 
-def _update_metadata(run_dir: Path, launcher: Dict[str, Any]) -> None:
+def _update_metadata(run_dir: Path, launcher: dict[str, Any]) -> None:
     path = run_dir / metadata.METADATA_NAME
     try:
         data = json.loads(path.read_text())
@@ -330,7 +321,7 @@ def _update_metadata(run_dir: Path, launcher: Dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _run_in_process(cfg: TrainConfig, run_dir: Path, env: Dict[str, str]) -> int:
+def _run_in_process(cfg: TrainConfig, run_dir: Path, env: dict[str, str]) -> int:
     from coordexp.trainer.learner import LearnerError, train
 
     with _env_overlay(env):
@@ -343,10 +334,10 @@ def _run_in_process(cfg: TrainConfig, run_dir: Path, env: Dict[str, str]) -> int
 
 
 def _run_torchrun(
-    cmd: List[str], env: Dict[str, str], servers: Optional[ServerSet], launcher: Dict[str, Any], run_dir: Path
+    cmd: list[str], env: dict[str, str], servers: ServerSet | None, launcher: dict[str, Any], run_dir: Path
 ) -> int:
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env}
-    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True, preexec_fn=_pdeathsig)
+    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True, preexec_fn=set_parent_death_signal)  # noqa: PLW1509
     launcher["learner"]["pgid"] = proc.pid
     _update_metadata(run_dir, launcher)
     try:
@@ -389,7 +380,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
     run_id = uuid.uuid4().hex[:12]
     pool = _POOL
     v = cfg.vllm
-    launcher: Dict[str, Any] = {
+    launcher: dict[str, Any] = {
         "entry": "hydra_launcher:coordexp" if pool is not None else "task_function",
         "run_id": run_id,
         "orchestrator_pid": os.getpid(),
@@ -401,9 +392,9 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
             "pgid": None,
         },
     }
-    env: Dict[str, str] = {ENV_RUN_ID: run_id, **learner_env(cfg)}
-    servers: Optional[ServerSet] = None
-    code: Optional[int] = None
+    env: dict[str, str] = {ENV_RUN_ID: run_id, **learner_env(cfg)}
+    servers: ServerSet | None = None
+    code: int | None = None
     try:
         if server_mode:
             try:

@@ -32,9 +32,10 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Self
 from urllib.parse import urlparse
 
 from coordexp.config.contract import learner_image_root
@@ -43,19 +44,19 @@ from coordexp.rollout.repeat_rules import config_to_dict, parse_config
 from coordexp.rollout.server_client import RolloutServerError, check_health, get_world_size
 
 __all__ = [
-    "PLUGIN_PATH",
-    "ENV_ENABLE",
     "ENV_CONFIG_JSON",
+    "ENV_ENABLE",
     "ENV_SERVER_DEVICE",
-    "ServerStartError",
+    "PLUGIN_PATH",
+    "RolloutServer",
     "ServerLaunchSpec",
-    "launch_spec_from_config",
+    "ServerStartError",
     "build_command",
     "build_env",
+    "launch_spec_from_config",
     "port_in_use",
-    "stop_group",
     "read_eos_token_id",
-    "RolloutServer",
+    "stop_group",
     "terminate_on_signals",
 ]
 
@@ -84,22 +85,22 @@ class ServerLaunchSpec:
     cpu_kvcache_space_gib: int = 1
     data_parallel_size: int = 1
     tensor_parallel_size: int = 1
-    server_gpus: List[int] = field(default_factory=list)
+    server_gpus: list[int] = field(default_factory=list)
     repeat_terminate: RepeatTerminateConfig = field(default_factory=RepeatTerminateConfig)
-    model_type: Optional[str] = None  # ms-swift --model_type (None: let ms-swift detect it)
-    template: Optional[str] = None  # ms-swift --template (None: the model's default template)
+    model_type: str | None = None  # ms-swift --model_type (None: let ms-swift detect it)
+    template: str | None = None  # ms-swift --template (None: the model's default template)
     plugin_path: str = PLUGIN_PATH
     python: str = sys.executable
-    image_root: Optional[str] = None  # ROOT_IMAGE_DIR: the folder request image paths are relative to
-    extra_args: List[str] = field(default_factory=list)
-    extra_env: Dict[str, str] = field(default_factory=dict)  # applied last (tests, site tweaks)
+    image_root: str | None = None  # ROOT_IMAGE_DIR: the folder request image paths are relative to
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # applied last (tests, site tweaks)
 
 
 def _enum_value(v: Any) -> Any:
     return getattr(v, "value", v)
 
 
-def _tiny_model_type(model_dir: str) -> Optional[str]:
+def _tiny_model_type(model_dir: str) -> str | None:
     try:
         return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError):
@@ -118,7 +119,7 @@ def _is_tiny_checkpoint(model_dir: str) -> bool:
 
 
 def launch_spec_from_config(
-    cfg: Any, model_dir: str | os.PathLike, base_url: Optional[str] = None
+    cfg: Any, model_dir: str | os.PathLike, base_url: str | None = None
 ) -> ServerLaunchSpec:
     """The launch spec of the (single) server a ``TrainConfig`` asks for, at ``base_url`` (default: the first
     of ``vllm.server.base_urls``). For the tiny model and checkpoints trained from it, ms-swift is told
@@ -160,7 +161,7 @@ def launch_spec_from_config(
     )
 
 
-def build_command(spec: ServerLaunchSpec) -> List[str]:
+def build_command(spec: ServerLaunchSpec) -> list[str]:
     cmd = [
         spec.python,
         "-m",
@@ -195,7 +196,7 @@ def build_command(spec: ServerLaunchSpec) -> List[str]:
     return cmd + list(spec.extra_args)
 
 
-def build_env(spec: ServerLaunchSpec, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def build_env(spec: ServerLaunchSpec, base: dict[str, str] | None = None) -> dict[str, str]:
     """The server's environment: ``base`` (default ``os.environ``) plus the coordexp variables."""
     env = dict(os.environ if base is None else base)
     env[ENV_ENABLE] = "1"
@@ -229,7 +230,7 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def read_eos_token_id(model_dir: str | os.PathLike) -> Optional[int]:
+def read_eos_token_id(model_dir: str | os.PathLike) -> int | None:
     """The tokenizer's EOS id from the model folder's JSON files (no transformers import); None if unsure."""
     d = Path(model_dir)
     try:
@@ -255,7 +256,7 @@ def read_eos_token_id(model_dir: str | os.PathLike) -> Optional[int]:
     return None
 
 
-def stop_group(proc: Optional[subprocess.Popen], timeout_s: float = 15.0) -> None:
+def stop_group(proc: subprocess.Popen | None, timeout_s: float = 15.0) -> None:
     """TERM the process group led by ``proc`` (a session leader, so its pid is the group id), wait up to
     ``timeout_s`` for the group to empty, then KILL and wait up to 5 s. Stops the server and the learner."""
     if proc is None:
@@ -281,13 +282,12 @@ def stop_group(proc: Optional[subprocess.Popen], timeout_s: float = 15.0) -> Non
         proc.wait(timeout=5)
 
 
-def _set_parent_death_signal() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
+def set_parent_death_signal() -> None:
+    """In a child between fork and exec (``preexec_fn``): die with SIGTERM when the parent dies."""
+    import ctypes
 
+    with contextlib.suppress(Exception):  # not Linux: no parent-death signal
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: no parent-death signal
-        pass
 
 
 class _Terminated(SystemExit):
@@ -324,20 +324,20 @@ class RolloutServer:
 
     def __init__(
         self,
-        spec: Optional[ServerLaunchSpec],
+        spec: ServerLaunchSpec | None,
         base_url: str,
         *,
-        log_path: Optional[str | os.PathLike] = None,
+        log_path: str | os.PathLike | None = None,
         startup_timeout_s: float = 600.0,
         request_timeout_s: float = 30.0,
         probe_timeout_s: float = 120.0,
         log_tail_lines: int = 40,
-        probe: Optional[bool] = None,
+        probe: bool | None = None,
         reuse_existing: bool = False,
         progress: Callable[[str], None] = _stderr_progress,
         progress_every_s: float = 10.0,
         poll_interval_s: float = 1.0,
-        eos_token_id: Optional[int] = None,
+        eos_token_id: int | None = None,
     ):
         if spec is None and not reuse_existing:
             raise ValueError("RolloutServer needs a launch spec unless reuse_existing is set")
@@ -357,15 +357,15 @@ class RolloutServer:
         self.eos_token_id = eos_token_id
         if self.eos_token_id is None and spec is not None:
             self.eos_token_id = read_eos_token_id(spec.model_dir)
-        self.proc: Optional[subprocess.Popen] = None
-        self.pgid: Optional[int] = None
-        self.world_size: Optional[int] = None
+        self.proc: subprocess.Popen | None = None
+        self.pgid: int | None = None
+        self.world_size: int | None = None
         self.probe_report: Any = None
-        self.startup_seconds: Optional[float] = None
+        self.startup_seconds: float | None = None
         #: seconds per start phase: ``spawn`` (Popen), ``health`` (until /health/ answered), ``probe``
-        self.timings: Dict[str, float] = {}
+        self.timings: dict[str, float] = {}
         self._log_fh = None
-        self._signals: Optional[contextlib.ExitStack] = None
+        self._signals: contextlib.ExitStack | None = None
 
     # ------------------------------------------------------------------------------------------ factory
 
@@ -376,9 +376,9 @@ class RolloutServer:
         *,
         model_dir: str | os.PathLike,
         log_path: str | os.PathLike,
-        base_url: Optional[str] = None,
+        base_url: str | None = None,
         **kwargs: Any,
-    ) -> "RolloutServer":
+    ) -> RolloutServer:
         s = cfg.vllm.server
         urls = list(s.base_urls)
         url = base_url or (urls[0] if urls else None)
@@ -411,21 +411,21 @@ class RolloutServer:
     # ------------------------------------------------------------------------------------------ lifecycle
 
     @property
-    def command(self) -> List[str]:
+    def command(self) -> list[str]:
         assert self.spec is not None
         return build_command(self.spec)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def exit_code(self) -> Optional[int]:
+    def exit_code(self) -> int | None:
         """The exit code of a server started here that has exited; None while it runs (or if reused)."""
         return self.proc.poll() if self.proc is not None else None
 
-    def describe(self) -> Dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """What run_metadata.json records about this server."""
         spec = self.spec
-        out: Dict[str, Any] = {
+        out: dict[str, Any] = {
             "base_url": self.base_url,
             "started_here": spec is not None,
             "pgid": self.pgid,
@@ -457,7 +457,7 @@ class RolloutServer:
             }
         return out
 
-    def log_tail(self, n: Optional[int] = None) -> str:
+    def log_tail(self, n: int | None = None) -> str:
         n = self.log_tail_lines if n is None else n
         if not self.log_path or not self.log_path.is_file():
             return "(no server log)"
@@ -469,7 +469,7 @@ class RolloutServer:
             msg += f"\n--- last {self.log_tail_lines} lines of {self.log_path} ---\n{self.log_tail()}"
         return ServerStartError(msg)
 
-    def start(self) -> "RolloutServer":
+    def start(self) -> RolloutServer:
         t0 = time.monotonic()
         try:
             if self.reuse_existing:
@@ -520,7 +520,7 @@ class RolloutServer:
         env = build_env(spec)
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(self.log_path, "ab", buffering=0)
+            self._log_fh = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - closed by stop()
             self._log_fh.write(("$ " + " ".join(cmd) + "\n").encode())
             out = self._log_fh
         else:
@@ -535,7 +535,7 @@ class RolloutServer:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_set_parent_death_signal,
+            preexec_fn=set_parent_death_signal,  # noqa: PLW1509
             cwd=os.getcwd(),
         )
         self.pgid = self.proc.pid  # session leader: its pid is the process-group id
@@ -597,7 +597,7 @@ class RolloutServer:
                 self._log_fh.close()
             self._log_fh = None
 
-    def __enter__(self) -> "RolloutServer":
+    def __enter__(self) -> Self:
         self._signals = contextlib.ExitStack()
         self._signals.enter_context(terminate_on_signals())
         try:
@@ -607,7 +607,7 @@ class RolloutServer:
             self._signals = None
             raise
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             self.stop()
         finally:
@@ -619,7 +619,7 @@ class RolloutServer:
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m coordexp.launch.server [--base-url URL] [--log PATH] +experiment=<leaf> rollout=vllm_server
     [overrides]``: start one rollout server exactly as a run would (same model dir, command, environment,
     probe) and keep it up until SIGINT/SIGTERM - for ``vllm.server.reuse_existing=true`` runs, several

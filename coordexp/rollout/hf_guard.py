@@ -15,7 +15,7 @@ follow.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from transformers import LogitsProcessor
@@ -60,8 +60,8 @@ class RepeatTerminateGuard(LogitsProcessor):
         self,
         config: RepeatTerminateConfig,
         stop_ids: Iterable[int],
-        object_patterns: Optional[Iterable[Sequence[int]]] = None,
-        prompt_length: Optional[int] = None,
+        object_patterns: Iterable[Sequence[int]] | None = None,
+        prompt_length: int | None = None,
     ):
         self.config = parse_config(config)
         self.stop_ids = tuple(sorted({int(i) for i in stop_ids}))
@@ -74,7 +74,7 @@ class RepeatTerminateGuard(LogitsProcessor):
         self.reset()
 
     def reset(self) -> None:
-        self.prompt_length: Optional[int] = self._prompt_length_arg
+        self.prompt_length: int | None = self._prompt_length_arg
         self._states: list[SequenceState] = []
         self._consumed = 0
         self._done: list[bool] = []
@@ -131,8 +131,8 @@ class RepeatTerminateGuard(LogitsProcessor):
 def build_hf_guard(
     config: RepeatTerminateConfig,
     tokenizer,
-    prompt_length: Optional[int] = None,
-    stop_ids: Optional[Iterable[int]] = None,
+    prompt_length: int | None = None,
+    stop_ids: Iterable[int] | None = None,
 ) -> RepeatTerminateGuard:
     """A guard wired to ``tokenizer``: stop id = its EOS (unless given), object patterns derived from it
     (only when ``max_object_keys`` is set)."""

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
 
 from coordexp.rollout.repeat_rules import XARGS_KEY
 from coordexp.rollout.server_client import (
@@ -33,7 +33,7 @@ from coordexp.rollout.server_client import (
     post_infer,
 )
 
-__all__ = ["ProbeError", "ProbeReport", "PROBE_TRIGGER", "PROBE_CONTROL", "run_probe", "check_probe_results"]
+__all__ = ["PROBE_CONTROL", "PROBE_TRIGGER", "ProbeError", "ProbeReport", "check_probe_results", "run_probe"]
 
 PROBE_TRIGGER = {
     "enabled": True,
@@ -69,8 +69,8 @@ def _describe(r: RolloutResult) -> str:
 
 
 def check_probe_results(
-    trigger: RolloutResult, control: RolloutResult, max_tokens: int, eos_token_id: Optional[int] = None
-) -> Optional[str]:
+    trigger: RolloutResult, control: RolloutResult, max_tokens: int, eos_token_id: int | None = None
+) -> str | None:
     """None if the pair proves activation, ``"inconclusive"`` if request 0 stopped by itself at its first
     token, else the reason it does not."""
     if trigger.repeat_terminate_triggered is None or control.repeat_terminate_triggered is None:
@@ -107,7 +107,7 @@ def run_probe(
     *,
     timeout_s: float = 120.0,
     max_tokens: int = 16,
-    eos_token_id: Optional[int] = None,
+    eos_token_id: int | None = None,
     attempts: int = 3,
     seed: int = 1234,
     messages: Sequence[dict] = PROBE_MESSAGES,
@@ -119,7 +119,7 @@ def run_probe(
         InferRequest(messages=list(messages), vllm_xargs={XARGS_KEY: PROBE_TRIGGER}),
         InferRequest(messages=list(messages), vllm_xargs={XARGS_KEY: PROBE_CONTROL}),
     ]
-    last: List[RolloutResult] = []
+    last: list[RolloutResult] = []
     for attempt in range(1, attempts + 1):
         payload = build_infer_payload(reqs, params, seed + 1000 * attempt)
         try:

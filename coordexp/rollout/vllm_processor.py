@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -65,12 +65,12 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "ENV_CONFIG_JSON",
     "PROCESSOR_FQCN",
+    "ProcessorCore",
     "RepeatTerminateLogitsProcessor",
-    "RepeatTerminateV1LogitsProcessor",
     "RepeatTerminateMRV2LogitsProcessor",
+    "RepeatTerminateV1LogitsProcessor",
     "server_default_config",
     "validate_request_params",
-    "ProcessorCore",
 ]
 
 ENV_CONFIG_JSON = "COORDEXP_VLLM_REPEAT_TERMINATE_CONFIG_JSON"
@@ -91,7 +91,7 @@ def _announce(msg: str) -> None:
         print(f"[coordexp pid={os.getpid()}] {msg}", file=sys.stderr, flush=True)
 
 
-def server_default_config(environ: Optional[dict] = None) -> RepeatTerminateConfig:
+def server_default_config(environ: dict | None = None) -> RepeatTerminateConfig:
     """Server-wide defaults: the JSON in ``COORDEXP_VLLM_REPEAT_TERMINATE_CONFIG_JSON``; disabled if unset."""
     env = os.environ if environ is None else environ
     text = env.get(ENV_CONFIG_JSON)
@@ -108,7 +108,7 @@ def validate_request_params(sampling_params: Any) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tokenizer_cached(path: str, revision: Optional[str], trust_remote_code: bool):
+def _load_tokenizer_cached(path: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
@@ -143,7 +143,7 @@ class ProcessorCore:
         vllm_config: Any = None,
         *,
         tokenizer: Any = None,
-        defaults: Optional[RepeatTerminateConfig] = None,
+        defaults: RepeatTerminateConfig | None = None,
     ):
         if vllm_config is not None and getattr(vllm_config, "speculative_config", None) is not None:
             raise ValueError(
@@ -172,7 +172,7 @@ class ProcessorCore:
         self.patterns = derive_object_open_patterns(tokenizer)
         self.matcher = ObjectOpenMatcher(self.patterns)
 
-    def resolve(self, sampling_params: Any) -> Optional[RepeatTerminateConfig]:
+    def resolve(self, sampling_params: Any) -> RepeatTerminateConfig | None:
         """Effective config of a request (defaults + its overrides), or None when disabled for it."""
         extra = getattr(sampling_params, "extra_args", None) or {}
         cfg = merge_overrides(self.defaults, extra.get(XARGS_KEY))
@@ -194,7 +194,7 @@ class ProcessorCore:
 class _V1Row:
     """One request in the V1 persistent batch: its state and the live output-token list."""
 
-    __slots__ = ("state", "out", "consumed", "forced")
+    __slots__ = ("consumed", "forced", "out", "state")
 
     def __init__(self, state: SequenceState, out: list):
         self.state = state
@@ -232,7 +232,7 @@ if _V1Base is not None:
             device: torch.device,
             is_pin_memory: bool,
             *,
-            core: Optional[ProcessorCore] = None,
+            core: ProcessorCore | None = None,
         ):
             self.core = core or ProcessorCore(vllm_config)
             self.rows: dict[int, _V1Row] = {}
@@ -246,7 +246,7 @@ if _V1Base is not None:
         def is_argmax_invariant(self) -> bool:
             return False  # it changes the argmax (forces EOS), so it must run for greedy requests too
 
-        def update_state(self, batch_update: Optional["BatchUpdate"]) -> None:
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
             if not batch_update:
                 return
             rows = self.rows
@@ -288,12 +288,12 @@ else:  # pragma: no cover
 
 
 class _SlotRow:
-    __slots__ = ("state", "consumed", "start", "forced")
+    __slots__ = ("consumed", "forced", "start", "state")
 
     def __init__(self, state: SequenceState):
         self.state = state
-        self.consumed: Optional[int] = None  # absolute position in all_token_ids; set at first apply
-        self.start: Optional[int] = None
+        self.consumed: int | None = None  # absolute position in all_token_ids; set at first apply
+        self.start: int | None = None
         self.forced = False
 
 
@@ -315,7 +315,7 @@ class RepeatTerminateMRV2LogitsProcessor(_mrv2_impl_base()):  # type: ignore[mis
 
     runner = "mrv2"
 
-    def __init__(self, vllm_config: Any, req_states: Any, *, core: Optional[ProcessorCore] = None):
+    def __init__(self, vllm_config: Any, req_states: Any, *, core: ProcessorCore | None = None):
         self.core = core or ProcessorCore(vllm_config)
         self.req_states = req_states
         self.slots: dict[int, _SlotRow] = {}

@@ -14,8 +14,8 @@ The reduction is pure Python (no torch), so tests can recompute any logged value
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Sequence, Tuple
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -30,10 +30,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @dataclass
 class MetricBuffer:
-    sums: Dict[str, float] = field(default_factory=dict)
-    maxes: Dict[str, float] = field(default_factory=dict)
-    ratios: Dict[str, Tuple[float, float]] = field(default_factory=dict)
-    samples: Dict[str, List[float]] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=dict)
+    maxes: dict[str, float] = field(default_factory=dict)
+    ratios: dict[str, tuple[float, float]] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
 
     def add_sum(self, key: str, value: float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + float(value)
@@ -61,19 +61,19 @@ class MetricBuffer:
                 "p99": {k: percentile(v, 99) for k, v in self.samples.items() if v}}
 
 
-def reduce_buffers(payloads: Sequence[dict]) -> Dict[str, float]:
+def reduce_buffers(payloads: Sequence[dict]) -> dict[str, float]:
     """Global metrics from every rank's ``to_payload()`` (keys present on any rank are kept)."""
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for p in payloads:
         for k, v in p["sums"].items():
             out[k] = out.get(k, 0.0) + v
-    maxes: Dict[str, float] = {}
+    maxes: dict[str, float] = {}
     for p in payloads:
         for kind in ("maxes", "p99"):
             for k, v in p[kind].items():
                 maxes[k] = max(maxes.get(k, -math.inf), v)
     out.update(maxes)
-    ratios: Dict[str, Tuple[float, float]] = {}
+    ratios: dict[str, tuple[float, float]] = {}
     for p in payloads:
         for k, (num, den) in p["ratios"].items():
             n0, d0 = ratios.get(k, (0.0, 0.0))
@@ -82,7 +82,7 @@ def reduce_buffers(payloads: Sequence[dict]) -> Dict[str, float]:
     return out
 
 
-def gather_and_reduce(buffer: MetricBuffer) -> Dict[str, float]:
+def gather_and_reduce(buffer: MetricBuffer) -> dict[str, float]:
     """All ranks call this together (it is a collective under torch.distributed)."""
     payload = buffer.to_payload()
     try:
@@ -91,6 +91,6 @@ def gather_and_reduce(buffer: MetricBuffer) -> Dict[str, float]:
         return reduce_buffers([payload])
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return reduce_buffers([payload])
-    gathered: List[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(gathered, payload)
     return reduce_buffers(gathered)

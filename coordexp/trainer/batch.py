@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -16,13 +16,13 @@ PREFIX, APPENDED = 0, 1  # geometry group kinds: matched rollout-prefix object, 
 class TrainSequence:
     """One sample's teacher-forced sequence; positions index ``target_ids``."""
 
-    prompt_ids: List[int]
-    target_ids: List[int]
-    ce_weights: List[float]                       # weight of predicting target_ids[i]; 0 = no CE
-    geometry_slots: List[Tuple[int, int, int, int]] = field(default_factory=list)
-    geometry_bins: List[Tuple[int, int, int, int]] = field(default_factory=list)
-    geometry_kinds: List[int] = field(default_factory=list)  # PREFIX or APPENDED
-    vision: Optional[Dict[str, torch.Tensor]] = None         # image inputs of a vision-language prompt
+    prompt_ids: list[int]
+    target_ids: list[int]
+    ce_weights: list[float]                       # weight of predicting target_ids[i]; 0 = no CE
+    geometry_slots: list[tuple[int, int, int, int]] = field(default_factory=list)
+    geometry_bins: list[tuple[int, int, int, int]] = field(default_factory=list)
+    geometry_kinds: list[int] = field(default_factory=list)  # PREFIX or APPENDED
+    vision: dict[str, torch.Tensor] | None = None         # image inputs of a vision-language prompt
 
     def __post_init__(self) -> None:
         if len(self.ce_weights) != len(self.target_ids):
@@ -31,7 +31,7 @@ class TrainSequence:
             raise ValueError("geometry slots, bins and kinds must have one entry per box")
 
 
-def collate(seqs: Sequence[TrainSequence], pad_id: int, image_token_id: Optional[int] = None) -> dict:
+def collate(seqs: Sequence[TrainSequence], pad_id: int, image_token_id: int | None = None) -> dict:
     """Right-padded batch: input_ids, attention_mask, ce_weights [B, T]; geometry as absolute
     (row, position) slots [N, 4, 2], bins [N, 4], kinds [N]; ``model_inputs``: the vision inputs of the
     rows in order (pixel_values, image_grid_thw, mm_token_type_ids), empty for text."""

@@ -3,14 +3,22 @@ the per-sample rollout statistics every metric is computed from."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence
 
 from coordexp.config.contract import RolloutContract
 from coordexp.config.schema import Stage2ABConfig
-from coordexp.coordjson import (CoordObject, CoordVocab, DropReason, FieldOrder, TargetInvariantError,
-                                build_channel_a_target, build_channel_b_target, parse_rollout)
+from coordexp.coordjson import (
+    CoordObject,
+    CoordVocab,
+    DropReason,
+    FieldOrder,
+    TargetInvariantError,
+    build_channel_a_target,
+    build_channel_b_target,
+    parse_rollout,
+)
 from coordexp.matching import match_boxes
 from coordexp.telemetry.metrics import MetricBuffer
 from coordexp.trainer.batch import APPENDED, PREFIX, TrainSequence
@@ -34,10 +42,10 @@ class TokenizerAdapter:
         self._encode = (lambda text: backend.encode(text, add_special_tokens=False).ids) if backend is not None \
             else (lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"]))
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
 
-    def pieces(self, ids: Sequence[int]) -> List[str]:
+    def pieces(self, ids: Sequence[int]) -> list[str]:
         return [self.decode_token(int(i)) for i in ids]
 
 
@@ -53,7 +61,7 @@ class SampleRecord:
     invalid_rollout: int
     valid_pred: int
     dropped_invalid: int          # complete records dropped by the strict parser (reason != prefix_unusable)
-    dropped: Dict[str, int]       # per reason, prefix_unusable included
+    dropped: dict[str, int]       # per reason, prefix_unusable included
     gt: int
     matched: int
     fp: int
@@ -63,7 +71,7 @@ class SampleRecord:
     target_dropped: int
 
 
-def gt_objects(sample) -> List[CoordObject]:
+def gt_objects(sample) -> list[CoordObject]:
     return [CoordObject(o.desc, tuple(o.bbox_2d)) for o in sample.objects]
 
 
@@ -117,7 +125,7 @@ def channel_b_sequence(sample, prompt: EncodedPrompt, rollout: Rollout, tok: Tok
                        contract: RolloutContract, ab: Stage2ABConfig):
     """(TrainSequence, or None if the sample's target failed its invariants; SampleRecord)."""
     parsed, gts, match = score_rollout(sample, rollout, tok, contract)
-    sequence: Optional[TrainSequence] = None
+    sequence: TrainSequence | None = None
     try:
         target = build_channel_b_target(
             parsed, gts, match.index_pairs, field_order=FieldOrder(contract.object_field_order),
@@ -133,7 +141,7 @@ def channel_b_sequence(sample, prompt: EncodedPrompt, rollout: Rollout, tok: Tok
 def record_rollout_metrics(buf: MetricBuffer, records: Sequence[SampleRecord], prefix: str = "rollout") -> None:
     """Counters, ratio-of-sums rates and the p99 sample list from per-sample records."""
     n = len(records)
-    s = lambda field: sum(getattr(r, field) for r in records)  # noqa: E731
+    s = lambda field: sum(getattr(r, field) for r in records)
     pred, gt, matched = s("valid_pred"), s("gt"), s("matched")
     dropped = {reason.value: sum(r.dropped[reason.value] for r in records) for reason in DropReason}
     buf.add_sum(f"{prefix}/raw_rollouts", n)

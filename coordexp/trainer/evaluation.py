@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Dict, Sequence
+from collections.abc import Callable, Sequence
 
 from coordexp.config.contract import RolloutContract
 from coordexp.evaluation.detection import add_detection_metrics, finish_detection_metrics
@@ -19,7 +19,7 @@ from coordexp.trainer.rollouts import RolloutBackend, generate_rollouts
 
 def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, prompts: TextPromptEncoder,
                       backend: RolloutBackend, contract: RolloutContract, seed: int) -> Callable:
-    def evaluate(trainer) -> Dict[str, float]:
+    def evaluate(trainer) -> dict[str, float]:
         rank, world = trainer.args.process_index, trainer.args.world_size
         shard = list(val_samples[rank::world])
         start = time.perf_counter()
@@ -38,7 +38,7 @@ def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, prompts:
             try:
                 write_eval_artifacts(predictions, trainer.run_dir, trainer.state.global_step,
                                      tb_writer=find_tensorboard_writer(trainer))
-            except Exception as err:  # artifacts are secondary: report, never stop training for them
+            except Exception as err:  # noqa: BLE001 - artifacts are secondary: report, never stop training for them
                 print(f"warning: eval artifacts at step {trainer.state.global_step} failed: "
                       f"{type(err).__name__}: {err}", file=sys.stderr)
         return metrics

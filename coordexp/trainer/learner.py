@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from coordexp.config.contract import RolloutContract, rollout_contract
 from coordexp.config.schema import DataKind, IntervalStrategy, TrainConfig
@@ -83,12 +82,12 @@ def check_prompts(prompts, samples) -> None:
         raise LearnerError(str(err)) from None
 
 
-def find_checkpoint(spec: Optional[str], run_dir: Path) -> Optional[str]:
+def find_checkpoint(spec: str | None, run_dir: Path) -> str | None:
     """`latest`: newest checkpoint of this experiment's runs; a checkpoint dir; or a run dir (its newest)."""
     if not spec:
         return None
 
-    def newest(dirs) -> Optional[Path]:
+    def newest(dirs) -> Path | None:
         found = [c for d in dirs for c in Path(d).glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
         return max(found, key=lambda c: (int(c.name.split("-")[-1]), c.stat().st_mtime)) if found else None
 
@@ -202,7 +201,7 @@ def train(cfg: TrainConfig, run_dir: Path):
     return trainer
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from coordexp.config.errors import exit_on_config_error
     from coordexp.config.load import load_saved
 

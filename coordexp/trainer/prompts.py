@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -30,8 +31,8 @@ class PromptError(ValueError):
 
 @dataclass
 class EncodedPrompt:
-    ids: List[int]
-    vision: Optional[Dict[str, torch.Tensor]] = None  # pixel_values [patches, dim], image_grid_thw [images, 3]
+    ids: list[int]
+    vision: dict[str, torch.Tensor] | None = None  # pixel_values [patches, dim], image_grid_thw [images, 3]
 
 
 def is_vision_language(model_dir: str | Path) -> bool:
@@ -41,13 +42,13 @@ def is_vision_language(model_dir: str | Path) -> bool:
 
 
 class TextPromptEncoder:
-    image_token_id: Optional[int] = None  # set by the vision-language encoder
+    image_token_id: int | None = None  # set by the vision-language encoder
     image_processor: Any = None
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def render(self, messages: Sequence[Dict[str, Any]]) -> str:
+    def render(self, messages: Sequence[dict[str, Any]]) -> str:
         return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
     def check(self, samples: Sequence[Any]) -> None:
@@ -128,8 +129,8 @@ class VisionPromptEncoder(TextPromptEncoder):
                                    "image_grid_thw": vision["image_grid_thw"]})
 
 
-def concat_vision(visions: Sequence[Optional[Dict[str, torch.Tensor]]], image_token_id: Optional[int],
-                  input_ids: torch.Tensor) -> Dict[str, torch.Tensor]:
+def concat_vision(visions: Sequence[dict[str, torch.Tensor] | None], image_token_id: int | None,
+                  input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Model kwargs for a batch whose rows carry ``visions`` (in row order); {} for a text-only batch."""
     present = [v for v in visions if v is not None]
     if not present:

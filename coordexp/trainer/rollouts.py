@@ -8,8 +8,9 @@ generated token ids with the repeat-terminate flag of each sequence.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -20,23 +21,23 @@ from coordexp.trainer.prompts import concat_vision
 
 @dataclass
 class Rollout:
-    prompt_ids: List[int]
-    token_ids: List[int]          # generated tokens, up to and including the first stop token
+    prompt_ids: list[int]
+    token_ids: list[int]          # generated tokens, up to and including the first stop token
     triggered: int                # 1 if repeat-terminate forced EOS on this sequence
     hit_max_new_tokens: bool      # generation budget exhausted without a stop token
 
 
 @dataclass
 class RolloutBatch:
-    rollouts: List[Rollout]
+    rollouts: list[Rollout]
     seconds: float
     repeat_terminate_active: int  # 1 only when activation is proven for this backend
-    decode_batch_sizes: List[int] = field(default_factory=list)
+    decode_batch_sizes: list[int] = field(default_factory=list)
 
 
 class RolloutBackend(Protocol):
-    def generate(self, prompt_ids: Sequence[List[int]], messages: Sequence[List[Dict[str, Any]]],
-                 seed: int, vision: Optional[Sequence[Optional[Dict[str, torch.Tensor]]]] = None
+    def generate(self, prompt_ids: Sequence[list[int]], messages: Sequence[list[dict[str, Any]]],
+                 seed: int, vision: Sequence[dict[str, torch.Tensor] | None] | None = None
                  ) -> RolloutBatch: ...
 
 
@@ -56,7 +57,7 @@ def generate_rollouts(backend: RolloutBackend, samples: Sequence, prompts: Seque
     return batch
 
 
-def check_same_prompt(sample, own: List[int], served: List[int]) -> None:
+def check_same_prompt(sample, own: list[int], served: list[int]) -> None:
     if served == own:
         return
     first = next((k for k, (a, b) in enumerate(zip(own, served)) if a != b), min(len(own), len(served)))
@@ -67,8 +68,8 @@ def check_same_prompt(sample, own: List[int], served: List[int]) -> None:
         f"(ms-swift --template; docs/vlm.md)")
 
 
-def _cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> List[int]:
-    out: List[int] = []
+def _cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    out: list[int] = []
     for t in tokens:
         out.append(int(t))
         if t in stop_ids:
@@ -79,7 +80,7 @@ def _cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> List[int]:
 class HFRolloutBackend:
     """In-process `model.generate` (left-padded micro-batches) with the repeat-terminate HF guard."""
 
-    def __init__(self, model_getter, tokenizer, contract: RolloutContract, image_token_id: Optional[int] = None):
+    def __init__(self, model_getter, tokenizer, contract: RolloutContract, image_token_id: int | None = None):
         from coordexp.rollout.hf_guard import build_hf_guard
 
         self._model_getter = model_getter   # returns the unwrapped model (DDP wraps it after init)
@@ -96,8 +97,8 @@ class HFRolloutBackend:
         was_training = model.training
         model.eval()
         start = time.perf_counter()
-        rollouts: List[Rollout] = []
-        sizes: List[int] = []
+        rollouts: list[Rollout] = []
+        sizes: list[int] = []
         dbs = self.contract.decode_batch_size
         try:
             for chunk_start in range(0, len(prompt_ids), dbs):
@@ -110,7 +111,7 @@ class HFRolloutBackend:
         active = int(self.contract.repeat_terminate.enabled)  # the guard is in-process: attached == enabled
         return RolloutBatch(rollouts, time.perf_counter() - start, active, sizes)
 
-    def _generate_chunk(self, model, chunk: List[List[int]], vision, seed: int) -> List[Rollout]:
+    def _generate_chunk(self, model, chunk: list[list[int]], vision, seed: int) -> list[Rollout]:
         width = max(len(p) for p in chunk)
         device = next(model.parameters()).device
         input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=device)
@@ -122,7 +123,7 @@ class HFRolloutBackend:
         guard = self._guard_factory()
         c = self.contract
         sampling = c.temperature > 0
-        kwargs: Dict[str, Any] = dict(do_sample=sampling)
+        kwargs: dict[str, Any] = {"do_sample": sampling}
         if sampling:
             kwargs.update(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k if c.top_k > 0 else None)
             torch.manual_seed(seed)

@@ -28,8 +28,9 @@ naming the server, the call and the cause.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from coordexp.config.contract import RolloutContract, learner_image_root
 from coordexp.rollout.server_client import (
@@ -48,7 +49,7 @@ class ServerBackendError(LearnerError):
     """The rollout server failed, answered garbage, or a weight sync failed (the message says which)."""
 
 
-def relative_image_paths(messages: Sequence[Dict[str, Any]], image_root: str) -> List[Dict[str, Any]]:
+def relative_image_paths(messages: Sequence[dict[str, Any]], image_root: str) -> list[dict[str, Any]]:
     """The messages with image paths under ``image_root`` made relative to it: the server resolves them
     against its ROOT_IMAGE_DIR (``vllm.server.image_root``, or the same folder on a shared filesystem)."""
     root = Path(image_root)
@@ -69,7 +70,7 @@ def _relative(path: str, root: Path) -> str:
         return str(path)
 
 
-def _model_dir(cfg) -> Optional[str]:
+def _model_dir(cfg) -> str | None:
     from coordexp.trainer.model_dir import prepare_model_dir
 
     return str(prepare_model_dir(cfg))
@@ -83,9 +84,9 @@ class ServerRolloutBackend:
         trainer_ref: dict,
         tokenizer=None,
         *,
-        client: Optional[RolloutClient] = None,
-        weight_sync: Optional[WeightSync] = None,
-        model_dir: Optional[str] = None,
+        client: RolloutClient | None = None,
+        weight_sync: WeightSync | None = None,
+        model_dir: str | None = None,
         sync_weights: bool = True,
     ):
         if contract.backend != "vllm" or not contract.server_base_urls:
@@ -115,8 +116,8 @@ class ServerRolloutBackend:
             weight_sync = WeightSync.from_config(cfg, run_dir, model_dir=model_dir or _model_dir(cfg))
         self.weight_sync = weight_sync
         self.image_root = learner_image_root(cfg)
-        self._active: Optional[int] = None  # repeat_terminate_active, once the probe decided it
-        self.probe_reports: List[Any] = []
+        self._active: int | None = None  # repeat_terminate_active, once the probe decided it
+        self.probe_reports: list[Any] = []
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -167,7 +168,7 @@ class ServerRolloutBackend:
         return 1
 
     def _to_rollout(self, r: RolloutResult) -> Rollout:
-        gen: List[int] = []
+        gen: list[int] = []
         for t in r.token_ids:
             gen.append(int(t))
             if t in self.stop_ids:
@@ -184,7 +185,7 @@ class ServerRolloutBackend:
     # ------------------------------------------------------------------------------------------ interface
 
     def generate(
-        self, prompt_ids: Sequence[List[int]], messages: Sequence[List[Dict[str, Any]]], seed: int, vision=None
+        self, prompt_ids: Sequence[list[int]], messages: Sequence[list[dict[str, Any]]], seed: int, vision=None
     ) -> RolloutBatch:
         """``vision`` (the learner's pixel inputs) is not sent: the server loads the images named in the
         messages itself, relative to its ROOT_IMAGE_DIR."""

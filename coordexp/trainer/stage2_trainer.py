@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Dict, Optional
 
 import torch
 from transformers import Trainer
@@ -19,10 +18,20 @@ from coordexp.config.contract import RolloutContract
 from coordexp.config.schema import Stage2ABConfig
 from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
 from coordexp.trainer.batch import APPENDED, PREFIX, collate
-from coordexp.trainer.channels import (TokenizerAdapter, channel_a_sequence, channel_b_sequence,
-                                       record_as_dict, record_rollout_metrics)
-from coordexp.trainer.losses import (coord_distribution, coord_gate, geometry_losses, slot_logits,
-                                      weighted_token_ce)
+from coordexp.trainer.channels import (
+    TokenizerAdapter,
+    channel_a_sequence,
+    channel_b_sequence,
+    record_as_dict,
+    record_rollout_metrics,
+)
+from coordexp.trainer.losses import (
+    coord_distribution,
+    coord_gate,
+    geometry_losses,
+    slot_logits,
+    weighted_token_ce,
+)
 from coordexp.trainer.prompts import TextPromptEncoder
 from coordexp.trainer.rollouts import RolloutBackend, generate_rollouts
 from coordexp.trainer.schedule import is_channel_b, realized_b_ratio
@@ -118,7 +127,7 @@ class Stage2ABTrainer(Trainer):
         return total
 
     # ---- logging: every metric is global ---------------------------------------------------------
-    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and not any(k.startswith("eval") for k in logs):
             reduced = gather_and_reduce(self.metric_buffer)  # collective: every rank logs at this step
             self.metric_buffer = MetricBuffer()
@@ -129,7 +138,7 @@ class Stage2ABTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- rollout evaluation ------------------------------------------------------------------------
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         if self.evaluator is None:
             return {}
         metrics = self.evaluator(self)

@@ -40,25 +40,26 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 __all__ = [
     "ENV_INITIAL_WEIGHTS",
     "LOAD_WEIGHTS_ROUTE",
-    "WORKER_METHOD",
-    "WORKER_EXTENSION_FQCN",
     "SYNC_DIR_NAME",
-    "WeightSyncError",
-    "SyncReport",
-    "WeightSync",
+    "WORKER_EXTENSION_FQCN",
+    "WORKER_METHOD",
     "FileTransport",
     "NcclTransport",
+    "SyncReport",
+    "WeightSync",
+    "WeightSyncError",
+    "flatten_bucket",
+    "load_weights_file_into",
     "named_weights",
     "write_weights_file",
-    "load_weights_file_into",
-    "flatten_bucket",
 ]
 
 ENV_INITIAL_WEIGHTS = "COORDEXP_SERVER_INITIAL_WEIGHTS"
@@ -82,19 +83,19 @@ class SyncReport:
     seconds: float
     bytes: int = 0
     transport: str = "file"
-    servers: Dict[str, Any] = field(default_factory=dict)
+    servers: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------- tensors
 
 
-def named_weights(model, dtype: Optional[str] = None) -> Dict[str, Any]:
+def named_weights(model, dtype: str | None = None) -> dict[str, Any]:
     """The model's unique parameters by HF name (tied weights once), detached, contiguous, on CPU, cast to
     ``dtype`` (a torch dtype name) when given."""
     import torch
 
     target = getattr(torch, dtype) if dtype else None
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for name, p in model.named_parameters():  # named_parameters() already skips tied duplicates
         t = p.detach()
         if target is not None and t.dtype != target and t.is_floating_point():
@@ -103,7 +104,7 @@ def named_weights(model, dtype: Optional[str] = None) -> Dict[str, Any]:
     return out
 
 
-def write_weights_file(tensors: Dict[str, Any], path: Path, metadata: Optional[Dict[str, str]] = None) -> int:
+def write_weights_file(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> int:
     """Write ``tensors`` as safetensors, atomically (temp file + rename). Returns the file size."""
     from safetensors.torch import save_file
 
@@ -118,7 +119,7 @@ def write_weights_file(tensors: Dict[str, Any], path: Path, metadata: Optional[D
     return path.stat().st_size
 
 
-def load_weights_file_into(worker, path: str) -> Dict[str, Any]:
+def load_weights_file_into(worker, path: str) -> dict[str, Any]:
     """Server-worker side: load a weights file written by :func:`write_weights_file` into the vLLM worker's
     model, in place, through vLLM's own reload path (``Worker.reload_weights``: checkpoint-format HF names,
     layer-wise reload that re-runs each layer's post-load processing - needed on CPU, where vLLM repacks
@@ -222,7 +223,7 @@ def _left(deadline: float, what: str) -> float:
     return left
 
 
-def _post(url: str, payload: Optional[dict], deadline: float, what: str, session=None) -> Any:
+def _post(url: str, payload: dict | None, deadline: float, what: str, session=None) -> Any:
     import requests
 
     left = _left(deadline, f"POST {url}")
@@ -266,13 +267,13 @@ class FileTransport:
     name = "file"
 
     def __init__(
-        self, base_urls: Sequence[str], sync_dir: Path, dtype: Optional[str] = None, keep_last: int = 1
+        self, base_urls: Sequence[str], sync_dir: Path, dtype: str | None = None, keep_last: int = 1
     ):
         self.base_urls = [u.rstrip("/") for u in base_urls]
         self.sync_dir = Path(sync_dir).resolve()
         self.dtype = dtype
         self.keep_last = max(1, int(keep_last))
-        self._written: List[Path] = []
+        self._written: list[Path] = []
 
     def push(self, model, step: int, deadline: float) -> SyncReport:
         t0 = time.monotonic()
@@ -281,7 +282,7 @@ class FileTransport:
             named_weights(model, self.dtype), path, metadata={"coordexp_step": str(step)}
         )
         write_s = time.monotonic() - t0
-        servers: Dict[str, Any] = {}
+        servers: dict[str, Any] = {}
         for url in self.base_urls:
             left = _left(deadline, f"loading weights on {url}")
             body = _post(
@@ -312,8 +313,8 @@ class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see d
     def __init__(
         self,
         base_urls: Sequence[str],
-        dtype: Optional[str] = None,
-        group_port: Optional[int] = None,
+        dtype: str | None = None,
+        group_port: int | None = None,
         bucket_mb: int = 512,
     ):
         self.base_urls = [u.rstrip("/") for u in base_urls]
@@ -321,7 +322,7 @@ class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see d
         port = group_port or int(os.environ.get("COORDEXP_NCCL_GROUP_PORT", "51216"))
         self.group_ports = [port + i for i in range(len(self.base_urls))]
         self.bucket_bytes = int(bucket_mb) << 20
-        self._comms: Optional[list] = None
+        self._comms: list | None = None
 
     def _run_with_timeout(self, fn: Callable[[], None], deadline: float, what: str) -> None:
         err: list = []
@@ -341,9 +342,9 @@ class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see d
             raise WeightSyncError(f"weight sync (nccl): {what} failed: {err[0]!r}")
 
     def _init(self, deadline: float) -> list:
-        import torch
         from urllib.parse import urlparse
 
+        import torch
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
@@ -361,7 +362,7 @@ class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see d
             )
             holder: list = []
 
-            def connect(host=host, port=port, ws=ws):
+            def connect(host=host, port=port, ws=ws, holder=holder):
                 pg = StatelessProcessGroup.create(host=host, port=port, rank=ws, world_size=ws + 1)
                 holder.append(PyNcclCommunicator(pg, device=torch.cuda.current_device()))
 
@@ -417,20 +418,20 @@ class WeightSync:
         self,
         transport,
         timeout_s: float,
-        initial_step: Optional[int] = None,
+        initial_step: int | None = None,
         log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
     ):
         self.transport = transport
         self.timeout_s = float(timeout_s)
-        self.server_step: Optional[int] = initial_step
+        self.server_step: int | None = initial_step
         self.log = log
-        self.reports: List[SyncReport] = []
+        self.reports: list[SyncReport] = []
         self._pg = None
 
     @classmethod
     def from_config(
-        cls, cfg, run_dir: Path, model_dir: Optional[str] = None, **kwargs
-    ) -> Optional["WeightSync"]:
+        cls, cfg, run_dir: Path, model_dir: str | None = None, **kwargs
+    ) -> WeightSync | None:
         """None for ``vllm.sync.mode: none``. ``model_dir``: the checkpoint the learner loaded (compared with
         :data:`ENV_INITIAL_WEIGHTS`)."""
         v = cfg.vllm
@@ -461,7 +462,7 @@ class WeightSync:
             )
         return self._pg
 
-    def maybe_sync(self, model_getter: Callable[[], Any], step: int) -> Optional[SyncReport]:
+    def maybe_sync(self, model_getter: Callable[[], Any], step: int) -> SyncReport | None:
         """Sync if the server's weights are not those of ``step``. Collective under DDP: every rank must
         call it at the same point (all ranks see the same ``step`` and the same history, so they agree)."""
         if not self.needed(step):
@@ -481,7 +482,7 @@ class WeightSync:
                     f"{time.monotonic() - t0:.0f} s (vllm.sync.timeout_s={self.timeout_s:g} + "
                     f"{COLLECTIVE_GRACE_S:g} s): another rank is stuck or gone ({exc})"
                 ) from None
-        outcome: List[Any] = [None]
+        outcome: list[Any] = [None]
         if rank == 0:
             try:
                 report = self.transport.push(model_getter(), step, time.monotonic() + self.timeout_s)
@@ -535,7 +536,7 @@ def _build_worker_extension():
     class CoordexpWorkerExtension(base):  # type: ignore[misc, valid-type]
         """Adds :data:`WORKER_METHOD` to the vLLM worker (keeps ms-swift's NCCL methods)."""
 
-        def coordexp_load_weights(self, path: str) -> Dict[str, Any]:
+        def coordexp_load_weights(self, path: str) -> dict[str, Any]:
             return load_weights_file_into(self, path)
 
     CoordexpWorkerExtension.__module__ = __name__

@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import free_port  # noqa: E402 (needs the repo root on sys.path)
+from tests.conftest import free_port
 
 CPU_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -51,7 +51,7 @@ CPU_ENV = {
 
 def table(rows, header):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
@@ -82,7 +82,7 @@ def startup(backend: str, work: Path) -> dict:
     if backend == "vllm_server":
         cmd += [f"vllm.server.base_urls=[http://127.0.0.1:{port}]", "vllm.max_model_len=512"]
     t_cmd = time.time()
-    log = open(work / f"startup-{backend}.log", "w")
+    log = open(work / f"startup-{backend}.log", "w")  # noqa: SIM115 - closed after the process ends
     proc = subprocess.Popen(
         cmd, cwd=REPO, env={**os.environ, **CPU_ENV}, stdout=log, stderr=subprocess.STDOUT
     )
@@ -367,7 +367,7 @@ def main() -> int:
                 server_roll = bench_server_rollouts(srv, msgs, batch_sizes, a.tokens, rounds)
         finally:
             srv.stop()
-    print("\n## 2. Weight sync, file transport (median of %d syncs after one warm-up)\n" % rounds)
+    print(f"\n## 2. Weight sync, file transport (median of {rounds} syncs after one warm-up)\n")
     table(sync_rows, ["model", "params", "MiB", "sync s", "write s", "worker load s", "http+rest s", "MiB/s"])
 
     hf_roll = bench_hf_rollouts(tiny, ids, batch_sizes, a.tokens, rounds)

@@ -20,7 +20,13 @@ from coordexp.data.synthetic import write_synthetic_split
 from coordexp.trainer.batch import collate
 from coordexp.trainer.channels import TokenizerAdapter, channel_a_sequence, channel_b_sequence
 from coordexp.trainer.learner import load_model
-from coordexp.trainer.losses import coord_distribution, coord_gate, geometry_losses, slot_logits, weighted_token_ce
+from coordexp.trainer.losses import (
+    coord_distribution,
+    coord_gate,
+    geometry_losses,
+    slot_logits,
+    weighted_token_ce,
+)
 from coordexp.trainer.rollouts import HFRolloutBackend, generate_rollouts
 
 PARTS = ("encode_prompts", "rollout", "bookkeeping", "fwd_bwd_B")

@@ -45,7 +45,7 @@ def test_logged_metrics_equal_the_union_of_both_ranks(ddp_run):
     for step in b_steps:
         logged = metrics[step]
         both = per_step[step][0] + per_step[step][1]
-        total = lambda key: sum(r[key] for r in both)  # noqa: E731
+        total = lambda key, both=both: sum(r[key] for r in both)
         assert len(per_step[step][0]) == len(per_step[step][1]) == 8  # 2 micro-steps x 4 per rank
         assert logged["rollout/raw_rollouts"] == 16  # sum
         assert logged["rollout/gen_new_tokens_total"] == total("gen_tokens")

@@ -51,7 +51,7 @@ def test_sweep_shares_the_server_between_equal_jobs_and_restarts_on_change(
     # only job 1 (kept server, foreign weights) syncs at step 0
     assert len(re.findall(r"\[coordexp weight sync\] step 0:", text)) == 1
     rows = [json.loads(line) for line in (sweep / "1" / "metrics.jsonl").read_text().splitlines()]
-    assert "time/weight_sync_s" in [r for r in rows if "loss" in r][0]
+    assert "time/weight_sync_s" in next(r for r in rows if "loss" in r)
     shared_log = (sweep / "0" / "server" / "swift_rollout.log").read_text()
     assert str(sweep / "1" / "weight_sync" / "step-00000000.safetensors") in shared_log
     for g in pgids:

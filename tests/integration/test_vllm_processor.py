@@ -21,9 +21,9 @@ from coordexp.rollout.repeat_rules import (
 )
 
 vllm_processor = pytest.importorskip("coordexp.rollout.vllm_processor")
-from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from coordexp.rollout.vllm_processor import (  # noqa: E402
+from coordexp.rollout.vllm_processor import (
     ENV_CONFIG_JSON,
     PROCESSOR_FQCN,
     ProcessorCore,
@@ -37,7 +37,7 @@ from coordexp.rollout.vllm_processor import (  # noqa: E402
 V = 64
 
 
-from tests.conftest import rules_config as cfg  # noqa: E402
+from tests.conftest import rules_config as cfg
 
 
 def params(overrides=None):
@@ -89,7 +89,7 @@ def test_v1_batch_updates_add_remove_move_swap(core, seed):
     to_remove: set[int] = set()
     n_forced = 0
     for step in range(250):
-        removed = sorted(set(i for i in slots if rng.random() < 0.05) | to_remove)
+        removed = sorted({i for i in slots if rng.random() < 0.05} | to_remove)
         to_remove = set()
         for i in removed:
             del slots[i]

@@ -2,7 +2,6 @@
 
 import dataclasses
 from pathlib import Path
-from typing import List
 
 import pytest
 from omegaconf import OmegaConf
@@ -21,7 +20,7 @@ def resolved(*overrides: str):
     return to_train_config(compose(list(overrides)))
 
 
-def problems_of(*overrides: str) -> List[str]:
+def problems_of(*overrides: str) -> list[str]:
     with pytest.raises(ConfigError) as err:
         resolved(*overrides)
     return err.value.problems
@@ -106,7 +105,7 @@ class Item:
 
 @dataclasses.dataclass
 class Root:
-    items: List[Item] = dataclasses.field(default_factory=list)
+    items: list[Item] = dataclasses.field(default_factory=list)
 
 
 def test_unknown_keys_inside_lists_have_indexed_paths():

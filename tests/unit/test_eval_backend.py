@@ -12,7 +12,13 @@ from coordexp.config.contract import rollout_contract
 from coordexp.config.load import compose, to_train_config
 from coordexp.eval import build_backend
 from coordexp.trainer.prompts import TextPromptEncoder
-from coordexp.trainer.rollouts import HFRolloutBackend, PromptMismatchError, Rollout, RolloutBatch, generate_rollouts
+from coordexp.trainer.rollouts import (
+    HFRolloutBackend,
+    PromptMismatchError,
+    Rollout,
+    RolloutBatch,
+    generate_rollouts,
+)
 from coordexp.trainer.server_backend import ServerRolloutBackend
 
 

@@ -9,10 +9,21 @@ import pytest
 import torch
 from _bpe import build_test_tokenizer, parse_ids, rollout_tokens
 
-from coordexp.evaluation import (IOU_THRESHOLDS, CocoImage, CocoObject, DetectionAggregate, MatchSettings,
-                                 SampleOutcome, coco_ap, duplicate_flags, match_at_threshold, prf, summarize)
+from coordexp.evaluation import (
+    IOU_THRESHOLDS,
+    CocoImage,
+    CocoObject,
+    DetectionAggregate,
+    MatchSettings,
+    SampleOutcome,
+    coco_ap,
+    duplicate_flags,
+    match_at_threshold,
+    prf,
+    summarize,
+)
 from coordexp.evaluation.detection import add_detection_metrics, finish_detection_metrics
-from coordexp.evaluation.report import (TeacherForcedScorer, qualitative_markdown, rollout_coord_indices)
+from coordexp.evaluation.report import TeacherForcedScorer, qualitative_markdown, rollout_coord_indices
 from coordexp.telemetry.metrics import MetricBuffer, reduce_buffers
 
 GT_A = (0, 0, 100, 100)

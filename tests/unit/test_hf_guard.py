@@ -12,7 +12,7 @@ EOS = 7
 PAD = 0
 
 
-from tests.conftest import rules_config as cfg  # noqa: E402
+from tests.conftest import rules_config as cfg
 
 
 def step(guard, ids, vocab=10, seed=0):
@@ -125,14 +125,14 @@ def test_real_generate_forces_only_offending_rows(tiny):
     max_new = 12
     c = cfg(min_new_tokens=2, max_consecutive_token_repeats=4)
     bias = _RowBias(DEGENERATE_ROWS, tok.convert_tokens_to_ids("<|coord_7|>"))
-    gen = dict(
-        max_new_tokens=max_new,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        pad_token_id=tok.pad_token_id,
-    )
+    gen = {
+        "max_new_tokens": max_new,
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "pad_token_id": tok.pad_token_id,
+    }
 
     def run(processors):
         torch.manual_seed(1234)

@@ -33,7 +33,7 @@ def cfg():
 
 
 class StubClient:
-    base_urls = ["http://a:1"]
+    base_urls = ("http://a:1",)
 
     def __init__(self, results=None, error=None):
         self.results, self.error, self.calls = results or [], error, []

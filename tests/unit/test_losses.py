@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from coordexp.trainer.batch import APPENDED, PREFIX, TrainSequence, collate
-from coordexp.trainer.losses import (ciou, coord_distribution, coord_gate, expected_coords, geometry_losses,
-                                     slot_logits, weighted_token_ce)
+from coordexp.trainer.losses import (
+    ciou,
+    coord_distribution,
+    coord_gate,
+    expected_coords,
+    geometry_losses,
+    slot_logits,
+    weighted_token_ce,
+)
 
 
 def test_weighted_ce_uses_previous_position_logits_and_weights():

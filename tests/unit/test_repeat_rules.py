@@ -24,10 +24,7 @@ from coordexp.rollout.repeat_rules import (
     parse_config,
     triggered,
 )
-
-
-from tests.conftest import rules_config as cfg  # noqa: E402
-
+from tests.conftest import rules_config as cfg
 
 # ----------------------------------------------------------------------------------------------------- rules
 
@@ -256,7 +253,7 @@ def test_object_count_on_real_encodings(tiny_tokenizer, order):
         # cap n: fires right after the n-th opening is complete, not before
         c = cfg(max_object_keys=n)
         at = first_trigger_length(c, ids, matcher)
-        opening_end = [i + 1 for i in range(len(ids)) if matcher.count(ids[: i + 1]) == n][0]
+        opening_end = next(i + 1 for i in range(len(ids)) if matcher.count(ids[: i + 1]) == n)
         assert at == opening_end
         assert triggered(c, ids[:at], pats) and not triggered(c, ids[: at - 1], pats)
         # the cap counts generated tokens only: an opening in the prompt is not part of generated_ids

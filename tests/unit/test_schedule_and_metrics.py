@@ -1,7 +1,8 @@
 """b_ratio schedule and metric aggregation rules (pure)."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from coordexp.telemetry.metrics import MetricBuffer, percentile, reduce_buffers
 from coordexp.trainer.schedule import is_channel_b, realized_b_ratio

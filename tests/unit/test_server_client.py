@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, List, Optional
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ from coordexp.rollout.server_client import (
 )
 
 
-def rollout_item(i: int, flag: Optional[int] = 0, finish: str = "stop", wrapped: bool = True) -> dict:
+def rollout_item(i: int, flag: int | None = 0, finish: str = "stop", wrapped: bool = True) -> dict:
     chat = {
         "model": "m",
         "object": "chat.completion",
@@ -47,14 +48,14 @@ class FakeServer:
     """A tiny HTTP server: ``infer(body) -> (status, json_or_text)`` decides each /infer/ answer."""
 
     def __init__(
-        self, world_size: int = 1, infer: Optional[Callable[[dict], Any]] = None, delay_s: float = 0.0
+        self, world_size: int = 1, infer: Callable[[dict], Any] | None = None, delay_s: float = 0.0
     ):
         self.world_size = world_size
         self.infer_fn = infer or (
             lambda body: (200, [rollout_item(i) for i in range(len(body["infer_requests"]))])
         )
         self.delay_s = delay_s
-        self.bodies: List[dict] = []
+        self.bodies: list[dict] = []
         self.calls = 0
         fake = self
 
@@ -99,7 +100,7 @@ class FakeServer:
 
 @pytest.fixture
 def servers():
-    made: List[FakeServer] = []
+    made: list[FakeServer] = []
 
     def make(**kw) -> FakeServer:
         s = FakeServer(**kw)
@@ -111,7 +112,7 @@ def servers():
         s.close()
 
 
-def reqs(n: int) -> List[InferRequest]:
+def reqs(n: int) -> list[InferRequest]:
     return [InferRequest(messages=[{"role": "user", "content": f"q{i}"}]) for i in range(n)]
 
 

@@ -14,8 +14,8 @@ from coordexp.data.tiny_model import ensure_tiny_model
 from coordexp.trainer.batch import APPENDED, PREFIX, collate
 from coordexp.trainer.channels import TokenizerAdapter, channel_b_sequence
 from coordexp.trainer.evaluation import rollout_evaluator
-from coordexp.trainer.prompts import TextPromptEncoder
 from coordexp.trainer.losses import coord_distribution, geometry_losses, slot_logits, weighted_token_ce
+from coordexp.trainer.prompts import TextPromptEncoder
 from coordexp.trainer.rollouts import HFRolloutBackend, Rollout
 
 GT = [DetectionObject("red square", (100, 100, 300, 300)), DetectionObject("blue star", (500, 500, 700, 700)),
@@ -44,7 +44,7 @@ def rollout_text():
     matched = serialize_record(CoordObject("red square", (100, 100, 300, 310)), "desc_first")
     false_pos = serialize_record(CoordObject("blue star", (0, 900, 50, 950)), "desc_first")
     invalid = '{"desc": "green heart", "bbox_2d": [<|coord_1|>, <|coord_2|>]}'
-    return '{"objects": [' + ", ".join([matched, false_pos, invalid]) + "]}"  # GT 1 and 2 are missing
+    return '{"objects": [' + f"{matched}, {false_pos}, {invalid}" + "]}"  # GT 1 and 2 are missing
 
 
 def test_channel_b_masks_and_gradients(tiny, cfg):

@@ -15,16 +15,31 @@ from coordexp.config.load import compose, to_train_config
 from coordexp.coordjson import bin_to_pixel, bins_to_pixel_box, pixel_to_bin
 from coordexp.data.jsonl import DetectionSample, load_jsonl
 from coordexp.data.prompt import PromptSpec
-from coordexp.data.synthetic_images import (BACKGROUND, ImageTaskSpec, draw_object, generate_image_record,
-                                            write_synthetic_image_jsonl)
+from coordexp.data.synthetic_images import (
+    BACKGROUND,
+    ImageTaskSpec,
+    draw_object,
+    generate_image_record,
+    write_synthetic_image_jsonl,
+)
 from coordexp.data.tiny_model import VISION_TOKENS, ensure_tiny_model, read_build_info
 from coordexp.trainer.batch import collate
 from coordexp.trainer.channels import TokenizerAdapter, channel_a_sequence, channel_b_sequence
 from coordexp.trainer.learner import LearnerError, coord_vocab_adapter
-from coordexp.trainer.prompts import (PromptError, TextPromptEncoder, VisionPromptEncoder, is_vision_language,
-                                      load_model_and_prompts)
-from coordexp.trainer.rollouts import (HFRolloutBackend, PromptMismatchError, Rollout, RolloutBatch,
-                                      generate_rollouts)
+from coordexp.trainer.prompts import (
+    PromptError,
+    TextPromptEncoder,
+    VisionPromptEncoder,
+    is_vision_language,
+    load_model_and_prompts,
+)
+from coordexp.trainer.rollouts import (
+    HFRolloutBackend,
+    PromptMismatchError,
+    Rollout,
+    RolloutBatch,
+    generate_rollouts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +104,7 @@ def test_pixel_bin_pixel_round_trip(size):
 
 
 def test_prompt_encoding_expands_image_placeholders(vlm, split):
-    _, model, tok, prompts = vlm
+    _, _, tok, prompts = vlm
     sample = split[0]
     assert sample.images and sample.messages[-1]["content"][0] == {"type": "image", "image": str(sample.images[0])}
     encoded = prompts.encode(sample)
@@ -121,7 +136,7 @@ def test_size_check_names_sample_and_fix(vlm, tmp_path):
 
 def test_text_model_rejects_image_samples(split, tmp_path):
     path = ensure_tiny_model(tmp_path, arch="qwen2")
-    _, tok, prompts = load_model_and_prompts(path, "float32")
+    _, _, prompts = load_model_and_prompts(path, "float32")
     assert type(prompts) is TextPromptEncoder
     with pytest.raises(PromptError, match="has images but the model is text-only"):
         prompts.encode(split[0])
