@@ -3,17 +3,17 @@ pipeline and its files (``report``). ``python -m coordexp.eval`` is the CLI; doc
 
 from coordexp.evaluation.coco import CocoImage, CocoObject, coco_ap
 from coordexp.evaluation.detection import (
-                                           DUPLICATE_IOU,
-                                           IOU_THRESHOLDS,
-                                           DetectionAggregate,
-                                           MatchSettings,
-                                           SampleOutcome,
-                                           ThresholdMatch,
-                                           duplicate_flags,
-                                           match_at_threshold,
-                                           match_at_thresholds,
-                                           prf,
-                                           summarize,
+    DUPLICATE_IOU,
+    IOU_THRESHOLDS,
+    DetectionAggregate,
+    MatchSettings,
+    SampleOutcome,
+    ThresholdMatch,
+    duplicate_flags,
+    match_at_threshold,
+    match_at_thresholds,
+    prf,
+    summarize,
 )
 
 __all__ = [

@@ -337,7 +337,8 @@ def _run_torchrun(
     cmd: list[str], env: dict[str, str], servers: ServerSet | None, launcher: dict[str, Any], run_dir: Path
 ) -> int:
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env}
-    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True, preexec_fn=set_parent_death_signal)  # noqa: PLW1509
+    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True,
+                            preexec_fn=set_parent_death_signal)  # noqa: PLW1509
     launcher["learner"]["pgid"] = proc.pid
     _update_metadata(run_dir, launcher)
     try:

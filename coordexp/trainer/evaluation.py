@@ -38,7 +38,7 @@ def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, prompts:
             try:
                 write_eval_artifacts(predictions, trainer.run_dir, trainer.state.global_step,
                                      tb_writer=find_tensorboard_writer(trainer))
-            except Exception as err:  # noqa: BLE001 - artifacts are secondary: report, never stop training for them
+            except Exception as err:  # noqa: BLE001 - artifacts are secondary: report, never stop training
                 print(f"warning: eval artifacts at step {trainer.state.global_step} failed: "
                       f"{type(err).__name__}: {err}", file=sys.stderr)
         return metrics

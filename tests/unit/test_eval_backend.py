@@ -50,13 +50,14 @@ class Served:
 
 
 def test_a_prompt_the_server_rendered_differently_fails_the_eval():
-    samples = [SimpleNamespace(source="val.jsonl:1", messages=[]), SimpleNamespace(source="val.jsonl:2", messages=[])]
+    samples = [SimpleNamespace(source=f"val.jsonl:{i}", messages=[]) for i in (1, 2)]
     mine = [SimpleNamespace(ids=[5, 6, 7], vision=None), SimpleNamespace(ids=[5, 6, 8], vision=None)]
     same = Served([[5, 6, 7], [5, 6, 8]])
     assert len(generate_rollouts(same, samples, mine, seed=3).rollouts) == 2
     assert same.calls == [(2, 3, None)]
-    with pytest.raises(PromptMismatchError, match=r"sample val.jsonl:2: the rollout's prompt \(4 tokens\) differs "
-                                                  r"from the learner's \(3 tokens, .*\) from token 0 on; .*--template"):
+    with pytest.raises(PromptMismatchError, match=r"sample val.jsonl:2: the rollout's prompt \(4 tokens\) "
+                       r"differs from the learner's \(3 tokens, .*\) from token 0 on; .*--template"):
         generate_rollouts(Served([[5, 6, 7], [9, 5, 6, 8]]), samples, mine, seed=3)
-    with pytest.raises(PromptMismatchError, match=r"sample val.jsonl:1: .*\(2 tokens\) .*\(3 tokens, .* token 2 on"):
+    with pytest.raises(PromptMismatchError,
+                       match=r"sample val.jsonl:1: .*\(2 tokens\) .*\(3 tokens, .* token 2 on"):
         generate_rollouts(Served([[5, 6], [5, 6, 8]]), samples, mine, seed=3)

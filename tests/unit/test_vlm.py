@@ -221,9 +221,10 @@ def test_prompt_mismatch_fails_the_step(vlm, split):
         def generate(self, prompt_ids, messages, seed, vision=None):
             return RolloutBatch([Rollout(unexpanded, [tok.eos_token_id], 0, False)], 0.0, 1, [1])
 
-    with pytest.raises(PromptMismatchError, match=rf"sample {s.source}: the rollout's prompt \({len(unexpanded)} "
-                       rf"tokens\) differs from the learner's \({len(encoded.ids)} tokens, image placeholders "
-                       rf"expanded\) from token {first} on") as err:
+    with pytest.raises(PromptMismatchError,
+                       match=rf"sample {s.source}: the rollout's prompt \({len(unexpanded)} tokens\) differs "
+                             rf"from the learner's \({len(encoded.ids)} tokens, image placeholders expanded\) "
+                             rf"from token {first} on") as err:
         generate_rollouts(Served(), [s], [encoded], seed=0)
     assert isinstance(err.value, LearnerError)  # printed without a traceback, exit 2
 
