@@ -131,19 +131,6 @@ def metrics_jsonl_callback(path: Path):
     return MetricsJsonl()
 
 
-def image_processor_callback(image_processor):
-    """Saves the image processor into every checkpoint (the Trainer saves the tokenizer only), so a
-    vision-language checkpoint loads on its own (coordexp.eval, resume, a server)."""
-    from transformers import TrainerCallback
-
-    class SaveImageProcessor(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                image_processor.save_pretrained(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-    return SaveImageProcessor()
-
-
 def train(cfg: TrainConfig, run_dir: Path):
     """Train to the end; returns the Stage2ABTrainer."""
     import torch
@@ -184,12 +171,9 @@ def train(cfg: TrainConfig, run_dir: Path):
     trainer = Stage2ABTrainer(
         model=model, args=args, train_dataset=train_samples, eval_dataset=val_samples or None,
         data_collator=lambda batch: {"samples": batch}, processing_class=tokenizer,
-        callbacks=[metrics_jsonl_callback(run_dir / "metrics.jsonl"),
-                   *([image_processor_callback(prompts.image_processor)] if prompts.image_processor is not None
-                     else [])],
+        callbacks=[metrics_jsonl_callback(run_dir / "metrics.jsonl")],
         stage2_ab=cfg.stage2_ab, contract=contract, adapter=adapter, prompts=prompts, rollout_backend=backend,
-        seed=cfg.seed,
-        run_dir=run_dir, evaluator=evaluator)
+        seed=cfg.seed, run_dir=run_dir, evaluator=evaluator)
     trainer_ref["trainer"] = trainer
     from transformers.trainer_callback import ProgressCallback
 

@@ -76,11 +76,7 @@ def _train_stage1(stage1: TrainConfig, base: Path, target: Path) -> None:
         run = dataclasses.replace(stage1, training=dataclasses.replace(
             stage1.training, output_dir=str(work / "run"), logging_dir=str(work / "run" / "tb")))
         trainer = train(run, work / "run")
-        trainer.save_model(str(work / "model"))
-        trainer.processing_class.save_pretrained(str(work / "model"))
-        for name in ("preprocessor_config.json",):  # the image processor of a VLM (the Trainer saves no copy)
-            if (base / name).is_file():
-                shutil.copy2(base / name, work / "model" / name)
+        trainer.save_model(str(work / "model"))  # weights, tokenizer and a VLM's image processor
         try:
             os.rename(work / "model", target)
         except OSError:  # another process finished first: theirs is the same model

@@ -54,6 +54,13 @@ class Stage2ABTrainer(Trainer):
         self._coord_ids = torch.tensor(adapter.coord_token_ids, dtype=torch.long)
         self._sample_log = self.run_dir / f"rollout_samples.rank{self.args.process_index}.jsonl"
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints and saved models also carry a vision-language model's image processor (the Trainer
+        saves the tokenizer only), so the folder loads on its own: coordexp.eval, resume, a server."""
+        super().save_model(output_dir, _internal_call)
+        if self.prompts.image_processor is not None and self.args.should_save:
+            self.prompts.image_processor.save_pretrained(output_dir or self.args.output_dir)
+
     # ---- one micro-step -------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         samples = inputs["samples"]
