@@ -109,7 +109,8 @@ def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair
     if max_side and max(canvas.size) > max_side:
         scale = max_side / max(canvas.size)
         canvas = canvas.resize((max(round(canvas.width * scale), 2), max(round(canvas.height * scale), 2)))
-    elif max(canvas.size) < MIN_SIDE:  # small images (e.g. 112 px synthetic scenes): enlarge, pixels kept sharp
+    elif max(canvas.size) < MIN_SIDE:  # small images (e.g. 112 px synthetic scenes):
+        # enlarge, pixels kept sharp
         scale = MIN_SIDE // max(canvas.size)
         canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
     w, h = canvas.size

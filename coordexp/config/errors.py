@@ -30,7 +30,8 @@ def raise_if(problems: Sequence[str], title: str = "Invalid coordexp config") ->
 
 @contextlib.contextmanager
 def exit_on_config_error(exit_code: int = 2) -> Iterator[None]:
-    """Print a ConfigError as one screen of text and exit non-zero (traceback only with HYDRA_FULL_ERROR=1)."""
+    """Print a ConfigError as one screen of text and exit non-zero (traceback only with
+    HYDRA_FULL_ERROR=1)."""
     try:
         yield
     except ConfigError as err:

@@ -70,7 +70,8 @@ def _suggestion(path: str, parent: Any) -> str:
         return ""
     key = path.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(parent)], n=1, cutoff=0.6)
-    return f"; did you mean '{path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}'?" if close else ""
+    return (f"; did you mean '{path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}'?"
+            if close else "")
 
 
 def _type_at(path: str, root: type[Any] = TrainConfig) -> Any:
@@ -95,7 +96,8 @@ def key_problems(raw: Mapping[str, Any], root: type[Any] = TrainConfig, prefix: 
     problems = legacy_problems(p for p, _ in paths)
     legacy_roots = [p.split(":", 1)[0] for p in problems]
     for path, known in paths:
-        if known or any(path == r or path.startswith(r + ".") or r.startswith(path + ".") for r in legacy_roots):
+        if known or any(path == r or path.startswith(r + ".") or r.startswith(path + ".")
+                        for r in legacy_roots):
             continue
         parent_path = path.rsplit(".", 1)[0] if "." in path else ""
         parent_tp = _type_at(parent_path, root) if parent_path else root

@@ -27,7 +27,8 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
             del cfg["hydra"]
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))
-        raise_if([f"{key}: missing value: pin it in the experiment leaf or pass {key}=..." for key in missing])
+        raise_if([f"{key}: missing value: pin it in the experiment leaf or pass {key}=..."
+                  for key in missing])
         OmegaConf.resolve(cfg)
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:

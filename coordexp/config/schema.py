@@ -103,9 +103,10 @@ class SyntheticDataConfig:
     max_objects: int = doc("Most objects per synthetic record.", 3)
     seed: int = doc("Generator seed (validation uses seed + 1).", 1234)
     images: bool = doc("Render each scene as a 112x112 image of coloured shapes (the vision-language task, "
-                       "images/ next to the generated JSONL) instead of listing the objects in the prompt.", False)
-    image_cell: int = doc("Pixels per grid cell of the image task (4x4 cells): patch_size x merge_size of the "
-                          "model, 28 for Qwen2/2.5-VL, 32 for Qwen3-VL.", 28)
+                       "images/ next to the generated JSONL) instead of listing the objects in the prompt.",
+                       False)
+    image_cell: int = doc("Pixels per grid cell of the image task (4x4 cells): patch_size x merge_size of "
+                          "the model, 28 for Qwen2/2.5-VL, 32 for Qwen3-VL.", 28)
 
 
 @dataclass
@@ -207,7 +208,8 @@ class RepeatTerminateConfig:
 
 @dataclass
 class RolloutMatchingConfig:
-    rollout_backend: RolloutBackend = doc("`hf`: in-process generate; `vllm`: rollout server.", RolloutBackend.hf)
+    rollout_backend: RolloutBackend = doc("`hf`: in-process generate; `vllm`: rollout server.",
+                                          RolloutBackend.hf)
     decode_batch_size: int = doc("Sequences per rollout decode call, in training and eval: the single "
                                  "source of truth for rollout micro-batching.", 8)
     max_new_tokens: int = doc("Rollout generation budget.", 128)
@@ -231,8 +233,8 @@ class ServerConfig:
     request_timeout_s: float = doc("Timeout of every other HTTP call.", 30.0)
     log_tail_lines: int = doc("Server log lines printed when the run fails.", 40)
     image_root: str | None = doc(
-        "The server's ROOT_IMAGE_DIR: where it finds the image paths the learner sends, which are relative to "
-        "the training JSONL's folder. null = that folder (server and learner share the filesystem).", None)
+        "The server's ROOT_IMAGE_DIR: where it finds the image paths the learner sends, which are relative "
+        "to the training JSONL's folder. null = that folder (server and learner share the filesystem).", None)
 
 
 @dataclass

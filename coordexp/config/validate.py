@@ -38,14 +38,16 @@ def problems(cfg: TrainConfig) -> list[str]:
     need(0.0 <= ab.schedule.b_ratio <= 1.0, "stage2_ab.schedule.b_ratio",
          f"{ab.schedule.b_ratio} is outside [0, 1]")
     need(ab.n_softctx_iter == 1, "stage2_ab.n_softctx_iter",
-         f"{ab.n_softctx_iter}: soft self-context passes are not implemented yet; use 1 (plain teacher forcing)")
+         f"{ab.n_softctx_iter}: soft self-context passes are not implemented yet; "
+         "use 1 (plain teacher forcing)")
     need(ab.softctx_temperature > 0, "stage2_ab.softctx_temperature", "must be > 0")
     need(ab.bbox_smoothl1_beta > 0, "stage2_ab.bbox_smoothl1_beta", "must be > 0")
     for name in ("desc_ce_weight", "bbox_smoothl1_weight", "bbox_ciou_weight", "coord_ce_weight",
                  "coord_gate_weight"):
         need(getattr(ab, name) >= 0, f"stage2_ab.{name}", "must be >= 0")
     mult = ab.channel_b.drop_invalid_struct_ce_multiplier
-    need(1.0 <= mult <= 4.0, "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier", f"{mult} is outside [1, 4]")
+    need(1.0 <= mult <= 4.0, "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier",
+         f"{mult} is outside [1, 4]")
 
     need(t.learning_rate > 0, "training.learning_rate", "must be > 0")
     for name in ("effective_batch_size", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -87,7 +89,8 @@ def problems(cfg: TrainConfig) -> list[str]:
     need((rt.ngram_size == 0) == (rt.ngram_repeats == 0), "rollout_matching.repeat_terminate.ngram_size",
          "ngram_size and ngram_repeats must be both 0 (rule off) or both set")
     if rt.max_object_keys is not None:
-        need(rt.max_object_keys >= 1, "rollout_matching.repeat_terminate.max_object_keys", "must be >= 1 or null")
+        need(rt.max_object_keys >= 1, "rollout_matching.repeat_terminate.max_object_keys",
+             "must be >= 1 or null")
 
     data = cfg.data
     if data.kind.value == "jsonl":
@@ -103,7 +106,8 @@ def problems(cfg: TrainConfig) -> list[str]:
     server_mode = rm.rollout_backend == RolloutBackend.vllm
     need(server_mode == (v.mode == VllmMode.server), "vllm.mode",
          f"is {v.mode.value if v.mode else 'null'} but rollout_matching.rollout_backend is "
-         f"{rm.rollout_backend.value}: select rollout=vllm_server (or rollout=hf) instead of setting them apart")
+         f"{rm.rollout_backend.value}: select rollout=vllm_server (or rollout=hf) instead of setting "
+         "them apart")
     if server_mode:
         need(len(v.server.base_urls) >= 1, "vllm.server.base_urls", "server mode needs at least one URL")
         for i, url in enumerate(v.server.base_urls):
@@ -137,8 +141,8 @@ def problems(cfg: TrainConfig) -> list[str]:
         need(cfg.model.dtype.value == "float32", "model.dtype", "the tiny model trains in float32 on CPU")
         tiny_vl = cfg.model.tiny_arch.value.endswith("_vl")
         need(tiny_vl or not (data.kind.value == "synthetic" and syn.images), "data.synthetic.images",
-             f"the tiny {cfg.model.tiny_arch.value} model is text-only and cannot read images: use model=tiny_vl "
-             f"(model.tiny_arch=qwen2_vl) or data.synthetic.images=false")
+             f"the tiny {cfg.model.tiny_arch.value} model is text-only and cannot read images: "
+             f"use model=tiny_vl (model.tiny_arch=qwen2_vl) or data.synthetic.images=false")
         need(not (tiny_vl and server_mode), "rollout",
              "the tiny VLM runs with rollout=hf only: vLLM's Qwen2-VL needs torchvision (absent from the CPU "
              "stack) and ms-swift's qwen2_vl template expects Qwen's own vision-token ids (docs/vlm.md)")

@@ -42,7 +42,8 @@ __all__ = [
 RECORD_KEYS = frozenset({"images", "width", "height", "objects", "summary", "metadata"})
 OBJECT_KEYS = frozenset({"desc", "bbox_2d"})
 # Geometry keys that exist in the wider data contract (or common datasets) but not in bbox-only Stage-2.
-GEOMETRY_KEYS = frozenset({"poly", "polygon", "line", "point", "points", "segmentation", "mask", "bbox", "quad"})
+GEOMETRY_KEYS = frozenset({"poly", "polygon", "line", "point", "points", "segmentation", "mask", "bbox",
+                           "quad"})
 MAX_REPORTED_ERRORS = 20
 
 
@@ -104,7 +105,8 @@ def _coord_value(v: Any, i: int) -> int:
     if isinstance(v, str):
         k = try_token_to_bin(v)
         if k is None:
-            raise _RecordError(f"bbox_2d[{i}]={v!r} is not a coord token '<|coord_k|>' with k in 0..{MAX_BIN}")
+            raise _RecordError(f"bbox_2d[{i}]={v!r} is not a coord token '<|coord_k|>' "
+                               f"with k in 0..{MAX_BIN}")
         return k
     raise _RecordError(f"bbox_2d[{i}]={v!r} must be an int 0..{MAX_BIN} or a string '<|coord_k|>'")
 
@@ -115,8 +117,8 @@ def _parse_object(obj: Any, j: int) -> DetectionObject:
         raise _RecordError(f"{where} must be an object, got {type(obj).__name__}")
     geometry = sorted(k for k in obj if k in GEOMETRY_KEYS)
     if geometry:
-        raise _RecordError(f"{where}: bbox-only: geometry {', '.join(repr(g) for g in geometry)} is not supported "
-                           f"(Stage-2 accepts exactly one 'bbox_2d' per object)")
+        raise _RecordError(f"{where}: bbox-only: geometry {', '.join(repr(g) for g in geometry)} "
+                           f"is not supported (Stage-2 accepts exactly one 'bbox_2d' per object)")
     unknown = sorted(k for k in obj if k not in OBJECT_KEYS)
     if unknown:
         raise _RecordError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)} "
@@ -278,6 +280,7 @@ def _with_messages(sample: DetectionSample, messages: tuple[dict[str, Any], ...]
     return replace(sample, messages=messages)
 
 
-def load_jsonl(path: str | os.PathLike, prompt: PromptSpec | None = None, **kwargs: Any) -> JsonlDetectionDataset:
+def load_jsonl(path: str | os.PathLike, prompt: PromptSpec | None = None,
+               **kwargs: Any) -> JsonlDetectionDataset:
     """Shorthand for ``JsonlDetectionDataset(path, prompt or PromptSpec(), **kwargs)``."""
     return JsonlDetectionDataset(path, prompt or PromptSpec(), **kwargs)

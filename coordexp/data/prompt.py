@@ -40,8 +40,10 @@ FIELD_ORDERS = ("desc_first", "geometry_first")
 SCENES = ("auto", "text", "images")
 
 _INSTRUCTIONS = {
-    "desc_first": 'List all objects as CoordJSON, each {"desc", "bbox_2d"}, top to bottom, then left to right.',
-    "geometry_first": 'List all objects as CoordJSON, each {"bbox_2d", "desc"}, top to bottom, then left to right.',
+    "desc_first": 'List all objects as CoordJSON, each {"desc", "bbox_2d"}, top to bottom, '
+                  'then left to right.',
+    "geometry_first": 'List all objects as CoordJSON, each {"bbox_2d", "desc"}, top to bottom, '
+                      'then left to right.',
 }
 
 
@@ -59,7 +61,8 @@ class PromptSpec:
         if self.scene not in SCENES:
             raise ValueError(f"scene must be one of {SCENES}, got {self.scene!r}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
-            raise ValueError(f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}")
+            raise ValueError("system_prompt must be a string or None, "
+                             f"got {type(self.system_prompt).__name__}")
 
 
 def instruction_text(object_field_order: str = "desc_first") -> str:
@@ -67,7 +70,8 @@ def instruction_text(object_field_order: str = "desc_first") -> str:
     try:
         return _INSTRUCTIONS[object_field_order]
     except KeyError:
-        raise ValueError(f"object_field_order must be one of {FIELD_ORDERS}, got {object_field_order!r}") from None
+        raise ValueError(f"object_field_order must be one of {FIELD_ORDERS}, "
+                         f"got {object_field_order!r}") from None
 
 
 def _obj_parts(obj: Any) -> tuple[str, Sequence[int]]:
@@ -115,7 +119,8 @@ def build_messages(sample: Any, spec: PromptSpec | None = None) -> list[dict[str
     if spec.system_prompt:
         messages.append({"role": "system", "content": spec.system_prompt})
     if scene == "text":
-        messages.append({"role": "user", "content": instruction + "\n" + scene_text(objects, spec.object_field_order)})
+        messages.append({"role": "user",
+                         "content": instruction + "\n" + scene_text(objects, spec.object_field_order)})
     else:
         content: list[dict[str, Any]] = [{"type": "image", "image": str(p)} for p in images]
         content.append({"type": "text", "text": instruction})

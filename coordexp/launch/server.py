@@ -123,7 +123,8 @@ def launch_spec_from_config(
 ) -> ServerLaunchSpec:
     """The launch spec of the (single) server a ``TrainConfig`` asks for, at ``base_url`` (default: the first
     of ``vllm.server.base_urls``). For the tiny model and checkpoints trained from it, ms-swift is told
-    ``--model_type <qwen2|qwen3> --template chatml`` (its auto-detection is ambiguous for a bare Qwen2 folder)."""
+    ``--model_type <qwen2|qwen3> --template chatml`` (its auto-detection is ambiguous for a bare Qwen2
+    folder)."""
     v = cfg.vllm
     urls = list(v.server.base_urls)
     url = base_url or (urls[0] if urls else None)

@@ -26,7 +26,8 @@ class TrainSequence:
 
     def __post_init__(self) -> None:
         if len(self.ce_weights) != len(self.target_ids):
-            raise ValueError(f"ce_weights ({len(self.ce_weights)}) and target_ids ({len(self.target_ids)}) differ")
+            raise ValueError(f"ce_weights ({len(self.ce_weights)}) and target_ids ({len(self.target_ids)}) "
+                             "differ")
         if not (len(self.geometry_slots) == len(self.geometry_bins) == len(self.geometry_kinds)):
             raise ValueError("geometry slots, bins and kinds must have one entry per box")
 

@@ -39,8 +39,9 @@ class TokenizerAdapter:
         # the Rust tokenizer behind a fast tokenizer gives the same ids without transformers' per-call
         # overhead (~0.1 ms, two calls per Channel-B sample)
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._encode = (lambda text: backend.encode(text, add_special_tokens=False).ids) if backend is not None \
-            else (lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        self._encode = ((lambda text: backend.encode(text, add_special_tokens=False).ids)
+                        if backend is not None
+                        else (lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])))
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
@@ -138,7 +139,8 @@ def channel_b_sequence(sample, prompt: EncodedPrompt, rollout: Rollout, tok: Tok
     return sequence, sample_record(sample, rollout, parsed, gts, match, sequence is None)
 
 
-def record_rollout_metrics(buf: MetricBuffer, records: Sequence[SampleRecord], prefix: str = "rollout") -> None:
+def record_rollout_metrics(buf: MetricBuffer, records: Sequence[SampleRecord],
+                           prefix: str = "rollout") -> None:
     """Counters, ratio-of-sums rates and the p99 sample list from per-sample records."""
     n = len(records)
     s = lambda field: sum(getattr(r, field) for r in records)

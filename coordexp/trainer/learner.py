@@ -19,11 +19,13 @@ from coordexp.config.validate import derived_grad_accumulation
 
 
 class LearnerError(RuntimeError):
-    """A problem the user can fix (missing model, bad data, unusable checkpoint); printed without traceback."""
+    """A problem the user can fix (missing model, bad data, unusable checkpoint); printed without
+    traceback."""
 
 
 def load_model(cfg: TrainConfig):
-    """(model, tokenizer, model_dir, prompt encoder) for the configured checkpoint (text or vision-language)."""
+    """(model, tokenizer, model_dir, prompt encoder) for the configured checkpoint (text or
+    vision-language)."""
     from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
     from coordexp.trainer.prompts import PromptError, load_model_and_prompts
 
@@ -62,7 +64,8 @@ def load_samples(cfg: TrainConfig, run_dir: Path):
         val_path = write_synthetic_split(data_dir / "val.jsonl", cfg.data.synthetic, "val")
     else:
         train_path, val_path = Path(cfg.data.train_jsonl), cfg.data.val_jsonl and Path(cfg.data.val_jsonl)
-    prompt = PromptSpec(object_field_order=cfg.data.object_field_order.value, system_prompt=cfg.data.system_prompt)
+    prompt = PromptSpec(object_field_order=cfg.data.object_field_order.value,
+                        system_prompt=cfg.data.system_prompt)
     try:
         train = list(load_jsonl(train_path, prompt))
         val = list(load_jsonl(val_path, prompt, limit=cfg.data.val_sample_limit)) if val_path else []
@@ -88,21 +91,23 @@ def find_checkpoint(spec: str | None, run_dir: Path) -> str | None:
         return None
 
     def newest(dirs) -> Path | None:
-        found = [c for d in dirs for c in Path(d).glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+        found = [c for d in dirs for c in Path(d).glob("checkpoint-*")
+                 if (c / "trainer_state.json").is_file()]
         return max(found, key=lambda c: (int(c.name.split("-")[-1]), c.stat().st_mtime)) if found else None
 
     if spec == "latest":
         picked = newest([run_dir, *run_dir.parent.iterdir()] if run_dir.parent.is_dir() else [run_dir])
         if picked is None:
-            raise LearnerError(f"training.resume_from_checkpoint=latest: no checkpoint-* under {run_dir.parent}")
+            raise LearnerError("training.resume_from_checkpoint=latest: no checkpoint-* under "
+                               f"{run_dir.parent}")
         return str(picked)
     path = Path(spec)
     if (path / "trainer_state.json").is_file():
         return str(path)
     picked = newest([path]) if path.is_dir() else None
     if picked is None:
-        raise LearnerError(f"training.resume_from_checkpoint='{spec}' is neither a checkpoint dir nor a run dir "
-                           f"with checkpoint-* inside")
+        raise LearnerError(f"training.resume_from_checkpoint='{spec}' is neither a checkpoint dir nor a run "
+                           f"dir with checkpoint-* inside")
     return str(picked)
 
 
@@ -111,7 +116,8 @@ def build_rollout_backend(cfg: TrainConfig, contract: RolloutContract, trainer_r
     if contract.backend == "hf":
         from coordexp.trainer.rollouts import HFRolloutBackend
 
-        return HFRolloutBackend(lambda: trainer_ref["trainer"].accelerator.unwrap_model(trainer_ref["trainer"].model),
+        return HFRolloutBackend(lambda: trainer_ref["trainer"].accelerator.unwrap_model(
+                                    trainer_ref["trainer"].model),
                                 tokenizer, contract, image_token_id)
     from coordexp.trainer.server_backend import ServerRolloutBackend
 
@@ -167,7 +173,8 @@ def train(cfg: TrainConfig, run_dir: Path):
     )
     trainer_ref: dict = {}
     backend = build_rollout_backend(cfg, contract, trainer_ref, tokenizer, prompts.image_token_id)
-    evaluator = rollout_evaluator(val_samples, adapter, prompts, backend, contract, cfg.seed) if val_samples else None
+    evaluator = (rollout_evaluator(val_samples, adapter, prompts, backend, contract, cfg.seed)
+                 if val_samples else None)
     trainer = Stage2ABTrainer(
         model=model, args=args, train_dataset=train_samples, eval_dataset=val_samples or None,
         data_collator=lambda batch: {"samples": batch}, processing_class=tokenizer,

@@ -42,7 +42,8 @@ def coord_gate(slot_logits_: torch.Tensor, coord_token_ids: torch.Tensor) -> tor
     """Mean of -log P(any coordinate token) at the slots: logsumexp(all) - logsumexp(coord)."""
     if slot_logits_.shape[0] == 0:
         return slot_logits_.sum() * 0.0
-    return (torch.logsumexp(slot_logits_, -1) - torch.logsumexp(slot_logits_[..., coord_token_ids], -1)).mean()
+    return (torch.logsumexp(slot_logits_, -1)
+            - torch.logsumexp(slot_logits_[..., coord_token_ids], -1)).mean()
 
 
 def expected_coords(probs: torch.Tensor) -> torch.Tensor:

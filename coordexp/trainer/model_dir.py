@@ -36,7 +36,8 @@ def prepare_model_dir(cfg: TrainConfig) -> Path:
     if cfg.model.tiny_stage1_steps == 0:
         return base
     stage1 = _stage1_config(cfg, base)
-    key = hashlib.sha256(json.dumps(_weights_key(stage1), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps(_weights_key(stage1), sort_keys=True,
+                                    default=str).encode()).hexdigest()[:10]
     target = base.parent / f"{base.name}-stage1-{cfg.model.tiny_stage1_steps}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -45,13 +46,15 @@ def prepare_model_dir(cfg: TrainConfig) -> Path:
 
 
 def _stage1_config(cfg: TrainConfig, base: Path) -> TrainConfig:
-    t = dataclasses.replace(cfg.training, max_steps=cfg.model.tiny_stage1_steps, eval_strategy=IntervalStrategy.no,
-                            save_strategy=IntervalStrategy.no, resume_from_checkpoint=None, nproc_per_node=1,
+    t = dataclasses.replace(cfg.training, max_steps=cfg.model.tiny_stage1_steps,
+                            eval_strategy=IntervalStrategy.no, save_strategy=IntervalStrategy.no,
+                            resume_from_checkpoint=None, nproc_per_node=1,
                             gradient_accumulation_steps=None, warmup_steps=min(cfg.training.warmup_steps, 10),
                             per_device_train_batch_size=cfg.training.effective_batch_size)
     schedule = dataclasses.replace(cfg.stage2_ab.schedule, b_ratio=0.0)
     ab = dataclasses.replace(cfg.stage2_ab, schedule=schedule)
-    rm = dataclasses.replace(cfg.rollout_matching, rollout_backend=type(cfg.rollout_matching.rollout_backend).hf)
+    rm = dataclasses.replace(cfg.rollout_matching,
+                             rollout_backend=type(cfg.rollout_matching.rollout_backend).hf)
     vllm = dataclasses.replace(cfg.vllm, mode=None)
     model = dataclasses.replace(cfg.model, kind=ModelKind.local, path=str(base), tiny_stage1_steps=0)
     return dataclasses.replace(cfg, model=model, training=t, stage2_ab=ab, rollout_matching=rm, vllm=vllm)

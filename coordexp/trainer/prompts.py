@@ -99,13 +99,13 @@ class VisionPromptEncoder(TextPromptEncoder):
                                     f"processor resizes it to {resized[0]}x{resized[1]}, but the record says "
                                     f"width={sample.width}, height={sample.height}")
         if problems:
-            shown = "\n  ".join(problems[:limit]) + (f"\n  ... {len(problems) - limit} more" if len(problems) > limit
-                                                     else "")
+            shown = "\n  ".join(problems[:limit]) + (f"\n  ... {len(problems) - limit} more"
+                                                     if len(problems) > limit else "")
             raise PromptError(
-                f"{len(problems)} image(s) do not match their record's width/height after the processor's resize "
-                f"(boxes are norm1000 of that size):\n  {shown}\nFix: write the post-resize size into width/height, "
-                f"or pre-resize the images to multiples of {self.patch_size * self.merge_size} px within the "
-                f"processor's pixel limits (docs/vlm.md)")
+                f"{len(problems)} image(s) do not match their record's width/height after the processor's "
+                f"resize (boxes are norm1000 of that size):\n  {shown}\nFix: write the post-resize size into "
+                f"width/height, or pre-resize the images to multiples of {self.patch_size * self.merge_size} "
+                f"px within the processor's pixel limits (docs/vlm.md)")
 
     def encode(self, sample) -> EncodedPrompt:
         from PIL import Image
@@ -115,15 +115,16 @@ class VisionPromptEncoder(TextPromptEncoder):
         pieces = self.render(sample.messages).split(self.image_token)
         if len(pieces) - 1 != len(sample.images):
             raise PromptError(f"sample {sample.source}: the chat template rendered {len(pieces) - 1} image "
-                              f"placeholder(s) for {len(sample.images)} image(s); the model's chat template must "
-                              f"render one {self.image_token} per image part")
+                              f"placeholder(s) for {len(sample.images)} image(s); the model's chat template "
+                              f"must render one {self.image_token} per image part")
         images = []
         for path in sample.images:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
         vision = dict(self.image_processor(images=images, return_tensors="pt"))
         counts = (vision["image_grid_thw"].prod(dim=-1) // self.merge_size ** 2).tolist()
-        expanded = pieces[0] + "".join(self.image_token * int(n) + piece for n, piece in zip(counts, pieces[1:]))
+        expanded = pieces[0] + "".join(self.image_token * int(n) + piece
+                                       for n, piece in zip(counts, pieces[1:]))
         ids = list(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
         return EncodedPrompt(ids, {"pixel_values": vision["pixel_values"],
                                    "image_grid_thw": vision["image_grid_thw"]})

@@ -45,7 +45,8 @@ class PromptMismatchError(LearnerError):
     """A rollout's prompt ids differ from the learner's: nothing may be trained or scored on it."""
 
 
-def generate_rollouts(backend: RolloutBackend, samples: Sequence, prompts: Sequence, seed: int) -> RolloutBatch:
+def generate_rollouts(backend: RolloutBackend, samples: Sequence, prompts: Sequence,
+                      seed: int) -> RolloutBatch:
     """Roll out encoded prompts (``coordexp.trainer.prompts.EncodedPrompt``) of ``samples``: in-process
     backends use the ids and vision inputs, a server renders the messages (image paths) itself. Every
     rollout must come back with the learner's prompt ids (Channel B, in-training and offline eval alike)."""
@@ -89,7 +90,8 @@ class HFRolloutBackend:
         self.image_token_id = image_token_id
         self.stop_ids = [tokenizer.eos_token_id]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._guard_factory = lambda: build_hf_guard(contract.repeat_terminate, tokenizer, stop_ids=self.stop_ids)
+        self._guard_factory = lambda: build_hf_guard(contract.repeat_terminate, tokenizer,
+                                                     stop_ids=self.stop_ids)
 
     @torch.no_grad()
     def generate(self, prompt_ids, messages, seed: int, vision=None) -> RolloutBatch:
@@ -103,7 +105,8 @@ class HFRolloutBackend:
         try:
             for chunk_start in range(0, len(prompt_ids), dbs):
                 chunk = [list(p) for p in prompt_ids[chunk_start: chunk_start + dbs]]
-                chunk_vision = vision[chunk_start: chunk_start + dbs] if vision is not None else [None] * len(chunk)
+                chunk_vision = (vision[chunk_start: chunk_start + dbs] if vision is not None
+                                else [None] * len(chunk))
                 sizes.append(len(chunk))
                 rollouts += self._generate_chunk(model, chunk, chunk_vision, seed + chunk_start)
         finally:
@@ -119,7 +122,8 @@ class HFRolloutBackend:
         for row, ids in enumerate(chunk):
             input_ids[row, width - len(ids):] = torch.tensor(ids, device=device)
             attention[row, width - len(ids):] = 1
-        model_inputs = {k: v.to(device) for k, v in concat_vision(vision, self.image_token_id, input_ids).items()}
+        model_inputs = {k: v.to(device)
+                        for k, v in concat_vision(vision, self.image_token_id, input_ids).items()}
         guard = self._guard_factory()
         c = self.contract
         sampling = c.temperature > 0

@@ -57,8 +57,8 @@ def relative_image_paths(messages: Sequence[dict[str, Any]], image_root: str) ->
     for message in messages:
         content = message["content"]
         if isinstance(content, list):
-            content = [{**part, "image": _relative(part["image"], root)} if part.get("type") == "image" else part
-                       for part in content]
+            content = [{**part, "image": _relative(part["image"], root)} if part.get("type") == "image"
+                       else part for part in content]
         out.append({**message, "content": content})
     return out
 
@@ -185,7 +185,8 @@ class ServerRolloutBackend:
     # ------------------------------------------------------------------------------------------ interface
 
     def generate(
-        self, prompt_ids: Sequence[list[int]], messages: Sequence[list[dict[str, Any]]], seed: int, vision=None
+        self, prompt_ids: Sequence[list[int]], messages: Sequence[list[dict[str, Any]]], seed: int,
+        vision=None
     ) -> RolloutBatch:
         """``vision`` (the learner's pixel inputs) is not sent: the server loads the images named in the
         messages itself, relative to its ROOT_IMAGE_DIR."""

@@ -91,7 +91,8 @@ class Stage2ABTrainer(Trainer):
         start = time.perf_counter()
         seqs, records = [], []
         for sample, prompt, rollout in zip(samples, prompts, batch.rollouts):
-            seq, record = channel_b_sequence(sample, prompt, rollout, self.adapter, self.contract, self.stage2_ab)
+            seq, record = channel_b_sequence(sample, prompt, rollout, self.adapter, self.contract,
+                                             self.stage2_ab)
             records.append(record)
             if seq is not None:
                 seqs.append(seq)
@@ -112,15 +113,16 @@ class Stage2ABTrainer(Trainer):
         batch = collate(seqs, self.adapter.pad_id, self.prompts.image_token_id)
         model_inputs = {k: v.to(self.args.device) for k, v in batch.pop("model_inputs").items()}
         batch = {k: v.to(self.args.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **model_inputs).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       **model_inputs).logits
         ce = weighted_token_ce(logits, batch["input_ids"], batch["ce_weights"])
         slots = slot_logits(logits, batch["geometry_slots"])
         coord_ids = self._coord_ids.to(logits.device)
         probs = coord_distribution(slots, coord_ids, ab.softctx_temperature)
         sl1, ciou, coord_ce = geometry_losses(probs, batch["geometry_bins"], ab.bbox_smoothl1_beta)
         gate = coord_gate(slots, coord_ids)
-        total = (ce + ab.bbox_smoothl1_weight * sl1 + ab.bbox_ciou_weight * ciou + ab.coord_ce_weight * coord_ce
-                 + ab.coord_gate_weight * gate)
+        total = (ce + ab.bbox_smoothl1_weight * sl1 + ab.bbox_ciou_weight * ciou
+                 + ab.coord_ce_weight * coord_ce + ab.coord_gate_weight * gate)
         buf.add_mean("loss/ce", ce.item())
         buf.add_mean("loss/bbox_smoothl1", sl1.item())
         buf.add_mean("loss/bbox_ciou", ciou.item())
@@ -145,7 +147,8 @@ class Stage2ABTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- rollout evaluation ------------------------------------------------------------------------
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(self, eval_dataset=None, ignore_keys=None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
         if self.evaluator is None:
             return {}
         metrics = self.evaluator(self)

@@ -86,8 +86,8 @@ def main(steps: int = 5) -> None:
         print(f"{key:<22}" + "".join(f"{c:>30}" for c in cells))
     for leaf, med in results.items():
         b_step = sum(med[k] for k in PARTS)
-        print(f"{leaf}: Channel-B step {b_step:.3f} s, bookkeeping {med['bookkeeping'] / b_step:.1%} (target < 5%), "
-              f"model {med['model']}")
+        print(f"{leaf}: Channel-B step {b_step:.3f} s, bookkeeping {med['bookkeeping'] / b_step:.1%} "
+              f"(target < 5%), model {med['model']}")
     text, vl = (sum(r[k] for k in PARTS) for r in results.values())
     print(f"VL / text Channel-B step time: {vl / text:.2f}")
 

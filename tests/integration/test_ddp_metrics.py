@@ -19,17 +19,20 @@ def ddp_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     cmd = [sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed", "rollout=hf",
            f"hydra.run.dir={run_dir}",
-           "model.tiny_stage1_steps=0", "training.nproc_per_node=2", "training.per_device_train_batch_size=4", "training.effective_batch_size=16",
+           "model.tiny_stage1_steps=0", "training.nproc_per_node=2", "training.per_device_train_batch_size=4",
+           "training.effective_batch_size=16",
            "training.max_steps=3", "training.eval_strategy=no", "training.save_strategy=no",
            "stage2_ab.schedule.b_ratio=0.5", "rollout_matching.decode_batch_size=2",
-           "rollout_matching.max_new_tokens=48", "data.synthetic.train_samples=64", "data.synthetic.val_samples=4"]
+           "rollout_matching.max_new_tokens=48", "data.synthetic.train_samples=64",
+           "data.synthetic.val_samples=4"]
     out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return run_dir
 
 
 def test_ranks_saw_different_data(ddp_run):
-    ids = [{r["sample_id"] for r in read_jsonl(ddp_run / f"rollout_samples.rank{rank}.jsonl")} for rank in (0, 1)]
+    ids = [{r["sample_id"] for r in read_jsonl(ddp_run / f"rollout_samples.rank{rank}.jsonl")}
+           for rank in (0, 1)]
     assert ids[0] and ids[1] and not ids[0] & ids[1]
 
 
@@ -52,7 +55,8 @@ def test_logged_metrics_equal_the_union_of_both_ranks(ddp_run):
         assert logged["rollout/repeat_terminate_triggered_sequences"] == total("triggered")
         assert logged["rollout/parse_dropped_invalid"] == total("dropped_invalid")
         assert logged["rollout/gt_objects"] == total("gt")
-        assert logged["rollout/parse_truncated_rate"] == pytest.approx(total("truncated") / 16)  # ratio of sums
+        assert (logged["rollout/parse_truncated_rate"]
+                == pytest.approx(total("truncated") / 16))  # ratio of sums
         pred, gt, matched = total("valid_pred"), total("gt"), total("matched")
         assert logged["rollout/f1"] == pytest.approx(2 * matched / (pred + gt) if pred + gt else 0.0)
         rank_p99 = [percentile([r["gen_tokens"] for r in per_step[step][rank]], 99) for rank in (0, 1)]

@@ -124,9 +124,9 @@ def test_eval_cli_on_the_smoke_checkpoint(smoke_run, tmp_path):
 
 @pytest.mark.slow
 def test_eval_cli_through_the_rollout_server(smoke_run, tmp_path, group_members):
-    """The smoke leaf's default backend: the eval starts a real server for the checkpoint, rolls out through it
-    without weight sync (it serves the checkpoint itself), reproduces the in-training eval (greedy, float32)
-    and leaves no process behind."""
+    """The smoke leaf's default backend: the eval starts a real server for the checkpoint, rolls out through
+    it without weight sync (it serves the checkpoint itself), reproduces the in-training eval (greedy,
+    float32) and leaves no process behind."""
     out, port = tmp_path / "eval", free_port()
     proc = _ok(_run(["-m", "coordexp.eval", "+experiment=smoke/ab_mixed", "model.kind=local",
                      f"model.path={smoke_run / 'checkpoint-4'}", "data.synthetic.val_samples=8",
@@ -166,14 +166,16 @@ def fake_server_eval(tmp_path):
                "rollout_matching.repeat_terminate.enabled=false", "vllm.server.startup_timeout_s=120",
                f"vllm.server.base_urls=[http://127.0.0.1:{free_port()}]", f"hydra.run.dir={out}"]
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(FAKE_MODE=mode, HARNESS_MODULE="coordexp.eval"),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
 
     return start
 
 
 def _server_pgid(tmp_path: Path, deadline_s: float = 120.0) -> int:
     """The process group of the running fake server of ``tmp_path`` (its leader runs the fake program)."""
-    fake, log = str(tmp_path / "fake_swift_rollout.py").encode(), tmp_path / "eval" / "server" / "swift_rollout.log"
+    fake, log = (str(tmp_path / "fake_swift_rollout.py").encode(),
+                 tmp_path / "eval" / "server" / "swift_rollout.log")
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if log.is_file() and "fake swift rollout starting" in log.read_text():
@@ -232,13 +234,16 @@ def test_eval_cli_errors_are_clear(tmp_path):
     proc = _run(["-m", "coordexp.eval", "+experiment=smoke/ab_mixed", "data.val_jsonl=/nonexistent.jsonl",
                  f"hydra.run.dir={tmp_path / 'out2'}"], timeout=120)
     assert proc.returncode == 2 and "data.val_jsonl '/nonexistent.jsonl' does not exist" in proc.stderr
-    assert "starting rollout server" not in proc.stderr  # rollout=vllm_server: problems fail before the server
-    with socket.socket() as s:  # the server's port is taken: exit 3, as coordexp.train, before anything starts
+    # rollout=vllm_server: problems fail before the server
+    assert "starting rollout server" not in proc.stderr
+    # the server's port is taken: exit 3, as coordexp.train, before anything starts
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
         proc = _run(["-m", "coordexp.eval", "+experiment=smoke/ab_mixed", "model.tiny_stage1_steps=0",
-                     f"vllm.server.base_urls=[http://127.0.0.1:{port}]", f"hydra.run.dir={tmp_path / 'out3'}"],
+                     f"vllm.server.base_urls=[http://127.0.0.1:{port}]",
+                     f"hydra.run.dir={tmp_path / 'out3'}"],
                     timeout=120)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert f"error: port {port} on 127.0.0.1 is already in use" in proc.stderr

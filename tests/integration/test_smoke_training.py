@@ -1,6 +1,6 @@
-"""The CPU smoke experiment as a user runs it (the README's main command: rollouts from a real ``swift rollout``
-server that the launcher starts, probes, syncs weights into and stops): it learns, writes every artifact,
-and resumes exactly."""
+"""The CPU smoke experiment as a user runs it (the README's main command: rollouts from a real
+``swift rollout`` server that the launcher starts, probes, syncs weights into and stops): it learns,
+writes every artifact, and resumes exactly."""
 
 import json
 import os
@@ -68,7 +68,8 @@ def test_smoke_rolls_out_through_the_real_server(smoke_run, group_members):
     assert (smoke_run / "server" / "swift_rollout.log").read_text().count("loaded weights from") == syncs
     assert all(r["eval_rollout/repeat_terminate_active"] == 1.0 for r in rows if "eval_rollout/f1" in r)
     # the first sync is logged, then one line per 50
-    assert (smoke_run.parent / "stderr.txt").read_text().count("[coordexp weight sync]") == 1 + (syncs - 1) // 50
+    assert ((smoke_run.parent / "stderr.txt").read_text().count("[coordexp weight sync]")
+            == 1 + (syncs - 1) // 50)
     assert_nothing_left(smoke_run, group_members)
 
 
@@ -83,7 +84,8 @@ def test_smoke_writes_every_artifact(smoke_run):
 
 
 def test_killed_run_resumes_at_the_same_step_and_schedule_position(tmp_path):
-    common = ["+experiment=smoke/ab_mixed", "rollout=hf", "model.tiny_stage1_steps=0", "stage2_ab.schedule.b_ratio=0.5",
+    common = ["+experiment=smoke/ab_mixed", "rollout=hf", "model.tiny_stage1_steps=0",
+              "stage2_ab.schedule.b_ratio=0.5",
               "training.max_steps=12", "training.save_steps=4", "training.eval_strategy=no",
               "rollout_matching.max_new_tokens=24", "data.synthetic.train_samples=256"]
     first = tmp_path / "first"
@@ -105,7 +107,8 @@ def test_killed_run_resumes_at_the_same_step_and_schedule_position(tmp_path):
     rows = [r for r in read_jsonl(second / "metrics.jsonl") if "loss" in r]
     assert all(r["rollout/f1"] == 0.0 for r in rows if r["stage2/channel_b"]), "random weights never parse"
     steps = [r["step"] for r in rows]
-    assert steps == list(range(resumed_at + 1, 13)), (resumed_at, steps)  # the newest checkpoint, step by step
+    # the newest checkpoint, step by step
+    assert steps == list(range(resumed_at + 1, 13)), (resumed_at, steps)
     for r in rows:
         assert r["stage2/channel_b"] == float(is_channel_b(r["step"] - 1, 0.5))
     state = json.loads((second / "checkpoint-12" / "trainer_state.json").read_text())

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 def vl_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke_vl") / "run"
     out = subprocess.run([sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed_vl",
-                          f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+                          f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return run_dir
 
@@ -30,7 +31,8 @@ def test_vl_smoke_trains_on_images(vl_run):
     b_rows = [r for r in train if r["stage2/channel_b"] == 1.0]
     a_rows = [r for r in train if r["stage2/channel_a"] == 1.0]
     assert b_rows and a_rows
-    assert all(r["rollout/repeat_terminate_active"] == 1.0 and r["rollout/raw_rollouts"] == 16 for r in b_rows)
+    assert all(r["rollout/repeat_terminate_active"] == 1.0 and r["rollout/raw_rollouts"] == 16
+               for r in b_rows)
     assert sum(r["rollout/matched"] for r in b_rows) > 0  # rollouts from images parse and match GT
     assert train[-1]["stage2_ab/b_ratio_realized"] == pytest.approx(0.85, abs=0.01)
     # Held-out F1 measured 0.38 -> 0.51 over the Stage-2 steps; a model that ignored the image stays near the
@@ -47,7 +49,8 @@ def test_vl_smoke_artifacts(vl_run):
     image = Image.open(vl_run / "data" / first["images"][0])
     assert image.size == (first["width"], first["height"]) == (112, 112)
     checkpoint = max(vl_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "preprocessor_config.json").is_file()
+    assert ((checkpoint / "model.safetensors").is_file()
+            and (checkpoint / "preprocessor_config.json").is_file())
     # The PNGs are drawn on the real images (enlarged 4x): object centres keep their colours.
     val = read_jsonl(vl_run / "data" / "val.jsonl")
     pngs = sorted((vl_run / "viz").rglob("*_val.jsonl_*.png"))
@@ -68,10 +71,12 @@ def test_vl_smoke_artifacts(vl_run):
 def test_image_size_mismatch_stops_before_training(tmp_path):
     """Qwen3-VL resizes to multiples of 32 px: 112 px scenes (28 px cells) no longer match their records."""
     out = subprocess.run([sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed_vl",
-                          "model.tiny_arch=qwen3_vl", "model.tiny_stage1_steps=0", f"hydra.run.dir={tmp_path / 'run'}"],
+                          "model.tiny_arch=qwen3_vl", "model.tiny_stage1_steps=0",
+                          f"hydra.run.dir={tmp_path / 'run'}"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "error: 1056 image(s) do not match their record's width/height after the processor's resize" in out.stderr
+    assert ("error: 1056 image(s) do not match their record's width/height after the processor's resize"
+            in out.stderr)
     assert "train_000000.png is 112x112, the image processor resizes it to 128x128, but the record says " \
            "width=112, height=112" in out.stderr
     assert "multiples of 32 px" in out.stderr and not list((tmp_path / "run").glob("checkpoint-*"))
@@ -79,10 +84,11 @@ def test_image_size_mismatch_stops_before_training(tmp_path):
 
 def test_vl_checkpoint_evaluates_on_its_own(vl_run, tmp_path):
     checkpoint = max(vl_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    out = subprocess.run([sys.executable, "-m", "coordexp.eval", "+experiment=smoke/ab_mixed_vl", "model.kind=local",
-                          f"model.path={checkpoint}", f"data.val_jsonl={vl_run / 'data' / 'val.jsonl'}",
-                          f"hydra.run.dir={tmp_path / 'eval'}"], cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run([sys.executable, "-m", "coordexp.eval", "+experiment=smoke/ab_mixed_vl",
+                          "model.kind=local", f"model.path={checkpoint}",
+                          f"data.val_jsonl={vl_run / 'data' / 'val.jsonl'}",
+                          f"hydra.run.dir={tmp_path / 'eval'}"], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
     final = [r for r in read_jsonl(vl_run / "metrics.jsonl") if "eval_rollout/f1" in r][-1]

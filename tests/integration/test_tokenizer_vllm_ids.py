@@ -56,7 +56,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 def _texts() -> list[str]:
     recs = generate_records(3, 11)
     answers = [serialize_objects([CoordObject(o["desc"], tuple(o["bbox_2d"])) for o in r["objects"]],
-                                 FieldOrder(order)) for r, order in zip(recs, ("desc_first", "geometry_first", "desc_first"))]
+                                 FieldOrder(order))
+               for r, order in zip(recs, ("desc_first", "geometry_first", "desc_first"))]
     return answers + [
         "digits 0 7 42 123 2024 and 999/1000",
         "<|coord_0|><|coord_500|> <|coord_999|>, ]}]} \"}]}",
@@ -111,7 +112,8 @@ def test_vllm_engine_prompt_ids_equal_learner_ids(models, tmp_path):
     path = models["qwen2"]
     auto = AutoTokenizer.from_pretrained(path)
     recs = generate_records(3, 21)
-    prompts = [auto.apply_chat_template(build_messages(r), add_generation_prompt=True, tokenize=False) for r in recs]
+    prompts = [auto.apply_chat_template(build_messages(r), add_generation_prompt=True, tokenize=False)
+               for r in recs]
     learner_ids = [auto.apply_chat_template(build_messages(r), add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"] for r in recs]
     (tmp_path / "engine.py").write_text(ENGINE_SCRIPT)

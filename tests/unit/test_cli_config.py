@@ -16,7 +16,8 @@ def run(module: str, *args: str, cwd=REPO_ROOT, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *(["-X", "importtime"] if module.endswith("train") else []),
-                           "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+                           "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env=env)
 
 
 def test_preflight_prints_the_launcher_contract_from_any_cwd(tmp_path):
@@ -31,7 +32,8 @@ def test_preflight_prints_the_launcher_contract_from_any_cwd(tmp_path):
 
 def test_preflight_hf_backend_has_no_server():
     contract = json.loads(run("coordexp.preflight", "+experiment=smoke/a_only", "rollout=hf").stdout)
-    assert (contract["rollout_backend"], contract["vllm_mode"], contract["server_base_urls"]) == ("hf", None, [])
+    assert ((contract["rollout_backend"], contract["vllm_mode"], contract["server_base_urls"])
+            == ("hf", None, []))
 
 
 @pytest.mark.parametrize("module", ["coordexp.preflight", "coordexp.train"])

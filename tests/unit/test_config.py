@@ -38,7 +38,8 @@ def test_every_leaf_meets_the_contract_and_validates(leaf):
 
 
 @pytest.mark.parametrize("leaf,ratio", [("a_only", 0.0), ("b_only", 1.0), ("ab_mixed", 0.85),
-                                        ("smoke/a_only", 0.0), ("smoke/b_only", 1.0), ("smoke/ab_mixed", 0.85)])
+                                        ("smoke/a_only", 0.0), ("smoke/b_only", 1.0),
+                                        ("smoke/ab_mixed", 0.85)])
 def test_leaf_b_ratios(leaf, ratio):
     assert resolved(f"+experiment={leaf}").stage2_ab.schedule.b_ratio == ratio
 
@@ -81,10 +82,10 @@ def test_leaf_legacy_and_unknown_keys(tmp_path):
     ("+rollout_matching.repeat_terminate.ngram=3", "rollout_matching.repeat_terminate.ngram: unknown key "
                                                    "(not in RepeatTerminateConfig); did you mean "
                                                    "'rollout_matching.repeat_terminate.ngram_size'?"),
-    ("stage2_ab.schedule.pattern=AABB", "stage2_ab.schedule.pattern: legacy key: use stage2_ab.schedule.b_ratio "
-                                        "(float in [0,1])"),
-    ("+custom.extra.rollout_matching.decode_batch_size=2", "custom.extra.rollout_matching: legacy key: move "
-                                                           "rollout settings to top-level rollout_matching.*"),
+    ("stage2_ab.schedule.pattern=AABB", "stage2_ab.schedule.pattern: legacy key: use "
+                                        "stage2_ab.schedule.b_ratio (float in [0,1])"),
+    ("+custom.extra.rollout_matching.decode_batch_size=2",
+     "custom.extra.rollout_matching: legacy key: move rollout settings to top-level rollout_matching.*"),
 ])
 def test_command_line_key_problems(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -95,7 +96,8 @@ def test_command_line_key_problems(override, expected):
 def test_missing_experiment_is_reported():
     with pytest.raises(ConfigError) as err:
         check_command_line(["training.max_steps=3"])
-    assert err.value.problems[0].startswith("no experiment selected: add +experiment=<name>; available: a_only")
+    assert err.value.problems[0].startswith("no experiment selected: add +experiment=<name>; "
+                                            "available: a_only")
 
 
 @dataclasses.dataclass
@@ -118,7 +120,8 @@ def test_wrong_type_and_enum_name_the_key():
         "training.learning_rate: Value 'fast' of type 'str' could not be converted to Float "
         "(Error merging override training.learning_rate=fast)"]
     assert problems_of("+experiment=smoke/ab_mixed", "vllm.device=tpu") == [
-        "vllm.device: Invalid value 'tpu', expected one of [cpu, cuda] (Error merging override vllm.device=tpu)"]
+        "vllm.device: Invalid value 'tpu', expected one of [cpu, cuda] "
+        "(Error merging override vllm.device=tpu)"]
 
 
 def test_range_and_cross_field_violations_are_reported_together():
@@ -130,8 +133,10 @@ def test_range_and_cross_field_violations_are_reported_together():
     assert problems == [
         "stage2_ab.schedule.b_ratio: 1.5 is outside [0, 1]",
         "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier: 5.0 is outside [1, 4]",
-        "training.effective_batch_size: 16 is not divisible by per_device_train_batch_size x nproc_per_node = 32",
-        "rollout_matching.repeat_terminate.ngram_repeats: must be 0 (off) or >= 2: one occurrence is not a repeat",
+        "training.effective_batch_size: 16 is not divisible by per_device_train_batch_size x "
+        "nproc_per_node = 32",
+        "rollout_matching.repeat_terminate.ngram_repeats: must be 0 (off) or >= 2: "
+        "one occurrence is not a repeat",
         "vllm.server.base_urls: server mode needs at least one URL",
         "rollout_matching.max_new_tokens: 4096 must be < vllm.max_model_len (1024)",
         "vllm.sync.mode: must be full with more than one learner process (nproc_per_node=2)",

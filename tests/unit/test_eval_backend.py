@@ -29,7 +29,8 @@ def test_server_backend_of_the_eval_pushes_no_weights(tmp_path):
     backend = build_backend(cfg, contract, None, SimpleNamespace(eos_token_id=2), None, tmp_path)
     assert isinstance(backend, ServerRolloutBackend)
     assert backend.weight_sync is None and backend.stop_ids == [2]
-    with_sync = ServerRolloutBackend(cfg, contract, {}, SimpleNamespace(eos_token_id=2), model_dir=str(tmp_path))
+    with_sync = ServerRolloutBackend(cfg, contract, {}, SimpleNamespace(eos_token_id=2),
+                                     model_dir=str(tmp_path))
     assert with_sync.weight_sync is not None  # the default (training) still syncs
 
 

@@ -55,11 +55,14 @@ CASES = [
     (_obj(objects=[{"bbox_2d": [1, 2, 3, 4]}]), "objects[0]: missing 'desc'"),
     (_obj(objects=[{"desc": "a"}]), "objects[0]: missing 'bbox_2d'"),
     (_obj(objects=[{"desc": "a", "poly": [1, 2, 3, 4, 5, 6]}]),
-     "objects[0]: bbox-only: geometry 'poly' is not supported (Stage-2 accepts exactly one 'bbox_2d' per object)"),
+     "objects[0]: bbox-only: geometry 'poly' is not supported "
+     "(Stage-2 accepts exactly one 'bbox_2d' per object)"),
     (_obj(objects=[{"desc": "a", "bbox_2d": [1, 2, 3, 4], "poly": [1, 2, 3, 4, 5, 6]}]),
-     "objects[0]: bbox-only: geometry 'poly' is not supported (Stage-2 accepts exactly one 'bbox_2d' per object)"),
+     "objects[0]: bbox-only: geometry 'poly' is not supported "
+     "(Stage-2 accepts exactly one 'bbox_2d' per object)"),
     (_obj(objects=[{"desc": "a", "bbox_2d": [1, 2, 3, 4], "line": [1, 2, 3, 4]}]),
-     "objects[0]: bbox-only: geometry 'line' is not supported (Stage-2 accepts exactly one 'bbox_2d' per object)"),
+     "objects[0]: bbox-only: geometry 'line' is not supported "
+     "(Stage-2 accepts exactly one 'bbox_2d' per object)"),
     (_obj(objects=[{"desc": "a", "bbox_2d": [1, 2, 3, 4], "score": 1}]),
      "objects[0]: unknown key(s) 'score' (allowed: 'desc', 'bbox_2d')"),
     (_obj(objects=[{"desc": "a", "bbox_2d": [1, 2, 3]}]),
@@ -103,7 +106,8 @@ def test_missing_image_and_blank_lines_keep_line_numbers(tmp_path):
     path = _write(tmp_path / "d.jsonl", [GOOD, "", "   ", _obj(images=["img/missing.png"])])
     with pytest.raises(DataValidationError) as e:
         JsonlDetectionDataset(path)
-    assert str(e.value) == (f"{path}:4: image not found: img/missing.png (resolved to {tmp_path / 'img/missing.png'})")
+    assert str(e.value) == (f"{path}:4: image not found: img/missing.png "
+                            f"(resolved to {tmp_path / 'img/missing.png'})")
     ds = JsonlDetectionDataset(path, check_images=False)
     assert [s.source for s in ds] == [f"{path}:1", f"{path}:4"]
 
@@ -170,7 +174,8 @@ def test_dataset_messages_are_the_shared_prompt_builder(tmp_path):
     assert list(s.messages) == build_messages(s, spec) == build_messages(GOOD, spec)
     assert s.messages[0] == {"role": "system", "content": "sys"}
     assert s.messages[1]["content"] == (
-        instruction_text("geometry_first") + "\nObjects:\n<|coord_1|> <|coord_2|> <|coord_30|> <|coord_40|> cat"
+        instruction_text("geometry_first")
+        + "\nObjects:\n<|coord_1|> <|coord_2|> <|coord_30|> <|coord_40|> cat"
     )
 
 

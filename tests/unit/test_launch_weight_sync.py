@@ -249,7 +249,8 @@ def test_ddp_rank0_pushes_between_barriers_and_every_rank_sees_the_outcome(fake,
 
     s = fake()
     mp.start_processes(
-        _ddp_worker, args=(2, free_port(), s.url, str(tmp_path), fail), nprocs=2, join=True, start_method="spawn"
+        _ddp_worker, args=(2, free_port(), s.url, str(tmp_path), fail), nprocs=2, join=True,
+        start_method="spawn"
     )
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
     if fail == "error":

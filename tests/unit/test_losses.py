@@ -83,7 +83,8 @@ def test_collate_places_targets_after_prompts():
     assert batch["input_ids"].tolist() == [[1, 2, 5, 6, 7], [1, 8, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert batch["ce_weights"].tolist() == [[0, 0, 1, 0, 1], [0, 1, 0, 0, 0]]
-    assert batch["geometry_slots"].tolist() == [[[0, 2], [0, 3], [0, 4], [0, 4]], [[1, 1], [1, 1], [1, 1], [1, 1]]]
+    assert batch["geometry_slots"].tolist() == [[[0, 2], [0, 3], [0, 4], [0, 4]],
+                                                [[1, 1], [1, 1], [1, 1], [1, 1]]]
     assert batch["geometry_bins"].tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
     assert batch["geometry_kinds"].tolist() == [PREFIX, APPENDED]
 

@@ -48,7 +48,8 @@ def test_reduce_rules_sum_max_ratio_p99():
     a.add_max("time/rollout_s", 1.5), b.add_max("time/rollout_s", 0.5)
     a.add_ratio("rollout/parse_truncated_rate", 1, 4), b.add_ratio("rollout/parse_truncated_rate", 3, 4)
     a.add_mean("loss/ce", 2.0), a.add_mean("loss/ce", 4.0), b.add_mean("loss/ce", 6.0)
-    a.add_samples("rollout/gen_new_tokens_p99", [1, 2, 3, 100]), b.add_samples("rollout/gen_new_tokens_p99", [5])
+    a.add_samples("rollout/gen_new_tokens_p99", [1, 2, 3, 100])
+    b.add_samples("rollout/gen_new_tokens_p99", [5])
     b.add_sum("only/on_b", 1)
     out = reduce_buffers([a.to_payload(), b.to_payload()])
     assert out == {

@@ -186,7 +186,8 @@ def test_fallback_prefix_gets_the_whole_gt_appended_without_a_separator():
         + "]}"
     )
     assert target.appended_gt_indices == (1, 0) and [g.gt_index for g in target.geometry_groups] == [1, 0]
-    # the injected header is not the model's output: it is supervised so the model learns to open the container
+    # the injected header is not the model's output: it is supervised so the model learns to open the
+    # container
     assert {TokenRole(r) for r in target.roles[: target.prefix_len]} == {TokenRole.FALLBACK_HEADER}
     assert (target.ce_weights[: target.prefix_len] == 1.0).all()
 

@@ -52,7 +52,8 @@ def models(cache_dir) -> dict[str, Path]:
 
 
 def _answer(objects, order="desc_first") -> str:
-    return serialize_objects([CoordObject(o["desc"], tuple(o["bbox_2d"])) for o in objects], FieldOrder(order))
+    return serialize_objects([CoordObject(o["desc"], tuple(o["bbox_2d"])) for o in objects],
+                             FieldOrder(order))
 
 
 def _texts() -> list[str]:
@@ -62,7 +63,8 @@ def _texts() -> list[str]:
         "<|coord_0|><|coord_999|> <|coord_12|>,<|coord_345|>]}]}",
         _answer(rec["objects"]),
         _answer(rec["objects"], "geometry_first"),
-        '{"objects": [{"desc": "naïve café ÅΩ 日本", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}]}',
+        '{"objects": [{"desc": "naïve café ÅΩ 日本", '
+        '"bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}]}',
         "line one\nline two\r\n\ttab  two spaces   and trailing ",
         "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
     ]
@@ -120,7 +122,8 @@ def test_special_tokens_and_generation_config(models, arch):
     assert tok.bos_token is None
     for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
         assert len(tok.encode(t, add_special_tokens=False)) == 1
-    assert tok.decode(tok.encode("<|im_start|>hi<|im_end|>", add_special_tokens=False), skip_special_tokens=True) == "hi"
+    assert tok.decode(tok.encode("<|im_start|>hi<|im_end|>", add_special_tokens=False),
+                      skip_special_tokens=True) == "hi"
     gen = GenerationConfig.from_pretrained(path)
     assert gen.eos_token_id == tok.eos_token_id
     assert gen.pad_token_id == tok.pad_token_id
@@ -135,16 +138,19 @@ def test_chat_template_is_chatml_and_matches_swift_chatml(models):
     user = msgs[1]["content"]
     rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     # ms-swift `chatml`: system_prefix + prompt, no default system, no BOS
-    assert rendered == f"<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    assert rendered == (f"<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                        "<|im_start|>assistant\n")
     no_gen = tok.apply_chat_template(build_messages(rec), add_generation_prompt=False, tokenize=False)
     assert no_gen.endswith("<|im_end|>\n") and "assistant" not in no_gen
     # list contents (image scenes) render their text parts
-    listed = [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "go"}]}]
+    listed = [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                           {"type": "text", "text": "go"}]}]
     assert tok.apply_chat_template(listed, add_generation_prompt=True, tokenize=False) == (
         "<|im_start|>user\ngo<|im_end|>\n<|im_start|>assistant\n"
     )
     # tokenized through the template == tokenized text
-    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                  return_dict=True)["input_ids"]
     assert list(ids) == tok.encode(rendered, add_special_tokens=False)
 
 
@@ -228,7 +234,8 @@ def test_spec_validation():
 
 
 def test_concurrent_ensure_from_two_processes_yields_one_folder(tmp_path):
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, **OFFLINE_ENV,
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "coordexp.data.tiny_model", "--out", str(tmp_path), "--arch", "qwen3"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]

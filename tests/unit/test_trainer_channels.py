@@ -55,7 +55,8 @@ def test_channel_b_masks_and_gradients(tiny, cfg):
     gen = adapter.encode(rollout_text()) + [adapter.eos_id]
     seq, record = channel_b_sequence(s, prompt, Rollout(prompt.ids, gen, 0, False), adapter,
                                      rollout_contract(cfg), cfg.stage2_ab)
-    assert (record.valid_pred, record.dropped_invalid, record.matched, record.fp, record.fn) == (2, 1, 1, 1, 2)
+    assert ((record.valid_pred, record.dropped_invalid, record.matched, record.fp, record.fn)
+            == (2, 1, 1, 1, 2))
     assert seq.geometry_kinds == [PREFIX, APPENDED, APPENDED]
     pieces = adapter.pieces(seq.target_ids)
     text = "".join(pieces)
@@ -91,8 +92,10 @@ def test_trigger_flag_does_not_change_supervision(tiny, cfg):
     prompt = TextPromptEncoder(tok).encode(s)
     gen = adapter.encode(rollout_text()) + [adapter.eos_id]
     contract = rollout_contract(cfg)
-    a, rec_a = channel_b_sequence(s, prompt, Rollout(prompt.ids, gen, 0, False), adapter, contract, cfg.stage2_ab)
-    b, rec_b = channel_b_sequence(s, prompt, Rollout(prompt.ids, gen, 1, False), adapter, contract, cfg.stage2_ab)
+    a, rec_a = channel_b_sequence(s, prompt, Rollout(prompt.ids, gen, 0, False), adapter, contract,
+                                  cfg.stage2_ab)
+    b, rec_b = channel_b_sequence(s, prompt, Rollout(prompt.ids, gen, 1, False), adapter, contract,
+                                  cfg.stage2_ab)
     assert a == b
     assert (rec_a.triggered, rec_b.triggered) == (0, 1)
 

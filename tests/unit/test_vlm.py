@@ -87,7 +87,8 @@ def test_synthetic_image_boxes_are_exact():
     for index in range(20):
         rec = generate_image_record(5, index, spec)
         assert rec["width"] == rec["height"] == 112 and 1 <= len(rec["objects"]) <= 3
-        assert [o["bbox_2d"][1::-1] for o in rec["objects"]] == sorted(o["bbox_2d"][1::-1] for o in rec["objects"])
+        assert ([o["bbox_2d"][1::-1] for o in rec["objects"]]
+                == sorted(o["bbox_2d"][1::-1] for o in rec["objects"]))
         for obj in rec["objects"]:
             canvas = Image.new("RGB", (112, 112), BACKGROUND)
             draw_object(ImageDraw.Draw(canvas), obj)
@@ -106,7 +107,8 @@ def test_pixel_bin_pixel_round_trip(size):
 def test_prompt_encoding_expands_image_placeholders(vlm, split):
     _, _, tok, prompts = vlm
     sample = split[0]
-    assert sample.images and sample.messages[-1]["content"][0] == {"type": "image", "image": str(sample.images[0])}
+    assert sample.images and sample.messages[-1]["content"][0] == {"type": "image",
+                                                                   "image": str(sample.images[0])}
     encoded = prompts.encode(sample)
     # 112x112 -> 8x8 patches of 14 px -> 2x2 merge -> 16 image tokens
     assert encoded.vision["image_grid_thw"].tolist() == [[1, 8, 8]]
@@ -122,9 +124,11 @@ def test_size_check_names_sample_and_fix(vlm, tmp_path):
     _, _, _, prompts = vlm
     Image.new("RGB", (100, 60), "black").save(tmp_path / "a.png")
     assert prompts.resized_size(100, 60) == (112, 56)
-    ok = DetectionSample(index=0, source="d.jsonl:1", width=112, height=56, objects=(), images=(tmp_path / "a.png",))
+    ok = DetectionSample(index=0, source="d.jsonl:1", width=112, height=56, objects=(),
+                         images=(tmp_path / "a.png",))
     prompts.check_sizes([ok])
-    bad = DetectionSample(index=1, source="d.jsonl:2", width=100, height=60, objects=(), images=(tmp_path / "a.png",))
+    bad = DetectionSample(index=1, source="d.jsonl:2", width=100, height=60, objects=(),
+                          images=(tmp_path / "a.png",))
     with pytest.raises(PromptError) as err:
         prompts.check_sizes([ok, bad])
     msg = str(err.value)
@@ -160,7 +164,8 @@ def test_missing_coord_vocab_says_how_to_add_it(vlm):
     with pytest.raises(LearnerError) as err:
         coord_vocab_adapter(NoCoords(), "/ckpt")
     msg = str(err.value)
-    assert msg.startswith("the tokenizer of /ckpt lacks the coordinate vocabulary: vocabulary lacks 1000 coord tokens")
+    assert msg.startswith("the tokenizer of /ckpt lacks the coordinate vocabulary: "
+                          "vocabulary lacks 1000 coord tokens")
     assert "tokenizer.add_tokens([f'<|coord_{k}|>' for k in range(1000)])" in msg
     assert "model.resize_token_embeddings(len(tokenizer))" in msg
 
@@ -210,7 +215,8 @@ def test_batched_rollouts_equal_single_rollouts(vlm, split, cfg):
 
 
 def test_prompt_mismatch_fails_the_step(vlm, split):
-    """A server that rendered the prompt differently (here: no placeholder expansion) must not be trained on."""
+    """A server that rendered the prompt differently (here: no placeholder expansion) must not be trained
+    on."""
     _, _, tok, prompts = vlm
     s = split[0]
     encoded = prompts.encode(s)
@@ -223,8 +229,8 @@ def test_prompt_mismatch_fails_the_step(vlm, split):
 
     with pytest.raises(PromptMismatchError,
                        match=rf"sample {s.source}: the rollout's prompt \({len(unexpanded)} tokens\) differs "
-                             rf"from the learner's \({len(encoded.ids)} tokens, image placeholders expanded\) "
-                             rf"from token {first} on") as err:
+                             rf"from the learner's \({len(encoded.ids)} tokens, image placeholders "
+                             rf"expanded\) from token {first} on") as err:
         generate_rollouts(Served(), [s], [encoded], seed=0)
     assert isinstance(err.value, LearnerError)  # printed without a traceback, exit 2
 
@@ -297,15 +303,17 @@ def test_other_qwen_vl_families_load_encode_train_and_generate(arch, tmp_path, c
     cell = prompts.patch_size * prompts.merge_size
     rec = generate_image_record(1, 0, ImageTaskSpec(cell=cell))
     render_image(rec).save(tmp_path / "scene.png")
-    sample = DetectionSample(index=0, source="s.jsonl:1", width=rec["width"], height=rec["height"], objects=(),
-                             images=(tmp_path / "scene.png",))
+    sample = DetectionSample(index=0, source="s.jsonl:1", width=rec["width"], height=rec["height"],
+                             objects=(), images=(tmp_path / "scene.png",))
     sample = DetectionSample(**{**sample.__dict__, "messages": tuple(build_messages(sample))})
     prompts.check_sizes([sample])
     encoded = prompts.encode(sample)
     assert encoded.ids.count(prompts.image_token_id) == 16  # 4x4 merged patches
-    inputs = collate([channel_a_sequence(sample, encoded, TokenizerAdapter(tok), "desc_first", cfg.stage2_ab)],
+    inputs = collate([channel_a_sequence(sample, encoded, TokenizerAdapter(tok), "desc_first",
+                                         cfg.stage2_ab)],
                      0, prompts.image_token_id)
-    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **inputs["model_inputs"])
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                **inputs["model_inputs"])
     out.logits.sum().backward()
     assert torch.isfinite(out.logits).all()
     backend = HFRolloutBackend(lambda: model, tok, rollout_contract(cfg), prompts.image_token_id)
