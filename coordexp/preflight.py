@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from coordexp.config.contract import learner_image_root, rollout_contract
+from coordexp.config.contract import rollout_contract, server_image_root
 from coordexp.config.errors import exit_on_config_error
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import TrainConfig
@@ -25,7 +25,7 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
         "server_reuse_existing": v.server.reuse_existing if contract.vllm_mode else None,
         "server_device": v.device.value if contract.vllm_mode else None,
         # ROOT_IMAGE_DIR of the server; request image paths are relative to the training JSONL's folder
-        "server_image_root": (v.server.image_root or learner_image_root(cfg)) if contract.vllm_mode else None,
+        "server_image_root": server_image_root(cfg) if contract.vllm_mode else None,
         "model_kind": cfg.model.kind.value,
         # the checkpoint the server serves; the tiny model's folder is built at launch (see tiny_model_cache)
         "server_model": cfg.model.path if cfg.model.kind.value == "local" else None,

@@ -75,3 +75,9 @@ def learner_image_root(cfg: TrainConfig) -> str:
     if cfg.data.kind.value == "jsonl" and cfg.data.train_jsonl:
         return str(Path(cfg.data.train_jsonl).resolve().parent)
     return str((Path(cfg.training.output_dir) / "data").resolve())
+
+
+def server_image_root(cfg: TrainConfig) -> str:
+    """The server's ROOT_IMAGE_DIR: ``vllm.server.image_root``, else :func:`learner_image_root` (a shared
+    filesystem)."""
+    return cfg.vllm.server.image_root or learner_image_root(cfg)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlparse
 
-from coordexp.config.contract import learner_image_root
+from coordexp.config.contract import server_image_root
 from coordexp.config.schema import RepeatTerminateConfig
 from coordexp.rollout.repeat_rules import config_to_dict, parse_config
 from coordexp.rollout.server_client import RolloutServerError, check_health, get_world_size
@@ -158,7 +158,7 @@ def launch_spec_from_config(
         ),
         model_type=model_type,
         template=template,
-        image_root=cfg.vllm.server.image_root or learner_image_root(cfg),
+        image_root=server_image_root(cfg),
     )
 
 
