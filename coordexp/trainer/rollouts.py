@@ -69,7 +69,7 @@ def check_same_prompt(sample, own: list[int], served: list[int]) -> None:
         f"(ms-swift --template; docs/vlm.md)")
 
 
-def _cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     out: list[int] = []
     for t in tokens:
         out.append(int(t))
@@ -139,7 +139,7 @@ class HFRolloutBackend:
         flags = guard.triggered_flags() if c.repeat_terminate.enabled else [0] * len(chunk)
         result = []
         for row, ids in enumerate(chunk):
-            gen = _cut_at_stop(out[row, width:].tolist(), self.stop_ids)
+            gen = cut_at_stop(out[row, width:].tolist(), self.stop_ids)
             hit_max = len(gen) >= c.max_new_tokens and gen[-1] not in self.stop_ids
             result.append(Rollout(ids, gen, flags[row] if flags else 0, hit_max))
         return result

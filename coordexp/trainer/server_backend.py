@@ -41,7 +41,7 @@ from coordexp.rollout.server_client import (
     RolloutServerError,
 )
 from coordexp.trainer.learner import LearnerError
-from coordexp.trainer.rollouts import Rollout, RolloutBatch
+from coordexp.trainer.rollouts import Rollout, RolloutBatch, cut_at_stop
 from coordexp.trainer.weight_sync import WeightSync, WeightSyncError
 
 
@@ -168,11 +168,7 @@ class ServerRolloutBackend:
         return 1
 
     def _to_rollout(self, r: RolloutResult) -> Rollout:
-        gen: list[int] = []
-        for t in r.token_ids:
-            gen.append(int(t))
-            if t in self.stop_ids:
-                break
+        gen = cut_at_stop(r.token_ids, self.stop_ids)
         stopped = bool(gen) and gen[-1] in self.stop_ids
         hit_max = not stopped and (r.finish_reason == "length" or len(gen) >= self.contract.max_new_tokens)
         return Rollout(
