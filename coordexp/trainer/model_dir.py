@@ -41,7 +41,7 @@ def prepare_model_dir(cfg: TrainConfig) -> Path:
     target = base.parent / f"{base.name}-stage1-{cfg.model.tiny_stage1_steps}-{key}"
     if (target / "config.json").is_file():
         return target
-    _train_stage1(stage1, base, target)
+    _train_stage1(stage1, target)
     return target
 
 
@@ -69,7 +69,7 @@ def _weights_key(stage1: TrainConfig) -> dict:
             "data": dataclasses.asdict(stage1.data), "losses": dataclasses.asdict(ab)}
 
 
-def _train_stage1(stage1: TrainConfig, base: Path, target: Path) -> None:
+def _train_stage1(stage1: TrainConfig, target: Path) -> None:
     from coordexp.trainer.learner import train
 
     print(f"coordexp: building the tiny Stage-1 checkpoint ({stage1.training.max_steps} Channel-A steps) "

@@ -81,10 +81,7 @@ class VisionPromptEncoder(TextPromptEncoder):
                             min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
         return w, h
 
-    def check(self, samples: Sequence[Any]) -> None:
-        self.check_sizes(samples)
-
-    def check_sizes(self, samples: Sequence[Any], limit: int = 5) -> None:
+    def check(self, samples: Sequence[Any], limit: int = 5) -> None:
         """Every image must come out of the processor's resize at the record's width x height."""
         from PIL import Image
 

@@ -126,11 +126,11 @@ def test_size_check_names_sample_and_fix(vlm, tmp_path):
     assert prompts.resized_size(100, 60) == (112, 56)
     ok = DetectionSample(index=0, source="d.jsonl:1", width=112, height=56, objects=(),
                          images=(tmp_path / "a.png",))
-    prompts.check_sizes([ok])
+    prompts.check([ok])
     bad = DetectionSample(index=1, source="d.jsonl:2", width=100, height=60, objects=(),
                           images=(tmp_path / "a.png",))
     with pytest.raises(PromptError) as err:
-        prompts.check_sizes([ok, bad])
+        prompts.check([ok, bad])
     msg = str(err.value)
     assert msg.startswith("1 image(s) do not match their record's width/height after the processor's resize")
     assert "d.jsonl:2: a.png is 100x60, the image processor resizes it to 112x56, but the record says " \
@@ -306,7 +306,7 @@ def test_other_qwen_vl_families_load_encode_train_and_generate(arch, tmp_path, c
     sample = DetectionSample(index=0, source="s.jsonl:1", width=rec["width"], height=rec["height"],
                              objects=(), images=(tmp_path / "scene.png",))
     sample = DetectionSample(**{**sample.__dict__, "messages": tuple(build_messages(sample))})
-    prompts.check_sizes([sample])
+    prompts.check([sample])
     encoded = prompts.encode(sample)
     assert encoded.ids.count(prompts.image_token_id) == 16  # 4x4 merged patches
     inputs = collate([channel_a_sequence(sample, encoded, TokenizerAdapter(tok), "desc_first",
