@@ -1,7 +1,20 @@
 """Coordinate codec: pixels <-> norm1000 bins <-> `<|coord_k|>` tokens.
 
-A bin k in 0..999 stands for the normalized position k/999 (never k/1000), so bin 0 is the first pixel
-and bin 999 the last one: k = x / (size - 1) * 999.
+The one pixel <-> bin rule of the project (converter, data loader, evaluation and pictures all call these
+functions; docs/data.md "Coordinates" states it):
+
+- pixel positions are pixel indices on an axis of ``size`` pixels: 0 is the first pixel, ``size - 1`` the
+  last one; a pixel box ``[x1, y1, x2, y2]`` names its first and its last pixel (inclusive);
+- bin k in 0..999 stands for the normalized position k/999 (never k/1000):
+  pixel -> bin ``k = floor(x * 999 / (size - 1) + 0.5)`` (nearest bin, halves up, clamped to 0..999);
+  bin -> pixel ``x = k * (size - 1) / 999``;
+- a box maps each corner with that rule; a box whose corners land in one bin is widened to two bins
+  (``x2 = x1 + 1``, or ``x1 = 998`` at the far edge) so that ``x2 > x1``;
+- COCO boxes ``[x, y, w, h]`` are edge coordinates: the pixel box is ``[x, y, x + w - 1, y + h - 1]``, and
+  back ``[x1, y1, x2 - x1 + 1, y2 - y1 + 1]``.
+
+For sizes up to 1000 px every integer pixel survives pixel -> bin -> pixel (rounded) exactly; for sizes
+of 1000 px and more every bin survives bin -> pixel (rounded) -> bin exactly.
 """
 
 from __future__ import annotations
@@ -45,7 +58,11 @@ def pixel_to_bin(x: float, size: int) -> int:
 
 
 def pixel_box_to_bins(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
-    """Pixel box [x1, y1, x2, y2] -> bins: floor x1/y1, ceil x2/y2, clamp, then nudge so x2 > x1, y2 > y1."""
+    """Pixel box [x1, y1, x2, y2] (inclusive pixel indices) -> bins (x1, y1, x2, y2).
+
+    Each corner goes through :func:`pixel_to_bin`; a box whose corners share a bin is widened by one bin so
+    that x2 > x1 and y2 > y1. Raises ValueError for sizes < 2, a wrong length, non-finite values or
+    x2 < x1 / y2 < y1."""
     _check_size(width)
     _check_size(height)
     if len(box) != 4:
@@ -55,9 +72,30 @@ def pixel_box_to_bins(box: Sequence[float], width: int, height: int) -> tuple[in
         raise ValueError(f"box has non-finite values: {box!r}")
     if x2 < x1 or y2 < y1:
         raise ValueError(f"box must satisfy x2 >= x1 and y2 >= y1, got {box!r}")
-    lo_x, hi_x = _nudged(math.floor(_scaled(x1, width)), math.ceil(_scaled(x2, width)))
-    lo_y, hi_y = _nudged(math.floor(_scaled(y1, height)), math.ceil(_scaled(y2, height)))
+    lo_x, hi_x = _nudged(pixel_to_bin(x1, width), pixel_to_bin(x2, width))
+    lo_y, hi_y = _nudged(pixel_to_bin(y1, height), pixel_to_bin(y2, height))
     return lo_x, lo_y, hi_x, hi_y
+
+
+def coco_box_to_pixel_box(xywh: Sequence[float]) -> tuple[float, float, float, float]:
+    """COCO ``[x, y, w, h]`` (edges, pixels) -> inclusive pixel box ``[x, y, x + w - 1, y + h - 1]``.
+
+    No validation: callers drop boxes under one pixel (w < 1 or h < 1) before converting."""
+    x, y, w, h = (float(v) for v in xywh)
+    return x, y, x + w - 1.0, y + h - 1.0
+
+
+def pixel_box_to_coco_box(box: Sequence[float]) -> tuple[float, float, float, float]:
+    """Inclusive pixel box ``[x1, y1, x2, y2]`` -> COCO ``[x, y, w, h]`` (pixels):
+    ``[x1, y1, x2 - x1 + 1, y2 - y1 + 1]``."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return x1, y1, x2 - x1 + 1.0, y2 - y1 + 1.0
+
+
+def bins_to_coco_box(bins: Sequence[int], width: int, height: int) -> tuple[float, float, float, float]:
+    """Bin box -> COCO ``[x, y, w, h]`` in pixels of a ``width`` x ``height`` image (the inverse of
+    :func:`coco_box_to_pixel_box` + :func:`pixel_box_to_bins`)."""
+    return pixel_box_to_coco_box(bins_to_pixel_box(bins, width, height))
 
 
 def _nudged(lo: int, hi: int) -> tuple[int, int]:
@@ -83,7 +121,7 @@ def bin_to_pixel(k: int, size: int) -> float:
 
 
 def bins_to_pixel_box(bins: Sequence[int], width: int, height: int) -> tuple[float, float, float, float]:
-    """Bin box [x1, y1, x2, y2] -> pixel box."""
+    """Bin box [x1, y1, x2, y2] -> inclusive pixel box (float pixel indices, each in [0, size - 1])."""
     x1, y1, x2, y2 = bins
     return (
         bin_to_pixel(x1, width),

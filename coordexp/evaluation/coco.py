@@ -1,7 +1,8 @@
 """COCO-style box AP of CoordJSON predictions through pycocotools (``COCOeval(..., "bbox")``).
 
-Inputs are per-image records in norm1000 bins; they are converted to pixels with the image's width and
-height (``bins_to_pixel_box``) so COCO's small/medium/large area ranges mean what they usually mean.
+Inputs are per-image records in norm1000 bins; they are converted to COCO ``[x, y, w, h]`` pixels of the
+image's width and height with the project's one pixel <-> bin rule (``bins_to_coco_box``: inclusive pixel
+box, ``w = x2 - x1 + 1``) so COCO's small/medium/large area ranges mean what they usually mean.
 IoU itself does not depend on that conversion (a per-axis scale leaves IoU unchanged).
 
 Two category modes:
@@ -22,7 +23,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from coordexp.coordjson import bins_to_pixel_box
+from coordexp.coordjson import bins_to_coco_box
 
 #: COCOeval.stats index -> report key (maxDets = 1, 10, 100).
 STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
@@ -45,8 +46,7 @@ class CocoImage:
 
 
 def _xywh(bins, width: int, height: int) -> list[float]:
-    x1, y1, x2, y2 = bins_to_pixel_box(tuple(int(v) for v in bins), max(int(width), 2), max(int(height), 2))
-    return [x1, y1, x2 - x1, y2 - y1]
+    return list(bins_to_coco_box(tuple(int(v) for v in bins), max(int(width), 2), max(int(height), 2)))
 
 
 def coco_ap(images: Sequence[CocoImage], mode: str = "agnostic") -> dict[str, float | None]:

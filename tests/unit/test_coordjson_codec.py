@@ -10,8 +10,11 @@ from coordexp.coordjson import (
     bin_to_norm,
     bin_to_pixel,
     bin_to_token,
+    bins_to_coco_box,
     bins_to_pixel_box,
+    coco_box_to_pixel_box,
     pixel_box_to_bins,
+    pixel_box_to_coco_box,
     pixel_to_bin,
     token_to_bin,
     try_token_to_bin,
@@ -28,10 +31,51 @@ def test_pixel_to_bin_uses_size_minus_one_and_rounds_to_nearest():
     assert pixel_to_bin(5000, 100) == 999
 
 
-def test_pixel_box_floors_the_start_and_ceils_the_end():
+def test_pixel_box_rounds_each_corner_with_the_pixel_rule():
     assert pixel_box_to_bins([0, 0, 10, 10], 11, 11) == (0, 0, 999, 999)
-    assert pixel_box_to_bins([5, 5, 5, 5], 11, 11) == (499, 499, 500, 500)
-    assert pixel_box_to_bins([2.5, 1, 7.25, 9], 11, 21) == (249, 49, 725, 450)
+    assert pixel_box_to_bins([5, 5, 5, 5], 11, 11) == (500, 500, 501, 501)  # 499.5 -> 500, then widened
+    # x: 249.75 -> 250, 724.275 -> 724; y: 49.95 -> 50, 449.55 -> 450
+    assert pixel_box_to_bins([2.5, 1, 7.25, 9], 11, 21) == (250, 50, 724, 450)
+    for size in (3, 333, 517, 667, 1000, 4000):
+        box = [1, 0, size - 1, size // 2]
+        want = (pixel_to_bin(1, size), 0, 999, pixel_to_bin(size // 2, size))
+        assert pixel_box_to_bins(box, size, size) == want
+
+
+def test_pixel_bin_pixel_round_trip_is_exact_for_sizes_2_to_1000():
+    for size in range(2, 1001):
+        xs = np.arange(size)
+        bins = np.floor(xs * 999 / (size - 1) + 0.5).astype(int)  # the rule, vectorised
+        assert [pixel_to_bin(int(x), size) for x in (0, 1, size // 2, size - 2, size - 1)] == \
+            [int(bins[0]), int(bins[1]), int(bins[size // 2]), int(bins[size - 2]), int(bins[size - 1])]
+        assert bins[0] == 0 and bins[-1] == 999  # the image edges are bins 0 and 999
+        back = np.floor(bins * (size - 1) / 999 + 0.5).astype(int)
+        assert (back == xs).all(), size
+        assert len(set(bins.tolist())) == size  # distinct pixels stay distinct bins
+    for size in (2, 3, 7, 333, 517, 667, 999, 1000):  # the scalar functions agree with the vector rule
+        for x in range(size):
+            assert math.floor(bin_to_pixel(pixel_to_bin(x, size), size) + 0.5) == x
+
+
+def test_bin_pixel_bin_round_trip_is_exact_for_sizes_from_1000():
+    for size in (1000, 1001, 1333, 2000, 4096):
+        for k in range(1000):
+            assert pixel_to_bin(round(bin_to_pixel(k, size)), size) == k
+
+
+def test_coco_boxes_are_edges_and_round_trip_through_bins():
+    assert coco_box_to_pixel_box([10, 20, 30, 40]) == (10.0, 20.0, 39.0, 59.0)
+    assert pixel_box_to_coco_box((10, 20, 39, 59)) == (10.0, 20.0, 30.0, 40.0)
+    # a whole-image box is bins 0..999 and comes back whole, for odd sizes
+    for w, h in ((333, 517), (1000, 667), (2, 2)):
+        bins = pixel_box_to_bins(coco_box_to_pixel_box([0, 0, w, h]), w, h)
+        assert bins == (0, 0, 999, 999)
+        assert bins_to_coco_box(bins, w, h) == (0.0, 0.0, float(w), float(h))
+    # integer COCO boxes on images up to 1000 px come back exactly
+    for x, y, bw, bh in ((0, 0, 1, 1), (332, 516, 1, 1), (17, 3, 100, 250), (5, 400, 328, 117)):
+        bins = pixel_box_to_bins(coco_box_to_pixel_box([x, y, bw, bh]), 333, 517)
+        if bw > 1 and bh > 1:
+            assert tuple(round(v) for v in bins_to_coco_box(bins, 333, 517)) == (x, y, bw, bh)
 
 
 def test_pixel_box_nudges_degenerate_boxes_and_clamps():
@@ -98,14 +142,17 @@ def test_bin_pixel_bin_round_trip(k, size):
     height=st.integers(2, 4000),
     fractions=st.lists(st.floats(0, 1), min_size=4, max_size=4),
 )
-def test_pixel_boxes_give_ordered_bins_that_cover_the_box(width, height, fractions):
+def test_pixel_boxes_give_ordered_bins_at_the_nearest_bin(width, height, fractions):
     x1, x2 = sorted(f * (width - 1) for f in fractions[:2])
     y1, y2 = sorted(f * (height - 1) for f in fractions[2:])
     bx1, by1, bx2, by2 = pixel_box_to_bins([x1, y1, x2, y2], width, height)
     assert 0 <= bx1 < bx2 <= 999 and 0 <= by1 < by2 <= 999
-    tolerance = 1e-9 * max(width, height)
-    assert bin_to_pixel(bx1, width) <= x1 + tolerance and bin_to_pixel(bx2, width) >= x2 - tolerance
-    assert bin_to_pixel(by1, height) <= y1 + tolerance and bin_to_pixel(by2, height) >= y2 - tolerance
+    for lo, hi, a, b, size in ((bx1, bx2, x1, x2, width), (by1, by2, y1, y2, height)):
+        half_bin = 0.5 * (size - 1) / 999 * (1 + 1e-9)
+        if (lo, hi) == (pixel_to_bin(a, size), pixel_to_bin(b, size)):  # not widened: nearest bins
+            assert abs(bin_to_pixel(lo, size) - a) <= half_bin and abs(bin_to_pixel(hi, size) - b) <= half_bin
+        else:  # both corners fell into one bin; the box was widened by one bin
+            assert pixel_to_bin(a, size) == pixel_to_bin(b, size) and hi == lo + 1
     assert math.isfinite(bin_to_norm(bx2))
 
 
