@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from coordexp.coordjson import bins_to_coco_box
 
+#: COCOeval's largest maxDets: per image (and category, in by_desc mode) only the MAX_DETS best-scored
+#: detections count for AP and AR100; the rest are ignored (``images_over_max_dets`` counts such images).
+MAX_DETS = 100
 #: COCOeval.stats index -> report key (maxDets = 1, 10, 100).
 STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
                                "ARm", "ARl")
@@ -51,7 +55,9 @@ def _xywh(bins, width: int, height: int) -> list[float]:
 
 def coco_ap(images: Sequence[CocoImage], mode: str = "agnostic") -> dict[str, float | None]:
     """AP/AR table of ``images`` (values in [0, 1]; ``None`` where COCO leaves a value undefined,
-    e.g. no GT of that size). No GT at all gives all ``None``; no predictions gives 0 where defined."""
+    e.g. no GT of that size): exactly ``COCOeval.stats`` with -1 as ``None``, empty prediction sets included.
+    No GT at all gives all ``None``. Also ``images_over_max_dets``: images with more than ``MAX_DETS``
+    detections (of one category in ``by_desc`` mode), whose extra detections COCOeval ignores."""
     if mode not in ("agnostic", "by_desc"):
         raise ValueError(f"mode must be 'agnostic' or 'by_desc', got {mode!r}")
     from pycocotools.coco import COCO
@@ -81,18 +87,13 @@ def coco_ap(images: Sequence[CocoImage], mode: str = "agnostic") -> dict[str, fl
                          "score": float(o.score)})
 
     result: dict[str, float | None] = {name: None for name in STAT_NAMES}
-    result.update(images=len(images), gt_objects=len(gt_anns), detections=len(dets))
+    per_image_cat = Counter((d["image_id"], d["category_id"]) for d in dets)
+    result.update(images=len(images), gt_objects=len(gt_anns), detections=len(dets),
+                  max_dets=MAX_DETS,
+                  images_over_max_dets=len({img for (img, _), n in per_image_cat.items() if n > MAX_DETS}))
     if mode == "by_desc":
         result.update(categories=len(categories), unknown_desc_predictions=unknown)
     if not gt_anns:
-        return result
-    if not dets:  # pycocotools' loadRes cannot take an empty list; nothing detected = 0 where defined
-        areas = [a["area"] for a in gt_anns]
-        present = {"s": any(a < 32 ** 2 for a in areas), "m": any(32 ** 2 <= a < 96 ** 2 for a in areas),
-                   "l": any(a >= 96 ** 2 for a in areas)}
-        for name in STAT_NAMES:
-            size = name[-1] if name[-1] in "sml" else None
-            result[name] = 0.0 if size is None or present[size] else None
         return result
 
     silent = io.StringIO()
@@ -103,11 +104,25 @@ def coco_ap(images: Sequence[CocoImage], mode: str = "agnostic") -> dict[str, fl
                       "annotations": gt_anns,
                       "categories": [{"id": cid, "name": name} for name, cid in categories.items()]}
         gt.createIndex()
-        dt = gt.loadRes(dets)
-        ev = COCOeval(gt, dt, "bbox")
+        ev = COCOeval(gt, _results(gt, dets), "bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     for name, value in zip(STAT_NAMES, ev.stats.tolist()):
         result[name] = None if value < 0 else float(value)
     return result
+
+
+def _results(gt, dets: list[dict]):
+    """The detections as a pycocotools result set. ``loadRes`` cannot take an empty list, so no detections
+    is an empty result set over the same images and categories: COCOeval itself then says which stats are
+    0.0 and which undefined (-1 -> None), area-range limits included."""
+    from pycocotools.coco import COCO
+
+    if dets:
+        return gt.loadRes(dets)
+    empty = COCO()
+    empty.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]),
+                     "annotations": []}
+    empty.createIndex()
+    return empty
