@@ -1,0 +1,64 @@
+"""coordexp.data.inspect: pictures, statistics and histograms of a converted fixture."""
+
+from __future__ import annotations
+
+import json
+
+from coco_fixture import write_coco
+from PIL import Image
+
+from coordexp.data.convert import ConvertOptions, convert
+from coordexp.data.inspect import PALETTE, main, size_class
+from coordexp.data.synthetic import write_synthetic_jsonl
+
+
+def test_size_classes_use_coco_limits():
+    assert [size_class(a) for a in (0, 1023.9, 1024, 9215.9, 9216)] == ["small", "small", "medium", "medium",
+                                                                         "large"]
+
+
+def test_inspect_converted_coco(tmp_path, capsys):
+    instances, images = write_coco(tmp_path / "src")
+    convert(ConvertOptions("coco", instances, images, tmp_path / "data", progress=False))
+    assert main([str(tmp_path / "data" / "instances_val.jsonl"), "--out", str(tmp_path / "look")]) == 0
+    stats = json.loads((tmp_path / "look" / "stats.json").read_text())
+    assert stats["records"] == 2 and stats["objects"] == 5 and stats["records_with_images"] == 2
+    assert stats["objects_per_image"] == {"min": 2, "median": 2.5, "mean": 2.5, "max": 3,
+                                          "counts": {"2": 1, "3": 1}}
+    # original pixels: person 29.9 x 39.7 and 100 x 67, bicycle 49.9 x 59.9 (medium); 1000 x 667, 200 x 300.3
+    assert {k: stats["box_sizes"][k] for k in ("small", "medium", "large", "area_frame")} == \
+        {"small": 0, "medium": 3, "large": 2, "area_frame": "original"}
+    assert stats["box_sizes"]["area_px"]["max"] == 667000.0
+    assert stats["top_descs"] == [["bicycle", 2], ["person", 2], ["traffic light", 1]]
+    assert stats["distinct_descs"] == 3 and stats["image_sizes"] == {"1000x667": 1, "333x517": 1}
+    pictures = sorted(p.name for p in (tmp_path / "look" / "samples").iterdir())
+    assert pictures == ["00000_a.png", "00001_b.png"]
+    with Image.open(tmp_path / "look" / "samples" / "00001_b.png") as im:
+        assert im.size == (1000, 667)
+        assert im.getpixel((500, 0)) == PALETTE[0]        # traffic light: the whole image, bins 0..999
+        assert im.getpixel((501, 300)) == PALETTE[1]      # bicycle: left edge at bin 501 = pixel 501
+        assert im.getpixel((300, 300)) == (30, 30, 30)    # the image itself
+    with Image.open(tmp_path / "look" / "histograms.png") as im:
+        assert im.size == (990, 720)
+    assert "2 records, 5 objects, 3 descs; boxes small/medium/large 0/3/2 (original pixels)" in \
+        capsys.readouterr().out
+
+
+def test_inspect_text_records_on_a_blank_canvas(tmp_path):
+    write_synthetic_jsonl(tmp_path / "s.jsonl", n=5, seed=1)
+    args = [str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o"), "--limit", "2", "--top-k", "3"]
+    assert main(args) == 0
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    assert stats["records"] == 5 and stats["pictures"] == 2 and len(stats["top_descs"]) == 3
+    assert stats["box_sizes"]["area_frame"] == "record"
+    assert sorted(p.name for p in (tmp_path / "o" / "samples").iterdir()) == ["00000_canvas.png",
+                                                                              "00001_canvas.png"]
+
+
+def test_a_coco_instances_file_is_refused_with_the_fix(tmp_path, capsys):
+    instances, _ = write_coco(tmp_path)
+    assert main([str(instances), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {instances}:1: unknown key(s) 'annotations', 'categories'")
+    assert "convert it first: python -m coordexp.data.convert coco --instances" in err
+    assert "Traceback" not in err
