@@ -7,6 +7,7 @@ another leaf, and it literally pins every high-signal knob below. The same check
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import yaml
 
 from coordexp.config.errors import raise_if
 from coordexp.config.keys import key_problems, path_problems
-from coordexp.config.paths import EXPERIMENT_DIR, available_experiments, is_config_group
+from coordexp.config.paths import CONF_DIR, EXPERIMENT_DIR, available_experiments, is_config_group
+from coordexp.config.validate import flatten, raw_value_problems
 
 REQUIRED_LEAF_KNOBS = (
     "model.path",
@@ -45,14 +47,47 @@ def leaf_file(name: str) -> Path:
     return EXPERIMENT_DIR / f"{name}.yaml"
 
 
+def _is_leaf_name(name: str) -> bool:
+    """A relative path below conf/experiment/ without '..' segments (nothing outside the tree loads)."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not name.startswith("/") and ".." not in parts and "" not in parts
+
+
 def leaf_problems(name: str) -> list[str]:
     """Every contract violation of experiment leaf ``name``, all at once."""
-    path = leaf_file(name)
     where = f"conf/experiment/{name}.yaml"
-    if not path.is_file():
-        return [f"+experiment={name}: no such experiment leaf ({where}); available: "
+    if not _is_leaf_name(name) or not leaf_file(name).is_file():
+        hint = "" if _is_leaf_name(name) else " (a leaf name is a path below conf/experiment/, without '..')"
+        return [f"+experiment={name}: no such experiment leaf ({where}){hint}; available: "
                 f"{', '.join(available_experiments())}"]
-    return leaf_file_problems(path, where)
+    return leaf_file_problems(leaf_file(name), where)
+
+
+def _defaults_targets(entry: Any, group: str) -> list[str]:
+    """The configs (paths below conf/, normalized, no extension) a defaults-list entry of a config in
+    ``group`` loads: absolute entries start at conf/, relative ones at the config's own group."""
+    if isinstance(entry, Mapping):
+        paths = []
+        for key, options in entry.items():
+            key = str(key).split("@", 1)[0].replace("override ", "").replace("optional ", "").strip()
+            for option in options if isinstance(options, list) else [options]:
+                if option is not None and str(option) != "???":
+                    paths.append(f"{key}/{option}")
+    else:
+        text = str(entry).split("@", 1)[0].strip()
+        paths = [] if text == "_self_" else [text]
+    return [posixpath.normpath(p[1:] if p.startswith("/") else f"{group}/{p}") for p in paths]
+
+
+def _other_leaf_problem(entry: Any, group: str) -> str | None:
+    for target in _defaults_targets(entry, group):
+        if target == ".." or target.startswith("../"):
+            return f"defaults entry {entry!r} loads a config from outside conf/ ({target})"
+        if target == "experiment" or target.startswith("experiment/"):
+            return (f"defaults entry {entry!r} includes another leaf (conf/{target}.yaml); leaves are one "
+                    f"hop: select group options with absolute paths (/model, /data, /rollout, /vllm, "
+                    f"/stage2_ab/schedule) and pin knobs instead")
+    return None
 
 
 def leaf_file_problems(path: Path, where: str) -> list[str]:
@@ -61,23 +96,55 @@ def leaf_file_problems(path: Path, where: str) -> list[str]:
     problems: list[str] = []
     if not text.lstrip().startswith("# @package _global_"):
         problems.append(f"{where}: a leaf must start with '# @package _global_'")
+    try:  # relative defaults entries start at the leaf's own group (a file elsewhere counts as a top leaf)
+        group = path.resolve().parent.relative_to(CONF_DIR.resolve()).as_posix()
+    except ValueError:
+        group = "experiment"
     for entry in raw.get("defaults", []) or []:
-        target = next(iter(entry)) if isinstance(entry, Mapping) else str(entry)
-        if "experiment" in target.replace("override ", "").strip("/").split("/")[0]:
-            problems.append(f"{where}: defaults entry {entry!r} includes another leaf; leaves are one hop: "
-                            f"select group options (model, data, rollout, vllm, stage2_ab/schedule) and pin "
-                            f"knobs instead")
+        problem = _other_leaf_problem(entry, group)
+        if problem:
+            problems.append(f"{where}: {problem}")
     missing = [k for k in REQUIRED_LEAF_KNOBS if not _has_path(raw, k)]
     if missing:
         problems.append(f"{where}: missing required knobs: {', '.join(missing)} (every leaf pins them)")
     problems += [f"{where}: {p}" for p in key_problems(raw)]
+    body = {k: v for k, v in raw.items() if k not in ("defaults", "hydra")}
+    problems += [f"{where}: {p}" for p in raw_value_problems(flatten(body))]
     return problems
 
 
 def _parse_overrides(argv: Sequence[str]):
+    """Hydra's override objects; a line Hydra cannot parse is a ConfigError naming its key (all at once)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
-    return OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    parser = OverridesParser.create()
+    overrides, problems = [], []
+    for arg in (a for a in argv if not a.startswith("-")):
+        try:
+            overrides += parser.parse_overrides([arg])
+        except OverrideParseException as err:
+            key, sep, _ = arg.partition("=")
+            detail = " ".join(str(err).split("\n")[-2:-1] or [str(err)]).strip()
+            if not sep:
+                problems.append(f"{arg}: not an override: write key=value (+key=value adds a key, ~key "
+                                f"deletes one); Hydra: {detail}")
+            else:
+                problems.append(f"{key}: cannot parse the value of override '{arg}': {detail}. An "
+                                f"unterminated '${{' or an unbalanced bracket or quote? Quote the value or "
+                                f"close it")
+    raise_if(problems)
+    return overrides
+
+
+def _override_values(ov) -> list[Any]:
+    """The values an override assigns (every value of a simple sweep; none for deletions and globs)."""
+    if ov.is_delete():
+        return []
+    try:
+        return list(ov.sweep_iterator()) if ov.is_sweep_override() else [ov.value()]
+    except Exception:  # noqa: BLE001 - a sweep kind without plain values (glob): Hydra checks those itself
+        return []
 
 
 def experiment_from_argv(argv: Sequence[str]) -> str | None:
@@ -105,6 +172,9 @@ def check_command_line(argv: Sequence[str], need_experiment: bool = True) -> Non
         problem = path_problems(key)
         if problem:
             problems.append(f"{problem} (from command-line override '{ov.input_line}')")
+            continue
+        problems += [f"{p} (from command-line override '{ov.input_line}')"
+                     for p in raw_value_problems((key, value) for value in _override_values(ov))]
     if experiment is None:
         if need_experiment:
             problems.insert(0, "no experiment selected: add +experiment=<name>; available: "

@@ -86,3 +86,53 @@ def compose(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError([f"{key}: {detail} ({str(err).splitlines()[0]})" if key else str(err)]) from None
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def sweep_jobs(overrides: Sequence[str]) -> list[tuple[list[str], str]]:
+    """The jobs of a command line, as (overrides, label): one per combination of its sweep values (a plain
+    run is one job with an empty label). Hydra expands sweeps the same way (cartesian product, in order)."""
+    import itertools
+
+    from coordexp.config.leaf import _parse_overrides
+
+    axes: list[list[tuple[str, str]]] = []
+    for ov in _parse_overrides(overrides):
+        if not ov.is_sweep_override():
+            axes.append([(ov.input_line, "")])
+            continue
+        try:
+            values = list(ov.sweep_string_iterator())
+        except Exception:  # noqa: BLE001 - glob sweeps: leave them to Hydra; the other values are checked
+            values = []
+        key = ov.get_key_element()
+        axes.append([(f"{key}={v}", f"{key}={v}") for v in values] or [("", "")])
+    return [([o for o, _ in combo if o], " ".join(lbl for _, lbl in combo if lbl))
+            for combo in itertools.product(*axes)]
+
+
+def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writes: bool = True) -> None:
+    """What the Hydra entry points (train, eval) run before Hydra starts anything: every job of the command
+    line is composed, resolved and validated as its task will be, and (``writes``: a real run, not --cfg)
+    the directories it writes are checked. Raises one ConfigError listing every problem of every job."""
+    from coordexp.config.validate import dir_problems
+
+    jobs = sweep_jobs(overrides)
+    found: dict[str, list[str]] = {}
+    for job, label in jobs:
+        try:
+            cfg = compose(job)
+            dirs = ([("hydra.sweep.dir", OmegaConf.select(cfg, "hydra.sweep.dir"))] if multirun else
+                    [("hydra.run.dir", OmegaConf.select(cfg, "hydra.run.dir"))])
+            obj = to_train_config(cfg)
+            if not multirun:
+                dirs += [("training.output_dir", obj.training.output_dir),
+                         ("training.logging_dir", obj.training.logging_dir)]
+            raise_if(dir_problems(dirs) if writes else [])
+        except ConfigError as err:
+            for problem in err.problems:
+                found.setdefault(problem, []).append(label)
+        except OmegaConfBaseException as err:  # an interpolation in the hydra node itself
+            key = getattr(err, "full_key", None) or "hydra"
+            found.setdefault(f"{key}: {getattr(err, 'msg', str(err)).splitlines()[0]}", []).append(label)
+    raise_if([problem if len(labels) == len(jobs) else f"{problem} (sweep job {', '.join(labels)})"
+              for problem, labels in found.items()])
