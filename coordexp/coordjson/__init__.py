@@ -16,7 +16,7 @@ from coordexp.coordjson.codec import (
     token_to_bin,
     try_token_to_bin,
 )
-from coordexp.coordjson.frame import TokenFrame, encode_exactly
+from coordexp.coordjson.frame import TokenFrame, encode_exactly, frame_pieces, raw_piece, spelled
 from coordexp.coordjson.parse import DroppedRecord, FallbackReason, ParsedObject, ParsedRollout, parse_rollout
 from coordexp.coordjson.scan import DropReason
 from coordexp.coordjson.serialize import (
@@ -25,6 +25,7 @@ from coordexp.coordjson.serialize import (
     CoordObject,
     FieldOrder,
     canonical_order,
+    lone_surrogate,
     serialize_append_fragment,
     serialize_objects,
     serialize_record,
@@ -68,15 +69,19 @@ __all__ = [
     "canonical_order",
     "coco_box_to_pixel_box",
     "encode_exactly",
+    "frame_pieces",
+    "lone_surrogate",
     "parse_rollout",
     "pixel_box_to_bins",
     "pixel_box_to_coco_box",
     "pixel_to_bin",
+    "raw_piece",
     "role_ce_weights",
     "serialize_append_fragment",
     "serialize_objects",
     "serialize_record",
     "sort_objects",
+    "spelled",
     "token_to_bin",
     "try_token_to_bin",
 ]

@@ -15,7 +15,7 @@ from json.decoder import scanstring
 import numpy as np
 
 from coordexp.coordjson.codec import try_token_to_bin
-from coordexp.coordjson.serialize import BBOX_KEY, DESC_KEY, FieldOrder, Span
+from coordexp.coordjson.serialize import BBOX_KEY, DESC_KEY, FieldOrder, Span, lone_surrogate
 
 CONTAINER_HEADER_RE = re.compile(r'\{\s*"objects"\s*:\s*\[')
 
@@ -64,7 +64,7 @@ class DropReason(str, Enum):
     MISSING_DESC = "missing_desc"
     MISSING_GEOMETRY = "missing_geometry"
     ORDER_VIOLATION = "order_violation"  # keys not in the configured field order
-    INVALID_DESC = "invalid_desc"  # desc is not a valid JSON string
+    INVALID_DESC = "invalid_desc"  # desc is not a valid JSON string, or holds a lone surrogate
     EMPTY_DESC = "empty_desc"  # desc is empty or whitespace only
     WRONG_ARITY = "wrong_arity"  # bbox_2d is an array whose length is not 4
     NON_COORD_GEOMETRY = "non_coord_geometry"  # bbox_2d is not an array of coord literals
@@ -302,6 +302,8 @@ def _check_desc_and_box(
     try:
         desc, _ = scanstring(text, desc_literal[0] + 1, True)  # json.loads' own strict string decoder
     except ValueError:
+        return DropReason.INVALID_DESC, None
+    if lone_surrogate(desc) is not None:
         return DropReason.INVALID_DESC, None
     if not desc.strip():
         return DropReason.EMPTY_DESC, None

@@ -30,6 +30,19 @@ class FieldOrder(str, Enum):
 Span = tuple[int, int]
 
 
+def lone_surrogate(text: str) -> str | None:
+    """Why ``text`` is not text, or None: the first lone surrogate it holds (a half of a UTF-16 pair, e.g.
+    from the JSON escape ``"\\ud835"``), which UTF-8 cannot encode, so no tokenizer or file can take it.
+    The one rule for descs: a rollout record with such a desc is dropped as ``invalid_desc``; a GT object
+    (data line, CoordObject) with one is an error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"desc holds a lone surrogate U+{ord(text[error.start]):04X} at index {error.start}, " \
+               "which is not text (UTF-8 cannot encode it)"
+    return None
+
+
 @dataclass(frozen=True)
 class CoordObject:
     """One bbox object: non-empty desc and bins (x1, y1, x2, y2) in 0..999 with x2 >= x1, y2 >= y1."""
@@ -40,6 +53,8 @@ class CoordObject:
     def __post_init__(self) -> None:
         if not isinstance(self.desc, str) or not self.desc.strip():
             raise ValueError(f"desc must be a non-empty string, got {self.desc!r}")
+        if (problem := lone_surrogate(self.desc)) is not None:
+            raise ValueError(f"{problem}: {self.desc!r}")
         bbox = tuple(self.bbox)
         if len(bbox) != 4 or not all(_is_bin(v) for v in bbox):
             raise ValueError(f"bbox must be 4 int bins in [0, {MAX_BIN}], got {self.bbox!r}")

@@ -9,14 +9,14 @@ never get CE: they are supervised through geometry groups (4 slot positions in Y
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
 
 from coordexp.coordjson.codec import CoordVocab
-from coordexp.coordjson.frame import DecodeTokenFn, EncodeFn, TokenFrame, encode_frame
+from coordexp.coordjson.frame import DecodeTokenFn, EncodeFn, TokenFrame, encode_frame, spelled
 from coordexp.coordjson.parse import ParsedRollout
 from coordexp.coordjson.scan import CONTAINER_HEADER_RE, container_closes_at_end, scan_array
 from coordexp.coordjson.serialize import (
@@ -30,8 +30,6 @@ from coordexp.coordjson.serialize import (
     canonical_order,
     render_records,
 )
-
-_REPLACEMENT_CHAR = "\ufffd"
 
 
 class TokenRole(IntEnum):
@@ -245,7 +243,9 @@ def _encode_written(
     """Encode the written GT text; its roles and geometry groups (positions shifted by `offset`)."""
     text = render_records(written.objects, field_order, lead=written.lead, tail=CONTAINER_CLOSURE).text
     fragment = encode_frame(text, encode, decode_token)
-    layout = _locate_fragment(fragment.text, written, field_order)
+    layout = _locate_fragment(
+        fragment.text, written, field_order, lambda desc: spelled(desc, encode, decode_token)
+    )
 
     roles = np.full(len(fragment), TokenRole.APPENDED_STRUCTURE, dtype=np.int8)
     _paint(roles, fragment, [layout.closure_span], TokenRole.CLOSURE)
@@ -307,8 +307,12 @@ def _assemble(
     )
 
 
-def _locate_fragment(text: str, written: _WrittenGT, field_order: FieldOrder) -> _FragmentLayout:
-    """Re-scan the encoded fragment as its tokens decode, and check it says what was serialized."""
+def _locate_fragment(
+    text: str, written: _WrittenGT, field_order: FieldOrder, spelled: Callable[[str], str]
+) -> _FragmentLayout:
+    """Re-scan the encoded fragment as its tokens decode, and check it says what was serialized: each desc
+    exactly, or as the tokenizer spells it (``spelled``: encode, then decode; e.g. its NFC normalizer turns
+    ``e`` + U+0301 into ``é``)."""
     start = 0
     if written.lead == CONTAINER_HEADER:
         header = CONTAINER_HEADER_RE.match(text)
@@ -324,8 +328,7 @@ def _locate_fragment(text: str, written: _WrittenGT, field_order: FieldOrder) ->
             "fragment_mismatch", f"encoded fragment does not re-parse: {_excerpt(text)}"
         )
     for got, want in zip(fields, written.objects, strict=True):
-        same_desc = got.desc == want.desc or _REPLACEMENT_CHAR in got.desc  # bytes split across tokens
-        if got.bbox != want.bbox or not same_desc:
+        if got.bbox != want.bbox or (got.desc != want.desc and got.desc != spelled(want.desc)):
             raise TargetInvariantError(
                 "fragment_mismatch", f"{got.desc!r} {got.bbox} != {want.desc!r} {want.bbox}"
             )

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordexp.coordjson import MAX_BIN, try_token_to_bin
+from coordexp.coordjson import MAX_BIN, lone_surrogate, try_token_to_bin
 from coordexp.data.prompt import PromptSpec, build_messages
 
 __all__ = [
@@ -130,6 +130,8 @@ def _parse_object(obj: Any, j: int) -> DetectionObject:
         raise _RecordError(f"{where}: desc must be a string, got {type(desc).__name__}")
     if not desc.strip():
         raise _RecordError(f"{where}: empty desc")
+    if (problem := lone_surrogate(desc)) is not None:
+        raise _RecordError(f"{where}: {problem}")
     if "bbox_2d" not in obj:
         raise _RecordError(f"{where}: missing 'bbox_2d'")
     box = obj["bbox_2d"]
@@ -206,8 +208,13 @@ def _parse_record(rec: Any, base_dir, check_images: bool):
 def _iter_file(path: Path, check_images: bool) -> Iterator[tuple[int, str, Any]]:
     """Yield (line_no, error_or_empty, parsed) for each non-blank line."""
     base = path.parent
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start}", None
+                continue
             if not line.strip():
                 continue
             try:

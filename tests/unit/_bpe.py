@@ -23,6 +23,7 @@ from coordexp.coordjson import (
     ParsedRollout,
     bin_to_token,
     parse_rollout,
+    raw_piece,
     serialize_record,
 )
 
@@ -68,7 +69,7 @@ class BpeTestTokenizer:
     tokenizer: Tokenizer
     coord_vocab: CoordVocab
     eos_id: int
-    piece_table: tuple[str, ...]  # every id decoded alone, as a trainer adapter would precompute it
+    piece_table: tuple[str, ...]  # every id alone, lossless (coordjson.raw_piece), as adapters precompute
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -105,7 +106,9 @@ def build_test_tokenizer() -> BpeTestTokenizer:
     )
     tok.train_from_iterator(segments, trainer)
     tok.add_tokens([AddedToken(f"<|coord_{k}|>", special=False, normalized=False) for k in range(1000)])
-    table = tuple(tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size()))
+    # each id alone, lossless: a byte-level token holding part of a multi-byte character keeps its bytes
+    table = tuple(raw_piece(tok.id_to_token(i), tok.decode([i], skip_special_tokens=False))
+                  for i in range(tok.get_vocab_size()))
     return BpeTestTokenizer(tok, CoordVocab.from_vocab(tok.get_vocab()), tok.token_to_id(EOS_TOKEN), table)
 
 

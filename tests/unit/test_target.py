@@ -237,7 +237,8 @@ def test_invariant_failures_raise_a_specific_error():
     assert error.value.reason == "closure_not_found"
 
     parsed, match = parse_and_match(ROLLOUT, GT)
-    lying = {**FNS, "encode": lambda text: TOK.encode(text.replace("cat", "cot"))}
+    # lies inside the fragment only: the desc alone still spells "cat", so this is no normalization
+    lying = {**FNS, "encode": lambda text: TOK.encode(text.replace('"cat"', '"cot"'))}
     with pytest.raises(TargetInvariantError) as error:
         build_channel_b_target(
             parsed, GT, match.index_pairs, field_order="desc_first", desc_ce_weight=1.0, **lying
