@@ -45,6 +45,8 @@ OBJECT_KEYS = frozenset({"desc", "bbox_2d"})
 GEOMETRY_KEYS = frozenset({"poly", "polygon", "line", "point", "points", "segmentation", "mask", "bbox",
                            "quad"})
 MAX_REPORTED_ERRORS = 20
+#: Deepest JSON nesting a record may have (a valid record needs 4: record, objects, object, bbox_2d).
+MAX_JSON_DEPTH = 64
 
 
 class DataValidationError(ValueError):
@@ -205,22 +207,60 @@ def _parse_record(rec: Any, base_dir, check_images: bool):
     return rec["width"], rec["height"], objects, images
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RecordError(f"duplicate key {key!r} in one JSON object (JSON readers keep only one of "
+                               f"them): remove the other")
+        out[key] = value
+    return out
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def decode_line(raw: bytes) -> Any:
+    """One JSONL line (bytes) -> its JSON value, or ValueError with the reason: not UTF-8, bad JSON, nested
+    deeper than MAX_JSON_DEPTH, or a key repeated inside one object. Every JSONL reader uses this."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start}") from None
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"bad JSON: {e.msg} (column {e.colno})") from None
+    except _RecordError as e:
+        raise ValueError(str(e)) from None
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than Python's parser allows (a record may nest at most "
+                         f"{MAX_JSON_DEPTH} levels)") from None
+    depth = _depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested {depth} levels deep (a record may nest at most {MAX_JSON_DEPTH})")
+    return value
+
+
 def _iter_file(path: Path, check_images: bool) -> Iterator[tuple[int, str, Any]]:
     """Yield (line_no, error_or_empty, parsed) for each non-blank line."""
     base = path.parent
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield line_no, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start}", None
-                continue
-            if not line.strip():
+            if not raw.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield line_no, f"bad JSON: {e.msg} (column {e.colno})", None
+                rec = decode_line(raw)
+            except ValueError as e:
+                yield line_no, str(e), None
                 continue
             try:
                 yield line_no, "", (_parse_record(rec, base, check_images), rec)

@@ -17,7 +17,6 @@ Measured load times: docs/benchmarks.md ("JSONL loading").
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from array import array
@@ -26,7 +25,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from coordexp.data.jsonl import MAX_REPORTED_ERRORS, DataValidationError, DetectionSample, parse_record
+from coordexp.data.jsonl import (
+    MAX_REPORTED_ERRORS,
+    DataValidationError,
+    DetectionSample,
+    decode_line,
+    parse_record,
+)
 from coordexp.data.prompt import PromptSpec, build_messages
 
 __all__ = ["LazyJsonlDataset", "index_lines"]
@@ -48,13 +53,9 @@ def index_lines(path: str | os.PathLike) -> tuple[array, array]:
 def _parse(raw: bytes, base: Path, check_images: bool):
     """(error, (width, height, objects, images), record) of one line; error is '' when the line is valid."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start}", None, None
-    try:
-        rec = json.loads(text)
-    except json.JSONDecodeError as e:
-        return f"bad JSON: {e.msg} (column {e.colno})", None, None
+        rec = decode_line(raw)
+    except ValueError as e:
+        return str(e), None, None
     try:
         return "", parse_record(rec, base_dir=base, check_images=check_images), rec
     except ValueError as e:
