@@ -18,6 +18,13 @@ from coordexp.coordjson.codec import (
 )
 from coordexp.coordjson.frame import TokenFrame, encode_exactly, frame_pieces, raw_piece, spelled
 from coordexp.coordjson.parse import DroppedRecord, FallbackReason, ParsedObject, ParsedRollout, parse_rollout
+from coordexp.coordjson.record_start import (
+    JSON_WHITESPACE,
+    RECORD_START,
+    RECORD_START_KEYS,
+    RecordStartAutomaton,
+    RecordStartCounter,
+)
 from coordexp.coordjson.scan import DropReason
 from coordexp.coordjson.serialize import (
     CONTAINER_CLOSURE,
@@ -44,8 +51,11 @@ from coordexp.coordjson.target import (
 __all__ = [
     "CONTAINER_CLOSURE",
     "CONTAINER_HEADER",
+    "JSON_WHITESPACE",
     "MAX_BIN",
     "NUM_BINS",
+    "RECORD_START",
+    "RECORD_START_KEYS",
     "CoordObject",
     "CoordVocab",
     "DropReason",
@@ -55,6 +65,8 @@ __all__ = [
     "GeometryGroup",
     "ParsedObject",
     "ParsedRollout",
+    "RecordStartAutomaton",
+    "RecordStartCounter",
     "TargetInvariantError",
     "TeacherForcedTarget",
     "TokenFrame",

@@ -19,6 +19,7 @@ import numpy as np
 
 from coordexp.coordjson.codec import CoordVocab
 from coordexp.coordjson.frame import DecodeTokenFn, EncodeFn, TokenFrame, encode_exactly
+from coordexp.coordjson.record_start import RECORD_START
 from coordexp.coordjson.scan import CONTAINER_HEADER_RE, ContainerScan, DropReason, ScannedElement, scan_array
 from coordexp.coordjson.serialize import CONTAINER_HEADER, FieldOrder, Span
 
@@ -64,6 +65,7 @@ class ParsedRollout:
     prefix_pieces: tuple[str, ...]
     prefix_ends_with_record: bool  # prefix ends with a record's `}` (else with `[`)
     header_chars: int  # length of the container header at the start of the prefix text
+    record_starts: int = 0  # container elements (the unfinished one too) opening with a record start
     _frame: TokenFrame | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -118,6 +120,8 @@ def parse_rollout(
 
     leading_junk = bool(rollout.text[: header.start()].strip())
     scan = scan_array(rollout.text, header.end(), field_order)
+    starts = [e.span[0] for e in scan.elements] + ([scan.tail_start] if scan.tail_start is not None else [])
+    record_starts = sum(RECORD_START.starts_at(rollout.text, pos) for pos in starts)
     counts = _zero_counts()
     for element in scan.elements:
         if element.reason is not None:
@@ -135,6 +139,7 @@ def parse_rollout(
             counts=counts,
             scan=scan,
             leading_junk=leading_junk,
+            record_starts=record_starts,
         )
 
     objects, dropped = _locate_elements(prefix, scan.elements, header.start(), cut, coord_vocab, counts)
@@ -152,6 +157,7 @@ def parse_rollout(
         prefix_pieces=prefix.pieces,
         prefix_ends_with_record=bool(records),
         header_chars=header.end() - header.start(),
+        record_starts=record_starts,
         _frame=prefix,
     )
 
@@ -241,6 +247,7 @@ def _fallback(
     counts: dict[str, int] | None = None,
     scan: ContainerScan | None = None,
     leading_junk: bool = False,
+    record_starts: int = 0,
 ) -> ParsedRollout:
     header = encode_exactly(CONTAINER_HEADER, encode, decode_token)
     if header is None:
@@ -261,5 +268,6 @@ def _fallback(
         prefix_pieces=header.pieces,
         prefix_ends_with_record=False,
         header_chars=len(CONTAINER_HEADER),
+        record_starts=record_starts,
         _frame=header,
     )

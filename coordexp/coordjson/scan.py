@@ -15,32 +15,35 @@ from json.decoder import scanstring
 import numpy as np
 
 from coordexp.coordjson.codec import try_token_to_bin
+from coordexp.coordjson.record_start import JSON_WHITESPACE
 from coordexp.coordjson.serialize import BBOX_KEY, DESC_KEY, FieldOrder, Span, lone_surrogate
 
-CONTAINER_HEADER_RE = re.compile(r'\{\s*"objects"\s*:\s*\[')
+# JSON whitespace only (space, tab, LF, CR): the one definition, shared with the record start
+_WS = "[" + re.escape(JSON_WHITESPACE) + "]"
+CONTAINER_HEADER_RE = re.compile(rf'\{{{_WS}*"objects"{_WS}*:{_WS}*\[')
 
 _STRING = r'"(?:[^"\\]|\\.)*"'
 _OPEN_STRING = r'".*'  # no closing quote anywhere after: the string runs to the end of the text
 _COORD_LITERAL = r"<\|coord_[0-9]+\|>"  # value checked strictly afterwards (no leading zeros, <= 999)
 
 _LEXEME_RE = re.compile(
-    rf"(?P<ws>\s+)|(?P<string>{_STRING})|(?P<open_string>{_OPEN_STRING})|(?P<coord>{_COORD_LITERAL})"
-    r'|(?P<punct>[{}\[\],:])|(?P<other>[^\s{}\[\],:"<]+|<)',
+    rf"(?P<ws>{_WS}+)|(?P<string>{_STRING})|(?P<open_string>{_OPEN_STRING})|(?P<coord>{_COORD_LITERAL})"
+    rf'|(?P<punct>[{{}}\[\],:])|(?P<other>[^{re.escape(JSON_WHITESPACE)}{{}}\[\],:"<]+|<)',
     re.DOTALL,
 )
-_COORD_SLOTS = r"\s*,\s*".join(rf"(?P<{name}>{_COORD_LITERAL})" for name in ("x1", "y1", "x2", "y2"))
+_COORD_SLOTS = rf"{_WS}*,{_WS}*".join(rf"(?P<{name}>{_COORD_LITERAL})" for name in ("x1", "y1", "x2", "y2"))
 _RECORD_PARTS = {
-    "desc": rf'"{DESC_KEY}"\s*:\s*(?P<desc>{_STRING})',
-    "bbox": rf'"{BBOX_KEY}"\s*:\s*\[\s*{_COORD_SLOTS}\s*\]',
+    "desc": rf'"{DESC_KEY}"{_WS}*:{_WS}*(?P<desc>{_STRING})',
+    "bbox": rf'"{BBOX_KEY}"{_WS}*:{_WS}*\[{_WS}*{_COORD_SLOTS}{_WS}*\]',
 }
 # The shape almost every record has; anything else goes through the general parser, which agrees with this
 # pattern wherever it matches.
 _CANONICAL_RECORD_RE = {
     FieldOrder.DESC_FIRST: re.compile(
-        rf"\{{\s*{_RECORD_PARTS['desc']}\s*,\s*{_RECORD_PARTS['bbox']}\s*\}}", re.DOTALL
+        rf"\{{{_WS}*{_RECORD_PARTS['desc']}{_WS}*,{_WS}*{_RECORD_PARTS['bbox']}{_WS}*\}}", re.DOTALL
     ),
     FieldOrder.GEOMETRY_FIRST: re.compile(
-        rf"\{{\s*{_RECORD_PARTS['bbox']}\s*,\s*{_RECORD_PARTS['desc']}\s*\}}", re.DOTALL
+        rf"\{{{_WS}*{_RECORD_PARTS['bbox']}{_WS}*,{_WS}*{_RECORD_PARTS['desc']}{_WS}*\}}", re.DOTALL
     ),
 }
 _STRING_TO_END_RE = re.compile(f"{_STRING}|{_OPEN_STRING}", re.DOTALL)
@@ -98,6 +101,7 @@ class ContainerScan:
     elements: tuple[ScannedElement, ...]
     close_span: Span | None  # the array's `]`; None when the text ended first (truncated)
     truncated_tail: bool  # an unfinished element was discarded at the end of the text
+    tail_start: int | None = None  # where that unfinished element starts
 
     @property
     def truncated(self) -> bool:
@@ -166,7 +170,8 @@ def scan_array(
         current_bad = bad
         depth = 1 if ch in _OPENERS else 0
 
-    return ContainerScan(tuple(elements), None, truncated_tail=current is not None)
+    return ContainerScan(tuple(elements), None, truncated_tail=current is not None,
+                         tail_start=current[0][1] if current is not None else None)
 
 
 def _canonical_element(text: str, record: re.Match, bad_separator: bool) -> ScannedElement:
