@@ -1,0 +1,63 @@
+"""One length rule for training samples, checked when the data is loaded and reused for every segment built
+later: a sample's prompt + answer tokens must fit ``vllm.max_model_len - rollout_matching.max_new_tokens``.
+
+Why that limit: a Channel-B target is the rollout prefix (at most ``max_new_tokens``) + the unmatched GT
+objects (at most the whole answer) + closure, so prompt + answer <= max_model_len - max_new_tokens keeps
+every sequence the learner or the server builds for the sample within the context. A record past it is
+refused up front with ``file:line``, its token count and the limit, instead of a forward pass that runs for
+minutes over a million positions.
+
+Counting is the caller's (it needs the model's tokenizer and prompt encoder); ``upper_bound`` lets it skip
+the tokenizer for samples that cannot be too long (a byte-level BPE token covers at least one byte).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from coordexp.data.jsonl import MAX_REPORTED_ERRORS, DataValidationError
+
+__all__ = ["TokenLimit", "check_lengths", "oversize_error", "token_limit"]
+
+
+class TokenLimit:
+    """``limit`` tokens for prompt + answer, and where the number comes from (for messages)."""
+
+    def __init__(self, limit: int, origin: str):
+        self.limit = int(limit)
+        self.origin = origin
+
+    def __repr__(self) -> str:
+        return f"TokenLimit({self.limit}, {self.origin!r})"
+
+
+def token_limit(cfg: Any) -> TokenLimit:
+    """The limit of a typed config (``TrainConfig``)."""
+    total, budget = cfg.vllm.max_model_len, cfg.rollout_matching.max_new_tokens
+    return TokenLimit(total - budget,
+                      f"vllm.max_model_len {total} - rollout_matching.max_new_tokens {budget}")
+
+
+def oversize_error(source: str, n_tokens: int, limit: TokenLimit,
+                   what: str = "prompt + answer") -> str | None:
+    """``source: N tokens (what) > limit L (origin): ...`` when ``n_tokens`` does not fit, else None."""
+    if n_tokens <= limit.limit:
+        return None
+    return (f"{source}: {n_tokens} tokens ({what}) exceed the limit of {limit.limit} ({limit.origin}); "
+            f"shorten or drop the record, or raise vllm.max_model_len (the model's context permitting)")
+
+
+def check_lengths(samples: Sequence[Any], count: Callable[[Any], int], limit: TokenLimit,
+                  upper_bound: Callable[[Any], int] | None = None) -> None:
+    """Raise one :class:`DataValidationError` listing every sample (``sample.source`` is ``file:line``) whose
+    ``count(sample)`` exceeds ``limit``; ``upper_bound(sample) <= limit`` skips counting that sample."""
+    found = []
+    for sample in samples:
+        if upper_bound is not None and upper_bound(sample) <= limit.limit:
+            continue
+        error = oversize_error(sample.source, count(sample), limit)
+        if error:
+            found.append(error)
+    if found:
+        raise DataValidationError(found[:MAX_REPORTED_ERRORS], len(found))
