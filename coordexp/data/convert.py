@@ -126,7 +126,7 @@ def process_image(job: ImageJob) -> ImageResult:
                 resized.save(tmp, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
             os.replace(tmp, job.dst)
             return ImageResult(width, height, out_w, out_h, written=True)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         return ImageResult(0, 0, 0, 0, error=f"{type(err).__name__}: {err}")
 
 
@@ -254,6 +254,10 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     summary = _summary(opts, plan, records, results, problems, bad, boxes_per_desc, len(missing), jsonl,
                        time.perf_counter() - started)
     _write_json(out / f"{opts.stem}.summary.json", summary)
+    if not records:
+        raise ConvertError(f"no image of {opts.instances} has a usable box ({summary['images']['in']} "
+                           f"images, {summary['boxes']['in']} annotations; see "
+                           f"{out / f'{opts.stem}.summary.json'} for what was dropped and why)")
     return summary
 
 

@@ -191,3 +191,16 @@ def test_lvis_carries_not_exhaustive_and_negative_categories(tmp_path):
     assert records[1]["metadata"]["source"] == "lvis"
     assert summary["boxes"]["dropped"] == {"crowd": 0, "invalid_box": 0, "outside_image": 0, "sub_pixel": 1,
                                            "unknown_category": 0}
+
+
+def test_no_usable_box_is_a_user_error(tmp_path):
+    instances = tmp_path / "i.json"
+    instances.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 10, "height": 10}],
+                                     "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+                                                      "bbox": [1, 1, 0.5, 0.5], "iscrowd": 0}],
+                                     "categories": [{"id": 1, "name": "a"}]}))
+    with pytest.raises(ConvertError, match=r"no image of .*i.json has a usable box \(1 images, 1 "
+                                           r"annotations; see .*i.summary.json"):
+        convert(ConvertOptions("coco", instances, tmp_path, tmp_path / "o", progress=False))
+    summary = json.loads((tmp_path / "o" / "i.summary.json").read_text())
+    assert summary["boxes"]["dropped"]["sub_pixel"] == 1
