@@ -31,13 +31,16 @@ import json
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coordexp.coordjson import bins_to_coco_box
 
-__all__ = ["CocoExportError", "category_map_path", "coco_ground_truth", "coco_results", "load_category_map",
-           "original_coco_box", "write_coco_results"]
+__all__ = ["CocoExport", "CocoExportError", "category_map_path", "coco_ground_truth", "coco_results",
+           "load_category_map", "original_coco_box", "pop_export_flags", "write_coco_results"]
+
+FLAGS = ("--coco-results", "--coco-categories")
 
 
 class CocoExportError(ValueError):
@@ -138,8 +141,58 @@ def coco_ground_truth(samples: Sequence, desc_to_id: Mapping[str, int]) -> dict[
 def write_coco_results(records: Sequence[Mapping[str, Any]], samples: Sequence, path: str | os.PathLike, *,
                        category_map: str | os.PathLike) -> dict[str, Any]:
     """Write the results JSON to ``path``; return the summary (see :func:`coco_results`) with ``path``."""
-    results, summary = coco_results(records, samples, load_category_map(category_map))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results), encoding="utf-8")
-    return {**summary, "path": str(path), "category_map": str(category_map)}
+    export = CocoExport(Path(path), Path(category_map))
+    export.desc_to_id = load_category_map(category_map)
+    return export.write(records, samples)
+
+
+def pop_export_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Split ``--coco-results PATH`` / ``--coco-categories PATH`` (or ``--flag=PATH``) out of a command line:
+    (the other arguments, {flag: path}). Raises :class:`CocoExportError` for a flag without a path."""
+    rest, found = [], {}
+    it = iter(argv)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name not in FLAGS:
+            rest.append(arg)
+            continue
+        if not eq:
+            value = next(it, "")
+        if not value or value.startswith("-"):
+            raise CocoExportError(f"{name} needs a path, e.g. {name}=runs/coco_results.json")
+        found[name] = value
+    if "--coco-categories" in found and "--coco-results" not in found:
+        raise CocoExportError("--coco-categories is only used with --coco-results <path>")
+    return rest, found
+
+
+@dataclass
+class CocoExport:
+    """The COCO results export of one eval: checked against the split before any rollout, written after."""
+
+    results: Path
+    categories: Path | None = None   # default: the converter's map next to the split
+    desc_to_id: dict[str, int] = field(default_factory=dict, init=False)
+
+    def check(self, samples: Sequence, split: str | os.PathLike) -> None:
+        """Load the category map and check every sample has ``metadata.image_id`` (raises
+        :class:`CocoExportError`)."""
+        self.categories = Path(self.categories) if self.categories else category_map_path(split)
+        self.desc_to_id = load_category_map(self.categories)
+        for sample in samples:
+            _image_facts(sample)
+
+    def write(self, records: Sequence[Mapping[str, Any]], samples: Sequence) -> dict[str, Any]:
+        """Write the results file; return its summary (see :func:`coco_results`) with ``path``."""
+        results, summary = coco_results(records, samples, self.desc_to_id)
+        self.results.parent.mkdir(parents=True, exist_ok=True)
+        self.results.write_text(json.dumps(results), encoding="utf-8")
+        return {**summary, "path": str(self.results), "category_map": str(self.categories)}
+
+    def describe(self, summary: Mapping[str, Any]) -> str:
+        """One line for the console."""
+        unknown = ", ".join(f"{d!r} x{n}" for d, n in summary["unknown_descs"].items())
+        return (f"coco results: {summary['path']} ({summary['detections']} detections of "
+                f"{summary['predictions']} predictions on {summary['images']} images, score "
+                f"{summary['score']}; {summary['unknown_desc_predictions']} with a desc that names no "
+                f"category{': ' + unknown if unknown else ''})")

@@ -16,11 +16,13 @@ from coordexp.data.convert import ConvertOptions, convert
 from coordexp.data.jsonl import load_jsonl
 from coordexp.evaluation.coco import CocoImage, CocoObject, coco_ap
 from coordexp.evaluation.coco_export import (
+    CocoExport,
     CocoExportError,
     category_map_path,
     coco_ground_truth,
     coco_results,
     load_category_map,
+    pop_export_flags,
     write_coco_results,
 )
 
@@ -124,3 +126,25 @@ def test_coord_prob_scores_are_kept():
     # bins 0..999 of a 100 x 50 record: [0, 0, 100, 50] -> x2 in the 200 x 100 original
     assert results == [{"image_id": 7, "category_id": 3, "bbox": [0.0, 0.0, 200.0, 100.0], "score": 0.25}]
     assert summary["score"] == "coord_prob"
+
+
+def test_command_line_flags_and_the_early_check(split, tmp_path):
+    path, samples = split
+    rest, found = pop_export_flags(["+experiment=x", "--coco-results", "r.json", "a=b",
+                                    "--coco-categories=c.json"])
+    assert rest == ["+experiment=x", "a=b"]
+    assert found == {"--coco-results": "r.json", "--coco-categories": "c.json"}
+    for bad, msg in ((["--coco-results"], "--coco-results needs a path"),
+                     (["--coco-results", "--cfg"], "--coco-results needs a path"),
+                     (["--coco-categories=c.json"], "--coco-categories is only used with --coco-results")):
+        with pytest.raises(CocoExportError, match=msg):
+            pop_export_flags(bad)
+    export = CocoExport(tmp_path / "out" / "r.json")
+    export.check(samples, path)  # the converter's map next to the split; every sample has an image id
+    assert export.categories == category_map_path(path)
+    summary = export.write(_records(samples), samples)
+    assert export.describe(summary) == (f"coco results: {tmp_path / 'out' / 'r.json'} (7 detections of 9 "
+                                        f"predictions on 2 images, score constant; 2 with a desc that names "
+                                        f"no category: 'unicorn' x2)")
+    with pytest.raises(CocoExportError, match="not found"):
+        CocoExport(tmp_path / "r.json").check(samples, tmp_path / "elsewhere.jsonl")
