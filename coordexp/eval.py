@@ -9,9 +9,9 @@ training runs): eval_report.json, predictions.jsonl, qualitative/eval.md and viz
 as the learner does. ``-m`` sweeps, e.g. over ``model.path=a,b``.
 
 Backends: ``rollout=hf`` generates in-process. ``rollout=vllm_server`` starts a ``swift rollout`` server
-for the checkpoint through the launcher's lifecycle (:class:`coordexp.launch.server.RolloutServer`: port
-check, health wait, activation probe; log ``<out_dir>/server/swift_rollout.log``), rolls out through
-:class:`coordexp.trainer.server_backend.ServerRolloutBackend` without weight sync (the server loaded the
+for the checkpoint through the launcher's lifecycle (:class:`coordexp.launch.rollout_server.RolloutServer`:
+port check, health wait, activation probe; log ``<out_dir>/server/swift_rollout.log``), rolls out through
+:class:`coordexp.rollout.server_backend.ServerRolloutBackend` without weight sync (the server loaded the
 checkpoint itself) and stops the server on every exit path (return, error, SIGINT, SIGTERM); with
 ``vllm.server.reuse_existing=true`` it uses the running server at ``vllm.server.base_urls`` as it is. The
 teacher-forced coordinate-probability scorer always runs on the in-process model.
@@ -26,47 +26,34 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from coordexp.config.errors import exit_on_config_error
-from coordexp.config.leaf import check_command_line
-from coordexp.config.load import to_train_config
+from coordexp.cli import prepare_argv, run_job
+from coordexp.config.contract import rollout_contract
 from coordexp.config.paths import CONF_DIR
 from coordexp.config.schema import DataKind, ModelKind, TrainConfig
-from coordexp.config.store import register_configs
+from coordexp.data.jsonl import load_jsonl
+from coordexp.data.prompt import PromptSpec
+from coordexp.data.synthetic import write_synthetic_split
+from coordexp.errors import CoordexpError, EvalError, ServerStartError
+from coordexp.launch.rollout_server import RolloutServer
 
 #: Where evals go unless hydra.run.dir / hydra.sweep.dir are given (training runs use runs/<experiment>/...).
 DEFAULT_DIRS = {"hydra.run.dir": "runs/${experiment}-eval/${now:%Y-%m-%d_%H-%M-%S}",
                 "hydra.sweep.dir": "runs/${experiment}-eval-sweep/${now:%Y-%m-%d_%H-%M-%S}"}
 
 
-class EvalError(RuntimeError):
-    """A problem the user can fix; printed without a traceback. Exit code 2, or 3 when the rollout server
-    could not be started or probed (as for coordexp.train)."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
-
-
 def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> tuple[list, Path]:
     """(samples, split path): data.val_jsonl, else the synthetic held-out split (seed + 1, as the learner)."""
-    from coordexp.data.prompt import PromptSpec
-
     if cfg.data.val_jsonl:
         path = Path(cfg.data.val_jsonl)
         if not path.is_file():
             raise EvalError(f"data.val_jsonl '{path}' does not exist")
     elif cfg.data.kind == DataKind.synthetic:
-        from coordexp.data.synthetic import write_synthetic_split
-
         path = write_synthetic_split(out_dir / "data" / "val.jsonl", cfg.data.synthetic, "val")
     else:
         raise EvalError("no held-out split: pass data.val_jsonl=<file> (data.kind: jsonl has no generated "
                         "split)")
-    from coordexp.data.jsonl import load_jsonl
-
     prompt = PromptSpec(object_field_order=cfg.data.object_field_order.value,
                         system_prompt=cfg.data.system_prompt)
     try:  # the same samples (DetectionSample with prompt messages) the learner evaluates on
@@ -82,22 +69,16 @@ def build_backend(cfg: TrainConfig, contract, model, tokenizer, prompts, model_d
     """A RolloutBackend for the checkpoint: the in-process ``model`` (``rollout=hf``) or the rollout server
     serving ``model_dir`` (``rollout=vllm_server``, started by :func:`start_server`). Any object with
     ``generate(prompt_ids, messages, seed, vision=None)`` works with
-    ``coordexp.evaluation.report.evaluate_rollouts``."""
-    if contract.backend == "hf":
-        from coordexp.trainer.rollouts import HFRolloutBackend
-
-        return HFRolloutBackend(lambda: model, tokenizer, contract, prompts.image_token_id)
-    from coordexp.trainer.server_backend import ServerRolloutBackend
+    ``coordexp.evaluation.pipeline.evaluate_rollouts``."""
+    from coordexp.trainer.learner import build_rollout_backend  # torch and transformers
 
     # no learner, no weight sync: the server loaded the checkpoint itself
-    return ServerRolloutBackend(cfg, contract, {}, tokenizer, model_dir=str(model_dir), sync_weights=False)
+    return build_rollout_backend(contract, model, tokenizer, prompts.image_token_id)
 
 
 def start_server(stack: contextlib.ExitStack, cfg: TrainConfig, model_dir: Path, out_dir: Path):
     """The rollout server for ``model_dir``, entered on ``stack`` (stopped when the stack closes, on every
     exit path): started as coordexp.train starts it, or the running one for ``vllm.server.reuse_existing``."""
-    from coordexp.launch.server import RolloutServer, ServerStartError
-
     try:
         server = RolloutServer.from_config(cfg, model_dir=model_dir,
                                            log_path=out_dir / "server" / "swift_rollout.log")
@@ -122,8 +103,6 @@ def _checkpoint_meta(model_dir: Path) -> dict:
 
 
 def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
-    from coordexp.config.contract import rollout_contract
-
     out_dir.mkdir(parents=True, exist_ok=True)
     contract = rollout_contract(cfg)
     if cfg.model.kind == ModelKind.local and not (Path(cfg.model.path) / "config.json").is_file():
@@ -131,29 +110,28 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
                         f"model.path=<checkpoint dir>, e.g. <run_dir>/checkpoint-<N>")
     samples, split = load_eval_samples(cfg, out_dir)  # data problems fail before torch and the model load
 
+    # torch, transformers and the model: only after the config and the data passed their checks
     import torch
     from transformers import set_seed
 
-    from coordexp.evaluation.report import (
+    from coordexp.evaluation.artifacts import (
         PREDICTIONS_NAME,
-        REPORT_NAME,
         VIZ_LIMIT,
-        TeacherForcedScorer,
-        evaluate_rollouts,
-        format_summary,
         write_predictions,
         write_qualitative,
-        write_report,
     )
-    from coordexp.trainer.channels import TokenizerAdapter
-    from coordexp.trainer.learner import LearnerError, check_prompts, load_model
+    from coordexp.evaluation.pipeline import evaluate_rollouts
+    from coordexp.evaluation.report import REPORT_NAME, format_summary, write_report
+    from coordexp.evaluation.scoring import TeacherForcedScorer
+    from coordexp.rollout.scoring import TokenizerAdapter
+    from coordexp.trainer.learner import check_prompts, load_model
     from coordexp.viz import write_sample_pngs
 
     set_seed(cfg.seed)
     try:
         model, tokenizer, model_dir, prompts = load_model(cfg)
         check_prompts(prompts, samples)
-    except (LearnerError, OSError) as err:
+    except (CoordexpError, OSError) as err:
         raise EvalError(str(err)) from None
     try:
         adapter = TokenizerAdapter(tokenizer)
@@ -178,7 +156,7 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
         try:
             result = evaluate_rollouts(samples, backend, adapter, prompts, contract, seed=cfg.seed,
                                        scorer=scorer, meta=meta)
-        except LearnerError as err:  # the server failed, answered garbage or rendered another prompt
+        except CoordexpError as err:  # the server failed, answered garbage or rendered another prompt
             started = server is not None and server.spec is not None
             tail = f"\n--- last lines of {server.log_path} ---\n{server.log_tail()}" if started else ""
             raise EvalError(f"{err}{tail}") from None
@@ -194,35 +172,20 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def hydra_task(cfg: DictConfig) -> int:
-    with exit_on_config_error():
-        train_cfg = to_train_config(cfg)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        code = run_eval(train_cfg, out_dir)
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = err.code
-    if code != 0:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise RuntimeError(f"eval job {out_dir} failed with exit code {code}")
-        sys.exit(code)
-    return code
+    def job(train_cfg: TrainConfig) -> int:
+        try:
+            return run_eval(train_cfg, Path(HydraConfig.get().runtime.output_dir))
+        except EvalError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.code
+
+    return run_job(cfg, job, "eval job")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from coordexp.train import _overrides
-
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    register_configs()
-    if "--help" not in sys.argv and "-h" not in sys.argv and "--hydra-help" not in sys.argv:
-        with exit_on_config_error():
-            check_command_line(_overrides(sys.argv[1:]))
-    if any(a in ("--cfg", "-c") for a in sys.argv) and "--resolve" not in sys.argv:
-        sys.argv.append("--resolve")
-    for key, default in DEFAULT_DIRS.items():  # keep evals apart from training runs unless told otherwise
-        if not any(a.startswith(f"{key}=") for a in sys.argv[1:]):
-            sys.argv.append(f"{key}={default}")
+    prepare_argv(extra=DEFAULT_DIRS)  # keep evals apart from training runs unless told otherwise
     hydra_task()
 
 

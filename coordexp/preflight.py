@@ -12,6 +12,7 @@ from coordexp.config.contract import rollout_contract, server_image_root
 from coordexp.config.errors import exit_on_config_error
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import TrainConfig
+from coordexp.rollout.repeat_rules import config_to_dict
 
 
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
         "sync_transport": contract.sync_transport,
         "decode_batch_size": contract.decode_batch_size,
         "max_new_tokens": contract.max_new_tokens,
-        "repeat_terminate": vars(contract.repeat_terminate),
+        "repeat_terminate": config_to_dict(contract.repeat_terminate),
         "output_dir": cfg.training.output_dir,
     }
 

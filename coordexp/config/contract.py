@@ -15,10 +15,9 @@ from coordexp.config.schema import RepeatTerminateConfig, TrainConfig
 @dataclass(frozen=True)
 class RolloutContract:
     backend: str                     # "hf" | "vllm"
-    vllm_mode: str | None         # "server" | None
     server_base_urls: tuple[str, ...]
+    server_dtype: str                # what the server holds: weight sync casts to it
     decode_batch_size: int           # rollout micro-batch (train and eval)
-    eval_batch_size: int             # == decode_batch_size, whatever training.per_device_eval_batch_size says
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -35,10 +34,16 @@ class RolloutContract:
     sync_mode: str
     sync_transport: str
     sync_timeout_s: float
+    image_root: str                  # request image paths are relative to it (learner_image_root)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def vllm_mode(self) -> str | None:
+        """``server`` with the vLLM backend (a separately launched ``swift rollout``), else None."""
+        return "server" if self.backend == "vllm" else None
 
 
 def rollout_contract(cfg: TrainConfig) -> RolloutContract:
@@ -46,10 +51,9 @@ def rollout_contract(cfg: TrainConfig) -> RolloutContract:
     server = rm.rollout_backend.value == "vllm"
     return RolloutContract(
         backend=rm.rollout_backend.value,
-        vllm_mode=v.mode.value if server and v.mode is not None else None,
         server_base_urls=tuple(v.server.base_urls) if server else (),
+        server_dtype=v.dtype.value,
         decode_batch_size=rm.decode_batch_size,
-        eval_batch_size=rm.decode_batch_size,
         max_new_tokens=rm.max_new_tokens,
         temperature=rm.decoding.temperature,
         top_p=rm.decoding.top_p,
@@ -66,6 +70,7 @@ def rollout_contract(cfg: TrainConfig) -> RolloutContract:
         sync_mode=v.sync.mode.value,
         sync_transport=v.sync.transport.value,
         sync_timeout_s=v.sync.timeout_s,
+        image_root=learner_image_root(cfg),
     )
 
 

@@ -30,6 +30,10 @@ LEGACY_KEYS: tuple[tuple[str, str], ...] = (
     ("vllm.server.base_url", "use vllm.server.base_urls: [http://host:port, ...]"),
     ("training.packing_length", "removed: rollouts are not packed; delete the key"),
     ("training.gradient_accumulation", "use training.effective_batch_size (accumulation is derived)"),
+    ("training.per_device_eval_batch_size", "removed: rollout evals decode in micro-batches of "
+                                            "rollout_matching.decode_batch_size; delete the key"),
+    ("vllm.mode", "removed: select rollout=vllm_server (or rollout=hf); the server mode follows from "
+                  "rollout_matching.rollout_backend"),
 )
 
 

@@ -5,7 +5,8 @@ Hydra's ConfigStore (see ``store.py``) so unknown keys and wrong types fail duri
 Defaults live here; YAML under ``conf/`` only selects and pins. Each field's ``help`` metadata
 feeds the generated config reference (docs/config.md).
 
-This module is pure Python (no torch, no vLLM, no Hydra) so the pure core can use it.
+This module is pure Python (no torch, no vLLM, no Hydra). ``RepeatTerminateConfig`` belongs to the
+repeat-terminate rule engine (pure core) and is registered here as ``rollout_matching.repeat_terminate``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from enum import Enum
 from typing import Any
 
 from omegaconf import MISSING
+
+from coordexp.rollout.repeat_rules import RepeatTerminateConfig
 
 
 def doc(text: str, default: Any = MISSING, **kwargs: Any) -> Any:
@@ -61,10 +64,6 @@ class IntervalStrategy(str, Enum):
 class RolloutBackend(str, Enum):
     hf = "hf"
     vllm = "vllm"
-
-
-class VllmMode(str, Enum):
-    server = "server"
 
 
 class ServerDevice(str, Enum):
@@ -131,8 +130,6 @@ class TrainingConfig:
     effective_batch_size: int = doc(
         "Samples per optimizer step over all learner ranks; gradient accumulation is derived from it.")
     per_device_train_batch_size: int = doc("Samples per rank per micro-step.", 1)
-    per_device_eval_batch_size: int = doc(
-        "HF eval batch size. Rollout eval ignores it: rollout_matching.decode_batch_size rules.", 8)
     gradient_accumulation_steps: int | None = doc(
         "Leave null: derived as effective_batch_size / (per_device_train_batch_size * nproc_per_node). "
         "A value that differs from the derived one is an error.", None)
@@ -194,19 +191,6 @@ class DecodingConfig:
 
 
 @dataclass
-class RepeatTerminateConfig:
-    enabled: bool = doc("Force EOS per sequence on degenerate repetition.", True)
-    min_new_tokens: int = doc("No rule fires before this many generated tokens.", 8)
-    max_consecutive_token_repeats: int = doc("Fire when the trailing run of one token id reaches this "
-                                             "length (0 disables).", 16)
-    ngram_size: int = doc("n of the n-gram rule (0 disables).", 8)
-    ngram_repeats: int = doc("Fire when the last ngram_size tokens repeat back-to-back this many times "
-                             "(0 disables; otherwise >= 2).", 3)
-    max_object_keys: int | None = doc("Fire when this many objects have been started (null disables).",
-                                         None)
-
-
-@dataclass
 class RolloutMatchingConfig:
     rollout_backend: RolloutBackend = doc("`hf`: in-process generate; `vllm`: rollout server.",
                                           RolloutBackend.hf)
@@ -248,8 +232,6 @@ class SyncConfig:
 
 @dataclass
 class VllmConfig:
-    mode: VllmMode | None = doc("`server`: separately launched `swift rollout`; null with the hf backend.",
-                                   None)
     device: ServerDevice = doc("Where the rollout server runs.", ServerDevice.cpu)
     server: ServerConfig = doc("Server endpoints and timeouts.", default_factory=ServerConfig)
     sync: SyncConfig = doc("Weight sync.", default_factory=SyncConfig)

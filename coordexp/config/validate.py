@@ -21,8 +21,9 @@ from coordexp.config.schema import (
     ServerDevice,
     SyncMode,
     TrainConfig,
-    VllmMode,
 )
+from coordexp.rollout.repeat_rules import config_to_dict
+from coordexp.rollout.repeat_rules import problems as repeat_terminate_problems
 
 
 def derived_grad_accumulation(cfg: TrainConfig) -> int:
@@ -68,8 +69,7 @@ def problems(cfg: TrainConfig) -> list[str]:
          f"{mult} is outside [1, 4]")
 
     need(t.learning_rate > 0, "training.learning_rate", "must be > 0")
-    for name in ("effective_batch_size", "per_device_train_batch_size", "per_device_eval_batch_size",
-                 "nproc_per_node", "max_steps", "logging_steps"):
+    for name in ("effective_batch_size", "per_device_train_batch_size", "nproc_per_node", "max_steps", "logging_steps"):
         need(getattr(t, name) >= 1, f"training.{name}", "must be >= 1")
     for name in ("warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"):
         need(getattr(t, name) >= 0, f"training.{name}", "must be >= 0")
@@ -100,15 +100,7 @@ def problems(cfg: TrainConfig) -> list[str]:
     need(0 <= rm.iou_gate <= 1, "rollout_matching.iou_gate", "must be in [0, 1]")
     need(rm.fp_cost >= 0 and rm.fn_cost >= 0, "rollout_matching.fp_cost/fn_cost", "must be >= 0")
     rt = rm.repeat_terminate
-    for name in ("min_new_tokens", "max_consecutive_token_repeats", "ngram_size", "ngram_repeats"):
-        need(getattr(rt, name) >= 0, f"rollout_matching.repeat_terminate.{name}", "must be >= 0")
-    need(rt.ngram_repeats != 1, "rollout_matching.repeat_terminate.ngram_repeats",
-         "must be 0 (off) or >= 2: one occurrence is not a repeat")
-    need((rt.ngram_size == 0) == (rt.ngram_repeats == 0), "rollout_matching.repeat_terminate.ngram_size",
-         "ngram_size and ngram_repeats must be both 0 (rule off) or both set")
-    if rt.max_object_keys is not None:
-        need(rt.max_object_keys >= 1, "rollout_matching.repeat_terminate.max_object_keys",
-             "must be >= 1 or null")
+    out += repeat_terminate_problems(config_to_dict(rt), "rollout_matching.repeat_terminate.")
 
     data = cfg.data
     if data.kind.value == "jsonl":
@@ -122,10 +114,6 @@ def problems(cfg: TrainConfig) -> list[str]:
     need(bool(cfg.model.path), "model.path", "is required")
 
     server_mode = rm.rollout_backend == RolloutBackend.vllm
-    need(server_mode == (v.mode == VllmMode.server), "vllm.mode",
-         f"is {v.mode.value if v.mode else 'null'} but rollout_matching.rollout_backend is "
-         f"{rm.rollout_backend.value}: select rollout=vllm_server (or rollout=hf) instead of setting "
-         "them apart")
     if server_mode:
         need(len(v.server.base_urls) >= 1, "vllm.server.base_urls", "server mode needs at least one URL")
         for i, url in enumerate(v.server.base_urls):

@@ -11,16 +11,17 @@
      ``ensure_tiny_model(model.path, arch)``, built here, before the server starts); a missing checkpoint
      fails here, before anything starts;
    * start ``swift rollout`` with the coordexp plugin and the repeat-terminate environment in its own
-     process group (:class:`~coordexp.launch.server.RolloutServer`: port check, ``/health/`` deadline with
-     progress lines, early-exit detection, activation probe) - or, with ``vllm.server.reuse_existing``,
-     check and probe the servers already running at ``vllm.server.base_urls`` (never stopped here);
+     process group (:class:`~coordexp.launch.rollout_server.RolloutServer`: port check, ``/health/``
+     deadline with progress lines, early-exit detection, activation probe) - or, with
+     ``vllm.server.reuse_existing``, check and probe the servers already running at
+     ``vllm.server.base_urls`` (never stopped here);
    * tell the learner, through ``COORDEXP_SERVER_INITIAL_WEIGHTS``, that a server it started serves the
      learner's initial checkpoint (so the first weight sync can wait until the weights change);
    * run the learner; for a torchrun learner, watch the server too: a server that dies mid-training stops
      the learner at once with the server's exit code and log tail;
    * on exit, error, SIGINT or SIGTERM: the learner's process group, then the server's, get TERM, then KILL.
 
-Exit code: the learner's (in-process: 0, or 2 for a :class:`~coordexp.trainer.learner.LearnerError` such
+Exit code: the learner's (in-process: 0, or 2 for a :class:`~coordexp.errors.CoordexpError` such
 as a server failure mid-training); 3 when the rollout server could not be started or probed, or died
 during a torchrun learner; 2 for a model path that is not a checkpoint; 128+signal on SIGINT/SIGTERM. On
 failure the tail of each started server's log is printed.
@@ -47,23 +48,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from coordexp.config.schema import TrainConfig
+from coordexp.errors import EXIT_SERVER_ERROR, CoordexpError, LaunchError, ServerStartError
 from coordexp.launch import metadata
-from coordexp.launch.server import set_parent_death_signal, stop_group
-from coordexp.trainer.weight_sync import ENV_INITIAL_WEIGHTS  # import-light (no torch)
+from coordexp.launch.process import set_parent_death_signal, stop_group, terminate_on_signals
+from coordexp.launch.rollout_server import RolloutServer
+from coordexp.rollout.protocol import ENV_INITIAL_WEIGHTS, ENV_RUN_ID
+from coordexp.rollout.server_client import check_health
+from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
 
-EXIT_LEARNER_ERROR = 2
-EXIT_SERVER_ERROR = 3
-ENV_RUN_ID = "COORDEXP_RUN_ID"
 SERVER_LOG_NAME = "server/swift_rollout{suffix}.log"
-
-
-class LaunchError(RuntimeError):
-    """Something the orchestrator checks before starting processes (printed without a traceback)."""
-
-    def __init__(self, message: str, code: int = EXIT_LEARNER_ERROR):
-        super().__init__(message)
-        self.code = code
 
 
 def _say(msg: str) -> None:
@@ -159,8 +155,6 @@ def _env_overlay(extra: dict[str, str]) -> Iterator[None]:
 
 def resolve_model_dir(cfg: TrainConfig) -> Path:
     """The checkpoint folder the learner will load (and the server must serve)."""
-    from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
-
     try:
         return prepare_model_dir(cfg)
     except ModelDirError as err:
@@ -169,8 +163,6 @@ def resolve_model_dir(cfg: TrainConfig) -> Path:
 
 def server_key(cfg: TrainConfig, model_dir: Path) -> str:
     """Everything that decides what a started server is; equal keys => the server can be kept."""
-    from omegaconf import OmegaConf
-
     v = OmegaConf.to_container(OmegaConf.structured(cfg.vllm), resolve=True, enum_to_str=True)
     v.pop("sync", None)
     v.pop("learner_gpus", None)
@@ -197,8 +189,6 @@ class ServerSet:
 
     @classmethod
     def start(cls, cfg: TrainConfig, model_dir: Path, run_dir: Path, run_id: str) -> ServerSet:
-        from coordexp.launch.server import RolloutServer
-
         urls = list(cfg.vllm.server.base_urls)
         servers: list[Any] = []
         try:
@@ -234,8 +224,6 @@ class ServerSet:
         return None
 
     def healthy(self) -> bool:
-        from coordexp.rollout.server_client import check_health
-
         return self.dead() is None and all(
             check_health(s.base_url, s.request_timeout_s) for s in self.servers
         )
@@ -322,15 +310,15 @@ def _update_metadata(run_dir: Path, launcher: dict[str, Any]) -> None:
 
 
 def _run_in_process(cfg: TrainConfig, run_dir: Path, env: dict[str, str]) -> int:
-    from coordexp.trainer.learner import LearnerError, train
+    from coordexp.trainer.learner import train  # torch and transformers: only when a learner really runs
 
     with _env_overlay(env):
         try:
             train(cfg, run_dir)
             return 0
-        except LearnerError as err:
+        except CoordexpError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
-            return EXIT_LEARNER_ERROR
+            return err.code
 
 
 def _run_torchrun(
@@ -362,8 +350,6 @@ def _run_torchrun(
 def run_experiment(cfg: TrainConfig, run_dir: Path, resolved: Path) -> int:
     """The whole run (see the module docstring); returns the exit code."""
     global _LAST_RUN_END
-    from coordexp.launch.server import terminate_on_signals
-
     timeline = Timeline(start=_LAST_RUN_END or process_start_epoch())
     timeline.mark("config")
     try:
@@ -374,8 +360,6 @@ def run_experiment(cfg: TrainConfig, run_dir: Path, resolved: Path) -> int:
 
 
 def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) -> int:
-    from coordexp.launch.server import ServerStartError
-
     server_mode = _enum(cfg.rollout_matching.rollout_backend) == "vllm"
     nproc = cfg.training.nproc_per_node
     run_id = uuid.uuid4().hex[:12]
@@ -426,7 +410,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
                     servers, fresh = ServerSet.start(cfg, model_dir, run_dir, run_id), True
             except ServerStartError as err:
                 print(f"error: {err}", file=sys.stderr, flush=True)
-                return EXIT_SERVER_ERROR
+                return err.code
             # fresh: started now by this orchestrator, so it holds the learner's initial checkpoint
             fresh = fresh and servers.started_here
             for srv in servers.servers:

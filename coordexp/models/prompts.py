@@ -15,7 +15,6 @@ norm1000 boxes refer to); :meth:`VisionPromptEncoder.check` fails before trainin
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,9 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+from coordexp.checkpoint import is_vision_language
+from coordexp.errors import CoordexpError
 
 
-class PromptError(ValueError):
+class PromptError(CoordexpError, ValueError):
     """A sample cannot be encoded for this model (the message names the sample, the cause and the fix)."""
 
 
@@ -33,12 +37,6 @@ class PromptError(ValueError):
 class EncodedPrompt:
     ids: list[int]
     vision: dict[str, torch.Tensor] | None = None  # pixel_values [patches, dim], image_grid_thw [images, 3]
-
-
-def is_vision_language(model_dir: str | Path) -> bool:
-    """True for checkpoints whose config has a vision tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, ...)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return "vision_config" in config
 
 
 class TextPromptEncoder:
@@ -83,8 +81,6 @@ class VisionPromptEncoder(TextPromptEncoder):
 
     def check(self, samples: Sequence[Any], limit: int = 5) -> None:
         """Every image must come out of the processor's resize at the record's width x height."""
-        from PIL import Image
-
         problems = []
         for sample in samples:
             for path in sample.images:
@@ -105,8 +101,6 @@ class VisionPromptEncoder(TextPromptEncoder):
                 f"px within the processor's pixel limits (docs/vlm.md)")
 
     def encode(self, sample) -> EncodedPrompt:
-        from PIL import Image
-
         if not sample.images:
             return super().encode(sample)
         pieces = self.render(sample.messages).split(self.image_token)
@@ -141,15 +135,11 @@ def concat_vision(visions: Sequence[dict[str, torch.Tensor] | None], image_token
 def load_model_and_prompts(model_dir: Path, dtype: str):
     """(model, tokenizer, prompt encoder) of a local checkpoint; a vision-language model when its config has
     a vision tower."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch_dtype = getattr(torch, dtype)
     if not is_vision_language(model_dir):
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype), tokenizer, \
             TextPromptEncoder(tokenizer)
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText
-
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype)
     image_processor = AutoImageProcessor.from_pretrained(model_dir)
     image_token_id = getattr(model.config, "image_token_id", None)

@@ -22,7 +22,7 @@ vision tokens (``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>``, ``<|
 one-block vision tower (patch 14, or 16 for Qwen3-VL; 2x2 merge) and the Qwen2-VL image processor
 (``preprocessor_config.json``, the family's common one) capped at ``max_pixels``; the chat template renders an
 image part as ``<|vision_start|><|image_pad|><|vision_end|>`` and adds Qwen2-VL's default system turn. The
-learner expands each ``<|image_pad|>`` to the image's merged patch count (``coordexp.trainer.prompts``).
+learner expands each ``<|image_pad|>`` to the image's merged patch count (``coordexp.models.prompts``).
 
 Folder name: ``<cache_dir>/tiny-<arch>-<12 hex of the build hash>``. The build happens in a temporary
 sibling folder and is published with one ``rename``; a file lock makes concurrent callers (DDP ranks)
@@ -45,7 +45,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from coordexp.checkpoint import CHATML_TEMPLATE
 from coordexp.coordjson import NUM_BINS, CoordObject, FieldOrder, bin_to_token, serialize_objects
+from coordexp.data.prompt import PromptSpec, build_messages, instruction_text
+from coordexp.data.synthetic import SyntheticSpec, generate_record
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -76,20 +79,6 @@ VL_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 VL_DEFAULT_SYSTEM = "You are a helpful assistant."
 SPEC_FILE = "coordexp_tiny_model.json"  # written last; its presence marks a complete folder
 FORMAT_VERSION = 1
-
-# ChatML, identical to ms-swift's `chatml` template (no default system turn, no BOS).
-# String contents render as is; list contents render their text parts only (the tiny model is text-only).
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
 
 # Qwen2-VL style: default system turn, image parts as vision placeholders (expanded by the learner).
 VL_CHAT_TEMPLATE = (
@@ -202,8 +191,6 @@ def _render_answer(objects: Sequence[dict[str, Any]], order: str) -> str:
 
 def corpus_texts(spec: TinyModelSpec) -> list[str]:
     """Chat transcripts of the synthetic task (both field orders, with and without a system turn)."""
-    from coordexp.data.prompt import PromptSpec, build_messages, instruction_text
-    from coordexp.data.synthetic import SyntheticSpec, generate_record
 
     # The corpus covers more objects and a finer grid than the default task, so the merges are generic.
     task = SyntheticSpec(min_objects=1, max_objects=6, grid=1000)
@@ -544,7 +531,7 @@ def read_build_info(model_dir: str | os.PathLike) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coordexp.data.tiny_model",
+    p = argparse.ArgumentParser(prog="python -m coordexp.models.tiny",
                                 description="Build (if absent) the tiny local model and print its folder.")
     p.add_argument("--out", required=True, help="cache directory the model folder is created in")
     p.add_argument("--arch", choices=("qwen2", "qwen3", *VL_ARCHS), default="qwen2")

@@ -5,7 +5,7 @@ Import what you need from the submodules; this package imports nothing heavy (no
 * :mod:`coordexp.rollout.repeat_rules`  - pure, incremental rule engine + stateless ``triggered``
 * :mod:`coordexp.rollout.hf_guard`      - transformers ``LogitsProcessor`` (HF backend)
 * :mod:`coordexp.rollout.vllm_processor` - vLLM logits processors (V1 runner and Model Runner V2)
-* :mod:`coordexp.rollout.swift_plugin`  - ``swift rollout --external_plugins`` file
+* :mod:`coordexp.rollout.server.swift_plugin`  - ``swift rollout --external_plugins`` file
 * :mod:`coordexp.rollout.server_client` - learner-side ``/infer/`` client
 * :mod:`coordexp.rollout.probe`         - startup activation probe
 """

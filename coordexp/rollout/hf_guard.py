@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import LogitsProcessor
 
+from coordexp.rollout.force_eos import force_eos_rows
 from coordexp.rollout.repeat_rules import (
     ObjectOpenMatcher,
     RepeatTerminateConfig,
@@ -28,18 +29,7 @@ from coordexp.rollout.repeat_rules import (
     parse_config,
 )
 
-__all__ = ["RepeatTerminateGuard", "build_hf_guard", "force_eos_rows"]
-
-
-def force_eos_rows(scores: torch.Tensor, rows: Sequence[int], stop_ids: Sequence[int]) -> torch.Tensor:
-    """In place: rows ``rows`` of ``scores`` become ``-inf`` except the stop ids (``0.0``)."""
-    if not rows:
-        return scores
-    r = torch.as_tensor(list(rows), dtype=torch.long, device=scores.device)
-    s = torch.as_tensor(list(stop_ids), dtype=torch.long, device=scores.device)
-    scores.index_fill_(0, r, float("-inf"))
-    scores[r.unsqueeze(1), s.unsqueeze(0)] = 0.0
-    return scores
+__all__ = ["RepeatTerminateGuard", "build_hf_guard"]
 
 
 class RepeatTerminateGuard(LogitsProcessor):

@@ -2,7 +2,7 @@
 
 No torch, no vLLM, no transformers import here. The HF guard (:mod:`coordexp.rollout.hf_guard`), the vLLM
 logits processors (:mod:`coordexp.rollout.vllm_processor`) and the ms-swift server plugin
-(:mod:`coordexp.rollout.swift_plugin`) all drive the same :class:`SequenceState`.
+(:mod:`coordexp.rollout.server.swift_plugin`) all drive the same :class:`SequenceState`.
 
 Rules (``rollout_matching.repeat_terminate``), evaluated *before each sampled token* over the tokens the
 sequence has generated so far (never the prompt):
@@ -34,14 +34,14 @@ import dataclasses
 import json
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from coordexp.config.schema import RepeatTerminateConfig
+from coordexp.rollout.protocol import XARGS_KEY
 
 __all__ = [
     "CONFIG_KEYS",
     "OBJECT_KEYS",
-    "XARGS_KEY",
     "ObjectOpenMatcher",
     "RepeatTerminateConfig",
     "SequenceState",
@@ -54,14 +54,33 @@ __all__ = [
     "forced_eos_flag",
     "merge_overrides",
     "parse_config",
+    "problems",
     "triggered",
     "validate_overrides",
 ]
 
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class RepeatTerminateConfig:
+    """``rollout_matching.repeat_terminate`` (the config schema registers this class as that node)."""
+
+    enabled: bool = _help("Force EOS per sequence on degenerate repetition.", True)
+    min_new_tokens: int = _help("No rule fires before this many generated tokens.", 8)
+    max_consecutive_token_repeats: int = _help("Fire when the trailing run of one token id reaches this "
+                                               "length (0 disables).", 16)
+    ngram_size: int = _help("n of the n-gram rule (0 disables).", 8)
+    ngram_repeats: int = _help("Fire when the last ngram_size tokens repeat back-to-back this many times "
+                               "(0 disables; otherwise >= 2).", 3)
+    max_object_keys: int | None = _help("Fire when this many objects have been started (null disables).",
+                                        None)
+
+
 #: The config keys, in schema order (single source: the schema dataclass).
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RepeatTerminateConfig))
-#: Key inside vLLM ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP) holding per-request overrides.
-XARGS_KEY = "coordexp_repeat_terminate"
 #: Keys that open a CoordJSON object, for both field orders.
 OBJECT_KEYS: tuple[str, ...] = ("desc", "bbox_2d")
 
@@ -75,23 +94,33 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def problems(values: Mapping[str, Any], where: str = "") -> list[str]:
+    """Every type, range and cross-field problem of a (full or partial) mapping of repeat-terminate values,
+    one line each with ``where`` as the dotted prefix. The one validation of these settings: the config
+    schema check, the server plugin, the logits processor and per-request overrides all use it."""
+    return _unknown(values, where) + _check_values(values, where)
+
+
 def _check_values(values: Mapping[str, Any], where: str) -> list[str]:
-    """Type and range problems of a (possibly partial) mapping of config values."""
-    problems: list[str] = []
+    out: list[str] = []
     if "enabled" in values and not isinstance(values["enabled"], bool):
-        problems.append(f"{where}enabled must be a bool, got {values['enabled']!r}")
+        out.append(f"{where}enabled: must be a bool, got {values['enabled']!r}")
     for key in _INT_KEYS:
         if key in values:
             v = values[key]
             if not _is_int(v) or v < 0:
-                problems.append(f"{where}{key} must be an int >= 0, got {v!r}")
+                out.append(f"{where}{key}: must be an int >= 0, got {v!r}")
     if "ngram_repeats" in values and _is_int(values["ngram_repeats"]) and values["ngram_repeats"] == 1:
-        problems.append(f"{where}ngram_repeats must be 0 (off) or >= 2, got 1")
+        out.append(f"{where}ngram_repeats: must be 0 (off) or >= 2: one occurrence is not a repeat")
     if "max_object_keys" in values:
         v = values["max_object_keys"]
         if v is not None and (not _is_int(v) or v < 1):
-            problems.append(f"{where}max_object_keys must be null (off) or an int >= 1, got {v!r}")
-    return problems
+            out.append(f"{where}max_object_keys: must be null (off) or an int >= 1, got {v!r}")
+    size, repeats = values.get("ngram_size"), values.get("ngram_repeats")
+    if _is_int(size) and _is_int(repeats) and (size == 0) != (repeats == 0):
+        out.append(f"{where}ngram_size: ngram_size and ngram_repeats must be both 0 (rule off) or both "
+                   f"set, got {size} and {repeats}")
+    return out
 
 
 def _unknown(values: Mapping[str, Any], where: str) -> list[str]:
@@ -105,9 +134,9 @@ def validate_overrides(overrides: Any, where: str = "") -> dict[str, Any]:
     """Check a partial override mapping (unknown keys, types, ranges); return it as a plain dict."""
     if not isinstance(overrides, Mapping):
         raise ValueError(f"{where or 'repeat_terminate overrides'} must be a mapping, got {overrides!r}")
-    problems = _unknown(overrides, where) + _check_values(overrides, where)
-    if problems:
-        raise ValueError("invalid repeat_terminate settings: " + "; ".join(problems))
+    found = problems(overrides, where)
+    if found:
+        raise ValueError("invalid repeat_terminate settings: " + "; ".join(found))
     return dict(overrides)
 
 
@@ -127,9 +156,9 @@ def parse_config(value: Any, where: str = "") -> RepeatTerminateConfig:
         values = {k: getattr(value, k) for k in CONFIG_KEYS}
     else:
         raise ValueError(f"{where or 'repeat_terminate'} must be a mapping, got {type(value).__name__}")
-    problems = _unknown(values, where) + _check_values(values, where)
-    if problems:
-        raise ValueError("invalid repeat_terminate settings: " + "; ".join(problems))
+    found = problems(values, where)
+    if found:
+        raise ValueError("invalid repeat_terminate settings: " + "; ".join(found))
     return RepeatTerminateConfig(**values)
 
 
@@ -154,11 +183,16 @@ def config_to_dict(cfg: RepeatTerminateConfig) -> dict[str, Any]:
 def merge_overrides(
     base: RepeatTerminateConfig, overrides: Mapping[str, Any] | None
 ) -> RepeatTerminateConfig:
-    """``base`` with the keys of a validated partial mapping replaced."""
+    """``base`` with the keys of a partial override mapping replaced; the result passes :func:`problems`
+    (an override may not leave a half-set rule behind, e.g. ``ngram_repeats: 0`` with ``ngram_size: 8``).
+    Raises ``ValueError`` naming every problem."""
     if not overrides:
         return base
     values = config_to_dict(base)
     values.update(validate_overrides(overrides, where=f"{XARGS_KEY}."))
+    found = problems(values, where=f"{XARGS_KEY} (merged with the server defaults) ")
+    if found:
+        raise ValueError("invalid repeat_terminate settings: " + "; ".join(found))
     return RepeatTerminateConfig(**values)
 
 

@@ -177,7 +177,7 @@ def parse_infer_response(
                 raise MalformedResponseError(
                     f"/infer/ {where} has no '{FLAG_FIELD}.{FLAG_KEY}' field although "
                     "rollout_matching.repeat_terminate.enabled is true: the server was started without the "
-                    "coordexp plugin (swift rollout --external_plugins coordexp/rollout/swift_plugin.py with "
+                    "coordexp plugin (swift rollout --external_plugins coordexp/rollout/server/swift_plugin.py with "
                     "COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION=1)"
                 )
             rollout = item

@@ -32,16 +32,16 @@ server plugin with :func:`~coordexp.rollout.repeat_rules.forced_eos_flag` (same 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
 
-from coordexp.rollout.hf_guard import force_eos_rows
+from coordexp.rollout.force_eos import force_eos_rows
+from coordexp.rollout.protocol import ENV_CONFIG_JSON, PROCESSOR_FQCN, XARGS_KEY
 from coordexp.rollout.repeat_rules import (
-    XARGS_KEY,
     ObjectOpenMatcher,
     RepeatTerminateConfig,
     SequenceState,
@@ -73,9 +73,6 @@ __all__ = [
     "validate_request_params",
 ]
 
-ENV_CONFIG_JSON = "COORDEXP_VLLM_REPEAT_TERMINATE_CONFIG_JSON"
-PROCESSOR_FQCN = "coordexp.rollout.vllm_processor:RepeatTerminateLogitsProcessor"
-
 # A child of vLLM's logger, so the lines show up in the engine log with vLLM's formatting.
 logger = logging.getLogger("vllm.coordexp.repeat_terminate")
 
@@ -86,8 +83,6 @@ def _announce(msg: str) -> None:
     if logger.isEnabledFor(logging.INFO) and logging.getLogger("vllm").handlers:
         logger.info(msg)
     else:
-        import sys
-
         print(f"[coordexp pid={os.getpid()}] {msg}", file=sys.stderr, flush=True)
 
 
@@ -107,30 +102,16 @@ def validate_request_params(sampling_params: Any) -> None:
         validate_overrides(extra[XARGS_KEY], where=f"{XARGS_KEY}.")
 
 
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer_cached(path: str, revision: str | None, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-
-
 def _engine_tokenizer(vllm_config: Any):
-    """The tokenizer the engine uses (vLLM's loader), or transformers' for the same path."""
-    mc = vllm_config.model_config
-    tok = None
-    if not getattr(mc, "skip_tokenizer_init", False):
-        try:
-            from vllm.tokenizers import cached_tokenizer_from_config
+    """The tokenizer the engine uses, from vLLM's own (cached) loader; with ``skip_tokenizer_init`` the
+    same loader reads the model's tokenizer, since the processor needs the EOS id and object openings."""
+    from vllm.tokenizers import cached_get_tokenizer, cached_tokenizer_from_config
 
-            tok = cached_tokenizer_from_config(mc)
-        except ImportError:  # pragma: no cover - older/newer vLLM layouts
-            tok = None
+    mc = vllm_config.model_config
+    tok = cached_tokenizer_from_config(mc)
     if tok is None:
-        tok = _load_tokenizer_cached(
-            str(mc.tokenizer),
-            getattr(mc, "tokenizer_revision", None),
-            bool(getattr(mc, "trust_remote_code", False)),
-        )
+        tok = cached_get_tokenizer(mc.tokenizer, revision=getattr(mc, "tokenizer_revision", None),
+                                   trust_remote_code=bool(getattr(mc, "trust_remote_code", False)))
     return tok
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coordexp.trainer.prompts import concat_vision
+from coordexp.models.prompts import concat_vision
 
 PREFIX, APPENDED = 0, 1  # geometry group kinds: matched rollout-prefix object, appended GT object
 

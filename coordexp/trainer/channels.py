@@ -1,79 +1,20 @@
-"""Builds Channel-A and Channel-B teacher-forced sequences for a micro-batch of samples, and records
-the per-sample rollout statistics every metric is computed from."""
+"""Builds the Channel-A and Channel-B teacher-forced sequences of a micro-batch's samples (Channel B also
+returns each sample's rollout record, :mod:`coordexp.rollout.scoring`)."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from functools import lru_cache
 
 from coordexp.config.contract import RolloutContract
 from coordexp.config.schema import Stage2ABConfig
 from coordexp.coordjson import (
-    CoordObject,
-    CoordVocab,
-    DropReason,
     FieldOrder,
     TargetInvariantError,
     build_channel_a_target,
     build_channel_b_target,
-    parse_rollout,
 )
-from coordexp.matching import match_boxes
-from coordexp.telemetry.metrics import MetricBuffer
+from coordexp.models.prompts import EncodedPrompt
+from coordexp.rollout.batch import Rollout
+from coordexp.rollout.scoring import TokenizerAdapter, gt_objects, sample_record, score_rollout
 from coordexp.trainer.batch import APPENDED, PREFIX, TrainSequence
-from coordexp.trainer.prompts import EncodedPrompt
-from coordexp.trainer.rollouts import Rollout
-
-
-class TokenizerAdapter:
-    """The tokenizer as the pure core sees it: encode, per-token pieces, coordinate vocabulary."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.eos_id = int(tokenizer.eos_token_id)
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
-        self.coord_vocab = CoordVocab.from_vocab(tokenizer.get_vocab())
-        self.coord_token_ids = [self.coord_vocab.id_of(k) for k in range(1000)]
-        self.decode_token = lru_cache(maxsize=None)(lambda i: tokenizer.decode([int(i)]))
-        # the Rust tokenizer behind a fast tokenizer gives the same ids without transformers' per-call
-        # overhead (~0.1 ms, two calls per Channel-B sample)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._encode = ((lambda text: backend.encode(text, add_special_tokens=False).ids)
-                        if backend is not None
-                        else (lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])))
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._encode(text))
-
-    def pieces(self, ids: Sequence[int]) -> list[str]:
-        return [self.decode_token(int(i)) for i in ids]
-
-
-@dataclass
-class SampleRecord:
-    """Per-sample Channel-B outcome (written to rollout_samples.jsonl; metrics are sums over these)."""
-
-    sample_id: str
-    gen_tokens: int
-    triggered: int
-    hit_max_new_tokens: int
-    truncated: int
-    invalid_rollout: int
-    valid_pred: int
-    dropped_invalid: int          # complete records dropped by the strict parser (reason != prefix_unusable)
-    dropped: dict[str, int]       # per reason, prefix_unusable included
-    gt: int
-    matched: int
-    fp: int
-    fn: int
-    matched_iou_sum: float
-    gating_rejections: int
-    target_dropped: int
-
-
-def gt_objects(sample) -> list[CoordObject]:
-    return [CoordObject(o.desc, tuple(o.bbox_2d)) for o in sample.objects]
 
 
 def channel_a_sequence(sample, prompt: EncodedPrompt, tok: TokenizerAdapter, field_order: str,
@@ -98,30 +39,6 @@ def _to_sequence(prompt: EncodedPrompt, target) -> TrainSequence:
     )
 
 
-def score_rollout(sample, rollout: Rollout, tok: TokenizerAdapter, contract: RolloutContract):
-    """Strict parse + Hungarian match of one rollout: (parsed, GT objects, match)."""
-    gts = gt_objects(sample)
-    parsed = parse_rollout(rollout.token_ids, tok.pieces(rollout.token_ids), coord_vocab=tok.coord_vocab,
-                           stop_ids=[tok.eos_id], field_order=FieldOrder(contract.object_field_order),
-                           encode=tok.encode, decode_token=tok.decode_token)
-    match = match_boxes([o.bbox for o in parsed.objects], [g.bbox for g in gts],
-                        top_k=contract.candidate_top_k, iou_gate=contract.iou_gate,
-                        fp_cost=contract.fp_cost, fn_cost=contract.fn_cost)
-    return parsed, gts, match
-
-
-def sample_record(sample, rollout: Rollout, parsed, gts, match, target_dropped: bool) -> SampleRecord:
-    return SampleRecord(
-        sample_id=str(sample.source), gen_tokens=len(rollout.token_ids), triggered=int(rollout.triggered),
-        hit_max_new_tokens=int(rollout.hit_max_new_tokens), truncated=int(parsed.truncated),
-        invalid_rollout=int(parsed.invalid_rollout), valid_pred=len(parsed.objects),
-        dropped_invalid=int(parsed.num_dropped_invalid),
-        dropped={r.value: int(parsed.drop_counts.get(r.value, 0)) for r in DropReason}, gt=len(gts),
-        matched=len(match.pairs), fp=len(match.false_positives), fn=len(match.false_negatives),
-        matched_iou_sum=float(sum(p.iou for p in match.pairs)), gating_rejections=match.gating_rejections,
-        target_dropped=int(target_dropped))
-
-
 def channel_b_sequence(sample, prompt: EncodedPrompt, rollout: Rollout, tok: TokenizerAdapter,
                        contract: RolloutContract, ab: Stage2ABConfig):
     """(TrainSequence, or None if the sample's target failed its invariants; SampleRecord)."""
@@ -139,39 +56,3 @@ def channel_b_sequence(sample, prompt: EncodedPrompt, rollout: Rollout, tok: Tok
     return sequence, sample_record(sample, rollout, parsed, gts, match, sequence is None)
 
 
-def record_rollout_metrics(buf: MetricBuffer, records: Sequence[SampleRecord],
-                           prefix: str = "rollout") -> None:
-    """Counters, ratio-of-sums rates and the p99 sample list from per-sample records."""
-    n = len(records)
-    s = lambda field: sum(getattr(r, field) for r in records)
-    pred, gt, matched = s("valid_pred"), s("gt"), s("matched")
-    dropped = {reason.value: sum(r.dropped[reason.value] for r in records) for reason in DropReason}
-    buf.add_sum(f"{prefix}/raw_rollouts", n)
-    buf.add_sum(f"{prefix}/repeat_terminate_triggered_sequences", s("triggered"))
-    buf.add_sum(f"{prefix}/hit_max_new_tokens", s("hit_max_new_tokens"))
-    buf.add_sum(f"{prefix}/parse_truncated", s("truncated"))
-    buf.add_ratio(f"{prefix}/parse_truncated_rate", s("truncated"), n)
-    buf.add_sum(f"{prefix}/invalid_rollout", s("invalid_rollout"))
-    buf.add_ratio(f"{prefix}/invalid_rollout_rate", s("invalid_rollout"), n)
-    buf.add_sum(f"{prefix}/parse_dropped_invalid", s("dropped_invalid"))
-    for reason, count in dropped.items():
-        if count:  # absent means 0: keeps the log short
-            buf.add_sum(f"{prefix}/parse_dropped/{reason}", count)
-    buf.add_sum(f"{prefix}/valid_pred_objects", pred)
-    buf.add_sum(f"{prefix}/gt_objects", gt)
-    buf.add_sum(f"{prefix}/matched", matched)
-    buf.add_sum(f"{prefix}/fp", s("fp"))
-    buf.add_sum(f"{prefix}/fn", s("fn"))
-    buf.add_ratio(f"{prefix}/precision", matched, pred)
-    buf.add_ratio(f"{prefix}/recall", matched, gt)
-    buf.add_ratio(f"{prefix}/f1", 2 * matched, pred + gt)
-    buf.add_ratio(f"{prefix}/matched_iou_mean", s("matched_iou_sum"), matched)
-    buf.add_sum(f"{prefix}/gating_rejections", s("gating_rejections"))
-    buf.add_sum(f"{prefix}/target_invariant_dropped", s("target_dropped"))
-    buf.add_sum(f"{prefix}/gen_new_tokens_total", s("gen_tokens"))
-    buf.add_ratio(f"{prefix}/gen_new_tokens_mean", s("gen_tokens"), n)
-    buf.add_samples(f"{prefix}/gen_new_tokens_p99", [r.gen_tokens for r in records])
-
-
-def record_as_dict(record: SampleRecord) -> dict:
-    return asdict(record)

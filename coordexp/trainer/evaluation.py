@@ -1,6 +1,7 @@
 """Rollout evaluation during training: each rank decodes its shard of the held-out set (micro-batch =
 decode_batch_size), parses strictly, matches, and the counts are reduced globally into eval_rollout/*.
-Rank 0 also writes qualitative dumps and PNGs of its first samples (coordexp.evaluation.report)."""
+Rank 0 also writes qualitative dumps and PNGs of its first samples (coordexp.evaluation.artifacts).
+The trainer's ``rollouts`` syncs the weights first (server mode) and rolls out through its backend."""
 
 from __future__ import annotations
 
@@ -9,21 +10,21 @@ import time
 from collections.abc import Callable, Sequence
 
 from coordexp.config.contract import RolloutContract
+from coordexp.evaluation.artifacts import find_tensorboard_writer, write_eval_artifacts
 from coordexp.evaluation.detection import add_detection_metrics, finish_detection_metrics
-from coordexp.evaluation.report import find_tensorboard_writer, score_rollouts, write_eval_artifacts
+from coordexp.evaluation.scoring import score_rollouts
+from coordexp.models.prompts import TextPromptEncoder
+from coordexp.rollout.scoring import TokenizerAdapter, record_rollout_metrics, sample_record, score_rollout
 from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
-from coordexp.trainer.channels import TokenizerAdapter, record_rollout_metrics, sample_record, score_rollout
-from coordexp.trainer.prompts import TextPromptEncoder
-from coordexp.trainer.rollouts import RolloutBackend, generate_rollouts
 
 
 def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, prompts: TextPromptEncoder,
-                      backend: RolloutBackend, contract: RolloutContract, seed: int) -> Callable:
+                      contract: RolloutContract, seed: int) -> Callable:
     def evaluate(trainer) -> dict[str, float]:
         rank, world = trainer.args.process_index, trainer.args.world_size
         shard = list(val_samples[rank::world])
         start = time.perf_counter()
-        batch = generate_rollouts(backend, shard, [prompts.encode(s) for s in shard], seed)
+        batch = trainer.rollouts(shard, [prompts.encode(s) for s in shard], seed)
         scored = [score_rollout(s, r, adapter, contract) for s, r in zip(shard, batch.rollouts)]
         records = [sample_record(s, r, *sc, target_dropped=False)
                    for s, r, sc in zip(shard, batch.rollouts, scored)]

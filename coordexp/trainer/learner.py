@@ -13,34 +13,45 @@ import os
 import sys
 from pathlib import Path
 
-from coordexp.config.contract import RolloutContract, rollout_contract
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
+
+from coordexp.config.contract import rollout_contract
+from coordexp.config.load import load_saved
 from coordexp.config.schema import DataKind, IntervalStrategy, TrainConfig
 from coordexp.config.validate import derived_grad_accumulation
+from coordexp.data.jsonl import DataValidationError, load_jsonl
+from coordexp.data.prompt import PromptSpec
+from coordexp.data.synthetic import write_synthetic_split
+from coordexp.errors import CoordexpError, LearnerError, exit_on_error
+from coordexp.models.prompts import load_model_and_prompts
+from coordexp.rollout.hf_backend import HFRolloutBackend
+from coordexp.rollout.scoring import TokenizerAdapter
+from coordexp.rollout.server_backend import ServerRolloutBackend
+from coordexp.telemetry.console import CompactProgressCallback
+from coordexp.trainer.evaluation import rollout_evaluator
+from coordexp.trainer.model_dir import prepare_model_dir
+from coordexp.trainer.stage2_trainer import Stage2ABTrainer
+from coordexp.trainer.weight_sync import WeightSync
 
-
-class LearnerError(RuntimeError):
-    """A problem the user can fix (missing model, bad data, unusable checkpoint); printed without
-    traceback."""
+__all__ = ["LearnerError", "check_prompts", "exit_rank", "load_model", "load_samples", "main", "train"]
 
 
 def load_model(cfg: TrainConfig):
     """(model, tokenizer, model_dir, prompt encoder) for the configured checkpoint (text or
     vision-language)."""
-    from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
-    from coordexp.trainer.prompts import PromptError, load_model_and_prompts
-
     try:
         model_dir = prepare_model_dir(cfg)
         model, tokenizer, prompts = load_model_and_prompts(model_dir, cfg.model.dtype.value)
-    except (ModelDirError, PromptError) as err:
+    except CoordexpError as err:
         raise LearnerError(str(err)) from None
     return model, tokenizer, model_dir, prompts
 
 
 def coord_vocab_adapter(tokenizer, model_dir):
     """The TokenizerAdapter, or a LearnerError saying how to add the coordinate vocabulary."""
-    from coordexp.trainer.channels import TokenizerAdapter
-
     try:
         return TokenizerAdapter(tokenizer)
     except ValueError as err:
@@ -53,12 +64,7 @@ def coord_vocab_adapter(tokenizer, model_dir):
 
 def load_samples(cfg: TrainConfig, run_dir: Path):
     """(train, val) DetectionSamples with their prompt messages; synthetic data is written to the run dir."""
-    from coordexp.data.jsonl import DataValidationError, load_jsonl
-    from coordexp.data.prompt import PromptSpec
-
     if cfg.data.kind == DataKind.synthetic:
-        from coordexp.data.synthetic import write_synthetic_split
-
         data_dir = run_dir / "data"
         train_path = write_synthetic_split(data_dir / "train.jsonl", cfg.data.synthetic, "train")
         val_path = write_synthetic_split(data_dir / "val.jsonl", cfg.data.synthetic, "val")
@@ -77,11 +83,9 @@ def load_samples(cfg: TrainConfig, run_dir: Path):
 def check_prompts(prompts, samples) -> None:
     """Fail before training when a sample cannot be encoded for this model (image sizes, images on a text
     model)."""
-    from coordexp.trainer.prompts import PromptError
-
     try:
         prompts.check(samples)
-    except PromptError as err:
+    except CoordexpError as err:
         raise LearnerError(str(err)) from None
 
 
@@ -111,23 +115,16 @@ def find_checkpoint(spec: str | None, run_dir: Path) -> str | None:
     return str(picked)
 
 
-def build_rollout_backend(cfg: TrainConfig, contract: RolloutContract, trainer_ref: dict, tokenizer,
-                          image_token_id=None):
+def build_rollout_backend(contract, model, tokenizer, image_token_id=None):
+    """The rollout backend: in-process ``generate`` on ``model`` (the very module the Trainer trains; DDP
+    wraps it without copying), or the rollout server(s)."""
     if contract.backend == "hf":
-        from coordexp.trainer.rollouts import HFRolloutBackend
-
-        return HFRolloutBackend(lambda: trainer_ref["trainer"].accelerator.unwrap_model(
-                                    trainer_ref["trainer"].model),
-                                tokenizer, contract, image_token_id)
-    from coordexp.trainer.server_backend import ServerRolloutBackend
-
-    return ServerRolloutBackend(cfg, contract, trainer_ref, tokenizer)
+        return HFRolloutBackend(lambda: model, tokenizer, contract, image_token_id)
+    return ServerRolloutBackend(contract, stop_ids=[int(tokenizer.eos_token_id)])
 
 
 def metrics_jsonl_callback(path: Path):
     """A callback that appends every log record (rank 0) to ``path`` (<run_dir>/metrics.jsonl)."""
-    from transformers import TrainerCallback
-
     class MetricsJsonl(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
@@ -139,12 +136,6 @@ def metrics_jsonl_callback(path: Path):
 
 def train(cfg: TrainConfig, run_dir: Path):
     """Train to the end; returns the Stage2ABTrainer."""
-    import torch
-    from transformers import TrainingArguments, set_seed
-
-    from coordexp.trainer.evaluation import rollout_evaluator
-    from coordexp.trainer.stage2_trainer import Stage2ABTrainer
-
     set_seed(cfg.seed)
     t = cfg.training
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +149,7 @@ def train(cfg: TrainConfig, run_dir: Path):
     args = TrainingArguments(
         output_dir=str(run_dir), run_name=t.run_name, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=contract.eval_batch_size,
+        per_device_eval_batch_size=contract.decode_batch_size,
         gradient_accumulation_steps=derived_grad_accumulation(cfg),
         learning_rate=t.learning_rate, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
@@ -171,21 +162,16 @@ def train(cfg: TrainConfig, run_dir: Path):
         use_cpu=use_cpu, ddp_timeout=600,
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
-    trainer_ref: dict = {}
-    backend = build_rollout_backend(cfg, contract, trainer_ref, tokenizer, prompts.image_token_id)
-    evaluator = (rollout_evaluator(val_samples, adapter, prompts, backend, contract, cfg.seed)
-                 if val_samples else None)
+    backend = build_rollout_backend(contract, model, tokenizer, prompts.image_token_id)
+    weight_sync = (WeightSync.from_contract(contract, run_dir, model_dir=str(model_dir))
+                   if contract.backend == "vllm" else None)
+    evaluator = rollout_evaluator(val_samples, adapter, prompts, contract, cfg.seed) if val_samples else None
     trainer = Stage2ABTrainer(
         model=model, args=args, train_dataset=train_samples, eval_dataset=val_samples or None,
         data_collator=lambda batch: {"samples": batch}, processing_class=tokenizer,
         callbacks=[metrics_jsonl_callback(run_dir / "metrics.jsonl")],
         stage2_ab=cfg.stage2_ab, contract=contract, adapter=adapter, prompts=prompts, rollout_backend=backend,
-        seed=cfg.seed, run_dir=run_dir, evaluator=evaluator)
-    trainer_ref["trainer"] = trainer
-    from transformers.trainer_callback import ProgressCallback
-
-    from coordexp.telemetry.console import CompactProgressCallback
-
+        seed=cfg.seed, run_dir=run_dir, evaluator=evaluator, weight_sync=weight_sync)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactProgressCallback)
     trainer.train(resume_from_checkpoint=find_checkpoint(t.resume_from_checkpoint, run_dir))
@@ -193,20 +179,17 @@ def train(cfg: TrainConfig, run_dir: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from coordexp.config.errors import exit_on_config_error
-    from coordexp.config.load import load_saved
-
     parser = argparse.ArgumentParser(description="Stage-2 AB learner (one process or one torchrun rank)")
     parser.add_argument("--config", required=True, help="resolved_config.yaml written by coordexp.train")
     ns = parser.parse_args(argv)
-    with exit_on_config_error():
+    with exit_on_error():
         cfg = load_saved(ns.config)
     try:
         train(cfg, Path(cfg.training.output_dir))
         return 0
-    except LearnerError as err:
+    except CoordexpError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.code
 
 
 def exit_rank(code: int) -> None:
@@ -215,8 +198,6 @@ def exit_rank(code: int) -> None:
     a Python tensor while the interpreter is finalizing aborts the rank with SIGABRT ("terminate called
     without an active exception") after training has finished. Everything the learner writes is closed by
     then (metrics, samples, checkpoints, TensorBoard on train end)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         sys.exit(code)
     dist.destroy_process_group()

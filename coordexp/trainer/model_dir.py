@@ -17,10 +17,12 @@ import tempfile
 from pathlib import Path
 
 from coordexp.config.schema import DataKind, IntervalStrategy, ModelKind, TrainConfig
+from coordexp.errors import CoordexpError
+from coordexp.models.tiny import ensure_tiny_model
 
 
-class ModelDirError(RuntimeError):
-    pass
+class ModelDirError(CoordexpError):
+    """``model.path`` is not a checkpoint, or the tiny Stage-1 build cannot be made."""
 
 
 def prepare_model_dir(cfg: TrainConfig) -> Path:
@@ -30,8 +32,6 @@ def prepare_model_dir(cfg: TrainConfig) -> Path:
             raise ModelDirError(f"model.path '{path}' is not a checkpoint directory (no config.json): "
                                 f"pass model.path=<local checkpoint dir>")
         return path.resolve()
-    from coordexp.data.tiny_model import ensure_tiny_model
-
     base = Path(ensure_tiny_model(cfg.model.path, arch=cfg.model.tiny_arch.value)).resolve()
     if cfg.model.tiny_stage1_steps == 0:
         return base
@@ -55,9 +55,8 @@ def _stage1_config(cfg: TrainConfig, base: Path) -> TrainConfig:
     ab = dataclasses.replace(cfg.stage2_ab, schedule=schedule)
     rm = dataclasses.replace(cfg.rollout_matching,
                              rollout_backend=type(cfg.rollout_matching.rollout_backend).hf)
-    vllm = dataclasses.replace(cfg.vllm, mode=None)
     model = dataclasses.replace(cfg.model, kind=ModelKind.local, path=str(base), tiny_stage1_steps=0)
-    return dataclasses.replace(cfg, model=model, training=t, stage2_ab=ab, rollout_matching=rm, vllm=vllm)
+    return dataclasses.replace(cfg, model=model, training=t, stage2_ab=ab, rollout_matching=rm)
 
 
 def _weights_key(stage1: TrainConfig) -> dict:
@@ -70,7 +69,7 @@ def _weights_key(stage1: TrainConfig) -> dict:
 
 
 def _train_stage1(stage1: TrainConfig, target: Path) -> None:
-    from coordexp.trainer.learner import train
+    from coordexp.trainer.learner import train  # the learner imports this module: resolve at call time
 
     print(f"coordexp: building the tiny Stage-1 checkpoint ({stage1.training.max_steps} Channel-A steps) "
           f"-> {target}", flush=True)

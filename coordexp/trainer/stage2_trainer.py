@@ -16,15 +16,13 @@ from transformers import Trainer
 
 from coordexp.config.contract import RolloutContract
 from coordexp.config.schema import Stage2ABConfig
+from coordexp.models.prompts import TextPromptEncoder
+from coordexp.rollout.batch import RolloutBackend, RolloutBatch, generate_rollouts
+from coordexp.rollout.scoring import TokenizerAdapter, record_as_dict, record_rollout_metrics
+from coordexp.rollout.server_backend import ServerBackendError
 from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
 from coordexp.trainer.batch import APPENDED, PREFIX, collate
-from coordexp.trainer.channels import (
-    TokenizerAdapter,
-    channel_a_sequence,
-    channel_b_sequence,
-    record_as_dict,
-    record_rollout_metrics,
-)
+from coordexp.trainer.channels import channel_a_sequence, channel_b_sequence
 from coordexp.trainer.losses import (
     coord_distribution,
     coord_gate,
@@ -32,21 +30,21 @@ from coordexp.trainer.losses import (
     slot_logits,
     weighted_token_ce,
 )
-from coordexp.trainer.prompts import TextPromptEncoder
-from coordexp.trainer.rollouts import RolloutBackend, generate_rollouts
 from coordexp.trainer.schedule import is_channel_b, realized_b_ratio
+from coordexp.trainer.weight_sync import WeightSync, WeightSyncError
 
 
 class Stage2ABTrainer(Trainer):
     def __init__(self, *args, stage2_ab: Stage2ABConfig, contract: RolloutContract, adapter: TokenizerAdapter,
                  prompts: TextPromptEncoder, rollout_backend: RolloutBackend, seed: int, run_dir: Path,
-                 evaluator=None, **kwargs):
+                 evaluator=None, weight_sync: WeightSync | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stage2_ab = stage2_ab
         self.contract = contract
         self.adapter = adapter
         self.prompts = prompts
         self.rollout_backend = rollout_backend
+        self.weight_sync = weight_sync
         self.seed = seed
         self.run_dir = Path(run_dir)
         self.evaluator = evaluator
@@ -82,10 +80,35 @@ class Stage2ABTrainer(Trainer):
         buf.add_max("time/forward_s", time.perf_counter() - start)
         return loss
 
+    def sync_rollout_weights(self) -> None:
+        """Before any rollout: push the current weights to the rollout server(s) if they changed since the
+        last push. A collective under DDP (Channel-B steps and rollout evals reach it on every rank at the
+        same step); every rank records ``time/weight_sync_s`` (rank 0: the push; others: the wait)."""
+        if self.weight_sync is None:
+            return
+        step = int(self.state.global_step)
+        if not self.weight_sync.needed(step):
+            return
+        t0 = time.perf_counter()
+        try:
+            self.weight_sync.maybe_sync(lambda: self.accelerator.unwrap_model(self.model), step)
+        except WeightSyncError as exc:
+            raise ServerBackendError(f"{exc} (optimizer step {step})") from None
+        self.metric_buffer.add_max("time/weight_sync_s", time.perf_counter() - t0)
+
+    def rollouts(self, samples, prompts, seed: int) -> RolloutBatch:
+        """The rollouts of ``samples`` (Channel B and the rollout eval): sync the weights, then roll out. A
+        server failure names the optimizer step it happened at."""
+        self.sync_rollout_weights()
+        try:
+            return generate_rollouts(self.rollout_backend, samples, prompts, seed)
+        except ServerBackendError as exc:
+            raise ServerBackendError(f"{exc} (optimizer step {self.state.global_step})") from None
+
     def _channel_b_sequences(self, samples, prompts, step):
         buf = self.metric_buffer
         seed = (self.seed + step * 1000003 + self.args.process_index * 7919) & 0x7FFFFFFF
-        batch = generate_rollouts(self.rollout_backend, samples, prompts, seed)
+        batch = self.rollouts(samples, prompts, seed)
         buf.add_max("time/rollout_generate_s", batch.seconds)
         buf.add_max("rollout/repeat_terminate_active", batch.repeat_terminate_active)
         start = time.perf_counter()

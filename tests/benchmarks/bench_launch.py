@@ -113,7 +113,8 @@ def startup(backend: str, work: Path) -> dict:
 
 def start_server(model_dir: Path, log: Path):
     from coordexp.config.schema import RepeatTerminateConfig
-    from coordexp.launch.server import RolloutServer, ServerLaunchSpec
+    from coordexp.launch.rollout_server import RolloutServer
+    from coordexp.launch.server_spec import ServerLaunchSpec
 
     port = free_port()
     spec = ServerLaunchSpec(
@@ -135,7 +136,8 @@ def bench_sync(srv, model_dir: Path, work: Path, rounds: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from coordexp.trainer.weight_sync import FileTransport, WeightSync, named_weights
+    from coordexp.trainer.sync_transport import FileTransport, named_weights
+    from coordexp.trainer.weight_sync import WeightSync
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     n_params = sum(t.numel() for t in named_weights(model).values())
@@ -184,7 +186,7 @@ def prompts_for(tok, n: int):
 
 
 def bench_server_rollouts(srv, msgs, batch_sizes, tokens: int, rounds: int) -> dict:
-    from coordexp.rollout.repeat_rules import XARGS_KEY
+    from coordexp.rollout.protocol import XARGS_KEY
     from coordexp.rollout.server_client import DecodeParams, InferRequest, RolloutClient
 
     out = {}
@@ -213,7 +215,7 @@ def bench_hf_rollouts(model_dir: Path, ids, batch_sizes, tokens: int, rounds: in
 
     from coordexp.config.contract import rollout_contract
     from coordexp.config.load import compose, to_train_config
-    from coordexp.trainer.rollouts import HFRolloutBackend
+    from coordexp.rollout.hf_backend import HFRolloutBackend
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -331,7 +333,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from coordexp.data.tiny_model import TinyModelSpec, ensure_tiny_model
+    from coordexp.models.tiny import TinyModelSpec, ensure_tiny_model
 
     cache = REPO / ".cache" / "bench-tiny"
     tiny = Path(ensure_tiny_model(cache, arch="qwen2")).resolve()

@@ -17,8 +17,11 @@ from coordexp.config.contract import rollout_contract
 from coordexp.config.load import compose, to_train_config
 from coordexp.data.jsonl import load_jsonl
 from coordexp.data.synthetic import write_synthetic_split
+from coordexp.rollout.batch import generate_rollouts
+from coordexp.rollout.hf_backend import HFRolloutBackend
+from coordexp.rollout.scoring import TokenizerAdapter
 from coordexp.trainer.batch import collate
-from coordexp.trainer.channels import TokenizerAdapter, channel_a_sequence, channel_b_sequence
+from coordexp.trainer.channels import channel_a_sequence, channel_b_sequence
 from coordexp.trainer.learner import load_model
 from coordexp.trainer.losses import (
     coord_distribution,
@@ -27,7 +30,6 @@ from coordexp.trainer.losses import (
     slot_logits,
     weighted_token_ce,
 )
-from coordexp.trainer.rollouts import HFRolloutBackend, generate_rollouts
 
 PARTS = ("encode_prompts", "rollout", "bookkeeping", "fwd_bwd_B")
 

@@ -46,7 +46,7 @@ BENCH_CFG = {
 def _tokenizer(cache: Path):
     from transformers import AutoTokenizer
 
-    from coordexp.data.tiny_model import ensure_tiny_model
+    from coordexp.models.tiny import ensure_tiny_model
 
     path = ensure_tiny_model(cache, arch="qwen2")
     return path, AutoTokenizer.from_pretrained(path)
@@ -85,7 +85,7 @@ class NaiveRescan:
         return c.max_object_keys is not None and self.matcher.count(ids) >= c.max_object_keys
 
     def apply(self, logits):
-        from coordexp.rollout.hf_guard import force_eos_rows
+        from coordexp.rollout.force_eos import force_eos_rows
 
         fired = [i for i, out in self.rows.items() if self.fired(out)]
         if fired:

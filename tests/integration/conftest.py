@@ -24,7 +24,7 @@ VLLM_CPU_ENV = {
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny Qwen2 model, built once per session into the session's temp dir."""
-    from coordexp.data.tiny_model import ensure_tiny_model
+    from coordexp.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2")
 

@@ -21,16 +21,12 @@ import pytest
 import requests
 
 from coordexp.config.schema import RepeatTerminateConfig
-from coordexp.launch.server import RolloutServer, ServerLaunchSpec
-from coordexp.rollout.repeat_rules import XARGS_KEY
+from coordexp.launch.rollout_server import RolloutServer
+from coordexp.launch.server_spec import ServerLaunchSpec
+from coordexp.rollout.protocol import LOAD_WEIGHTS_ROUTE, XARGS_KEY
 from coordexp.rollout.server_client import DecodeParams, InferRequest, RolloutClient
-from coordexp.trainer.weight_sync import (
-    LOAD_WEIGHTS_ROUTE,
-    FileTransport,
-    WeightSync,
-    WeightSyncError,
-    named_weights,
-)
+from coordexp.trainer.sync_transport import FileTransport, WeightSyncError, named_weights
+from coordexp.trainer.weight_sync import WeightSync
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -111,7 +107,7 @@ def changed_model(model_dir, tok, steps=3, noise=0.1):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from coordexp.data.tiny_model import TinyModelSpec, corpus_texts
+    from coordexp.models.tiny import TinyModelSpec, corpus_texts
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

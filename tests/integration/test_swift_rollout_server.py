@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
+from coordexp.checkpoint import read_eos_token_id
 from coordexp.config.schema import (
     DataConfig,
     ModelConfig,
@@ -34,20 +35,13 @@ from coordexp.config.schema import (
     VllmConfig,
     VllmMode,
 )
-from coordexp.launch.server import (
-    ENV_CONFIG_JSON,
-    RolloutServer,
-    ServerLaunchSpec,
-    ServerStartError,
-    build_command,
-    build_env,
-    launch_spec_from_config,
-    port_in_use,
-    read_eos_token_id,
-)
+from coordexp.errors import ServerStartError
+from coordexp.launch.process import port_in_use
+from coordexp.launch.rollout_server import RolloutServer
+from coordexp.launch.server_spec import ServerLaunchSpec, build_command, build_env, launch_spec_from_config
 from coordexp.rollout.probe import run_probe
+from coordexp.rollout.protocol import ENV_CONFIG_JSON, XARGS_KEY
 from coordexp.rollout.repeat_rules import (
-    XARGS_KEY,
     ObjectOpenMatcher,
     derive_object_open_patterns,
     first_trigger_length,
@@ -344,7 +338,7 @@ def test_command_and_env_carry_the_plugin_and_config(tiny_model_dir):
     spec = launch_spec_from_config(cfg, tiny_model_dir)
     cmd = build_command(spec)
     assert cmd[1:3] == ["-m", "swift.cli.rollout"]
-    assert cmd[cmd.index("--external_plugins") + 1].endswith("coordexp/rollout/swift_plugin.py")
+    assert cmd[cmd.index("--external_plugins") + 1].endswith("coordexp/rollout/server/swift_plugin.py")
     assert Path(cmd[cmd.index("--external_plugins") + 1]).is_file()
     assert cmd[cmd.index("--port") + 1] == "8765" and cmd[cmd.index("--model_type") + 1] == "qwen2"
     assert cmd[cmd.index("--template") + 1] == "chatml"

@@ -22,7 +22,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from coordexp.coordjson import CoordObject, FieldOrder, serialize_objects
 from coordexp.data.prompt import PromptSpec, build_messages
 from coordexp.data.synthetic import generate_records
-from coordexp.data.tiny_model import ensure_tiny_model
+from coordexp.models.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.slow
 

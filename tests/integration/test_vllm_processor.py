@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from coordexp.rollout.protocol import XARGS_KEY
 from coordexp.rollout.repeat_rules import (
-    XARGS_KEY,
     first_trigger_length,
     forced_eos_flag,
     merge_overrides,
@@ -23,9 +23,8 @@ from coordexp.rollout.repeat_rules import (
 vllm_processor = pytest.importorskip("coordexp.rollout.vllm_processor")
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
+from coordexp.rollout.protocol import ENV_CONFIG_JSON, PROCESSOR_FQCN
 from coordexp.rollout.vllm_processor import (
-    ENV_CONFIG_JSON,
-    PROCESSOR_FQCN,
     ProcessorCore,
     RepeatTerminateLogitsProcessor,
     RepeatTerminateMRV2LogitsProcessor,

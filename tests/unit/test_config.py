@@ -7,11 +7,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from coordexp.config.contract import rollout_contract
-from coordexp.config.errors import ConfigError
 from coordexp.config.keys import key_problems
 from coordexp.config.leaf import REQUIRED_LEAF_KNOBS, check_command_line, leaf_file_problems, leaf_problems
 from coordexp.config.load import compose, load_saved, save_resolved, to_train_config
 from coordexp.config.paths import available_experiments
+from coordexp.errors import ConfigError
 
 LEAVES = available_experiments()
 
@@ -143,10 +143,18 @@ def test_range_and_cross_field_violations_are_reported_together():
     ]
 
 
-def test_backend_and_server_mode_must_agree():
-    assert problems_of("+experiment=smoke/ab_mixed", "rollout=hf", "vllm.mode=server") == [
-        "vllm.mode: is server but rollout_matching.rollout_backend is hf: select rollout=vllm_server "
-        "(or rollout=hf) instead of setting them apart"]
+@pytest.mark.parametrize("override, advice", [
+    ("vllm.mode=server", "removed: select rollout=vllm_server (or rollout=hf); the server mode follows from "
+                         "rollout_matching.rollout_backend"),
+    ("training.per_device_eval_batch_size=16", "removed: rollout evals decode in micro-batches of "
+                                               "rollout_matching.decode_batch_size; delete the key"),
+])
+def test_retired_knobs_fail_with_migration_text(override, advice):
+    """Knobs that did nothing (vllm.mode duplicated the backend; rollout evals never used the HF eval batch
+    size) are legacy keys now."""
+    key = override.split("=")[0]
+    assert problems_of("+experiment=smoke/ab_mixed", "rollout=hf", override) == [
+        f"{key}: legacy key: {advice} (from command-line override '{override}')"]
 
 
 def test_gpu_sets_must_be_disjoint():
@@ -164,10 +172,10 @@ def test_gradient_accumulation_is_derived_and_conflicts_fail():
 
 
 def test_decode_batch_size_is_the_single_rollout_batching_knob():
-    cfg = resolved("+experiment=smoke/ab_mixed", "rollout_matching.decode_batch_size=4",
-                   "training.per_device_eval_batch_size=16")
+    cfg = resolved("+experiment=smoke/ab_mixed", "rollout_matching.decode_batch_size=4")
     contract = rollout_contract(cfg)
-    assert (contract.decode_batch_size, contract.eval_batch_size) == (4, 4)
+    assert contract.decode_batch_size == 4
+    assert not hasattr(cfg.training, "per_device_eval_batch_size")
 
 
 def test_contract_normalizes_server_settings():

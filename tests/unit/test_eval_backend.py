@@ -11,27 +11,24 @@ import pytest
 from coordexp.config.contract import rollout_contract
 from coordexp.config.load import compose, to_train_config
 from coordexp.eval import build_backend
-from coordexp.trainer.prompts import TextPromptEncoder
-from coordexp.trainer.rollouts import (
-    HFRolloutBackend,
-    PromptMismatchError,
-    Rollout,
-    RolloutBatch,
-    generate_rollouts,
-)
-from coordexp.trainer.server_backend import ServerRolloutBackend
+from coordexp.models.prompts import TextPromptEncoder
+from coordexp.rollout.batch import PromptMismatchError, Rollout, RolloutBatch, generate_rollouts
+from coordexp.rollout.hf_backend import HFRolloutBackend
+from coordexp.rollout.server_backend import ServerRolloutBackend
+from coordexp.trainer.sync_transport import FileTransport
+from coordexp.trainer.weight_sync import WeightSync
 
 
 def test_server_backend_of_the_eval_pushes_no_weights(tmp_path):
     cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", f"hydra.run.dir={tmp_path}"]))
     contract = rollout_contract(cfg)
     assert (contract.backend, contract.sync_mode) == ("vllm", "full")  # a learner would sync
-    backend = build_backend(cfg, contract, None, SimpleNamespace(eos_token_id=2), None, tmp_path)
-    assert isinstance(backend, ServerRolloutBackend)
-    assert backend.weight_sync is None and backend.stop_ids == [2]
-    with_sync = ServerRolloutBackend(cfg, contract, {}, SimpleNamespace(eos_token_id=2),
-                                     model_dir=str(tmp_path))
-    assert with_sync.weight_sync is not None  # the default (training) still syncs
+    backend = build_backend(cfg, contract, None, SimpleNamespace(eos_token_id=2),
+                            SimpleNamespace(image_token_id=None), tmp_path)
+    assert isinstance(backend, ServerRolloutBackend) and backend.stop_ids == [2]
+    assert not hasattr(backend, "weight_sync")  # only the learner's trainer syncs; the eval has none
+    sync = WeightSync.from_contract(contract, tmp_path, model_dir=str(tmp_path))
+    assert isinstance(sync.transport, FileTransport)  # what a learner would sync with
 
 
 def test_hf_backend_of_the_eval_is_in_process():

@@ -22,8 +22,9 @@ from coordexp.evaluation import (
     prf,
     summarize,
 )
+from coordexp.evaluation.artifacts import qualitative_markdown
 from coordexp.evaluation.detection import add_detection_metrics, finish_detection_metrics
-from coordexp.evaluation.report import TeacherForcedScorer, qualitative_markdown, rollout_coord_indices
+from coordexp.evaluation.scoring import TeacherForcedScorer, rollout_coord_indices
 from coordexp.telemetry.metrics import MetricBuffer, reduce_buffers
 
 GT_A = (0, 0, 100, 100)

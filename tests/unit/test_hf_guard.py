@@ -76,7 +76,7 @@ def test_disabled_and_misuse():
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from coordexp.data.tiny_model import ensure_tiny_model
+    from coordexp.models.tiny import ensure_tiny_model
 
     path = ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2")
     tok = AutoTokenizer.from_pretrained(path)

@@ -1,5 +1,6 @@
 """ServerRolloutBackend (the RolloutBackend over the rollout server), with a stub client: what a Rollout
-holds, when repeat_terminate_active is 1, weight sync before the requests, and error wrapping."""
+holds, when repeat_terminate_active is 1 and error wrapping; and the Stage-2 trainer's rollouts: weight sync
+before the requests (the learner owns the sync), errors that name the optimizer step."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 
 from coordexp.config.contract import rollout_contract
 from coordexp.config.load import compose, to_train_config
+from coordexp.errors import LearnerError
 from coordexp.rollout.probe import ProbeError
+from coordexp.rollout.server_backend import ServerBackendError, ServerRolloutBackend
 from coordexp.rollout.server_client import MalformedResponseError, RolloutResult
-from coordexp.trainer.learner import LearnerError
-from coordexp.trainer.server_backend import ServerBackendError, ServerRolloutBackend
-from coordexp.trainer.weight_sync import WeightSyncError
+from coordexp.trainer.stage2_trainer import Stage2ABTrainer
+from coordexp.trainer.sync_transport import WeightSyncError
 
 EOS = 2
 
@@ -62,28 +64,39 @@ class StubSync:
         self.server_step = step
 
 
-def make(cfg, client, sync=None, step=7, enabled=True):
+def make(cfg, client, enabled=True):
     contract = rollout_contract(cfg)
     if not enabled:
         contract = type(contract)(
             **{**contract.__dict__, "repeat_terminate": type(contract.repeat_terminate)(enabled=False)}
         )
-    trainer = SimpleNamespace(
-        state=SimpleNamespace(global_step=step),
-        metric_buffer=None,
-        accelerator=SimpleNamespace(unwrap_model=lambda m: m),
-        model=object(),
-    )
-    tok = SimpleNamespace(eos_token_id=EOS)
-    return ServerRolloutBackend(
-        cfg,
-        contract,
-        {"trainer": trainer},
-        tok,
-        client=client,
-        weight_sync=sync or StubSync([]),
-        model_dir="unused",
-    )
+    return ServerRolloutBackend(contract, stop_ids=[EOS], client=client)
+
+
+class Buffer:
+    def __init__(self):
+        self.maxes = {}
+
+    def add_max(self, key, value):
+        self.maxes[key] = max(self.maxes.get(key, value), value)
+
+
+def trainer_with(backend, sync, step):
+    """A Stage-2 trainer's state as ``Stage2ABTrainer.rollouts`` / ``sync_rollout_weights`` read it."""
+    fake = SimpleNamespace(state=SimpleNamespace(global_step=step), metric_buffer=Buffer(), weight_sync=sync,
+                           accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=object(),
+                           rollout_backend=backend)
+    fake.sync_rollout_weights = lambda: Stage2ABTrainer.sync_rollout_weights(fake)
+    fake.rollouts = lambda samples, prompts, seed: Stage2ABTrainer.rollouts(fake, samples, prompts, seed)
+    return fake
+
+
+def encoded(ids):
+    return SimpleNamespace(ids=ids, vision=None)
+
+
+def sample(content="x"):
+    return SimpleNamespace(messages=[{"role": "user", "content": content}], source="s.jsonl:1")
 
 
 def result(tokens, finish, flag, prompt=(5, 6)):
@@ -100,7 +113,7 @@ def result(tokens, finish, flag, prompt=(5, 6)):
 def probe_ok(monkeypatch):
     calls = []
     monkeypatch.setattr(
-        "coordexp.rollout.probe.run_probe",
+        "coordexp.rollout.server_backend.run_probe",
         lambda url, **kw: calls.append((url, kw)) or SimpleNamespace(attempts=1),
     )
     return calls
@@ -115,8 +128,8 @@ def test_rollouts_carry_server_prompt_ids_flags_and_budget(cfg, probe_ok):
         ]
     )
     log = []
-    backend = make(cfg, client, StubSync(log))
-    batch = backend.generate([[1, 2, 3], [5, 6], [5, 6]], [[{"role": "user", "content": "x"}]] * 3, seed=11)
+    trainer = trainer_with(make(cfg, client), StubSync(log), step=7)
+    batch = trainer.rollouts([sample()] * 3, [encoded([1, 2, 3]), encoded([5, 6]), encoded([5, 6])], 11)
     r0, r1, r2 = batch.rollouts
     assert (
         r0.prompt_ids == [1, 2, 3]
@@ -130,7 +143,8 @@ def test_rollouts_carry_server_prompt_ids_flags_and_budget(cfg, probe_ok):
     ((_, n, params),) = client.calls
     assert n == 3 and params.seed == 11 and params.max_tokens == 4 and params.temperature == 0.0
     assert log == [("sync", 7)] and [u for u, _ in probe_ok] == ["http://a:1"]
-    backend.generate([[1]], [[{"role": "user", "content": "y"}]], seed=12)
+    assert "time/weight_sync_s" in trainer.metric_buffer.maxes
+    trainer.rollouts([sample("y")], [encoded([1, 2, 3])], 12)
     assert len(probe_ok) == 1 and log == [("sync", 7)]  # probe once per process; no re-sync at the same step
 
 
@@ -144,7 +158,7 @@ def test_probe_failure_is_a_learner_error(cfg, monkeypatch):
     def bad(url, **kw):
         raise ProbeError("the logits processor is not active: flag 0")
 
-    monkeypatch.setattr("coordexp.rollout.probe.run_probe", bad)
+    monkeypatch.setattr("coordexp.rollout.server_backend.run_probe", bad)
     backend = make(cfg, StubClient([result([EOS], "stop", 0)]))
     with pytest.raises(ServerBackendError, match="not proven active on http://a:1: .*not active") as e:
         backend.generate([[1]], [[{"role": "user", "content": "x"}]], 0)
@@ -152,24 +166,21 @@ def test_probe_failure_is_a_learner_error(cfg, monkeypatch):
 
 
 def test_server_and_sync_errors_name_the_step(cfg, probe_ok):
-    backend = make(
-        cfg,
-        StubClient(error=MalformedResponseError("malformed /infer/ response: body must be a list")),
-        step=3,
-    )
-    with pytest.raises(
-        ServerBackendError, match=r"rollout server failure \(optimizer step 3\): malformed /infer/"
-    ):
+    error = MalformedResponseError("malformed /infer/ response: body must be a list")
+    backend = make(cfg, StubClient(error=error))
+    with pytest.raises(ServerBackendError, match=r"^rollout server failure: malformed /infer/"):
         backend.generate([[1]], [[{"role": "user", "content": "x"}]], 0)
-    backend = make(
-        cfg, StubClient([]), StubSync([], WeightSyncError("weight sync: POST x timed out")), step=5
-    )
-    with pytest.raises(ServerBackendError, match=r"timed out \(optimizer step 5\)"):
-        backend.generate([[1]], [[{"role": "user", "content": "x"}]], 0)
+    with pytest.raises(ServerBackendError,
+                       match=r"rollout server failure: malformed /infer/.* \(optimizer step 3\)$"):
+        trainer_with(backend, StubSync([]), step=3).rollouts([sample()], [encoded([1])], 0)
+    trainer = trainer_with(make(cfg, StubClient([])),
+                           StubSync([], WeightSyncError("weight sync: POST x timed out")), step=5)
+    with pytest.raises(ServerBackendError, match=r"timed out \(optimizer step 5\)") as e:
+        trainer.rollouts([sample()], [encoded([1])], 0)
+    assert isinstance(e.value, LearnerError)
 
 
 def test_empty_shard_still_joins_the_sync(cfg, probe_ok):
     log = []
-    backend = make(cfg, StubClient([]), StubSync(log), step=2)
-    batch = backend.generate([], [], 0)
+    batch = trainer_with(make(cfg, StubClient([])), StubSync(log), step=2).rollouts([], [], 0)
     assert batch.rollouts == [] and log == [("sync", 2)]

@@ -15,17 +15,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from coordexp.trainer.weight_sync import (
-    ENV_INITIAL_WEIGHTS,
-    LOAD_WEIGHTS_ROUTE,
+from coordexp.rollout.protocol import ENV_INITIAL_WEIGHTS, LOAD_WEIGHTS_ROUTE
+from coordexp.trainer.sync_transport import (
     FileTransport,
     SyncReport,
-    WeightSync,
     WeightSyncError,
     flatten_bucket,
     named_weights,
     write_weights_file,
 )
+from coordexp.trainer.weight_sync import WeightSync
 from tests.conftest import free_port
 
 
@@ -191,24 +190,21 @@ def test_log_names_the_first_sync_then_one_in_50():
 
 
 def _cfg(mode="full", transport="file", urls=("http://127.0.0.1:1",)):
-    v = SimpleNamespace(
-        sync=SimpleNamespace(mode=mode, transport=transport, timeout_s=7.0),
-        dtype="float32",
-        server=SimpleNamespace(base_urls=list(urls)),
-    )
-    return SimpleNamespace(vllm=v)
+    """The sync part of a RolloutContract (what WeightSync.from_contract reads)."""
+    return SimpleNamespace(sync_mode=mode, sync_transport=transport, sync_timeout_s=7.0,
+                           server_dtype="float32", server_base_urls=tuple(urls))
 
 
 def test_initial_weights_only_when_the_orchestrator_says_so(tmp_path, monkeypatch):
     model_dir = tmp_path / "ckpt"
     model_dir.mkdir()
     monkeypatch.delenv(ENV_INITIAL_WEIGHTS, raising=False)
-    assert WeightSync.from_config(_cfg(), tmp_path, str(model_dir)).server_step is None
+    assert WeightSync.from_contract(_cfg(), tmp_path, str(model_dir)).server_step is None
     monkeypatch.setenv(ENV_INITIAL_WEIGHTS, str(model_dir))
-    ws = WeightSync.from_config(_cfg(), tmp_path, str(model_dir))
+    ws = WeightSync.from_contract(_cfg(), tmp_path, str(model_dir))
     assert ws.server_step == 0 and not ws.needed(0) and ws.needed(1)  # resumed runs start at step > 0: sync
-    assert WeightSync.from_config(_cfg(), tmp_path, str(tmp_path / "other")).server_step is None
-    assert WeightSync.from_config(_cfg(mode="none"), tmp_path, str(model_dir)) is None
+    assert WeightSync.from_contract(_cfg(), tmp_path, str(tmp_path / "other")).server_step is None
+    assert WeightSync.from_contract(_cfg(mode="none"), tmp_path, str(model_dir)) is None
     assert ws.transport.sync_dir == (tmp_path / "weight_sync").resolve() and ws.timeout_s == 7.0
 
 

@@ -17,7 +17,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from coordexp.coordjson import CoordObject, FieldOrder, bin_to_token, serialize_objects
 from coordexp.data.prompt import PromptSpec, build_messages
 from coordexp.data.synthetic import generate_records
-from coordexp.data.tiny_model import (
+from coordexp.models.tiny import (
     SPEC_FILE,
     TinyModelSpec,
     ensure_tiny_model,
@@ -236,7 +236,7 @@ def test_spec_validation():
 def test_concurrent_ensure_from_two_processes_yields_one_folder(tmp_path):
     env = {**os.environ, **OFFLINE_ENV,
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "coordexp.data.tiny_model", "--out", str(tmp_path), "--arch", "qwen3"]
+    cmd = [sys.executable, "-m", "coordexp.models.tiny", "--out", str(tmp_path), "--arch", "qwen3"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coordexp.rollout.protocol import XARGS_KEY
 from coordexp.rollout.repeat_rules import (
     CONFIG_KEYS,
     ObjectOpenMatcher,
@@ -22,7 +23,9 @@ from coordexp.rollout.repeat_rules import (
     forced_eos_flag,
     merge_overrides,
     parse_config,
+    problems,
     triggered,
+    validate_overrides,
 )
 from tests.conftest import rules_config as cfg
 
@@ -45,8 +48,7 @@ def test_ngram_tail_repeats():
     assert not triggered(c, [7, 8, 7, 8, 5, 7, 8])  # not back to back at the tail
     assert not triggered(c, [7, 8, 7, 8, 7, 8, 5])  # repeats must end at the tail
     assert triggered(cfg(ngram_size=3, ngram_repeats=2), [1, 2, 3, 1, 2, 3])
-    assert not triggered(cfg(ngram_size=2, ngram_repeats=0), [7, 8] * 20)  # 0 disables
-    assert not triggered(cfg(ngram_size=0, ngram_repeats=3), [7, 8] * 20)
+    assert not triggered(cfg(ngram_size=0, ngram_repeats=0), [7, 8] * 20)  # 0 disables
 
 
 def test_min_new_tokens_gates_every_rule():
@@ -86,6 +88,26 @@ def test_matcher_overlapping_variants_count_once():
 
 
 # ---------------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("values", [{"ngram_size": 2, "ngram_repeats": 0},
+                                    {"ngram_size": 0, "ngram_repeats": 3}])
+def test_one_validation_for_config_overrides_and_merged_requests(values):
+    """The half-set n-gram rule is refused the same way by the config check, a per-request override on its
+    own, and an override merged with server defaults (one ``problems``)."""
+    expected = ("ngram_size: ngram_size and ngram_repeats must be both 0 (rule off) or both set, got "
+                f"{values['ngram_size']} and {values['ngram_repeats']}")
+    assert problems(values, "rollout_matching.repeat_terminate.") == [
+        f"rollout_matching.repeat_terminate.{expected}"]
+    with pytest.raises(ValueError, match="both 0"):
+        validate_overrides(values, where=f"{XARGS_KEY}.")
+    half = {"ngram_repeats": 0} if values["ngram_repeats"] == 0 else {"ngram_size": 0}
+    with pytest.raises(ValueError) as e:
+        merge_overrides(RepeatTerminateConfig(), half)
+    assert (f"{XARGS_KEY} (merged with the server defaults) ngram_size: ngram_size and ngram_repeats"
+            in str(e.value))
+    off = merge_overrides(RepeatTerminateConfig(), {"ngram_size": 0, "ngram_repeats": 0})
+    assert (off.ngram_size, off.ngram_repeats) == (0, 0)
 
 
 def test_parse_config_rejects_unknown_keys_types_and_ranges():
@@ -162,8 +184,8 @@ _configs = st.builds(
         enabled=en,
         min_new_tokens=mn,
         max_consecutive_token_repeats=k,
-        ngram_size=n,
-        ngram_repeats=r,
+        ngram_size=n if r else 0,  # the n-gram rule is on (both set) or off (both 0)
+        ngram_repeats=r if n else 0,
         max_object_keys=cap,
     ),
     st.booleans() | st.just(True),
@@ -211,7 +233,7 @@ def test_reset_replays_identically(c, patterns, seq):
 def tiny_tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from coordexp.data.tiny_model import ensure_tiny_model
+    from coordexp.models.tiny import ensure_tiny_model
 
     # one build per pytest session: every module asks for the same folder under the session's base temp
     path = ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2")

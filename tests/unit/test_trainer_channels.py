@@ -10,13 +10,15 @@ from coordexp.config.load import compose, to_train_config
 from coordexp.coordjson import CoordObject, serialize_record
 from coordexp.data.jsonl import DetectionObject, DetectionSample
 from coordexp.data.prompt import build_messages
-from coordexp.data.tiny_model import ensure_tiny_model
+from coordexp.models.prompts import TextPromptEncoder
+from coordexp.models.tiny import ensure_tiny_model
+from coordexp.rollout.batch import Rollout, generate_rollouts
+from coordexp.rollout.hf_backend import HFRolloutBackend
+from coordexp.rollout.scoring import TokenizerAdapter
 from coordexp.trainer.batch import APPENDED, PREFIX, collate
-from coordexp.trainer.channels import TokenizerAdapter, channel_b_sequence
+from coordexp.trainer.channels import channel_b_sequence
 from coordexp.trainer.evaluation import rollout_evaluator
 from coordexp.trainer.losses import coord_distribution, geometry_losses, slot_logits, weighted_token_ce
-from coordexp.trainer.prompts import TextPromptEncoder
-from coordexp.trainer.rollouts import HFRolloutBackend, Rollout
 
 GT = [DetectionObject("red square", (100, 100, 300, 300)), DetectionObject("blue star", (500, 500, 700, 700)),
       DetectionObject("green heart", (800, 100, 900, 200))]
@@ -129,7 +131,11 @@ def test_decode_batch_size_is_the_generate_batch_in_training_and_eval(tiny, cfg)
             def is_world_process_zero():
                 return False
 
-        metrics = rollout_evaluator([sample()] * 6, adapter, TextPromptEncoder(tok), backend, contract,
+            @staticmethod
+            def rollouts(samples, prompts, seed):  # Stage2ABTrainer.rollouts without a server: no sync
+                return generate_rollouts(backend, samples, prompts, seed)
+
+        metrics = rollout_evaluator([sample()] * 6, adapter, TextPromptEncoder(tok), contract,
                                     seed=0)(FakeTrainer)
         assert seen == [4, 2] and metrics["eval_rollout/raw_rollouts"] == 6
     finally:

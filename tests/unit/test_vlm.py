@@ -10,7 +10,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from coordexp.config.contract import rollout_contract
-from coordexp.config.errors import ConfigError
 from coordexp.config.load import compose, to_train_config
 from coordexp.coordjson import bin_to_pixel, bins_to_pixel_box, pixel_to_bin
 from coordexp.data.jsonl import DetectionSample, load_jsonl
@@ -22,24 +21,21 @@ from coordexp.data.synthetic_images import (
     generate_image_record,
     write_synthetic_image_jsonl,
 )
-from coordexp.data.tiny_model import VISION_TOKENS, ensure_tiny_model, read_build_info
-from coordexp.trainer.batch import collate
-from coordexp.trainer.channels import TokenizerAdapter, channel_a_sequence, channel_b_sequence
-from coordexp.trainer.learner import LearnerError, coord_vocab_adapter
-from coordexp.trainer.prompts import (
+from coordexp.errors import ConfigError, LearnerError
+from coordexp.models.prompts import (
     PromptError,
     TextPromptEncoder,
     VisionPromptEncoder,
     is_vision_language,
     load_model_and_prompts,
 )
-from coordexp.trainer.rollouts import (
-    HFRolloutBackend,
-    PromptMismatchError,
-    Rollout,
-    RolloutBatch,
-    generate_rollouts,
-)
+from coordexp.models.tiny import VISION_TOKENS, ensure_tiny_model, read_build_info
+from coordexp.rollout.batch import PromptMismatchError, Rollout, RolloutBatch, generate_rollouts
+from coordexp.rollout.hf_backend import HFRolloutBackend
+from coordexp.rollout.scoring import TokenizerAdapter
+from coordexp.trainer.batch import collate
+from coordexp.trainer.channels import channel_a_sequence, channel_b_sequence
+from coordexp.trainer.learner import coord_vocab_adapter
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +73,7 @@ def test_tiny_vlm_folder(vlm):
 
 
 def test_text_model_folder_name_is_unchanged_by_vision_support(tmp_path):
-    from coordexp.data.tiny_model import TinyModelSpec, tiny_model_dir
+    from coordexp.models.tiny import TinyModelSpec, tiny_model_dir
 
     assert tiny_model_dir(tmp_path, TinyModelSpec()).name == "tiny-qwen2-05ad1c7e9867"
 
@@ -254,7 +250,7 @@ def test_tiny_vlm_config_rules():
 
 
 def test_server_image_root(tmp_path):
-    from coordexp.launch.server import build_env, launch_spec_from_config
+    from coordexp.launch.server_spec import build_env, launch_spec_from_config
     from coordexp.preflight import preflight
 
     (tmp_path / "data").mkdir()
@@ -275,7 +271,7 @@ def test_server_image_root(tmp_path):
 
 
 def test_server_requests_name_images_relative_to_the_image_root(split):
-    from coordexp.trainer.server_backend import relative_image_paths
+    from coordexp.rollout.server_backend import relative_image_paths
 
     s = split[0]
     root = s.images[0].parent.parent  # the JSONL's folder

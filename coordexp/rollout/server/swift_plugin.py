@@ -24,7 +24,7 @@ nothing). With the guard set it:
 6. CPU only (``COORDEXP_SERVER_DEVICE=cpu``, set by the launcher): ms-swift's device-count check is told
    there is one device;
 7. *weight sync* (through the two extension points below): the vLLM workers get the worker extension
-   :data:`coordexp.trainer.weight_sync.WORKER_EXTENSION_FQCN` (ms-swift's own NCCL extension plus a
+   :data:`coordexp.rollout.protocol.WORKER_EXTENSION_FQCN` (ms-swift's own NCCL extension plus a
    file loader), and the app gets ``POST /coordexp/load_weights/ {"path": ...}``, which makes every rollout
    worker load a safetensors file the learner wrote (``collective_rpc`` by method name; no pickled code).
 
@@ -32,30 +32,48 @@ Extension points (for e.g. a weight-sync route): :func:`register_route_installer
 server app after ms-swift registered its own; :func:`register_engine_kwargs_hook` edits the vLLM engine
 kwargs (e.g. ``worker_extension_cls``) before the engine is built. Both are applied by the same patches, so
 a new feature is one more hook in this file, not a rewrite. Note: ms-swift puts this file's folder on
-``sys.path``, so module names in ``coordexp/rollout/`` must not shadow top-level packages.
+``sys.path``, so module names in ``coordexp/rollout/server/`` must not shadow top-level packages.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
-ENV_ENABLE = "COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION"
-ENV_CONFIG_JSON = "COORDEXP_VLLM_REPEAT_TERMINATE_CONFIG_JSON"
-ENV_SERVER_DEVICE = "COORDEXP_SERVER_DEVICE"
-#: Where the worker leaves the flag for the main process (inside RolloutOutput.rollout_infos; removed
-#: again before the response is sent).
-FLAG_INFO_KEY = "coordexp_repeat_terminate_triggered"
-RESPONSE_KEY = "coordexp"
-FLAG_KEY = "repeat_terminate_triggered"
+from coordexp.rollout.protocol import (
+    ENV_CONFIG_JSON,
+    ENV_ENABLE,
+    ENV_SERVER_DEVICE,
+    FLAG_INFO_KEY,
+    FLAG_KEY,
+    LOAD_WEIGHTS_ROUTE,
+    PROCESSOR_FQCN,
+    RESPONSE_KEY,
+    SWIFT_WORKER_EXTENSION,
+    WORKER_EXTENSION_FQCN,
+    WORKER_METHOD,
+    XARGS_KEY,
+)
+from coordexp.rollout.repeat_rules import (
+    RepeatTerminateConfig,
+    config_from_json,
+    config_to_dict,
+    consistency_problem,
+    forced_eos_flag,
+    merge_overrides,
+    validate_overrides,
+)
 
-logger = logging.getLogger("coordexp.rollout.swift_plugin")
+
+logger = logging.getLogger("coordexp.rollout.server.swift_plugin")
 
 _ROUTE_INSTALLERS: list[Callable[[Any], None]] = []
 _ENGINE_KWARGS_HOOKS: list[Callable[[Any, dict], None]] = []
@@ -93,8 +111,6 @@ def register_engine_kwargs_hook(fn: Callable[[Any, dict], None]) -> Callable[[An
 
 def load_server_config(environ: dict | None = None):
     """The server-wide repeat-terminate config from the environment (PluginConfigError if invalid)."""
-    from coordexp.rollout.repeat_rules import RepeatTerminateConfig, config_from_json
-
     env = os.environ if environ is None else environ
     text = env.get(ENV_CONFIG_JSON)
     if text is None or not text.strip():
@@ -130,8 +146,6 @@ def to_plain(obj: Any) -> Any:
 
 def request_overrides(request: Any) -> dict | None:
     """The ``coordexp_repeat_terminate`` overrides a request carries in ``data_dict.vllm_xargs``."""
-    from coordexp.rollout.repeat_rules import XARGS_KEY
-
     data = request.get("data_dict") if isinstance(request, dict) else getattr(request, "data_dict", None)
     xargs = (data or {}).get("vllm_xargs") or {}
     if not isinstance(xargs, dict):
@@ -158,7 +172,7 @@ def wrap_output(output: Any) -> dict:
 def _flag_core(engine: Any, defaults: Any):
     core = getattr(engine, "_coordexp_rt_core", None)
     if core is None:
-        from coordexp.rollout.vllm_processor import ProcessorCore
+        from coordexp.rollout.vllm_processor import ProcessorCore  # torch + vLLM: only inside the server
 
         core = ProcessorCore(tokenizer=engine.tokenizer, defaults=defaults)
         engine._coordexp_rt_core = core
@@ -169,8 +183,6 @@ def attach_flags(
     engine: Any, infer_requests: list, outputs: list, defaults: Any, strip_details: bool
 ) -> None:
     """Worker side: compute each output's flag and leave it in ``rollout_infos[FLAG_INFO_KEY]``."""
-    from coordexp.rollout.repeat_rules import consistency_problem, forced_eos_flag, merge_overrides
-
     core = _flag_core(engine, defaults)
     if len(outputs) != len(infer_requests):
         raise RuntimeError(
@@ -215,9 +227,6 @@ def _with_details(request_config: Any) -> tuple[Any, bool]:
 def _patch_engine(defaults: Any) -> None:
     from swift.infer_engine.grpo_vllm_engine import GRPOVllmEngine
     from swift.infer_engine.vllm_engine import VllmEngine
-
-    from coordexp.rollout.repeat_rules import XARGS_KEY, validate_overrides
-    from coordexp.rollout.vllm_processor import PROCESSOR_FQCN
 
     if getattr(VllmEngine, "_coordexp_patched", False):
         return
@@ -304,8 +313,6 @@ def _patch_deploy() -> None:
     async def infer(self, infer_requests, request_config=None, *, use_tqdm=None):
         from fastapi import HTTPException
 
-        from coordexp.rollout.repeat_rules import XARGS_KEY, validate_overrides
-
         for i, req in enumerate(infer_requests or []):  # reject bad per-request settings before any work
             try:
                 overrides = request_overrides(req)
@@ -337,14 +344,8 @@ def _patch_deploy() -> None:
 
 # ----------------------------------------------------------------------------------------------- weight sync
 
-#: ms-swift's own vLLM worker extension (NCCL weight routes); the coordexp one subclasses it.
-SWIFT_WORKER_EXTENSION = "swift.pipelines.infer.rollout.WeightSyncWorkerExtension"
-
-
 def _weight_sync_engine_kwargs(engine: Any, engine_kwargs: dict) -> None:
     """Engine-kwargs hook: the vLLM workers get coordexp's worker extension (ms-swift's + a file loader)."""
-    from coordexp.trainer.weight_sync import WORKER_EXTENSION_FQCN
-
     current = engine_kwargs.get("worker_extension_cls")
     if current and current not in (SWIFT_WORKER_EXTENSION, WORKER_EXTENSION_FQCN):
         _say(f"WARNING: keeping worker_extension_cls={current}; coordexp file weight sync is unavailable")
@@ -357,12 +358,7 @@ def _install_weight_sync_route(deploy: Any) -> None:
     engines, every TP rank through ``collective_rpc``) loads the file with ``model.load_weights``. Answers
     ``{"workers": [<per-worker report>], "seconds": s}``; 400 for a bad path, 500 when a worker failed (its
     traceback is in the server log), 504 when the workers did not finish within ``timeout_s``."""
-    import asyncio
-    import time as _time
-
     from fastapi import Body, Depends, HTTPException
-
-    from coordexp.trainer.weight_sync import LOAD_WEIGHTS_ROUTE, WORKER_METHOD
 
     lock = asyncio.Lock()
 
@@ -382,7 +378,7 @@ def _install_weight_sync_route(deploy: Any) -> None:
             timeout_s = float(payload.get("timeout_s", 600.0))
         except (TypeError, ValueError):
             raise HTTPException(status_code=400, detail="coordexp: 'timeout_s' must be a number") from None
-        t0 = _time.monotonic()
+        t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         kwargs = {"method": WORKER_METHOD, "args": (path,), "timeout": timeout_s}
         async with lock:
@@ -403,8 +399,8 @@ def _install_weight_sync_route(deploy: Any) -> None:
                 detail=f"coordexp: a rollout worker failed to load weights from {path}; see the server log",
             )
         workers = [w for r in results for w in (r if isinstance(r, list) else [r])]
-        _say(f"loaded weights from {path} into {len(workers)} worker(s) in {_time.monotonic() - t0:.2f} s")
-        return {"workers": workers, "seconds": round(_time.monotonic() - t0, 4), "step": payload.get("step")}
+        _say(f"loaded weights from {path} into {len(workers)} worker(s) in {time.monotonic() - t0:.2f} s")
+        return {"workers": workers, "seconds": round(time.monotonic() - t0, 4), "step": payload.get("step")}
 
     guard = getattr(deploy, "_require_api_key", None)
     deps = [Depends(guard())] if callable(guard) else []
@@ -434,19 +430,19 @@ def install(environ: dict | None = None) -> bool:
     _register_weight_sync()
     _patch_engine(defaults)
     _patch_deploy()
-    from coordexp.rollout.repeat_rules import config_to_dict
-
     where = device or "gpu"
     _say(f"repeat-terminate injection active (server defaults {config_to_dict(defaults)}, device={where})")
     return True
 
 
+# ms-swift and FastAPI are imported inside the patch functions on purpose: a plain import (tests, tools)
+# patches nothing and needs neither.
 # Import-time side effect, only under the guard (ms-swift's external-plugin contract). ms-swift executes
 # this file from its path under a generated module name; hand over to the canonical module so hooks
 # registered by other coordexp modules and the patches share one registry per process.
-if __name__ == "coordexp.rollout.swift_plugin":
+if __name__ == "coordexp.rollout.server.swift_plugin":
     install()
 else:
     import importlib as _importlib
 
-    _importlib.import_module("coordexp.rollout.swift_plugin")
+    _importlib.import_module("coordexp.rollout.server.swift_plugin")

@@ -68,7 +68,7 @@ class CoordexpLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from coordexp.launch.run import shared_servers
-        from coordexp.launch.server import terminate_on_signals
+        from coordexp.launch.process import terminate_on_signals
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None

@@ -1,0 +1,75 @@
+"""One error hierarchy for problems a user can fix, with the exit code each one ends a command with.
+
+Every entry point (train, eval, preflight, the server CLI, a learner rank) prints such an error as one
+``error: <message>`` screen without a traceback and exits with its ``code``. Anything else that escapes is a
+bug and keeps its traceback. Stdlib only: every layer may import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+
+#: Bad config, bad data, unusable checkpoint, a learner-side failure (server failure mid-training included).
+EXIT_USER_ERROR = 2
+#: The rollout server could not be started or probed, or died while the orchestrator watched it.
+EXIT_SERVER_ERROR = 3
+
+DOCS_HINT = "Config reference: docs/config.md"
+
+
+class CoordexpError(Exception):
+    """A problem the user can fix. ``code`` is the process exit code it ends a command with."""
+
+    code: int = EXIT_USER_ERROR
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class ConfigError(CoordexpError, ValueError):
+    """A config is invalid; ``problems`` holds one line per finding (dotted path first)."""
+
+    def __init__(self, problems: Sequence[str], title: str = "Invalid coordexp config"):
+        self.problems = list(problems)
+        self.title = title
+        n = len(self.problems)
+        lines = [f"{title} ({n} problem{'s' if n != 1 else ''}):"]
+        lines += [f"  - {p}" for p in self.problems]
+        lines.append(DOCS_HINT)
+        super().__init__("\n".join(lines))
+
+
+class LearnerError(CoordexpError):
+    """A learner-side problem: missing model, bad data, unusable checkpoint, a failed rollout or sync."""
+
+
+class LaunchError(CoordexpError):
+    """Something the orchestrator checks before starting processes."""
+
+
+class ServerStartError(CoordexpError):
+    """The rollout server could not be started, did not become healthy, or failed its probe."""
+
+    code = EXIT_SERVER_ERROR
+
+
+class EvalError(CoordexpError):
+    """A problem of ``coordexp.eval`` (exit 2, or 3 when its rollout server could not be started)."""
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Print a :class:`CoordexpError` as one screen of text and exit with its code (the traceback only with
+    ``HYDRA_FULL_ERROR=1``)."""
+    try:
+        yield
+    except CoordexpError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.code)

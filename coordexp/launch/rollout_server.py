@@ -1,0 +1,334 @@
+"""Rollout-server lifecycle: start ``swift rollout`` with the coordexp plugin, wait, probe, tear down.
+
+Importable without torch (only ``requests`` and the pure config/rule modules).
+
+:class:`RolloutServer` starts a server from a :class:`~coordexp.launch.server_spec.ServerLaunchSpec` in its
+own session / process group (``setsid``), refuses a port that is already in use, polls ``/health/`` against a
+deadline with progress lines, notices an early exit and raises :class:`~coordexp.errors.ServerStartError`
+with the tail of the server log, logs ``/get_world_size/``, runs the activation probe
+(:mod:`coordexp.rollout.probe`) when repeat-terminate is enabled, and tears the whole process group down
+(TERM, then KILL) on exit, error, SIGINT or SIGTERM - also from ``atexit`` and, if the orchestrator dies
+abruptly, through the leader's parent-death signal. With ``vllm.server.reuse_existing: true`` nothing is
+started: each base URL must already answer ``/health/``, and the probe still runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Self
+
+from coordexp.checkpoint import read_eos_token_id
+from coordexp.errors import ServerStartError
+from coordexp.launch.process import port_in_use, set_parent_death_signal, stop_group, terminate_on_signals
+from coordexp.launch.server_spec import ServerLaunchSpec, build_command, build_env, launch_spec_from_config
+from coordexp.rollout.probe import ProbeError, run_probe
+from coordexp.rollout.server_client import RolloutServerError, check_health, get_world_size
+
+__all__ = ["RolloutServer", "say"]
+
+
+def say(msg: str) -> None:
+    print(f"[coordexp server] {msg}", file=sys.stderr, flush=True)
+
+
+class RolloutServer:
+    """One rollout server: started here (``spec`` given) or reused (``reuse_existing``)."""
+
+    def __init__(
+        self,
+        spec: ServerLaunchSpec | None,
+        base_url: str,
+        *,
+        log_path: str | os.PathLike | None = None,
+        startup_timeout_s: float = 600.0,
+        request_timeout_s: float = 30.0,
+        probe_timeout_s: float = 120.0,
+        log_tail_lines: int = 40,
+        probe: bool | None = None,
+        reuse_existing: bool = False,
+        progress: Callable[[str], None] = say,
+        progress_every_s: float = 10.0,
+        poll_interval_s: float = 1.0,
+        eos_token_id: int | None = None,
+    ):
+        if spec is None and not reuse_existing:
+            raise ValueError("RolloutServer needs a launch spec unless reuse_existing is set")
+        self.spec = spec
+        self.base_url = base_url.rstrip("/")
+        self.log_path = Path(log_path) if log_path else None
+        self.startup_timeout_s = float(startup_timeout_s)
+        self.request_timeout_s = float(request_timeout_s)
+        self.probe_timeout_s = float(probe_timeout_s)
+        self.log_tail_lines = int(log_tail_lines)
+        enabled = bool(spec.repeat_terminate.enabled) if spec is not None else True
+        self.run_probe = enabled if probe is None else bool(probe)
+        self.reuse_existing = bool(reuse_existing)
+        self.progress = progress
+        self.progress_every_s = float(progress_every_s)
+        self.poll_interval_s = float(poll_interval_s)
+        self.eos_token_id = eos_token_id
+        if self.eos_token_id is None and spec is not None:
+            self.eos_token_id = read_eos_token_id(spec.model_dir)
+        self.proc: subprocess.Popen | None = None
+        self.pgid: int | None = None
+        self.world_size: int | None = None
+        self.probe_report: Any = None
+        self.startup_seconds: float | None = None
+        #: seconds per start phase: ``spawn`` (Popen), ``health`` (until /health/ answered), ``probe``
+        self.timings: dict[str, float] = {}
+        self._log_fh = None
+        self._signals: contextlib.ExitStack | None = None
+
+    # ------------------------------------------------------------------------------------------ factory
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Any,
+        *,
+        model_dir: str | os.PathLike,
+        log_path: str | os.PathLike,
+        base_url: str | None = None,
+        **kwargs: Any,
+    ) -> RolloutServer:
+        s = cfg.vllm.server
+        urls = list(s.base_urls)
+        url = base_url or (urls[0] if urls else None)
+        if not url:
+            raise ServerStartError("vllm.server.base_urls is empty")
+        if s.reuse_existing:
+            spec = None
+            kwargs.setdefault("probe", bool(cfg.rollout_matching.repeat_terminate.enabled))
+            kwargs.setdefault("eos_token_id", read_eos_token_id(model_dir))
+        else:
+            if len(urls) > 1 and base_url is None:
+                raise ServerStartError(
+                    f"vllm.server.base_urls has {len(urls)} URLs but reuse_existing is false: the launcher "
+                    "starts one server (scale it with vllm.data_parallel_size), or start several yourself "
+                    "and set vllm.server.reuse_existing=true"
+                )
+            spec = launch_spec_from_config(cfg, model_dir, url)
+        return cls(
+            spec,
+            url,
+            log_path=log_path,
+            startup_timeout_s=s.startup_timeout_s,
+            request_timeout_s=s.request_timeout_s,
+            probe_timeout_s=s.infer_timeout_s,
+            log_tail_lines=s.log_tail_lines,
+            reuse_existing=s.reuse_existing,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def command(self) -> list[str]:
+        assert self.spec is not None
+        return build_command(self.spec)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        """The exit code of a server started here that has exited; None while it runs (or if reused)."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        """What run_metadata.json records about this server."""
+        spec = self.spec
+        out: dict[str, Any] = {
+            "base_url": self.base_url,
+            "started_here": spec is not None,
+            "pgid": self.pgid,
+            "log": str(self.log_path) if self.log_path and spec is not None else None,
+            "world_size": self.world_size,
+            "startup_seconds": self.startup_seconds,
+            "timings": dict(self.timings),
+            "probe": None,
+        }
+        if spec is not None:
+            out.update(
+                model=spec.model_dir,
+                device=spec.device,
+                dtype=spec.dtype,
+                data_parallel_size=spec.data_parallel_size,
+                tensor_parallel_size=spec.tensor_parallel_size,
+                gpus=list(spec.server_gpus),
+                max_model_len=spec.max_model_len,
+                command=build_command(spec),
+            )
+        r = self.probe_report
+        if r is not None:
+            out["probe"] = {
+                "passed": True,
+                "attempts": r.attempts,
+                "seconds": round(r.seconds, 3),
+                "trigger_tokens": len(r.trigger.token_ids),
+                "control_tokens": len(r.control.token_ids),
+            }
+        return out
+
+    def log_tail(self, n: int | None = None) -> str:
+        n = self.log_tail_lines if n is None else n
+        if not self.log_path or not self.log_path.is_file():
+            return "(no server log)"
+        with open(self.log_path, "r", errors="replace") as fh:
+            return "".join(deque(fh, maxlen=n))
+
+    def _fail(self, msg: str, with_log: bool = True) -> ServerStartError:
+        if with_log and self.log_path:
+            msg += f"\n--- last {self.log_tail_lines} lines of {self.log_path} ---\n{self.log_tail()}"
+        return ServerStartError(msg)
+
+    def start(self) -> RolloutServer:
+        t0 = time.monotonic()
+        try:
+            if self.reuse_existing:
+                if not check_health(self.base_url, self.request_timeout_s):
+                    raise ServerStartError(
+                        f"vllm.server.reuse_existing is true but no healthy server answers "
+                        f"{self.base_url}/health/"
+                    )
+                self.progress(f"reusing the rollout server at {self.base_url}")
+            else:
+                self._spawn()
+                self.timings["spawn"] = time.monotonic() - t0
+                self._wait_healthy(t0)
+            t_healthy = time.monotonic()
+            self.timings["health"] = t_healthy - t0 - self.timings.get("spawn", 0.0)
+            try:
+                self.world_size = get_world_size(self.base_url, self.request_timeout_s)
+            except RolloutServerError as exc:
+                raise self._fail(
+                    f"rollout server at {self.base_url} is up but /get_world_size/ failed: {exc}"
+                ) from None
+            self.progress(
+                f"rollout server {self.base_url} healthy after {time.monotonic() - t0:.1f} s "
+                f"(world_size={self.world_size})"
+            )
+            if self.run_probe:
+                t_probe = time.monotonic()
+                self._probe()
+                self.timings["probe"] = time.monotonic() - t_probe
+            self.startup_seconds = time.monotonic() - t0
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self) -> None:
+        spec = self.spec
+        assert spec is not None
+        if not Path(spec.plugin_path).is_file():
+            raise ServerStartError(f"coordexp swift plugin not found at {spec.plugin_path}")
+        if port_in_use(spec.host, spec.port):
+            raise ServerStartError(
+                f"port {spec.port} on {spec.host} is already in use: stop whatever listens "
+                f"there, pick another port in vllm.server.base_urls, or set "
+                f"vllm.server.reuse_existing=true to use a server that is already running"
+            )
+        cmd = build_command(spec)
+        env = build_env(spec)
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_fh = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - closed by stop()
+            self._log_fh.write(("$ " + " ".join(cmd) + "\n").encode())
+            out = self._log_fh
+        else:
+            out = subprocess.DEVNULL
+        self.progress(
+            f"starting rollout server on {spec.host}:{spec.port} ({spec.device}); log: {self.log_path}"
+        )
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=set_parent_death_signal,  # noqa: PLW1509
+            cwd=os.getcwd(),
+        )
+        self.pgid = self.proc.pid  # session leader: its pid is the process-group id
+        atexit.register(self.stop)
+
+    def _wait_healthy(self, t0: float) -> None:
+        deadline = t0 + self.startup_timeout_s
+        next_note = time.monotonic() + self.progress_every_s
+        while True:
+            code = self.proc.poll() if self.proc else None
+            if code is not None:
+                raise self._fail(
+                    f"rollout server exited with code {code} before becoming healthy "
+                    f"({time.monotonic() - t0:.1f} s after start)"
+                )
+            if check_health(self.base_url, timeout_s=min(5.0, self.request_timeout_s)):
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._fail(
+                    f"rollout server at {self.base_url} not healthy within "
+                    f"vllm.server.startup_timeout_s={self.startup_timeout_s:g} s"
+                )
+            if now >= next_note:
+                self.progress(
+                    f"waiting for {self.base_url}/health/ ... {now - t0:.0f} s "
+                    f"(deadline {self.startup_timeout_s:.0f} s)"
+                )
+                next_note = now + self.progress_every_s
+            time.sleep(self.poll_interval_s)
+
+    def _probe(self) -> None:
+        try:
+            self.probe_report = run_probe(
+                self.base_url, timeout_s=self.probe_timeout_s, eos_token_id=self.eos_token_id
+            )
+        except ProbeError as exc:
+            raise self._fail(str(exc), with_log=not self.reuse_existing) from None
+        r = self.probe_report
+        self.progress(
+            f"repeat-terminate probe passed in {r.seconds:.1f} s (attempt {r.attempts}): forced request "
+            f"stopped after {len(r.trigger.token_ids)} tokens with flag 1; control ran "
+            f"{len(r.control.token_ids)} tokens with flag 0"
+        )
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Terminate the whole process group (TERM, wait, KILL). Idempotent."""
+        proc, pgid = self.proc, self.pgid
+        if proc is not None and pgid is not None:
+            stop_group(proc, timeout_s)
+            self.proc = None
+            self.pgid = None
+            with contextlib.suppress(Exception):
+                atexit.unregister(self.stop)
+        if self._log_fh is not None:
+            with contextlib.suppress(OSError):
+                self._log_fh.close()
+            self._log_fh = None
+
+    def __enter__(self) -> Self:
+        self._signals = contextlib.ExitStack()
+        self._signals.enter_context(terminate_on_signals())
+        try:
+            return self.start()
+        except BaseException:
+            self._signals.close()
+            self._signals = None
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        finally:
+            if self._signals is not None:
+                self._signals.close()
+                self._signals = None

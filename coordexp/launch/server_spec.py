@@ -1,0 +1,155 @@
+"""What a started rollout server is: :class:`ServerLaunchSpec` from a ``TrainConfig``, and the exact command
+line and environment it turns into.
+
+The command is ``python -m swift.cli.rollout ...``: the program ``swift rollout`` runs (ms-swift's ``swift``
+entry point only re-executes that file in a child process). The repeat-terminate subtree is exported as JSON
+in :data:`~coordexp.rollout.protocol.ENV_CONFIG_JSON` together with the guard
+:data:`~coordexp.rollout.protocol.ENV_ENABLE`, for the server process only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from coordexp import checkpoint
+from coordexp.config.contract import server_image_root
+from coordexp.errors import ServerStartError
+from coordexp.rollout import protocol
+from coordexp.rollout.repeat_rules import RepeatTerminateConfig, config_to_dict, parse_config
+
+__all__ = ["PLUGIN_PATH", "ServerLaunchSpec", "build_command", "build_env", "launch_spec_from_config"]
+
+PLUGIN_PATH = str(Path(__file__).resolve().parents[1] / "rollout" / "server" / "swift_plugin.py")
+
+
+@dataclass
+class ServerLaunchSpec:
+    """Everything that determines the server command line and environment."""
+
+    model_dir: str
+    port: int
+    host: str = "127.0.0.1"
+    device: str = "cpu"  # "cpu" | "cuda"
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.85
+    cpu_kvcache_space_gib: int = 1
+    data_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    server_gpus: list[int] = field(default_factory=list)
+    repeat_terminate: RepeatTerminateConfig = field(default_factory=RepeatTerminateConfig)
+    model_type: str | None = None  # ms-swift --model_type (None: let ms-swift detect it)
+    template: str | None = None  # ms-swift --template (None: the model's default template)
+    plugin_path: str = PLUGIN_PATH
+    python: str = sys.executable
+    image_root: str | None = None  # ROOT_IMAGE_DIR: the folder request image paths are relative to
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # applied last (tests, site tweaks)
+
+
+def _enum_value(v: Any) -> Any:
+    return getattr(v, "value", v)
+
+
+def launch_spec_from_config(
+    cfg: Any, model_dir: str | os.PathLike, base_url: str | None = None
+) -> ServerLaunchSpec:
+    """The launch spec of the (single) server a ``TrainConfig`` asks for, at ``base_url`` (default: the first
+    of ``vllm.server.base_urls``). For the tiny model and checkpoints trained from it, ms-swift is told
+    ``--model_type <qwen2|qwen3> --template chatml`` (its auto-detection is ambiguous for a bare Qwen2
+    folder)."""
+    v = cfg.vllm
+    urls = list(v.server.base_urls)
+    url = base_url or (urls[0] if urls else None)
+    if not url:
+        raise ServerStartError("vllm.server.base_urls is empty: nowhere to start the rollout server")
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or not parsed.port:
+        raise ServerStartError(f"vllm.server.base_urls entry {url!r} must look like http://host:port")
+    model_dir = str(Path(model_dir).resolve())
+    if not Path(model_dir).is_dir():
+        raise ServerStartError(f"model directory {model_dir} does not exist")
+    model_type = template = None
+    if _enum_value(cfg.model.kind) == "tiny" or checkpoint.is_tiny_checkpoint(model_dir):
+        model_type = checkpoint.model_type(model_dir) or _enum_value(cfg.model.tiny_arch)
+        template = "chatml"
+    return ServerLaunchSpec(
+        model_dir=model_dir,
+        port=int(parsed.port),
+        host=v.server.host,
+        device=_enum_value(v.device),
+        dtype=_enum_value(v.dtype),
+        max_model_len=int(v.max_model_len),
+        enforce_eager=bool(v.enforce_eager),
+        gpu_memory_utilization=float(v.gpu_memory_utilization),
+        cpu_kvcache_space_gib=int(v.cpu_kvcache_space_gib),
+        data_parallel_size=int(v.data_parallel_size),
+        tensor_parallel_size=int(v.tensor_parallel_size),
+        server_gpus=list(v.server_gpus),
+        repeat_terminate=parse_config(
+            cfg.rollout_matching.repeat_terminate, where="rollout_matching.repeat_terminate."
+        ),
+        model_type=model_type,
+        template=template,
+        image_root=server_image_root(cfg),
+    )
+
+
+def build_command(spec: ServerLaunchSpec) -> list[str]:
+    cmd = [
+        spec.python,
+        "-m",
+        "swift.cli.rollout",
+        "--model",
+        spec.model_dir,
+        "--host",
+        spec.host,
+        "--port",
+        str(spec.port),
+        "--infer_backend",
+        "vllm",
+        "--torch_dtype",
+        spec.dtype,
+        "--vllm_max_model_len",
+        str(spec.max_model_len),
+        "--vllm_enforce_eager",
+        "true" if spec.enforce_eager else "false",
+        "--vllm_data_parallel_size",
+        str(spec.data_parallel_size),
+        "--vllm_tensor_parallel_size",
+        str(spec.tensor_parallel_size),
+        "--external_plugins",
+        spec.plugin_path,
+    ]
+    if spec.device != "cpu":
+        cmd += ["--vllm_gpu_memory_utilization", str(spec.gpu_memory_utilization)]
+    if spec.model_type:
+        cmd += ["--model_type", spec.model_type]
+    if spec.template:
+        cmd += ["--template", spec.template]
+    return cmd + list(spec.extra_args)
+
+
+def build_env(spec: ServerLaunchSpec, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: ``base`` (default ``os.environ``) plus the coordexp variables."""
+    env = dict(os.environ if base is None else base)
+    env[protocol.ENV_ENABLE] = "1"
+    env[protocol.ENV_CONFIG_JSON] = protocol.repeat_terminate_json(config_to_dict(spec.repeat_terminate))
+    env[protocol.ENV_SERVER_DEVICE] = spec.device
+    env["PYTHONUNBUFFERED"] = "1"
+    if spec.image_root:
+        env["ROOT_IMAGE_DIR"] = spec.image_root
+    if spec.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_space_gib)
+        # ms-swift's own vLLM general plugin imports torchvision, absent from the CPU stack.
+        env.setdefault("VLLM_PLUGINS", "none")
+    elif spec.server_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.server_gpus)
+    env.update({str(k): str(v) for k, v in spec.extra_env.items()})
+    return env

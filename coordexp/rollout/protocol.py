@@ -1,0 +1,54 @@
+"""The wire protocol between the learner, the launcher and the rollout-server process: every name that
+crosses a process boundary, spelled once. Stdlib only (the server process imports it before vLLM).
+
+Environment of the server process (set by the launcher, read by the ms-swift plugin and the processor):
+:data:`ENV_ENABLE` (guard), :data:`ENV_CONFIG_JSON` (the ``rollout_matching.repeat_terminate`` subtree),
+:data:`ENV_SERVER_DEVICE`. Environment of the learner: :data:`ENV_INITIAL_WEIGHTS`, :data:`ENV_RUN_ID`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+# ---- environment ------------------------------------------------------------------------------------
+#: Guard: the plugin patches ms-swift only when this is ``1`` in the server's environment.
+ENV_ENABLE = "COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION"
+#: The server-wide repeat-terminate settings, as :func:`repeat_terminate_json`.
+ENV_CONFIG_JSON = "COORDEXP_VLLM_REPEAT_TERMINATE_CONFIG_JSON"
+#: ``cpu`` or ``cuda``: the device the server runs on.
+ENV_SERVER_DEVICE = "COORDEXP_SERVER_DEVICE"
+#: Set for the learner when the orchestrator started the server from the very checkpoint it loads.
+ENV_INITIAL_WEIGHTS = "COORDEXP_SERVER_INITIAL_WEIGHTS"
+#: The run id the orchestrator gives the learner and the servers it starts.
+ENV_RUN_ID = "COORDEXP_RUN_ID"
+#: First port of the NCCL weight-sync groups (one port per server).
+ENV_NCCL_GROUP_PORT = "COORDEXP_NCCL_GROUP_PORT"
+
+# ---- requests and responses ---------------------------------------------------------------------------
+#: Key inside vLLM ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP) holding per-request overrides.
+XARGS_KEY = "coordexp_repeat_terminate"
+#: Where a rollout worker leaves the flag for the server's main process (inside ``rollout_infos``).
+FLAG_INFO_KEY = "coordexp_repeat_terminate_triggered"
+#: ``/infer/`` output item: ``{RESPONSE_KEY: {FLAG_KEY: 0|1}, "response": <ms-swift output>}``.
+RESPONSE_KEY = "coordexp"
+FLAG_KEY = "repeat_terminate_triggered"
+
+# ---- server-side classes and routes -------------------------------------------------------------------
+#: The vLLM logits processor registered at engine start.
+PROCESSOR_FQCN = "coordexp.rollout.vllm_processor:RepeatTerminateLogitsProcessor"
+#: The vLLM worker extension (ms-swift's NCCL methods plus the file loader).
+WORKER_EXTENSION_FQCN = "coordexp.rollout.server.worker.CoordexpWorkerExtension"
+#: ms-swift's own worker extension, which the coordexp one subclasses.
+SWIFT_WORKER_EXTENSION = "swift.pipelines.infer.rollout.WeightSyncWorkerExtension"
+#: ``POST {"path": <safetensors>, "step": s, "timeout_s": t}``: every rollout worker loads the file.
+LOAD_WEIGHTS_ROUTE = "/coordexp/load_weights/"
+#: The worker-extension method the route reaches over vLLM's ``collective_rpc``.
+WORKER_METHOD = "coordexp_load_weights"
+
+
+def repeat_terminate_json(values: Mapping[str, Any]) -> str:
+    """The one serialization of the repeat-terminate settings that crosses a process boundary (the
+    environment of the server, the probe's per-request overrides)."""
+    return json.dumps(dict(values), separators=(",", ":"), sort_keys=False)

@@ -1,0 +1,295 @@
+"""Weight-sync transports, learner side: how rank 0 pushes the full weights to every rollout server.
+
+* :class:`FileTransport` (CPU and GPU): writes the unique parameters (HF names, cast to the server dtype) as
+  one safetensors file into ``<run_dir>/weight_sync/`` and POSTs
+  :data:`~coordexp.rollout.protocol.LOAD_WEIGHTS_ROUTE` ``{"path": ...}`` to each server; the plugin route
+  makes every vLLM worker load it with vLLM's ``Worker.reload_weights``
+  (:mod:`coordexp.rollout.server.worker`). The file must be readable by the server: same host or a shared
+  filesystem.
+* :class:`NcclTransport` (GPU only): ms-swift's own routes (``/init_communicator/``,
+  ``/update_flattened_params/``, ``/process_weights_after_loading/``) with a timeout on every HTTP call and
+  on every broadcast. Not testable on CPU (see docs/runbook.md for how to verify it on a GPU node).
+
+Every HTTP call gets the time left before the push's deadline. torch, safetensors and vLLM are imported when
+a push runs, so the orchestrator can import this module without them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from coordexp.rollout.protocol import ENV_NCCL_GROUP_PORT, LOAD_WEIGHTS_ROUTE
+from coordexp.rollout.server_client import get_world_size
+
+__all__ = ["FileTransport", "NcclTransport", "SyncReport", "WeightSyncError", "flatten_bucket",
+           "named_weights", "write_weights_file"]
+
+
+class WeightSyncError(RuntimeError):
+    """A weight sync failed or timed out (the message names the server, the call and the cause)."""
+
+
+@dataclass
+class SyncReport:
+    step: int
+    seconds: float
+    bytes: int = 0
+    transport: str = "file"
+    servers: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- tensors
+
+
+def named_weights(model, dtype: str | None = None) -> dict[str, Any]:
+    """The model's unique parameters by HF name (tied weights once), detached, contiguous, on CPU, cast to
+    ``dtype`` (a torch dtype name) when given."""
+    import torch
+
+    target = getattr(torch, dtype) if dtype else None
+    out: dict[str, Any] = {}
+    for name, p in model.named_parameters():  # named_parameters() already skips tied duplicates
+        t = p.detach()
+        if target is not None and t.dtype != target and t.is_floating_point():
+            t = t.to(target)
+        out[name] = t.to("cpu").contiguous()
+    return out
+
+
+def write_weights_file(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> int:
+    """Write ``tensors`` as safetensors, atomically (temp file + rename). Returns the file size."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path.stat().st_size
+
+
+def flatten_bucket(named: Sequence[tuple]) -> tuple:
+    """``(metadatas, uint8 tensor)`` in the layout of ms-swift's ``FlattenedTensorBucket`` (what its
+    ``/update_flattened_params/`` route expects): per tensor ``name, shape, dtype, start_idx, end_idx,
+    numel`` over the bytes of the flattened tensors, concatenated."""
+    import torch
+
+    metas, chunks, offset = [], [], 0
+    for name, t in named:
+        flat = t.contiguous().flatten().view(torch.uint8)
+        n = flat.numel()
+        metas.append(
+            {
+                "name": name,
+                "shape": list(t.shape),
+                "dtype": str(t.dtype),
+                "start_idx": offset,
+                "end_idx": offset + n,
+                "numel": n,
+            }
+        )
+        chunks.append(flat)
+        offset += n
+    return metas, torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- HTTP
+
+
+def _left(deadline: float, what: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise WeightSyncError(f"weight sync ran out of time (vllm.sync.timeout_s) before {what}")
+    return left
+
+
+def _post(url: str, payload: dict | None, deadline: float, what: str, session=None) -> Any:
+    left = _left(deadline, f"POST {url}")
+    s = session or requests
+    try:
+        r = s.post(url, json=payload, timeout=(min(10.0, left), left))
+    except requests.Timeout:
+        raise WeightSyncError(
+            f"weight sync: POST {url} ({what}) timed out after {left:.1f} s (vllm.sync.timeout_s); the "
+            "server "
+            f"is stuck or too slow to load the weights"
+        ) from None
+    except requests.RequestException as exc:
+        raise WeightSyncError(
+            f"weight sync: POST {url} ({what}) failed: {exc.__class__.__name__}: {exc}"
+        ) from None
+    if r.status_code == 404 and LOAD_WEIGHTS_ROUTE in url:
+        raise WeightSyncError(
+            f"weight sync: {url} does not exist (HTTP 404): the server was started without the coordexp "
+            f"plugin (or an older one); start it through coordexp or with --external_plugins "
+            f"coordexp/rollout/server/swift_plugin.py and COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION=1"
+        )
+    if r.status_code != 200:
+        raise WeightSyncError(
+            f"weight sync: POST {url} ({what}) returned HTTP {r.status_code}: {r.text[:500]}"
+        )
+    try:
+        return r.json()
+    except ValueError:
+        raise WeightSyncError(
+            f"weight sync: POST {url} ({what}) returned non-JSON: {r.text[:300]!r}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------- transports
+
+
+class FileTransport:
+    """Learner writes safetensors into ``sync_dir``; each server loads it through the plugin route."""
+
+    name = "file"
+
+    def __init__(
+        self, base_urls: Sequence[str], sync_dir: Path, dtype: str | None = None, keep_last: int = 1
+    ):
+        self.base_urls = [u.rstrip("/") for u in base_urls]
+        self.sync_dir = Path(sync_dir).resolve()
+        self.dtype = dtype
+        self.keep_last = max(1, int(keep_last))
+        self._written: list[Path] = []
+
+    def push(self, model, step: int, deadline: float) -> SyncReport:
+        t0 = time.monotonic()
+        path = self.sync_dir / f"step-{step:08d}.safetensors"
+        nbytes = write_weights_file(
+            named_weights(model, self.dtype), path, metadata={"coordexp_step": str(step)}
+        )
+        write_s = time.monotonic() - t0
+        servers: dict[str, Any] = {}
+        for url in self.base_urls:
+            left = _left(deadline, f"loading weights on {url}")
+            body = _post(
+                url + LOAD_WEIGHTS_ROUTE,
+                {"path": str(path), "step": step, "timeout_s": left},
+                deadline,
+                f"load {path.name}",
+            )
+            _post(url + "/reset_prefix_cache/", None, deadline, "reset prefix cache after weight sync")
+            servers[url] = body
+        self._written.append(path)
+        while len(self._written) > self.keep_last:
+            old = self._written.pop(0)
+            try:
+                old.unlink()
+            except OSError:
+                pass
+        rep = SyncReport(step, time.monotonic() - t0, nbytes, self.name, servers)
+        rep.servers["_write_s"] = round(write_s, 4)
+        return rep
+
+
+class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see docs/runbook.md
+    """ms-swift's NCCL routes with a timeout on every HTTP call and on every broadcast."""
+
+    name = "nccl"
+
+    def __init__(
+        self,
+        base_urls: Sequence[str],
+        dtype: str | None = None,
+        group_port: int | None = None,
+        bucket_mb: int = 512,
+    ):
+        self.base_urls = [u.rstrip("/") for u in base_urls]
+        self.dtype = dtype
+        port = group_port or int(os.environ.get(ENV_NCCL_GROUP_PORT, "51216"))
+        self.group_ports = [port + i for i in range(len(self.base_urls))]
+        self.bucket_bytes = int(bucket_mb) << 20
+        self._comms: list | None = None
+
+    def _run_with_timeout(self, fn: Callable[[], None], deadline: float, what: str) -> None:
+        err: list = []
+
+        def target():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001
+                err.append(exc)
+
+        th = threading.Thread(target=target, daemon=True, name=f"coordexp-nccl-{what}")
+        th.start()
+        th.join(_left(deadline, what))
+        if th.is_alive():
+            raise WeightSyncError(f"weight sync (nccl): {what} did not finish within vllm.sync.timeout_s")
+        if err:
+            raise WeightSyncError(f"weight sync (nccl): {what} failed: {err[0]!r}")
+
+    def _init(self, deadline: float) -> list:
+        from urllib.parse import urlparse
+
+        import torch
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        comms = []
+        for url, port in zip(self.base_urls, self.group_ports):
+            ws = get_world_size(url, _left(deadline, "get_world_size"))
+            host = urlparse(url).hostname
+            _post(
+                url + "/init_communicator/",
+                {"host": "0.0.0.0", "port": port, "world_size": ws + 1},
+                deadline,
+                "init NCCL communicator",
+            )
+            holder: list = []
+
+            def connect(host=host, port=port, ws=ws, holder=holder):
+                pg = StatelessProcessGroup.create(host=host, port=port, rank=ws, world_size=ws + 1)
+                holder.append(PyNcclCommunicator(pg, device=torch.cuda.current_device()))
+
+            self._run_with_timeout(connect, deadline, f"NCCL group with {url} (port {port})")
+            comms.append(holder[0])
+        return comms
+
+    def push(self, model, step: int, deadline: float) -> SyncReport:
+        import torch
+
+        t0 = time.monotonic()
+        if self._comms is None:
+            self._comms = self._init(deadline)
+        target = getattr(torch, self.dtype) if self.dtype else None
+        buckets, cur, size = [], [], 0
+        for name, p in model.named_parameters():
+            t = p.detach()
+            if target is not None and t.is_floating_point() and t.dtype != target:
+                t = t.to(target)
+            cur.append((name, t))
+            size += t.numel() * t.element_size()
+            if size >= self.bucket_bytes:
+                buckets.append(cur)
+                cur, size = [], 0
+        if cur:
+            buckets.append(cur)
+        total = 0
+        for bucket in buckets:
+            metas, flat = flatten_bucket(bucket)
+            total += flat.numel()
+            for url, comm in zip(self.base_urls, self._comms):
+                _post(url + "/update_flattened_params/", {"metadatas": metas}, deadline, "announce bucket")
+                flat_dev = flat.to(comm.device)
+
+                def send(comm=comm, flat_dev=flat_dev):
+                    comm.broadcast(flat_dev, src=comm.rank)
+                    comm.group.barrier()
+
+                self._run_with_timeout(send, deadline, f"broadcast to {url}")
+        for url in self.base_urls:
+            _post(url + "/process_weights_after_loading/", None, deadline, "process weights after loading")
+            _post(url + "/reset_prefix_cache/", None, deadline, "reset prefix cache after weight sync")
+        return SyncReport(step, time.monotonic() - t0, total, self.name, {})
