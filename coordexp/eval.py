@@ -36,11 +36,14 @@ from coordexp.data.jsonl import load_jsonl
 from coordexp.data.prompt import PromptSpec
 from coordexp.data.synthetic import write_synthetic_split
 from coordexp.errors import CoordexpError, EvalError, ServerStartError
+from coordexp.evaluation.coco_export import CocoExport, CocoExportError, pop_export_flags
 from coordexp.launch.rollout_server import RolloutServer
 
 #: Where evals go unless hydra.run.dir / hydra.sweep.dir are given (training runs use runs/<experiment>/...).
 DEFAULT_DIRS = {"hydra.run.dir": "runs/${experiment}-eval/${now:%Y-%m-%d_%H-%M-%S}",
                 "hydra.sweep.dir": "runs/${experiment}-eval-sweep/${now:%Y-%m-%d_%H-%M-%S}"}
+#: ``--coco-results <path>`` [``--coco-categories <path>``]: the COCO results export (docs/evaluation.md).
+COCO_EXPORT: CocoExport | None = None
 
 
 def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> tuple[list, Path]:
@@ -109,6 +112,11 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
         raise EvalError(f"model.path '{cfg.model.path}' is not a checkpoint directory (no config.json): pass "
                         f"model.path=<checkpoint dir>, e.g. <run_dir>/checkpoint-<N>")
     samples, split = load_eval_samples(cfg, out_dir)  # data problems fail before torch and the model load
+    if COCO_EXPORT is not None:
+        try:
+            COCO_EXPORT.check(samples, split)
+        except CocoExportError as err:
+            raise EvalError(str(err)) from None
 
     # torch, transformers and the model: only after the config and the data passed their checks
     import torch
@@ -136,7 +144,9 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
     try:
         adapter = TokenizerAdapter(tokenizer)
     except ValueError as err:
-        raise EvalError(f"the tokenizer of {model_dir} lacks the coordinate vocabulary: {err}") from None
+        raise EvalError(f"the tokenizer of {model_dir} lacks the coordinate vocabulary: {err}. Fix: python "
+                        f"-m coordexp.models.add_coord_tokens --src {model_dir} --dst <new folder> "
+                        f"(docs/own_data.md)") from None
     if torch.cuda.is_available():
         model.to("cuda")
     has_images = any(s.images for s in samples)
@@ -167,6 +177,8 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
     write_sample_pngs(result.records, out_dir / "viz", limit=VIZ_LIMIT, image_root=split.parent)
     print(format_summary(result.report))
     print(f"report: {report_path}")
+    if COCO_EXPORT is not None:
+        print(COCO_EXPORT.describe(COCO_EXPORT.write(result.records, samples)))
     return 0
 
 
@@ -183,8 +195,16 @@ def hydra_task(cfg: DictConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global COCO_EXPORT
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    try:
+        sys.argv[1:], flags = pop_export_flags(sys.argv[1:])
+    except CocoExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.code)
+    if flags:
+        COCO_EXPORT = CocoExport(Path(flags["--coco-results"]).resolve(), flags.get("--coco-categories"))
     prepare_argv(extra=DEFAULT_DIRS)  # keep evals apart from training runs unless told otherwise
     hydra_task()
 

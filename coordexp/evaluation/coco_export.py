@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from coordexp.coordjson import bins_to_coco_box
+from coordexp.errors import CoordexpError
 
 __all__ = ["CocoExport", "CocoExportError", "category_map_path", "coco_ground_truth", "coco_results",
            "load_category_map", "original_coco_box", "pop_export_flags", "write_coco_results"]
@@ -43,7 +44,7 @@ __all__ = ["CocoExport", "CocoExportError", "category_map_path", "coco_ground_tr
 FLAGS = ("--coco-results", "--coco-categories")
 
 
-class CocoExportError(ValueError):
+class CocoExportError(CoordexpError, ValueError):
     """The split or the category map cannot give COCO ids; the message says which and how to fix it."""
 
 

@@ -56,10 +56,10 @@ def coord_vocab_adapter(tokenizer, model_dir):
         return TokenizerAdapter(tokenizer)
     except ValueError as err:
         raise LearnerError(
-            f"the tokenizer of {model_dir} lacks the coordinate vocabulary: {err}. Add the 1000 tokens "
-            f"<|coord_0|>..<|coord_999|> as single added tokens and resize the embeddings: "
-            f"tokenizer.add_tokens([f'<|coord_{{k}}|>' for k in range(1000)]); "
-            f"model.resize_token_embeddings(len(tokenizer)); save both (docs/vlm.md)") from None
+            f"the tokenizer of {model_dir} lacks the coordinate vocabulary: {err}. Fix: python -m "
+            f"coordexp.models.add_coord_tokens --src {model_dir} --dst <new folder> adds the 1000 tokens "
+            f"<|coord_0|>..<|coord_999|> and resizes the embeddings; then pass model.path=<new folder> "
+            f"(docs/own_data.md)") from None
 
 
 def load_samples(cfg: TrainConfig, run_dir: Path):

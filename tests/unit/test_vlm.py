@@ -162,8 +162,8 @@ def test_missing_coord_vocab_says_how_to_add_it(vlm):
     msg = str(err.value)
     assert msg.startswith("the tokenizer of /ckpt lacks the coordinate vocabulary: "
                           "vocabulary lacks 1000 coord tokens")
-    assert "tokenizer.add_tokens([f'<|coord_{k}|>' for k in range(1000)])" in msg
-    assert "model.resize_token_embeddings(len(tokenizer))" in msg
+    assert "Fix: python -m coordexp.models.add_coord_tokens --src /ckpt --dst <new folder> adds the 1000 " \
+           "tokens" in msg
 
 
 def test_channel_a_and_b_steps_with_images(vlm, split, cfg):
