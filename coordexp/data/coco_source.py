@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordexp.errors import CoordexpError
+
 __all__ = ["DROP_REASONS", "PlannedBox", "PlannedImage", "SourceError", "SourcePlan", "load_desc_map",
            "plan_source"]
 
@@ -34,7 +36,7 @@ DROP_REASONS = ("crowd", "invalid_box", "outside_image", "sub_pixel", "unknown_c
 SOURCES = ("coco", "lvis")
 
 
-class SourceError(ValueError):
+class SourceError(CoordexpError, ValueError):
     """The instances file, the desc map or an option is unusable; the message names the cause and the fix."""
 
 

@@ -41,16 +41,16 @@ from typing import Any
 from coordexp.coordjson import coco_box_to_pixel_box, pixel_box_to_bins
 from coordexp.data.coco_source import DROP_REASONS, PlannedImage, SourceError, SourcePlan, plan_source
 from coordexp.data.resize import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FAMILY_FACTOR, family_resized_size
+from coordexp.errors import CoordexpError
 
 __all__ = ["ConvertError", "ConvertOptions", "ImageJob", "ImageResult", "build_record", "convert", "main",
            "process_image"]
 
-EXIT_USER_ERROR = 2
 IMAGE_DIR = "images"
 JPEG_QUALITY = 95
 
 
-class ConvertError(ValueError):
+class ConvertError(CoordexpError, ValueError):
     """A problem the user can fix; printed as one ``error:`` screen, exit code 2."""
 
 
@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = convert(opts)
     except ConvertError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        return err.code
     im, bx = summary["images"], summary["boxes"]
     drops = ", ".join(f"{k} {v}" for k, v in bx["dropped"].items() if v) or "none"
     print(f"{summary['jsonl']}: {im['out']} of {im['in']} images ({im['skipped_without_annotations']} "

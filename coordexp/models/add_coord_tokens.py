@@ -36,17 +36,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from coordexp.errors import CoordexpError
+
 NUM_BINS = 1000
 RECORD_FILE = "coordexp_coord_tokens.json"
 DEFAULT_SCALE = 0.25
 SEED = 1000
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
-EXIT_USER_ERROR = 2
 
 __all__ = ["AddCoordTokensError", "add_coord_tokens", "coord_rows", "main", "missing_coord_tokens"]
 
 
-class AddCoordTokensError(ValueError):
+class AddCoordTokensError(CoordexpError, ValueError):
     """A problem with --src or --dst the user can fix (printed as one ``error:`` screen, exit code 2)."""
 
 
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = add_coord_tokens(args.src, args.dst, scale=args.scale)
     except AddCoordTokensError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        return err.code
     if not summary["added"]:
         print(f"{args.src} already has all {NUM_BINS} coordinate tokens as single tokens: nothing to do, "
               f"nothing written (use {args.src} as model.path)")
