@@ -170,7 +170,7 @@ def test_resized_set_passes_the_tiny_vlm_size_check(coco, tmp_path):
 
     instances, images = coco
     assert main(["coco", "--instances", str(instances), "--images", str(images), "--out", str(tmp_path / "o"),
-                 "--resize", "qwen2_vl", *TINY_VL_PIXELS, "--no-progress"]) == 0
+                 "--resize", "qwen2_5_vl", *TINY_VL_PIXELS, "--no-progress"]) == 0
     samples = list(load_jsonl(tmp_path / "o" / "instances_val.jsonl"))
     assert [(s.width, s.height) for s in samples] == [(168, 252), (252, 168)]
     _, _, prompts = load_model_and_prompts(ensure_tiny_model(tmp_path / "m", arch="qwen2_vl"), "float32")
