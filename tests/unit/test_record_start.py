@@ -25,6 +25,8 @@ from coordexp.coordjson import (
     parse_rollout,
 )
 
+DESC_FIRST, GEOMETRY_FIRST = FieldOrder("desc_first"), FieldOrder("geometry_first")
+
 DESCS = ["cat", "red square", '{"desc": "x"}', "a \\ b", "café", "红色", "\U0001F600", "{", '"', "bbox_2d"]
 
 
@@ -95,7 +97,7 @@ def rollouts(draw):
         box = "[" + w() + ("," + w()).join(bin_to_token(b) + w() for b in bins) + "]"
         pairs = [w() + '"desc"' + w() + ":" + w() + desc + w(),
                  w() + '"bbox_2d"' + w() + ":" + w() + box + w()]
-        records.append("{" + ",".join(pairs if order is FieldOrder.DESC_FIRST else pairs[::-1]) + "}")
+        records.append("{" + ",".join(pairs if order is FieldOrder.desc_first else pairs[::-1]) + "}")
     body = ("," + w()).join(r + w() for r in records)
     text = "{" + w() + '"objects"' + w() + ":" + w() + "[" + w() + body + "]" + w() + "}"
     return text, len(records), orders

@@ -32,10 +32,12 @@ from coordexp.data.jsonl import DataValidationError, JsonlDetectionDataset
 from coordexp.evaluation import CocoImage, CocoObject, DetectionAggregate, SampleOutcome, coco_ap
 from coordexp.matching import match_boxes
 
+DESC_FIRST, GEOMETRY_FIRST = FieldOrder("desc_first"), FieldOrder("geometry_first")
 QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
 # Latin accents, CJK, a 4-byte emoji, a combining mark with no precomposed form (NFC keeps it apart)
 DESCS = ("crème brûlée", "红色方块", "\U0001F600 face", "x\u0301y")
 # 4-byte emoji that all end in the byte 0x80: trained on them, BPE merges that byte with the closing quote
@@ -64,7 +66,7 @@ class Tok:
     def fns(self) -> dict:
         return {"coord_vocab": self.coord_vocab, "encode": self.encode, "decode_token": self.decode_token}
 
-    def parse(self, ids, order=FieldOrder.DESC_FIRST):
+    def parse(self, ids, order=FieldOrder.desc_first):
         return parse_rollout(ids, self.pieces(ids), stop_ids=[self.eos_id], field_order=order, **self.fns())
 
 
@@ -112,7 +114,7 @@ def _byte_roles(tok: Tok, ids, roles, text_bytes: bytes, needle: bytes, start: i
     return {int(roles[i]) for i in range(len(ids)) if starts[i] < begin + len(needle) and ends[i] > begin}
 
 
-def _rollout(objs, order=FieldOrder.DESC_FIRST) -> str:
+def _rollout(objs, order=FieldOrder.desc_first) -> str:
     return '{"objects": [' + ", ".join(serialize_record(o, order) for o in objs) + "]}"
 
 
@@ -141,7 +143,7 @@ def test_desc_is_the_tokenizers_decode_of_its_span(desc, tokenizer, request):
         assert [tok.coord_vocab.bin_of(parsed.prefix_ids[p]) for p in obj.coord_positions] == list(obj.bbox)
     # the old frame (each token decoded alone) lost the text: U+FFFD instead of the characters
     lossy = parse_rollout(ids, [tok.decode([i]) for i in ids], stop_ids=[tok.eos_id],
-                          field_order=FieldOrder.DESC_FIRST, **tok.fns())
+                          field_order=FieldOrder.desc_first, **tok.fns())
     assert lossy.objects[0].desc != desc and "\ufffd" in lossy.objects[0].desc
 
 
@@ -163,9 +165,9 @@ def test_tokens_mixing_partial_characters_and_quotes(emoji, desc):
     if b' "\xe2' in raw:
         assert frame.pieces[raw.index(b' "\xe2')] == ' "'  # ★ completes two tokens later
     gt = [CoordObject(desc, (1, 2, 3, 4))]
-    matched = build_channel_b_target(parsed, gt, [(0, 0)], field_order=FieldOrder.DESC_FIRST,
+    matched = build_channel_b_target(parsed, gt, [(0, 0)], field_order=FieldOrder.desc_first,
                                      eos_id=emoji.eos_id, desc_ce_weight=0.5, **emoji.fns())
-    appended = build_channel_b_target(parsed, gt, [], field_order=FieldOrder.DESC_FIRST, eos_id=emoji.eos_id,
+    appended = build_channel_b_target(parsed, gt, [], field_order=FieldOrder.desc_first, eos_id=emoji.eos_id,
                                       desc_ce_weight=0.5, **emoji.fns())
     for target, role in ((matched, TokenRole.MATCHED_DESC), (appended, TokenRole.APPENDED_DESC)):
         ids = list(target.input_ids)
@@ -186,7 +188,7 @@ def test_channel_b_target_reencodes_non_ascii_gt(tokenizer, request):
     match = match_boxes([o.bbox for o in parsed.objects], [g.bbox for g in gt], top_k=5, iou_gate=0.5,
                         fp_cost=0.5, fn_cost=2.0)
     assert match.index_pairs == [(0, 1)]
-    target = build_channel_b_target(parsed, gt, match.index_pairs, field_order=FieldOrder.DESC_FIRST,
+    target = build_channel_b_target(parsed, gt, match.index_pairs, field_order=FieldOrder.desc_first,
                                     eos_id=tok.eos_id, desc_ce_weight=0.5, **tok.fns())
     text_bytes = b"".join(tok.token_bytes(target.input_ids))
     prefix_bytes = len(b"".join(tok.token_bytes(target.input_ids[: target.prefix_len])))
@@ -200,9 +202,9 @@ def test_channel_b_target_reencodes_non_ascii_gt(tokenizer, request):
     # the target, read back by the parser, says exactly the GT
     again = tok.parse(list(target.input_ids))
     assert sorted((o.desc, o.bbox) for o in again.objects) == sorted((g.desc, g.bbox) for g in gt)
-    whole = build_channel_a_target(gt, field_order=FieldOrder.GEOMETRY_FIRST, eos_id=tok.eos_id,
+    whole = build_channel_a_target(gt, field_order=FieldOrder.geometry_first, eos_id=tok.eos_id,
                                    desc_ce_weight=1.0, **tok.fns())
-    again = tok.parse(list(whole.input_ids), FieldOrder.GEOMETRY_FIRST)
+    again = tok.parse(list(whole.input_ids), FieldOrder.geometry_first)
     assert sorted((o.desc, o.bbox) for o in again.objects) == sorted((g.desc, g.bbox) for g in gt)
 
 
@@ -211,7 +213,7 @@ def test_gt_desc_is_compared_as_the_tokenizer_spells_it(tiny):
     encoded as the one character é. The target check accepts that spelling (it is what the model learns
     to write); the written text decodes to the NFC form."""
     gt = [CoordObject("cafe\u0301", (10, 10, 200, 200))]
-    target = build_channel_a_target(gt, field_order=FieldOrder.DESC_FIRST, eos_id=tiny.eos_id,
+    target = build_channel_a_target(gt, field_order=FieldOrder.desc_first, eos_id=tiny.eos_id,
                                     desc_ce_weight=1.0, **tiny.fns())
     assert [o.desc for o in tiny.parse(list(target.input_ids)).objects] == ["caf\u00e9"]
 
@@ -236,7 +238,7 @@ LONE = '"cat \\ud835"'  # the JSON escape of half a surrogate pair, as a model w
 
 
 def test_rollout_desc_with_a_lone_surrogate_is_dropped_as_invalid_desc(tiny):
-    good = serialize_record(CoordObject("dog", (500, 500, 600, 600)), FieldOrder.DESC_FIRST)
+    good = serialize_record(CoordObject("dog", (500, 500, 600, 600)), FieldOrder.desc_first)
     bad = '{"desc": ' + LONE + ', "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}'
     paired = '{"desc": "cat \\ud835\\udc00", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}'
     text = '{"objects": [' + f"{bad}, {good}, {paired}" + "]}"
@@ -246,7 +248,7 @@ def test_rollout_desc_with_a_lone_surrogate_is_dropped_as_invalid_desc(tiny):
     assert parsed.drop_counts["invalid_desc"] == 1 and parsed.num_records == 3
     assert [r.reason.value for r in parsed.dropped_in_prefix] == ["invalid_desc"]
     target = build_channel_b_target(parsed, [CoordObject("dog", (500, 500, 600, 600))], [(0, 0)],
-                                    field_order=FieldOrder.DESC_FIRST, eos_id=tiny.eos_id, desc_ce_weight=1.0,
+                                    field_order=FieldOrder.desc_first, eos_id=tiny.eos_id, desc_ce_weight=1.0,
                                     **tiny.fns())
     first, stop = parsed.dropped_in_prefix[0].token_span
     assert set(target.roles[first:stop].tolist()) <= {TokenRole.INVALID_RECORD, TokenRole.COORD}
