@@ -21,6 +21,22 @@ def _repo_root_cwd(monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen2 model, built once per session into the session's temp dir (every test that needs the
+    real tiny checkpoint, tokenizer or model starts from this folder)."""
+    from coordexp.models.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
 def rules_config(**overrides):
     """A repeat-terminate config with every rule off except the ones given (rule-engine tests)."""
     from coordexp.rollout.repeat_rules import parse_config

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from coordexp.coordjson.serialize import FieldOrder
 from coordexp.rollout.repeat_rules import RepeatTerminateConfig
 
 
@@ -49,11 +50,6 @@ class DType(str, Enum):
 class DataKind(str, Enum):
     synthetic = "synthetic"
     jsonl = "jsonl"
-
-
-class FieldOrder(str, Enum):
-    desc_first = "desc_first"
-    geometry_first = "geometry_first"
 
 
 class IntervalStrategy(str, Enum):
@@ -145,6 +141,10 @@ class TrainingConfig:
     save_strategy: IntervalStrategy = doc("`steps`: checkpoint every save_steps; `no`: never.")
     save_steps: int = doc("Optimizer steps between checkpoints.")
     save_total_limit: int | None = doc("Keep at most N checkpoints (null = all).", 2)
+    checkpoint_on_sigterm: bool = doc(
+        "On SIGTERM (a preemption), finish the current optimizer step, save a checkpoint and exit 143, so a "
+        "requeued run (resume_from_checkpoint: latest) loses less than one step. Needs save_strategy: steps; "
+        "bounded by the 20 s signal grace (docs/runbook.md).", True)
     metric_for_best_model: str = doc("Metric that picks the best checkpoint.", "eval_rollout/f1")
     resume_from_checkpoint: str | None = doc(
         "`latest` resumes from the newest checkpoint in output_dir; a path resumes from it.", None)

@@ -19,12 +19,12 @@ BBOX_KEY = "bbox_2d"
 class FieldOrder(str, Enum):
     """Key order inside each record; a record in the other order is invalid."""
 
-    DESC_FIRST = "desc_first"
-    GEOMETRY_FIRST = "geometry_first"
+    desc_first = "desc_first"
+    geometry_first = "geometry_first"
 
     @property
     def keys(self) -> tuple[str, str]:
-        return (DESC_KEY, BBOX_KEY) if self is FieldOrder.DESC_FIRST else (BBOX_KEY, DESC_KEY)
+        return (DESC_KEY, BBOX_KEY) if self is FieldOrder.desc_first else (BBOX_KEY, DESC_KEY)
 
 
 Span = tuple[int, int]
@@ -83,9 +83,14 @@ class RenderedText:
     records: tuple[RenderedRecord, ...]
 
 
+def sort_key(bbox: Sequence[int]) -> tuple[int, int]:
+    """The canonical object order's key of a box ``[x1, y1, x2, y2]``: (minY, minX)."""
+    return (bbox[1], bbox[0])
+
+
 def canonical_order(objects: Sequence[CoordObject]) -> list[int]:
     """Indices of `objects` sorted by (minY, minX); stable, so ties keep their input order."""
-    return sorted(range(len(objects)), key=lambda i: (objects[i].bbox[1], objects[i].bbox[0]))
+    return sorted(range(len(objects)), key=lambda i: sort_key(objects[i].bbox))
 
 
 def sort_objects(objects: Sequence[CoordObject]) -> list[CoordObject]:

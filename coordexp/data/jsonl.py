@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from coordexp.coordjson import MAX_BIN, lone_surrogate, try_token_to_bin
+from coordexp.coordjson.serialize import sort_key
 from coordexp.data.prompt import PromptSpec, build_messages
 
 __all__ = [
@@ -190,7 +191,7 @@ def _parse_record(rec: Any, base_dir, check_images: bool):
     objects = tuple(_parse_object(o, j) for j, o in enumerate(objects_raw))
     for j in range(1, len(objects)):
         prev, cur = objects[j - 1].bbox_2d, objects[j].bbox_2d
-        if (cur[1], cur[0]) < (prev[1], prev[0]):
+        if sort_key(cur) < sort_key(prev):
             raise _RecordError(f"objects not sorted by (minY, minX): objects[{j}] (y1={cur[1]}, x1={cur[0]}) "
                                f"comes after objects[{j - 1}] (y1={prev[1]}, x1={prev[0]})")
     images: tuple[Path, ...] = ()

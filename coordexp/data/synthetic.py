@@ -20,14 +20,16 @@ and it does not build prompts (that is :mod:`coordexp.data.prompt`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from coordexp.coordjson.serialize import sort_key
+from coordexp.data.streams import record_rng
+from coordexp.data.synthetic_images import ImageTaskSpec, write_synthetic_image_jsonl
 
 __all__ = [
     "COLOURS",
@@ -96,17 +98,10 @@ def grid_values(grid: int) -> list[int]:
     return [round(i * 999 / (grid - 1)) for i in range(grid)]
 
 
-def _record_rng(seed: int, index: int) -> random.Random:
-    # One independent stream per (seed, index): record i does not depend on n, so
-    # generate_records(5, s) == generate_records(50, s)[:5], and it is stable across processes.
-    digest = hashlib.sha256(f"coordexp-synthetic:{seed}:{index}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:16], "big"))
-
-
 def generate_record(seed: int, index: int, spec: SyntheticSpec | None = None) -> dict[str, Any]:
     """Record number ``index`` of the stream ``seed`` (pure function of its arguments)."""
     spec = spec or SyntheticSpec()
-    rng = _record_rng(seed, index)
+    rng = record_rng(seed, index)
     values = grid_values(spec.grid)
     g = len(values)
     width, height = spec.image_sizes[rng.randrange(len(spec.image_sizes))]
@@ -127,7 +122,7 @@ def generate_record(seed: int, index: int, spec: SyntheticSpec | None = None) ->
         c = rng.randrange(a + 1, g)  # x2 index > x1 index
         d = rng.randrange(b + 1, g)  # y2 index > y1 index
         objects.append({"desc": desc, "bbox_2d": [values[a], values[b], values[c], values[d]]})
-    objects.sort(key=lambda o: (o["bbox_2d"][1], o["bbox_2d"][0]))
+    objects.sort(key=lambda o: sort_key(o["bbox_2d"]))
     return {"width": width, "height": height, "objects": objects}
 
 
@@ -176,8 +171,6 @@ def write_synthetic_split(path: str | os.PathLike, syn: Any, split: str) -> Path
     text scenes, or rendered images (``syn.images``); val uses ``seed + 1``."""
     n, seed = (syn.train_samples, syn.seed) if split == "train" else (syn.val_samples, syn.seed + 1)
     if syn.images:
-        from coordexp.data.synthetic_images import ImageTaskSpec, write_synthetic_image_jsonl
-
         task = ImageTaskSpec(cell=syn.image_cell, min_objects=syn.min_objects, max_objects=syn.max_objects)
         return write_synthetic_image_jsonl(path, n, seed, task)
     return write_synthetic_jsonl(path, n, seed, SyntheticSpec(min_objects=syn.min_objects,

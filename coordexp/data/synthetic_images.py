@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from coordexp.coordjson import pixel_box_to_bins
-from coordexp.data.synthetic import _record_rng
+from coordexp.coordjson.serialize import sort_key
+from coordexp.data.streams import record_rng
 
 __all__ = ["IMAGE_COLOURS", "IMAGE_SHAPES", "ImageTaskSpec", "draw_object", "generate_image_record",
            "render_image", "write_synthetic_image_jsonl"]
@@ -71,7 +72,7 @@ def generate_image_record(seed: int, index: int, spec: ImageTaskSpec | None = No
     """Record ``index`` of stream ``seed``; objects also carry ``shape``, ``colour`` and ``pixel_box``
     (removed before writing)."""
     spec = spec or ImageTaskSpec()
-    rng = _record_rng(seed + 7_000_003, index)
+    rng = record_rng(seed + 7_000_003, index)
     n = rng.randint(spec.min_objects, spec.max_objects)
     descs = rng.sample([(c, s) for c in IMAGE_COLOURS for s in IMAGE_SHAPES], n)
     taken: set = set()
@@ -84,7 +85,7 @@ def generate_image_record(seed: int, index: int, spec: ImageTaskSpec | None = No
         box = [cx * spec.cell, cy * spec.cell, (cx + w) * spec.cell - 1, (cy + h) * spec.cell - 1]
         objects.append({"desc": f"{colour} {shape}", "colour": colour, "shape": shape, "pixel_box": box,
                         "bbox_2d": list(pixel_box_to_bins(box, spec.size, spec.size))})
-    objects.sort(key=lambda o: (o["bbox_2d"][1], o["bbox_2d"][0]))
+    objects.sort(key=lambda o: sort_key(o["bbox_2d"]))
     return {"width": spec.size, "height": spec.size, "objects": objects}
 
 

@@ -56,6 +56,10 @@ class TextPromptEncoder:
                 raise PromptError(f"sample {sample.source} has images but the model is text-only: use a "
                                   f"vision-language checkpoint (docs/vlm.md) or data without images")
 
+    def image_tokens(self, sample) -> int:
+        """Tokens the sample's images add to the rendered prompt (0 for a text model)."""
+        return 0
+
     def encode(self, sample) -> EncodedPrompt:
         self.check([sample])
         text = self.render(sample.messages)
@@ -78,6 +82,11 @@ class VisionPromptEncoder(TextPromptEncoder):
         h, w = smart_resize(height, width, factor=self.patch_size * self.merge_size,
                             min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
         return w, h
+
+    def image_tokens(self, sample) -> int:
+        """Placeholder tokens of the sample's images, from the record's (post-resize) size (no image read)."""
+        w, h = self.resized_size(sample.width, sample.height)
+        return len(sample.images) * (w // self.patch_size) * (h // self.patch_size) // self.merge_size ** 2
 
     def check(self, samples: Sequence[Any], limit: int = 5) -> None:
         """Every image must come out of the processor's resize at the record's width x height."""

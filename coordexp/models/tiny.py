@@ -36,7 +36,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -46,9 +45,20 @@ from pathlib import Path
 from typing import Any
 
 from coordexp.checkpoint import CHATML_TEMPLATE
-from coordexp.coordjson import NUM_BINS, CoordObject, FieldOrder, bin_to_token, serialize_objects
-from coordexp.data.prompt import PromptSpec, build_messages, instruction_text
-from coordexp.data.synthetic import SyntheticSpec, generate_record
+from coordexp.coordjson import NUM_BINS, bin_to_token
+from coordexp.models.tiny_tokenizer import (
+    IM_END,
+    IM_START,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    VISION_TOKENS,
+    VL_DEFAULT_SYSTEM,
+    coord_tokens,
+    corpus_texts,
+    qwen2_split_regex,
+    structural_report,
+    train_tokenizer,
+)
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -70,13 +80,7 @@ __all__ = [
     "tiny_model_dir",
 ]
 
-PAD_TOKEN = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 VL_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-VL_DEFAULT_SYSTEM = "You are a helpful assistant."
 SPEC_FILE = "coordexp_tiny_model.json"  # written last; its presence marks a complete folder
 FORMAT_VERSION = 1
 
@@ -96,24 +100,6 @@ VL_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
-
-# Text pieces between coordinate tokens in CoordJSON answers; used to report which are fused tokens.
-STRUCTURAL_PIECES = (
-    '{"objects": [{"desc": "',
-    '", "bbox_2d": [',
-    ", ",
-    "]}, {\"desc\": \"",
-    "]}]}",
-    '{"objects": [{"bbox_2d": [',
-    '], "desc": "',
-    '"}, {"bbox_2d": [',
-    '"}]}',
-)
-
-
-def _coord_tokens() -> list[str]:
-    return [bin_to_token(k) for k in range(NUM_BINS)]
-
 
 @dataclass(frozen=True)
 class TinyVisionSpec:
@@ -149,6 +135,10 @@ class TinyModelSpec:
     corpus_seed: int = 7
     vision: TinyVisionSpec | None = None  # set for VL archs (defaulted by __post_init__)
 
+    @property
+    def is_vision_language(self) -> bool:
+        return self.arch in VL_ARCHS
+
     def __post_init__(self) -> None:
         if self.arch not in ("qwen2", "qwen3", *VL_ARCHS):
             raise ValueError(f"arch must be one of qwen2, qwen3, {', '.join(VL_ARCHS)}; got {self.arch!r}")
@@ -166,71 +156,6 @@ class TinyModelSpec:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
 
-# ----------------------------------------------------------------------------------------------- corpus
-
-_ADDED_RE = re.compile(r"<\|coord_\d+\|>|<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>|<\|vision_\w+\|>"
-                       r"|<\|image_pad\|>|<\|video_pad\|>")
-
-
-def _qwen2_split_regex() -> str:
-    from transformers.models.qwen2 import tokenization_qwen2
-
-    return tokenization_qwen2.PRETOKENIZE_REGEX
-
-
-def _render_chatml(messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
-    # Python twin of CHATML_TEMPLATE for string contents (used only to make the BPE corpus).
-    out = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return out + (f"{IM_START}assistant\n" if add_generation_prompt else "")
-
-
-def _render_answer(objects: Sequence[dict[str, Any]], order: str) -> str:
-    coord_objects = [CoordObject(o["desc"], tuple(o["bbox_2d"])) for o in objects]
-    return serialize_objects(coord_objects, FieldOrder(order))
-
-
-def corpus_texts(spec: TinyModelSpec) -> list[str]:
-    """Chat transcripts of the synthetic task (both field orders, with and without a system turn)."""
-
-    # The corpus covers more objects and a finer grid than the default task, so the merges are generic.
-    task = SyntheticSpec(min_objects=1, max_objects=6, grid=1000)
-    texts = []
-    for i in range(spec.corpus_records):
-        rec = generate_record(spec.corpus_seed, i, task)
-        order = ("desc_first", "geometry_first")[i % 2]
-        system = "You are a helpful assistant." if i % 3 == 0 else None
-        messages = build_messages(rec, PromptSpec(object_field_order=order, system_prompt=system,
-                                                  scene="text"))
-        messages.append({"role": "assistant", "content": _render_answer(rec["objects"], order)})
-        texts.append(_render_chatml(messages, add_generation_prompt=False))
-    # A little plain text so common words, digits and punctuation get merges too.
-    texts += [
-        f"Image {w}x{h}, {n} objects. The answer is 0 1 2 3 4 5 6 7 8 9 and 10, 100, 999."
-        for w, h, n in ((640, 480, 1), (800, 600, 2), (512, 512, 3), (1024, 768, 4))
-    ]
-    if spec.arch in VL_ARCHS:  # image prompts: the instruction after the vision placeholder, no object list
-        placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
-        for i in range(spec.corpus_records // 4):
-            rec = generate_record(spec.corpus_seed + 1, i, task)
-            order = ("desc_first", "geometry_first")[i % 2]
-            messages = [{"role": "system", "content": VL_DEFAULT_SYSTEM},
-                        {"role": "user", "content": placeholder + instruction_text(order)},
-                        {"role": "assistant", "content": _render_answer(rec["objects"], order)}]
-            texts.append(_render_chatml(messages, add_generation_prompt=False))
-    return texts
-
-
-def _training_segments(texts: Sequence[str]) -> Iterator[str]:
-    # Added/special tokens are cut out before the BPE model sees text, so train on what lies between.
-    for text in texts:
-        for seg in _ADDED_RE.split(text):
-            if seg:
-                yield seg
-
-
-# ----------------------------------------------------------------------------------------------- build
-
-
 def _spec_digest(spec: TinyModelSpec, corpus: Sequence[str]) -> str:
     h = hashlib.sha256()
     spec_dict = {k: v for k, v in asdict(spec).items()
@@ -238,7 +163,7 @@ def _spec_digest(spec: TinyModelSpec, corpus: Sequence[str]) -> str:
     payload = {
         "format_version": FORMAT_VERSION,
         "spec": spec_dict,
-        "split_regex": _qwen2_split_regex(),
+        "split_regex": qwen2_split_regex(),
         "chat_template": _chat_template(spec),
         "corpus_sha256": hashlib.sha256("\x00".join(corpus).encode()).hexdigest(),
     }
@@ -261,45 +186,6 @@ def tiny_model_dir(cache_dir: str | os.PathLike, spec: TinyModelSpec,
     return Path(cache_dir) / _folder_name(spec, corpus)
 
 
-def _train_tokenizer(spec: TinyModelSpec, corpus: Sequence[str]):
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
-
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_qwen2_split_regex()), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.bpe_vocab_size,
-        min_frequency=spec.bpe_min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, nothing unknown
-        show_progress=False,
-    )
-    tok.train_from_iterator(_training_segments(corpus), trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _coord_tokens()])
-    if spec.arch in VL_ARCHS:
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in VISION_TOKENS])
-    return tok
-
-
-def _structural_report(tok) -> dict[str, list[str]]:
-    return {piece: tok.encode(piece, add_special_tokens=False).tokens for piece in STRUCTURAL_PIECES}
-
-
 def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec,
                      corpus: Sequence[str] | None = None) -> dict:
     """Build the folder's content into ``out_dir`` (no locking, no atomicity; see ensure_tiny_model)."""
@@ -312,7 +198,7 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    raw = _train_tokenizer(spec, corpus)
+    raw = train_tokenizer(spec, corpus)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         eos_token=IM_END,
@@ -326,7 +212,7 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec,
     vocab_size = len(hf_tok)
     ids = {t: hf_tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     coord0 = hf_tok.convert_tokens_to_ids(bin_to_token(0))
-    if [hf_tok.convert_tokens_to_ids(t) for t in _coord_tokens()] != list(range(coord0, coord0 + NUM_BINS)):
+    if [hf_tok.convert_tokens_to_ids(t) for t in coord_tokens()] != list(range(coord0, coord0 + NUM_BINS)):
         raise RuntimeError("coordinate tokens did not get contiguous ids")
 
     common: dict[str, Any] = {
@@ -382,7 +268,7 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec,
         "vision_token_ids": {t: hf_tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
         if spec.arch in VL_ARCHS else None,
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "structural_tokens": _structural_report(raw),
+        "structural_tokens": structural_report(raw),
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

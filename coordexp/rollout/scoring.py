@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from coordexp.config.contract import RolloutContract
-from coordexp.coordjson import CoordObject, CoordVocab, DropReason, FieldOrder, parse_rollout
+from coordexp.coordjson import NUM_BINS, CoordObject, CoordVocab, DropReason, FieldOrder, parse_rollout
 from coordexp.matching import match_boxes
 from coordexp.rollout.batch import Rollout
 from coordexp.telemetry.metrics import MetricBuffer
@@ -28,7 +28,7 @@ class TokenizerAdapter:
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
         self.coord_vocab = CoordVocab.from_vocab(tokenizer.get_vocab())
-        self.coord_token_ids = [self.coord_vocab.id_of(k) for k in range(1000)]
+        self.coord_token_ids = [self.coord_vocab.id_of(k) for k in range(NUM_BINS)]
         self.decode_token = lru_cache(maxsize=None)(lambda i: tokenizer.decode([int(i)]))
         # the Rust tokenizer behind a fast tokenizer gives the same ids without transformers' per-call
         # overhead (~0.1 ms, two calls per Channel-B sample)

@@ -32,6 +32,8 @@ from typing import Any
 
 import requests
 
+from coordexp.rollout.protocol import ENV_ENABLE, FLAG_KEY, RESPONSE_KEY
+
 __all__ = [
     "DecodeParams",
     "InferRequest",
@@ -48,8 +50,6 @@ __all__ = [
     "split_weighted",
 ]
 
-FLAG_FIELD = "coordexp"
-FLAG_KEY = "repeat_terminate_triggered"
 DEFAULT_STOP = ("<|im_end|>",)
 
 
@@ -151,18 +151,18 @@ def parse_infer_response(
         if item.get("object") == "error" or "error" in item and "response" not in item:
             raise RolloutServerError(f"/infer/ {where} is an error from the server: {json.dumps(item)[:500]}")
         flag: int | None = None
-        if FLAG_FIELD in item:
-            cx = item[FLAG_FIELD]
+        if RESPONSE_KEY in item:
+            cx = item[RESPONSE_KEY]
             _expect(
                 isinstance(cx, dict) and FLAG_KEY in cx,
-                f"{where}.{FLAG_FIELD}",
+                f"{where}.{RESPONSE_KEY}",
                 f"must be an object with '{FLAG_KEY}'",
                 cx,
             )
             flag = cx[FLAG_KEY]
             _expect(
                 isinstance(flag, int) and not isinstance(flag, bool) and flag in (0, 1),
-                f"{where}.{FLAG_FIELD}.{FLAG_KEY}",
+                f"{where}.{RESPONSE_KEY}.{FLAG_KEY}",
                 "must be 0 or 1",
                 flag,
             )
@@ -175,10 +175,10 @@ def parse_infer_response(
         else:
             if require_flag:
                 raise MalformedResponseError(
-                    f"/infer/ {where} has no '{FLAG_FIELD}.{FLAG_KEY}' field although "
+                    f"/infer/ {where} has no '{RESPONSE_KEY}.{FLAG_KEY}' field although "
                     "rollout_matching.repeat_terminate.enabled is true: the server was started without the "
-                    "coordexp plugin (swift rollout --external_plugins coordexp/rollout/server/swift_plugin.py with "
-                    "COORDEXP_ENABLE_VLLM_REPEAT_TERMINATE_INJECTION=1)"
+                    "coordexp plugin (swift rollout --external_plugins "
+                    f"coordexp/rollout/server/swift_plugin.py with {ENV_ENABLE}=1)"
                 )
             rollout = item
         chat = rollout.get("response")
@@ -428,8 +428,3 @@ class RolloutClient:
                     f.result()
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
-
-    @staticmethod
-    def count_triggered(results: Sequence[RolloutResult]) -> int:
-        """``rollout/repeat_terminate_triggered_sequences`` of a batch: the sum of the server flags."""
-        return sum(int(r.repeat_terminate_triggered or 0) for r in results)

@@ -52,9 +52,6 @@ class MetricBuffer:
     def add_samples(self, key: str, values: Iterable[float]) -> None:
         self.samples.setdefault(key, []).extend(float(v) for v in values)
 
-    def is_empty(self) -> bool:
-        return not (self.sums or self.maxes or self.ratios or self.samples)
-
     def to_payload(self) -> dict:
         """Rank-local summary to gather: p99 is computed here, before the max over ranks."""
         return {"sums": dict(self.sums), "maxes": dict(self.maxes), "ratios": dict(self.ratios),

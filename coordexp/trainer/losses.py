@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NUM_BINS = 1000
+from coordexp.coordjson import NUM_BINS
 
 
 def weighted_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

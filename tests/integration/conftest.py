@@ -21,21 +21,6 @@ VLLM_CPU_ENV = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """The tiny Qwen2 model, built once per session into the session's temp dir."""
-    from coordexp.models.tiny import ensure_tiny_model
-
-    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2")
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
 @pytest.fixture(scope="module")
 def vllm_cpu_env():
     """VLLM_CPU_ENV applied to os.environ for a module (engine processes inherit it)."""

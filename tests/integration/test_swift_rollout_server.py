@@ -33,7 +33,6 @@ from coordexp.config.schema import (
     ServerConfig,
     ServerDevice,
     VllmConfig,
-    VllmMode,
 )
 from coordexp.errors import ServerStartError
 from coordexp.launch.process import port_in_use
@@ -73,7 +72,6 @@ def make_cfg(model_dir, port, rt=SERVER_DEFAULTS, reuse=False, startup_timeout_s
     return SimpleNamespace(
         model=ModelConfig(kind=ModelKind.tiny, path=str(model_dir)),
         vllm=VllmConfig(
-            mode=VllmMode.server,
             device=ServerDevice.cpu,
             max_model_len=512,
             server=ServerConfig(
@@ -195,7 +193,7 @@ def test_infer_wrapper_and_flags_are_exactly_what_the_processor_did(server, tiny
         )
         assert r.prompt_token_ids == tok.encode(text, add_special_tokens=False)
     assert n_forced >= 3 and n_free >= 4, (n_forced, n_free)
-    assert RolloutClient.count_triggered(res) == n_forced
+    assert sum(r.repeat_terminate_triggered for r in res) == n_forced
 
 
 @pytest.mark.slow
@@ -408,7 +406,8 @@ def test_probe_failure_fails_the_start(fake_spec, tmp_path):
 
 ORCHESTRATOR = textwrap.dedent("""
     import sys, time
-    from coordexp.launch.server import RolloutServer, ServerLaunchSpec
+    from coordexp.launch.rollout_server import RolloutServer
+    from coordexp.launch.server_spec import ServerLaunchSpec
     from coordexp.config.schema import RepeatTerminateConfig
     port, python, model_dir, log = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     spec = ServerLaunchSpec(model_dir=model_dir, port=port, python=python, extra_env={"FAKE_MODE": "ok"},

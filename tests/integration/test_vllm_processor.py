@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from coordexp.rollout.protocol import XARGS_KEY
+from coordexp.rollout.protocol import ENV_CONFIG_JSON, PROCESSOR_FQCN, XARGS_KEY
 from coordexp.rollout.repeat_rules import (
     first_trigger_length,
     forced_eos_flag,
@@ -19,11 +20,6 @@ from coordexp.rollout.repeat_rules import (
     parse_config,
     triggered,
 )
-
-vllm_processor = pytest.importorskip("coordexp.rollout.vllm_processor")
-from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
-
-from coordexp.rollout.protocol import ENV_CONFIG_JSON, PROCESSOR_FQCN
 from coordexp.rollout.vllm_processor import (
     ProcessorCore,
     RepeatTerminateLogitsProcessor,

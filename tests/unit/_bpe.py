@@ -187,10 +187,10 @@ def corrupted_record(kind, obj, order):
 
     def record(desc_value, geometry, *extra):
         pairs = [("desc", desc_value), ("bbox_2d", geometry)]
-        pairs = pairs if order is FieldOrder.DESC_FIRST else pairs[::-1]
+        pairs = pairs if order is FieldOrder.desc_first else pairs[::-1]
         return "{" + ", ".join(f'"{key}": {value}' for key, value in pairs + list(extra)) + "}"
 
-    swapped = FieldOrder.GEOMETRY_FIRST if order is FieldOrder.DESC_FIRST else FieldOrder.DESC_FIRST
+    swapped = FieldOrder.geometry_first if order is FieldOrder.desc_first else FieldOrder.desc_first
     return {
         "malformed": record(desc, coords).replace('": ', '" ', 1),  # the first key loses its colon
         "unexpected_keys": record(desc, coords, ("score", "1")),

@@ -18,7 +18,7 @@ DOG = CoordObject("dog", (1, 2, 3, 4))
 
 
 def test_desc_first_document_is_exact():
-    assert serialize_objects([CAT, DOG], FieldOrder.DESC_FIRST) == (
+    assert serialize_objects([CAT, DOG], FieldOrder.desc_first) == (
         '{"objects": [{"desc": "dog", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}, '
         '{"desc": "cat", "bbox_2d": [<|coord_12|>, <|coord_34|>, <|coord_56|>, <|coord_78|>]}]}'
     )
@@ -31,12 +31,12 @@ def test_geometry_first_document_is_exact():
 
 
 def test_empty_document():
-    assert serialize_objects([], FieldOrder.DESC_FIRST) == '{"objects": []}'
+    assert serialize_objects([], FieldOrder.desc_first) == '{"objects": []}'
 
 
 def test_desc_is_json_escaped_and_unicode_kept():
     obj = CoordObject('a "b" \\ c\nd é', (0, 0, 1, 1))
-    record = serialize_record(obj, FieldOrder.DESC_FIRST)
+    record = serialize_record(obj, FieldOrder.desc_first)
     assert record.startswith('{"desc": "a \\"b\\" \\\\ c\\nd é", ')
     assert json.loads(record.replace("<|coord_0|>", "0").replace("<|coord_1|>", "1"))["desc"] == obj.desc
 
@@ -48,19 +48,19 @@ def test_objects_sorted_by_min_y_then_min_x_stably():
     d = CoordObject("d", (5, 10, 70, 90))
     assert canonical_order([a, b, c, d]) == [1, 3, 0, 2]
     assert [o.desc for o in sort_objects([a, b, c, d])] == ["b", "d", "a", "c"]
-    unsorted = serialize_objects([a, b], FieldOrder.DESC_FIRST, sort=False)
+    unsorted = serialize_objects([a, b], FieldOrder.desc_first, sort=False)
     assert unsorted.index('"a"') < unsorted.index('"b"')
 
 
 def test_append_fragment_separator_only_after_a_record():
-    assert serialize_append_fragment([DOG], FieldOrder.DESC_FIRST, prefix_ends_with_record=True) == (
+    assert serialize_append_fragment([DOG], FieldOrder.desc_first, prefix_ends_with_record=True) == (
         ', {"desc": "dog", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}]}'
     )
-    assert serialize_append_fragment([DOG], FieldOrder.DESC_FIRST, prefix_ends_with_record=False) == (
+    assert serialize_append_fragment([DOG], FieldOrder.desc_first, prefix_ends_with_record=False) == (
         '{"desc": "dog", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}]}'
     )
-    assert serialize_append_fragment([], FieldOrder.DESC_FIRST, prefix_ends_with_record=True) == "]}"
-    assert serialize_append_fragment([], FieldOrder.GEOMETRY_FIRST, prefix_ends_with_record=False) == "]}"
+    assert serialize_append_fragment([], FieldOrder.desc_first, prefix_ends_with_record=True) == "]}"
+    assert serialize_append_fragment([], FieldOrder.geometry_first, prefix_ends_with_record=False) == "]}"
 
 
 def test_append_fragment_plus_prefix_is_the_document():

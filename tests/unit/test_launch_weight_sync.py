@@ -57,7 +57,8 @@ def test_weights_file_roundtrip_is_atomic(tmp_path):
 
 
 def test_flatten_bucket_matches_ms_swift_layout():
-    utils = pytest.importorskip("swift.rlhf_trainers.utils")
+    from swift.rlhf_trainers import utils  # ms-swift: the layout its NCCL route expects
+
     named = [
         ("a", torch.randn(3, 4)),
         ("b", torch.arange(5, dtype=torch.int64)),

@@ -55,6 +55,22 @@ def test_ciou_identity_and_disjoint():
     assert ciou(torch.tensor([[0.5, 0.6, 0.1, 0.2]]), box).item() == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("pred, target, expected", [
+    # partial overlap of two squares (aspect term 0): IoU 1/7, centre distance^2 2, enclosing diagonal^2 18
+    ((0, 0, 2, 2), (1, 1, 3, 3), 1 / 7 - 2 / 18),
+    # aspect ratio 2:1 vs 1:1: IoU 1/2, rho^2/c^2 = 1/20, v = 4/pi^2 (atan 1 - atan 2)^2 = 0.0419565,
+    # alpha = v / (1 - IoU + v) = 0.0774167
+    ((0, 0, 4, 2), (0, 0, 2, 2), 0.446751870701443),
+    # disjoint, aspect 1:3 vs 1:1: rho^2 = 6.5, c^2 = 25, v = 0.0871237, alpha = v / (1 + v) = 0.0801415
+    ((3, 0, 4, 3), (0, 0, 2, 2), -0.266982221586772),
+])
+def test_ciou_matches_hand_computed_reference_values(pred, target, expected):
+    """CIoU = IoU - rho^2(b, b_gt) / c^2 - alpha v (Zheng et al., AAAI 2020, "Distance-IoU Loss"), values
+    worked out by hand on boxes in units of 1/4 (CIoU is scale invariant)."""
+    scaled = [torch.tensor([[v / 4 for v in box]], dtype=torch.float64) for box in (pred, target)]
+    assert ciou(*scaled).item() == pytest.approx(expected, abs=1e-6)
+
+
 def test_geometry_losses_on_exact_prediction():
     bins = torch.tensor([[100, 200, 300, 400]])
     probs = torch.zeros(1, 4, 1000)

@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+import tokenizers
+import torch
 
 from coordexp.coordjson import CoordObject, FieldOrder, bin_to_token, serialize_objects
 from coordexp.data.prompt import PromptSpec, build_messages

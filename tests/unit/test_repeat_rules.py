@@ -229,17 +229,6 @@ def test_reset_replays_identically(c, patterns, seq):
 # -------------------------------------------------------------------------------------------- real tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from coordexp.models.tiny import ensure_tiny_model
-
-    # one build per pytest session: every module asks for the same folder under the session's base temp
-    path = ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2")
-    return AutoTokenizer.from_pretrained(path)
-
-
 def _answer(n: int, order: str) -> str:
     from coordexp.coordjson.serialize import CoordObject, FieldOrder, serialize_objects
 

@@ -11,7 +11,6 @@ from coordexp.coordjson import CoordObject, serialize_record
 from coordexp.data.jsonl import DetectionObject, DetectionSample
 from coordexp.data.prompt import build_messages
 from coordexp.models.prompts import TextPromptEncoder
-from coordexp.models.tiny import ensure_tiny_model
 from coordexp.rollout.batch import Rollout, generate_rollouts
 from coordexp.rollout.hf_backend import HFRolloutBackend
 from coordexp.rollout.scoring import TokenizerAdapter
@@ -25,10 +24,9 @@ GT = [DetectionObject("red square", (100, 100, 300, 300)), DetectionObject("blue
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = ensure_tiny_model(tmp_path_factory.mktemp("tiny"), arch="qwen2")
-    tok = AutoTokenizer.from_pretrained(path)
-    return tok, AutoModelForCausalLM.from_pretrained(path)
+def tiny(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return tok, AutoModelForCausalLM.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-__all__ = ["CoordexpWorkerExtension", "load_weights_file_into"]
+__all__ = ["CoordexpWorkerExtension", "load_weights_file_into"]  # noqa: F822 - built on first access
 
 
 def load_weights_file_into(worker, path: str) -> dict[str, Any]:
