@@ -143,7 +143,11 @@ def plan_source(source: str, instances: str | os.PathLike, *, desc_map_path: str
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         coco = COCO()
         coco.dataset = data
-        coco.createIndex()
+        try:
+            coco.createIndex()
+        except (KeyError, TypeError) as err:
+            raise SourceError(f"--instances {instances}: an entry has no {err} key (every image needs 'id', "
+                              f"every annotation 'id' and 'image_id', every category 'id')") from None
     names = {c.get("name") for c in coco.cats.values()}
     desc_map = load_desc_map(desc_map_path, {n for n in names if isinstance(n, str)})
     categories: dict[int, dict[str, str]] = {}

@@ -123,7 +123,10 @@ def add_coord_tokens(src: str | Path, dst: str | Path, *, scale: float = DEFAULT
         return {"added": 0, "src": str(src), "dst": None}
     _check_dst(src, dst)
     model_class = _model_class(src)
-    model = model_class.from_pretrained(src, dtype="auto")
+    try:
+        model = model_class.from_pretrained(src, dtype="auto")
+    except (OSError, ValueError) as err:
+        raise AddCoordTokensError(f"--src {src}: the model does not load ({err})") from None
     old_len = len(tokenizer)
     tokenizer.add_tokens([AddedToken(coord_token(k), special=False, normalized=False) for k in missing])
     new_ids = [tokenizer.convert_tokens_to_ids(coord_token(k)) for k in missing]

@@ -105,11 +105,16 @@ def test_bad_input_exits_2_with_one_screen(coco, tmp_path):
     instances, images = coco
     not_instances = tmp_path / "captions.json"
     not_instances.write_text(json.dumps({"images": [], "annotations": []}))
+    no_image_id = tmp_path / "no_image_id.json"
+    no_image_id.write_text(json.dumps({"images": [], "categories": [],
+                                       "annotations": [{"id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]}))
     cases = [
         (["--instances", str(tmp_path / "none.json"), "--images", str(images)],
          f"error: --instances {tmp_path / 'none.json'}: file not found"),
         (["--instances", str(not_instances), "--images", str(images)],
          "no 'categories' list; a COCO/LVIS instances file has 'images', 'annotations' and 'categories'"),
+        (["--instances", str(no_image_id), "--images", str(images)],
+         "an entry has no 'image_id' key (every image needs 'id', every annotation 'id' and 'image_id'"),
         (["--instances", str(instances), "--images", str(tmp_path)],
          "2 of 2 image(s) with boxes are not under --images"),
         (["--instances", str(instances), "--images", str(images), "--min-pixels", "10", "--max-pixels", "5"],
