@@ -358,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConvertError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return err.code
+    except OSError as err:  # e.g. --out not writable, disk full
+        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr, flush=True)
+        return ConvertError.code
     im, bx = summary["images"], summary["boxes"]
     drops = ", ".join(f"{k} {v}" for k, v in bx["dropped"].items() if v) or "none"
     print(f"{summary['jsonl']}: {im['out']} of {im['in']} images ({im['skipped_without_annotations']} "

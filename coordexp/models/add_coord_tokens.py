@@ -189,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AddCoordTokensError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return err.code
+    except OSError as err:  # e.g. --dst not writable, disk full
+        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr, flush=True)
+        return AddCoordTokensError.code
     if not summary["added"]:
         print(f"{args.src} already has all {NUM_BINS} coordinate tokens as single tokens: nothing to do, "
               f"nothing written (use {args.src} as model.path)")
