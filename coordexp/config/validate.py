@@ -31,7 +31,8 @@ def derived_grad_accumulation(cfg: TrainConfig) -> int:
     return t.effective_batch_size // (t.per_device_train_batch_size * t.nproc_per_node)
 
 
-def _url_problem(url: object) -> str | None:
+def url_problem(url: object) -> str | None:
+    """Why ``url`` is not a server URL ``http(s)://host:port``; None when it is one (the one URL rule)."""
     if not isinstance(url, str):
         return f"{_kind(url)} {url!r} is not a URL: each item is one string http(s)://host:port"
     try:
@@ -69,7 +70,8 @@ def problems(cfg: TrainConfig) -> list[str]:
          f"{mult} is outside [1, 4]")
 
     need(t.learning_rate > 0, "training.learning_rate", "must be > 0")
-    for name in ("effective_batch_size", "per_device_train_batch_size", "nproc_per_node", "max_steps", "logging_steps"):
+    for name in ("effective_batch_size", "per_device_train_batch_size", "nproc_per_node", "max_steps",
+                 "logging_steps"):
         need(getattr(t, name) >= 1, f"training.{name}", "must be >= 1")
     for name in ("warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers"):
         need(getattr(t, name) >= 0, f"training.{name}", "must be >= 0")
@@ -117,7 +119,7 @@ def problems(cfg: TrainConfig) -> list[str]:
     if server_mode:
         need(len(v.server.base_urls) >= 1, "vllm.server.base_urls", "server mode needs at least one URL")
         for i, url in enumerate(v.server.base_urls):
-            bad = _url_problem(url)
+            bad = url_problem(url)
             need(bad is None, f"vllm.server.base_urls[{i}]", bad or "")
         need(rm.max_new_tokens < v.max_model_len, "rollout_matching.max_new_tokens",
              f"{rm.max_new_tokens} must be < vllm.max_model_len ({v.max_model_len})")

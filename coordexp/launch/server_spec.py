@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from coordexp import checkpoint
 from coordexp.config.contract import server_image_root
+from coordexp.config.validate import url_problem
 from coordexp.errors import ServerStartError
 from coordexp.rollout import protocol
 from coordexp.rollout.repeat_rules import RepeatTerminateConfig, config_to_dict, parse_config
@@ -69,9 +70,10 @@ def launch_spec_from_config(
     url = base_url or (urls[0] if urls else None)
     if not url:
         raise ServerStartError("vllm.server.base_urls is empty: nowhere to start the rollout server")
+    bad = url_problem(url)
+    if bad:
+        raise ServerStartError(f"vllm.server.base_urls entry {bad}")
     parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname or not parsed.port:
-        raise ServerStartError(f"vllm.server.base_urls entry {url!r} must look like http://host:port")
     model_dir = str(Path(model_dir).resolve())
     if not Path(model_dir).is_dir():
         raise ServerStartError(f"model directory {model_dir} does not exist")
