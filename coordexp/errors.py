@@ -8,7 +8,9 @@ bug and keeps its traceback. Stdlib only: every layer may import this module.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -73,3 +75,39 @@ def exit_on_error() -> Iterator[None]:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(err.code)
+
+
+class DiskFullError(CoordexpError):
+    """The disk filled up while coordexp wrote run data, a checkpoint or a weight-sync file (exit 2)."""
+
+
+def is_disk_full(err: BaseException, where: object = None) -> bool:
+    """An error that says the disk (or the quota) is full, whichever library raised it: OSError ENOSPC/EDQUOT,
+    a wrapper that keeps the OS message, or an I/O error of a writer that keeps neither (torch's stream
+    writer: "iostream error", "unexpected pos") while the filesystem of ``where`` has (almost) no room
+    left."""
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        return True
+    if where is None or not isinstance(err, (OSError, RuntimeError)):
+        return False
+    try:
+        usage = shutil.disk_usage(where)
+    except OSError:
+        return False
+    return usage.free < min(1 << 20, usage.total // 20)
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(what: str, where: object) -> Iterator[None]:
+    """Within the block, a full disk raises :class:`DiskFullError` naming ``what`` was written ``where``."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, CoordexpError) or not is_disk_full(err, where):
+            raise
+        raise DiskFullError(f"no space left on the disk while writing {what} under {where} "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}): free space there, or "
+                            f"point training.output_dir at a disk with room") from None

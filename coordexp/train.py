@@ -11,12 +11,14 @@ from coordexp.cli import prepare_argv, run_job
 from coordexp.config.load import RESOLVED_CONFIG_NAME, save_resolved
 from coordexp.config.paths import CONF_DIR
 from coordexp.config.schema import TrainConfig
+from coordexp.errors import disk_full_is_an_error, exit_on_error
 
 
 def run(cfg: TrainConfig) -> int:
     """Save the resolved config into the run dir, then the run's whole lifecycle (coordexp.launch.run)."""
     run_dir = Path(cfg.training.output_dir)
-    resolved = save_resolved(cfg, run_dir / RESOLVED_CONFIG_NAME)
+    with exit_on_error(), disk_full_is_an_error(RESOLVED_CONFIG_NAME, run_dir):
+        resolved = save_resolved(cfg, run_dir / RESOLVED_CONFIG_NAME)
     from coordexp.launch.run import run_experiment  # heavy imports only when a run really starts
 
     return run_experiment(cfg, run_dir, resolved)

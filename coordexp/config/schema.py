@@ -145,6 +145,10 @@ class TrainingConfig:
         "On SIGTERM (a preemption), finish the current optimizer step, save a checkpoint and exit 143, so a "
         "requeued run (resume_from_checkpoint: latest) loses less than one step. Needs save_strategy: steps; "
         "bounded by the 20 s signal grace (docs/runbook.md).", True)
+    checkpoint_on_sigterm: bool = doc(
+        "On SIGTERM (a preemption), finish the current optimizer step, save a checkpoint and exit 143, so a "
+        "requeued run (resume_from_checkpoint: latest) loses less than one step. Needs save_strategy: steps; "
+        "bounded by the 20 s signal grace (docs/runbook.md).", True)
     metric_for_best_model: str = doc("Metric that picks the best checkpoint.", "eval_rollout/f1")
     resume_from_checkpoint: str | None = doc(
         "`latest` resumes from the newest checkpoint in output_dir; a path resumes from it.", None)

@@ -8,8 +8,9 @@ deadline with progress lines, notices an early exit and raises :class:`~coordexp
 with the tail of the server log, logs ``/get_world_size/``, runs the activation probe
 (:mod:`coordexp.rollout.probe`) when repeat-terminate is enabled, and tears the whole process group down
 (TERM, then KILL) on exit, error, SIGINT or SIGTERM - also from ``atexit`` and, if the orchestrator dies
-abruptly, through the leader's parent-death signal. With ``vllm.server.reuse_existing: true`` nothing is
-started: each base URL must already answer ``/health/``, and the probe still runs.
+abruptly (SIGKILL included), through :mod:`coordexp.launch.supervise`, the group's leader, which owns every
+process of the server (vLLM's EngineCore/Worker grandchildren too). With ``vllm.server.reuse_existing: true``
+nothing is started: each base URL must already answer ``/health/``, and the probe still runs.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from coordexp.checkpoint import read_eos_token_id
 from coordexp.errors import ServerStartError
 from coordexp.launch.process import port_in_use, set_parent_death_signal, stop_group, terminate_on_signals
 from coordexp.launch.server_spec import ServerLaunchSpec, build_command, build_env, launch_spec_from_config
+from coordexp.launch.supervise import supervised_command
 from coordexp.rollout.probe import ProbeError, run_probe
 from coordexp.rollout.server_client import RolloutServerError, check_health, get_world_size
 
@@ -236,7 +238,7 @@ class RolloutServer:
                 f"there, pick another port in vllm.server.base_urls, or set "
                 f"vllm.server.reuse_existing=true to use a server that is already running"
             )
-        cmd = build_command(spec)
+        cmd = supervised_command(build_command(spec))  # the supervisor owns vLLM's engine grandchildren too
         env = build_env(spec)
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,10 +52,17 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from coordexp.config.schema import TrainConfig
-from coordexp.errors import EXIT_SERVER_ERROR, CoordexpError, LaunchError, ServerStartError
+from coordexp.errors import (
+    EXIT_SERVER_ERROR,
+    CoordexpError,
+    LaunchError,
+    ServerStartError,
+    disk_full_is_an_error,
+)
 from coordexp.launch import metadata
-from coordexp.launch.process import set_parent_death_signal, stop_group, terminate_on_signals
+from coordexp.launch.process import defer_signal, set_parent_death_signal, stop_group, terminate_on_signals
 from coordexp.launch.rollout_server import RolloutServer
+from coordexp.launch.supervise import supervised_command
 from coordexp.rollout.protocol import ENV_INITIAL_WEIGHTS, ENV_RUN_ID
 from coordexp.rollout.server_client import check_health
 from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
@@ -306,26 +314,41 @@ def _update_metadata(run_dir: Path, launcher: dict[str, Any]) -> None:
     except (OSError, ValueError):
         return
     data["launcher"] = launcher
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    try:
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    except OSError as err:  # e.g. a full disk: the run's exit code must not turn into a traceback here
+        _say(f"warning: could not update {path}: {err}")
 
 
 def _run_in_process(cfg: TrainConfig, run_dir: Path, env: dict[str, str]) -> int:
-    from coordexp.trainer.learner import train  # torch and transformers: only when a learner really runs
+    from coordexp.trainer import preemption  # torch and transformers: only when a learner really runs
+    from coordexp.trainer.learner import train
 
-    with _env_overlay(env):
+    def checkpoint_first(signum: int) -> bool:
+        """The first SIGTERM while the training loop runs (training.checkpoint_on_sigterm): the learner ends
+        its step, saves a checkpoint and returns; the run then exits 128 + signal."""
+        if preemption.active():
+            preemption.request(signum)
+            return True
+        return False
+
+    with _env_overlay(env), defer_signal(checkpoint_first):
         try:
             train(cfg, run_dir)
-            return 0
         except CoordexpError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             return err.code
+    signum = preemption.requested()
+    if signum:
+        _say(f"{signal.Signals(signum).name}: checkpoint saved at the end of the step; exiting")
+    return 128 + signum if signum else 0
 
 
 def _run_torchrun(
     cmd: list[str], env: dict[str, str], servers: ServerSet | None, launcher: dict[str, Any], run_dir: Path
 ) -> int:
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env}
-    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True,
+    proc = subprocess.Popen(supervised_command(cmd), env=full_env, start_new_session=True,  # owns the ranks
                             preexec_fn=set_parent_death_signal)  # noqa: PLW1509
     launcher["learner"]["pgid"] = proc.pid
     _update_metadata(run_dir, launcher)
@@ -422,7 +445,13 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
             launcher["server_fresh"] = fresh
             if fresh:
                 env[ENV_INITIAL_WEIGHTS] = str(model_dir)
-        metadata.write(run_dir, cfg, resolved, launcher)
+        try:
+            with disk_full_is_an_error("run_metadata.json", run_dir):
+                metadata.write(run_dir, cfg, resolved, launcher)
+        except CoordexpError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            code = err.code
+            return code
         timeline.mark("learner_start")
         launcher["timeline"] = timeline.to_dict()
         _update_metadata(run_dir, launcher)
@@ -432,6 +461,9 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
             launcher["learner"]["command"] = learner_command(cfg, resolved)
             code = _run_torchrun(learner_command(cfg, resolved), env, servers, launcher, run_dir)
         return code
+    except SystemExit as exc:  # SIGTERM/SIGINT (128 + signal): run_metadata.json records it like any code
+        code = exc.code if isinstance(exc.code, int) else 1
+        raise
     finally:
         failed = code is None or code != 0
         if servers is not None and failed:

@@ -22,15 +22,19 @@ from coordexp.config.contract import rollout_contract
 from coordexp.config.load import load_saved
 from coordexp.config.schema import DataKind, IntervalStrategy, TrainConfig
 from coordexp.config.validate import derived_grad_accumulation
+from coordexp.coordjson import FieldOrder, serialize_objects
 from coordexp.data.jsonl import DataValidationError, load_jsonl
+from coordexp.data.lengths import check_lengths, token_limit
 from coordexp.data.prompt import PromptSpec
 from coordexp.data.synthetic import write_synthetic_split
-from coordexp.errors import CoordexpError, LearnerError, exit_on_error
+from coordexp.errors import CoordexpError, LearnerError, disk_full_is_an_error, exit_on_error
 from coordexp.models.prompts import load_model_and_prompts
 from coordexp.rollout.hf_backend import HFRolloutBackend
-from coordexp.rollout.scoring import TokenizerAdapter
+from coordexp.rollout.scoring import TokenizerAdapter, gt_objects
 from coordexp.rollout.server_backend import ServerRolloutBackend
 from coordexp.telemetry.console import CompactProgressCallback
+from coordexp.trainer import preemption
+from coordexp.trainer.channels import channel_a_sequence
 from coordexp.trainer.evaluation import rollout_evaluator
 from coordexp.trainer.model_dir import prepare_model_dir
 from coordexp.trainer.stage2_trainer import Stage2ABTrainer
@@ -78,6 +82,27 @@ def load_samples(cfg: TrainConfig, run_dir: Path):
     except (DataValidationError, FileNotFoundError) as err:
         raise LearnerError(str(err)) from None
     return train, val
+
+
+def check_sample_lengths(cfg: TrainConfig, prompts, adapter: TokenizerAdapter, samples) -> None:
+    """The one length rule (coordexp.data.lengths), at load: prompt + Channel-A answer tokens of every sample
+    within vllm.max_model_len - max_new_tokens. Exact counts only where a byte bound does not settle it (a
+    token covers at least one byte), so a normal dataset is not tokenized here."""
+    order = cfg.data.object_field_order.value
+
+    def bound(sample) -> int:
+        text = prompts.render(sample.messages) + serialize_objects(gt_objects(sample), FieldOrder(order))
+        return len(text.encode()) + prompts.image_tokens(sample) + 1  # + EOS
+
+    def count(sample) -> int:
+        prompt = prompts.encode(sample)
+        answer = channel_a_sequence(sample, prompt, adapter, order, cfg.stage2_ab).target_ids
+        return len(prompt.ids) + len(answer)
+
+    try:
+        check_lengths(samples, count, token_limit(cfg), upper_bound=bound)
+    except DataValidationError as err:
+        raise LearnerError(f"samples too long for the context:\n{err}") from None
 
 
 def check_prompts(prompts, samples) -> None:
@@ -134,16 +159,19 @@ def metrics_jsonl_callback(path: Path):
     return MetricsJsonl()
 
 
-def train(cfg: TrainConfig, run_dir: Path):
-    """Train to the end; returns the Stage2ABTrainer."""
+def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False):
+    """Train to the end (or to the end of the step a preemption SIGTERM arrived in, with a checkpoint);
+    returns the Stage2ABTrainer. ``rank``: this process is a torchrun rank (it handles SIGTERM itself)."""
     set_seed(cfg.seed)
     t = cfg.training
     run_dir.mkdir(parents=True, exist_ok=True)
     contract = rollout_contract(cfg)
     model, tokenizer, model_dir, prompts = load_model(cfg)
     adapter = coord_vocab_adapter(tokenizer, model_dir)
-    train_samples, val_samples = load_samples(cfg, run_dir)
+    with disk_full_is_an_error("the run's data", run_dir):
+        train_samples, val_samples = load_samples(cfg, run_dir)
     check_prompts(prompts, train_samples + val_samples)
+    check_sample_lengths(cfg, prompts, adapter, train_samples + val_samples)
     os.environ["TENSORBOARD_LOGGING_DIR"] = t.logging_dir
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
@@ -174,7 +202,13 @@ def train(cfg: TrainConfig, run_dir: Path):
         seed=cfg.seed, run_dir=run_dir, evaluator=evaluator, weight_sync=weight_sync)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactProgressCallback)
-    trainer.train(resume_from_checkpoint=find_checkpoint(t.resume_from_checkpoint, run_dir))
+    if t.checkpoint_on_sigterm and t.save_strategy == IntervalStrategy.steps:
+        trainer.add_callback(preemption.PreemptionCallback(install_rank_handler=rank))
+    try:
+        with disk_full_is_an_error("checkpoints, metrics or weight-sync files", run_dir):
+            trainer.train(resume_from_checkpoint=find_checkpoint(t.resume_from_checkpoint, run_dir))
+    finally:
+        preemption.deactivate()
     return trainer
 
 
@@ -185,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_error():
         cfg = load_saved(ns.config)
     try:
-        train(cfg, Path(cfg.training.output_dir))
-        return 0
+        train(cfg, Path(cfg.training.output_dir), rank=True)
+        signum = preemption.requested()
+        return 128 + signum if signum else 0
     except CoordexpError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.code
