@@ -52,6 +52,11 @@ class DataKind(str, Enum):
     jsonl = "jsonl"
 
 
+class SoftctxGradMode(str, Enum):
+    unroll = "unroll"
+    em_detach = "em_detach"
+
+
 class IntervalStrategy(str, Enum):
     no = "no"
     steps = "steps"
@@ -145,10 +150,6 @@ class TrainingConfig:
         "On SIGTERM (a preemption), finish the current optimizer step, save a checkpoint and exit 143, so a "
         "requeued run (resume_from_checkpoint: latest) loses less than one step. Needs save_strategy: steps; "
         "bounded by the 20 s signal grace (docs/runbook.md).", True)
-    checkpoint_on_sigterm: bool = doc(
-        "On SIGTERM (a preemption), finish the current optimizer step, save a checkpoint and exit 143, so a "
-        "requeued run (resume_from_checkpoint: latest) loses less than one step. Needs save_strategy: steps; "
-        "bounded by the 20 s signal grace (docs/runbook.md).", True)
     metric_for_best_model: str = doc("Metric that picks the best checkpoint.", "eval_rollout/f1")
     resume_from_checkpoint: str | None = doc(
         "`latest` resumes from the newest checkpoint in output_dir; a path resumes from it.", None)
@@ -170,8 +171,12 @@ class ChannelBConfig:
 @dataclass
 class Stage2ABConfig:
     schedule: ScheduleConfig = doc("Channel schedule.", default_factory=ScheduleConfig)
-    n_softctx_iter: int = doc("Channel-A forward passes; only 1 (plain teacher forcing) is implemented, "
-                              "soft self-context passes (> 1) are rejected.", 1)
+    n_softctx_iter: int = doc("Channel-A forward passes: 1 = plain teacher forcing; N >= 2 = soft "
+                              "self-context (pass m feeds every coordinate slot the expected coordinate "
+                              "embedding of pass m-1; CE from pass 0, geometry from the last).", 1)
+    softctx_grad_mode: SoftctxGradMode = doc(
+        "`unroll`: gradients through every pass; `em_detach`: expected embeddings detached, CE trains "
+        "through pass 0 and geometry through the last pass only.", SoftctxGradMode.unroll)
     softctx_temperature: float = doc("Temperature of the coordinate softmax (expectation decode, "
                                      "soft self-context).", 1.0)
     desc_ce_weight: float = doc("CE weight of desc value tokens.", 1.0)

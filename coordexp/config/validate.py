@@ -57,9 +57,7 @@ def problems(cfg: TrainConfig) -> list[str]:
     t, ab, rm, v = cfg.training, cfg.stage2_ab, cfg.rollout_matching, cfg.vllm
     need(0.0 <= ab.schedule.b_ratio <= 1.0, "stage2_ab.schedule.b_ratio",
          f"{ab.schedule.b_ratio} is outside [0, 1]")
-    need(ab.n_softctx_iter == 1, "stage2_ab.n_softctx_iter",
-         f"{ab.n_softctx_iter}: soft self-context passes are not implemented yet; "
-         "use 1 (plain teacher forcing)")
+    need(ab.n_softctx_iter >= 1, "stage2_ab.n_softctx_iter", "must be >= 1 (1 = plain teacher forcing)")
     need(ab.softctx_temperature > 0, "stage2_ab.softctx_temperature", "must be > 0")
     need(ab.bbox_smoothl1_beta > 0, "stage2_ab.bbox_smoothl1_beta", "must be > 0")
     for name in ("desc_ce_weight", "bbox_smoothl1_weight", "bbox_ciou_weight", "coord_ce_weight",

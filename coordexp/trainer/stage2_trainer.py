@@ -30,7 +30,9 @@ from coordexp.trainer.losses import (
     slot_logits,
     weighted_token_ce,
 )
+from coordexp.trainer.positions import mrope_position_ids
 from coordexp.trainer.schedule import is_channel_b, realized_b_ratio
+from coordexp.trainer.softctx import coord_slot_mask, soft_self_context
 from coordexp.trainer.weight_sync import WeightSync, WeightSyncError
 
 
@@ -76,7 +78,7 @@ class Stage2ABTrainer(Trainer):
         buf.add_max("stage2_ab/b_ratio_realized", realized_b_ratio(step + 1, self.stage2_ab.schedule.b_ratio))
         buf.add_sum("train/samples", len(samples))
         start = time.perf_counter()
-        loss = self._loss(model, seqs)
+        loss = self._loss(model, seqs, soft_context=not channel_b)
         buf.add_max("time/forward_s", time.perf_counter() - start)
         return loss
 
@@ -126,7 +128,28 @@ class Stage2ABTrainer(Trainer):
                 f.write(json.dumps({"step": step, **record_as_dict(record)}) + "\n")
         return seqs
 
-    def _loss(self, model, seqs) -> torch.Tensor:
+    def _logits(self, model, batch: dict, model_inputs: dict, soft_context: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits for CE, logits for geometry): one plain forward, or the Channel-A soft self-context
+        passes (``stage2_ab.n_softctx_iter >= 2``; CE from pass 0, geometry from the last)."""
+        ab = self.stage2_ab
+        if not soft_context or ab.n_softctx_iter == 1:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           **model_inputs).logits
+            return logits, logits
+        inner = self.accelerator.unwrap_model(model)
+        kwargs = {"attention_mask": batch["attention_mask"], **model_inputs}
+        positions = mrope_position_ids(inner, batch["input_ids"], batch["attention_mask"], model_inputs)
+        if positions is not None:
+            kwargs["position_ids"] = positions
+        ids = batch["input_ids"]
+        slots = coord_slot_mask(tuple(ids.shape), batch["geometry_slots"], ids.device)
+        return soft_self_context(model, inner, inner.get_input_embeddings(), ids, slots,
+                                 self._coord_ids.to(ids.device), n_iter=ab.n_softctx_iter,
+                                 temperature=ab.softctx_temperature, grad_mode=ab.softctx_grad_mode.value,
+                                 **kwargs)
+
+    def _loss(self, model, seqs, soft_context: bool = False) -> torch.Tensor:
         buf = self.metric_buffer
         ab = self.stage2_ab
         if not seqs:  # every sample failed its target invariants: keep DDP in step with a zero loss
@@ -136,11 +159,10 @@ class Stage2ABTrainer(Trainer):
         batch = collate(seqs, self.adapter.pad_id, self.prompts.image_token_id)
         model_inputs = {k: v.to(self.args.device) for k, v in batch.pop("model_inputs").items()}
         batch = {k: v.to(self.args.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       **model_inputs).logits
-        ce = weighted_token_ce(logits, batch["input_ids"], batch["ce_weights"])
-        slots = slot_logits(logits, batch["geometry_slots"])
-        coord_ids = self._coord_ids.to(logits.device)
+        ce_logits, geo_logits = self._logits(model, batch, model_inputs, soft_context)
+        ce = weighted_token_ce(ce_logits, batch["input_ids"], batch["ce_weights"])
+        slots = slot_logits(geo_logits, batch["geometry_slots"])
+        coord_ids = self._coord_ids.to(geo_logits.device)
         probs = coord_distribution(slots, coord_ids, ab.softctx_temperature)
         sl1, ciou, coord_ce = geometry_losses(probs, batch["geometry_bins"], ab.bbox_smoothl1_beta)
         gate = coord_gate(slots, coord_ids)
