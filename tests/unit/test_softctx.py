@@ -120,7 +120,8 @@ def test_config_accepts_n_passes_and_refuses_zero():
     assert "stage2_ab.n_softctx_iter: must be >= 1 (1 = plain teacher forcing)" in problems(zero)
 
 
-# ----------------------------------------------------------------------------------------------- real tiny models
+# ---------------------------------------------------------------------------------------- real tiny models
+
 
 def _batch(path, arch_samples, field_order="desc_first"):
     from coordexp.models.prompts import load_model_and_prompts
