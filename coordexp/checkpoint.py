@@ -18,6 +18,8 @@ __all__ = [
     "model_type",
     "read_config",
     "read_eos_token_id",
+    "read_generation_config",
+    "read_stop_ids",
 ]
 
 # ChatML, identical to ms-swift's `chatml` template (no default system turn, no BOS). String contents
@@ -89,3 +91,28 @@ def read_eos_token_id(model_dir: str | os.PathLike) -> int | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return None
+
+
+def read_generation_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """``generation_config.json`` as a dict; ``{}`` when it is missing or not JSON."""
+    try:
+        value = json.loads((Path(model_dir) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_stop_ids(model_dir: str | os.PathLike, tokenizer_eos: int | None = None) -> tuple[int, ...]:
+    """The checkpoint's stop-token set: the tokenizer's EOS (``tokenizer_eos`` when given, else read from
+    the tokenizer files), then every id of ``generation_config.json``'s ``eos_token_id`` (an int or a list:
+    Qwen2.5-VL lists two), in that order, without repeats. Generation stops at the first of them on every
+    backend (HF ``generate``, the vLLM server, which adds the same list to a request's stop ids), the
+    forced-EOS processor may emit any of them, and the parser, the rollout trimming and the metrics stop at
+    them. The tokenizer's EOS comes first: it is the end-of-turn token targets close with. ``()`` when
+    neither file names one."""
+    eos = tokenizer_eos if tokenizer_eos is not None else read_eos_token_id(model_dir)
+    listed = read_generation_config(model_dir).get("eos_token_id")
+    listed = [listed] if isinstance(listed, int) else listed if isinstance(listed, list) else []
+    ids = ([int(eos)] if eos is not None else []) + [int(i) for i in listed
+                                                      if isinstance(i, int) and not isinstance(i, bool)]
+    return tuple(dict.fromkeys(i for i in ids if i >= 0))

@@ -149,7 +149,7 @@ def score_rollouts(samples: Sequence, rollouts: Sequence, adapter, contract, *,
     if scored is None:
         scored = [score_rollout(s, r, adapter, contract) for s, r in zip(samples, rollouts)]
     settings = match_settings(contract)
-    pieces = [adapter.pieces(r.token_ids) for r in rollouts]
+    pieces = [adapter.text_pieces(r.token_ids) for r in rollouts]  # exact text: written to predictions
     coord_probs: list[list[list[float] | None] | None] = [None] * len(rollouts)
     if scorer is not None:
         slots = [rollout_coord_indices(parsed, r.token_ids, pc)

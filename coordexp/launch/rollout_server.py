@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
-from coordexp.checkpoint import read_eos_token_id
+from coordexp.checkpoint import read_stop_ids
 from coordexp.errors import ServerStartError
 from coordexp.launch.process import port_in_use, set_parent_death_signal, stop_group, terminate_on_signals
 from coordexp.launch.server_spec import ServerLaunchSpec, build_command, build_env, launch_spec_from_config
@@ -59,7 +59,7 @@ class RolloutServer:
         progress: Callable[[str], None] = say,
         progress_every_s: float = 10.0,
         poll_interval_s: float = 1.0,
-        eos_token_id: int | None = None,
+        eos_token_id: int | tuple[int, ...] | None = None,
     ):
         if spec is None and not reuse_existing:
             raise ValueError("RolloutServer needs a launch spec unless reuse_existing is set")
@@ -78,7 +78,7 @@ class RolloutServer:
         self.poll_interval_s = float(poll_interval_s)
         self.eos_token_id = eos_token_id
         if self.eos_token_id is None and spec is not None:
-            self.eos_token_id = read_eos_token_id(spec.model_dir)
+            self.eos_token_id = read_stop_ids(spec.model_dir) or None  # the checkpoint's stop-token set
         self.proc: subprocess.Popen | None = None
         self.pgid: int | None = None
         self.world_size: int | None = None
@@ -109,7 +109,7 @@ class RolloutServer:
         if s.reuse_existing:
             spec = None
             kwargs.setdefault("probe", bool(cfg.rollout_matching.repeat_terminate.enabled))
-            kwargs.setdefault("eos_token_id", read_eos_token_id(model_dir))
+            kwargs.setdefault("eos_token_id", read_stop_ids(model_dir) or None)
         else:
             if len(urls) > 1 and base_url is None:
                 raise ServerStartError(

@@ -9,7 +9,8 @@ prompt (Channel B, in-training rollout evals and ``coordexp.eval`` alike).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,9 +23,20 @@ __all__ = [
     "RolloutBatch",
     "check_same_prompt",
     "cut_at_stop",
+    "decoding_settings",
     "generate_rollouts",
     "hit_max_new_tokens",
+    "ignored_checkpoint_defaults",
+    "log_ignored_checkpoint_defaults",
 ]
+
+log = logging.getLogger("coordexp.rollout")
+
+#: generation_config.json keys that are not decoding settings: token ids (the stop set takes the EOS list,
+#: checkpoint.read_stop_ids) and bookkeeping.
+_NOT_DECODING = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                           "transformers_version", "_from_model_config"})
+_logged: set[str] = set()
 
 
 @dataclass
@@ -96,3 +108,34 @@ def hit_max_new_tokens(generated: Sequence[int], stop_ids: Sequence[int], max_ne
     context limit came first)."""
     stopped = bool(generated) and generated[-1] in stop_ids
     return not stopped and (len(generated) >= max_new_tokens or length_finish)
+
+
+def decoding_settings(contract) -> dict[str, Any]:
+    """Every sampling and beam setting of a rollout, from ``rollout_matching.*`` alone (HF names; a server
+    request sends each of them, so nothing is left for the checkpoint's generation_config to fill in).
+    ``top_k <= 0`` and ``min_p = 0`` are off; one beam; greedy when ``temperature == 0``."""
+    return {"max_new_tokens": int(contract.max_new_tokens), "do_sample": contract.temperature > 0,
+            "num_beams": 1, "temperature": float(contract.temperature), "top_p": float(contract.top_p),
+            "top_k": int(contract.top_k), "min_p": 0.0,
+            "repetition_penalty": float(contract.repetition_penalty)}
+
+
+def ignored_checkpoint_defaults(checkpoint_config: Mapping[str, Any], settings: Mapping[str, Any]
+                                ) -> dict[str, Any]:
+    """The decoding defaults of a checkpoint's generation_config that rollouts ignore: every key but token
+    ids whose value is not the one the rollout uses (``settings``, :func:`decoding_settings`)."""
+    missing = object()
+    return {k: v for k, v in checkpoint_config.items()
+            if k not in _NOT_DECODING and settings.get(k, missing) != v}
+
+
+def log_ignored_checkpoint_defaults(backend: str, checkpoint_config: Mapping[str, Any],
+                                    settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Log, once per process and backend, which checkpoint decoding defaults are ignored; returns them."""
+    ignored = ignored_checkpoint_defaults(checkpoint_config, settings)
+    if ignored and backend not in _logged:
+        _logged.add(backend)
+        log.warning("coordexp rollouts (%s): ignoring the checkpoint's generation_config decoding defaults "
+                    "%s; rollouts decode with rollout_matching.* only: %s", backend,
+                    ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items())), dict(settings))
+    return ignored

@@ -28,6 +28,7 @@ from coordexp.rollout.repeat_rules import (
     derive_object_open_patterns,
     parse_config,
 )
+from coordexp.rollout.scoring import stop_ids_of
 
 __all__ = ["RepeatTerminateGuard", "build_hf_guard"]
 
@@ -124,12 +125,13 @@ def build_hf_guard(
     prompt_length: int | None = None,
     stop_ids: Iterable[int] | None = None,
 ) -> RepeatTerminateGuard:
-    """A guard wired to ``tokenizer``: stop id = its EOS (unless given), object patterns derived from it
-    (only when ``max_object_keys`` is set)."""
+    """A guard wired to ``tokenizer``: forced rows may emit any id of the checkpoint's stop-token set
+    (``scoring.stop_ids_of``, unless given), object patterns derived from it (only when ``max_object_keys``
+    is set)."""
     cfg = parse_config(config)
     if stop_ids is None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id; pass stop_ids explicitly")
-        stop_ids = [tokenizer.eos_token_id]
+        stop_ids = stop_ids_of(tokenizer)
     patterns = derive_object_open_patterns(tokenizer) if cfg.max_object_keys is not None else ()
     return RepeatTerminateGuard(cfg, stop_ids=stop_ids, object_patterns=patterns, prompt_length=prompt_length)

@@ -69,10 +69,14 @@ def _describe(r: RolloutResult) -> str:
 
 
 def check_probe_results(
-    trigger: RolloutResult, control: RolloutResult, max_tokens: int, eos_token_id: int | None = None
+    trigger: RolloutResult, control: RolloutResult, max_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> str | None:
     """None if the pair proves activation, ``"inconclusive"`` if request 0 stopped by itself at its first
-    token, else the reason it does not."""
+    token, else the reason it does not. ``eos_token_id``: the checkpoint's stop-token set (or one id); the
+    forced token may be any of them."""
+    stops = None if eos_token_id is None else (
+        {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(i) for i in eos_token_id})
     if trigger.repeat_terminate_triggered is None or control.repeat_terminate_triggered is None:
         return "the response has no coordexp.repeat_terminate_triggered field (plugin not active)"
     if (
@@ -88,15 +92,15 @@ def check_probe_results(
         problems.append(
             f"request 0 should stop with the forced EOS as its 2nd token, got {_describe(trigger)}"
         )
-    if eos_token_id is not None and trigger.token_ids and trigger.token_ids[-1] != eos_token_id:
-        problems.append(f"request 0's last token is {trigger.token_ids[-1]}, not EOS {eos_token_id}")
+    if stops is not None and trigger.token_ids and trigger.token_ids[-1] not in stops:
+        problems.append(f"request 0's last token is {trigger.token_ids[-1]}, not a stop id {sorted(stops)}")
     if control.repeat_terminate_triggered != 0:
         problems.append("request 1 (feature off for it) came back with repeat_terminate_triggered=1")
     if (
         len(control.token_ids) == 2
         and control.finish_reason == "stop"
         and max_tokens > 2
-        and (eos_token_id is None or control.token_ids[-1] == eos_token_id)
+        and (stops is None or control.token_ids[-1] in stops)
     ):
         problems.append(f"request 1 (control) looks force-stopped too: {_describe(control)}")
     return "; ".join(problems) or None
@@ -107,7 +111,7 @@ def run_probe(
     *,
     timeout_s: float = 120.0,
     max_tokens: int = 16,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     attempts: int = 3,
     seed: int = 1234,
     messages: Sequence[dict] = PROBE_MESSAGES,

@@ -8,28 +8,58 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
+from pathlib import Path
 
+from coordexp.checkpoint import read_stop_ids
 from coordexp.config.contract import RolloutContract
-from coordexp.coordjson import NUM_BINS, CoordObject, CoordVocab, DropReason, FieldOrder, parse_rollout
+from coordexp.coordjson import (
+    NUM_BINS,
+    CoordObject,
+    CoordVocab,
+    DropReason,
+    FieldOrder,
+    frame_pieces,
+    parse_rollout,
+    raw_piece,
+    spelled,
+)
 from coordexp.matching import match_boxes
 from coordexp.rollout.batch import Rollout
 from coordexp.telemetry.metrics import MetricBuffer
 
 __all__ = ["SampleRecord", "TokenizerAdapter", "gt_objects", "record_as_dict", "record_rollout_metrics",
-           "sample_record", "score_rollout"]
+           "sample_record", "score_rollout", "stop_ids_of"]
+
+
+@cache
+def _stop_ids(folder: str, eos: int) -> tuple[int, ...]:
+    return read_stop_ids(folder, tokenizer_eos=eos) if Path(folder).is_dir() else (eos,)
+
+
+def stop_ids_of(tokenizer) -> tuple[int, ...]:
+    """The one stop-token set of the checkpoint the tokenizer was loaded from (``checkpoint.read_stop_ids``:
+    the tokenizer's EOS, then ``generation_config.json``'s ``eos_token_id`` list), read once per folder. It
+    drives every backend (HF ``generate``, server rollouts), the forced-EOS guard, rollout trimming, the
+    parser and the metrics. A tokenizer without a folder: its EOS alone."""
+    return _stop_ids(str(getattr(tokenizer, "name_or_path", "") or ""), int(tokenizer.eos_token_id))
 
 
 class TokenizerAdapter:
-    """The tokenizer as the pure core sees it: encode, per-token pieces, coordinate vocabulary."""
+    """The tokenizer as the pure core sees it: encode, lossless per-token pieces, coordinate vocabulary, the
+    stop-token set."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.eos_id = int(tokenizer.eos_token_id)
+        self.eos_id = int(tokenizer.eos_token_id)  # end of turn: what every target closes with
+        self.stop_ids = stop_ids_of(tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
         self.coord_vocab = CoordVocab.from_vocab(tokenizer.get_vocab())
         self.coord_token_ids = [self.coord_vocab.id_of(k) for k in range(NUM_BINS)]
-        self.decode_token = lru_cache(maxsize=None)(lambda i: tokenizer.decode([int(i)]))
+        # lossless (coordjson.raw_piece): a byte-level token holding part of a multi-byte character keeps
+        # its bytes, so the token frame decodes split characters exactly (docs/channel_b.md)
+        self.decode_token = lru_cache(maxsize=None)(lambda i: raw_piece(
+            tokenizer.convert_ids_to_tokens(int(i)), tokenizer.decode([int(i)], skip_special_tokens=False)))
         # the Rust tokenizer behind a fast tokenizer gives the same ids without transformers' per-call
         # overhead (~0.1 ms, two calls per Channel-B sample)
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -41,7 +71,16 @@ class TokenizerAdapter:
         return list(self._encode(text))
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
+        """Lossless pieces (what ``parse_rollout`` takes)."""
         return [self.decode_token(int(i)) for i in ids]
+
+    def text_pieces(self, ids: Sequence[int]) -> tuple[str, ...]:
+        """Each token's exact text (``coordjson.frame_pieces``); joined, the tokenizer's ``decode``."""
+        return frame_pieces(self.pieces(ids))
+
+    def spelled(self, text: str) -> str:
+        """``text`` as this tokenizer writes it (encode, then decode; e.g. NFC)."""
+        return spelled(text, self.encode, self.decode_token)
 
 
 @dataclass
@@ -66,15 +105,18 @@ class SampleRecord:
     target_dropped: int
 
 
-def gt_objects(sample) -> list[CoordObject]:
-    return [CoordObject(o.desc, tuple(o.bbox_2d)) for o in sample.objects]
+def gt_objects(sample, tok: TokenizerAdapter | None = None) -> list[CoordObject]:
+    """The sample's GT objects; with ``tok``, each desc as the tokenizer spells it (what a model trained on
+    it can write, so desc matching compares like with like)."""
+    desc = tok.spelled if tok is not None else str
+    return [CoordObject(desc(o.desc), tuple(o.bbox_2d)) for o in sample.objects]
 
 
 def score_rollout(sample, rollout: Rollout, tok: TokenizerAdapter, contract: RolloutContract):
     """Strict parse + Hungarian match of one rollout: (parsed, GT objects, match)."""
-    gts = gt_objects(sample)
+    gts = gt_objects(sample, tok)
     parsed = parse_rollout(rollout.token_ids, tok.pieces(rollout.token_ids), coord_vocab=tok.coord_vocab,
-                           stop_ids=[tok.eos_id], field_order=FieldOrder(contract.object_field_order),
+                           stop_ids=tok.stop_ids, field_order=FieldOrder(contract.object_field_order),
                            encode=tok.encode, decode_token=tok.decode_token)
     match = match_boxes([o.bbox for o in parsed.objects], [g.bbox for g in gts],
                         top_k=contract.candidate_top_k, iou_gate=contract.iou_gate,

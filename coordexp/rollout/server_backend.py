@@ -31,9 +31,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from coordexp.checkpoint import read_generation_config
 from coordexp.config.contract import RolloutContract
 from coordexp.errors import LearnerError
-from coordexp.rollout.batch import Rollout, RolloutBatch, cut_at_stop, hit_max_new_tokens
+from coordexp.rollout.batch import (
+    Rollout,
+    RolloutBatch,
+    cut_at_stop,
+    decoding_settings,
+    hit_max_new_tokens,
+    log_ignored_checkpoint_defaults,
+)
 from coordexp.rollout.probe import ProbeError, run_probe
 from coordexp.rollout.server_client import (
     DecodeParams,
@@ -73,13 +81,16 @@ def _relative(path: str, root: Path) -> str:
 
 class ServerRolloutBackend:
     def __init__(self, contract: RolloutContract, stop_ids: Sequence[int], *,
-                 client: RolloutClient | None = None):
+                 client: RolloutClient | None = None, checkpoint_dir: str | None = None):
+        """``stop_ids``: the checkpoint's stop-token set (``scoring.stop_ids_of``); ``checkpoint_dir``: the
+        served checkpoint, to log which of its generation_config decoding defaults the requests override."""
         if contract.backend != "vllm" or not contract.server_base_urls:
             raise ServerBackendError(
                 "ServerRolloutBackend needs rollout_matching.rollout_backend=vllm and vllm.server.base_urls"
             )
         self.contract = contract
         self.stop_ids = [int(i) for i in stop_ids]
+        self.checkpoint_dir = checkpoint_dir
         self.client = client or RolloutClient(
             list(contract.server_base_urls),
             decode_batch_size=contract.decode_batch_size,
@@ -95,7 +106,7 @@ class ServerRolloutBackend:
         if not self.contract.repeat_terminate.enabled:
             self._active = 0
             return 0
-        eos = self.stop_ids[0] if self.stop_ids else None
+        eos = tuple(self.stop_ids) or None  # the forced token may be any stop id
         for url in self.client.base_urls:
             try:
                 run_probe(url, timeout_s=self.contract.infer_timeout_s, eos_token_id=eos)
@@ -116,6 +127,18 @@ class ServerRolloutBackend:
                                                   length_finish=r.finish_reason == "length"),
         )
 
+    def decode_params(self, seed: int | None) -> DecodeParams:
+        """Every sampling field of the request, from ``rollout_matching.*`` alone: ms-swift fills a field a
+        request leaves unset from the checkpoint's generation_config (and vLLM would, too), so none is left
+        unset. The server stops at the checkpoint's whole stop-token set by itself (vLLM adds the
+        generation_config's EOS list to every request)."""
+        s = decoding_settings(self.contract)
+        if self.checkpoint_dir:
+            log_ignored_checkpoint_defaults("server", read_generation_config(self.checkpoint_dir), s)
+        return DecodeParams(max_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
+                            top_k=s["top_k"] if s["top_k"] > 0 else -1, min_p=s["min_p"],
+                            repetition_penalty=s["repetition_penalty"], seed=seed)
+
     def generate(
         self, prompt_ids: Sequence[list[int]], messages: Sequence[list[dict[str, Any]]], seed: int,
         vision=None
@@ -128,14 +151,7 @@ class ServerRolloutBackend:
             if not messages:
                 return RolloutBatch([], 0.0, active, [])
             c = self.contract
-            params = DecodeParams(
-                max_tokens=c.max_new_tokens,
-                temperature=c.temperature,
-                top_p=c.top_p,
-                top_k=c.top_k,
-                repetition_penalty=c.repetition_penalty,
-                seed=seed,
-            )
+            params = self.decode_params(seed)
             reqs = [InferRequest(messages=relative_image_paths(m, c.image_root)) for m in messages]
             sizes = [b - a for _, a, b in self.client.plan(len(reqs))]
             results = self.client.infer(reqs, params)

@@ -11,7 +11,9 @@ Only ``requests`` is needed (no torch). One :class:`RolloutClient` serves every 
 * every call has a timeout (connect ``min(10, t)``, read ``t``); a failed call (connection error, timeout,
   HTTP 5xx) is retried **once** on a fresh connection, then a :class:`RolloutServerError` names the server,
   the call and the cause. HTTP 4xx and malformed bodies fail at once;
-* a response must be a list with one item per request; each item is either the coordexp plugin's wrapper
+* every ``/infer/`` call asks for the coordexp plugin's wrapper with the header
+  ``X-Coordexp-Response: wrapped`` (``protocol.WRAPPER_HEADER``; clients that do not ask get ms-swift's plain
+  shape); a response must be a list with one item per request; each item is either the wrapper
   ``{"response": <RolloutOutput>, "coordexp": {"repeat_terminate_triggered": 0|1}}`` or, from a server
   without the plugin, a bare ``RolloutOutput``. The trigger flag is read from the ``coordexp`` field only
   (never from ``finish_reason``); when repeat-terminate is enabled a missing field is an error naming it;
@@ -32,7 +34,7 @@ from typing import Any
 
 import requests
 
-from coordexp.rollout.protocol import ENV_ENABLE, FLAG_KEY, RESPONSE_KEY
+from coordexp.rollout.protocol import ENV_ENABLE, FLAG_KEY, RESPONSE_KEY, WRAPPER_HEADER, WRAPPER_VALUE
 
 __all__ = [
     "DecodeParams",
@@ -73,11 +75,17 @@ class InferRequest:
 
 @dataclass(frozen=True)
 class DecodeParams:
+    """Every sampling field of a request is sent (none left for the server to fill from the checkpoint's
+    generation_config); top_k -1 and min_p 0 are off."""
+
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = -1
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: Sequence[str] = DEFAULT_STOP
     logprobs: bool = False
@@ -113,7 +121,11 @@ def build_infer_payload(reqs: Sequence[InferRequest], params: DecodeParams, seed
         "temperature": float(params.temperature),
         "top_p": float(params.top_p),
         "top_k": int(params.top_k),
+        "min_p": float(params.min_p),
         "repetition_penalty": float(params.repetition_penalty),
+        "presence_penalty": float(params.presence_penalty),
+        "frequency_penalty": float(params.frequency_penalty),
+        "num_beams": 1,
         "seed": None if seed is None else int(seed) & 0x7FFFFFFF,
         "stop": list(params.stop),
         "return_details": True,
@@ -293,7 +305,8 @@ def post_infer(
     for _attempt in (1, 2):
         session = session_factory()
         try:
-            r = session.post(url, json=payload, timeout=_timeout(timeout_s))
+            r = session.post(url, json=payload, timeout=_timeout(timeout_s),
+                             headers={WRAPPER_HEADER: WRAPPER_VALUE})
         except requests.Timeout as exc:
             last = f"timed out after {timeout_s:g} s ({exc.__class__.__name__})"
             continue

@@ -35,10 +35,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from coordexp.checkpoint import read_stop_ids
 from coordexp.rollout.force_eos import force_eos_rows
 from coordexp.rollout.protocol import ENV_CONFIG_JSON, PROCESSOR_FQCN, XARGS_KEY
 from coordexp.rollout.repeat_rules import (
@@ -125,6 +127,7 @@ class ProcessorCore:
         *,
         tokenizer: Any = None,
         defaults: RepeatTerminateConfig | None = None,
+        model_dir: str | None = None,
     ):
         if vllm_config is not None and getattr(vllm_config, "speculative_config", None) is not None:
             raise ValueError(
@@ -149,7 +152,16 @@ class ProcessorCore:
                 vocab = None
         if vocab is not None and int(eos) >= vocab:
             raise ValueError(f"coordexp repeat-terminate: eos id {eos} is outside the vocab ({vocab})")
-        self.stop_ids: tuple[int, ...] = (int(eos),)
+        # the checkpoint's stop-token set (tokenizer EOS + generation_config's eos_token_id list), as the
+        # learner reads it: a forced row may emit any of them, and vLLM stops at each of them
+        if model_dir is None:
+            model_dir = (getattr(vllm_config.model_config, "model", None) if vllm_config is not None
+                         else getattr(tokenizer, "name_or_path", None))
+        stop_ids = (read_stop_ids(model_dir, tokenizer_eos=int(eos))
+                    if model_dir and Path(str(model_dir)).is_dir() else ())
+        self.stop_ids: tuple[int, ...] = stop_ids or (int(eos),)
+        if vocab is not None and max(self.stop_ids) >= vocab:
+            raise ValueError(f"coordexp repeat-terminate: stop ids {self.stop_ids} leave the vocab ({vocab})")
         self.patterns = derive_object_open_patterns(tokenizer)
         self.matcher = ObjectOpenMatcher(self.patterns)
 

@@ -19,7 +19,7 @@ from coordexp.trainer.batch import APPENDED, PREFIX, TrainSequence
 
 def channel_a_sequence(sample, prompt: EncodedPrompt, tok: TokenizerAdapter, field_order: str,
                        ab: Stage2ABConfig) -> TrainSequence:
-    target = build_channel_a_target(gt_objects(sample), field_order=FieldOrder(field_order),
+    target = build_channel_a_target(gt_objects(sample, tok), field_order=FieldOrder(field_order),
                                     coord_vocab=tok.coord_vocab, encode=tok.encode,
                                     decode_token=tok.decode_token, eos_id=tok.eos_id,
                                     desc_ce_weight=ab.desc_ce_weight)

@@ -30,7 +30,7 @@ from coordexp.data.synthetic import write_synthetic_split
 from coordexp.errors import CoordexpError, LearnerError, disk_full_is_an_error, exit_on_error
 from coordexp.models.prompts import load_model_and_prompts
 from coordexp.rollout.hf_backend import HFRolloutBackend
-from coordexp.rollout.scoring import TokenizerAdapter, gt_objects
+from coordexp.rollout.scoring import TokenizerAdapter, gt_objects, stop_ids_of
 from coordexp.rollout.server_backend import ServerRolloutBackend
 from coordexp.telemetry.console import CompactProgressCallback
 from coordexp.trainer import preemption
@@ -145,7 +145,8 @@ def build_rollout_backend(contract, model, tokenizer, image_token_id=None):
     wraps it without copying), or the rollout server(s)."""
     if contract.backend == "hf":
         return HFRolloutBackend(lambda: model, tokenizer, contract, image_token_id)
-    return ServerRolloutBackend(contract, stop_ids=[int(tokenizer.eos_token_id)])
+    return ServerRolloutBackend(contract, stop_ids=stop_ids_of(tokenizer),
+                                checkpoint_dir=getattr(tokenizer, "name_or_path", None))
 
 
 def metrics_jsonl_callback(path: Path):
