@@ -12,9 +12,10 @@ orchestrator and the command and owns the whole tree:
 - it gets SIGTERM when its parent dies (``PR_SET_PDEATHSIG``, also checked by polling ``getppid``, which
   closes the race of a parent that dies before the flag is set);
 - on that, on SIGTERM/SIGINT/SIGHUP, or when CMD exits, it sends SIGTERM to every process below it (found
-  through ``/proc``, so grandchildren in other process groups count), waits up to ``--grace`` seconds,
-  SIGKILLs what is left, reaps everything and exits with CMD's status (a CMD killed by signal N ends the
-  supervisor by signal N, so callers see the same ``returncode``).
+  through ``/proc``, so grandchildren in other process groups count), waits up to ``--grace`` seconds
+  (``ORPHAN_GRACE_S`` when the parent is gone), SIGKILLs what is left, reaps everything and exits with
+  CMD's status (a CMD killed by signal N ends the supervisor by signal N, so callers see the same
+  ``returncode``).
 
 Stdlib only and Linux only (``prctl``); elsewhere it runs CMD and forwards signals without the subreaper.
 The orchestrator starts every server (the launcher's and the server CLI's, on any node) and a torchrun
@@ -36,6 +37,8 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 #: Seconds the tree gets between SIGTERM and SIGKILL.
 DEFAULT_GRACE_S = 10.0
+#: The same when the parent is gone (nobody waits for a clean shutdown: the run is over).
+ORPHAN_GRACE_S = 2.0
 _POLL_S = 0.1
 
 __all__ = ["DEFAULT_GRACE_S", "descendants", "supervised_command"]
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.getppid() != parent:
             stop.append(signal.SIGTERM)
         time.sleep(_POLL_S)
-    _stop_tree(ns.grace, statuses)
+    _stop_tree(min(ns.grace, ORPHAN_GRACE_S) if os.getppid() != parent else ns.grace, statuses)
     statuses.update(_reap())
     child.returncode = 0  # reaped here, not by Popen: keep Popen from waiting on it at exit
     _exit_like(statuses.get(child.pid), 128 + (stop[0] if stop else signal.SIGTERM))
