@@ -109,6 +109,10 @@ class RecordStartCounter:
         self._piece_of = piece_of.__getitem__ if isinstance(piece_of, Sequence) else piece_of
         self._cache: list[dict[int, tuple[int, int]]] = [{} for _ in range(automaton.num_states)]
 
+    def piece(self, token: int) -> str:
+        """The token's text as this counter sees it."""
+        return self._piece_of(int(token))
+
     def step(self, state: int, token: int) -> tuple[int, int]:
         """(new state, record starts completed by ``token``)."""
         cached = self._cache[state].get(token)

@@ -10,7 +10,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from coordexp.config.load import compose, to_train_config
-from coordexp.errors import CoordexpError, ServerStartError, exit_on_error
+from coordexp.config.validate import url_problem
+from coordexp.errors import ConfigError, CoordexpError, ServerStartError, exit_on_error
 from coordexp.launch.rollout_server import RolloutServer, say
 from coordexp.launch.run import resolve_model_dir
 
@@ -29,10 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = to_train_config(compose(ns.overrides))
         if getattr(cfg.rollout_matching.rollout_backend, "value", None) != "vllm":
             raise CoordexpError("select rollout=vllm_server (the config's rollout backend is not the server)")
-        model_dir = resolve_model_dir(cfg)
         url = ns.base_url or (list(cfg.vllm.server.base_urls) or [None])[0]
         if not url:
             raise CoordexpError("no URL: pass --base-url or vllm.server.base_urls=[http://host:port]")
+        if url_problem(url):  # --base-url skips the config's URL check
+            raise ConfigError([f"--base-url: {url_problem(url)}"])
+        model_dir = resolve_model_dir(cfg)
         parsed = urlparse(url)
         log = Path(ns.log) if ns.log else Path("runs") / "servers" / f"{parsed.hostname}_{parsed.port}.log"
         cfg = dataclasses.replace(cfg, vllm=dataclasses.replace(

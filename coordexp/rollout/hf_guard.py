@@ -15,7 +15,7 @@ follow.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from transformers import LogitsProcessor
@@ -25,7 +25,7 @@ from coordexp.rollout.repeat_rules import (
     ObjectOpenMatcher,
     RepeatTerminateConfig,
     SequenceState,
-    derive_object_open_patterns,
+    object_open_matcher,
     parse_config,
 )
 from coordexp.rollout.scoring import stop_ids_of
@@ -39,8 +39,8 @@ class RepeatTerminateGuard(LogitsProcessor):
     Args:
         config: the ``repeat_terminate`` settings (dataclass or mapping).
         stop_ids: EOS/stop token id(s); forced rows may only produce these.
-        object_patterns: token sequences of an object opening (needed when ``max_object_keys`` is set);
-            see :func:`~coordexp.rollout.repeat_rules.derive_object_open_patterns`.
+        matcher: the record-start counter of the tokenizer (needed when ``max_object_keys`` is set);
+            see :func:`~coordexp.rollout.repeat_rules.object_open_matcher`.
         prompt_length: padded prompt length (``input_ids.shape[1]`` given to ``generate``). Default:
             the sequence length seen at the first call, which is the prompt length for ``generate``.
 
@@ -51,16 +51,16 @@ class RepeatTerminateGuard(LogitsProcessor):
         self,
         config: RepeatTerminateConfig,
         stop_ids: Iterable[int],
-        object_patterns: Iterable[Sequence[int]] | None = None,
+        matcher: ObjectOpenMatcher | None = None,
         prompt_length: int | None = None,
     ):
         self.config = parse_config(config)
         self.stop_ids = tuple(sorted({int(i) for i in stop_ids}))
         if not self.stop_ids or min(self.stop_ids) < 0:
             raise ValueError(f"stop_ids must be non-empty non-negative token ids, got {stop_ids!r}")
-        self.matcher = ObjectOpenMatcher(object_patterns or ())
-        if self.config.enabled and self.config.max_object_keys is not None and not self.matcher:
-            raise ValueError("max_object_keys is set but no object-opening patterns were given")
+        self.matcher = matcher
+        if self.config.enabled and self.config.max_object_keys is not None and matcher is None:
+            raise ValueError("max_object_keys is set but no object-opening matcher was given")
         self._prompt_length_arg = prompt_length
         self.reset()
 
@@ -126,12 +126,12 @@ def build_hf_guard(
     stop_ids: Iterable[int] | None = None,
 ) -> RepeatTerminateGuard:
     """A guard wired to ``tokenizer``: forced rows may emit any id of the checkpoint's stop-token set
-    (``scoring.stop_ids_of``, unless given), object patterns derived from it (only when ``max_object_keys``
-    is set)."""
+    (``scoring.stop_ids_of``, unless given), its record-start counter (only when ``max_object_keys`` is
+    set)."""
     cfg = parse_config(config)
     if stop_ids is None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id; pass stop_ids explicitly")
         stop_ids = stop_ids_of(tokenizer)
-    patterns = derive_object_open_patterns(tokenizer) if cfg.max_object_keys is not None else ()
-    return RepeatTerminateGuard(cfg, stop_ids=stop_ids, object_patterns=patterns, prompt_length=prompt_length)
+    matcher = object_open_matcher(tokenizer) if cfg.max_object_keys is not None else None
+    return RepeatTerminateGuard(cfg, stop_ids=stop_ids, matcher=matcher, prompt_length=prompt_length)

@@ -44,13 +44,12 @@ from coordexp.checkpoint import read_stop_ids
 from coordexp.rollout.force_eos import force_eos_rows
 from coordexp.rollout.protocol import ENV_CONFIG_JSON, PROCESSOR_FQCN, XARGS_KEY
 from coordexp.rollout.repeat_rules import (
-    ObjectOpenMatcher,
     RepeatTerminateConfig,
     SequenceState,
     config_from_json,
     config_to_dict,
-    derive_object_open_patterns,
     merge_overrides,
+    object_open_matcher,
     validate_overrides,
 )
 
@@ -162,8 +161,7 @@ class ProcessorCore:
         self.stop_ids: tuple[int, ...] = stop_ids or (int(eos),)
         if vocab is not None and max(self.stop_ids) >= vocab:
             raise ValueError(f"coordexp repeat-terminate: stop ids {self.stop_ids} leave the vocab ({vocab})")
-        self.patterns = derive_object_open_patterns(tokenizer)
-        self.matcher = ObjectOpenMatcher(self.patterns)
+        self.matcher = object_open_matcher(tokenizer)
 
     def resolve(self, sampling_params: Any) -> RepeatTerminateConfig | None:
         """Effective config of a request (defaults + its overrides), or None when disabled for it."""
@@ -176,8 +174,8 @@ class ProcessorCore:
 
     def describe(self, runner: str) -> str:
         return (
-            f"coordexp repeat-terminate attached: runner={runner} eos={self.stop_ids} "
-            f"object_open_patterns={len(self.patterns)} defaults={config_to_dict(self.defaults)}"
+            f"coordexp repeat-terminate attached: runner={runner} stop_ids={self.stop_ids} "
+            f"defaults={config_to_dict(self.defaults)}"
         )
 
 

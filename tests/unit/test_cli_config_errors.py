@@ -74,3 +74,13 @@ def test_a_sweep_is_checked_job_by_job_before_the_first_starts(tmp_path):
     assert_one_screen(out, "  - stage2_ab.schedule.b_ratio: 1.5 is outside [0, 1] (sweep job "
                            "stage2_ab.schedule.b_ratio=1.5)")
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("http://127.0.0.1:abc",
+     "  - --base-url: 'http://127.0.0.1:abc' is not http(s)://host:port (Port could not"),
+    ("http://127.0.0.1:99999",
+     "  - --base-url: 'http://127.0.0.1:99999' is not http(s)://host:port (Port out of"),
+])
+def test_the_server_cli_checks_its_base_url_before_building_anything(url, needle):
+    assert_one_screen(run("coordexp.launch.server", "--base-url", url), needle)

@@ -66,7 +66,7 @@ def test_disabled_and_misuse():
     assert torch.equal(before, out) and guard.triggered_flags() == [0]
     with pytest.raises(ValueError, match="batch size changed"):
         step(guard, [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-    with pytest.raises(ValueError, match="patterns"):
+    with pytest.raises(ValueError, match="matcher"):
         RepeatTerminateGuard(cfg(max_object_keys=2), stop_ids=[EOS])
     with pytest.raises(ValueError, match="stop_ids"):
         RepeatTerminateGuard(cfg(), stop_ids=[])

@@ -18,10 +18,10 @@ from coordexp.rollout.repeat_rules import (
     config_from_json,
     consistency_problem,
     count_object_openings,
-    derive_object_open_patterns,
     first_trigger_length,
     forced_eos_flag,
     merge_overrides,
+    object_open_matcher,
     parse_config,
     problems,
     triggered,
@@ -68,23 +68,28 @@ def test_disabled_config_never_fires():
     assert not st_.fired
 
 
-def test_object_cap_counts_positions_and_needs_patterns():
-    c = cfg(max_object_keys=2)
-    assert not triggered(c, [11, 12, 3], [[11, 12]])
-    assert triggered(c, [11, 12, 3, 11, 12], [[11, 12]])
-    with pytest.raises(ValueError, match="patterns"):
-        triggered(c, [1, 2], [])
-    with pytest.raises(ValueError, match="patterns"):
-        SequenceState(c, ObjectOpenMatcher([]))
+# token id -> its text: a toy vocabulary whose tokens split a record start anywhere
+PIECES = ["{", '"desc"', " ", "x", '{"', 'desc"', "\n", '"bbox_2d"', '"', "desc", '{ "', '"}, {"',
+          "description"]
 
 
-def test_matcher_overlapping_variants_count_once():
-    # [5, 11, 12] ends where [11, 12] ends: one opening, counted once;
-    # [11, 12, 13] extends [11, 12] -> dropped
-    m = ObjectOpenMatcher([[11, 12], [5, 11, 12], [11, 12, 13]])
-    assert m.patterns == ((5, 11, 12), (11, 12))
-    toks = [5, 11, 12, 13, 11, 12, 11, 11, 12]
-    assert m.count(toks) == 3 == count_object_openings(toks, m.patterns)
+def test_object_cap_counts_record_starts_and_needs_a_matcher():
+    m, c = ObjectOpenMatcher(PIECES), cfg(max_object_keys=2)
+    assert not triggered(c, [0, 1, 3], m)  # {"desc"x: one start
+    assert triggered(c, [0, 1, 3, 4, 5], m)  # ... {"desc": two
+    assert triggered(c, [0, 2, 6, 1, 3, 0, 2, 7], m)  # { \n"desc" ... { "bbox_2d": whitespace inside counts
+    assert not triggered(c, [0, 1, 4, 12], m)  # {"description is no record start
+    with pytest.raises(ValueError, match="matcher"):
+        triggered(c, [1, 2], None)
+    with pytest.raises(ValueError, match="matcher"):
+        SequenceState(c, None)
+
+
+def test_matcher_counts_record_starts_across_token_boundaries():
+    m = ObjectOpenMatcher(PIECES)
+    toks = [4, 5, 3, 11, 9, 8, 3, 0, 2, 2, 6, 8, 9, 8, 0, 0, 1]  # {"desc" x"}, {"desc"x{  \n"desc"{{"desc"
+    assert m.count(toks) == 4 == count_object_openings(toks, m)
+    assert m.text(toks) == '{"desc"x"}, {"desc"x{  \n"desc"{{"desc"'
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -195,27 +200,26 @@ _configs = st.builds(
     st.sampled_from([0, 2, 3, 4]),
     st.none() | st.integers(1, 4),
 )
-_patterns = st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=4), min_size=1, max_size=4)
-_seqs = st.lists(st.integers(0, 4), max_size=60)
+_seqs = st.lists(st.integers(0, len(PIECES) - 1), max_size=60)
 
 
 @settings(max_examples=400, deadline=None)
-@given(_configs, _patterns, _seqs)
-def test_incremental_engine_equals_stateless_triggered(c, patterns, seq):
-    matcher = ObjectOpenMatcher(patterns)
+@given(_configs, _seqs)
+def test_incremental_engine_equals_stateless_triggered(c, seq):
+    matcher = ObjectOpenMatcher(PIECES)
     state = SequenceState(c, matcher)
-    assert state.fired == triggered(c, [], patterns)
+    assert state.fired == triggered(c, [], matcher)
     for i, t in enumerate(seq):
         state.push(t)
-        assert state.fired == triggered(c, seq[: i + 1], patterns), (i, seq[: i + 1])
+        assert state.fired == triggered(c, seq[: i + 1], matcher), (i, seq[: i + 1])
     if c.max_object_keys is not None:  # openings are counted only when the cap is set
-        assert state.objects == count_object_openings(seq, patterns)
+        assert state.objects == count_object_openings(seq, matcher)
 
 
 @settings(max_examples=200, deadline=None)
-@given(_configs, _patterns, _seqs)
-def test_reset_replays_identically(c, patterns, seq):
-    matcher = ObjectOpenMatcher(patterns)
+@given(_configs, _seqs)
+def test_reset_replays_identically(c, seq):
+    matcher = ObjectOpenMatcher(PIECES)
     a = SequenceState(c, matcher)
     a.extend([1, 1, 1, 2, 2])
     a.reset()
@@ -239,24 +243,22 @@ def _answer(n: int, order: str) -> str:
     return serialize_objects(objs, FieldOrder(order), sort=False)
 
 
-def test_patterns_cover_bpe_merges_with_neighbours(tiny_tokenizer):
+@pytest.mark.parametrize("brace", ["{", "{ ", "{\n  ", "{\t", "{\r\n"])
+def test_whitespace_after_the_brace_is_counted(tiny_tokenizer, brace):
+    """The cap used to count only `{"desc` as the tokenizer encodes it next to its usual neighbours: a model
+    looping on `{ "desc"` (which the parser takes as a record) was never stopped."""
     tok = tiny_tokenizer
-    pats = derive_object_open_patterns(tok)
-    first_pieces = {tok.convert_ids_to_tokens(p[0]) for p in pats}
-    # real output fuses the opening brace with its left neighbour (e.g. " [{" for the first object and
-    # " {" for later ones with this tokenizer): some variant's first token holds more than `{"`
-    assert any(set(piece) - set('{"') for piece in first_pieces), first_pieces
-    assert len(pats) > 2, pats  # several variants, not one context-free encoding
-    # both field orders
-    decoded = {tok.decode(list(p)) for p in pats}
-    assert any("desc" in d for d in decoded) and any("bbox_2d" in d for d in decoded), decoded
+    box = '"bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]'
+    text = '{"objects": [' + ", ".join([brace + '"desc": "cat", ' + box + "}"] * 5) + "]}"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert object_open_matcher(tok).count(ids) == 5
+    assert first_trigger_length(cfg(max_object_keys=3), ids, object_open_matcher(tok)) < len(ids)
 
 
 @pytest.mark.parametrize("order", ["desc_first", "geometry_first"])
 def test_object_count_on_real_encodings(tiny_tokenizer, order):
     tok = tiny_tokenizer
-    pats = derive_object_open_patterns(tok)
-    matcher = ObjectOpenMatcher(pats)
+    matcher = object_open_matcher(tok)
     for n in range(1, 6):
         text = _answer(n, order)
         ids = tok.encode(text, add_special_tokens=False)
@@ -266,15 +268,15 @@ def test_object_count_on_real_encodings(tiny_tokenizer, order):
         at = first_trigger_length(c, ids, matcher)
         opening_end = next(i + 1 for i in range(len(ids)) if matcher.count(ids[: i + 1]) == n)
         assert at == opening_end
-        assert triggered(c, ids[:at], pats) and not triggered(c, ids[: at - 1], pats)
+        assert triggered(c, ids[:at], matcher) and not triggered(c, ids[: at - 1], matcher)
         # the cap counts generated tokens only: an opening in the prompt is not part of generated_ids
-        assert not triggered(cfg(max_object_keys=n + 1), ids, pats)
+        assert not triggered(cfg(max_object_keys=n + 1), ids, matcher)
 
 
 def test_object_count_streamed_token_by_token_equals_batch_encoding(tiny_tokenizer):
     """What a model generates is a token stream; the count must not depend on how the text was cut."""
     tok = tiny_tokenizer
-    matcher = ObjectOpenMatcher(derive_object_open_patterns(tok))
+    matcher = object_open_matcher(tok)
     text = _answer(4, "desc_first")
     ids = tok.encode(text, add_special_tokens=False)
     state = SequenceState(cfg(max_object_keys=100), matcher)
