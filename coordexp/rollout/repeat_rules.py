@@ -11,8 +11,8 @@ sequence has generated so far (never the prompt):
 * ``max_consecutive_token_repeats`` (K > 0): the trailing run of one token id has length >= K;
 * ``ngram_size`` / ``ngram_repeats`` (n > 0, r >= 2): the last ``n * r`` tokens are ``r`` identical,
   back-to-back copies of the last ``n`` tokens;
-* ``max_object_keys`` (C, not None): at least C objects have been started, counted on the tokenizer's real
-  encoding of an object opening (see :func:`derive_object_open_patterns`).
+* ``max_object_keys`` (C, not None): at least C records have been started: the parser's own definition of a
+  record start (:mod:`coordexp.coordjson.record_start`), counted token by token (:class:`ObjectOpenMatcher`).
 
 Incremental evaluation, O(1) per token whatever the length:
 
@@ -21,27 +21,27 @@ Incremental evaluation, O(1) per token whatever the length:
   ``tok[i] == tok[i - n]``. The last ``n * r`` tokens are ``r`` equal adjacent blocks iff every one of the
   last ``n * (r - 1)`` positions equals the token ``n`` before it, i.e. iff ``m >= n * (r - 1)`` (this also
   implies ``len >= n * r``). The token ``n`` back comes from a ring buffer of size ``n``;
-* object openings: a deterministic automaton (Aho-Corasick, compiled to a full transition table over the
-  few token ids that occur in any pattern) counts the positions where some opening pattern ends.
+* record starts: a character automaton run over each token's text, its effect per (state, token) cached, so
+  one dict lookup per token.
 
-:func:`triggered` is the stateless twin (direct tail comparisons and a naive pattern scan); tests prove it
-agrees with the incremental engine on every prefix of random sequences.
+:func:`triggered` is the stateless twin (direct tail comparisons and the automaton over the whole text);
+tests prove it agrees with the incremental engine on every prefix of random sequences.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
+from coordexp.coordjson.record_start import RECORD_START, RecordStartCounter
 from coordexp.rollout.protocol import XARGS_KEY
 
 __all__ = [
     "CONFIG_KEYS",
-    "OBJECT_KEYS",
     "ObjectOpenMatcher",
     "RepeatTerminateConfig",
     "SequenceState",
@@ -49,10 +49,10 @@ __all__ = [
     "config_to_dict",
     "consistency_problem",
     "count_object_openings",
-    "derive_object_open_patterns",
     "first_trigger_length",
     "forced_eos_flag",
     "merge_overrides",
+    "object_open_matcher",
     "parse_config",
     "problems",
     "triggered",
@@ -81,8 +81,6 @@ class RepeatTerminateConfig:
 
 #: The config keys, in schema order (single source: the schema dataclass).
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RepeatTerminateConfig))
-#: Keys that open a CoordJSON object, for both field orders.
-OBJECT_KEYS: tuple[str, ...] = ("desc", "bbox_2d")
 
 _INT_KEYS = ("min_new_tokens", "max_consecutive_token_repeats", "ngram_size", "ngram_repeats")
 
@@ -199,78 +197,26 @@ def merge_overrides(
 # ----------------------------------------------------------------------------------------------- matcher
 
 
-class ObjectOpenMatcher:
-    """Streaming matcher of a set of token-id patterns (the encodings of an object opening).
+class ObjectOpenMatcher(RecordStartCounter):
+    """The object cap's counter: record starts (``{``, JSON whitespace, ``"desc"`` or ``"bbox_2d"``) in the
+    generated text, token by token. The definition is the parser's own
+    (:mod:`coordexp.coordjson.record_start`), so the cap counts exactly the records the parser sees start,
+    whatever whitespace the model writes and however the tokenizer merges the characters.
+    :meth:`step` is one cached dict lookup; ``piece_of(id)`` is the token decoded alone."""
 
-    Compiled once (Aho-Corasick goto/fail, then a full transition table restricted to the token ids
-    that occur in some pattern; any other id goes back to the root). :meth:`step` is one dict lookup.
-    Each *position* where at least one pattern ends counts once, so overlapping variants of the same
-    opening never double count.
-    """
+    __slots__ = ()
 
-    __slots__ = ("_accept", "_delta", "patterns")
+    def text(self, tokens: Iterable[int]) -> str:
+        return "".join(self.piece(t) for t in tokens)
 
-    def __init__(self, patterns: Iterable[Sequence[int]]):
-        pats = sorted({tuple(int(t) for t in p) for p in patterns if len(p) > 0})
-        # A pattern that extends another one would count the same opening twice (at two positions).
-        pats = [p for p in pats if not any(q != p and p[: len(q)] == q for q in pats)]
-        self.patterns: tuple[tuple[int, ...], ...] = tuple(pats)
-        goto: list[dict[int, int]] = [{}]
-        accept = [False]
-        for p in pats:
-            s = 0
-            for t in p:
-                nxt = goto[s].get(t)
-                if nxt is None:
-                    goto.append({})
-                    accept.append(False)
-                    nxt = len(goto) - 1
-                    goto[s][t] = nxt
-                s = nxt
-            accept[s] = True
-        fail = [0] * len(goto)
-        order: list[int] = []
-        queue = deque(goto[0].values())
-        while queue:
-            s = queue.popleft()
-            order.append(s)
-            for t, nxt in goto[s].items():
-                f = fail[s]
-                while f and t not in goto[f]:
-                    f = fail[f]
-                cand = goto[f].get(t, 0)
-                fail[nxt] = cand if cand != nxt else 0
-                accept[nxt] = accept[nxt] or accept[fail[nxt]]
-                queue.append(nxt)
-        alphabet = sorted({t for p in pats for t in p})
-        delta: list[dict[int, int]] = [{} for _ in goto]
-        for s in [0] + order:  # BFS order: fail[s] is complete before s
-            for t in alphabet:
-                if t in goto[s]:
-                    delta[s][t] = goto[s][t]
-                elif s == 0:
-                    delta[s][t] = 0
-                else:
-                    delta[s][t] = delta[fail[s]].get(t, 0)
-            # drop transitions to the root: .get(t, 0) gives them back
-            delta[s] = {t: d for t, d in delta[s].items() if d}
-        self._delta = tuple(delta)
-        self._accept = tuple(accept)
 
-    def __bool__(self) -> bool:
-        return bool(self.patterns)
+def object_open_matcher(tokenizer: Any) -> ObjectOpenMatcher:
+    """The cap's counter for ``tokenizer`` (HF or vLLM's): each id decoded alone, on first use, cached."""
+    @cache
+    def piece(token: int) -> str:
+        return tokenizer.decode([int(token)], skip_special_tokens=False)
 
-    def step(self, state: int, token: int) -> tuple[int, bool]:
-        nxt = self._delta[state].get(token, 0)
-        return nxt, self._accept[nxt]
-
-    def count(self, tokens: Iterable[int]) -> int:
-        state, n = 0, 0
-        delta, accept = self._delta, self._accept
-        for t in tokens:
-            state = delta[state].get(t, 0)
-            n += accept[state]
-        return n
+    return ObjectOpenMatcher(piece)
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -299,10 +245,10 @@ class SequenceState:
     )
 
     def __init__(self, cfg: RepeatTerminateConfig, matcher: ObjectOpenMatcher | None = None):
-        if cfg.enabled and cfg.max_object_keys is not None and not matcher:
+        if cfg.enabled and cfg.max_object_keys is not None and matcher is None:
             raise ValueError(
-                "max_object_keys is set but no object-opening patterns were given "
-                "(derive them with derive_object_open_patterns(tokenizer))"
+                "max_object_keys is set but no object-opening matcher was given "
+                "(object_open_matcher(tokenizer))"
             )
         self.cfg = cfg
         self.matcher = matcher
@@ -312,7 +258,7 @@ class SequenceState:
         ngram_on = cfg.ngram_size > 0 and cfg.ngram_repeats >= 2
         self._n = cfg.ngram_size if ngram_on else 0
         self._ngram_need = cfg.ngram_size * (cfg.ngram_repeats - 1) if ngram_on else 0
-        self._cap = cfg.max_object_keys if matcher else None
+        self._cap = cfg.max_object_keys if matcher is not None else None
         self.reset()
 
     def reset(self) -> None:
@@ -341,9 +287,8 @@ class SequenceState:
                 self._match_run = 0
             ring[slot] = token
         if self._cap is not None:
-            self._ac, hit = self.matcher.step(self._ac, token)
-            if hit:
-                self.objects += 1
+            self._ac, hits = self.matcher.step(self._ac, token)
+            self.objects += hits
         self.length = i + 1
 
     def extend(self, tokens: Iterable[int]) -> None:
@@ -376,21 +321,16 @@ class SequenceState:
 # ----------------------------------------------------------------------------------------------- stateless
 
 
-def count_object_openings(tokens: Sequence[int], patterns: Iterable[Sequence[int]]) -> int:
-    """Naive count of positions where some pattern ends (reference for :class:`ObjectOpenMatcher`)."""
-    pats = ObjectOpenMatcher(patterns).patterns  # same de-duplication rules
-    toks = list(tokens)
-    n = 0
-    for end in range(1, len(toks) + 1):
-        if any(len(p) <= end and tuple(toks[end - len(p) : end]) == p for p in pats):
-            n += 1
-    return n
+def count_object_openings(tokens: Sequence[int], matcher: ObjectOpenMatcher) -> int:
+    """Record starts in the text of ``tokens``, rescanned as a whole (reference for :meth:`ObjectOpenMatcher.
+    step`, which caches per token)."""
+    return RECORD_START.count(matcher.text(tokens))
 
 
 def triggered(
     config: RepeatTerminateConfig,
     generated_ids: Sequence[int],
-    object_patterns: Iterable[Sequence[int]] | None = None,
+    matcher: ObjectOpenMatcher | None = None,
 ) -> bool:
     """Would the processor force EOS right after ``generated_ids`` (stateless, rescans the tail)?"""
     cfg = config
@@ -409,10 +349,9 @@ def triggered(
         if all(ids[length - n * (j + 1) : length - n * j] == tail for j in range(1, r)):
             return True
     if cfg.max_object_keys is not None:
-        pats = list(object_patterns or ())
-        if not pats:
-            raise ValueError("max_object_keys is set but no object-opening patterns were given")
-        if count_object_openings(ids, pats) >= cfg.max_object_keys:
+        if matcher is None:
+            raise ValueError("max_object_keys is set but no object-opening matcher was given")
+        if count_object_openings(ids, matcher) >= cfg.max_object_keys:
             return True
     return False
 
@@ -475,77 +414,3 @@ def consistency_problem(
         f"the repeat-terminate rule held after {first} generated tokens but the sequence went on to "
         f"{len(ids)} tokens (last id {ids[-1] if ids else None}); the logits processor did not act"
     )
-
-
-# ----------------------------------------------------------------------------------------------- patterns
-
-# Text before the "{" of an object opening in real CoordJSON (first object, later objects after either
-# field order, with and without the space), and text after the key (desc: a string, bbox_2d: a list).
-_LEFT_CONTEXTS = (
-    '{"objects": [',
-    '{"objects":[',
-    "<|coord_7|>]}, ",
-    "<|coord_7|>]},",
-    '"red square"}, ',
-    '"red square"},',
-    "]}, ",
-    '"}, ',
-    "[",
-    ", ",
-)
-_RIGHT_CONTEXTS = {
-    "desc": ('": "red square", "bbox_2d": [', '":"red square"', '": "a'),
-    "bbox_2d": ('": [<|coord_1|>, <|coord_2|>', '":[<|coord_1|>', '": [1'),
-}
-
-
-def _token_spans(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of ``text`` and each token's character span in ``text``."""
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        spans = [tuple(s) for s in enc["offset_mapping"]]
-        if len(ids) == len(spans) and all(b >= a for a, b in spans):
-            return ids, spans  # type: ignore[return-value]
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
-    spans, prev = [], 0
-    for i in range(len(ids)):
-        cur = len(
-            tokenizer.decode(ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        )
-        spans.append((prev, cur))
-        prev = cur
-    return ids, spans
-
-
-def derive_object_open_patterns(
-    tokenizer: Any,
-    keys: Sequence[str] = OBJECT_KEYS,
-    left_contexts: Sequence[str] = _LEFT_CONTEXTS,
-    right_contexts: Mapping[str, Sequence[str]] | None = None,
-) -> tuple[tuple[int, ...], ...]:
-    """Token sequences that open a CoordJSON object, as the tokenizer really encodes them.
-
-    For every key (``desc`` for desc-first, ``bbox_2d`` for geometry-first objects), every left context
-    (what precedes the ``{`` in real output) and every right context (what follows the key), encode the
-    whole text and keep the tokens that overlap the characters of ``{"<key>``. BPE merges with
-    neighbours (`` [{"``, ``}, {"``, ``desc":`` ...) therefore show up as their own variants.
-    """
-    rights = dict(_RIGHT_CONTEXTS)
-    if right_contexts:
-        rights.update(right_contexts)
-    found: set[tuple[int, ...]] = set()
-    for key in keys:
-        opening = '{"' + key
-        for left in left_contexts:
-            for right in rights.get(key, ('"',)):
-                text = left + opening + right
-                start, end = len(left), len(left) + len(opening)
-                ids, spans = _token_spans(tokenizer, text)
-                cover = tuple(t for t, (a, b) in zip(ids, spans) if a < end and b > start)
-                if not cover:
-                    raise ValueError(f"could not locate {opening!r} in the encoding of {text!r}")
-                found.add(cover)
-    if not found:
-        raise ValueError("no object-opening patterns derived")
-    return tuple(sorted(found))

@@ -41,11 +41,10 @@ from coordexp.launch.server_spec import ServerLaunchSpec, build_command, build_e
 from coordexp.rollout.probe import run_probe
 from coordexp.rollout.protocol import ENV_CONFIG_JSON, XARGS_KEY
 from coordexp.rollout.repeat_rules import (
-    ObjectOpenMatcher,
-    derive_object_open_patterns,
     first_trigger_length,
     forced_eos_flag,
     merge_overrides,
+    object_open_matcher,
 )
 from coordexp.rollout.server_client import (
     DecodeParams,
@@ -133,7 +132,7 @@ def test_infer_wrapper_and_flags_are_exactly_what_the_processor_did(server, tiny
     srv, cfg = server
     tok = tiny_tokenizer
     eos = tok.eos_token_id
-    matcher = ObjectOpenMatcher(derive_object_open_patterns(tok))
+    matcher = object_open_matcher(tok)
     # raw wire format
     body = requests.post(
         srv.base_url + "/infer/",
