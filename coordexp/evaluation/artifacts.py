@@ -14,6 +14,9 @@ import numpy as np
 from coordexp.viz import write_sample_pngs
 
 PREDICTIONS_NAME = "predictions.jsonl"
+#: How every eval text file is written: UTF-8, and a lone surrogate (which UTF-8 cannot encode, e.g. from a
+#: file name or a JSON escape) as its escape ``\udXXX``, which in JSON is that same string: no writer fails.
+TEXT_ENCODING = {"encoding": "utf-8", "errors": "backslashreplace"}
 #: Rollouts written to each qualitative markdown dump.
 QUALITATIVE_LIMIT = 8
 #: Samples drawn as PNGs per eval.
@@ -25,7 +28,7 @@ QUALITATIVE_TEXT_CHARS = 3000
 def write_predictions(records: Sequence[dict[str, Any]], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with path.open("w", **TEXT_ENCODING) as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return path
@@ -89,7 +92,7 @@ def write_qualitative(records: Sequence[dict[str, Any]], path: Path, *, title: s
                       limit: int = QUALITATIVE_LIMIT) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(qualitative_markdown(records, title=title, limit=limit))
+    path.write_text(qualitative_markdown(records, title=title, limit=limit), **TEXT_ENCODING)
     return path
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from coordexp.evaluation.artifacts import TEXT_ENCODING
 from coordexp.evaluation.coco import CocoImage, CocoObject, coco_ap
 from coordexp.evaluation.detection import DUPLICATE_IOU, DetectionAggregate, prf
 from coordexp.evaluation.scoring import COORD_PROB_SCORE
@@ -88,7 +89,7 @@ def build_report(records: Sequence[dict[str, Any]], agg: DetectionAggregate, gat
 def write_report(report: dict[str, Any], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", **TEXT_ENCODING)
     return path
 
 

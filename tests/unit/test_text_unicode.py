@@ -71,14 +71,19 @@ class Tok:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_dir_tok(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from coordexp.models.tiny import ensure_tiny_model
 
     # one build per pytest session: every module asks for the same folder under the session's base temp
     path = ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2")
-    hf = AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir_tok):
+    hf = tiny_dir_tok
     return Tok(lambda text: hf.encode(text, add_special_tokens=False),
                lambda ids: hf.decode(list(ids), skip_special_tokens=False), hf.convert_ids_to_tokens,
                len(hf), hf.get_vocab(), hf.eos_token_id)
@@ -275,3 +280,48 @@ def test_data_line_with_a_lone_surrogate_fails_at_load_with_file_and_line(tmp_pa
     assert info.value.errors == [f"{path}:2: not UTF-8 text: byte 0xff at byte offset {offset}"]
     path.write_text(json.dumps(ok) + "\n", encoding="utf-8")
     assert JsonlDetectionDataset(path)[0].objects[0].desc == "caf\u00e9"
+
+
+# ---------------------------------------------------------------------------------------------- writers
+
+
+def test_every_writer_takes_any_rollout_text(tiny_dir_tok, tmp_path):
+    """Through the learner's own TokenizerAdapter and the eval pipeline's scoring: non-ASCII descs come out
+    exact and a lone-surrogate desc is dropped; predictions.jsonl, the qualitative markdown, the PNGs and
+    TensorBoard (images and text) are all written, also for a record that does hold a lone surrogate."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from coordexp.config.contract import rollout_contract
+    from coordexp.config.load import compose, to_train_config
+    from coordexp.data.jsonl import DetectionObject, DetectionSample
+    from coordexp.evaluation.artifacts import write_predictions, write_qualitative
+    from coordexp.evaluation.scoring import score_rollouts
+    from coordexp.rollout.batch import Rollout
+    from coordexp.rollout.scoring import TokenizerAdapter
+    from coordexp.viz import write_sample_pngs
+
+    hf = tiny_dir_tok
+    adapter = TokenizerAdapter(hf)
+    contract = rollout_contract(to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=hf"])))
+    gt = [CoordObject("红色方块", (10, 20, 300, 400)), CoordObject("cafe\u0301", (500, 500, 600, 700))]
+    sample = DetectionSample(index=0, source="val.jsonl:1", width=640, height=480,
+                             objects=tuple(DetectionObject(g.desc, g.bbox) for g in gt))
+    lone = '{"desc": ' + LONE + ', "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}'
+    text = _rollout([gt[0], CoordObject("caf\u00e9", gt[1].bbox)])[:-2] + ", " + lone + "]}"
+    ids = adapter.encode(text) + [adapter.eos_id]
+    records, agg, _ = score_rollouts([sample], [Rollout([1, 2], ids, 0, False)], adapter, contract)
+    record = records[0]
+    assert [p["desc"] for p in record["pred"]] == ["红色方块", "caf\u00e9"]
+    assert record["text"] == hf.decode(ids) and record["dropped"] == {"invalid_desc": 1}
+    assert agg.summary()["iou50"]["desc_match"] == 1.0  # GT e + U+0301 is spelled é by the tokenizer
+    record["gt"][0]["desc"] = "x \ud835"  # whatever a file or a model wrote: writers still succeed
+    out = write_predictions(records, tmp_path / "predictions.jsonl")
+    assert json.loads(out.read_text(encoding="utf-8"))["gt"][0]["desc"] == "x \ud835"  # the JSON escape
+    md = write_qualitative(records, tmp_path / "eval.md", title="t").read_text(encoding="utf-8")
+    assert "红色方块" in md and "\\ud835" in md
+    pngs = write_sample_pngs(records, tmp_path / "viz")
+    assert len(pngs) == 1 and pngs[0][0].is_file()
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        writer.add_image("eval_viz/0", np.asarray(pngs[0][1]), 0, dataformats="HWC")
+        writer.add_text("qualitative", md, 0)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
