@@ -25,15 +25,25 @@ ENV_INITIAL_WEIGHTS = "COORDEXP_SERVER_INITIAL_WEIGHTS"
 ENV_RUN_ID = "COORDEXP_RUN_ID"
 #: First port of the NCCL weight-sync groups (one port per server).
 ENV_NCCL_GROUP_PORT = "COORDEXP_NCCL_GROUP_PORT"
+#: The run's console record (``<run_dir>/train.log``): every process of a run (orchestrator, learner ranks)
+#: appends the lines it shows on the console (``coordexp.telemetry.record.say``) to this file.
+ENV_CONSOLE_LOG = "COORDEXP_CONSOLE_LOG"
 
 # ---- requests and responses ---------------------------------------------------------------------------
 #: Key inside vLLM ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP) holding per-request overrides.
 XARGS_KEY = "coordexp_repeat_terminate"
 #: Where a rollout worker leaves the flag for the server's main process (inside ``rollout_infos``).
 FLAG_INFO_KEY = "coordexp_repeat_terminate_triggered"
-#: ``/infer/`` output item: ``{RESPONSE_KEY: {FLAG_KEY: 0|1}, "response": <ms-swift output>}``.
+#: ``/infer/`` output item for a client that asks for it (:data:`WRAPPER_HEADER`):
+#: ``{RESPONSE_KEY: {FLAG_KEY: 0|1}, "response": <ms-swift output>}``.
 RESPONSE_KEY = "coordexp"
 FLAG_KEY = "repeat_terminate_triggered"
+#: Request header with which coordexp's client asks ``/infer/`` for the wrapper above (value
+#: :data:`WRAPPER_VALUE`). Clients that do not send it (ms-swift's own ``VLLMClient``, a GRPO trainer) get
+#: ms-swift's plain ``RolloutOutput`` items, with the flag as ``rollout_infos[FLAG_INFO_KEY]`` (0|1), so a
+#: coordexp server stays a drop-in ``swift rollout``.
+WRAPPER_HEADER = "X-Coordexp-Response"
+WRAPPER_VALUE = "wrapped"
 
 # ---- server-side classes and routes -------------------------------------------------------------------
 #: The vLLM logits processor registered at engine start.

