@@ -4,6 +4,10 @@ run (``sys.exit``) or a sweep job (raise, so Hydra reports it)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,46 +15,108 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from coordexp.config.load import check_before_start, to_train_config
 from coordexp.config.schema import TrainConfig
 from coordexp.config.store import register_configs
 from coordexp.errors import exit_on_error
+from coordexp.rollout.protocol import ENV_CONSOLE_LOG
 
-#: Hydra flags that take a value (the value is not an override).
-_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                "--config-dir", "-cd", "--experimental-rerun")
+
+def hydra_args(args: list[str]) -> argparse.Namespace | None:
+    """The command line as Hydra's own parser reads it (``hydra._internal.utils.get_args_parser``: the very
+    parser ``@hydra.main`` uses, so every flag and the values it takes, ``--info defaults-tree``,
+    ``-cd <dir>``, ``-sc`` with ``install=bash`` among the overrides, are read as Hydra reads them). None
+    when it does not parse: Hydra itself then reports the usage error."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return get_args_parser().parse_intermixed_args(args)
+    except SystemExit:
+        return None
 
 
 def hydra_overrides(args: list[str]) -> list[str]:
-    """Hydra overrides among the CLI args (flags like -m, --cfg job, --resolve are skipped)."""
-    out, skip_next = [], False
+    """Hydra overrides among the CLI args (flags and their values, e.g. ``-m``, ``--cfg job``, ``--info
+    defaults-tree``, ``--config-dir <dir>``, are skipped)."""
+    ns = hydra_args(args)
+    return list(ns.overrides) if ns is not None else []
+
+
+def _flags_and_overrides(args: list[str], ns: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """``args`` split into flags (with their values) and the overrides, in their order."""
+    pending, flags, overrides = list(ns.overrides), [], []
     for arg in args:
-        if skip_next:
-            skip_next = False
-        elif arg in _VALUE_FLAGS or arg in ("--info", "-i"):
-            skip_next = arg in _VALUE_FLAGS
-        elif not arg.startswith("-"):
-            out.append(arg)
-    return out
+        if pending and arg == pending[0]:
+            overrides.append(pending.pop(0))
+        else:
+            flags.append(arg)
+    return flags, overrides
 
 
-def prepare_argv(extra: dict[str, str] | None = None) -> None:
+def _skips_the_check(ns: argparse.Namespace | None) -> bool:
+    """Help, info and shell completion run nothing (``-sc install=bash`` carries Hydra's completion command
+    among the overrides; ``--version`` exits inside the parser); a command line Hydra cannot parse is
+    Hydra's to report."""
+    return ns is None or bool(ns.help or ns.hydra_help or ns.info or ns.shell_completion)
+
+
+def prepare_argv(extra: dict[str, str] | None = None) -> argparse.Namespace | None:
     """Before ``@hydra.main`` runs: register the schema, check the command line (legacy and unknown keys,
-    the leaf contract) unless help was asked for, make ``--cfg`` print the resolved config, and append the
-    ``extra`` overrides (``key=value``) the user did not give."""
+    the leaf contract, the user's ``--config-dir`` leaves included) unless help, info or completion was
+    asked for, make ``--cfg`` print the resolved config, and append the ``extra`` overrides
+    (``key=value``) the user did not give. With ``--cfg`` only composition and interpolation are checked
+    here (a failure prints nothing on stdout); :func:`check_after_print` validates after Hydra printed.
+    Returns Hydra's reading of the command line."""
     register_configs()
-    cfg_flag = any(a in ("--cfg", "-c") for a in sys.argv)
-    if cfg_flag and "--resolve" not in sys.argv:
-        sys.argv.append("--resolve")  # `--cfg job` prints the resolved config, ready to diff
+    ns = hydra_args(sys.argv[1:])
+    if ns is None:
+        return None  # Hydra reports its own usage error
+    flags, overrides = _flags_and_overrides(sys.argv[1:], ns)
+    if ns.cfg in ("job", "all") and not ns.resolve:
+        flags.append("--resolve")  # `--cfg job` prints the resolved config, ready to diff
     for key, value in (extra or {}).items():
-        if not any(a.startswith(f"{key}=") for a in sys.argv[1:]):
-            sys.argv.append(f"{key}={value}")
-    if not any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in sys.argv):
+        if not any(a.startswith(f"{key}=") for a in overrides):
+            overrides.append(f"{key}={value}")
+    sys.argv[1:] = [*flags, *overrides]  # Hydra's parser takes the overrides in one block, after the flags
+    cfg_flag = ns.cfg is not None
+    if not _skips_the_check(ns):
         with exit_on_error():  # every job composed and validated, its directories probed (not for --cfg)
-            check_before_start(hydra_overrides(sys.argv[1:]), writes=not cfg_flag,
-                               multirun=any(a in ("-m", "--multirun") for a in sys.argv))
+            check_before_start(hydra_overrides(sys.argv[1:]), writes=not cfg_flag, validate=not cfg_flag,
+                               multirun=bool(ns.multirun), config_dir=ns.config_dir)
+    return ns
+
+
+def check_after_print(ns: argparse.Namespace | None) -> None:
+    """After ``--cfg`` printed a config: validate it as a run would and, if invalid, report every problem
+    on stderr and exit 2, so someone diffing configs learns that one would be rejected."""
+    if ns is None or ns.cfg is None or _skips_the_check(ns):
+        return
+    with exit_on_error():
+        check_before_start(hydra_overrides(sys.argv[1:]), writes=False, multirun=bool(ns.multirun),
+                           config_dir=ns.config_dir)
+
+
+def run_hydra(hydra_task: Callable[[], Any], extra: dict[str, str] | None = None) -> None:
+    """An entry point's main: :func:`prepare_argv`, the Hydra app, then :func:`check_after_print`."""
+    ns = prepare_argv(extra)
+    hydra_task()
+    check_after_print(ns)
+
+
+def console_record(hydra_cfg: Any) -> Path | None:
+    """Make Hydra's job log file (``<run_dir>/<job name>.log``: ``train.log``, ``eval.log``) the run's console
+    record: every line shown through :func:`coordexp.telemetry.record.say`, by this process and the learner
+    processes it starts, is appended there. Without Hydra's file handler (``hydra/job_logging=disabled``)
+    there is no record and no file."""
+    filename = OmegaConf.select(hydra_cfg, "job_logging.handlers.file.filename", default=None)
+    if not filename:
+        os.environ.pop(ENV_CONSOLE_LOG, None)
+        return None
+    os.environ[ENV_CONSOLE_LOG] = str(Path(filename).resolve())
+    return Path(filename)
 
 
 def run_job(cfg: DictConfig, job: Callable[[TrainConfig], int], what: str) -> int:
@@ -58,6 +124,7 @@ def run_job(cfg: DictConfig, job: Callable[[TrainConfig], int], what: str) -> in
     an exception in a sweep job (Hydra's launcher reports it and goes on)."""
     with exit_on_error():
         train_cfg = to_train_config(cfg)
+    console_record(HydraConfig.get())
     code = job(train_cfg)
     if code != 0:
         out_dir: Any = Path(HydraConfig.get().runtime.output_dir)

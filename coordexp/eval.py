@@ -28,7 +28,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from coordexp.cli import prepare_argv, run_job
+from coordexp.cli import run_hydra, run_job
 from coordexp.config.contract import rollout_contract
 from coordexp.config.paths import CONF_DIR
 from coordexp.config.schema import DataKind, ModelKind, TrainConfig
@@ -205,8 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.code)
     if flags:
         COCO_EXPORT = CocoExport(Path(flags["--coco-results"]).resolve(), flags.get("--coco-categories"))
-    prepare_argv(extra=DEFAULT_DIRS)  # keep evals apart from training runs unless told otherwise
-    hydra_task()
+    run_hydra(hydra_task, extra=DEFAULT_DIRS)  # keep evals apart from training runs unless told otherwise
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from coordexp.cli import prepare_argv, run_job
+from coordexp.cli import run_hydra, run_job
 from coordexp.config.load import RESOLVED_CONFIG_NAME, save_resolved
 from coordexp.config.paths import CONF_DIR
 from coordexp.config.schema import TrainConfig
@@ -30,8 +30,7 @@ def hydra_task(cfg: DictConfig) -> int:
 
 
 def main() -> None:
-    prepare_argv()
-    hydra_task()
+    run_hydra(hydra_task)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import yaml
 
 from coordexp.config.errors import raise_if
 from coordexp.config.keys import key_problems, path_problems
-from coordexp.config.paths import CONF_DIR, EXPERIMENT_DIR, available_experiments, is_config_group
+from coordexp.config.paths import EXPERIMENT_DIR, available_experiments, config_roots, is_config_group
 from coordexp.config.validate import flatten, raw_value_problems
 
 REQUIRED_LEAF_KNOBS = (
@@ -43,7 +43,12 @@ def _has_path(raw: Mapping[str, Any], dotted: str) -> bool:
     return True
 
 
-def leaf_file(name: str) -> Path:
+def leaf_file(name: str, config_dir: str | Path | None = None) -> Path:
+    """The file of leaf ``name``: the first ``experiment/<name>.yaml`` in Hydra's search order (the package's
+    conf/, then the user's ``--config-dir``); the package's path when none exists."""
+    for root in config_roots(config_dir):
+        if (root / "experiment" / f"{name}.yaml").is_file():
+            return root / "experiment" / f"{name}.yaml"
     return EXPERIMENT_DIR / f"{name}.yaml"
 
 
@@ -53,14 +58,20 @@ def _is_leaf_name(name: str) -> bool:
     return bool(name) and not name.startswith("/") and ".." not in parts and "" not in parts
 
 
-def leaf_problems(name: str) -> list[str]:
-    """Every contract violation of experiment leaf ``name``, all at once."""
+def leaf_problems(name: str, config_dir: str | Path | None = None) -> list[str]:
+    """Every contract violation of experiment leaf ``name`` (the package's or, with ``config_dir``, the
+    user's own), all at once."""
     where = f"conf/experiment/{name}.yaml"
-    if not _is_leaf_name(name) or not leaf_file(name).is_file():
+    if config_dir:
+        where += f" or {Path(config_dir).resolve() / 'experiment' / name}.yaml"
+    if not _is_leaf_name(name) or not leaf_file(name, config_dir).is_file():
         hint = "" if _is_leaf_name(name) else " (a leaf name is a path below conf/experiment/, without '..')"
         return [f"+experiment={name}: no such experiment leaf ({where}){hint}; available: "
-                f"{', '.join(available_experiments())}"]
-    return leaf_file_problems(leaf_file(name), where)
+                f"{', '.join(available_experiments(config_dir))}"]
+    path = leaf_file(name, config_dir)
+    if path.is_relative_to(EXPERIMENT_DIR):
+        return leaf_file_problems(path, f"conf/experiment/{name}.yaml")
+    return leaf_file_problems(path, str(path))
 
 
 def _defaults_targets(entry: Any, group: str) -> list[str]:
@@ -96,10 +107,13 @@ def leaf_file_problems(path: Path, where: str) -> list[str]:
     problems: list[str] = []
     if not text.lstrip().startswith("# @package _global_"):
         problems.append(f"{where}: a leaf must start with '# @package _global_'")
-    try:  # relative defaults entries start at the leaf's own group (a file elsewhere counts as a top leaf)
-        group = path.resolve().parent.relative_to(CONF_DIR.resolve()).as_posix()
-    except ValueError:
-        group = "experiment"
+    # relative defaults entries start at the leaf's own group, below the nearest experiment/ folder (the
+    # package's conf/ or the user's --config-dir); a file elsewhere counts as a top leaf
+    group, resolved = "experiment", path.resolve()
+    for parent in resolved.parents:
+        if parent.name == "experiment":
+            group = resolved.parent.relative_to(parent.parent).as_posix()
+            break
     for entry in raw.get("defaults", []) or []:
         problem = _other_leaf_problem(entry, group)
         if problem:
@@ -154,8 +168,10 @@ def experiment_from_argv(argv: Sequence[str]) -> str | None:
     return None
 
 
-def check_command_line(argv: Sequence[str], need_experiment: bool = True) -> None:
-    """Pre-composition checks of ``argv`` overrides and the selected leaf; raises ConfigError."""
+def check_command_line(argv: Sequence[str], need_experiment: bool = True,
+                       config_dir: str | Path | None = None) -> None:
+    """Pre-composition checks of ``argv`` overrides and the selected leaf (``config_dir``: the user's own
+    config dir, ``--config-dir``, with its leaves and groups); raises ConfigError."""
     problems: list[str] = []
     overrides = _parse_overrides(argv)
     experiment = None
@@ -167,7 +183,7 @@ def check_command_line(argv: Sequence[str], need_experiment: bool = True) -> Non
             elif not ov.is_delete():
                 experiment = str(ov.value())
             continue
-        if key.startswith(("hydra.", "hydra/")) or key == "hydra" or is_config_group(key):
+        if key.startswith(("hydra.", "hydra/")) or key == "hydra" or is_config_group(key, config_dir):
             continue
         problem = path_problems(key)
         if problem:
@@ -178,7 +194,7 @@ def check_command_line(argv: Sequence[str], need_experiment: bool = True) -> Non
     if experiment is None:
         if need_experiment:
             problems.insert(0, "no experiment selected: add +experiment=<name>; available: "
-                               + ", ".join(available_experiments()))
+                               + ", ".join(available_experiments(config_dir)))
     else:
-        problems += leaf_problems(experiment)
+        problems += leaf_problems(experiment, config_dir)
     raise_if(problems)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from coordexp.config import validate
+from coordexp.config.cwd import absolute_paths
 from coordexp.config.errors import ConfigError, raise_if
 from coordexp.config.schema import TrainConfig
 
@@ -20,8 +21,11 @@ RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Resolve, type and validate a composed config; raises ConfigError listing every problem."""
+    """Resolve, type and validate a composed config; raises ConfigError listing every problem. Relative
+    path fields become absolute against the directory the command started in (``hydra.runtime.cwd``), so
+    ``hydra.job.chdir=true`` moves no cache or data path (:mod:`coordexp.config.cwd`)."""
     cfg = cfg.copy()
+    start_dir = OmegaConf.select(cfg, "hydra.runtime.cwd", default=None, throw_on_resolution_failure=False)
     if "hydra" in cfg:
         with open_dict(cfg):
             del cfg["hydra"]
@@ -35,6 +39,7 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         key = getattr(err, "full_key", None) or "config"
         raise ConfigError([f"{key}: {getattr(err, 'msg', str(err)).splitlines()[0]}"]) from None
     assert isinstance(obj, TrainConfig), type(obj)
+    absolute_paths(obj, start_dir)
     raise_if(validate.problems(obj))
     return obj
 
@@ -58,10 +63,12 @@ def load_saved(path: Path | str) -> TrainConfig:
     return to_train_config(merged)
 
 
-def compose(overrides: Sequence[str]) -> DictConfig:
+def compose(overrides: Sequence[str], config_dir: str | Path | None = None) -> DictConfig:
     """Compose like `python -m coordexp.train <overrides>` does, without running anything.
 
     Hydra-only interpolations (``${hydra:...}``) resolve as in a real run; the run dir is not created.
+    ``config_dir``: the user's own config dir (``--config-dir``), searched after the package's conf/ as
+    Hydra does (through ``hydra.searchpath``).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -74,11 +81,14 @@ def compose(overrides: Sequence[str]) -> DictConfig:
     from coordexp.config.store import register_configs
 
     register_configs()
-    check_command_line(overrides)
+    check_command_line(overrides, config_dir=config_dir)
+    overrides = list(overrides)
+    if config_dir and not any(o.startswith("hydra.searchpath=") for o in overrides):
+        overrides.append(f"hydra.searchpath=['file://{Path(config_dir).resolve()}']")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+            cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
     except HydraException as err:
         cause = err.__cause__
         key = getattr(cause, "full_key", None)
@@ -110,19 +120,39 @@ def sweep_jobs(overrides: Sequence[str]) -> list[tuple[list[str], str]]:
             for combo in itertools.product(*axes)]
 
 
-def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writes: bool = True) -> None:
+def resolve_composed(cfg: DictConfig) -> None:
+    """Resolve every interpolation of a composed config (a copy; nothing is typed or validated): what
+    ``--cfg job`` needs to print it. Raises ConfigError naming the key that does not resolve."""
+    cfg = cfg.copy()
+    if "hydra" in cfg:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # (unlike OmegaConf.resolve, its errors name the key)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError([f"{key}: {(getattr(err, 'msg', None) or str(err)).splitlines()[0]}"]) from None
+
+
+def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writes: bool = True,
+                       validate: bool = True, config_dir: str | Path | None = None) -> None:
     """What the Hydra entry points (train, eval) run before Hydra starts anything: every job of the command
     line is composed, resolved and validated as its task will be, and (``writes``: a real run, not --cfg)
-    the directories it writes are checked. Raises one ConfigError listing every problem of every job."""
+    the directories it writes are checked. ``validate=False``: composition and interpolation only (before
+    ``--cfg`` prints; the validation follows the print). ``config_dir``: the user's ``--config-dir``.
+    Raises one ConfigError listing every problem of every job."""
     from coordexp.config.validate import dir_problems
 
     jobs = sweep_jobs(overrides)
     found: dict[str, list[str]] = {}
     for job, label in jobs:
         try:
-            cfg = compose(job)
+            cfg = compose(job, config_dir=config_dir)
             dirs = ([("hydra.sweep.dir", OmegaConf.select(cfg, "hydra.sweep.dir"))] if multirun else
                     [("hydra.run.dir", OmegaConf.select(cfg, "hydra.run.dir"))])
+            if not validate:
+                resolve_composed(cfg)
+                continue
             obj = to_train_config(cfg)
             if not multirun:
                 dirs += [("training.output_dir", obj.training.output_dir),
