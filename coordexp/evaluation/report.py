@@ -109,4 +109,14 @@ def format_summary(report: dict[str, Any]) -> str:
         f"score=coord prob {f(s['AP_score_coord_prob'])} (AP50 {f(s['AP50_score_coord_prob'])})",
         f"rates:        invalid {f(s['invalid_rollout_rate'])}  truncated {f(s['parse_truncated_rate'])}  "
         f"duplicate {f(s['duplicate_rate'])}  forced EOS {f(s['forced_eos_rate'])}",
+        *_max_dets_note(report.get("coco", {}).get("score_constant", {})),
     ])
+
+
+def _max_dets_note(table: dict[str, Any]) -> list[str]:
+    """A console line when COCO's per-image cap left detections out (AP/AR100 capped, F1 not)."""
+    over = table.get("images_over_max_dets") or 0
+    if not over:
+        return []
+    return [f"COCO cap:     {over} image(s) have more than maxDets={table.get('max_dets')} predictions: COCO "
+            f"scores only the top {table.get('max_dets')} of each (AP, AR100 capped; P/R/F1 count all)"]

@@ -144,3 +144,20 @@ def test_max_dets_cap_and_the_count_of_images_over_it():
     assert coco_ap([few])["images_over_max_dets"] == 0
     by_desc = coco_ap([many], "by_desc")  # the cap is per image and category
     assert by_desc["images_over_max_dets"] == 1
+
+
+def test_console_summary_names_the_images_over_the_cap():
+    from coordexp.evaluation.report import format_summary
+
+    keys = ("precision@0.5", "recall@0.5", "f1@0.5", "desc_match@0.5", "precision@[.5:.95]",
+            "recall@[.5:.95]", "f1@[.5:.95]", "AP_score_constant", "AP50_score_constant",
+            "AP_score_coord_prob", "AP50_score_coord_prob", "invalid_rollout_rate", "parse_truncated_rate", "duplicate_rate",
+            "forced_eos_rate")
+    report = {"summary": dict.fromkeys(keys, 1.0),
+              "counts": {"rollouts": 2, "gt_objects": 151, "pred_objects": 151}}
+    assert "COCO cap" not in format_summary(report)
+    crowded = CocoImage(1000, 1000, [], [CocoObject("cat", (0, 0, 9, 9))] * 101)
+    report["coco"] = {"score_constant": coco_ap([crowded])}
+    assert format_summary(report).splitlines()[-1] == (
+        "COCO cap:     1 image(s) have more than maxDets=100 predictions: COCO scores only the top 100 of "
+        "each (AP, AR100 capped; P/R/F1 count all)")
