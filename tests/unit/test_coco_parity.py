@@ -151,8 +151,8 @@ def test_console_summary_names_the_images_over_the_cap():
 
     keys = ("precision@0.5", "recall@0.5", "f1@0.5", "desc_match@0.5", "precision@[.5:.95]",
             "recall@[.5:.95]", "f1@[.5:.95]", "AP_score_constant", "AP50_score_constant",
-            "AP_score_coord_prob", "AP50_score_coord_prob", "invalid_rollout_rate", "parse_truncated_rate", "duplicate_rate",
-            "forced_eos_rate")
+            "AP_score_coord_prob", "AP50_score_coord_prob", "invalid_rollout_rate", "parse_truncated_rate",
+            "duplicate_rate", "forced_eos_rate")
     report = {"summary": dict.fromkeys(keys, 1.0),
               "counts": {"rollouts": 2, "gt_objects": 151, "pred_objects": 151}}
     assert "COCO cap" not in format_summary(report)
