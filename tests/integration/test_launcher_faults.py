@@ -4,7 +4,7 @@ Real orchestrator, real learner (in-process or a torchrun group), and - for the 
 to misbehave - a *fake* ``swift rollout`` program: a small HTTP server that speaks the routes the learner
 uses (``/health/``, ``/get_world_size/``, ``/infer/`` answering the learner's own chat-template prompt ids,
 ``/coordexp/load_weights/``, ``/reset_prefix_cache/``) and can crash, hang, answer garbage or stall a weight
-sync. The harness only swaps the program the orchestrator execs (``coordexp.launch.server.build_command``);
+sync. The harness only swaps the program the orchestrator execs (``rollout_server.build_command``);
 everything else is the production path. Faults that need no server (bad model path, port in use) run
 against the unmodified entry point.
 
@@ -92,7 +92,7 @@ FAKE_SERVER = textwrap.dedent("""
 
 HARNESS = textwrap.dedent("""
     import sys
-    import coordexp.launch.server as server
+    import coordexp.launch.rollout_server as server
     _orig = server.build_command
     server.build_command = lambda spec: [sys.executable, {fake!r}] + _orig(spec)[3:]
     import os, runpy
