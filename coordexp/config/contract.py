@@ -35,6 +35,7 @@ class RolloutContract:
     sync_transport: str
     sync_timeout_s: float
     image_root: str                  # request image paths are relative to it (learner_image_root)
+    pipeline: bool                   # pipelined Channel-B rollouts (server mode only)
 
     @property
     def greedy(self) -> bool:
@@ -71,6 +72,7 @@ def rollout_contract(cfg: TrainConfig) -> RolloutContract:
         sync_transport=v.sync.transport.value,
         sync_timeout_s=v.sync.timeout_s,
         image_root=learner_image_root(cfg),
+        pipeline=server and (rm.pipeline if rm.pipeline is not None else True),
     )
 
 

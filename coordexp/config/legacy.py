@@ -17,7 +17,8 @@ LEGACY_KEYS: tuple[tuple[str, str], ...] = (
     ("stage2_ab.channel_b.rollouts_per_step", "use training.effective_batch_size"),
     ("stage2_ab.channel_b.rollout_decode_batch_size", "use rollout_matching.decode_batch_size"),
     ("stage2_ab.channel_b.mode", "removed: Channel B is step-budgeted; delete the key"),
-    ("stage2_ab.channel_b.async", "removed: delete the key"),
+    ("stage2_ab.channel_b.async", "use rollout_matching.pipeline (a step's rollouts are fetched while the "
+                                  "learner trains on its packs; still on-policy: one optimizer step)"),
     ("rollout_matching.temperature", "use rollout_matching.decoding.temperature"),
     ("rollout_matching.top_p", "use rollout_matching.decoding.top_p"),
     ("rollout_matching.top_k", "use rollout_matching.decoding.top_k"),
@@ -28,7 +29,10 @@ LEGACY_KEYS: tuple[tuple[str, str], ...] = (
     ("rollout_matching.rollout_buffer", "removed: delete the key"),
     ("vllm.server.servers", "use vllm.server.base_urls: [http://host:port, ...]"),
     ("vllm.server.base_url", "use vllm.server.base_urls: [http://host:port, ...]"),
-    ("training.packing_length", "removed: rollouts are not packed; delete the key"),
+    ("global_max_length", "use training.packing_length (pack size) and vllm.max_model_len (server context)"),
+    ("training.packing_drop_last", "removed: every segment of a step is trained in that step; delete it"),
+    ("training.packing_allow_single_long", "removed: a segment longer than training.packing_length is an "
+                                           "error naming the sample; raise training.packing_length"),
     ("training.gradient_accumulation", "use training.effective_batch_size (accumulation is derived)"),
     ("training.per_device_eval_batch_size", "removed: rollout evals decode in micro-batches of "
                                             "rollout_matching.decode_batch_size; delete the key"),

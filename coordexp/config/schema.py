@@ -82,6 +82,12 @@ class SyncTransport(str, Enum):
     nccl = "nccl"
 
 
+class ReportTo(str, Enum):
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
 @dataclass
 class ModelConfig:
     kind: ModelKind = doc("`tiny`: build the random tiny local model on demand; `local`: load `path`.",
@@ -151,9 +157,27 @@ class TrainingConfig:
         "requeued run (resume_from_checkpoint: latest) loses less than one step. Needs save_strategy: steps; "
         "bounded by the 20 s signal grace (docs/runbook.md).", True)
     metric_for_best_model: str = doc("Metric that picks the best checkpoint.", "eval_rollout/f1")
+    report_to: list[ReportTo] = doc(
+        "Experiment trackers: `tensorboard` (events in logging_dir), `wandb` (offline, files in the run dir, "
+        "unless WANDB_MODE is set), `mlflow` (local file store <run_dir>/mlruns unless MLFLOW_TRACKING_URI "
+        "is set); [] = none. wandb and mlflow must be installed (pip install wandb / mlflow).",
+        default_factory=lambda: [ReportTo.tensorboard])
     resume_from_checkpoint: str | None = doc(
-        "`latest` resumes from the newest checkpoint in output_dir; a path resumes from it.", None)
+        "`latest` resumes from the newest checkpoint of this run's lineage (its own dir, or a run dir whose "
+        ".hydra/overrides.yaml equals this run's overrides without this key); a checkpoint dir or a run dir "
+        "resumes from it (docs/runbook.md).", None)
     dataloader_num_workers: int = doc("DataLoader worker processes.", 0)
+    packing: bool = doc(
+        "Post-rollout packing: micro-steps of an accumulation window buffer raw samples; the last one builds "
+        "every Channel-A/B segment of the step and trains them padding-free in as few rows of packing_length "
+        "tokens as fit (one forward/backward per pack, one optimizer step).", False)
+    packing_length: int = doc("Tokens per pack (prompt + target of every segment in it); a longer segment "
+                              "is an error naming the sample.", 4096)
+    packing_buffer: int = doc("Most segments one rank buffers in a step (bounds memory; every segment of a "
+                              "step is consumed in that step).", 256)
+    packing_min_fill_ratio: float = doc(
+        "Pipelined rollouts start a pack once this fraction of packing_length is buffered; a step whose "
+        "mean pack fill is below it logs a warning.", 0.7)
 
 
 @dataclass
@@ -214,6 +238,11 @@ class RolloutMatchingConfig:
     fn_cost: float = doc("Cost of leaving a GT object unmatched.", 2.0)
     repeat_terminate: RepeatTerminateConfig = doc("Repeat-aware forced EOS.",
                                                   default_factory=RepeatTerminateConfig)
+    pipeline: bool | None = doc(
+        "Pipelined Channel-B rollouts (server mode with training.packing): a producer thread fetches the "
+        "step's rollouts chunk by chunk while the learner trains on packs; one optimizer step at the end, so "
+        "every rollout still comes from the step's synced weights. null = on in server mode, off with hf.",
+        None)
 
 
 @dataclass

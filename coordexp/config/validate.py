@@ -22,6 +22,7 @@ from coordexp.config.schema import (
     SyncMode,
     TrainConfig,
 )
+from coordexp.config.trackers import tracker_problems
 from coordexp.rollout.repeat_rules import config_to_dict
 from coordexp.rollout.repeat_rules import problems as repeat_terminate_problems
 
@@ -90,6 +91,16 @@ def problems(cfg: TrainConfig) -> list[str]:
                  f"{t.gradient_accumulation_steps} conflicts with the derived value {derived}; leave it null")
 
     need(rm.decode_batch_size >= 1, "rollout_matching.decode_batch_size", "must be >= 1")
+    if t.packing:
+        need(t.packing_length >= 1, "training.packing_length", "must be >= 1")
+        per_rank = t.effective_batch_size // max(t.nproc_per_node, 1)
+        need(t.packing_buffer >= per_rank, "training.packing_buffer",
+             f"{t.packing_buffer} < the {per_rank} samples one rank trains per step "
+             f"(effective_batch_size / nproc_per_node); raise it")
+        need(0.0 <= t.packing_min_fill_ratio <= 1.0, "training.packing_min_fill_ratio", "must be in [0, 1]")
+    if rm.pipeline and rm.rollout_backend != RolloutBackend.vllm:
+        need(False, "rollout_matching.pipeline", "pipelined rollouts need rollout=vllm_server (the hf "
+             "backend generates on the learner's own device: nothing to overlap); set it to null or false")
     need(rm.max_new_tokens >= 1, "rollout_matching.max_new_tokens", "must be >= 1")
     need(rm.repetition_penalty > 0, "rollout_matching.repetition_penalty", "must be > 0")
     need(rm.decoding.temperature >= 0, "rollout_matching.decoding.temperature", "must be >= 0 (0 = greedy)")
@@ -251,6 +262,7 @@ def value_problems(cfg: TrainConfig, reported: Iterable[str] = ()) -> list[str]:
     need(EVAL_METRICS.get(metric, True), "training.metric_for_best_model",
          f"'{metric}' is a metric where higher is not better, but the learner keeps the checkpoint with the "
          f"highest value; {best}")
+    out.extend(tracker_problems(t.report_to))
     limit = cfg.data.val_sample_limit
     need(limit is None or limit >= 1, "data.val_sample_limit",
          f"{limit}: must be >= 1, or null for every held-out sample (training.eval_strategy: no turns eval "

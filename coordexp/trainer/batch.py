@@ -33,15 +33,16 @@ class TrainSequence:
 
 
 def collate(seqs: Sequence[TrainSequence], pad_id: int, image_token_id: int | None = None) -> dict:
-    """Right-padded batch: input_ids, attention_mask, ce_weights [B, T]; geometry as absolute
-    (row, position) slots [N, 4, 2], bins [N, 4], kinds [N]; ``model_inputs``: the vision inputs of the
-    rows in order (pixel_values, image_grid_thw, mm_token_type_ids), empty for text."""
+    """Right-padded batch: input_ids, attention_mask, ce_weights, segment_ids (the row: one sample per row)
+    [B, T]; geometry as absolute (row, position) slots [N, 4, 2], bins [N, 4], kinds [N], segments [N];
+    ``model_inputs``: the vision inputs of the rows in order (pixel_values, image_grid_thw,
+    mm_token_type_ids), empty for text."""
     lengths = [len(s.prompt_ids) + len(s.target_ids) for s in seqs]
     width = max(lengths)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
     weights = torch.zeros((len(seqs), width), dtype=torch.float32)
-    slots, bins, kinds = [], [], []
+    slots, bins, kinds, groups = [], [], [], []
     for row, seq in enumerate(seqs):
         start = len(seq.prompt_ids)
         ids = list(seq.prompt_ids) + list(seq.target_ids)
@@ -52,6 +53,7 @@ def collate(seqs: Sequence[TrainSequence], pad_id: int, image_token_id: int | No
             slots.append([[row, start + p] for p in group])
             bins.append(list(gt))
             kinds.append(kind)
+            groups.append(row)
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
@@ -59,5 +61,7 @@ def collate(seqs: Sequence[TrainSequence], pad_id: int, image_token_id: int | No
         "geometry_slots": torch.tensor(slots, dtype=torch.long).reshape(-1, 4, 2),
         "geometry_bins": torch.tensor(bins, dtype=torch.long).reshape(-1, 4),
         "geometry_kinds": torch.tensor(kinds, dtype=torch.long),
+        "segment_ids": torch.arange(len(seqs)).unsqueeze(1).expand(-1, width).clone(),
+        "geometry_segments": torch.tensor(groups, dtype=torch.long),
         "model_inputs": concat_vision([s.vision for s in seqs], image_token_id, input_ids),
     }

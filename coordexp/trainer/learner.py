@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from transformers.trainer_callback import ProgressCallback
 
 from coordexp.config.contract import rollout_contract
 from coordexp.config.load import load_saved
-from coordexp.config.schema import DataKind, IntervalStrategy, TrainConfig
+from coordexp.config.schema import DataKind, IntervalStrategy, ReportTo, TrainConfig
+from coordexp.config.trackers import tracker_environment
 from coordexp.config.validate import derived_grad_accumulation
 from coordexp.coordjson import FieldOrder, serialize_objects
 from coordexp.data.jsonl import DataValidationError, load_jsonl
@@ -30,13 +32,18 @@ from coordexp.data.synthetic import write_synthetic_split
 from coordexp.errors import CoordexpError, LearnerError, disk_full_is_an_error, exit_on_error
 from coordexp.models.prompts import load_model_and_prompts
 from coordexp.rollout.hf_backend import HFRolloutBackend
+from coordexp.rollout.protocol import ENV_CONSOLE_LOG
 from coordexp.rollout.scoring import TokenizerAdapter, gt_objects, stop_ids_of
 from coordexp.rollout.server_backend import ServerRolloutBackend
 from coordexp.telemetry.console import CompactProgressCallback
-from coordexp.trainer import preemption
+from coordexp.telemetry.record import say
+from coordexp.telemetry.summary import run_summary, write_summary
+from coordexp.telemetry.tensorboard import RegistryTensorBoardCallback
+from coordexp.trainer import preemption, resume
 from coordexp.trainer.channels import channel_a_sequence
 from coordexp.trainer.evaluation import rollout_evaluator
 from coordexp.trainer.model_dir import prepare_model_dir
+from coordexp.trainer.packing import PackingSettings
 from coordexp.trainer.stage2_trainer import Stage2ABTrainer
 from coordexp.trainer.weight_sync import WeightSync
 
@@ -115,29 +122,10 @@ def check_prompts(prompts, samples) -> None:
 
 
 def find_checkpoint(spec: str | None, run_dir: Path) -> str | None:
-    """`latest`: newest checkpoint of this experiment's runs; a checkpoint dir; or a run dir (its newest)."""
-    if not spec:
-        return None
-
-    def newest(dirs) -> Path | None:
-        found = [c for d in dirs for c in Path(d).glob("checkpoint-*")
-                 if (c / "trainer_state.json").is_file()]
-        return max(found, key=lambda c: (int(c.name.split("-")[-1]), c.stat().st_mtime)) if found else None
-
-    if spec == "latest":
-        picked = newest([run_dir, *run_dir.parent.iterdir()] if run_dir.parent.is_dir() else [run_dir])
-        if picked is None:
-            raise LearnerError("training.resume_from_checkpoint=latest: no checkpoint-* under "
-                               f"{run_dir.parent}")
-        return str(picked)
-    path = Path(spec)
-    if (path / "trainer_state.json").is_file():
-        return str(path)
-    picked = newest([path]) if path.is_dir() else None
-    if picked is None:
-        raise LearnerError(f"training.resume_from_checkpoint='{spec}' is neither a checkpoint dir nor a run "
-                           f"dir with checkpoint-* inside")
-    return str(picked)
+    """The checkpoint ``training.resume_from_checkpoint`` names (coordexp.trainer.resume: ``latest`` stays in
+    the run's lineage), or None."""
+    picked = resume.resolve(spec, run_dir, max_steps=0)
+    return str(picked.checkpoint) if picked else None
 
 
 def build_rollout_backend(contract, model, tokenizer, image_token_id=None):
@@ -160,12 +148,19 @@ def metrics_jsonl_callback(path: Path):
     return MetricsJsonl()
 
 
-def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False):
+def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool = True):
     """Train to the end (or to the end of the step a preemption SIGTERM arrived in, with a checkpoint);
-    returns the Stage2ABTrainer. ``rank``: this process is a torchrun rank (it handles SIGTERM itself)."""
+    returns the Stage2ABTrainer, or None when the checkpoint to resume from is already at max_steps (nothing
+    is trained). ``rank``: this process is a torchrun rank (it handles SIGTERM itself). ``summary``: print
+    the end-of-run summary and write it to the run dir (rank 0)."""
     set_seed(cfg.seed)
     t = cfg.training
     run_dir.mkdir(parents=True, exist_ok=True)
+    resumed = resume.resolve(t.resume_from_checkpoint, run_dir, t.max_steps)
+    if resumed is not None and resumed.complete:
+        if int(os.environ.get("RANK", "0")) == 0:
+            say(f"coordexp: {resumed.describe()}", file=sys.stdout)
+        return None
     contract = rollout_contract(cfg)
     model, tokenizer, model_dir, prompts = load_model(cfg)
     adapter = coord_vocab_adapter(tokenizer, model_dir)
@@ -174,6 +169,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False):
     check_prompts(prompts, train_samples + val_samples)
     check_sample_lengths(cfg, prompts, adapter, train_samples + val_samples)
     os.environ["TENSORBOARD_LOGGING_DIR"] = t.logging_dir
+    os.environ.update(tracker_environment(t.report_to, run_dir))  # wandb offline, mlflow local
+    trackers = [ReportTo(r).value for r in t.report_to]
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(run_dir), run_name=t.run_name, seed=cfg.seed, data_seed=cfg.seed,
@@ -182,7 +179,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False):
         gradient_accumulation_steps=derived_grad_accumulation(cfg),
         learning_rate=t.learning_rate, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps, report_to=["tensorboard"],
+        logging_steps=t.logging_steps,  # TensorBoard through RegistryTensorBoardCallback (registry names)
+        report_to=[r for r in trackers if r != "tensorboard"] or "none",
         eval_strategy=t.eval_strategy.value if val_samples else "no",
         eval_steps=t.eval_steps if t.eval_strategy == IntervalStrategy.steps else None,
         save_strategy=t.save_strategy.value, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
@@ -200,17 +198,42 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False):
         data_collator=lambda batch: {"samples": batch}, processing_class=tokenizer,
         callbacks=[metrics_jsonl_callback(run_dir / "metrics.jsonl")],
         stage2_ab=cfg.stage2_ab, contract=contract, adapter=adapter, prompts=prompts, rollout_backend=backend,
-        seed=cfg.seed, run_dir=run_dir, evaluator=evaluator, weight_sync=weight_sync)
+        seed=cfg.seed, run_dir=run_dir, evaluator=evaluator, weight_sync=weight_sync,
+        packing=PackingSettings.from_training(t))
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactProgressCallback)
+    if "tensorboard" in trackers:
+        trainer.add_callback(RegistryTensorBoardCallback)
     if t.checkpoint_on_sigterm and t.save_strategy == IntervalStrategy.steps:
         trainer.add_callback(preemption.PreemptionCallback(install_rank_handler=rank))
     try:
         with disk_full_is_an_error("checkpoints, metrics or weight-sync files", run_dir):
-            trainer.train(resume_from_checkpoint=find_checkpoint(t.resume_from_checkpoint, run_dir))
+            trainer.train(resume_from_checkpoint=str(resumed.checkpoint) if resumed else None)
     finally:
         preemption.deactivate()
+    if summary and trainer.is_world_process_zero():
+        end_of_run_summary(trainer, cfg, run_dir, resumed, trackers)
     return trainer
+
+
+def end_of_run_summary(trainer, cfg: TrainConfig, run_dir: Path, resumed, trackers: list[str]) -> str:
+    """Print the end-of-run summary (run dir, best checkpoint and metric, final eval numbers, how to open
+    TensorBoard) and write it to <run_dir>/summary.txt."""
+    state, t = trainer.state, cfg.training
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1]))
+    signum = preemption.requested()
+    text = run_summary(
+        run_dir=run_dir, logging_dir=t.logging_dir, global_step=state.global_step, max_steps=t.max_steps,
+        log_history=state.log_history, metric=t.metric_for_best_model,
+        best_checkpoint=state.best_model_checkpoint, best_metric=state.best_metric,
+        last_checkpoint=str(checkpoints[-1]) if checkpoints else None,
+        resumed_from=str(resumed.checkpoint) if resumed else None, trackers=trackers,
+        console_record=Path(os.environ[ENV_CONSOLE_LOG]) if os.environ.get(ENV_CONSOLE_LOG) else None,
+        stopped_by=signal.Signals(signum).name if signum else None)
+    with disk_full_is_an_error("summary.txt", run_dir):
+        write_summary(text, run_dir)
+    say(text, file=sys.stdout)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,10 @@
 """Stage-2 losses: weighted token CE (never on coordinate tokens) and geometry losses on
-expectation-decoded coordinates (softmax over the 1000 coordinate logits -> sum_k p_k * k/999)."""
+expectation-decoded coordinates (softmax over the 1000 coordinate logits -> sum_k p_k * k/999).
+
+The step loss is one definition, packed or not (:func:`sample_losses`): the mean over the step's samples of
+each sample's token-weighted CE plus its box-mean geometry terms. Coordinates, probabilities and every
+geometry term are computed in float32 whatever the autocast dtype (the ``.float()`` in :func:`slot_logits`
+and the token CE)."""
 
 from __future__ import annotations
 
@@ -9,19 +14,31 @@ import torch.nn.functional as F
 from coordexp.coordjson import NUM_BINS
 
 
-def weighted_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_p w_p * CE(logits[p-1], input_ids[p]) / sum_p w_p (0 when no position is weighted).
+def token_ce_per_segment(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor,
+                         segment_ids: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Per segment: sum_p w_p * CE(logits[p-1], input_ids[p]) / sum_p w_p over the segment's positions (0
+    for a segment without a weighted position): ``[n_segments]``.
 
-    logits [B, T, V], input_ids [B, T], weights [B, T] aligned with input_ids (weight of predicting it).
-    """
+    logits [B, T, V], input_ids / weights / segment_ids [B, T] (weights and segment ids aligned with
+    input_ids: the weight of predicting that token, the segment it belongs to)."""
     pred = logits[:, :-1, :].float()
     target = input_ids[:, 1:]
     w = weights[:, 1:].to(pred.dtype)
+    seg = segment_ids[:, 1:]
     mask = w > 0
+    zeros = pred.new_zeros(n_segments)
     if not bool(mask.any()):
-        return pred.sum() * 0.0
+        return zeros + pred.sum() * 0.0
     ce = F.cross_entropy(pred[mask], target[mask], reduction="none")
-    return (ce * w[mask]).sum() / w[mask].sum()
+    num = zeros.index_add(0, seg[mask], ce * w[mask])
+    den = zeros.detach().index_add(0, seg[mask], w[mask])
+    return torch.where(den > 0, num / den.clamp(min=1e-12), zeros)
+
+
+def weighted_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_p w_p * CE(logits[p-1], input_ids[p]) / sum_p w_p over the whole batch (0 when no position is
+    weighted): :func:`token_ce_per_segment` with one segment."""
+    return token_ce_per_segment(logits, input_ids, weights, torch.zeros_like(input_ids), 1)[0]
 
 
 def slot_logits(logits: torch.Tensor, slot_positions: torch.Tensor) -> torch.Tensor:
@@ -38,12 +55,18 @@ def coord_distribution(slot_logits_: torch.Tensor, coord_token_ids: torch.Tensor
     return torch.softmax(slot_logits_[..., coord_token_ids] / temperature, dim=-1)
 
 
+def coord_gate_terms(slot_logits_: torch.Tensor, coord_token_ids: torch.Tensor) -> torch.Tensor:
+    """Per box, the mean over its 4 slots of -log P(any coordinate token) = logsumexp(all) -
+    logsumexp(coord): ``[N]``."""
+    coord = torch.logsumexp(slot_logits_[..., coord_token_ids], -1)
+    return (torch.logsumexp(slot_logits_, -1) - coord).mean(-1)
+
+
 def coord_gate(slot_logits_: torch.Tensor, coord_token_ids: torch.Tensor) -> torch.Tensor:
-    """Mean of -log P(any coordinate token) at the slots: logsumexp(all) - logsumexp(coord)."""
+    """Mean of -log P(any coordinate token) at the slots (0 without slots)."""
     if slot_logits_.shape[0] == 0:
         return slot_logits_.sum() * 0.0
-    return (torch.logsumexp(slot_logits_, -1)
-            - torch.logsumexp(slot_logits_[..., coord_token_ids], -1)).mean()
+    return coord_gate_terms(slot_logits_, coord_token_ids).mean()
 
 
 def expected_coords(probs: torch.Tensor) -> torch.Tensor:
@@ -71,15 +94,50 @@ def ciou(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.T
     return iou - center_dist / (diag + eps) - alpha * v
 
 
+def geometry_terms(probs: torch.Tensor, target_bins: torch.Tensor, smoothl1_beta: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per box: (SmoothL1 mean over its 4 coordinates, 1 - CIoU, coordinate CE mean over its 4 slots), each
+    ``[N]``, from coordinate distributions [N, 4, 1000] and target bins [N, 4]."""
+    pred = expected_coords(probs)
+    target = target_bins.to(pred.dtype) / (NUM_BINS - 1)
+    smooth_l1 = F.smooth_l1_loss(pred, target, beta=smoothl1_beta, reduction="none").mean(-1)
+    ciou_loss = 1 - ciou(pred, target)
+    coord_ce = -torch.log(probs.gather(-1, target_bins.long().unsqueeze(-1)).squeeze(-1) + 1e-9).mean(-1)
+    return smooth_l1, ciou_loss, coord_ce
+
+
 def geometry_losses(probs: torch.Tensor, target_bins: torch.Tensor, smoothl1_beta: float):
     """(SmoothL1, 1 - CIoU, coordinate CE) means over boxes, from coordinate distributions [N, 4, 1000]
     and target bins [N, 4]."""
     if probs.shape[0] == 0:
         zero = probs.sum() * 0.0
         return zero, zero, zero
-    pred = expected_coords(probs)
-    target = target_bins.to(pred.dtype) / (NUM_BINS - 1)
-    smooth_l1 = F.smooth_l1_loss(pred, target, beta=smoothl1_beta)
-    ciou_loss = (1 - ciou(pred, target)).mean()
-    coord_ce = -torch.log(probs.gather(-1, target_bins.long().unsqueeze(-1)).squeeze(-1) + 1e-9).mean()
-    return smooth_l1, ciou_loss, coord_ce
+    return tuple(t.mean() for t in geometry_terms(probs, target_bins, smoothl1_beta))
+
+
+def _segment_mean(values: torch.Tensor, segments: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Mean of per-box ``values [N]`` within each segment (0 for a segment without boxes)."""
+    zeros = values.new_zeros(n_segments)
+    total = zeros.index_add(0, segments, values)
+    count = zeros.detach().index_add(0, segments, torch.ones_like(values.detach()))
+    return torch.where(count > 0, total / count.clamp(min=1), zeros)
+
+
+def sample_losses(ce_logits: torch.Tensor, geo_logits: torch.Tensor, batch: dict, coord_ids: torch.Tensor,
+                  n_segments: int, *, temperature: float, smoothl1_beta: float) -> dict[str, torch.Tensor]:
+    """Every loss term per sample (segment), each ``[n_segments]``: ``ce`` (token-weighted CE from
+    ``ce_logits``), and from ``geo_logits`` the box means ``bbox_smoothl1``, ``bbox_ciou`` (1 - CIoU),
+    ``coord_ce`` and ``coord_gate``. ``batch`` carries ``input_ids``, ``ce_weights``, ``segment_ids``,
+    ``geometry_slots``, ``geometry_bins`` and ``geometry_segments`` (collate or pack)."""
+    ce = token_ce_per_segment(ce_logits, batch["input_ids"], batch["ce_weights"], batch["segment_ids"],
+                              n_segments)
+    slots = slot_logits(geo_logits, batch["geometry_slots"])
+    probs = coord_distribution(slots, coord_ids, temperature)
+    sl1, ciou_loss, coord_ce = geometry_terms(probs, batch["geometry_bins"], smoothl1_beta)
+    gate = coord_gate_terms(slots, coord_ids)
+    seg = batch["geometry_segments"]
+    out = {"ce": ce}
+    for name, per_box in (("bbox_smoothl1", sl1), ("bbox_ciou", ciou_loss), ("coord_ce", coord_ce),
+                          ("coord_gate", gate)):
+        out[name] = _segment_mean(per_box, seg, n_segments)
+    return out

@@ -23,14 +23,10 @@ from coordexp.rollout.server_backend import ServerBackendError
 from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
 from coordexp.trainer.batch import APPENDED, PREFIX, collate
 from coordexp.trainer.channels import channel_a_sequence, channel_b_sequence
-from coordexp.trainer.losses import (
-    coord_distribution,
-    coord_gate,
-    geometry_losses,
-    slot_logits,
-    weighted_token_ce,
-)
+from coordexp.trainer.losses import sample_losses
+from coordexp.trainer.packing import PackingSettings, pack, plan_packs, segment_length
 from coordexp.trainer.positions import mrope_position_ids
+from coordexp.trainer.resume import tied_keys_loaded
 from coordexp.trainer.schedule import is_channel_b, realized_b_ratio
 from coordexp.trainer.softctx import coord_slot_mask, soft_self_context
 from coordexp.trainer.weight_sync import WeightSync, WeightSyncError
@@ -39,7 +35,8 @@ from coordexp.trainer.weight_sync import WeightSync, WeightSyncError
 class Stage2ABTrainer(Trainer):
     def __init__(self, *args, stage2_ab: Stage2ABConfig, contract: RolloutContract, adapter: TokenizerAdapter,
                  prompts: TextPromptEncoder, rollout_backend: RolloutBackend, seed: int, run_dir: Path,
-                 evaluator=None, weight_sync: WeightSync | None = None, **kwargs):
+                 evaluator=None, weight_sync: WeightSync | None = None,
+                 packing: PackingSettings | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stage2_ab = stage2_ab
         self.contract = contract
@@ -52,6 +49,8 @@ class Stage2ABTrainer(Trainer):
         self.evaluator = evaluator
         self.metric_buffer = MetricBuffer()
         self._coord_ids = torch.tensor(adapter.coord_token_ids, dtype=torch.long)
+        self.args_packing = packing  # PackingSettings, or None without packing
+        self._step_samples: list = []
         self._sample_log = self.run_dir / f"rollout_samples.rank{self.args.process_index}.jsonl"
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -61,26 +60,87 @@ class Stage2ABTrainer(Trainer):
         if self.prompts.image_processor is not None and self.args.should_save:
             self.prompts.image_processor.save_pretrained(output_dir or self.args.output_dir)
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """On resume: a tied weight (``lm_head.weight`` of a tied-embedding model, stored once by safetensors)
+        is loaded through the tensor it is tied to; only keys that are really missing are reported."""
+        tied = set(tied_keys_loaded(self.model, list(load_result.missing_keys)))
+        super()._issue_warnings_after_load(load_result._replace(
+            missing_keys=[k for k in load_result.missing_keys if k not in tied]))
+
     # ---- one micro-step -------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         samples = inputs["samples"]
         step = self.state.global_step
         channel_b = is_channel_b(step, self.stage2_ab.schedule.b_ratio)
         buf = self.metric_buffer
-        prompts = [self.prompts.encode(s) for s in samples]
-        if channel_b:
-            seqs = self._channel_b_sequences(samples, prompts, step)
-        else:
-            seqs = [channel_a_sequence(s, p, self.adapter, self.contract.object_field_order, self.stage2_ab)
-                    for s, p in zip(samples, prompts)]
         buf.add_max("stage2/channel_b", float(channel_b))
         buf.add_max("stage2/channel_a", float(not channel_b))
         buf.add_max("stage2_ab/b_ratio_realized", realized_b_ratio(step + 1, self.stage2_ab.schedule.b_ratio))
         buf.add_sum("train/samples", len(samples))
+        if self.args_packing is not None:
+            return self._packed_micro_step(model, samples, channel_b, step)
+        seqs = self._sequences(samples, channel_b, step)
         start = time.perf_counter()
-        loss = self._loss(model, seqs, soft_context=not channel_b)
+        losses = self._sample_losses(model, seqs, soft_context=not channel_b)
+        loss = self._mean_loss(model, losses, len(seqs))
         buf.add_max("time/forward_s", time.perf_counter() - start)
         return loss
+
+    def _sequences(self, samples, channel_b: bool, step: int):
+        prompts = [self.prompts.encode(s) for s in samples]
+        if channel_b:
+            return self._channel_b_sequences(samples, prompts, step)
+        return [channel_a_sequence(s, p, self.adapter, self.contract.object_field_order, self.stage2_ab)
+                for s, p in zip(samples, prompts)]
+
+    def _packed_micro_step(self, model, samples, channel_b: bool, step: int) -> torch.Tensor:
+        """Micro-steps of the window buffer raw samples (loss 0); the last builds every segment of the step,
+        packs them and runs one forward/backward per pack (intermediate packs under ``no_sync``). The
+        returned loss trains the last pack and reports the whole step's loss."""
+        self._step_samples += samples
+        if not self.accelerator.sync_gradients:  # not the window's last micro-step
+            return torch.zeros((), device=self.args.device, requires_grad=True)
+        samples, self._step_samples = self._step_samples, []
+        seqs = self._sequences(samples, channel_b, step)
+        start = time.perf_counter()
+        packs = plan_packs([segment_length(q) for q in seqs], self.args_packing.length,
+                           names=[f"step {step} segment {i}" for i in range(len(seqs))])
+        self._record_packs(seqs, packs)
+        gas = self.current_gradient_accumulation_steps
+        scale = self.accelerator.gradient_accumulation_steps  # accelerator.backward divides by it
+        done = 0.0
+        for k, members in enumerate(packs):
+            pack_seqs = [seqs[i] for i in members]
+            if k < len(packs) - 1:
+                with self.accelerator.no_sync(model):
+                    part = self._pack_loss(model, pack_seqs, len(seqs), soft_context=not channel_b)
+                    self.accelerator.backward(part * scale)
+                done += float(part.detach())
+            else:
+                part = self._pack_loss(model, pack_seqs, len(seqs), soft_context=not channel_b)
+        if not packs:  # every sample failed its target invariants: keep DDP in step with a zero loss
+            part = self._mean_loss(model, None, 0)
+        self.metric_buffer.add_max("time/forward_s", time.perf_counter() - start)
+        # The Trainer divides by the window's micro-step count before backward: undo it for the last pack;
+        # the packs already trained join as a constant, so the logged loss is the step's loss.
+        return (part + done) * gas
+
+    def _record_packs(self, seqs, packs) -> None:
+        buf = self.metric_buffer
+        tokens = sum(segment_length(q) for q in seqs)
+        buf.add_sum("packing/segments", len(seqs))
+        buf.add_sum("packing/packs", len(packs))
+        buf.add_ratio("packing/fill", tokens, len(packs) * self.args_packing.length)
+        fill = tokens / (len(packs) * self.args_packing.length) if packs else 1.0
+        underfilled = fill < self.args_packing.min_fill_ratio
+        buf.add_sum("packing/underfilled_steps", int(underfilled))
+
+    def _pack_loss(self, model, seqs, n_step: int, soft_context: bool) -> torch.Tensor:
+        """Sum of the pack's per-sample losses over the step's ``n_step`` samples (its share of the mean)."""
+        model_ = self.accelerator.unwrap_model(model)
+        batch = pack(seqs, self.prompts.image_token_id, model_ if self.prompts.image_token_id else None)
+        losses = self._forward_losses(model, batch, len(seqs), soft_context)
+        return self._weighted(losses).sum() / n_step
 
     def sync_rollout_weights(self) -> None:
         """Before any rollout: push the current weights to the rollout server(s) if they changed since the
@@ -131,17 +191,22 @@ class Stage2ABTrainer(Trainer):
     def _logits(self, model, batch: dict, model_inputs: dict, soft_context: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits for CE, logits for geometry): one plain forward, or the Channel-A soft self-context
-        passes (``stage2_ab.n_softctx_iter >= 2``; CE from pass 0, geometry from the last)."""
+        passes (``stage2_ab.n_softctx_iter >= 2``; CE from pass 0, geometry from the last). A packed batch
+        carries its own ``position_ids`` and no attention mask (block-diagonal by positions)."""
         ab = self.stage2_ab
+        packed = batch.get("position_ids") is not None
+        kwargs = {"attention_mask": batch["attention_mask"], **model_inputs}
+        if packed:
+            kwargs.update(position_ids=batch["position_ids"], use_cache=False)
         if not soft_context or ab.n_softctx_iter == 1:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           **model_inputs).logits
+            logits = model(input_ids=batch["input_ids"], **kwargs).logits
             return logits, logits
         inner = self.accelerator.unwrap_model(model)
-        kwargs = {"attention_mask": batch["attention_mask"], **model_inputs}
-        positions = mrope_position_ids(inner, batch["input_ids"], batch["attention_mask"], model_inputs)
-        if positions is not None:
-            kwargs["position_ids"] = positions
+        if not packed:
+            positions = mrope_position_ids(inner, batch["input_ids"], batch["attention_mask"], model_inputs)
+            if positions is not None:
+                kwargs["position_ids"] = positions
+        kwargs.pop("use_cache", None)
         ids = batch["input_ids"]
         slots = coord_slot_mask(tuple(ids.shape), batch["geometry_slots"], ids.device)
         return soft_self_context(model, inner, inner.get_input_embeddings(), ids, slots,
@@ -149,36 +214,46 @@ class Stage2ABTrainer(Trainer):
                                  temperature=ab.softctx_temperature, grad_mode=ab.softctx_grad_mode.value,
                                  **kwargs)
 
-    def _loss(self, model, seqs, soft_context: bool = False) -> torch.Tensor:
-        buf = self.metric_buffer
-        ab = self.stage2_ab
-        if not seqs:  # every sample failed its target invariants: keep DDP in step with a zero loss
-            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-            buf.add_mean("loss/total", 0.0)
-            return zero
-        batch = collate(seqs, self.adapter.pad_id, self.prompts.image_token_id)
-        model_inputs = {k: v.to(self.args.device) for k, v in batch.pop("model_inputs").items()}
-        batch = {k: v.to(self.args.device) for k, v in batch.items()}
+    def _forward_losses(self, model, batch: dict, n_segments: int, soft_context: bool
+                        ) -> dict[str, torch.Tensor]:
+        """Per-sample loss terms of a collated or packed batch (and its per-batch metrics)."""
+        device = self.args.device
+        model_inputs = {k: v.to(device) for k, v in batch.pop("model_inputs").items()}
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         ce_logits, geo_logits = self._logits(model, batch, model_inputs, soft_context)
-        ce = weighted_token_ce(ce_logits, batch["input_ids"], batch["ce_weights"])
-        slots = slot_logits(geo_logits, batch["geometry_slots"])
+        ab = self.stage2_ab
         coord_ids = self._coord_ids.to(geo_logits.device)
-        probs = coord_distribution(slots, coord_ids, ab.softctx_temperature)
-        sl1, ciou, coord_ce = geometry_losses(probs, batch["geometry_bins"], ab.bbox_smoothl1_beta)
-        gate = coord_gate(slots, coord_ids)
-        total = (ce + ab.bbox_smoothl1_weight * sl1 + ab.bbox_ciou_weight * ciou
-                 + ab.coord_ce_weight * coord_ce + ab.coord_gate_weight * gate)
-        buf.add_mean("loss/ce", ce.item())
-        buf.add_mean("loss/bbox_smoothl1", sl1.item())
-        buf.add_mean("loss/bbox_ciou", ciou.item())
-        buf.add_mean("loss/coord_ce", coord_ce.item())
-        buf.add_mean("loss/coord_gate", gate.item())
-        buf.add_mean("loss/total", total.item())
+        losses = sample_losses(ce_logits, geo_logits, batch, coord_ids, n_segments,
+                               temperature=ab.softctx_temperature, smoothl1_beta=ab.bbox_smoothl1_beta)
+        buf = self.metric_buffer
+        for name, per_sample in losses.items():
+            buf.add_ratio(f"loss/{name}", float(per_sample.detach().sum()), n_segments)
+        buf.add_ratio("loss/total", float(self._weighted(losses).detach().sum()), n_segments)
         kinds = batch["geometry_kinds"]
         buf.add_sum("stage2/geometry_groups_prefix", int((kinds == PREFIX).sum()))
         buf.add_sum("stage2/geometry_groups_appended", int((kinds == APPENDED).sum()))
         buf.add_sum("stage2/supervised_tokens", int((batch["ce_weights"] > 0).sum()))
-        return total
+        return losses
+
+    def _weighted(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each sample's total loss ``[S]``: its CE plus the weighted box-mean geometry terms."""
+        ab = self.stage2_ab
+        return (losses["ce"] + ab.bbox_smoothl1_weight * losses["bbox_smoothl1"]
+                + ab.bbox_ciou_weight * losses["bbox_ciou"] + ab.coord_ce_weight * losses["coord_ce"]
+                + ab.coord_gate_weight * losses["coord_gate"])
+
+    def _sample_losses(self, model, seqs, soft_context: bool) -> dict[str, torch.Tensor] | None:
+        if not seqs:
+            return None
+        batch = collate(seqs, self.adapter.pad_id, self.prompts.image_token_id)
+        return self._forward_losses(model, batch, len(seqs), soft_context)
+
+    def _mean_loss(self, model, losses: dict[str, torch.Tensor] | None, n: int) -> torch.Tensor:
+        """The step loss: the mean over samples of each sample's total (one definition, packed or not)."""
+        if losses is None:  # every sample failed its target invariants: keep DDP in step with a zero loss
+            self.metric_buffer.add_ratio("loss/total", 0.0, 1)
+            return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        return self._weighted(losses).sum() / n
 
     # ---- logging: every metric is global ---------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -225,7 +225,15 @@ def test_config_reference_matches_schema():
     assert Path("docs/config.md").read_text() == render(), "run `make docs` to regenerate docs/config.md"
 
 
-def test_unimplemented_soft_self_context_is_rejected_not_ignored():
-    assert problems_of("+experiment=smoke/ab_mixed", "stage2_ab.n_softctx_iter=2") == [
-        "stage2_ab.n_softctx_iter: 2: soft self-context passes are not implemented yet; use 1 (plain teacher "
-        "forcing)"]
+def test_soft_self_context_and_packing_settings_are_checked():
+    assert resolved("+experiment=smoke/ab_mixed", "stage2_ab.n_softctx_iter=2").stage2_ab.n_softctx_iter == 2
+    assert problems_of("+experiment=smoke/ab_mixed", "stage2_ab.n_softctx_iter=0") == [
+        "stage2_ab.n_softctx_iter: must be >= 1 (1 = plain teacher forcing)"]
+    assert problems_of("+experiment=smoke/ab_mixed", "training.packing=true", "training.packing_buffer=4",
+                       "training.packing_min_fill_ratio=1.5") == [
+        "training.packing_buffer: 4 < the 16 samples one rank trains per step (effective_batch_size / "
+        "nproc_per_node); raise it",
+        "training.packing_min_fill_ratio: must be in [0, 1]"]
+    assert problems_of("+experiment=smoke/ab_mixed", "rollout=hf", "rollout_matching.pipeline=true") == [
+        "rollout_matching.pipeline: pipelined rollouts need rollout=vllm_server (the hf backend generates on "
+        "the learner's own device: nothing to overlap); set it to null or false"]

@@ -1,0 +1,146 @@
+"""Post-rollout packing: the FIFO-greedy plan, the packed layout, and the packed step's loss and gradients
+against per-segment forwards of the same samples (tiny text and vision-language models, with and without
+soft self-context)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from coordexp.config.load import compose, to_train_config
+from coordexp.telemetry.metrics import MetricBuffer
+from coordexp.trainer.batch import TrainSequence
+from coordexp.trainer.packing import OversizeSegmentError, pack, plan_packs
+from coordexp.trainer.stage2_trainer import Stage2ABTrainer
+
+
+def test_plan_is_fifo_greedy_and_starts_with_the_oldest():
+    assert plan_packs([5, 4, 3, 2, 6], capacity=10) == [[0, 1], [2, 3], [4]]
+    assert plan_packs([7, 4, 3], capacity=10) == [[0, 2], [1]]  # the oldest opens every pack
+    assert plan_packs([], capacity=10) == []
+
+
+def test_an_oversize_segment_names_the_sample_and_the_fix():
+    with pytest.raises(OversizeSegmentError) as info:
+        plan_packs([3, 12], capacity=10, names=["a.jsonl:1", "a.jsonl:2"])
+    assert str(info.value) == (
+        "a.jsonl:2: prompt + target is 12 tokens, more than training.packing_length=10; "
+        "raise training.packing_length (and vllm.max_model_len), or shorten the sample")
+
+
+def test_packed_layout():
+    a = TrainSequence([1, 2], [3, 4, 5], [1.0, 0.0, 0.5], [(1, 2, 1, 2)], [(10, 20, 30, 40)], [0])
+    b = TrainSequence([6], [7, 8], [1.0, 1.0], [(0, 1, 0, 1)], [(1, 2, 3, 4)], [1])
+    p = pack([a, b])
+    assert p["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert p["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]  # restart per segment
+    assert p["segment_ids"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1]]
+    assert p["ce_weights"].tolist() == [[0.0, 0.0, 1.0, 0.0, 0.5, 0.0, 1.0, 1.0]]
+    assert p["geometry_slots"].tolist() == [[[0, 3], [0, 4], [0, 3], [0, 4]],
+                                            [[0, 6], [0, 7], [0, 6], [0, 7]]]
+    assert p["geometry_segments"].tolist() == [0, 1] and p["attention_mask"] is None
+    assert p["geometry_bins"].tolist() == [[10, 20, 30, 40], [1, 2, 3, 4]]
+
+
+def _fake_trainer(ab, adapter, image_token_id, model):
+    fake = SimpleNamespace(stage2_ab=ab, adapter=adapter, metric_buffer=MetricBuffer(),
+                           prompts=SimpleNamespace(image_token_id=image_token_id),
+                           args=SimpleNamespace(device=torch.device("cpu")),
+                           _coord_ids=torch.tensor(adapter.coord_token_ids),
+                           accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    for name in ("_logits", "_forward_losses", "_weighted", "_sample_losses", "_mean_loss", "_pack_loss"):
+        setattr(fake, name, getattr(Stage2ABTrainer, name).__get__(fake))
+    return fake
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _setup(path, samples, n_softctx_iter):
+    from coordexp.models.prompts import load_model_and_prompts
+    from coordexp.rollout.scoring import TokenizerAdapter
+    from coordexp.trainer.channels import channel_a_sequence
+
+    model, tok, prompts = load_model_and_prompts(path, "float32")
+    model.train()
+    torch.manual_seed(0)
+    adapter = TokenizerAdapter(tok)
+    ab = to_train_config(compose(["+experiment=smoke/a_only", "rollout=hf",
+                                  f"stage2_ab.n_softctx_iter={n_softctx_iter}"])).stage2_ab
+    seqs = [channel_a_sequence(s, prompts.encode(s), adapter, "desc_first", ab) for s in samples]
+    return model, adapter, prompts, ab, seqs
+
+
+def _compare(path, samples, n_softctx_iter, capacity_of):
+    model, adapter, prompts, ab, seqs = _setup(path, samples, n_softctx_iter)
+    trainer = _fake_trainer(ab, adapter, prompts.image_token_id, model)
+    soft = n_softctx_iter > 1
+    # reference: every segment forward on its own, mean of the per-sample totals
+    per = [trainer._weighted(trainer._sample_losses(model, [q], soft)) for q in seqs]
+    reference = torch.cat(per).mean()
+    ref_grads = _grads(model, reference)
+    lengths = [len(q.prompt_ids) + len(q.target_ids) for q in seqs]
+    packs = plan_packs(lengths, capacity_of(lengths))
+    assert len(packs) >= 2 and any(len(p) >= 2 for p in packs)  # several packs, several segments in one
+    total = sum(trainer._pack_loss(model, [seqs[i] for i in members], len(seqs), soft) for members in packs)
+    packed_grads = _grads(model, total)
+    assert total.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-6)
+    assert ref_grads.keys() == packed_grads.keys() and len(ref_grads) > 10
+    for name, g in ref_grads.items():  # float32: the packed attention sums in another order
+        assert (packed_grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-7, name
+
+
+@pytest.fixture(scope="module")
+def text_samples(tmp_path_factory):
+    from coordexp.data.jsonl import load_jsonl
+    from coordexp.data.prompt import PromptSpec
+    from coordexp.data.synthetic import write_synthetic_jsonl
+
+    return list(load_jsonl(write_synthetic_jsonl(tmp_path_factory.mktemp("t") / "t.jsonl", 5, seed=9),
+                           PromptSpec()))
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory):
+    from coordexp.data.jsonl import load_jsonl
+    from coordexp.data.prompt import PromptSpec
+    from coordexp.data.synthetic_images import write_synthetic_image_jsonl
+    from coordexp.models.tiny import ensure_tiny_model
+
+    path = ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2_vl")
+    split = write_synthetic_image_jsonl(tmp_path_factory.mktemp("img") / "v.jsonl", 3, seed=2)
+    return path, list(load_jsonl(split, PromptSpec()))
+
+
+@pytest.mark.parametrize("n_softctx_iter", [1, 2])
+def test_packed_step_equals_per_segment_forwards_text(tiny_model_dir, text_samples, n_softctx_iter):
+    _compare(tiny_model_dir, text_samples, n_softctx_iter, lambda lengths: max(lengths) * 2)
+
+
+@pytest.mark.parametrize("n_softctx_iter", [1, 2])
+def test_packed_step_equals_per_segment_forwards_vl(vl, n_softctx_iter):
+    path, samples = vl
+    _compare(path, samples, n_softctx_iter, lambda lengths: sum(sorted(lengths)[:2]))
+
+
+def test_pack_metrics_are_global_sums_and_ratios():
+    from coordexp.telemetry.metrics import reduce_buffers
+
+    def rank(segments, packs, tokens, length=100):
+        buf = MetricBuffer()
+        trainer = SimpleNamespace(metric_buffer=buf, args_packing=SimpleNamespace(length=length,
+                                                                                  min_fill_ratio=0.7))
+        seqs = [TrainSequence([0] * (n - 1), [1], [1.0]) for n in tokens]
+        Stage2ABTrainer._record_packs(trainer, seqs, packs)
+        return buf.to_payload()
+
+    merged = reduce_buffers([rank(2, [[0, 1]], [60, 30]), rank(3, [[0], [1, 2]], [90, 40, 50]),
+                             rank(1, [[0]], [10])])
+    assert merged["packing/segments"] == 6 and merged["packing/packs"] == 4
+    assert merged["packing/fill"] == pytest.approx((90 + 180 + 10) / 400)  # ratio of global sums
+    assert merged["packing/underfilled_steps"] == 1  # the third rank's 10 % fill
