@@ -23,6 +23,7 @@ class TrainSequence:
     geometry_bins: list[tuple[int, int, int, int]] = field(default_factory=list)
     geometry_kinds: list[int] = field(default_factory=list)  # PREFIX or APPENDED
     vision: dict[str, torch.Tensor] | None = None         # image inputs of a vision-language prompt
+    source: str = ""                                      # the sample it came from (file:line), for messages
 
     def __post_init__(self) -> None:
         if len(self.ce_weights) != len(self.target_ids):

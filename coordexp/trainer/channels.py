@@ -23,12 +23,13 @@ def channel_a_sequence(sample, prompt: EncodedPrompt, tok: TokenizerAdapter, fie
                                     coord_vocab=tok.coord_vocab, encode=tok.encode,
                                     decode_token=tok.decode_token, eos_id=tok.eos_id,
                                     desc_ce_weight=ab.desc_ce_weight)
-    return _to_sequence(prompt, target)
+    return _to_sequence(sample, prompt, target)
 
 
-def _to_sequence(prompt: EncodedPrompt, target) -> TrainSequence:
+def _to_sequence(sample, prompt: EncodedPrompt, target) -> TrainSequence:
     groups = target.geometry_groups
     return TrainSequence(
+        source=str(getattr(sample, "source", "")),
         prompt_ids=list(prompt.ids),
         vision=prompt.vision,
         target_ids=[int(i) for i in target.input_ids],
@@ -50,7 +51,7 @@ def channel_b_sequence(sample, prompt: EncodedPrompt, rollout: Rollout, tok: Tok
             coord_vocab=tok.coord_vocab, encode=tok.encode, decode_token=tok.decode_token, eos_id=tok.eos_id,
             desc_ce_weight=ab.desc_ce_weight,
             drop_invalid_struct_ce_multiplier=ab.channel_b.drop_invalid_struct_ce_multiplier)
-        sequence = _to_sequence(prompt, target)
+        sequence = _to_sequence(sample, prompt, target)
     except TargetInvariantError:
         sequence = None
     return sequence, sample_record(sample, rollout, parsed, gts, match, sequence is None)

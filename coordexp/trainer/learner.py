@@ -229,7 +229,7 @@ def end_of_run_summary(trainer, cfg: TrainConfig, run_dir: Path, resumed, tracke
         last_checkpoint=str(checkpoints[-1]) if checkpoints else None,
         resumed_from=str(resumed.checkpoint) if resumed else None, trackers=trackers,
         console_record=Path(os.environ[ENV_CONSOLE_LOG]) if os.environ.get(ENV_CONSOLE_LOG) else None,
-        stopped_by=signal.Signals(signum).name if signum else None)
+        stopped_by=signal.Signals(signum).name if signum else None, experiment=cfg.experiment)
     with disk_full_is_an_error("summary.txt", run_dir):
         write_summary(text, run_dir)
     say(text, file=sys.stdout)
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         signum = preemption.requested()
         return 128 + signum if signum else 0
     except CoordexpError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}")
         return err.code
 
 

@@ -8,8 +8,10 @@ images of its segments in order, and Qwen-VL's multimodal rotary positions (thre
 segment by the model's ``get_rope_index``) follow a text row that restarts per segment (the ``[4, 1, L]``
 layout the Qwen-VL language models read packed masks from).
 
-:func:`plan_packs` is FIFO-greedy: each pack starts with the oldest segment not yet packed and takes every
-later one that still fits, in order. Deterministic, and no segment waits behind a later one.
+:func:`plan_packs` is next-fit in arrival order (:class:`NextFitPacker`): a pack takes segments until the
+next does not fit. The oldest segment always opens the next pack and no segment waits behind a later one;
+unlike a first-fit search, the grouping can be decided as segments arrive, so a pipelined step (rollouts
+fetched while packs train) trains exactly the packs of the serial step.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from coordexp.models.prompts import concat_vision
 from coordexp.trainer.batch import TrainSequence
 from coordexp.trainer.positions import mrope_position_ids
 
-__all__ = ["OversizeSegmentError", "PackingSettings", "pack", "plan_packs", "segment_length"]
+__all__ = ["NextFitPacker", "OversizeSegmentError", "PackingSettings", "check_fits", "pack", "plan_packs",
+           "segment_length"]
 
 
 @dataclass(frozen=True)
@@ -53,29 +56,45 @@ def segment_length(seq: TrainSequence) -> int:
     return len(seq.prompt_ids) + len(seq.target_ids)
 
 
+def check_fits(length: int, capacity: int, name: str) -> None:
+    """Raise :class:`OversizeSegmentError` naming the segment when it alone exceeds a pack."""
+    if length > capacity:
+        raise OversizeSegmentError(
+            f"{name}: prompt + target is {length} tokens, more than training.packing_length={capacity}; "
+            f"raise training.packing_length (and vllm.max_model_len), or shorten the sample")
+
+
+class NextFitPacker:
+    """Segments in arrival order fill the open pack until the next one does not fit; that closes the pack.
+    The grouping depends only on the order of the segments, not on when they arrive, so serial and pipelined
+    steps train the very same packs. The open pack is always the step's last pack."""
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self.open: list[Any] = []
+        self.used = 0
+
+    def add(self, item: Any, length: int) -> list[Any] | None:
+        """Add a segment; returns the pack it closed (to train now), if any."""
+        closed = None
+        if self.open and self.used + length > self.capacity:
+            closed, self.open, self.used = self.open, [], 0
+        self.open.append(item)
+        self.used += length
+        return closed
+
+
 def plan_packs(lengths: Sequence[int], capacity: int, names: Sequence[str] | None = None) -> list[list[int]]:
-    """Indices of the segments in each pack (FIFO-greedy, every pack's total <= ``capacity`` tokens).
+    """Indices of the segments in each pack (next-fit in order, every pack's total <= ``capacity``).
 
     Raises :class:`OversizeSegmentError` naming the segment (``names[i]``) when one alone exceeds capacity."""
+    packer, packs = NextFitPacker(capacity), []
     for i, n in enumerate(lengths):
-        if n > capacity:
-            name = names[i] if names is not None else f"segment {i}"
-            raise OversizeSegmentError(
-                f"{name}: prompt + target is {n} tokens, more than training.packing_length={capacity}; raise "
-                f"training.packing_length (and vllm.max_model_len), or shorten the sample")
-    left = list(range(len(lengths)))
-    packs: list[list[int]] = []
-    while left:
-        pack_, used, rest = [], 0, []
-        for i in left:
-            if used + lengths[i] <= capacity:
-                pack_.append(i)
-                used += lengths[i]
-            else:
-                rest.append(i)
-        packs.append(pack_)
-        left = rest
-    return packs
+        check_fits(n, capacity, names[i] if names is not None else f"segment {i}")
+        closed = packer.add(i, n)
+        if closed:
+            packs.append(closed)
+    return packs + ([packer.open] if packer.open else [])
 
 
 def pack(seqs: Sequence[TrainSequence], image_token_id: int | None = None, model: Any = None) -> dict:

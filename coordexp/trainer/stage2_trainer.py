@@ -24,7 +24,8 @@ from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
 from coordexp.trainer.batch import APPENDED, PREFIX, collate
 from coordexp.trainer.channels import channel_a_sequence, channel_b_sequence
 from coordexp.trainer.losses import sample_losses
-from coordexp.trainer.packing import PackingSettings, pack, plan_packs, segment_length
+from coordexp.trainer.packing import NextFitPacker, PackingSettings, check_fits, pack, segment_length
+from coordexp.trainer.pipeline import ChunkProducer
 from coordexp.trainer.positions import mrope_position_ids
 from coordexp.trainer.resume import tied_keys_loaded
 from coordexp.trainer.schedule import is_channel_b, realized_b_ratio
@@ -82,7 +83,7 @@ class Stage2ABTrainer(Trainer):
         seqs = self._sequences(samples, channel_b, step)
         start = time.perf_counter()
         losses = self._sample_losses(model, seqs, soft_context=not channel_b)
-        loss = self._mean_loss(model, losses, len(seqs))
+        loss = self._mean_loss(model, losses, len(samples))
         buf.add_max("time/forward_s", time.perf_counter() - start)
         return loss
 
@@ -101,39 +102,60 @@ class Stage2ABTrainer(Trainer):
         if not self.accelerator.sync_gradients:  # not the window's last micro-step
             return torch.zeros((), device=self.args.device, requires_grad=True)
         samples, self._step_samples = self._step_samples, []
-        seqs = self._sequences(samples, channel_b, step)
-        start = time.perf_counter()
-        packs = plan_packs([segment_length(q) for q in seqs], self.args_packing.length,
-                           names=[f"step {step} segment {i}" for i in range(len(seqs))])
-        self._record_packs(seqs, packs)
+        t0 = time.perf_counter()
+        prompts = [self.prompts.encode(s) for s in samples]
+        if channel_b:
+            chunks = self._channel_b_chunks(samples, prompts, step)
+        else:
+            chunks = iter([[channel_a_sequence(s, p, self.adapter, self.contract.object_field_order,
+                                               self.stage2_ab) for s, p in zip(samples, prompts)]])
+        loss = self._train_packs(model, chunks, len(samples), soft_context=not channel_b, step=step)
+        self.metric_buffer.add_max("time/step_s", time.perf_counter() - t0)
+        return loss
+
+    def _train_packs(self, model, chunks, n_samples: int, soft_context: bool, step: int) -> torch.Tensor:
+        """Pack the segments of ``chunks`` (lists, in order) next-fit as they arrive; train every closed pack
+        now (forward + backward under ``no_sync``, its loss weighted by its share of the step's
+        ``n_samples``) and return the last pack's loss for the Trainer's synced backward."""
+        cap = self.args_packing.length
+        packer = NextFitPacker(cap)
         gas = self.current_gradient_accumulation_steps
         scale = self.accelerator.gradient_accumulation_steps  # accelerator.backward divides by it
-        done = 0.0
-        for k, members in enumerate(packs):
-            pack_seqs = [seqs[i] for i in members]
-            if k < len(packs) - 1:
-                with self.accelerator.no_sync(model):
-                    part = self._pack_loss(model, pack_seqs, len(seqs), soft_context=not channel_b)
-                    self.accelerator.backward(part * scale)
-                done += float(part.detach())
-            else:
-                part = self._pack_loss(model, pack_seqs, len(seqs), soft_context=not channel_b)
-        if not packs:  # every sample failed its target invariants: keep DDP in step with a zero loss
+        done, packs, tokens, segments, busy = 0.0, 0, 0, 0, 0.0
+        for seqs in chunks:
+            for q in seqs:
+                length = segment_length(q)
+                check_fits(length, cap, f"step {step}: sample {q.source}")
+                tokens, segments = tokens + length, segments + 1
+                closed = packer.add(q, length)
+                if closed:
+                    t0 = time.perf_counter()
+                    with self.accelerator.no_sync(model):
+                        part = self._pack_loss(model, closed, n_samples, soft_context)
+                        self.accelerator.backward(part * scale)
+                    done += float(part.detach())
+                    packs += 1
+                    busy += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if packer.open:
+            part = self._pack_loss(model, packer.open, n_samples, soft_context)
+            packs += 1
+        else:  # every sample failed its target invariants: keep DDP in step with a zero loss
             part = self._mean_loss(model, None, 0)
-        self.metric_buffer.add_max("time/forward_s", time.perf_counter() - start)
+        busy += time.perf_counter() - t0
+        self._record_packs(segments, packs, tokens)
+        self.metric_buffer.add_max("time/forward_s", busy)
         # The Trainer divides by the window's micro-step count before backward: undo it for the last pack;
         # the packs already trained join as a constant, so the logged loss is the step's loss.
         return (part + done) * gas
 
-    def _record_packs(self, seqs, packs) -> None:
+    def _record_packs(self, segments: int, packs: int, tokens: int) -> None:
         buf = self.metric_buffer
-        tokens = sum(segment_length(q) for q in seqs)
-        buf.add_sum("packing/segments", len(seqs))
-        buf.add_sum("packing/packs", len(packs))
-        buf.add_ratio("packing/fill", tokens, len(packs) * self.args_packing.length)
-        fill = tokens / (len(packs) * self.args_packing.length) if packs else 1.0
-        underfilled = fill < self.args_packing.min_fill_ratio
-        buf.add_sum("packing/underfilled_steps", int(underfilled))
+        buf.add_sum("packing/segments", segments)
+        buf.add_sum("packing/packs", packs)
+        buf.add_ratio("packing/fill", tokens, packs * self.args_packing.length)
+        fill = tokens / (packs * self.args_packing.length) if packs else 1.0
+        buf.add_sum("packing/underfilled_steps", int(fill < self.args_packing.min_fill_ratio))
 
     def _pack_loss(self, model, seqs, n_step: int, soft_context: bool) -> torch.Tensor:
         """Sum of the pack's per-sample losses over the step's ``n_step`` samples (its share of the mean)."""
@@ -168,25 +190,53 @@ class Stage2ABTrainer(Trainer):
             raise ServerBackendError(f"{exc} (optimizer step {self.state.global_step})") from None
 
     def _channel_b_sequences(self, samples, prompts, step):
+        """All Channel-B segments of ``samples`` (serial: one rollout call, then parse/match/target)."""
+        return [q for chunk in self._channel_b_chunks(samples, prompts, step, pipelined=False) for q in chunk]
+
+    def _channel_b_chunks(self, samples, prompts, step, pipelined: bool | None = None):
+        """The step's Channel-B segments, chunk by chunk: after the weight sync, either one rollout call for
+        every sample (serial), or ``decode_batch_size`` samples per call on a producer thread while the
+        caller trains (``rollout_matching.pipeline`` in server mode, with packing). Records the rollout
+        metrics and the per-sample log once the last chunk is through."""
         buf = self.metric_buffer
         seed = (self.seed + step * 1000003 + self.args.process_index * 7919) & 0x7FFFFFFF
-        batch = self.rollouts(samples, prompts, seed)
-        buf.add_max("time/rollout_generate_s", batch.seconds)
-        buf.add_max("rollout/repeat_terminate_active", batch.repeat_terminate_active)
-        start = time.perf_counter()
-        seqs, records = [], []
-        for sample, prompt, rollout in zip(samples, prompts, batch.rollouts):
-            seq, record = channel_b_sequence(sample, prompt, rollout, self.adapter, self.contract,
-                                             self.stage2_ab)
-            records.append(record)
-            if seq is not None:
-                seqs.append(seq)
-        buf.add_max("time/rollout_parse_match_s", time.perf_counter() - start)
+        self.sync_rollout_weights()  # collective: every rank, before any request of this step
+        records, active, parse_s = [], [], [0.0]
+
+        def fetch(a: int, b: int):
+            batch = self.rollouts(samples[a:b], prompts[a:b], seed + a)
+            active.append(batch.repeat_terminate_active)
+            t0 = time.perf_counter()
+            seqs = []
+            for sample, prompt, rollout in zip(samples[a:b], prompts[a:b], batch.rollouts):
+                seq, record = channel_b_sequence(sample, prompt, rollout, self.adapter, self.contract,
+                                                 self.stage2_ab)
+                records.append(record)
+                if seq is not None:
+                    seqs.append(seq)
+            parse_s[0] += time.perf_counter() - t0
+            return seqs, batch.seconds
+
+        if pipelined is None:
+            pipelined = self.contract.pipeline and self.args_packing is not None
+        if pipelined:
+            producer = ChunkProducer(fetch, len(samples), self.contract.decode_batch_size)
+            generate_s = 0.0
+            for seqs, seconds in producer:
+                generate_s += seconds
+                yield seqs
+            buf.add_max("time/rollout_wait_s", producer.waited)
+        else:
+            seqs, generate_s = fetch(0, len(samples))
+            yield seqs
+        buf.add_max("stage2/rollout_pipelined", float(pipelined))
+        buf.add_max("time/rollout_generate_s", generate_s)
+        buf.add_max("rollout/repeat_terminate_active", min(active) if active else 0)
+        buf.add_max("time/rollout_parse_match_s", parse_s[0])
         record_rollout_metrics(buf, records)
         with self._sample_log.open("a") as f:
             for record in records:
                 f.write(json.dumps({"step": step, **record_as_dict(record)}) + "\n")
-        return seqs
 
     def _logits(self, model, batch: dict, model_inputs: dict, soft_context: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,7 +299,9 @@ class Stage2ABTrainer(Trainer):
         return self._forward_losses(model, batch, len(seqs), soft_context)
 
     def _mean_loss(self, model, losses: dict[str, torch.Tensor] | None, n: int) -> torch.Tensor:
-        """The step loss: the mean over samples of each sample's total (one definition, packed or not)."""
+        """The step loss: the sum of the samples' totals over the ``n`` samples of the micro-step (a sample
+        whose target failed its invariants trains nothing and counts as 0), the one definition packed or
+        not."""
         if losses is None:  # every sample failed its target invariants: keep DDP in step with a zero loss
             self.metric_buffer.add_ratio("loss/total", 0.0, 1)
             return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0

@@ -16,9 +16,10 @@ from coordexp.trainer.packing import OversizeSegmentError, pack, plan_packs
 from coordexp.trainer.stage2_trainer import Stage2ABTrainer
 
 
-def test_plan_is_fifo_greedy_and_starts_with_the_oldest():
+def test_plan_is_next_fit_in_arrival_order():
     assert plan_packs([5, 4, 3, 2, 6], capacity=10) == [[0, 1], [2, 3], [4]]
-    assert plan_packs([7, 4, 3], capacity=10) == [[0, 2], [1]]  # the oldest opens every pack
+    assert plan_packs([7, 4, 3], capacity=10) == [[0], [1, 2]]  # no later segment jumps the queue
+    assert plan_packs([10, 10], capacity=10) == [[0], [1]]
     assert plan_packs([], capacity=10) == []
 
 
@@ -132,15 +133,41 @@ def test_pack_metrics_are_global_sums_and_ratios():
     from coordexp.telemetry.metrics import reduce_buffers
 
     def rank(segments, packs, tokens, length=100):
-        buf = MetricBuffer()
-        trainer = SimpleNamespace(metric_buffer=buf, args_packing=SimpleNamespace(length=length,
-                                                                                  min_fill_ratio=0.7))
-        seqs = [TrainSequence([0] * (n - 1), [1], [1.0]) for n in tokens]
-        Stage2ABTrainer._record_packs(trainer, seqs, packs)
-        return buf.to_payload()
+        trainer = SimpleNamespace(metric_buffer=MetricBuffer(),
+                                  args_packing=SimpleNamespace(length=length, min_fill_ratio=0.7))
+        Stage2ABTrainer._record_packs(trainer, segments, packs, tokens)
+        return trainer.metric_buffer.to_payload()
 
-    merged = reduce_buffers([rank(2, [[0, 1]], [60, 30]), rank(3, [[0], [1, 2]], [90, 40, 50]),
-                             rank(1, [[0]], [10])])
+    merged = reduce_buffers([rank(2, 1, 90), rank(3, 2, 180), rank(1, 1, 10)])
     assert merged["packing/segments"] == 6 and merged["packing/packs"] == 4
     assert merged["packing/fill"] == pytest.approx((90 + 180 + 10) / 400)  # ratio of global sums
     assert merged["packing/underfilled_steps"] == 1  # the third rank's 10 % fill
+
+
+def test_chunk_producer_yields_in_order_and_hands_errors_over():
+    from coordexp.errors import LearnerError
+    from coordexp.rollout.server_backend import ServerBackendError
+    from coordexp.trainer.pipeline import ChunkProducer
+
+    calls = []
+    producer = ChunkProducer(lambda a, b: calls.append((a, b)) or list(range(a, b)), n=7, chunk=3)
+    assert list(producer) == [[0, 1, 2], [3, 4, 5], [6]] and calls == [(0, 3), (3, 6), (6, 7)]
+
+    def fail(a, b):
+        if a == 3:
+            raise ServerBackendError("rollout server failure: connection refused (optimizer step 4)")
+        return [a]
+
+    got = []
+    with pytest.raises(ServerBackendError, match="connection refused"):
+        for item in ChunkProducer(fail, n=9, chunk=3):
+            got.append(item)  # noqa: PERF402 - the items seen before the error
+    assert got == [[0]]  # the error reaches the consumer as itself, after the good chunk
+
+    stuck = ChunkProducer(lambda a, b: [a], n=4, chunk=1, poll_s=0.05)
+    for first in stuck:  # the consumer stops early: the producer must not stay blocked on the queue
+        break
+    assert first == [0]
+    stuck._thread.join(timeout=2.0)
+    assert not stuck._thread.is_alive()
+    assert issubclass(ServerBackendError, LearnerError)
