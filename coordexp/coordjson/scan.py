@@ -39,10 +39,10 @@ _RECORD_PARTS = {
 # The shape almost every record has; anything else goes through the general parser, which agrees with this
 # pattern wherever it matches.
 _CANONICAL_RECORD_RE = {
-    FieldOrder.DESC_FIRST: re.compile(
+    FieldOrder.desc_first: re.compile(
         rf"\{{{_WS}*{_RECORD_PARTS['desc']}{_WS}*,{_WS}*{_RECORD_PARTS['bbox']}{_WS}*\}}", re.DOTALL
     ),
-    FieldOrder.GEOMETRY_FIRST: re.compile(
+    FieldOrder.geometry_first: re.compile(
         rf"\{{{_WS}*{_RECORD_PARTS['bbox']}{_WS}*,{_WS}*{_RECORD_PARTS['desc']}{_WS}*\}}", re.DOTALL
     ),
 }
