@@ -26,6 +26,8 @@ from coordexp.rollout.repeat_rules import RepeatTerminateConfig, config_to_dict,
 __all__ = ["PLUGIN_PATH", "ServerLaunchSpec", "build_command", "build_env", "launch_spec_from_config"]
 
 PLUGIN_PATH = str(Path(__file__).resolve().parents[1] / "rollout" / "server" / "swift_plugin.py")
+#: OpenMP settings of a CPU server (a user's own value in the environment wins).
+CPU_SERVER_OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 
 
 @dataclass
@@ -151,6 +153,11 @@ def build_env(spec: ServerLaunchSpec, base: dict[str, str] | None = None) -> dic
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_space_gib)
         # ms-swift's own vLLM general plugin imports torchvision, absent from the CPU stack.
         env.setdefault("VLLM_PLUGINS", "none")
+        # The server shares the cores with the learner: its OpenMP threads (vLLM's worker preloads torch's
+        # libgomp; Intel's runtime reads KMP_BLOCKTIME) must sleep as soon as a parallel region ends instead
+        # of spin-waiting, or the learner's next forward runs on cores they still hold (docs/benchmarks.md).
+        for key, value in CPU_SERVER_OPENMP_ENV.items():
+            env.setdefault(key, value)
     elif spec.server_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.server_gpus)
     env.update({str(k): str(v) for k, v in spec.extra_env.items()})

@@ -123,3 +123,17 @@ def test_missing_local_checkpoint_is_a_launch_error():
         run.LaunchError, match="'/no/such/ckpt' is not a checkpoint directory.*nothing was started"
     ):
         run.resolve_model_dir(cfg)
+
+
+def test_a_cpu_server_lets_its_openmp_threads_sleep(tmp_path):
+    """The server shares the learner's cores: its OpenMP threads must not spin after a parallel region (the
+    learner's Channel-B forward right after the rollouts ran 25x slower, docs/benchmarks.md); a value the
+    user exported wins, and a GPU server is left alone."""
+    from coordexp.launch.server_spec import ServerLaunchSpec, build_env
+
+    cpu = ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cpu")
+    env = build_env(cpu, base={"PATH": "/bin"})
+    assert (env["OMP_WAIT_POLICY"], env["KMP_BLOCKTIME"]) == ("PASSIVE", "0")
+    assert build_env(cpu, base={"KMP_BLOCKTIME": "5"})["KMP_BLOCKTIME"] == "5"
+    gpu = build_env(ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cuda"), base={})
+    assert "OMP_WAIT_POLICY" not in gpu and "KMP_BLOCKTIME" not in gpu
