@@ -127,8 +127,8 @@ def test_missing_local_checkpoint_is_a_launch_error():
 
 def test_a_cpu_server_lets_its_openmp_threads_sleep(tmp_path):
     """The server shares the learner's cores: its OpenMP threads must not spin after a parallel region (the
-    learner's Channel-B forward right after the rollouts ran 25x slower, docs/benchmarks.md); a value the
-    user exported wins, and a GPU server is left alone."""
+    learner's Channel-B forward right after the rollouts ran 24x slower in the issue's measurement); a value
+    the user exported wins, and a GPU server is left alone."""
     from coordexp.launch.server_spec import ServerLaunchSpec, build_env
 
     cpu = ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cpu")
