@@ -71,3 +71,26 @@ def test_run_artifacts(ddp_run):
     assert list((ddp_run / "tb").glob("events.out.tfevents.*")), "TensorBoard events from rank 0"
     meta = json.loads((ddp_run / "run_metadata.json").read_text())
     assert meta["experiment"] == "smoke/ab_mixed" and meta["versions"]["torch"].startswith("2.13.0")
+
+
+def test_packed_soft_context_steps_under_ddp(tmp_path):
+    """Soft self-context passes and packing (several packs, intermediate ones under no_sync) in a real
+    2-rank gloo group: every step trains, and packing/* are global sums over both ranks."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed", "rollout=hf",
+           f"hydra.run.dir={run_dir}", "model.tiny_stage1_steps=0", "training.nproc_per_node=2",
+           "training.per_device_train_batch_size=2", "training.effective_batch_size=8",
+           "training.packing=true", "training.packing_length=300", "stage2_ab.n_softctx_iter=2",
+           "training.max_steps=2", "training.eval_strategy=no", "training.save_strategy=no",
+           "stage2_ab.schedule.b_ratio=0.5", "rollout_matching.decode_batch_size=2",
+           "rollout_matching.max_new_tokens=32", "data.synthetic.train_samples=32",
+           "data.synthetic.val_samples=4"]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {r["step"]: r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+    assert [rows[s]["stage2/channel_b"] for s in (1, 2)] == [0.0, 1.0]
+    for step in (1, 2):
+        assert rows[step]["packing/segments"] == 8  # 4 samples per rank, summed over both ranks
+        assert rows[step]["packing/packs"] >= 4  # 300-token packs: more than one pack per rank
+        assert 0 < rows[step]["packing/fill"] <= 1
+        assert rows[step]["loss"] == pytest.approx(rows[step]["loss/total"], rel=1e-4)
