@@ -122,10 +122,14 @@ def console_record(hydra_cfg: Any) -> Path | None:
 def run_job(cfg: DictConfig, job: Callable[[TrainConfig], int], what: str) -> int:
     """Validate the composed config, run ``job`` and end with its exit code: ``sys.exit`` in a single run,
     an exception in a sweep job (Hydra's launcher reports it and goes on)."""
-    with exit_on_error():
-        train_cfg = to_train_config(cfg)
-    console_record(HydraConfig.get())
-    code = job(train_cfg)
+    record = console_record(HydraConfig.get())
+    try:
+        with exit_on_error():
+            train_cfg = to_train_config(cfg)
+        code = job(train_cfg)
+    finally:  # a job that showed nothing leaves no empty train.log behind
+        if record is not None and record.is_file() and record.stat().st_size == 0:
+            record.unlink()
     if code != 0:
         out_dir: Any = Path(HydraConfig.get().runtime.output_dir)
         if HydraConfig.get().mode == RunMode.MULTIRUN:

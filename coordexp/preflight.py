@@ -10,6 +10,7 @@ from typing import Any
 
 from coordexp.config.contract import rollout_contract, server_image_root
 from coordexp.config.errors import exit_on_config_error
+from coordexp.config.gpus import gpu_plan, gpu_plan_problem
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import TrainConfig
 from coordexp.rollout.repeat_rules import config_to_dict
@@ -44,6 +45,8 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
         "max_new_tokens": contract.max_new_tokens,
         "repeat_terminate": config_to_dict(contract.repeat_terminate),
         "output_dir": cfg.training.output_dir,
+        # the GPUs the plan needs and those this machine shows (a plan can be checked on a login node)
+        "gpu_plan": gpu_plan(cfg),
     }
 
 
@@ -51,7 +54,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     with exit_on_config_error():
         cfg = to_train_config(compose(argv))
-    print(json.dumps(preflight(cfg), sort_keys=True))
+    contract = preflight(cfg)
+    print(json.dumps(contract, sort_keys=True))
+    problem = gpu_plan_problem(contract["gpu_plan"], cfg.experiment)
+    if problem:  # the contract stands (e.g. checked on a login node); the plan does not fit this machine
+        print(f"warning: {problem}", file=sys.stderr)
 
 
 if __name__ == "__main__":

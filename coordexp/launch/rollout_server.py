@@ -19,7 +19,6 @@ import atexit
 import contextlib
 import os
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,12 +32,13 @@ from coordexp.launch.server_spec import ServerLaunchSpec, build_command, build_e
 from coordexp.launch.supervise import supervised_command
 from coordexp.rollout.probe import ProbeError, run_probe
 from coordexp.rollout.server_client import RolloutServerError, check_health, get_world_size
+from coordexp.telemetry import record as console
 
 __all__ = ["RolloutServer", "say"]
 
 
 def say(msg: str) -> None:
-    print(f"[coordexp server] {msg}", file=sys.stderr, flush=True)
+    console.say(f"[coordexp server] {msg}")
 
 
 class RolloutServer:

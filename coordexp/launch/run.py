@@ -65,13 +65,15 @@ from coordexp.launch.rollout_server import RolloutServer
 from coordexp.launch.supervise import supervised_command
 from coordexp.rollout.protocol import ENV_INITIAL_WEIGHTS, ENV_RUN_ID
 from coordexp.rollout.server_client import check_health
+from coordexp.telemetry.record import say
+from coordexp.trainer import resume
 from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
 
 SERVER_LOG_NAME = "server/swift_rollout{suffix}.log"
 
 
 def _say(msg: str) -> None:
-    print(f"[coordexp launch] {msg}", file=sys.stderr, flush=True)
+    say(f"[coordexp launch] {msg}")
 
 
 def _enum(v: Any) -> Any:
@@ -336,7 +338,7 @@ def _run_in_process(cfg: TrainConfig, run_dir: Path, env: dict[str, str]) -> int
         try:
             train(cfg, run_dir)
         except CoordexpError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            say(f"error: {err}")
             return err.code
     signum = preemption.requested()
     if signum:
@@ -400,6 +402,19 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
             "pgid": None,
         },
     }
+    try:  # the checkpoint to resume from, before any server starts (docs/runbook.md "Resume")
+        resumed = resume.resolve(cfg.training.resume_from_checkpoint, run_dir, cfg.training.max_steps)
+    except CoordexpError as err:
+        say(f"error: {err}")
+        return err.code
+    if resumed is not None:
+        _say(resumed.describe())
+        if resumed.complete:  # nothing to train: record it and end with 0
+            launcher.update(exit_code=0, already_complete=True)
+            with disk_full_is_an_error("run_metadata.json", run_dir):
+                metadata.write(run_dir, cfg, resolved, launcher)
+                resume.record(run_dir, resumed)
+            return 0
     env: dict[str, str] = {ENV_RUN_ID: run_id, **learner_env(cfg)}
     servers: ServerSet | None = None
     code: int | None = None
@@ -408,7 +423,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
             try:
                 model_dir = resolve_model_dir(cfg)
             except LaunchError as err:
-                print(f"error: {err}", file=sys.stderr, flush=True)
+                say(f"error: {err}")
                 return err.code
             timeline.mark("model")
             launcher.update(
@@ -432,7 +447,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
                 else:
                     servers, fresh = ServerSet.start(cfg, model_dir, run_dir, run_id), True
             except ServerStartError as err:
-                print(f"error: {err}", file=sys.stderr, flush=True)
+                say(f"error: {err}")
                 return err.code
             # fresh: started now by this orchestrator, so it holds the learner's initial checkpoint
             fresh = fresh and servers.started_here
@@ -448,8 +463,10 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
         try:
             with disk_full_is_an_error("run_metadata.json", run_dir):
                 metadata.write(run_dir, cfg, resolved, launcher)
+                if resumed is not None:
+                    resume.record(run_dir, resumed)
         except CoordexpError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            say(f"error: {err}")
             code = err.code
             return code
         timeline.mark("learner_start")
@@ -472,7 +489,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
                 _say(f"the rollout server {dead[0].base_url} exited with code {dead[1]}")
             tails = servers.log_tails()
             if tails:
-                print(tails, file=sys.stderr, flush=True)
+                say(tails)
         if servers is not None:
             if pool is not None:
                 pool.release(ok=not failed)

@@ -1,8 +1,15 @@
-"""One short console line per log step (the full record goes to metrics.jsonl and TensorBoard)."""
+"""One short console line per log step, written through :func:`coordexp.telemetry.record.say` (the full
+record goes to metrics.jsonl and TensorBoard)."""
 
 from __future__ import annotations
 
+import sys
+
 from transformers.trainer_callback import ProgressCallback
+
+from coordexp.telemetry.record import say
+
+__all__ = ["CompactProgressCallback", "say", "summary_line"]
 
 _FIELDS = (  # (key, label, format)
     ("loss", "loss", "{:.3f}"),
@@ -29,4 +36,4 @@ def summary_line(step: int, max_steps: int, logs: dict) -> str:
 class CompactProgressCallback(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs:
-            self.training_bar.write(summary_line(state.global_step, state.max_steps, logs))
+            say(summary_line(state.global_step, state.max_steps, logs), file=sys.stdout)

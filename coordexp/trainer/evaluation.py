@@ -5,7 +5,6 @@ The trainer's ``rollouts`` syncs the weights first (server mode) and rolls out t
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -16,6 +15,7 @@ from coordexp.evaluation.scoring import score_rollouts
 from coordexp.models.prompts import TextPromptEncoder
 from coordexp.rollout.scoring import TokenizerAdapter, record_rollout_metrics, sample_record, score_rollout
 from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
+from coordexp.telemetry.record import say
 
 
 def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, prompts: TextPromptEncoder,
@@ -40,8 +40,8 @@ def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, prompts:
                 write_eval_artifacts(predictions, trainer.run_dir, trainer.state.global_step,
                                      tb_writer=find_tensorboard_writer(trainer))
             except Exception as err:  # noqa: BLE001 - artifacts are secondary: report, never stop training
-                print(f"warning: eval artifacts at step {trainer.state.global_step} failed: "
-                      f"{type(err).__name__}: {err}", file=sys.stderr)
+                say(f"warning: eval artifacts at step {trainer.state.global_step} failed: "
+                    f"{type(err).__name__}: {err}")
         return metrics
 
     return evaluate

@@ -13,12 +13,14 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from coordexp.config.schema import DataKind, IntervalStrategy, ModelKind, TrainConfig
 from coordexp.errors import CoordexpError
 from coordexp.models.tiny import ensure_tiny_model
+from coordexp.telemetry.record import say
 
 
 class ModelDirError(CoordexpError):
@@ -71,13 +73,13 @@ def _weights_key(stage1: TrainConfig) -> dict:
 def _train_stage1(stage1: TrainConfig, target: Path) -> None:
     from coordexp.trainer.learner import train  # the learner imports this module: resolve at call time
 
-    print(f"coordexp: building the tiny Stage-1 checkpoint ({stage1.training.max_steps} Channel-A steps) "
-          f"-> {target}", flush=True)
+    say(f"coordexp: building the tiny Stage-1 checkpoint ({stage1.training.max_steps} Channel-A steps) "
+        f"-> {target}", file=sys.stdout)
     work = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         run = dataclasses.replace(stage1, training=dataclasses.replace(
             stage1.training, output_dir=str(work / "run"), logging_dir=str(work / "run" / "tb")))
-        trainer = train(run, work / "run")
+        trainer = train(run, work / "run", summary=False)  # an internal step, not the user's run
         trainer.save_model(str(work / "model"))  # weights, tokenizer and a VLM's image processor
         try:
             os.rename(work / "model", target)

@@ -19,7 +19,6 @@ optimizer step.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -28,6 +27,7 @@ from typing import Any
 
 from coordexp.config.contract import RolloutContract
 from coordexp.rollout.protocol import ENV_INITIAL_WEIGHTS
+from coordexp.telemetry.record import say
 from coordexp.trainer.sync_transport import FileTransport, NcclTransport, SyncReport, WeightSyncError
 
 __all__ = ["SYNC_DIR_NAME", "WeightSync", "WeightSyncError"]
@@ -46,7 +46,7 @@ class WeightSync:
         transport,
         timeout_s: float,
         initial_step: int | None = None,
-        log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
+        log: Callable[[str], None] = say,  # through the progress bar's writer (tqdm.write)
     ):
         self.transport = transport
         self.timeout_s = float(timeout_s)

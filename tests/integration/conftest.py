@@ -58,3 +58,28 @@ def cpu_env_vars() -> dict:
 def group_members():
     """``group_members(pgid) -> [pid, ...]``: live processes of a process group."""
     return live_descendants
+
+
+#: A small real training run (rollout=hf; about 30 s on 2 cores with the Stage-1 model cached): 4 optimizer
+#: steps of 8 samples, evals and checkpoints at steps 2 and 4 on 8 held-out samples.
+SMALL = ["training.max_steps=4", "training.eval_steps=2", "training.save_steps=2",
+         "training.effective_batch_size=8", "training.per_device_train_batch_size=8",
+         "data.synthetic.train_samples=64", "data.synthetic.val_samples=8",
+         "rollout_matching.decode_batch_size=8", "rollout_matching.max_new_tokens=48"]
+SMALL_RUN = ["+experiment=smoke/ab_mixed", "rollout=hf", *SMALL]
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """One small run per test session, shared by every test that only reads a finished run (docs test, run
+    record, eval and plot): ``(run_dir, CompletedProcess)``."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path_factory.mktemp("small") / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", "coordexp.train", *SMALL_RUN, f"hydra.run.dir={run_dir}"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return run_dir, proc

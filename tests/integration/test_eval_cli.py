@@ -20,11 +20,6 @@ from PIL import Image
 from tests.integration.test_launcher_faults import FAKE_SERVER, HARNESS, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Small enough for 2 shared CPU cores: 4 optimizer steps of 8 samples, evals at steps 2 and 4 on 8 samples.
-SMALL = ["training.max_steps=4", "training.eval_steps=2", "training.save_steps=2",
-         "training.effective_batch_size=8", "training.per_device_train_batch_size=8",
-         "data.synthetic.train_samples=64", "data.synthetic.val_samples=8",
-         "rollout_matching.decode_batch_size=8", "rollout_matching.max_new_tokens=48"]
 
 
 def _env(**extra):
@@ -43,11 +38,9 @@ def _ok(proc):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    _ok(_run(["-m", "coordexp.train", "+experiment=smoke/ab_mixed", "rollout=hf", *SMALL,
-              f"hydra.run.dir={run_dir}"]))
-    return run_dir
+def smoke_run(small_run) -> Path:
+    """The session's small run (tests/integration/conftest.py; made once per suite)."""
+    return small_run[0]
 
 
 @pytest.mark.slow

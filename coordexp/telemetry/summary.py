@@ -1,0 +1,82 @@
+"""The end-of-run summary: where the run is, which checkpoint is best and by how much, the final eval
+numbers, and how to look at the curves. Printed at the end of a training run and written to
+``<run_dir>/summary.txt``. Pure formatting (the learner hands in the Trainer's state)."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+SUMMARY_NAME = "summary.txt"
+
+#: The eval numbers the summary shows (when the eval logged them), in this order.
+FINAL_EVAL_KEYS = ("eval_rollout/f1", "eval_rollout/precision", "eval_rollout/recall",
+                   "eval_rollout/f1_iou50", "eval_rollout/f1_iou50_95", "eval_rollout/parse_truncated_rate",
+                   "eval_rollout/forced_eos_rate")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def final_eval(log_history: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, Any] | None:
+    """The last eval record of a Trainer's ``log_history`` (the one carrying ``metric``)."""
+    evals = [r for r in log_history if metric in r or "eval_rollout/f1" in r]
+    return evals[-1] if evals else None
+
+
+def run_summary(*, run_dir: Path, logging_dir: str | None, global_step: int, max_steps: int,
+                log_history: Sequence[Mapping[str, Any]], metric: str, best_checkpoint: str | None,
+                best_metric: float | None, last_checkpoint: str | None, resumed_from: str | None = None,
+                trackers: Sequence[str] = ("tensorboard",), console_record: Path | None = None,
+                stopped_by: str | None = None, experiment: str = "<leaf>") -> str:
+    """The summary text (one screen)."""
+    run_dir = Path(run_dir)
+    width = 17
+    lines = ["coordexp run summary"]
+
+    def row(label: str, text: str) -> None:
+        lines.append(f"  {label + ':':<{width}} {text}")
+
+    row("run dir", str(run_dir))
+    steps = f"{global_step}/{max_steps}"
+    if stopped_by:
+        steps += f" (stopped by {stopped_by}; resume with training.resume_from_checkpoint=latest)"
+    if resumed_from:
+        steps += f" (resumed from {resumed_from})"
+    row("steps", steps)
+    if best_checkpoint:
+        shown = f" ({metric} {_fmt(best_metric)})" if best_metric is not None else ""
+        row("best checkpoint", f"{best_checkpoint}{shown}")
+    else:
+        row("best checkpoint", "none (no eval picked one: training.eval_strategy / save_strategy)")
+    row("last checkpoint", last_checkpoint or "none (training.save_strategy: no)")
+    record = final_eval(log_history, metric)
+    if record is None:
+        row("final eval", "none (training.eval_strategy: no, or no held-out split)")
+    else:
+        numbers = " | ".join(f"{k.split('/', 1)[1]} {_fmt(record[k])}"
+                             for k in FINAL_EVAL_KEYS if k in record)
+        row(f"final eval @{record.get('step', '?')}", numbers)
+    row("metrics", str(run_dir / "metrics.jsonl"))
+    if console_record is not None and Path(console_record).is_file():
+        row("console record", str(console_record))
+    if "tensorboard" in trackers and logging_dir:
+        row("TensorBoard", f"tensorboard --logdir {shlex.quote(str(logging_dir))}")
+    if "wandb" in trackers:
+        row("wandb", f"wandb sync {shlex.quote(str(run_dir / 'wandb'))} (offline run; needs a login)")
+    if "mlflow" in trackers:
+        row("mlflow", f"mlflow ui --backend-store-uri {shlex.quote((run_dir / 'mlruns').resolve().as_uri())}")
+    row("plot", f"python -m coordexp.plot {shlex.quote(str(run_dir))}")
+    if best_checkpoint:
+        row("evaluate", f"python -m coordexp.eval +experiment={experiment} model.kind=local "
+                        f"model.path={shlex.quote(str(best_checkpoint))}")
+    return "\n".join(lines)
+
+
+def write_summary(text: str, run_dir: Path) -> Path:
+    path = Path(run_dir) / SUMMARY_NAME
+    path.write_text(text + "\n", encoding="utf-8")
+    return path

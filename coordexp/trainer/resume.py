@@ -1,0 +1,136 @@
+"""Which checkpoint a run resumes from (``training.resume_from_checkpoint``), and what a resume records.
+
+- ``latest`` stays inside the run's **lineage**: the run's own dir, and every run dir whose
+  ``.hydra/overrides.yaml`` equals this run's overrides without the resume key (the same job started
+  earlier: the first attempt of a preempted single run, or the same sweep job of an earlier sweep). Run
+  dirs are looked for next to the run's dir and, for a sweep job (``<sweep dir>/<job num>``), in the
+  sibling sweep dirs; a job with other overrides (another ``b_ratio``) is never picked.
+- a checkpoint dir resumes from it; a run dir from its newest checkpoint.
+- a checkpoint at or past ``training.max_steps`` trains nothing: the run ends with exit 0 and says the run
+  is already complete (:attr:`Resume.complete`).
+
+Light on purpose (stdlib + yaml): the orchestrator resolves the checkpoint before it starts a server.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from coordexp.errors import LearnerError
+
+RESUME_KEY = "training.resume_from_checkpoint"
+LATEST = "latest"
+#: Where a run records the checkpoint it resumed from (a top-level key of run_metadata.json).
+METADATA_KEY = "resumed_from"
+
+
+@dataclass(frozen=True)
+class Resume:
+    checkpoint: Path
+    global_step: int
+    max_steps: int
+    #: the lineage dirs ``latest`` searched (empty for an explicit path)
+    searched: tuple[Path, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return self.global_step >= self.max_steps
+
+    def describe(self) -> str:
+        if self.complete:
+            return (f"already complete: {self.checkpoint} is at step {self.global_step}, training.max_steps "
+                    f"is {self.max_steps}; nothing to train (raise training.max_steps to train on)")
+        return f"resuming from {self.checkpoint} (step {self.global_step} of {self.max_steps})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), "global_step": self.global_step,
+                "max_steps": self.max_steps, "complete": self.complete}
+
+
+def _overrides(run_dir: Path) -> list[str] | None:
+    """The run's Hydra task overrides without the resume key (None when it has no .hydra record)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(items, list):
+        return None
+    return sorted(str(o) for o in items if str(o).lstrip("+~").split("=", 1)[0] != RESUME_KEY)
+
+
+def lineage(run_dir: Path) -> list[Path]:
+    """The run's own dir, then every run dir with the same overrides (without the resume key)."""
+    run_dir = Path(run_dir).resolve()
+    mine = _overrides(run_dir)
+    out = [run_dir]
+    if mine is None:
+        return out
+    parent = run_dir.parent
+    candidates = [p for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+    if (parent / "multirun.yaml").is_file() or run_dir.name.isdigit():  # a sweep job: <sweep dir>/<num>
+        candidates += [job for sweep in parent.parent.iterdir() if sweep.is_dir() and sweep != parent
+                       for job in sweep.iterdir() if job.is_dir()]
+    out += sorted(c.resolve() for c in candidates if c.resolve() != run_dir and _overrides(c) == mine)
+    return out
+
+
+def _step(checkpoint: Path) -> int:
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LearnerError(f"{checkpoint}: trainer_state.json is unreadable; pick another checkpoint with "
+                           f"{RESUME_KEY}=<checkpoint dir>") from None
+
+
+def _newest(dirs: list[Path]) -> Path | None:
+    found = [c for d in dirs for c in Path(d).glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    return max(found, key=lambda c: (_step(c), c.stat().st_mtime)) if found else None
+
+
+def resolve(spec: str | None, run_dir: Path, max_steps: int) -> Resume | None:
+    """The checkpoint ``training.resume_from_checkpoint`` names (None: a fresh run); LearnerError when there
+    is none."""
+    if not spec:
+        return None
+    if spec == LATEST:
+        dirs = lineage(Path(run_dir))
+        picked = _newest(dirs)
+        if picked is None:
+            shown = "\n".join(f"  {d}" for d in dirs[:10])
+            raise LearnerError(f"{RESUME_KEY}=latest: no checkpoint-* in this run's lineage (its own dir and "
+                               f"the run dirs with the same overrides):\n{shown}\nStart without the key, or "
+                               f"pass {RESUME_KEY}=<checkpoint dir or run dir>")
+        return Resume(picked.resolve(), _step(picked), max_steps, tuple(dirs))
+    path = Path(spec)
+    picked = path if (path / "trainer_state.json").is_file() else (_newest([path]) if path.is_dir() else None)
+    if picked is None:
+        raise LearnerError(f"{RESUME_KEY}='{spec}' is neither a checkpoint dir nor a run dir with "
+                           f"checkpoint-* inside")
+    return Resume(picked.resolve(), _step(picked), max_steps)
+
+
+def record(run_dir: Path, resume: Resume) -> None:
+    """Add ``resumed_from`` to the run's run_metadata.json (read, update, write: other keys stay)."""
+    path = Path(run_dir) / "run_metadata.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[METADATA_KEY] = resume.to_dict()
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def tied_keys_loaded(model: Any, missing: list[str]) -> list[str]:
+    """The keys of ``missing`` whose parameter is the very tensor of a parameter the checkpoint did load
+    (tied embeddings: safetensors stores ``lm_head.weight`` once, as ``model.embed_tokens.weight``), so
+    nothing is missing there. Exact: compares the tensors' storage, not names."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for k, p in params.items() if k not in missing}
+    ptrs = {p.data_ptr() for k, p in params.items() if k not in missing}
+    return [k for k in missing if k in params and (id(params[k]) in loaded or params[k].data_ptr() in ptrs)]

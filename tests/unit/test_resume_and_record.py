@@ -1,0 +1,186 @@
+"""Resume lineage (issue 17, item 4), the console record and writer, the end-of-run summary and the metric
+registry (item 3), on real files. The real-run proofs are tests/integration/test_run_record.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tqdm import tqdm
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from coordexp.config.metric_names import DOCUMENTED, documented_names, is_registered
+from coordexp.config.schema import ReportTo
+from coordexp.config.trackers import tracker_environment, tracker_problems
+from coordexp.errors import LearnerError
+from coordexp.rollout.protocol import ENV_CONSOLE_LOG
+from coordexp.telemetry.record import say
+from coordexp.telemetry.summary import run_summary
+from coordexp.trainer import resume
+from tests.conftest import REPO_ROOT
+
+
+def make_run(root: Path, name: str, overrides: list[str], steps: tuple[int, ...] = ()) -> Path:
+    """A run dir as Hydra and the Trainer leave it: .hydra/overrides.yaml, checkpoint-<N>/trainer_state."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    for step in steps:
+        (run / f"checkpoint-{step}").mkdir()
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return run
+
+
+LEAF = "+experiment=smoke/ab_mixed"
+LATEST = "training.resume_from_checkpoint=latest"
+
+
+def test_latest_stays_in_the_runs_lineage(tmp_path):
+    """A preempted sweep job requeued: its own earlier attempt is picked, never the job with another
+    b_ratio that has a newer, later checkpoint."""
+    old = tmp_path / "sweep_old"
+    mine_before = make_run(old, "0", [LEAF, "stage2_ab.schedule.b_ratio=0.25"], steps=(2, 4))
+    make_run(old, "1", [LEAF, "stage2_ab.schedule.b_ratio=0.5"], steps=(2, 4, 6))
+    (old / "multirun.yaml").write_text("{}")
+    new = tmp_path / "sweep_new"
+    me = make_run(new, "0", [LEAF, "stage2_ab.schedule.b_ratio=0.25", LATEST])
+    make_run(new, "1", [LEAF, "stage2_ab.schedule.b_ratio=0.5", LATEST], steps=(8,))
+    picked = resume.resolve("latest", me, max_steps=10)
+    assert picked.checkpoint == (mine_before / "checkpoint-4").resolve()
+    assert (picked.global_step, picked.complete) == (4, False)
+    assert picked.searched == (me.resolve(), mine_before.resolve())
+    assert picked.describe() == f"resuming from {mine_before.resolve()}/checkpoint-4 (step 4 of 10)"
+
+
+def test_latest_of_a_single_run_prefers_its_own_dir_and_same_overrides(tmp_path):
+    first = make_run(tmp_path, "2026-01-01_00-00-00", [LEAF], steps=(100,))
+    make_run(tmp_path, "2026-01-02_00-00-00", [LEAF, "training.learning_rate=1"], steps=(150,))
+    me = make_run(tmp_path, "2026-01-03_00-00-00", [LEAF, LATEST])
+    assert resume.resolve("latest", me, 150).checkpoint == (first / "checkpoint-100").resolve()
+    (me / "checkpoint-120").mkdir()  # its own dir counts too (a restart in place)
+    (me / "checkpoint-120" / "trainer_state.json").write_text(json.dumps({"global_step": 120}))
+    assert resume.resolve("latest", me, 150).checkpoint == (me / "checkpoint-120").resolve()
+
+
+def test_no_checkpoint_in_the_lineage_is_a_clear_error(tmp_path):
+    make_run(tmp_path, "other", [LEAF, "stage2_ab.schedule.b_ratio=0.5"], steps=(4,))
+    me = make_run(tmp_path, "me", [LEAF, LATEST])
+    with pytest.raises(LearnerError, match=r"no checkpoint-\* in this run's lineage .*\n  .*/me\nStart"):
+        resume.resolve("latest", me, 4)
+
+
+def test_a_checkpoint_at_max_steps_is_complete(tmp_path):
+    run = make_run(tmp_path, "r", [LEAF], steps=(4,))
+    done = resume.resolve(str(run), run, max_steps=4)
+    assert done.complete
+    assert done.describe().startswith(f"already complete: {run.resolve()}/checkpoint-4 is at step 4, "
+                                      f"training.max_steps is 4; nothing to train")
+    assert resume.resolve(str(run / "checkpoint-4"), run, max_steps=5).complete is False
+    resume.record(run, done)
+    assert json.loads((run / "run_metadata.json").read_text())["resumed_from"] == {
+        "checkpoint": str((run / "checkpoint-4").resolve()), "global_step": 4, "max_steps": 4,
+        "complete": True}
+
+
+def test_tied_lm_head_is_not_reported_missing():
+    def model(tie: bool):
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                            tie_word_embeddings=tie))
+
+    tied = model(True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert resume.tied_keys_loaded(tied, ["lm_head.weight"]) == ["lm_head.weight"]
+    # the tied tensor itself missing, or an untied head: really missing
+    assert resume.tied_keys_loaded(tied, ["lm_head.weight", "model.embed_tokens.weight"]) == []
+    assert resume.tied_keys_loaded(model(False), ["lm_head.weight"]) == []
+    state = {k: v for k, v in tied.state_dict().items() if k != "lm_head.weight"}
+    result = tied.load_state_dict(state, strict=False)  # what the Trainer does on resume
+    assert result.missing_keys == ["lm_head.weight"] and torch.equal(tied.lm_head.weight, state[
+        "model.embed_tokens.weight"])
+
+
+def test_say_goes_through_the_bar_and_into_the_record(tmp_path, monkeypatch):
+    record = tmp_path / "train.log"
+    monkeypatch.setenv(ENV_CONSOLE_LOG, str(record))
+    out = io.StringIO()
+    with tqdm(total=3, file=out, ascii=True, ncols=40) as bar:
+        bar.update(1)
+        say("[coordexp weight sync] step 1: pushed", file=out)
+        bar.update(1)
+    text = out.getvalue()
+    # the line stands alone: the bar was cleared before it and redrawn after it
+    assert any(f"{sep}[coordexp weight sync] step 1: pushed\n" in text for sep in ("\r", "\n"))
+    assert text.index("pushed\n") < text.rindex("2/3")
+    assert record.read_text() == "[coordexp weight sync] step 1: pushed\n"  # no bar in the record
+    monkeypatch.delenv(ENV_CONSOLE_LOG)
+    say("not recorded", file=io.StringIO())
+    assert record.read_text() == "[coordexp weight sync] step 1: pushed\n"
+
+
+def test_summary_names_the_run_the_best_checkpoint_and_the_final_eval(tmp_path):
+    history = [{"loss": 1.0, "step": 2}, {"eval_rollout/f1": 0.25, "eval_rollout/precision": 0.5, "step": 2},
+               {"eval_rollout/f1": 0.5, "eval_rollout/precision": 0.75, "eval_rollout/recall": 0.375,
+                "step": 4}]
+    best = str(tmp_path / "checkpoint-4")
+    text = run_summary(run_dir=tmp_path, logging_dir=str(tmp_path / "tb"), global_step=4, max_steps=4,
+                       log_history=history, metric="eval_rollout/f1", best_checkpoint=best, best_metric=0.5,
+                       last_checkpoint=best, resumed_from=str(tmp_path / "checkpoint-2"))
+    assert text.splitlines() == [
+        "coordexp run summary",
+        f"  run dir:          {tmp_path}",
+        f"  steps:            4/4 (resumed from {tmp_path}/checkpoint-2)",
+        f"  best checkpoint:  {tmp_path}/checkpoint-4 (eval_rollout/f1 0.5000)",
+        f"  last checkpoint:  {tmp_path}/checkpoint-4",
+        "  final eval @4:    f1 0.5000 | precision 0.7500 | recall 0.3750",
+        f"  metrics:          {tmp_path}/metrics.jsonl",
+        f"  TensorBoard:      tensorboard --logdir {tmp_path}/tb",
+        f"  plot:             python -m coordexp.plot {tmp_path}",
+        f"  evaluate:         python -m coordexp.eval +experiment=<leaf> model.kind=local "
+        f"model.path={tmp_path}/checkpoint-4",
+    ]
+
+
+def test_the_metric_registry_is_the_docs():
+    documented = documented_names((REPO_ROOT / "docs" / "metrics.md").read_text())
+    assert documented == set(DOCUMENTED)
+    for name in ("rollout/f1", "eval_rollout/f1", "train/samples", "rollout/parse_dropped/bad_bbox",
+                 "eval_rollout/parse_dropped/truncated", "train_runtime"):
+        assert is_registered(name), name
+    for name in ("train/rollout/f1", "eval/rollout/f1", "train/train/samples", "rollout/parse_dropped/"):
+        assert not is_registered(name), name
+
+
+def test_report_to_trackers(tmp_path, monkeypatch):
+    assert tracker_problems([ReportTo.tensorboard]) == []
+    installed = {t for t in ("wandb", "mlflow") if importlib.util.find_spec(t)}
+    problems = tracker_problems([ReportTo.tensorboard, ReportTo.wandb, ReportTo.mlflow, ReportTo.wandb])
+    expected = {f"training.report_to[{i}]: '{t}' is not installed in this environment: pip install {t}, or "
+                f"drop it from training.report_to (tensorboard needs nothing)"
+                for i, t in ((1, "wandb"), (2, "mlflow"), (3, "wandb")) if t not in installed}
+    assert set(problems) == expected | {"training.report_to[3]: 'wandb' is listed twice"}
+    env = tracker_environment([ReportTo.wandb, ReportTo.mlflow], tmp_path, environ={})
+    assert env == {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+                   "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").resolve().as_uri()}
+    assert tracker_environment([ReportTo.wandb], tmp_path, environ={"WANDB_MODE": "online"}) == {
+        "WANDB_DIR": str(tmp_path)}
+    assert tracker_environment([ReportTo.tensorboard], tmp_path, environ={}) == {}
+
+
+def test_report_to_a_missing_tracker_is_a_config_error_naming_the_install():
+    import subprocess
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    out = subprocess.run([sys.executable, "-m", "coordexp.train", "+experiment=smoke/a_only", "rollout=hf",
+                          "training.report_to=[tensorboard,wandb]", "--cfg", "job"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert ("  - training.report_to[1]: 'wandb' is not installed in this environment: pip install wandb, or "
+            "drop it from training.report_to (tensorboard needs nothing)\n") in out.stderr
