@@ -53,8 +53,9 @@ def _tokenizer(cache: Path):
 
 
 def _safe_tokens(tok, core, n, rng):
-    """Random ids that never complete a rule: no pattern tokens, no long runs, no tail repeats."""
-    banned = {t for p in core.patterns for t in p} | set(core.stop_ids)
+    """Random ids that never complete a rule: no token holding a `{` (no record start), no long runs, no
+    tail repeats."""
+    banned = {t for t in range(len(tok)) if "{" in core.matcher.piece(t)} | set(core.stop_ids)
     pool = [t for t in range(10, len(tok)) if t not in banned]
     return [rng.choice(pool) for _ in range(n)]
 
@@ -273,7 +274,7 @@ def main(argv=None):
     model_dir, tok = _tokenizer(Path(args.cache))
     core = ProcessorCore(tokenizer=tok)
     print(
-        f"config: {BENCH_CFG}; object-opening patterns: {len(core.patterns)}; "
+        f"config: {BENCH_CFG}; stop ids: {core.stop_ids}; "
         f"python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
     )
 
