@@ -77,8 +77,29 @@ def _setup(path, samples, n_softctx_iter):
     return model, adapter, prompts, ab, seqs
 
 
-def _compare(path, samples, n_softctx_iter, capacity_of):
+def _channel_b_seqs(model, adapter, prompts, ab, samples):
+    """Channel-B segments from the model's own greedy rollouts (HF backend)."""
+    from coordexp.config.contract import rollout_contract
+    from coordexp.rollout.batch import generate_rollouts
+    from coordexp.rollout.hf_backend import HFRolloutBackend
+    from coordexp.trainer.channels import channel_b_sequence
+
+    contract = rollout_contract(to_train_config(compose(["+experiment=smoke/b_only", "rollout=hf",
+                                                         "rollout_matching.max_new_tokens=40"])))
+    encoded = [prompts.encode(s) for s in samples]
+    backend = HFRolloutBackend(lambda: model, adapter.tokenizer, contract, prompts.image_token_id)
+    batch = generate_rollouts(backend, samples, encoded, seed=0)
+    model.train()
+    seqs = [channel_b_sequence(s, p, r, adapter, contract, ab)[0]
+            for s, p, r in zip(samples, encoded, batch.rollouts)]
+    return [q for q in seqs if q is not None]
+
+
+def _compare(path, samples, n_softctx_iter, capacity_of, channel="A"):
     model, adapter, prompts, ab, seqs = _setup(path, samples, n_softctx_iter)
+    if channel == "B":
+        seqs = _channel_b_seqs(model, adapter, prompts, ab, samples)
+        assert len(seqs) == len(samples)  # every rollout gave a target (appended GT at least)
     trainer = _fake_trainer(ab, adapter, prompts.image_token_id, model)
     soft = n_softctx_iter > 1
     # reference: every segment forward on its own, mean of the per-sample totals
@@ -121,6 +142,10 @@ def vl(tmp_path_factory):
 @pytest.mark.parametrize("n_softctx_iter", [1, 2])
 def test_packed_step_equals_per_segment_forwards_text(tiny_model_dir, text_samples, n_softctx_iter):
     _compare(tiny_model_dir, text_samples, n_softctx_iter, lambda lengths: max(lengths) * 2)
+
+
+def test_packed_channel_b_step_equals_per_segment_forwards(tiny_model_dir, text_samples):
+    _compare(tiny_model_dir, text_samples, 1, lambda lengths: max(lengths) * 2, channel="B")
 
 
 @pytest.mark.parametrize("n_softctx_iter", [1, 2])
