@@ -118,3 +118,20 @@ def test_resume_names_its_checkpoint_and_loads_tied_weights_quietly(small_run, t
     original = {r["step"]: r["loss/total"] for r in records(run_dir) if "loss/total" in r}
     resumed = {r["step"]: r["loss/total"] for r in records(out) if "loss/total" in r}
     assert resumed == pytest.approx({3: original[3], 4: original[4]})
+
+
+@pytest.mark.slow
+def test_latest_finds_the_run_of_the_same_command(small_run):
+    """`latest` from a new run dir next to the small run, same overrides (Hydra's own .hydra/overrides.yaml):
+    the lineage is the small run, whose last checkpoint is complete; a run with other overrides next to it
+    finds nothing."""
+    run_dir, _ = small_run
+    proc = train("training.resume_from_checkpoint=latest", f"hydra.run.dir={run_dir.parent / 'requeued'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"[coordexp launch] already complete: {run_dir}/checkpoint-4 is at step 4" in proc.stderr
+    other = train("training.resume_from_checkpoint=latest", "stage2_ab.schedule.b_ratio=0.5",
+                  f"hydra.run.dir={run_dir.parent / 'other'}")
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert ("error: training.resume_from_checkpoint=latest: no checkpoint-* in this run's lineage"
+            in other.stderr)
+    assert str(run_dir) not in other.stderr

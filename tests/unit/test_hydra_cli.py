@@ -156,3 +156,6 @@ def test_chdir_true_moves_no_path(tmp_path):
     assert out.returncode == 2
     assert f"model.path '{tmp_path}/my_ckpt' is not a checkpoint directory" in out.stderr
     assert f"  path: {tmp_path}/my_ckpt\n" in (run_dir / "resolved_config.yaml").read_text()
+    # the console record holds the error line the console showed
+    assert f"error: model.path '{tmp_path}/my_ckpt' is not a checkpoint directory" in (
+        run_dir / "train.log").read_text()
