@@ -44,6 +44,7 @@ from coordexp.rollout.batch import (
 )
 from coordexp.rollout.probe import ProbeError, run_probe
 from coordexp.rollout.server_client import (
+    DEFAULT_STOP,
     DecodeParams,
     InferRequest,
     RolloutClient,
@@ -81,9 +82,12 @@ def _relative(path: str, root: Path) -> str:
 
 class ServerRolloutBackend:
     def __init__(self, contract: RolloutContract, stop_ids: Sequence[int], *,
-                 client: RolloutClient | None = None, checkpoint_dir: str | None = None):
-        """``stop_ids``: the checkpoint's stop-token set (``scoring.stop_ids_of``); ``checkpoint_dir``: the
-        served checkpoint, to log which of its generation_config decoding defaults the requests override."""
+                 client: RolloutClient | None = None, checkpoint_dir: str | None = None,
+                 stop_words: Sequence[str] | None = None):
+        """``stop_ids``: the checkpoint's stop-token set (``scoring.stop_ids_of``); ``stop_words``: the same
+        tokens as text, sent as the request's ``stop`` (ms-swift turns a one-token stop word into a stop id);
+        ``checkpoint_dir``: the served checkpoint, to log which of its generation_config decoding defaults the
+        requests override."""
         if contract.backend != "vllm" or not contract.server_base_urls:
             raise ServerBackendError(
                 "ServerRolloutBackend needs rollout_matching.rollout_backend=vllm and vllm.server.base_urls"
@@ -91,6 +95,7 @@ class ServerRolloutBackend:
         self.contract = contract
         self.stop_ids = [int(i) for i in stop_ids]
         self.checkpoint_dir = checkpoint_dir
+        self.stop_words = tuple(stop_words) if stop_words else DEFAULT_STOP
         self.client = client or RolloutClient(
             list(contract.server_base_urls),
             decode_batch_size=contract.decode_batch_size,
@@ -130,14 +135,14 @@ class ServerRolloutBackend:
     def decode_params(self, seed: int | None) -> DecodeParams:
         """Every sampling field of the request, from ``rollout_matching.*`` alone: ms-swift fills a field a
         request leaves unset from the checkpoint's generation_config (and vLLM would, too), so none is left
-        unset. The server stops at the checkpoint's whole stop-token set by itself (vLLM adds the
-        generation_config's EOS list to every request)."""
+        unset. The request's stop words are the stop-token set (vLLM also adds the generation_config's EOS
+        list to every request)."""
         s = decoding_settings(self.contract)
         if self.checkpoint_dir:
             log_ignored_checkpoint_defaults("server", read_generation_config(self.checkpoint_dir), s)
         return DecodeParams(max_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
                             top_k=s["top_k"] if s["top_k"] > 0 else -1, min_p=s["min_p"],
-                            repetition_penalty=s["repetition_penalty"], seed=seed)
+                            repetition_penalty=s["repetition_penalty"], seed=seed, stop=self.stop_words)
 
     def generate(
         self, prompt_ids: Sequence[list[int]], messages: Sequence[list[dict[str, Any]]], seed: int,

@@ -133,7 +133,9 @@ def build_rollout_backend(contract, model, tokenizer, image_token_id=None):
     wraps it without copying), or the rollout server(s)."""
     if contract.backend == "hf":
         return HFRolloutBackend(lambda: model, tokenizer, contract, image_token_id)
-    return ServerRolloutBackend(contract, stop_ids=stop_ids_of(tokenizer),
+    stop_ids = stop_ids_of(tokenizer)  # the checkpoint's stop-token set, also as the request's stop words
+    words = [tokenizer.decode([i], skip_special_tokens=False) for i in stop_ids]
+    return ServerRolloutBackend(contract, stop_ids=stop_ids, stop_words=words,
                                 checkpoint_dir=getattr(tokenizer, "name_or_path", None))
 
 

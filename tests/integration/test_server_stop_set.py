@@ -28,7 +28,7 @@ from coordexp.models.prompts import TextPromptEncoder
 from coordexp.rollout.hf_backend import HFRolloutBackend
 from coordexp.rollout.repeat_rules import forced_eos_flag
 from coordexp.rollout.scoring import stop_ids_of
-from coordexp.rollout.server_backend import ServerRolloutBackend
+from coordexp.trainer.learner import build_rollout_backend
 from tests.conftest import free_port
 from tests.integration.test_swift_rollout_server import SERVER_DEFAULTS, make_cfg
 
@@ -97,7 +97,8 @@ def test_server_and_hf_share_the_stop_set_and_ignore_checkpoint_defaults(server,
     prompts = [TextPromptEncoder(tok).encode(s).ids for s in samples]
     messages = [s.messages for s in samples]
     hf = HFRolloutBackend(lambda: model, tok, hf_contract).generate(prompts, messages, 0).rollouts
-    remote = ServerRolloutBackend(server_contract, stop_ids=stop_ids_of(tok), checkpoint_dir=str(folder))
+    remote = build_rollout_backend(server_contract, model, tok)  # what the learner and coordexp.eval build
+    assert (remote.stop_ids, remote.stop_words) == (list(stops), ("<|im_end|>", "<|im_start|>"))
     served = remote.generate(prompts, messages, 0).rollouts
     # greedy from rollout_matching.* on both: the checkpoint's do_sample/top_k/min_p/... changed nothing
     assert [r.token_ids for r in served] == [r.token_ids for r in hf]

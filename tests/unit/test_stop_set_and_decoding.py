@@ -182,12 +182,14 @@ def test_server_requests_carry_every_sampling_field(tiny_dir, tmp_path, cfg, cap
     contract = dataclasses.replace(rollout_contract(cfg), backend="vllm", server_base_urls=("http://x:1",),
                                    temperature=0.0, top_k=-1)
     leaky = _copy(tiny_dir, tmp_path, "leaky", do_sample=True, temperature=0.7, top_k=3, min_p=0.2)
-    backend = ServerRolloutBackend(contract, stop_ids=(1, 2), checkpoint_dir=str(leaky))
+    backend = ServerRolloutBackend(contract, stop_ids=(2, 1), checkpoint_dir=str(leaky),
+                                   stop_words=("<|im_end|>", "<|im_start|>"))
     rollout_batch._logged.discard("server")
     with caplog.at_level(logging.WARNING, logger="coordexp.rollout"):
         params = backend.decode_params(seed=5)
     assert "min_p=0.2" in caplog.text and "top_k=3" in caplog.text
     sent = build_infer_payload([], params, 5)["request_config"]
+    assert sent["stop"] == ["<|im_end|>", "<|im_start|>"]  # the stop-token set, as ms-swift stop words
     unset_by_default = {f.name for f in dataclasses.fields(RequestConfig) if f.default is None}
     not_decoding = {"best_of", "top_logprobs", "prompt_logprobs", "structured_outputs_regex"}
     assert unset_by_default - not_decoding <= {k for k, v in sent.items() if v is not None}
