@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from coordexp.config.load import check_before_start, to_train_config
 from coordexp.config.schema import TrainConfig
 from coordexp.config.store import register_configs
-from coordexp.errors import exit_on_error
+from coordexp.errors import ConfigError, exit_on_error
 from coordexp.rollout.protocol import ENV_CONSOLE_LOG
 
 
@@ -32,7 +32,7 @@ def hydra_args(args: list[str]) -> argparse.Namespace | None:
     from hydra._internal.utils import get_args_parser
 
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             return get_args_parser().parse_intermixed_args(args)
     except SystemExit:
         return None
@@ -74,6 +74,13 @@ def prepare_argv(extra: dict[str, str] | None = None) -> argparse.Namespace | No
     ns = hydra_args(sys.argv[1:])
     if ns is None:
         return None  # Hydra reports its own usage error
+    modes = [flag for flag, on in (("--run", ns.run), ("--multirun", ns.multirun), ("--cfg", ns.cfg),
+                                   ("--info", ns.info), ("--shell-completion", ns.shell_completion)) if on]
+    if len(modes) > 1:  # Hydra raises a bare ValueError for this
+        with exit_on_error():
+            raise ConfigError([f"{' and '.join(modes)} cannot be combined: Hydra runs one of --run, "
+                               f"--multirun, --cfg, --info and --shell-completion; drop all but one"],
+                              title="Invalid command line")
     flags, overrides = _flags_and_overrides(sys.argv[1:], ns)
     if ns.cfg in ("job", "all") and not ns.resolve:
         flags.append("--resolve")  # `--cfg job` prints the resolved config, ready to diff

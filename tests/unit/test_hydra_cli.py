@@ -53,6 +53,16 @@ def test_info_flags_with_a_value_pass_through(module, flags, needle):
     assert needle in out.stdout and "Traceback" not in out.stderr
 
 
+def test_version_prints_once_and_two_modes_are_one_clear_error():
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.count("Hydra ") == 1
+    out = run("+experiment=smoke/a_only", "-m", "training.max_steps=1,2", "--cfg", "job")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == ("error: Invalid command line (1 problem):\n  - --multirun and --cfg cannot be "
+                          "combined: Hydra runs one of --run, --multirun, --cfg, --info and "
+                          "--shell-completion; drop all but one\nConfig reference: docs/config.md\n")
+
+
 def test_shell_completion_install_and_query():
     out = run("--shell-completion", "install=bash")
     assert out.returncode == 0, out.stderr
