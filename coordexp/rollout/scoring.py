@@ -66,6 +66,7 @@ class TokenizerAdapter:
         self._encode = ((lambda text: backend.encode(text, add_special_tokens=False).ids)
                         if backend is not None
                         else (lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])))
+        self._spelled = lru_cache(maxsize=1 << 16)(lambda text: spelled(text, self.encode, self.decode_token))
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
@@ -79,8 +80,8 @@ class TokenizerAdapter:
         return frame_pieces(self.pieces(ids))
 
     def spelled(self, text: str) -> str:
-        """``text`` as this tokenizer writes it (encode, then decode; e.g. NFC)."""
-        return spelled(text, self.encode, self.decode_token)
+        """``text`` as this tokenizer writes it (encode, then decode; e.g. NFC); cached (GT descs repeat)."""
+        return self._spelled(text)
 
 
 @dataclass
