@@ -97,11 +97,14 @@ def _reap() -> dict[int, int]:
         done[pid] = status
 
 
-def _stop_tree(grace_s: float, statuses: dict[int, int]) -> None:
+def _stop_tree(grace_s: float, statuses: dict[int, int], parent: int | None = None) -> None:
+    """TERM the tree, wait ``grace_s`` (``ORPHAN_GRACE_S`` as soon as ``parent`` is gone: the death signal
+    also comes when only the thread that started us ended, before the whole parent process is gone), KILL."""
     me = os.getpid()
     _signal_all(descendants(me), signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    while time.monotonic() - start < (ORPHAN_GRACE_S if parent is not None and os.getppid() != parent
+                                      else grace_s):
         statuses.update(_reap())
         if not descendants(me):
             return
@@ -152,7 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         if os.getppid() != parent:
             stop.append(signal.SIGTERM)
         time.sleep(_POLL_S)
-    _stop_tree(min(ns.grace, ORPHAN_GRACE_S) if os.getppid() != parent else ns.grace, statuses)
+    why = ("the parent is gone" if os.getppid() != parent else f"signal {stop[0]}" if stop
+           else f"the command exited ({statuses.get(child.pid)})")
+    print(f"[coordexp supervise pid={os.getpid()}] {why}: stopping {len(descendants(os.getpid()))} "
+          f"process(es) below (TERM, up to {ns.grace:g} s or {ORPHAN_GRACE_S:g} s once the parent is gone, "
+          f"KILL)", file=sys.stderr, flush=True)
+    _stop_tree(ns.grace, statuses, parent)
     statuses.update(_reap())
     child.returncode = 0  # reaped here, not by Popen: keep Popen from waiting on it at exit
     _exit_like(statuses.get(child.pid), 128 + (stop[0] if stop else signal.SIGTERM))
