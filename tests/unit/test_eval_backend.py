@@ -19,13 +19,14 @@ from coordexp.trainer.sync_transport import FileTransport
 from coordexp.trainer.weight_sync import WeightSync
 
 
-def test_server_backend_of_the_eval_pushes_no_weights(tmp_path):
+def test_server_backend_of_the_eval_pushes_no_weights(tmp_path, tiny_tokenizer):
     cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", f"hydra.run.dir={tmp_path}"]))
     contract = rollout_contract(cfg)
     assert (contract.backend, contract.sync_mode) == ("vllm", "full")  # a learner would sync
-    backend = build_backend(cfg, contract, None, SimpleNamespace(eos_token_id=2),
-                            SimpleNamespace(image_token_id=None), tmp_path)
-    assert isinstance(backend, ServerRolloutBackend) and backend.stop_ids == [2]
+    backend = build_backend(cfg, contract, None, tiny_tokenizer, SimpleNamespace(image_token_id=None),
+                            tmp_path)
+    assert isinstance(backend, ServerRolloutBackend) and backend.stop_ids == [2]  # the checkpoint's stop set
+    assert backend.stop_words == ("<|im_end|>",)
     assert not hasattr(backend, "weight_sync")  # only the learner's trainer syncs; the eval has none
     sync = WeightSync.from_contract(contract, tmp_path, model_dir=str(tmp_path))
     assert isinstance(sync.transport, FileTransport)  # what a learner would sync with
