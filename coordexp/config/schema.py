@@ -21,6 +21,12 @@ from coordexp.coordjson.serialize import FieldOrder
 from coordexp.rollout.repeat_rules import RepeatTerminateConfig
 
 
+def enum_value(value: Any) -> Any:
+    """The plain value of a config enum (``RolloutBackend.vllm`` -> ``"vllm"``); other values as they are
+    (configs built by hand in tools and tests may carry plain strings)."""
+    return value.value if isinstance(value, Enum) else value
+
+
 def doc(text: str, default: Any = MISSING, **kwargs: Any) -> Any:
     """A dataclass field with a help text (the config reference is generated from it)."""
     if "default_factory" in kwargs:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from coordexp.coordjson import bin_to_token
+from coordexp.coordjson import FieldOrder, bin_to_token
 
 __all__ = [
     "FIELD_ORDERS",
@@ -54,7 +54,7 @@ class PromptSpec:
     scene: str = "auto"
 
     def __post_init__(self) -> None:
-        order = getattr(self.object_field_order, "value", self.object_field_order)  # accept str Enums
+        order = FieldOrder(self.object_field_order).value  # a FieldOrder or its plain value
         object.__setattr__(self, "object_field_order", order)
         if order not in FIELD_ORDERS:
             raise ValueError(f"object_field_order must be one of {FIELD_ORDERS}, got {order!r}")

@@ -51,7 +51,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from coordexp.config.schema import TrainConfig
+from coordexp.config.schema import TrainConfig, enum_value
 from coordexp.errors import (
     EXIT_SERVER_ERROR,
     CoordexpError,
@@ -64,6 +64,7 @@ from coordexp.launch.process import defer_signal, set_parent_death_signal, stop_
 from coordexp.launch.rollout_server import RolloutServer
 from coordexp.launch.supervise import supervised_command
 from coordexp.rollout.protocol import ENV_INITIAL_WEIGHTS, ENV_RUN_ID
+from coordexp.rollout.repeat_rules import config_to_dict, parse_config
 from coordexp.rollout.server_client import check_health
 from coordexp.telemetry.record import say
 from coordexp.trainer import resume
@@ -74,10 +75,6 @@ SERVER_LOG_NAME = "server/swift_rollout{suffix}.log"
 
 def _say(msg: str) -> None:
     say(f"[coordexp launch] {msg}")
-
-
-def _enum(v: Any) -> Any:
-    return getattr(v, "value", v)
 
 
 # ----------------------------------------------------------------------------------------------- timeline
@@ -141,7 +138,8 @@ def learner_env(cfg: TrainConfig) -> dict[str, str]:
     """Environment additions for the learner (its GPU set on a GPU node)."""
     v = cfg.vllm
     env: dict[str, str] = {}
-    if _enum(cfg.rollout_matching.rollout_backend) == "vllm" and _enum(v.device) == "cuda" and v.learner_gpus:
+    server_mode = enum_value(cfg.rollout_matching.rollout_backend) == "vllm"
+    if server_mode and enum_value(v.device) == "cuda" and v.learner_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in v.learner_gpus)
     return env
 
@@ -178,9 +176,9 @@ def server_key(cfg: TrainConfig, model_dir: Path) -> str:
     v.pop("learner_gpus", None)
     for k in ("infer_timeout_s", "request_timeout_s", "log_tail_lines", "startup_timeout_s"):
         v["server"].pop(k, None)
-    rt = OmegaConf.to_container(OmegaConf.structured(cfg.rollout_matching.repeat_terminate), enum_to_str=True)
+    rt = config_to_dict(parse_config(cfg.rollout_matching.repeat_terminate))
     return json.dumps(
-        {"model": str(model_dir), "kind": _enum(cfg.model.kind), "vllm": v, "repeat_terminate": rt},
+        {"model": str(model_dir), "kind": enum_value(cfg.model.kind), "vllm": v, "repeat_terminate": rt},
         sort_keys=True,
     )
 
@@ -385,7 +383,7 @@ def run_experiment(cfg: TrainConfig, run_dir: Path, resolved: Path) -> int:
 
 
 def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) -> int:
-    server_mode = _enum(cfg.rollout_matching.rollout_backend) == "vllm"
+    server_mode = enum_value(cfg.rollout_matching.rollout_backend) == "vllm"
     nproc = cfg.training.nproc_per_node
     run_id = uuid.uuid4().hex[:12]
     pool = _POOL
@@ -394,11 +392,11 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
         "entry": "hydra_launcher:coordexp" if pool is not None else "task_function",
         "run_id": run_id,
         "orchestrator_pid": os.getpid(),
-        "rollout_backend": _enum(cfg.rollout_matching.rollout_backend),
+        "rollout_backend": enum_value(cfg.rollout_matching.rollout_backend),
         "learner": {
             "mode": "in_process" if nproc == 1 else "torchrun",
             "nproc_per_node": nproc,
-            "gpus": list(v.learner_gpus) if server_mode and _enum(v.device) == "cuda" else [],
+            "gpus": list(v.learner_gpus) if server_mode and enum_value(v.device) == "cuda" else [],
             "pgid": None,
         },
     }
@@ -428,16 +426,16 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
             timeline.mark("model")
             launcher.update(
                 model=str(model_dir),
-                dtype=_enum(v.dtype),
-                device=_enum(v.device),
+                dtype=enum_value(v.dtype),
+                device=enum_value(v.device),
                 server_base_urls=list(v.server.base_urls),
                 reuse_existing=bool(v.server.reuse_existing),
                 data_parallel_size=v.data_parallel_size,
                 tensor_parallel_size=v.tensor_parallel_size,
-                server_gpus=list(v.server_gpus) if _enum(v.device) == "cuda" else [],
+                server_gpus=list(v.server_gpus) if enum_value(v.device) == "cuda" else [],
                 weight_sync={
-                    "mode": _enum(v.sync.mode),
-                    "transport": _enum(v.sync.transport),
+                    "mode": enum_value(v.sync.mode),
+                    "transport": enum_value(v.sync.transport),
                     "timeout_s": v.sync.timeout_s,
                 },
             )

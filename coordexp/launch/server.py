@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from coordexp.config.load import compose, to_train_config
+from coordexp.config.schema import enum_value
 from coordexp.config.validate import url_problem
 from coordexp.errors import ConfigError, CoordexpError, ServerStartError, exit_on_error
 from coordexp.launch.rollout_server import RolloutServer, say
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = ap.parse_args(sys.argv[1:] if argv is None else argv)
     with exit_on_error():
         cfg = to_train_config(compose(ns.overrides))
-        if getattr(cfg.rollout_matching.rollout_backend, "value", None) != "vllm":
+        if enum_value(cfg.rollout_matching.rollout_backend) != "vllm":
             raise CoordexpError("select rollout=vllm_server (the config's rollout backend is not the server)")
         url = ns.base_url or (list(cfg.vllm.server.base_urls) or [None])[0]
         if not url:

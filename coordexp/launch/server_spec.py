@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from coordexp import checkpoint
 from coordexp.config.contract import server_image_root
+from coordexp.config.schema import enum_value
 from coordexp.config.validate import url_problem
 from coordexp.errors import ServerStartError
 from coordexp.rollout import protocol
@@ -56,10 +57,6 @@ class ServerLaunchSpec:
     extra_env: dict[str, str] = field(default_factory=dict)  # applied last (tests, site tweaks)
 
 
-def _enum_value(v: Any) -> Any:
-    return getattr(v, "value", v)
-
-
 def launch_spec_from_config(
     cfg: Any, model_dir: str | os.PathLike, base_url: str | None = None
 ) -> ServerLaunchSpec:
@@ -80,15 +77,15 @@ def launch_spec_from_config(
     if not Path(model_dir).is_dir():
         raise ServerStartError(f"model directory {model_dir} does not exist")
     model_type = template = None
-    if _enum_value(cfg.model.kind) == "tiny" or checkpoint.is_tiny_checkpoint(model_dir):
-        model_type = checkpoint.model_type(model_dir) or _enum_value(cfg.model.tiny_arch)
+    if enum_value(cfg.model.kind) == "tiny" or checkpoint.is_tiny_checkpoint(model_dir):
+        model_type = checkpoint.model_type(model_dir) or enum_value(cfg.model.tiny_arch)
         template = "chatml"
     return ServerLaunchSpec(
         model_dir=model_dir,
         port=int(parsed.port),
         host=v.server.host,
-        device=_enum_value(v.device),
-        dtype=_enum_value(v.dtype),
+        device=enum_value(v.device),
+        dtype=enum_value(v.dtype),
         max_model_len=int(v.max_model_len),
         enforce_eager=bool(v.enforce_eager),
         gpu_memory_utilization=float(v.gpu_memory_utilization),

@@ -27,6 +27,9 @@ learner expands each ``<|image_pad|>`` to the image's merged patch count (``coor
 Folder name: ``<cache_dir>/tiny-<arch>-<12 hex of the build hash>``. The build happens in a temporary
 sibling folder and is published with one ``rename``; a file lock makes concurrent callers (DDP ranks)
 wait for the first builder instead of building twice, and the rename race is handled too.
+
+Why one module (> 400 lines): the folder's build hash, its atomic publication and the config of every tiny
+architecture (text and VL) are one recipe; the tokenizer training lives in ``tiny_tokenizer``.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ the request's new output tokens into a :class:`~coordexp.rollout.repeat_rules.Se
 token) and, when a rule holds, sets that row's logits to ``-inf`` except the tokenizer's EOS id (``0.0``).
 Only that request ends (EOS); nothing is aborted. Which requests were forced is recomputed exactly by the
 server plugin with :func:`~coordexp.rollout.repeat_rules.forced_eos_flag` (same engine, same inputs).
+
+Why one module (> 400 lines): both runner interfaces, the dispatching class vLLM instantiates and the
+shared per-request core must agree on one state machine; splitting them would spread one contract over files.
 """
 
 from __future__ import annotations
