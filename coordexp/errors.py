@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 
 #: Bad config, bad data, unusable checkpoint, a learner-side failure (server failure mid-training included).
@@ -111,3 +112,23 @@ def disk_full_is_an_error(what: str, where: object) -> Iterator[None]:
         raise DiskFullError(f"no space left on the disk while writing {what} under {where} "
                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}): free space there, or "
                             f"point training.output_dir at a disk with room") from None
+
+
+_THREAD_HOOK = [False]
+
+
+def report_disk_full_in_threads() -> None:
+    """A background thread (TensorBoard's event writer) that hits a full disk prints one line instead of a
+    traceback; the main thread's own write then ends the command with :class:`DiskFullError`."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and is_disk_full(args.exc_value):
+            name = args.thread.name if args.thread is not None else "a thread"
+            print(f"warning: {name} could not write: {args.exc_value}", file=sys.stderr, flush=True)
+            return
+        default(args)
+
+    if not _THREAD_HOOK[0]:
+        _THREAD_HOOK[0] = True
+        threading.excepthook = hook

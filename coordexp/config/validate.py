@@ -187,6 +187,9 @@ UNSUPPORTED_LR_SCHEDULERS = {
     "reduce_lr_on_plateau": _STEPS_ON_METRIC,
     "greedy": _STEPS_ON_METRIC,
 }
+#: Bytes the directory probe writes (and removes): room for the run's first files (Hydra's .hydra/, the
+#: resolved config, the metadata).
+WRITE_PROBE_BYTES = 256 << 10
 #: String keys that may be empty (free text). Every other string names something: a path, a host, a run.
 FREE_TEXT_KEYS = frozenset({"data.system_prompt"})
 
@@ -309,8 +312,9 @@ def _dir_problem(path: Path) -> str | None:
         probe = probe.parent
     if not probe.is_dir():
         return "exists and is not a directory" if probe == path else f"cannot be created: '{probe}' is a file"
-    try:
-        tempfile.TemporaryDirectory(dir=probe, prefix=".coordexp-write-check-").cleanup()
+    try:  # a folder and a small file in it: a disk too full for the run's first files fails here
+        with tempfile.TemporaryDirectory(dir=probe, prefix=".coordexp-write-check-") as tmp:
+            Path(tmp, "probe").write_bytes(bytes(WRITE_PROBE_BYTES))
     except OSError as err:
         where = "" if probe == path else f" (nothing can be created in '{probe}')"
         return f"is not writable{where}: {err.strerror or err}"

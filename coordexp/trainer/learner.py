@@ -29,7 +29,13 @@ from coordexp.data.jsonl import DataValidationError, load_jsonl
 from coordexp.data.lengths import check_lengths, token_limit
 from coordexp.data.prompt import PromptSpec
 from coordexp.data.synthetic import write_synthetic_split
-from coordexp.errors import CoordexpError, LearnerError, disk_full_is_an_error, exit_on_error
+from coordexp.errors import (
+    CoordexpError,
+    LearnerError,
+    disk_full_is_an_error,
+    exit_on_error,
+    report_disk_full_in_threads,
+)
 from coordexp.models.prompts import load_model_and_prompts
 from coordexp.rollout.hf_backend import HFRolloutBackend
 from coordexp.rollout.protocol import ENV_CONSOLE_LOG
@@ -157,6 +163,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
     the end-of-run summary and write it to the run dir (rank 0)."""
     set_seed(cfg.seed)
     t = cfg.training
+    report_disk_full_in_threads()
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed = resume.resolve(t.resume_from_checkpoint, run_dir, t.max_steps)
     if resumed is not None and resumed.complete:

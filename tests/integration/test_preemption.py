@@ -143,28 +143,34 @@ def test_a_step_deaf_to_sigterm_ends_within_the_grace_and_leaves_nothing(tmp_pat
     assert left == [], left
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
-    mnt = tmp_path / "small_disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+def mount_small_disk(path: Path, size: str) -> None:
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+CHECKPOINT_FULL = ("error: no space left on the disk while writing checkpoints, metrics or weight-sync files "
+                   "under {run} (")
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_writing_checkpoints_is_exit_2_with_a_clear_message(small_disk):
-    run_dir = small_disk / "run"
-    out = subprocess.run([sys.executable, "-m", "coordexp.train", f"hydra.run.dir={run_dir}", *HF,
-                          "training.max_steps=4", "training.save_strategy=steps", "training.save_steps=2"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("size,where,needle", [
+    ("8k", "before anything starts", "  - hydra.run.dir: '{run}' is not writable (nothing can be created in "
+                                     "'{disk}'): No space left on device"),
+    ("400k", "at the first checkpoint", CHECKPOINT_FULL),
+    ("1m", "at the first checkpoint", CHECKPOINT_FULL),
+])
+def test_a_full_disk_is_exit_2_with_a_clear_message(tmp_path, size, where, needle):
+    disk = tmp_path / "small_disk"
+    mount_small_disk(disk, size)
+    try:
+        run_dir = disk / "run"
+        out = subprocess.run([sys.executable, "-m", "coordexp.train", f"hydra.run.dir={run_dir}", *HF,
+                              "training.max_steps=6", "training.save_strategy=steps",
+                              "training.save_steps=2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert ("error: no space left on the disk while writing checkpoints, metrics or weight-sync files under "
-            f"{run_dir}") in out.stderr
-    assert "free space there, or point training.output_dir at a disk with room" in out.stderr
+    assert needle.format(run=run_dir, disk=disk) in out.stderr, (where, out.stderr[-3000:])
     assert "Traceback" not in out.stderr
