@@ -19,10 +19,11 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import requests
 
@@ -49,19 +50,22 @@ class SyncReport:
 # ----------------------------------------------------------------------------------------------- tensors
 
 
-def named_weights(model, dtype: str | None = None) -> dict[str, Any]:
-    """The model's unique parameters by HF name (tied weights once), detached, contiguous, on CPU, cast to
-    ``dtype`` (a torch dtype name) when given."""
+def server_weights(model, dtype: str | None = None) -> Iterator[tuple[str, Any]]:
+    """``(HF name, tensor)`` of the model's unique parameters (tied weights once), detached, floating-point
+    ones cast to ``dtype`` (a torch dtype name: the server's) when given. The one cast of a sync."""
     import torch
 
     target = getattr(torch, dtype) if dtype else None
-    out: dict[str, Any] = {}
     for name, p in model.named_parameters():  # named_parameters() already skips tied duplicates
         t = p.detach()
-        if target is not None and t.dtype != target and t.is_floating_point():
+        if target is not None and t.is_floating_point() and t.dtype != target:
             t = t.to(target)
-        out[name] = t.to("cpu").contiguous()
-    return out
+        yield name, t
+
+
+def named_weights(model, dtype: str | None = None) -> dict[str, Any]:
+    """:func:`server_weights` as a dict of contiguous CPU tensors (what the file transport writes)."""
+    return {name: t.to("cpu").contiguous() for name, t in server_weights(model, dtype)}
 
 
 def write_weights_file(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> int:
@@ -231,9 +235,7 @@ class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see d
             raise WeightSyncError(f"weight sync (nccl): {what} failed: {err[0]!r}")
 
     def _init(self, deadline: float) -> list:
-        from urllib.parse import urlparse
-
-        import torch
+        import torch  # torch and vLLM's NCCL communicator: only on a GPU learner that syncs over NCCL
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
@@ -258,17 +260,12 @@ class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see d
         return comms
 
     def push(self, model, step: int, deadline: float) -> SyncReport:
-        import torch
 
         t0 = time.monotonic()
         if self._comms is None:
             self._comms = self._init(deadline)
-        target = getattr(torch, self.dtype) if self.dtype else None
         buckets, cur, size = [], [], 0
-        for name, p in model.named_parameters():
-            t = p.detach()
-            if target is not None and t.is_floating_point() and t.dtype != target:
-                t = t.to(target)
+        for name, t in server_weights(model, self.dtype):
             cur.append((name, t))
             size += t.numel() * t.element_size()
             if size >= self.bucket_bytes:
