@@ -52,10 +52,11 @@ def _stage1_config(cfg: TrainConfig, base: Path) -> TrainConfig:
                             eval_strategy=IntervalStrategy.no, save_strategy=IntervalStrategy.no,
                             resume_from_checkpoint=None, nproc_per_node=1,
                             gradient_accumulation_steps=None, warmup_steps=min(cfg.training.warmup_steps, 10),
-                            per_device_train_batch_size=cfg.training.effective_batch_size)
+                            per_device_train_batch_size=cfg.training.effective_batch_size, packing=False)
     schedule = dataclasses.replace(cfg.stage2_ab.schedule, b_ratio=0.0)
-    ab = dataclasses.replace(cfg.stage2_ab, schedule=schedule)
-    rm = dataclasses.replace(cfg.rollout_matching,
+    # Stage 1 is plain SFT: teacher forcing without soft self-context passes, whatever the leaf runs after
+    ab = dataclasses.replace(cfg.stage2_ab, schedule=schedule, n_softctx_iter=1)
+    rm = dataclasses.replace(cfg.rollout_matching, pipeline=None,
                              rollout_backend=type(cfg.rollout_matching.rollout_backend).hf)
     model = dataclasses.replace(cfg.model, kind=ModelKind.local, path=str(base), tiny_stage1_steps=0)
     return dataclasses.replace(cfg, model=model, training=t, stage2_ab=ab, rollout_matching=rm)
