@@ -1,5 +1,5 @@
-"""Channel-B step wall time in server mode, pipelined vs serial, on the same rollouts: one Hydra sweep with the
-coordexp launcher (one real ``swift rollout`` server shared by both jobs), packed Channel-B steps of the
+"""Channel-B step wall time in server mode, pipelined vs serial, on the same rollouts: one Hydra sweep with
+the coordexp launcher (one real ``swift rollout`` server shared by both jobs), packed Channel-B steps of the
 smoke b_only leaf with ``rollout_matching.pipeline=true,false``.
 
 Per job: median ``time/step_s`` (rollouts + segments + packs of the step), median generation time and the
