@@ -56,17 +56,34 @@ def frame_pieces(pieces: Sequence[str]) -> tuple[str, ...]:
 
 
 def _exact_pieces(pieces: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray | None]:
-    """(exact pieces, per token: does it end with leading bytes of the next character; None if none do)."""
+    """(exact pieces, per token: does it end with leading bytes of the next character; None if none do).
+
+    Each character goes to the token holding its last byte, a U+FFFD for invalid bytes too: the decoder
+    only emits it when the next byte arrives, possibly in the next token, so it is moved back there."""
     pieces = tuple(pieces)
     if not pieces or not _RAW_BYTE_RE.search("".join(pieces)):
         return pieces, None
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    out, carries = [], np.zeros(len(pieces), dtype=bool)
+    out, carries = [""] * len(pieces), np.zeros(len(pieces), dtype=bool)
+    holder = -1  # the last token that gave the decoder bytes
     for i, piece in enumerate(pieces):
-        out.append(decoder.decode(piece.encode("utf-8", "surrogateescape")))
+        data = piece.encode("utf-8", "surrogateescape")
+        if not data:
+            continue
+        text = ""
+        if decoder.getstate()[0]:  # bytes of an unfinished character are pending from earlier tokens
+            text, data = decoder.decode(data[:1]), data[1:]
+            completed_fffd = text == _REPLACEMENT_CHAR and not decoder.getstate()[0]  # EF BF BD itself
+            if text.startswith(_REPLACEMENT_CHAR) and not completed_fffd:
+                out[holder] += _REPLACEMENT_CHAR  # this byte showed the pending ones invalid: theirs
+                carries[holder] = False
+                text = text[1:]
+        out[i] = text + decoder.decode(data)
         carries[i] = bool(decoder.getstate()[0])
-    out[-1] += decoder.decode(b"", final=True)
-    carries[-1] = False
+        holder = i
+    if holder >= 0 and (rest := decoder.decode(b"", final=True)):  # cut off mid-character at the end
+        out[holder] += rest
+        carries[holder] = False
     return tuple(out), carries
 
 

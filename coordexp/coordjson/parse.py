@@ -169,10 +169,20 @@ def _zero_counts() -> dict[str, int]:
 def _cut_prefix(
     rollout: TokenFrame, head: int, cut: int, encode: EncodeFn, decode_token: DecodeTokenFn
 ) -> TokenFrame | None:
-    """Tokens spelling rollout.text[head:cut]; only straddling end tokens are re-encoded."""
+    """Tokens spelling rollout.text[head:cut]; only straddling end tokens are re-encoded. A re-encoded end
+    never splits a character's bytes from a kept token: it takes in the tokens that carry the leading bytes
+    of its first character (tail), or that complete the character its last token starts (head), and a last
+    token that carries bytes past the cut is re-encoded too."""
     first, last = (int(t) for t in rollout.tokens_at([head, cut - 1]))
+    carries = rollout.carries if rollout.carries is not None else np.zeros(len(rollout), dtype=bool)
     head_straddles = rollout.starts[first] < head
-    tail_straddles = rollout.ends[last] > cut
+    tail_straddles = rollout.ends[last] > cut or bool(carries[last])
+    if head_straddles:
+        while first < last and carries[first]:
+            first += 1
+    if tail_straddles:
+        while last > first and carries[last - 1]:
+            last -= 1
     if first == last:
         if head_straddles or tail_straddles:
             return encode_exactly(rollout.text[head:cut], encode, decode_token)

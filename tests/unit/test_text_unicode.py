@@ -14,6 +14,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from coordexp.coordjson import (
@@ -91,10 +93,12 @@ def tiny(tiny_dir_tok):
 
 @pytest.fixture(scope="module")
 def emoji():
-    # desc endings `<letter><emoji>",` / `"}` (all emoji end in 0x80) and desc openings ` "<symbol>` (U+2600..
-    # U+27BF all start with 0xE2): with 8 merges BPE makes `\x80",` and ` "\xe2`, not whole characters
+    # desc endings `<letter><emoji>",` / `"}` / `"}]}` (all emoji end in 0x80) and desc openings ` "<symbol>`
+    # (U+2600..U+27BF all start with 0xE2): with 8 merges BPE makes `\x80",`, `\x80"}]}` and ` "\xe2`, not
+    # whole characters
     rng = random.Random(0)
-    segments = [rng.choice("abcdefgh") + rng.choice(EMOJI) + rng.choice(['",', '"}']) for _ in range(3000)]
+    segments = [rng.choice("abcdefgh") + rng.choice(EMOJI) + rng.choice(['",', '"}', '"}]}'])
+                for _ in range(3000)]
     segments += [' "' + chr(rng.randint(0x2600, 0x27BF)) + rng.choice("abcdefgh") for _ in range(3000)]
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -109,6 +113,18 @@ def emoji():
     return Tok(lambda text: tok.encode(text, add_special_tokens=False).ids,
                lambda ids: tok.decode(list(ids), skip_special_tokens=False), tok.id_to_token,
                tok.get_vocab_size(), tok.get_vocab(), tok.token_to_id("<|im_end|>"))
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """The Channel-B core tests' tokenizer (tests/unit/_bpe.py): it fuses closing runs (`"}]}`, `"},`), so a
+    re-encoded prefix end can follow a desc's last bytes."""
+    from _bpe import build_test_tokenizer
+
+    tk = build_test_tokenizer().tokenizer
+    return Tok(lambda text: tk.encode(text, add_special_tokens=False).ids,
+               lambda ids: tk.decode(list(ids), skip_special_tokens=False), tk.id_to_token,
+               tk.get_vocab_size(), tk.get_vocab(), tk.token_to_id("<|im_end|>"))
 
 
 def _byte_roles(tok: Tok, ids, roles, text_bytes: bytes, needle: bytes, start: int = 0) -> set[int]:
@@ -325,3 +341,62 @@ def test_every_writer_takes_any_rollout_text(tiny_dir_tok, tmp_path):
         writer.add_image("eval_viz/0", np.asarray(pngs[0][1]), 0, dataformats="HWC")
         writer.add_text("qualitative", md, 0)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------------------------------------- property
+
+_NON_ASCII = st.sampled_from(["caf\u00e9", "红色方块", "\U0001F600", "\u2605x", "x\u0301y", "a\U0001F640b",
+                              "cat"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokenizer=st.sampled_from(["tiny", "emoji", "bpe"]),
+       descs=st.lists(_NON_ASCII, min_size=1, max_size=4), data=st.data())
+def test_exact_frame_under_stray_bytes_and_cuts(request, tokenizer, descs, data):
+    """Rollouts with non-ASCII descs, stray byte tokens (invalid UTF-8) inserted and cut anywhere: the
+    parse never raises, its prefix text is the tokenizer's decode of the prefix ids, and the prefix closed
+    with `]}` parses back to the same objects (no character is split by a re-encoded end)."""
+    tok: Tok = request.getfixturevalue(tokenizer)
+    objs = [CoordObject(d, (10 * i, 10 * i, 10 * i + 5, 10 * i + 5)) for i, d in enumerate(descs)]
+    order = data.draw(st.sampled_from([DESC_FIRST, GEOMETRY_FIRST]))  # geometry-first records end `"}`
+    ids = tok.encode(_rollout(objs, order))
+    byte_tokens = [i for i, p in enumerate(tok.table) if len(p.encode("utf-8", "surrogateescape")) == 1
+                   and p.encode("utf-8", "surrogateescape")[0] >= 0x80]
+    for _ in range(data.draw(st.integers(0, 3))):  # often right before a closing quote: end of a desc
+        quotes = [i for i, t in enumerate(ids) if tok.table[t].startswith('"')]
+        near = quotes and data.draw(st.booleans())
+        at = data.draw(st.sampled_from(quotes) if near else st.integers(0, len(ids)))
+        ids.insert(at, data.draw(st.sampled_from(byte_tokens)))
+    ids = ids[: data.draw(st.integers(0, len(ids)))]
+    parsed = tok.parse(ids, order)
+    assert parsed.prefix_frame.text == tok.decode(list(parsed.prefix_ids))
+    closed = tok.parse(list(parsed.prefix_ids) + tok.encode("]}") + [tok.eos_id], order)
+    assert [(o.desc, o.bbox) for o in closed.objects] == [(o.desc, o.bbox) for o in parsed.objects]
+
+
+@pytest.mark.parametrize("stray", [False, True])
+def test_a_re_encoded_prefix_end_never_splits_a_character(emoji, bpe, stray):
+    """The cut after the last record falls inside a fused `\x80"}]}` token whose emoji began two tokens
+    earlier: the re-encoded end takes those tokens in (else the kept leading bytes and the re-encoded
+    character would decode to U+FFFD + emoji). With a stray invalid byte before the quote, its U+FFFD stays
+    in the byte's own token (else the re-encoded end would carry a second one)."""
+    desc = "a\U0001F640"
+    ids = emoji.encode(_rollout([CoordObject(desc, (1, 2, 3, 4))], GEOMETRY_FIRST))
+    raw = emoji.token_bytes(ids)
+    assert b'\x80"}]}' in raw and b"\xf0\x9f" in raw
+    parsed = emoji.parse(ids + [emoji.eos_id], GEOMETRY_FIRST)
+    assert [o.desc for o in parsed.objects] == [desc]
+    assert parsed.prefix_frame.text == emoji.decode(list(parsed.prefix_ids)) == _rollout(
+        [CoordObject(desc, (1, 2, 3, 4))], GEOMETRY_FIRST)[: -len("]}")]
+    if stray:  # the tests' bpe tokenizer fuses `"}]}`; a lone 0xC2 byte right before it
+        text = _rollout([CoordObject("red", (0, 2, 0, 2))], GEOMETRY_FIRST)
+        ids = bpe.encode(text)
+        closing = next(i for i, t in enumerate(ids) if bpe.table[t].startswith('"}'))
+        c2 = next(i for i, p in enumerate(bpe.table) if p.encode("utf-8", "surrogateescape") == b"\xc2")
+        ids.insert(closing, c2)
+        parsed = bpe.parse(ids + [bpe.eos_id], GEOMETRY_FIRST)
+        assert [o.desc for o in parsed.objects] == ["red\ufffd"]
+        assert parsed.prefix_frame.text == bpe.decode(list(parsed.prefix_ids))
+    closed = (bpe if stray else emoji).parse(list(parsed.prefix_ids) + (bpe if stray else emoji).encode("]}")
+                                             + [(bpe if stray else emoji).eos_id], GEOMETRY_FIRST)
+    assert [o.desc for o in closed.objects] == [o.desc for o in parsed.objects]
