@@ -325,6 +325,7 @@ def test_signal_to_orchestrator_tears_down_the_whole_run(harness, tmp_path, grou
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert code == 128 + sig, proc.stdout.read()[-3000:]
+    assert launcher_meta(run_dir)["exit_code"] == 128 + sig  # recorded although the run ended by a signal
     assert_nothing_left(run_dir, group_members, wait_s=20)
     assert not group_members(proc.pid)
 
