@@ -66,8 +66,8 @@ def run_summary(*, run_dir: Path, logging_dir: str | None, global_step: int, max
     if "tensorboard" in trackers and logging_dir:
         row("TensorBoard", f"tensorboard --logdir {shlex.quote(str(logging_dir))}")
     if "wandb" in trackers:
-        row("wandb", f"wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-* (offline run; uploading "
-                     f"needs a login)")
+        row("wandb", f"wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-* (offline run; "
+                     f"uploading needs a login)")
     if "mlflow" in trackers:
         row("mlflow", f"mlflow ui --backend-store-uri {shlex.quote((run_dir / 'mlruns').resolve().as_uri())}")
     row("plot", f"python -m coordexp.plot {shlex.quote(str(run_dir))}")
