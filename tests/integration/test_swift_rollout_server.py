@@ -384,7 +384,7 @@ def test_command_and_env_carry_the_plugin_and_config(tiny_model_dir):
     }
     assert env["COORDEXP_SERVER_DEVICE"] == "cpu" and env["VLLM_PLUGINS"] == "none"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    with pytest.raises(ServerStartError, match="http://host:port"):
+    with pytest.raises(ServerStartError, match=r"entry 'localhost:8000' is not http\(s\)://host:port"):
         launch_spec_from_config(
             SimpleNamespace(
                 **{**vars(cfg), "vllm": VllmConfig(server=ServerConfig(base_urls=["localhost:8000"]))}
