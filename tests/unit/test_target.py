@@ -422,7 +422,7 @@ def test_damaged_rollouts_give_a_target_or_a_counted_invariant_error(scenario, d
 def test_field_order_enum_and_string_give_the_same_target():
     parsed, match = parse_and_match(ROLLOUT, GT)
     a = build_channel_b_target(
-        parsed, GT, match.index_pairs, field_order=FieldOrder.DESC_FIRST, desc_ce_weight=1.0, **FNS
+        parsed, GT, match.index_pairs, field_order=FieldOrder.desc_first, desc_ce_weight=1.0, **FNS
     )
     b = build_channel_b_target(
         parsed, GT, match.index_pairs, field_order="desc_first", desc_ce_weight=1.0, **FNS
