@@ -17,7 +17,7 @@ from swift.infer_engine.protocol import (
 )
 
 from coordexp.rollout.protocol import FLAG_INFO_KEY, FLAG_KEY, RESPONSE_KEY, WRAPPER_HEADER, WRAPPER_VALUE
-from coordexp.rollout.server import swift_plugin
+from coordexp.rollout.server import responses
 from coordexp.rollout.server_client import parse_infer_response
 
 
@@ -37,11 +37,11 @@ def client():
     @app.post("/infer/")
     async def infer():
         outputs = [_output(1), _output(0)]
-        if swift_plugin._WANTS_WRAPPER.get():
-            return [swift_plugin.wrap_output(o) for o in outputs]
-        return [swift_plugin.plain_output(o) for o in outputs]
+        if responses.wants_wrapper():
+            return [responses.wrap_output(o) for o in outputs]
+        return [responses.plain_output(o) for o in outputs]
 
-    app.add_middleware(swift_plugin.WrapperHeaderMiddleware)
+    app.add_middleware(responses.WrapperHeaderMiddleware)
     with TestClient(app) as c:
         yield c
 
@@ -75,12 +75,12 @@ def test_another_header_value_or_no_header_is_plain(client):
 
 def test_a_worker_without_the_plugin_is_an_error_in_both_shapes():
     bare = RolloutOutput(response=_output(0).response)
-    for shape in (swift_plugin.plain_output, swift_plugin.wrap_output):
+    for shape in (responses.plain_output, responses.wrap_output):
         with pytest.raises(RuntimeError, match=f"without the '{FLAG_INFO_KEY}' flag"):
             shape(bare)
 
 
 def test_asks_for_wrapper_reads_raw_asgi_headers():
-    assert swift_plugin.asks_for_wrapper([(b"x-coordexp-response", b"wrapped")])
-    assert not swift_plugin.asks_for_wrapper([(b"x-other", b"wrapped")])
-    assert not swift_plugin.asks_for_wrapper(None)
+    assert responses.asks_for_wrapper([(b"x-coordexp-response", b"wrapped")])
+    assert not responses.asks_for_wrapper([(b"x-other", b"wrapped")])
+    assert not responses.asks_for_wrapper(None)

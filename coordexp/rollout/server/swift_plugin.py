@@ -40,15 +40,11 @@ a new feature is one more hook in this file, not a rewrite. Note: ms-swift puts 
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import copy
-import dataclasses
 import functools
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,15 +53,9 @@ from coordexp.rollout.protocol import (
     ENV_ENABLE,
     ENV_SERVER_DEVICE,
     FLAG_INFO_KEY,
-    FLAG_KEY,
-    LOAD_WEIGHTS_ROUTE,
     PROCESSOR_FQCN,
-    RESPONSE_KEY,
     SWIFT_WORKER_EXTENSION,
     WORKER_EXTENSION_FQCN,
-    WORKER_METHOD,
-    WRAPPER_HEADER,
-    WRAPPER_VALUE,
     XARGS_KEY,
 )
 from coordexp.rollout.repeat_rules import (
@@ -77,6 +67,13 @@ from coordexp.rollout.repeat_rules import (
     merge_overrides,
     validate_overrides,
 )
+from coordexp.rollout.server.responses import (
+    WrapperHeaderMiddleware,
+    plain_output,
+    wants_wrapper,
+    wrap_output,
+)
+from coordexp.rollout.server.weight_route import install_weight_sync_route
 
 logger = logging.getLogger("coordexp.rollout.server.swift_plugin")
 
@@ -131,24 +128,6 @@ def load_server_config(environ: dict | None = None):
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def to_plain(obj: Any) -> Any:
-    """A JSON-ready plain structure of an ms-swift output (pydantic model, dataclass, containers)."""
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    dump = getattr(obj, "model_dump", None)
-    if callable(dump):
-        return to_plain(dump())
-    if hasattr(obj, "__dict__"):
-        return {k: to_plain(v) for k, v in vars(obj).items() if not k.startswith("_")}
-    return obj
-
-
 def request_overrides(request: Any) -> dict | None:
     """The ``coordexp_repeat_terminate`` overrides a request carries in ``data_dict.vllm_xargs``."""
     data = request.get("data_dict") if isinstance(request, dict) else getattr(request, "data_dict", None)
@@ -156,62 +135,6 @@ def request_overrides(request: Any) -> dict | None:
     if not isinstance(xargs, dict):
         raise ValueError(f"data_dict.vllm_xargs must be an object, got {xargs!r}")
     return xargs.get(XARGS_KEY)
-
-
-def plain_output(output: Any) -> dict:
-    """One ``/infer/`` item in ms-swift's own shape (a plain ``RolloutOutput``) with the flag, 0|1, in
-    ``rollout_infos[FLAG_INFO_KEY]`` (what a client that did not ask for the wrapper gets)."""
-    plain = to_plain(output)
-    infos = plain.get("rollout_infos") if isinstance(plain, dict) else None
-    if not isinstance(infos, dict) or FLAG_INFO_KEY not in infos:
-        raise RuntimeError(
-            "coordexp swift plugin: a rollout worker returned an output without the "
-            f"'{FLAG_INFO_KEY}' flag; the plugin is not active in the worker processes"
-        )
-    infos[FLAG_INFO_KEY] = int(infos[FLAG_INFO_KEY])
-    return plain
-
-
-#: Whether the ``/infer/`` request being served asked for the wrapper (set per HTTP request).
-_WANTS_WRAPPER: contextvars.ContextVar[bool] = contextvars.ContextVar("coordexp_wants_wrapper", default=False)
-_WRAPPER_HEADER_BYTES = WRAPPER_HEADER.lower().encode()
-
-
-def asks_for_wrapper(headers: Any) -> bool:
-    """Whether raw ASGI ``headers`` (``[(name, value), ...]`` bytes) carry ``WRAPPER_HEADER: wrapped``."""
-    return any(name.lower() == _WRAPPER_HEADER_BYTES
-               and value.decode("latin-1").strip().lower() == WRAPPER_VALUE for name, value in headers or ())
-
-
-class WrapperHeaderMiddleware:
-    """ASGI middleware: records per request whether the client asked for coordexp's wrapper, for the
-    patched ``SwiftRolloutDeploy.infer`` (same task, so the context variable reaches the endpoint)."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope.get("type") != "http":
-            await self.app(scope, receive, send)
-            return
-        token = _WANTS_WRAPPER.set(asks_for_wrapper(scope.get("headers")))
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            _WANTS_WRAPPER.reset(token)
-
-
-def wrap_output(output: Any) -> dict:
-    """One ``/infer/`` item: ``{"response": <plain output>, "coordexp": {FLAG_KEY: flag}}``."""
-    plain = to_plain(output)
-    infos = plain.get("rollout_infos") if isinstance(plain, dict) else None
-    if not isinstance(infos, dict) or FLAG_INFO_KEY not in infos:
-        raise RuntimeError(
-            "coordexp swift plugin: a rollout worker returned an output without the "
-            f"'{FLAG_INFO_KEY}' flag; the plugin is not active in the worker processes"
-        )
-    flag = int(infos.pop(FLAG_INFO_KEY))
-    return {"response": plain, RESPONSE_KEY: {FLAG_KEY: flag}}
 
 
 # ----------------------------------------------------------------------------------------------- patches
@@ -375,7 +298,7 @@ def _patch_deploy() -> None:
                 status_code=500,
                 detail=f"coordexp: a rollout worker failed ({exc}); see the server log for its traceback",
             ) from None
-        if _WANTS_WRAPPER.get():
+        if wants_wrapper():
             return [wrap_output(o) for o in outputs]
         return [plain_output(o) for o in outputs]  # ms-swift's shape for every other client
 
@@ -404,63 +327,9 @@ def _weight_sync_engine_kwargs(engine: Any, engine_kwargs: dict) -> None:
     engine_kwargs["worker_extension_cls"] = WORKER_EXTENSION_FQCN
 
 
-def _install_weight_sync_route(deploy: Any) -> None:
-    """``POST /coordexp/load_weights/ {"path": <safetensors>, "timeout_s": t}``: every rollout worker (all DP
-    engines, every TP rank through ``collective_rpc``) loads the file with ``model.load_weights``. Answers
-    ``{"workers": [<per-worker report>], "seconds": s}``; 400 for a bad path, 500 when a worker failed (its
-    traceback is in the server log), 504 when the workers did not finish within ``timeout_s``."""
-    from fastapi import Body, Depends, HTTPException
-
-    lock = asyncio.Lock()
-
-    async def load_weights(payload: dict = Body(...)):  # noqa: B008 - FastAPI declares bodies so
-        path = payload.get("path") if isinstance(payload, dict) else None
-        if not isinstance(path, str) or not os.path.isabs(path):
-            raise HTTPException(
-                status_code=400, detail=f"coordexp: 'path' must be an absolute path, got {path!r}"
-            )
-        if not os.path.isfile(path):
-            raise HTTPException(
-                status_code=400,
-                detail=f"coordexp: weights file {path} does not exist on the server host (the learner's "
-                "run dir must be on a filesystem the server can read)",
-            )
-        try:
-            timeout_s = float(payload.get("timeout_s", 600.0))
-        except (TypeError, ValueError):
-            raise HTTPException(status_code=400, detail="coordexp: 'timeout_s' must be a number") from None
-        t0 = time.monotonic()
-        loop = asyncio.get_running_loop()
-        kwargs = {"method": WORKER_METHOD, "args": (path,), "timeout": timeout_s}
-        async with lock:
-            for conn in deploy.connections:
-                conn.send({"type": "call", "method": "collective_rpc", "kwargs": kwargs})
-            try:
-                replies = [loop.run_in_executor(None, c.recv) for c in deploy.connections]
-                results = await asyncio.wait_for(asyncio.gather(*replies), timeout_s)
-            except TimeoutError:
-                _say(f"ERROR weight load from {path} did not finish within {timeout_s:g} s")
-                raise HTTPException(
-                    status_code=504,
-                    detail=f"coordexp: rollout workers did not load {path} within {timeout_s:g} s",
-                ) from None
-        if any(r is None for r in results):
-            raise HTTPException(
-                status_code=500,
-                detail=f"coordexp: a rollout worker failed to load weights from {path}; see the server log",
-            )
-        workers = [w for r in results for w in (r if isinstance(r, list) else [r])]
-        _say(f"loaded weights from {path} into {len(workers)} worker(s) in {time.monotonic() - t0:.2f} s")
-        return {"workers": workers, "seconds": round(time.monotonic() - t0, 4), "step": payload.get("step")}
-
-    guard = getattr(deploy, "_require_api_key", None)
-    deps = [Depends(guard())] if callable(guard) else []
-    deploy.app.post(LOAD_WEIGHTS_ROUTE, dependencies=deps)(load_weights)
-
-
 def _register_weight_sync() -> None:
     register_engine_kwargs_hook(_weight_sync_engine_kwargs)
-    register_route_installer(_install_weight_sync_route)
+    register_route_installer(install_weight_sync_route)
 
 
 def _patch_cpu() -> None:
