@@ -14,7 +14,7 @@ from coordexp.config.schema import enum_value
 from coordexp.config.validate import url_problem
 from coordexp.errors import ConfigError, CoordexpError, ServerStartError, exit_on_error
 from coordexp.launch.rollout_server import RolloutServer, say
-from coordexp.launch.run import resolve_model_dir
+from coordexp.launch.servers import resolve_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:

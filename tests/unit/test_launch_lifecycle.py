@@ -11,7 +11,7 @@ import time
 import pytest
 
 from coordexp.config.load import compose, to_train_config
-from coordexp.launch import run
+from coordexp.launch import run, servers
 
 
 def cfg_of(*overrides):
@@ -30,7 +30,7 @@ def test_timeline_phases_are_gaps_between_marks():
 
 
 def test_server_key_ignores_learner_side_settings_and_tracks_server_ones(tmp_path):
-    base = run.server_key(cfg_of(), tmp_path)
+    base = servers.server_key(cfg_of(), tmp_path)
     same = [
         ("training.learning_rate=0.1",),
         ("rollout_matching.max_new_tokens=7",),
@@ -39,7 +39,7 @@ def test_server_key_ignores_learner_side_settings_and_tracks_server_ones(tmp_pat
         ("seed=3",),
     ]
     for o in same:
-        assert run.server_key(cfg_of(*o), tmp_path) == base, o
+        assert servers.server_key(cfg_of(*o), tmp_path) == base, o
     differ = [
         ("vllm.max_model_len=777",),
         ("rollout_matching.repeat_terminate.min_new_tokens=3",),
@@ -47,8 +47,8 @@ def test_server_key_ignores_learner_side_settings_and_tracks_server_ones(tmp_pat
         ("vllm.cpu_kvcache_space_gib=2",),
     ]
     for o in differ:
-        assert run.server_key(cfg_of(*o), tmp_path) != base, o
-    assert run.server_key(cfg_of(), tmp_path / "other") != base
+        assert servers.server_key(cfg_of(*o), tmp_path) != base, o
+    assert servers.server_key(cfg_of(), tmp_path / "other") != base
 
 
 def test_learner_env_gets_the_learner_gpus_only_on_gpu():
@@ -70,9 +70,9 @@ class FakeSet:
 
 
 def test_pool_keeps_equal_servers_restarts_on_change_failure_or_sickness(monkeypatch, tmp_path):
-    monkeypatch.setattr(run, "server_key", lambda cfg, model_dir: cfg)  # the "config" is the key here
-    monkeypatch.setattr(run.ServerSet, "start", classmethod(lambda cls, cfg, md, rd, rid: FakeSet(cfg)))
-    pool = run.ServerPool()
+    monkeypatch.setattr(servers, "server_key", lambda cfg, model_dir: cfg)  # the "config" is the key here
+    monkeypatch.setattr(servers.ServerSet, "start", classmethod(lambda cls, cfg, md, rd, rid: FakeSet(cfg)))
+    pool = servers.ServerPool()
     s1, fresh1 = pool.acquire("A", tmp_path, tmp_path, "r1")  # start
     s2, fresh2 = pool.acquire("A", tmp_path, tmp_path, "r2")  # same settings: keep
     assert s1 is s2 and (fresh1, fresh2) == (True, False) and not s1.stopped
@@ -89,12 +89,12 @@ def test_pool_keeps_equal_servers_restarts_on_change_failure_or_sickness(monkeyp
 
 
 def test_shared_servers_context_installs_and_closes_the_pool():
-    assert run._POOL is None
-    with run.shared_servers() as pool:
-        assert run._POOL is pool
+    assert servers.current_pool() is None
+    with servers.shared_servers() as pool:
+        assert servers.current_pool() is pool
         fake = FakeSet("k")
         pool.current = fake
-    assert run._POOL is None and fake.stopped
+    assert servers.current_pool() is None and fake.stopped
 
 
 def test_stop_group_kills_grandchildren():
@@ -120,9 +120,9 @@ def test_missing_local_checkpoint_is_a_launch_error():
         )
     )
     with pytest.raises(
-        run.LaunchError, match="'/no/such/ckpt' is not a checkpoint directory.*nothing was started"
+        servers.LaunchError, match="'/no/such/ckpt' is not a checkpoint directory.*nothing was started"
     ):
-        run.resolve_model_dir(cfg)
+        servers.resolve_model_dir(cfg)
 
 
 def test_a_cpu_server_lets_its_openmp_threads_sleep(tmp_path):

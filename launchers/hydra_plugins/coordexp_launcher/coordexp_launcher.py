@@ -6,7 +6,7 @@ lifecycle, and one rollout server is kept across jobs.
 
 Each job is Hydra's own ``run_job`` on the job's config, i.e. the same task function a plain run executes
 (``coordexp.train.hydra_task`` -> ``coordexp.launch.run.run_experiment``): config check, metadata, server,
-probe, learner, teardown. The difference is a :class:`coordexp.launch.run.ServerPool` around the jobs:
+probe, learner, teardown. The difference is a :class:`coordexp.launch.servers.ServerPool` around the jobs:
 
 * the first job starts the server; a later job whose server settings (model dir, ``vllm.*`` server knobs,
   repeat-terminate subtree) are equal keeps it, and its learner pushes its own weights before its first
@@ -28,9 +28,9 @@ inside ``launch``).
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
@@ -57,9 +57,9 @@ class CoordexpLauncher(Launcher):
     def __init__(self, share_server: bool = True) -> None:
         super().__init__()
         self.share_server = bool(share_server)
-        self.config: Optional[DictConfig] = None
-        self.task_function: Optional[TaskFunction] = None
-        self.hydra_context: Optional[HydraContext] = None
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -67,8 +67,8 @@ class CoordexpLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from coordexp.launch.run import shared_servers
         from coordexp.launch.process import terminate_on_signals
+        from coordexp.launch.servers import shared_servers
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
@@ -79,7 +79,7 @@ class CoordexpLauncher(Launcher):
             f"{'one shared' if self.share_server else 'a fresh'} rollout server per "
             f"{'sweep' if self.share_server else 'job'} (server-mode jobs only)"
         )
-        runs: List[JobReturn] = []
+        runs: list[JobReturn] = []
         pool_cm = shared_servers() if self.share_server else contextlib.nullcontext()
         with terminate_on_signals(), pool_cm:
             for i, overrides in enumerate(job_overrides):
