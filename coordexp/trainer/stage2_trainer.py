@@ -50,7 +50,7 @@ class Stage2ABTrainer(Trainer):
         self.evaluator = evaluator
         self.metric_buffer = MetricBuffer()
         self._coord_ids = torch.tensor(adapter.coord_token_ids, dtype=torch.long)
-        self.args_packing = packing  # PackingSettings, or None without packing
+        self.packing = packing  # training.packing_*, or None without packing
         self._step_samples: list = []
         self._sample_log = self.run_dir / f"rollout_samples.rank{self.args.process_index}.jsonl"
 
@@ -78,7 +78,7 @@ class Stage2ABTrainer(Trainer):
         buf.add_max("stage2/channel_a", float(not channel_b))
         buf.add_max("stage2_ab/b_ratio_realized", realized_b_ratio(step + 1, self.stage2_ab.schedule.b_ratio))
         buf.add_sum("train/samples", len(samples))
-        if self.args_packing is not None:
+        if self.packing is not None:
             return self._packed_micro_step(model, samples, channel_b, step)
         seqs = self._sequences(samples, channel_b, step)
         start = time.perf_counter()
@@ -117,7 +117,7 @@ class Stage2ABTrainer(Trainer):
         """Pack the segments of ``chunks`` (lists, in order) next-fit as they arrive; train every closed pack
         now (forward + backward under ``no_sync``, its loss weighted by its share of the step's
         ``n_samples``) and return the last pack's loss for the Trainer's synced backward."""
-        cap = self.args_packing.length
+        cap = self.packing.length
         packer = NextFitPacker(cap)
         gas = self.current_gradient_accumulation_steps
         scale = self.accelerator.gradient_accumulation_steps  # accelerator.backward divides by it
@@ -153,9 +153,9 @@ class Stage2ABTrainer(Trainer):
         buf = self.metric_buffer
         buf.add_sum("packing/segments", segments)
         buf.add_sum("packing/packs", packs)
-        buf.add_ratio("packing/fill", tokens, packs * self.args_packing.length)
-        fill = tokens / (packs * self.args_packing.length) if packs else 1.0
-        buf.add_sum("packing/underfilled_steps", int(fill < self.args_packing.min_fill_ratio))
+        buf.add_ratio("packing/fill", tokens, packs * self.packing.length)
+        fill = tokens / (packs * self.packing.length) if packs else 1.0
+        buf.add_sum("packing/underfilled_steps", int(fill < self.packing.min_fill_ratio))
 
     def _pack_loss(self, model, seqs, n_step: int, soft_context: bool) -> torch.Tensor:
         """Sum of the pack's per-sample losses over the step's ``n_step`` samples (its share of the mean)."""
@@ -218,7 +218,7 @@ class Stage2ABTrainer(Trainer):
             return seqs, batch.seconds
 
         if pipelined is None:
-            pipelined = self.contract.pipeline and self.args_packing is not None
+            pipelined = self.contract.pipeline and self.packing is not None
         if pipelined:
             producer = ChunkProducer(fetch, len(samples), self.contract.decode_batch_size)
             generate_s = 0.0

@@ -159,7 +159,7 @@ def test_pack_metrics_are_global_sums_and_ratios():
 
     def rank(segments, packs, tokens, length=100):
         trainer = SimpleNamespace(metric_buffer=MetricBuffer(),
-                                  args_packing=SimpleNamespace(length=length, min_fill_ratio=0.7))
+                                  packing=SimpleNamespace(length=length, min_fill_ratio=0.7))
         Stage2ABTrainer._record_packs(trainer, segments, packs, tokens)
         return trainer.metric_buffer.to_payload()
 
