@@ -26,6 +26,9 @@ Incremental evaluation, O(1) per token whatever the length:
 
 :func:`triggered` is the stateless twin (direct tail comparisons and the automaton over the whole text);
 tests prove it agrees with the incremental engine on every prefix of random sequences.
+
+Why one module (> 400 lines): the config, the incremental engine and its stateless twin are one rule set;
+the tests prove the twins agree, which only holds while they change together.
 """
 
 from __future__ import annotations

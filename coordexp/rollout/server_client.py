@@ -19,6 +19,9 @@ Only ``requests`` is needed (no torch). One :class:`RolloutClient` serves every 
   (never from ``finish_reason``); when repeat-terminate is enabled a missing field is an error naming it;
 * the payload carries messages, sampling settings and (optionally, per request) ``data_dict.vllm_xargs``;
   it never carries logits processors (those are registered once at server start).
+
+Why one module (> 400 lines): the request payload, the response validation and the per-server chunk
+planning are one wire contract with ms-swift's ``/infer/``; split, each half would restate the other's shapes.
 """
 
 from __future__ import annotations
