@@ -38,10 +38,6 @@ class RolloutContract:
     pipeline: bool                   # pipelined Channel-B rollouts (server mode only)
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
     def vllm_mode(self) -> str | None:
         """``server`` with the vLLM backend (a separately launched ``swift rollout``), else None."""
         return "server" if self.backend == "vllm" else None
