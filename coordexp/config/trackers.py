@@ -43,4 +43,6 @@ def tracker_environment(report_to: Iterable[ReportTo], run_dir: Path,
                     if k not in env})
     if ReportTo.mlflow in trackers and "MLFLOW_TRACKING_URI" not in env:
         out["MLFLOW_TRACKING_URI"] = (Path(run_dir) / "mlruns").resolve().as_uri()
+        if "MLFLOW_ALLOW_FILE_STORE" not in env:  # mlflow 3 refuses its file store unless told so
+            out["MLFLOW_ALLOW_FILE_STORE"] = "true"
     return out

@@ -178,7 +178,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
     check_prompts(prompts, train_samples + val_samples)
     check_sample_lengths(cfg, prompts, adapter, train_samples + val_samples)
     os.environ["TENSORBOARD_LOGGING_DIR"] = t.logging_dir
-    os.environ.update(tracker_environment(t.report_to, run_dir))  # wandb offline, mlflow local
+    tracker_env = tracker_environment(t.report_to, run_dir)  # wandb offline, mlflow local: for this run only
+    previous_env = {k: os.environ.get(k) for k in tracker_env}
+    os.environ.update(tracker_env)
     trackers = [ReportTo(r).value for r in t.report_to]
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
@@ -220,6 +222,11 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
             trainer.train(resume_from_checkpoint=str(resumed.checkpoint) if resumed else None)
     finally:
         preemption.deactivate()
+        for key, value in previous_env.items():  # the next job of an in-process sweep gets its own
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     if summary and trainer.is_world_process_zero():
         end_of_run_summary(trainer, cfg, run_dir, resumed, trackers)
     return trainer

@@ -52,7 +52,8 @@ def _stage1_config(cfg: TrainConfig, base: Path) -> TrainConfig:
                             eval_strategy=IntervalStrategy.no, save_strategy=IntervalStrategy.no,
                             resume_from_checkpoint=None, nproc_per_node=1,
                             gradient_accumulation_steps=None, warmup_steps=min(cfg.training.warmup_steps, 10),
-                            per_device_train_batch_size=cfg.training.effective_batch_size, packing=False)
+                            per_device_train_batch_size=cfg.training.effective_batch_size, packing=False,
+                            report_to=[])  # an internal step: no tracker run of its own
     schedule = dataclasses.replace(cfg.stage2_ab.schedule, b_ratio=0.0)
     # Stage 1 is plain SFT: teacher forcing without soft self-context passes, whatever the leaf runs after
     ab = dataclasses.replace(cfg.stage2_ab, schedule=schedule, n_softctx_iter=1)

@@ -167,7 +167,8 @@ def test_report_to_trackers(tmp_path, monkeypatch):
     assert set(problems) == expected | {"training.report_to[3]: 'wandb' is listed twice"}
     env = tracker_environment([ReportTo.wandb, ReportTo.mlflow], tmp_path, environ={})
     assert env == {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
-                   "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").resolve().as_uri()}
+                   "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").resolve().as_uri(),
+                   "MLFLOW_ALLOW_FILE_STORE": "true"}
     assert tracker_environment([ReportTo.wandb], tmp_path, environ={"WANDB_MODE": "online"}) == {
         "WANDB_DIR": str(tmp_path)}
     assert tracker_environment([ReportTo.tensorboard], tmp_path, environ={}) == {}
