@@ -190,8 +190,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
         gradient_accumulation_steps=derived_grad_accumulation(cfg),
         learning_rate=t.learning_rate, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,  # TensorBoard through RegistryTensorBoardCallback (registry names)
-        report_to=[r for r in trackers if r != "tensorboard"] or "none",
+        logging_steps=t.logging_steps,  # TensorBoard and wandb through coordexp's callbacks (registry names)
+        report_to=[r for r in trackers if r not in ("tensorboard", "wandb")] or "none",
         eval_strategy=t.eval_strategy.value if val_samples else "no",
         eval_steps=t.eval_steps if t.eval_strategy == IntervalStrategy.steps else None,
         save_strategy=t.save_strategy.value, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
@@ -215,6 +215,10 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
     trainer.add_callback(CompactProgressCallback)
     if "tensorboard" in trackers:
         trainer.add_callback(RegistryTensorBoardCallback)
+    if "wandb" in trackers:  # wandb is installed (config validation); imported only when asked for
+        from coordexp.telemetry.trackers import RegistryWandbCallback
+
+        trainer.add_callback(RegistryWandbCallback)
     if t.checkpoint_on_sigterm and t.save_strategy == IntervalStrategy.steps:
         trainer.add_callback(preemption.PreemptionCallback(install_rank_handler=rank))
     try:
