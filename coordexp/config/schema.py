@@ -58,6 +58,11 @@ class DataKind(str, Enum):
     jsonl = "jsonl"
 
 
+class ImageCheck(str, Enum):
+    all = "all"
+    sample = "sample"
+
+
 class SoftctxGradMode(str, Enum):
     unroll = "unroll"
     em_detach = "em_detach"
@@ -130,6 +135,13 @@ class DataConfig:
     object_field_order: FieldOrder = doc("Key order inside each CoordJSON object.", FieldOrder.desc_first)
     system_prompt: str | None = doc("Optional system turn prepended to every prompt.", None)
     val_sample_limit: int | None = doc("Cap on held-out samples used per eval (null = all).", None)
+    image_check: ImageCheck = doc(
+        "Training images checked before the first step (data.kind: jsonl; each rank checks its share): "
+        "`all`: every record's images exist and the image processor resizes them to the record's width x "
+        "height; `sample`: only data.image_check_samples evenly spaced records, the others when the "
+        "trainer reads them (a bad one then stops training with its file:line). The held-out split is "
+        "always checked whole.", ImageCheck.all)
+    image_check_samples: int = doc("Records whose images data.image_check: sample checks up front.", 1000)
     synthetic: SyntheticDataConfig = doc("Synthetic task settings (kind: synthetic).",
                                          default_factory=SyntheticDataConfig)
 

@@ -270,6 +270,8 @@ def value_problems(cfg: TrainConfig, reported: Iterable[str] = ()) -> list[str]:
     need(limit is None or limit >= 1, "data.val_sample_limit",
          f"{limit}: must be >= 1, or null for every held-out sample (training.eval_strategy: no turns eval "
          "off)")
+    need(cfg.data.image_check_samples >= 1, "data.image_check_samples",
+         f"{cfg.data.image_check_samples}: must be >= 1 (data.image_check: all checks every record)")
     need(v.server.log_tail_lines >= 0, "vllm.server.log_tail_lines", "must be >= 0 (0 prints no log tail)")
     for path, seed in (("seed", cfg.seed), ("data.synthetic.seed", cfg.data.synthetic.seed)):
         need(0 <= seed <= MAX_SEED, path, f"{seed} is outside [0, 2**32 - 1] (numpy's seed range)")

@@ -34,7 +34,7 @@ from coordexp.data.jsonl import (
 )
 from coordexp.data.prompt import PromptSpec, build_messages
 
-__all__ = ["LazyJsonlDataset", "index_lines"]
+__all__ = ["LazyJsonlDataset", "evenly_spaced", "index_lines"]
 
 
 def index_lines(path: str | os.PathLike) -> tuple[array, array]:
@@ -107,11 +107,16 @@ class LazyJsonlDataset:
         return self._fh.readline()
 
     def __getitem__(self, i: int) -> DetectionSample:
+        return self.get(i)
+
+    def get(self, i: int, *, check_images: bool | None = None) -> DetectionSample:
+        """``self[i]``, with the image existence check of this one read on or off (None: the dataset's)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} records")
         i %= len(self)
         where = f"{self.path}:{self._lines[i]}"
-        err, parsed, rec = _parse(self._read(i), self.path.parent, self.check_images)
+        check = self.check_images if check_images is None else check_images
+        err, parsed, rec = _parse(self._read(i), self.path.parent, check)
         if err:
             raise DataValidationError([f"{where}: {err}"])
         width, height, objects, images = parsed
@@ -137,9 +142,7 @@ class LazyJsonlDataset:
     def validate(self, *, workers: int = 1, sample: int | None = None, progress: bool = True) -> int:
         """Check every record (or ``sample`` evenly spaced ones) in ``workers`` processes; return how many
         were checked. Raises ``DataValidationError`` with the first bad lines (in file order) and a count."""
-        picks: Sequence[int] = range(len(self))
-        if sample is not None and sample < len(self):
-            picks = sorted({round(j * (len(self) - 1) / max(sample - 1, 1)) for j in range(sample)})
+        picks: Sequence[int] = range(len(self)) if sample is None else evenly_spaced(len(self), sample)
         chunk = 2000
         jobs = [(str(self.path), [self._offsets[i] for i in picks[s:s + chunk]],
                  [self._lines[i] for i in picks[s:s + chunk]], self.check_images)
@@ -156,6 +159,13 @@ class LazyJsonlDataset:
             raise DataValidationError([f"{self.path}:{n}: {e}" for n, e in errors[:MAX_REPORTED_ERRORS]],
                                       len(errors))
         return checked
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``min(k, n)`` distinct indices of ``range(n)``, evenly spaced, first and last included (k >= 2)."""
+    if k >= n:
+        return list(range(n))
+    return sorted({round(j * (n - 1) / max(k - 1, 1)) for j in range(k)})
 
 
 def _collect(results, errors: list) -> Iterator[int]:

@@ -21,11 +21,12 @@ from transformers.trainer_callback import ProgressCallback
 
 from coordexp.config.contract import rollout_contract
 from coordexp.config.load import load_saved
-from coordexp.config.schema import DataKind, IntervalStrategy, ReportTo, TrainConfig
+from coordexp.config.schema import DataKind, ImageCheck, IntervalStrategy, ReportTo, TrainConfig
 from coordexp.config.trackers import tracker_environment
 from coordexp.config.validate import derived_grad_accumulation
 from coordexp.coordjson import FieldOrder, serialize_objects
-from coordexp.data.jsonl import DataValidationError, load_jsonl
+from coordexp.data.jsonl import MAX_REPORTED_ERRORS, DataValidationError, load_jsonl
+from coordexp.data.lazy_jsonl import LazyJsonlDataset, evenly_spaced
 from coordexp.data.lengths import check_lengths, token_limit
 from coordexp.data.prompt import PromptSpec
 from coordexp.data.synthetic import write_synthetic_split
@@ -80,7 +81,9 @@ def coord_vocab_adapter(tokenizer, model_dir):
 
 
 def load_samples(cfg: TrainConfig, run_dir: Path):
-    """(train, val) DetectionSamples with their prompt messages; synthetic data is written to the run dir."""
+    """(train, val) DetectionSamples with their prompt messages; synthetic data is written to the run dir.
+    With data.kind: jsonl, train is a LazyJsonlDataset (only the file's line offsets are read here; records
+    are parsed on access; :func:`check_train_shard` checks it); otherwise both are lists, checked whole."""
     if cfg.data.kind == DataKind.synthetic:
         data_dir = run_dir / "data"
         train_path = write_synthetic_split(data_dir / "train.jsonl", cfg.data.synthetic, "train")
@@ -90,7 +93,8 @@ def load_samples(cfg: TrainConfig, run_dir: Path):
     prompt = PromptSpec(object_field_order=cfg.data.object_field_order.value,
                         system_prompt=cfg.data.system_prompt)
     try:
-        train = list(load_jsonl(train_path, prompt))
+        train = (list(load_jsonl(train_path, prompt)) if cfg.data.kind == DataKind.synthetic
+                 else LazyJsonlDataset(train_path, prompt))
         val = list(load_jsonl(val_path, prompt, limit=cfg.data.val_sample_limit)) if val_path else []
     except (DataValidationError, FileNotFoundError) as err:
         raise LearnerError(str(err)) from None
@@ -116,6 +120,90 @@ def check_sample_lengths(cfg: TrainConfig, prompts, adapter: TokenizerAdapter, s
         check_lengths(samples, count, token_limit(cfg), upper_bound=bound)
     except DataValidationError as err:
         raise LearnerError(f"samples too long for the context:\n{err}") from None
+
+
+def check_train_shard(cfg: TrainConfig, prompts, adapter: TokenizerAdapter, dataset: LazyJsonlDataset,
+                      rank: int = 0, world_size: int = 1):
+    """Check rank ``rank``'s interleaved share (records rank, rank + world_size, ...) of the lazily read
+    training JSONL before the first step, as the eager path checks a whole list: the record contract (every
+    record of the share), then the images (existence, and the processor's resize against width/height:
+    every record with data.image_check: all, else the share's part of data.image_check_samples evenly spaced
+    records of the file), then the one length rule (every record). Same messages as the eager path. Under
+    DDP the ranks' findings are gathered: rank 0 raises a LearnerError with every failing rank's list, the
+    others a short one. Returns the training dataset for the Trainer: ``dataset`` itself, or with
+    data.image_check: sample a view that checks each record's images when it is read."""
+    sampled = cfg.data.image_check == ImageCheck.sample
+    picks = set(evenly_spaced(len(dataset), cfg.data.image_check_samples)) if sampled else None
+    share = range(rank, len(dataset), world_size)
+    errors: list[str] = []
+    samples, with_images_checked = [], []
+    for i in _progress(share, "checking training records", enabled=rank == 0):
+        checked = picks is None or i in picks
+        try:
+            sample = dataset.get(i, check_images=checked)
+        except DataValidationError as err:
+            errors.extend(err.errors)
+            continue
+        samples.append(sample)
+        if checked:
+            with_images_checked.append(sample)
+    message = None
+    try:
+        if errors:
+            raise LearnerError(str(DataValidationError(errors[:MAX_REPORTED_ERRORS], len(errors))))
+        check_prompts(prompts, with_images_checked)
+        check_sample_lengths(cfg, prompts, adapter, samples)
+    except LearnerError as err:
+        message = str(err)
+    del samples, with_images_checked
+    _gather_failures(message, rank, world_size)
+    return ImageCheckedOnRead(dataset, prompts) if sampled else dataset
+
+
+def _progress(items, desc: str, enabled: bool):
+    """``items`` with a tqdm bar on stderr (a terminal only; ``enabled``: this rank shows one)."""
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="rec", file=sys.stderr, disable=None, mininterval=1.0)
+
+
+def _gather_failures(message: str | None, rank: int, world_size: int) -> None:
+    """Raise this rank's ``message``; under DDP every rank fails when one does (rank 0 with all messages)."""
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        if message:
+            raise LearnerError(message)
+        return
+    messages: list[str | None] = [None] * world_size
+    dist.all_gather_object(messages, message)
+    failed = [(r, m) for r, m in enumerate(messages) if m]
+    if not failed:
+        return
+    if rank == 0:
+        raise LearnerError("\n".join(f"rank {r} (records {r}, {r + world_size}, ... of the file): {m}"
+                                     for r, m in failed))
+    raise LearnerError(f"the training data check failed on rank(s) {', '.join(str(r) for r, _ in failed)}; "
+                       f"rank 0 lists the errors")
+
+
+class ImageCheckedOnRead:
+    """The training dataset under data.image_check: sample: a record's images are checked when the trainer
+    reads it (existence, and the processor's resize against width/height), failing with its file:line."""
+
+    def __init__(self, dataset: LazyJsonlDataset, prompts) -> None:
+        self.dataset, self.prompts = dataset, prompts
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            sample = self.dataset.get(i, check_images=True)
+        except DataValidationError as err:
+            raise LearnerError(str(err)) from None
+        check_prompts(self.prompts, [sample])
+        return sample
 
 
 def check_prompts(prompts, samples) -> None:
@@ -175,8 +263,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
     adapter = coord_vocab_adapter(tokenizer, model_dir)
     with disk_full_is_an_error("the run's data", run_dir):
         train_samples, val_samples = load_samples(cfg, run_dir)
-    check_prompts(prompts, train_samples + val_samples)
-    check_sample_lengths(cfg, prompts, adapter, train_samples + val_samples)
+    eager = list(train_samples) if isinstance(train_samples, list) else []  # lazy JSONL: checked below
+    check_prompts(prompts, eager + val_samples)
+    check_sample_lengths(cfg, prompts, adapter, eager + val_samples)
     os.environ["TENSORBOARD_LOGGING_DIR"] = t.logging_dir
     tracker_env = tracker_environment(t.report_to, run_dir)  # wandb offline, mlflow local: for this run only
     previous_env = {k: os.environ.get(k) for k in tracker_env}
@@ -200,6 +289,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
         use_cpu=use_cpu, ddp_timeout=600,
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
+    if isinstance(train_samples, LazyJsonlDataset):  # each rank checks its share (the process group is up)
+        train_samples = check_train_shard(cfg, prompts, adapter, train_samples, args.process_index,
+                                          args.world_size)
     backend = build_rollout_backend(contract, model, tokenizer, prompts.image_token_id)
     weight_sync = (WeightSync.from_contract(contract, run_dir, model_dir=str(model_dir))
                    if contract.backend == "vllm" else None)
