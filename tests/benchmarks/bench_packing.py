@@ -7,7 +7,8 @@ Channel B (segments from the model's own greedy rollouts, made once), the forwar
 - ``packed``: next-fit packs of ``packing_length`` tokens (the real ``Stage2ABTrainer`` pack path);
 and Channel A with ``n_softctx_iter`` 2 vs 1 (packed). Interleaved repeats, medians.
 
-Run: python tests/benchmarks/bench_packing.py [repeats] [packing_length]
+Run: python tests/benchmarks/bench_packing.py [repeats] [packing_length] [leaf ...]
+(leaves default to both smoke leaves)
 Target: packed >= 1.5x unpacked x16 in samples/s.
 """
 
@@ -85,7 +86,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"{torch.get_num_threads()} torch threads; packing_length {capacity}; 16 samples per step; "
           f"median of {repeats}")
-    for leaf in ("smoke/ab_mixed", "smoke/ab_mixed_vl"):
+    for leaf in sys.argv[3:] or ("smoke/ab_mixed", "smoke/ab_mixed_vl"):
         model, fake, seqs_a, seqs_b = setup(leaf, 1)
         lengths = [segment_length(q) for q in seqs_a]
         print(f"\n{leaf}: segment tokens A mean {statistics.mean(lengths):.0f} (max {max(lengths)}), "

@@ -128,6 +128,7 @@ def test_range_and_cross_field_violations_are_reported_together():
     problems = problems_of(
         "+experiment=smoke/ab_mixed", "rollout=vllm_server", "stage2_ab.schedule.b_ratio=1.5",
         "rollout_matching.max_new_tokens=4096", "training.nproc_per_node=2", "vllm.sync.mode=none",
+        "training.per_device_train_batch_size=16", "training.packing=false",
         "vllm.server.base_urls=[]", "rollout_matching.repeat_terminate.ngram_repeats=1",
         "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier=5")
     assert problems == [
