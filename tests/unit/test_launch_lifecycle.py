@@ -52,9 +52,17 @@ def test_server_key_ignores_learner_side_settings_and_tracks_server_ones(tmp_pat
 
 
 def test_learner_env_gets_the_learner_gpus_only_on_gpu():
-    assert run.learner_env(cfg_of()) == {}
     gpu = cfg_of("vllm=gpu", "training.nproc_per_node=2", "training.effective_batch_size=32")
-    assert run.learner_env(gpu) == {"CUDA_VISIBLE_DEVICES": "6,7"}
+    assert run.learner_env(gpu, environ={}) == {"CUDA_VISIBLE_DEVICES": "6,7"}
+    assert run.learner_env(cfg_of("rollout=hf"), environ={}) == {}
+
+
+def test_a_learner_next_to_a_cpu_server_lets_its_openmp_threads_sleep():
+    """The learner's spinning OpenMP threads and the server's fight for the same cores: measured with
+    tests/benchmarks/bench_pipeline.py, the serial server-mode Channel-B step took 1.93 s with the default and
+    0.78 s with passive waiting (docs/benchmarks.md). A value the user exported wins."""
+    assert run.learner_env(cfg_of(), environ={}) == {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+    assert run.learner_env(cfg_of(), environ={"OMP_WAIT_POLICY": "ACTIVE"}) == {"KMP_BLOCKTIME": "0"}
 
 
 class FakeSet:
