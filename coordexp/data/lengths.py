@@ -1,5 +1,6 @@
 """One length rule for training samples, checked when the data is loaded and reused for every segment built
-later: a sample's prompt + answer tokens must fit ``vllm.max_model_len - rollout_matching.max_new_tokens``.
+later: a sample's prompt + answer tokens must fit ``vllm.max_model_len - rollout_matching.max_new_tokens``
+(with ``training.packing``, ``training.packing_length`` instead of ``vllm.max_model_len`` when smaller).
 
 Why that limit: a Channel-B target is the rollout prefix (at most ``max_new_tokens``) + the unmatched GT
 objects (at most the whole answer) + closure, so prompt + answer <= max_model_len - max_new_tokens keeps
@@ -33,10 +34,14 @@ class TokenLimit:
 
 
 def token_limit(cfg: Any) -> TokenLimit:
-    """The limit of a typed config (``TrainConfig``)."""
-    total, budget = cfg.vllm.max_model_len, cfg.rollout_matching.max_new_tokens
-    return TokenLimit(total - budget,
-                      f"vllm.max_model_len {total} - rollout_matching.max_new_tokens {budget}")
+    """The limit of a typed config (``TrainConfig``): the server context, or with ``training.packing`` the
+    pack length when it is smaller (every Channel-B segment of the sample must fit one pack), minus the
+    rollout budget."""
+    total, origin = cfg.vllm.max_model_len, "vllm.max_model_len"
+    if cfg.training.packing and cfg.training.packing_length < total:
+        total, origin = cfg.training.packing_length, "training.packing_length"
+    budget = cfg.rollout_matching.max_new_tokens
+    return TokenLimit(total - budget, f"{origin} {total} - rollout_matching.max_new_tokens {budget}")
 
 
 def oversize_error(source: str, n_tokens: int, limit: TokenLimit,

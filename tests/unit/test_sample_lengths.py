@@ -96,3 +96,16 @@ def test_the_cli_refuses_a_one_megabyte_desc_before_training(tmp_path):
     assert f"{path}:2: " in out.stderr and f"exceed the limit of 928 ({LIMIT_TEXT})" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
     print(f"[length] a 1 MB desc refused in {took:.1f} s (whole command)")
+
+
+def test_with_packing_the_pack_length_bounds_samples_when_smaller():
+    from coordexp.data.lengths import token_limit
+
+    def limit(*overrides):
+        return token_limit(to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=hf", *overrides])))
+
+    assert repr(limit("training.packing=false")) == (
+        "TokenLimit(928, 'vllm.max_model_len 1024 - rollout_matching.max_new_tokens 96')")
+    assert repr(limit("training.packing=true", "training.packing_length=600")) == (
+        "TokenLimit(504, 'training.packing_length 600 - rollout_matching.max_new_tokens 96')")
+    assert limit("training.packing=true", "training.packing_length=4096").limit == 928  # the context rules
