@@ -31,14 +31,8 @@ DESCS = ["cat", "red square", '{"desc": "x"}', "a \\ b", "café", "红色", "\U0
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from coordexp.models.tiny import ensure_tiny_model
-
-    # one build per pytest session: every module asks for the same folder under the session's base temp
-    path = ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2")
-    tok = AutoTokenizer.from_pretrained(path)
+def tiny(tiny_tokenizer):
+    tok = tiny_tokenizer
     table = [tok.decode([i], skip_special_tokens=False) for i in range(len(tok))]  # what the cap sees
     return tok, table, RecordStartCounter(table), CoordVocab.from_vocab(tok.get_vocab())
 

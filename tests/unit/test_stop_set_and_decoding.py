@@ -38,10 +38,8 @@ GT = (DetectionObject("red square", (100, 100, 300, 300)), DetectionObject("blue
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from coordexp.models.tiny import ensure_tiny_model
-
-    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2")
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

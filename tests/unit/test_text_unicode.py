@@ -73,19 +73,8 @@ class Tok:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir_tok(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from coordexp.models.tiny import ensure_tiny_model
-
-    # one build per pytest session: every module asks for the same folder under the session's base temp
-    path = ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2")
-    return AutoTokenizer.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir_tok):
-    hf = tiny_dir_tok
+def tiny(tiny_tokenizer):
+    hf = tiny_tokenizer
     return Tok(lambda text: hf.encode(text, add_special_tokens=False),
                lambda ids: hf.decode(list(ids), skip_special_tokens=False), hf.convert_ids_to_tokens,
                len(hf), hf.get_vocab(), hf.eos_token_id)
@@ -301,7 +290,7 @@ def test_data_line_with_a_lone_surrogate_fails_at_load_with_file_and_line(tmp_pa
 # ---------------------------------------------------------------------------------------------- writers
 
 
-def test_every_writer_takes_any_rollout_text(tiny_dir_tok, tmp_path):
+def test_every_writer_takes_any_rollout_text(tiny_tokenizer, tmp_path):
     """Through the learner's own TokenizerAdapter and the eval pipeline's scoring: non-ASCII descs come out
     exact and a lone-surrogate desc is dropped; predictions.jsonl, the qualitative markdown, the PNGs and
     TensorBoard (images and text) are all written, also for a record that does hold a lone surrogate."""
@@ -316,7 +305,7 @@ def test_every_writer_takes_any_rollout_text(tiny_dir_tok, tmp_path):
     from coordexp.rollout.scoring import TokenizerAdapter
     from coordexp.viz import write_sample_pngs
 
-    hf = tiny_dir_tok
+    hf = tiny_tokenizer
     adapter = TokenizerAdapter(hf)
     contract = rollout_contract(to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=hf"])))
     gt = [CoordObject("红色方块", (10, 20, 300, 400)), CoordObject("cafe\u0301", (500, 500, 600, 700))]
