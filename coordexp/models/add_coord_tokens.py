@@ -36,9 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from coordexp.coordjson import NUM_BINS
 from coordexp.errors import CoordexpError
 
-NUM_BINS = 1000
 RECORD_FILE = "coordexp_coord_tokens.json"
 DEFAULT_SCALE = 0.25
 SEED = 1000
