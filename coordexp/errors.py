@@ -13,7 +13,8 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 #: Bad config, bad data, unusable checkpoint, a learner-side failure (server failure mid-training included).
 EXIT_USER_ERROR = 2
@@ -21,6 +22,7 @@ EXIT_USER_ERROR = 2
 EXIT_SERVER_ERROR = 3
 
 DOCS_HINT = "Config reference: docs/config.md"
+T = TypeVar("T")
 
 
 class CoordexpError(Exception):
@@ -63,6 +65,19 @@ class ServerStartError(CoordexpError):
 
 class EvalError(CoordexpError):
     """A problem of ``coordexp.eval`` (exit 2, or 3 when its rollout server could not be started)."""
+
+
+def run_reporting(fn: Callable[[], T]) -> T | int:
+    """``fn()``, or for a :class:`CoordexpError` / ``OSError`` (a folder that is not writable, a full disk)
+    the exit code after one ``error:`` line: the error handling of the data and model CLIs."""
+    try:
+        return fn()
+    except CoordexpError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.code
+    except OSError as err:
+        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
 
 
 @contextlib.contextmanager

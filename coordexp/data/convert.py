@@ -41,7 +41,7 @@ from typing import Any
 from coordexp.coordjson import coco_box_to_pixel_box, pixel_box_to_bins
 from coordexp.data.coco_source import DROP_REASONS, PlannedImage, SourceError, SourcePlan, plan_source
 from coordexp.data.resize import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FAMILY_FACTOR, family_resized_size
-from coordexp.errors import CoordexpError
+from coordexp.errors import CoordexpError, run_reporting
 
 __all__ = ["ConvertError", "ConvertOptions", "ImageJob", "ImageResult", "build_record", "convert", "main",
            "process_image"]
@@ -353,14 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           family=args.family, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                           workers=args.workers, skip_missing_images=args.skip_missing_images,
                           progress=not args.no_progress)
-    try:
-        summary = convert(opts)
-    except ConvertError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return err.code
-    except OSError as err:  # e.g. --out not writable, disk full
-        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr, flush=True)
-        return ConvertError.code
+    summary = run_reporting(lambda: convert(opts))
+    if isinstance(summary, int):
+        return summary
     im, bx = summary["images"], summary["boxes"]
     drops = ", ".join(f"{k} {v}" for k, v in bx["dropped"].items() if v) or "none"
     print(f"{summary['jsonl']}: {im['out']} of {im['in']} images ({im['skipped_without_annotations']} "

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from coordexp.coordjson import NUM_BINS
-from coordexp.errors import CoordexpError
+from coordexp.errors import CoordexpError, run_reporting
 
 RECORD_FILE = "coordexp_coord_tokens.json"
 DEFAULT_SCALE = 0.25
@@ -184,14 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"size of the ordered component in units of the per-dimension std "
                              f"(default {DEFAULT_SCALE})")
     args = parser.parse_args(argv)
-    try:
-        summary = add_coord_tokens(args.src, args.dst, scale=args.scale)
-    except AddCoordTokensError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return err.code
-    except OSError as err:  # e.g. --dst not writable, disk full
-        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr, flush=True)
-        return AddCoordTokensError.code
+    summary = run_reporting(lambda: add_coord_tokens(args.src, args.dst, scale=args.scale))
+    if isinstance(summary, int):
+        return summary
     if not summary["added"]:
         print(f"{args.src} already has all {NUM_BINS} coordinate tokens as single tokens: nothing to do, "
               f"nothing written (use {args.src} as model.path)")
