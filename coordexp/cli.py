@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -29,8 +30,6 @@ def hydra_args(args: list[str]) -> argparse.Namespace | None:
     parser ``@hydra.main`` uses, so every flag and the values it takes, ``--info defaults-tree``,
     ``-cd <dir>``, ``-sc`` with ``install=bash`` among the overrides, are read as Hydra reads them). None
     when it does not parse: Hydra itself then reports the usage error."""
-    from hydra._internal.utils import get_args_parser
-
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             return get_args_parser().parse_intermixed_args(args)

@@ -75,7 +75,7 @@ def rate_series(records: Sequence[dict], num: str, den: str) -> tuple[list[float
 
 
 def plot_run(run_dir_or_file: Path, output: Path | None = None) -> Path:
-    import matplotlib
+    import matplotlib  # only when a plot is drawn, and the headless backend before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,16 +6,26 @@ argv: they load the resolved config the orchestrator saved, through the same sch
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from coordexp.config import validate
 from coordexp.config.cwd import absolute_paths
 from coordexp.config.errors import ConfigError, raise_if
+from coordexp.config.leaf import _parse_overrides, check_command_line
+from coordexp.config.paths import CONF_DIR
 from coordexp.config.schema import TrainConfig
+from coordexp.config.store import register_configs
+from coordexp.config.validate import dir_problems
 
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 
@@ -70,16 +80,6 @@ def compose(overrides: Sequence[str], config_dir: str | Path | None = None) -> D
     ``config_dir``: the user's own config dir (``--config-dir``), searched after the package's conf/ as
     Hydra does (through ``hydra.searchpath``).
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
-
-    from coordexp.config.leaf import check_command_line
-    from coordexp.config.paths import CONF_DIR
-    from coordexp.config.store import register_configs
-
     register_configs()
     check_command_line(overrides, config_dir=config_dir)
     overrides = list(overrides)
@@ -101,10 +101,6 @@ def compose(overrides: Sequence[str], config_dir: str | Path | None = None) -> D
 def sweep_jobs(overrides: Sequence[str]) -> list[tuple[list[str], str]]:
     """The jobs of a command line, as (overrides, label): one per combination of its sweep values (a plain
     run is one job with an empty label). Hydra expands sweeps the same way (cartesian product, in order)."""
-    import itertools
-
-    from coordexp.config.leaf import _parse_overrides
-
     axes: list[list[tuple[str, str]]] = []
     for ov in _parse_overrides(overrides):
         if not ov.is_sweep_override():
@@ -141,8 +137,6 @@ def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writ
     the directories it writes are checked. ``validate=False``: composition and interpolation only (before
     ``--cfg`` prints; the validation follows the print). ``config_dir``: the user's ``--config-dir``.
     Raises one ConfigError listing every problem of every job."""
-    from coordexp.config.validate import dir_problems
-
     jobs = sweep_jobs(overrides)
     found: dict[str, list[str]] = {}
     for job, label in jobs:

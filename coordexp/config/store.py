@@ -2,6 +2,7 @@
 `${coordexp_run_dir:}` resolver leaves use for training.output_dir."""
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from coordexp.config.schema import TrainConfig
@@ -12,8 +13,6 @@ SCHEMA_NAME = "coordexp_schema"
 def _run_dir() -> str:
     """The job's output dir (each multirun job has its own); `hydra.run.dir` where no job runs yet
     (`--cfg job`, preflight)."""
-    from hydra.core.hydra_config import HydraConfig
-
     hydra_cfg = HydraConfig.get()
     return OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None) or hydra_cfg.run.dir
 

@@ -24,6 +24,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
 from coordexp.coordjson import bins_to_coco_box
 
 #: COCOeval's largest maxDets: per image (and category, in by_desc mode) only the MAX_DETS best-scored
@@ -60,9 +63,6 @@ def coco_ap(images: Sequence[CocoImage], mode: str = "agnostic") -> dict[str, fl
     detections (of one category in ``by_desc`` mode), whose extra detections COCOeval ignores."""
     if mode not in ("agnostic", "by_desc"):
         raise ValueError(f"mode must be 'agnostic' or 'by_desc', got {mode!r}")
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     if mode == "agnostic":
         categories = {"object": 1}
     else:
@@ -117,8 +117,6 @@ def _results(gt, dets: list[dict]):
     """The detections as a pycocotools result set. ``loadRes`` cannot take an empty list, so no detections
     is an empty result set over the same images and categories: COCOeval itself then says which stats are
     0.0 and which undefined (-1 -> None), area-range limits included."""
-    from pycocotools.coco import COCO
-
     if dets:
         return gt.loadRes(dets)
     empty = COCO()

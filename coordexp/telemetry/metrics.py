@@ -83,7 +83,7 @@ def gather_and_reduce(buffer: MetricBuffer) -> dict[str, float]:
     """All ranks call this together (it is a collective under torch.distributed)."""
     payload = buffer.to_payload()
     try:
-        import torch.distributed as dist
+        import torch.distributed as dist  # torch only where ranks gather: the pure metric math needs none
     except ImportError:  # pragma: no cover - torch is always there in the learner
         return reduce_buffers([payload])
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
@@ -164,8 +165,6 @@ def _progress(items, desc: str, enabled: bool):
     """``items`` with a tqdm bar on stderr (a terminal only; ``enabled``: this rank shows one)."""
     if not enabled:
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, unit="rec", file=sys.stderr, disable=None, mininterval=1.0)
 
 

@@ -53,7 +53,7 @@ class SyncReport:
 def server_weights(model, dtype: str | None = None) -> Iterator[tuple[str, Any]]:
     """``(HF name, tensor)`` of the model's unique parameters (tied weights once), detached, floating-point
     ones cast to ``dtype`` (a torch dtype name: the server's) when given. The one cast of a sync."""
-    import torch
+    import torch  # torch and safetensors only when a sync runs: the orchestrator imports this module
 
     target = getattr(torch, dtype) if dtype else None
     for name, p in model.named_parameters():  # named_parameters() already skips tied duplicates
@@ -70,7 +70,7 @@ def named_weights(model, dtype: str | None = None) -> dict[str, Any]:
 
 def write_weights_file(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> int:
     """Write ``tensors`` as safetensors, atomically (temp file + rename). Returns the file size."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # see server_weights
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -87,7 +87,7 @@ def flatten_bucket(named: Sequence[tuple]) -> tuple:
     """``(metadatas, uint8 tensor)`` in the layout of ms-swift's ``FlattenedTensorBucket`` (what its
     ``/update_flattened_params/`` route expects): per tensor ``name, shape, dtype, start_idx, end_idx,
     numel`` over the bytes of the flattened tensors, concatenated."""
-    import torch
+    import torch  # see server_weights
 
     metas, chunks, offset = [], [], 0
     for name, t in named:
