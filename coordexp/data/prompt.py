@@ -54,10 +54,10 @@ class PromptSpec:
     scene: str = "auto"
 
     def __post_init__(self) -> None:
-        order = FieldOrder(self.object_field_order).value  # a FieldOrder or its plain value
-        object.__setattr__(self, "object_field_order", order)
+        order = self.object_field_order  # a FieldOrder (a str enum) or its plain value
         if order not in FIELD_ORDERS:
             raise ValueError(f"object_field_order must be one of {FIELD_ORDERS}, got {order!r}")
+        object.__setattr__(self, "object_field_order", FieldOrder(self.object_field_order).value)
         if self.scene not in SCENES:
             raise ValueError(f"scene must be one of {SCENES}, got {self.scene!r}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):

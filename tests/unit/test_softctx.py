@@ -202,8 +202,8 @@ def test_one_pass_is_plain_teacher_forcing(text_batch):
     from coordexp.trainer.stage2_trainer import Stage2ABTrainer
 
     model, adapter, batch = text_batch
-    ab = to_train_config(compose(["+experiment=smoke/a_only", "rollout=hf"])).stage2_ab
-    assert ab.n_softctx_iter == 1
+    ab = to_train_config(compose(["+experiment=smoke/a_only", "rollout=hf",
+                                  "stage2_ab.n_softctx_iter=1"])).stage2_ab
     fake = SimpleNamespace(stage2_ab=ab, _coord_ids=torch.tensor(adapter.coord_token_ids),
                            accelerator=SimpleNamespace(unwrap_model=lambda m: m))
     with torch.no_grad():
