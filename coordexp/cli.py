@@ -22,7 +22,7 @@ from coordexp.config.load import check_before_start, to_train_config
 from coordexp.config.schema import TrainConfig
 from coordexp.config.store import register_configs
 from coordexp.errors import ConfigError, exit_on_error
-from coordexp.rollout.protocol import ENV_CONSOLE_LOG
+from coordexp.protocol import ENV_CONSOLE_LOG
 
 
 def hydra_args(args: list[str]) -> argparse.Namespace | None:

@@ -13,7 +13,7 @@ from coordexp.config.errors import exit_on_config_error
 from coordexp.config.gpus import gpu_plan, gpu_plan_problem
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import TrainConfig
-from coordexp.rollout.repeat_rules import config_to_dict
+from coordexp.repeat_rules import config_to_dict
 
 
 def preflight(cfg: TrainConfig) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def tiny_tokenizer(tiny_model_dir):
 
 def rules_config(**overrides):
     """A repeat-terminate config with every rule off except the ones given (rule-engine tests)."""
-    from coordexp.rollout.repeat_rules import parse_config
+    from coordexp.repeat_rules import parse_config
 
     base = {"enabled": True, "min_new_tokens": 0, "max_consecutive_token_repeats": 0, "ngram_size": 0,
             "ngram_repeats": 0, "max_object_keys": None}

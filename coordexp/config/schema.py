@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from coordexp.coordjson.serialize import FieldOrder
-from coordexp.rollout.repeat_rules import RepeatTerminateConfig
+from coordexp.repeat_rules import RepeatTerminateConfig
 
 
 def enum_value(value: Any) -> Any:

@@ -23,8 +23,8 @@ from coordexp.config.schema import (
     TrainConfig,
 )
 from coordexp.config.trackers import tracker_problems
-from coordexp.rollout.repeat_rules import config_to_dict
-from coordexp.rollout.repeat_rules import problems as repeat_terminate_problems
+from coordexp.repeat_rules import config_to_dict
+from coordexp.repeat_rules import problems as repeat_terminate_problems
 
 
 def derived_grad_accumulation(cfg: TrainConfig) -> int:

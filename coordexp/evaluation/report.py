@@ -13,7 +13,7 @@ from coordexp.evaluation.artifacts import TEXT_ENCODING
 from coordexp.evaluation.coco import CocoImage, CocoObject, coco_ap
 from coordexp.evaluation.detection import DUPLICATE_IOU, DetectionAggregate, prf
 from coordexp.evaluation.scoring import COORD_PROB_SCORE
-from coordexp.rollout.repeat_rules import config_to_dict
+from coordexp.repeat_rules import config_to_dict
 
 REPORT_NAME = "eval_report.json"
 

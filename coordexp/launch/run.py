@@ -63,7 +63,7 @@ from coordexp.launch.process import defer_signal, set_parent_death_signal, stop_
 from coordexp.launch.server_spec import CPU_SERVER_OPENMP_ENV
 from coordexp.launch.servers import ServerSet, current_pool, resolve_model_dir
 from coordexp.launch.supervise import supervised_command
-from coordexp.rollout.protocol import ENV_INITIAL_WEIGHTS, ENV_RUN_ID
+from coordexp.protocol import ENV_INITIAL_WEIGHTS, ENV_RUN_ID
 from coordexp.telemetry.record import say
 from coordexp.trainer import resume
 

@@ -3,8 +3,8 @@ line and environment it turns into.
 
 The command is ``python -m swift.cli.rollout ...``: the program ``swift rollout`` runs (ms-swift's ``swift``
 entry point only re-executes that file in a child process). The repeat-terminate subtree is exported as JSON
-in :data:`~coordexp.rollout.protocol.ENV_CONFIG_JSON` together with the guard
-:data:`~coordexp.rollout.protocol.ENV_ENABLE`, for the server process only.
+in :data:`~coordexp.protocol.ENV_CONFIG_JSON` together with the guard
+:data:`~coordexp.protocol.ENV_ENABLE`, for the server process only.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from coordexp import checkpoint
+from coordexp import checkpoint, protocol
 from coordexp.config.contract import server_image_root
 from coordexp.config.schema import enum_value
 from coordexp.config.validate import url_problem
 from coordexp.errors import ServerStartError
-from coordexp.rollout import protocol
-from coordexp.rollout.repeat_rules import RepeatTerminateConfig, config_to_dict, parse_config
+from coordexp.repeat_rules import RepeatTerminateConfig, config_to_dict, parse_config
 
 __all__ = ["PLUGIN_PATH", "ServerLaunchSpec", "build_command", "build_env", "launch_spec_from_config"]
 

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from coordexp.config.schema import TrainConfig, enum_value
 from coordexp.errors import LaunchError
 from coordexp.launch.rollout_server import RolloutServer
-from coordexp.rollout.protocol import ENV_RUN_ID
-from coordexp.rollout.repeat_rules import config_to_dict, parse_config
+from coordexp.protocol import ENV_RUN_ID
+from coordexp.repeat_rules import config_to_dict, parse_config
 from coordexp.rollout.server_client import check_health
 from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
 

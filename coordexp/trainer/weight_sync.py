@@ -11,7 +11,7 @@ cache is reset after every sync (``/reset_prefix_cache/``).
 Which weights the server holds: the learner tracks the optimizer step of the weights it last pushed
 (weights change only at optimizer steps). Unknown at start, so the first rollout syncs - unless the
 orchestrator started the server itself from the very checkpoint the learner loads and says so in
-:data:`~coordexp.rollout.protocol.ENV_INITIAL_WEIGHTS` (the model dir), and the learner is at step 0 (not
+:data:`~coordexp.protocol.ENV_INITIAL_WEIGHTS` (the model dir), and the learner is at step 0 (not
 resumed): then the server is known to hold step-0 weights and the first sync happens after the first
 optimizer step.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from coordexp.config.contract import RolloutContract
-from coordexp.rollout.protocol import ENV_INITIAL_WEIGHTS
+from coordexp.protocol import ENV_INITIAL_WEIGHTS
 from coordexp.telemetry.record import say
 from coordexp.trainer.sync_transport import FileTransport, NcclTransport, SyncReport, WeightSyncError
 
@@ -59,7 +59,7 @@ class WeightSync:
     def from_contract(cls, contract: RolloutContract, run_dir: Path, model_dir: str | None = None,
                       **kwargs) -> WeightSync | None:
         """None for ``vllm.sync.mode: none``. ``model_dir``: the checkpoint the learner loaded (compared with
-        :data:`~coordexp.rollout.protocol.ENV_INITIAL_WEIGHTS`)."""
+        :data:`~coordexp.protocol.ENV_INITIAL_WEIGHTS`)."""
         if contract.sync_mode == "none":
             return None
         urls = list(contract.server_base_urls)

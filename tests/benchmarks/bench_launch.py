@@ -186,7 +186,7 @@ def prompts_for(tok, n: int):
 
 
 def bench_server_rollouts(srv, msgs, batch_sizes, tokens: int, rounds: int) -> dict:
-    from coordexp.rollout.protocol import XARGS_KEY
+    from coordexp.protocol import XARGS_KEY
     from coordexp.rollout.server_client import DecodeParams, InferRequest, RolloutClient
 
     out = {}

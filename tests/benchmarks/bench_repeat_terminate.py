@@ -98,7 +98,7 @@ def _setup(core, tok, batch, length, naive=False, seed=0):
     import torch
     from vllm.v1.sample.logits_processor import BatchUpdate
 
-    from coordexp.rollout.repeat_rules import parse_config
+    from coordexp.repeat_rules import parse_config
     from coordexp.rollout.vllm_processor import RepeatTerminateV1LogitsProcessor
 
     rng = random.Random(seed)

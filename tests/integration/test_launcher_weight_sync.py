@@ -23,7 +23,7 @@ import requests
 from coordexp.config.schema import RepeatTerminateConfig
 from coordexp.launch.rollout_server import RolloutServer
 from coordexp.launch.server_spec import ServerLaunchSpec
-from coordexp.rollout.protocol import LOAD_WEIGHTS_ROUTE, XARGS_KEY
+from coordexp.protocol import LOAD_WEIGHTS_ROUTE, XARGS_KEY
 from coordexp.rollout.server_client import DecodeParams, InferRequest, RolloutClient
 from coordexp.trainer.sync_transport import FileTransport, WeightSyncError, named_weights
 from coordexp.trainer.weight_sync import WeightSync

@@ -25,8 +25,8 @@ from coordexp.data.jsonl import DetectionObject, DetectionSample
 from coordexp.data.prompt import build_messages
 from coordexp.launch.rollout_server import RolloutServer
 from coordexp.models.prompts import TextPromptEncoder
+from coordexp.repeat_rules import forced_eos_flag
 from coordexp.rollout.hf_backend import HFRolloutBackend
-from coordexp.rollout.repeat_rules import forced_eos_flag
 from coordexp.rollout.scoring import stop_ids_of
 from coordexp.trainer.learner import build_rollout_backend
 from tests.conftest import free_port

@@ -38,14 +38,14 @@ from coordexp.errors import ServerStartError
 from coordexp.launch.process import port_in_use
 from coordexp.launch.rollout_server import RolloutServer
 from coordexp.launch.server_spec import ServerLaunchSpec, build_command, build_env, launch_spec_from_config
-from coordexp.rollout.probe import run_probe
-from coordexp.rollout.protocol import ENV_CONFIG_JSON, FLAG_INFO_KEY, WRAPPER_HEADER, WRAPPER_VALUE, XARGS_KEY
-from coordexp.rollout.repeat_rules import (
+from coordexp.protocol import ENV_CONFIG_JSON, FLAG_INFO_KEY, WRAPPER_HEADER, WRAPPER_VALUE, XARGS_KEY
+from coordexp.repeat_rules import (
     first_trigger_length,
     forced_eos_flag,
     merge_overrides,
     object_open_matcher,
 )
+from coordexp.rollout.probe import run_probe
 from coordexp.rollout.server_client import (
     DecodeParams,
     InferRequest,

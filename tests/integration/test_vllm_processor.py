@@ -12,8 +12,8 @@ import pytest
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from coordexp.rollout.protocol import ENV_CONFIG_JSON, PROCESSOR_FQCN, XARGS_KEY
-from coordexp.rollout.repeat_rules import (
+from coordexp.protocol import ENV_CONFIG_JSON, PROCESSOR_FQCN, XARGS_KEY
+from coordexp.repeat_rules import (
     first_trigger_length,
     forced_eos_flag,
     merge_overrides,

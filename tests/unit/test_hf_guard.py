@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from coordexp.repeat_rules import first_trigger_length, forced_eos_flag
 from coordexp.rollout.hf_guard import RepeatTerminateGuard, build_hf_guard
-from coordexp.rollout.repeat_rules import first_trigger_length, forced_eos_flag
 
 EOS = 7
 PAD = 0

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from coordexp.rollout.protocol import ENV_INITIAL_WEIGHTS, LOAD_WEIGHTS_ROUTE
+from coordexp.protocol import ENV_INITIAL_WEIGHTS, LOAD_WEIGHTS_ROUTE
 from coordexp.trainer.sync_transport import (
     FileTransport,
     SyncReport,

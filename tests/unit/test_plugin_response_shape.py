@@ -16,7 +16,7 @@ from swift.infer_engine.protocol import (
     UsageInfo,
 )
 
-from coordexp.rollout.protocol import FLAG_INFO_KEY, FLAG_KEY, RESPONSE_KEY, WRAPPER_HEADER, WRAPPER_VALUE
+from coordexp.protocol import FLAG_INFO_KEY, FLAG_KEY, RESPONSE_KEY, WRAPPER_HEADER, WRAPPER_VALUE
 from coordexp.rollout.server import responses
 from coordexp.rollout.server_client import parse_infer_response
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordexp.rollout.protocol import XARGS_KEY
-from coordexp.rollout.repeat_rules import (
+from coordexp.protocol import XARGS_KEY
+from coordexp.repeat_rules import (
     CONFIG_KEYS,
     ObjectOpenMatcher,
     RepeatTerminateConfig,

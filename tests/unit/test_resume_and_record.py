@@ -19,7 +19,7 @@ from coordexp.config.metric_names import DOCUMENTED, documented_names, is_regist
 from coordexp.config.schema import ReportTo
 from coordexp.config.trackers import tracker_environment, tracker_problems
 from coordexp.errors import LearnerError
-from coordexp.rollout.protocol import ENV_CONSOLE_LOG
+from coordexp.protocol import ENV_CONSOLE_LOG
 from coordexp.telemetry.record import say
 from coordexp.telemetry.summary import run_summary
 from coordexp.trainer import resume

@@ -24,11 +24,11 @@ from coordexp.coordjson import CoordObject, serialize_objects
 from coordexp.data.jsonl import DetectionObject, DetectionSample
 from coordexp.data.prompt import build_messages
 from coordexp.models.prompts import TextPromptEncoder
+from coordexp.repeat_rules import forced_eos_flag
 from coordexp.rollout import batch as rollout_batch
 from coordexp.rollout.batch import Rollout, decoding_settings, ignored_checkpoint_defaults
 from coordexp.rollout.hf_backend import HFRolloutBackend
 from coordexp.rollout.hf_guard import build_hf_guard
-from coordexp.rollout.repeat_rules import forced_eos_flag
 from coordexp.rollout.scoring import TokenizerAdapter, score_rollout, stop_ids_of
 from coordexp.rollout.server_backend import ServerRolloutBackend
 from coordexp.rollout.server_client import build_infer_payload

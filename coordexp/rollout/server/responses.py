@@ -1,7 +1,7 @@
 """The shape of a ``/infer/`` output item, in the server's main process: ms-swift's own ``RolloutOutput`` with
 the repeat-terminate flag in ``rollout_infos`` (stock clients), or coordexp's wrapper
 ``{"response": ..., "coordexp": {"repeat_terminate_triggered": 0|1}}`` for clients that ask for it with the
-:data:`~coordexp.rollout.protocol.WRAPPER_HEADER` request header.
+:data:`~coordexp.protocol.WRAPPER_HEADER` request header.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import contextvars
 import dataclasses
 from typing import Any
 
-from coordexp.rollout.protocol import FLAG_INFO_KEY, FLAG_KEY, RESPONSE_KEY, WRAPPER_HEADER, WRAPPER_VALUE
+from coordexp.protocol import FLAG_INFO_KEY, FLAG_KEY, RESPONSE_KEY, WRAPPER_HEADER, WRAPPER_VALUE
 
 __all__ = ["WrapperHeaderMiddleware", "asks_for_wrapper", "plain_output", "to_plain", "wants_wrapper",
            "wrap_output"]

@@ -14,12 +14,12 @@ nothing). With the guard set it:
 3. *requests* - copies each request's ``data_dict["vllm_xargs"]`` into ``SamplingParams.extra_args``, so a
    request can carry per-request thresholds (``{"coordexp_repeat_terminate": {...}}``);
 4. *flags* (worker) - after generation, computes per output the flag
-   :func:`~coordexp.rollout.repeat_rules.forced_eos_flag` with the request's effective config, the engine's
+   :func:`~coordexp.repeat_rules.forced_eos_flag` with the request's effective config, the engine's
    tokenizer EOS and object-opening patterns: 1 iff the last token is the forced EOS and the rule held for
    all tokens before it, i.e. exactly when the processor forced it. An output that contradicts an attached
    processor (rule held earlier but generation went on) is logged as an error;
 5. *response* (main) - for a request with the header ``X-Coordexp-Response: wrapped``
-   (:data:`~coordexp.rollout.protocol.WRAPPER_HEADER`; coordexp's client sends it) every ``/infer/`` output
+   (:data:`~coordexp.protocol.WRAPPER_HEADER`; coordexp's client sends it) every ``/infer/`` output
    is ``{"response": <ms-swift RolloutOutput as a plain dict>,
    "coordexp": {"repeat_terminate_triggered": 0|1}}``; any other client (ms-swift's ``VLLMClient``, a GRPO
    trainer) gets ms-swift's own ``RolloutOutput`` with the flag as
@@ -27,7 +27,7 @@ nothing). With the guard set it:
 6. CPU only (``COORDEXP_SERVER_DEVICE=cpu``, set by the launcher): ms-swift's device-count check is told
    there is one device;
 7. *weight sync* (through the two extension points below): the vLLM workers get the worker extension
-   :data:`coordexp.rollout.protocol.WORKER_EXTENSION_FQCN` (ms-swift's own NCCL extension plus a
+   :data:`coordexp.protocol.WORKER_EXTENSION_FQCN` (ms-swift's own NCCL extension plus a
    file loader), and the app gets ``POST /coordexp/load_weights/ {"path": ...}``, which makes every rollout
    worker load a safetensors file the learner wrote (``collective_rpc`` by method name; no pickled code).
 
@@ -48,7 +48,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from coordexp.rollout.protocol import (
+from coordexp.protocol import (
     ENV_CONFIG_JSON,
     ENV_ENABLE,
     ENV_SERVER_DEVICE,
@@ -58,7 +58,7 @@ from coordexp.rollout.protocol import (
     WORKER_EXTENSION_FQCN,
     XARGS_KEY,
 )
-from coordexp.rollout.repeat_rules import (
+from coordexp.repeat_rules import (
     RepeatTerminateConfig,
     config_from_json,
     config_to_dict,

@@ -1,4 +1,4 @@
-"""``POST /coordexp/load_weights/`` (:data:`~coordexp.rollout.protocol.LOAD_WEIGHTS_ROUTE`), installed into
+"""``POST /coordexp/load_weights/`` (:data:`~coordexp.protocol.LOAD_WEIGHTS_ROUTE`), installed into
 the ``swift rollout`` app by the plugin: every rollout worker loads a safetensors file the learner wrote.
 Runs in the server's main process; FastAPI is imported when the route is installed."""
 
@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from coordexp.rollout.protocol import LOAD_WEIGHTS_ROUTE, WORKER_METHOD
+from coordexp.protocol import LOAD_WEIGHTS_ROUTE, WORKER_METHOD
 
 __all__ = ["install_weight_sync_route"]
 

@@ -1,9 +1,9 @@
 """Server-worker side of the file weight sync: load a safetensors file the learner wrote into a vLLM worker's
-model, in place, and the vLLM ``worker_extension_cls`` that exposes it (:data:`~coordexp.rollout.protocol.
+model, in place, and the vLLM ``worker_extension_cls`` that exposes it (:data:`~coordexp.protocol.
 WORKER_METHOD`, reached by name over ``collective_rpc``, so no pickled callables).
 
 Imported only inside the server's worker processes (vLLM resolves
-:data:`~coordexp.rollout.protocol.WORKER_EXTENSION_FQCN`); vLLM, safetensors and ms-swift are imported
+:data:`~coordexp.protocol.WORKER_EXTENSION_FQCN`); vLLM, safetensors and ms-swift are imported
 when a worker first needs them.
 """
 

@@ -41,7 +41,7 @@ from functools import cache
 from typing import Any
 
 from coordexp.coordjson.record_start import RECORD_START, RecordStartCounter
-from coordexp.rollout.protocol import XARGS_KEY
+from coordexp.protocol import XARGS_KEY
 
 __all__ = [
     "CONFIG_KEYS",
