@@ -239,7 +239,8 @@ def run_experiment(cfg: TrainConfig, run_dir: Path, resolved: Path) -> int:
 def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) -> int:
     # OpenMP reads its settings when torch first loads it: set the learner's before anything imports torch
     # (the in-process learner and a Stage-1 build run in this process).
-    os.environ.update(learner_env(cfg))
+    extra_env = learner_env(cfg)
+    os.environ.update(extra_env)
     server_mode = enum_value(cfg.rollout_matching.rollout_backend) == "vllm"
     nproc = cfg.training.nproc_per_node
     run_id = uuid.uuid4().hex[:12]
@@ -270,7 +271,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
                 metadata.write(run_dir, cfg, resolved, launcher)
                 resume.record(run_dir, resumed)
             return 0
-    env: dict[str, str] = {ENV_RUN_ID: run_id, **learner_env(cfg)}
+    env: dict[str, str] = {ENV_RUN_ID: run_id, **extra_env}
     servers: ServerSet | None = None
     code: int | None = None
     try:
