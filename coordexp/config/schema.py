@@ -93,10 +93,36 @@ class SyncTransport(str, Enum):
     nccl = "nccl"
 
 
+class AdapterKind(str, Enum):
+    none = "none"
+    lora = "lora"
+    dora = "dora"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class ReportTo(str, Enum):
     tensorboard = "tensorboard"
     wandb = "wandb"
     mlflow = "mlflow"
+
+
+@dataclass
+class AdapterConfig:
+    kind: AdapterKind = doc("`none`: train the weights themselves; `lora` / `dora`: peft adapters on "
+                            "target_modules (DoRA: weight-decomposed LoRA, Liu et al. 2024).", AdapterKind.none)
+    r: int = doc("Adapter rank.", 16)
+    alpha: int = doc("Adapter scaling numerator (scale = alpha / r).", 32)
+    dropout: float = doc("Dropout on the adapter input, in [0, 1).", 0.05)
+    target_modules: list[str] = doc(
+        "Linear modules of the language model that get adapters (module-name suffixes).",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    modules_to_save: list[str] = doc("Modules trained in full next to the adapters (and saved with them).",
+                                     default_factory=list)
 
 
 @dataclass
@@ -109,7 +135,13 @@ class ModelConfig:
     tiny_stage1_steps: int = doc("Channel-A steps that turn the random tiny model into a Stage-1 checkpoint "
                                  "(cached next to it) before Stage 2 starts; 0 = start from random weights "
                                  "(kind: tiny only).", 0)
-    dtype: DType = doc("Learner dtype.", DType.float32)
+    dtype: DType = doc("Load/storage dtype of the learner's weights (the optimizer's master copy); compute "
+                       "precision is training.precision.", DType.float32)
+    freeze_llm: bool = doc("Freeze the language model (decoder layers, embeddings, head).", False)
+    freeze_vit: bool = doc("Freeze the vision tower (vision-language models only).", False)
+    freeze_aligner: bool = doc("Freeze the aligner (Qwen-VL's merger; Qwen3-VL's deepstack mergers too; "
+                               "vision-language models only).", False)
+    adapter: AdapterConfig = doc("Parameter-efficient adapters (peft).", default_factory=AdapterConfig)
 
 
 @dataclass
@@ -151,7 +183,24 @@ class TrainingConfig:
     run_name: str = doc("Run name (TensorBoard run, metadata).")
     output_dir: str = doc("Run directory: checkpoints, metrics.jsonl, run_metadata.json.")
     logging_dir: str = doc("TensorBoard event directory.")
-    learning_rate: float = doc("Peak learning rate (AdamW).")
+    learning_rate: float = doc("Peak learning rate (AdamW) of the language model (+ head).")
+    vit_lr: float | None = doc("Peak learning rate of the vision tower (vision-language models only; "
+                               "null = learning_rate).", None)
+    aligner_lr: float | None = doc("Peak learning rate of the aligner (vision-language models only; "
+                                   "null = learning_rate).", None)
+    precision: Precision = doc("Mixed precision of the forward/backward (autocast; master weights stay in "
+                               "model.dtype): fp32 | bf16 (CPU and GPU) | fp16 (GPU only).", Precision.fp32)
+    gradient_checkpointing: bool = doc("Activation checkpointing (non-reentrant): recompute each decoder "
+                                       "layer's activations in the backward.", False)
+    fsdp: bool = doc("Shard weights, gradients and optimizer state over the learner ranks (FSDP2 through "
+                     "accelerate; GPU only).", False)
+    nnodes: int = doc("Learner nodes (torchrun --nnodes); the same command runs on every node.", 1)
+    node_rank: int = doc("This node's rank in [0, nnodes); node 0 owns the servers, run dir and sync.", 0)
+    rdzv_endpoint: str | None = doc("host:port of the c10d rendezvous (node 0's address) when nnodes > 1.",
+                                    None)
+    device_memory_gib: float | None = doc(
+        "Memory of one learner/server device for the preflight memory plan; null = the detected GPU's (no "
+        "GPU: the plan is printed, not checked).", None)
     effective_batch_size: int = doc(
         "Samples per optimizer step over all learner ranks; gradient accumulation is derived from it.")
     per_device_train_batch_size: int = doc("Samples per rank per micro-step.", 1)
