@@ -25,7 +25,7 @@ from coordexp.config.leaf import _parse_overrides, check_command_line
 from coordexp.config.paths import CONF_DIR
 from coordexp.config.schema import TrainConfig
 from coordexp.config.store import register_configs
-from coordexp.config.validate import dir_problems
+from coordexp.config.validate import dir_problems, run_dir_problems
 
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 
@@ -151,7 +151,8 @@ def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writ
             if not multirun:
                 dirs += [("training.output_dir", obj.training.output_dir),
                          ("training.logging_dir", obj.training.logging_dir)]
-            raise_if(dir_problems(dirs) if writes else [])
+            raise_if(run_dir_problems(obj.training.nnodes, job, multirun)
+                     + (dir_problems(dirs) if writes else []))
         except ConfigError as err:
             for problem in err.problems:
                 found.setdefault(problem, []).append(label)

@@ -27,9 +27,14 @@ from coordexp.repeat_rules import config_to_dict
 from coordexp.repeat_rules import problems as repeat_terminate_problems
 
 
+def learner_world_size(cfg: TrainConfig) -> int:
+    """Learner ranks over all nodes: training.nproc_per_node x training.nnodes."""
+    return cfg.training.nproc_per_node * max(cfg.training.nnodes, 1)
+
+
 def derived_grad_accumulation(cfg: TrainConfig) -> int:
     t = cfg.training
-    return t.effective_batch_size // (t.per_device_train_batch_size * t.nproc_per_node)
+    return t.effective_batch_size // (t.per_device_train_batch_size * learner_world_size(cfg))
 
 
 def url_problem(url: object) -> str | None:
@@ -80,11 +85,12 @@ def problems(cfg: TrainConfig) -> list[str]:
         need(t.save_steps >= 1, "training.save_steps", "must be >= 1 with save_strategy: steps")
     if t.save_total_limit is not None:
         need(t.save_total_limit >= 1, "training.save_total_limit", "must be >= 1 or null")
-    per_step = t.per_device_train_batch_size * t.nproc_per_node
+    world = learner_world_size(cfg)
+    per_step = t.per_device_train_batch_size * world
     if t.effective_batch_size >= 1 and per_step >= 1:
         need(t.effective_batch_size % per_step == 0, "training.effective_batch_size",
              f"{t.effective_batch_size} is not divisible by per_device_train_batch_size x nproc_per_node "
-             f"= {per_step}")
+             f"x nnodes = {per_step}")
         if t.gradient_accumulation_steps is not None and t.effective_batch_size % per_step == 0:
             derived = t.effective_batch_size // per_step
             need(t.gradient_accumulation_steps == derived, "training.gradient_accumulation_steps",
@@ -93,10 +99,10 @@ def problems(cfg: TrainConfig) -> list[str]:
     need(rm.decode_batch_size >= 1, "rollout_matching.decode_batch_size", "must be >= 1")
     if t.packing:
         need(t.packing_length >= 1, "training.packing_length", "must be >= 1")
-        per_rank = t.effective_batch_size // max(t.nproc_per_node, 1)
+        per_rank = t.effective_batch_size // max(world, 1)
         need(t.packing_buffer >= per_rank, "training.packing_buffer",
              f"{t.packing_buffer} < the {per_rank} samples one rank trains per step "
-             f"(effective_batch_size / nproc_per_node); raise it")
+             f"(effective_batch_size / (nproc_per_node x nnodes)); raise it")
         need(0.0 <= t.packing_min_fill_ratio <= 1.0, "training.packing_min_fill_ratio", "must be in [0, 1]")
     if rm.pipeline and rm.rollout_backend != RolloutBackend.vllm:
         need(False, "rollout_matching.pipeline", "pipelined rollouts need rollout=vllm_server (the hf "
@@ -132,9 +138,10 @@ def problems(cfg: TrainConfig) -> list[str]:
             need(bad is None, f"vllm.server.base_urls[{i}]", bad or "")
         need(rm.max_new_tokens < v.max_model_len, "rollout_matching.max_new_tokens",
              f"{rm.max_new_tokens} must be < vllm.max_model_len ({v.max_model_len})")
-        if t.nproc_per_node > 1:
+        if world > 1:
             need(v.sync.mode == SyncMode.full, "vllm.sync.mode",
-                 f"must be full with more than one learner process (nproc_per_node={t.nproc_per_node})")
+                 f"must be full with more than one learner process (nproc_per_node={t.nproc_per_node}, "
+                 f"nnodes={t.nnodes})")
         need(v.data_parallel_size >= 1 and v.tensor_parallel_size >= 1,
              "vllm.data_parallel_size/tensor_parallel_size", "must be >= 1")
         need(0 < v.gpu_memory_utilization <= 1, "vllm.gpu_memory_utilization", "must be in (0, 1]")
@@ -153,6 +160,8 @@ def problems(cfg: TrainConfig) -> list[str]:
         if v.device == ServerDevice.cpu:
             need(v.sync.transport.value == "file", "vllm.sync.transport",
                  "NCCL does not work on CPU; use file")
+            need(not t.fsdp, "training.fsdp", FSDP_ON_CPU)
+    out += multinode_problems(cfg)
     need(cfg.model.tiny_stage1_steps >= 0, "model.tiny_stage1_steps", "must be >= 0")
     if cfg.model.kind == ModelKind.tiny:
         need(cfg.model.dtype.value == "float32", "model.dtype", "the tiny model trains in float32 on CPU")
@@ -165,6 +174,54 @@ def problems(cfg: TrainConfig) -> list[str]:
              "stack) and ms-swift's qwen2_vl template expects Qwen's own vision-token ids (docs/vlm.md)")
     out += value_problems(cfg, reported={p.split(":", 1)[0] for p in out})
     return out
+
+
+#: training.fsdp where the config says the learner runs on CPU (vllm.device: cpu; the learner itself refuses
+#: it too, coordexp.trainer.fsdp.require_cuda, where no GPU is visible).
+FSDP_ON_CPU = ("FSDP needs CUDA GPUs, and vllm.device: cpu runs the learner on CPU, where accelerate does "
+               "not shard at all but silently runs plain DDP (DistributedType.MULTI_CPU); set "
+               "training.fsdp=false (DDP) or run on GPUs (vllm.device=cuda)")
+
+
+def _endpoint_problem(endpoint: str | None) -> str | None:
+    if not endpoint:
+        return ("is required when training.nnodes > 1: host:port of node 0 (the c10d rendezvous), e.g. "
+                "10.0.0.1:29400")
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"'{endpoint}' is not host:port (port 1..65535), e.g. 10.0.0.1:29400"
+    return None
+
+
+def multinode_problems(cfg: TrainConfig) -> list[str]:
+    """training.nnodes / node_rank / rdzv_endpoint (the config alone; :func:`run_dir_problems` needs the
+    command line)."""
+    t, out = cfg.training, []
+    if t.nnodes < 1:
+        return [f"training.nnodes: {t.nnodes} must be >= 1"]
+    if not 0 <= t.node_rank < t.nnodes:
+        out.append(f"training.node_rank: {t.node_rank} is outside [0, nnodes={t.nnodes})")
+    if t.nnodes > 1:
+        bad = _endpoint_problem(t.rdzv_endpoint)
+        if bad:
+            out.append(f"training.rdzv_endpoint: {bad}")
+    return out
+
+
+def run_dir_problems(nnodes: int, overrides: Iterable[str], multirun: bool) -> list[str]:
+    """A multi-node run needs one run dir every node sees: ``hydra.run.dir`` given explicitly (the default
+    one carries each node's own start time), on a shared filesystem, and no sweep. ``overrides``: the job's
+    Hydra overrides. Called by the entry points' check (coordexp.config.load) and the preflight."""
+    if nnodes <= 1:
+        return []
+    if multirun:
+        return [f"training.nnodes: {nnodes} nodes cannot run a sweep (-m); start each job as its own run"]
+    if not any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in overrides):
+        return [f"hydra.run.dir: must be given explicitly with training.nnodes={nnodes}: every node writes "
+                "to the same run dir (node 0: checkpoints, metrics, metadata, weight-sync files; the others "
+                "their ranks' files), so pass hydra.run.dir=<dir on a filesystem every node mounts> with the "
+                "same value on every node"]
+    return []
 
 
 # ---- rules by kind of value, whatever the key: finite numbers, named strings, typed list items -------------

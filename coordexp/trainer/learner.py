@@ -47,7 +47,7 @@ from coordexp.telemetry.console import CompactProgressCallback
 from coordexp.telemetry.record import say
 from coordexp.telemetry.summary import run_summary, write_summary
 from coordexp.telemetry.tensorboard import RegistryTensorBoardCallback
-from coordexp.trainer import preemption, resume
+from coordexp.trainer import fsdp, preemption, resume
 from coordexp.trainer.channels import channel_a_sequence
 from coordexp.trainer.evaluation import rollout_evaluator
 from coordexp.trainer.model_dir import prepare_model_dir
@@ -55,7 +55,14 @@ from coordexp.trainer.packing import PackingSettings
 from coordexp.trainer.stage2_trainer import Stage2ABTrainer
 from coordexp.trainer.weight_sync import WeightSync
 
-__all__ = ["LearnerError", "check_prompts", "exit_rank", "load_model", "load_samples", "main", "train"]
+#: Timeout of the learner's default process group (every DDP/FSDP collective, the data-check gather): a
+#: rank whose peers vanished without closing their sockets (a node lost) gives up after it. Ranks of a killed
+#: orchestrator's node die with it (coordexp.launch.supervise) and their peers' next collective fails at once.
+#: Long enough for rank 0's longest lone stretch (a full checkpoint write of a 7B model's state).
+DDP_TIMEOUT_S = 300
+
+__all__ = ["DDP_TIMEOUT_S", "LearnerError", "check_prompts", "exit_rank", "load_model", "load_samples",
+           "main", "train"]
 
 
 def load_model(cfg: TrainConfig):
@@ -258,6 +265,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
             say(f"coordexp: {resumed.describe()}", file=sys.stdout)
         return None
     contract = rollout_contract(cfg)
+    if t.fsdp:  # before the model loads: on CPU accelerate would silently run DDP instead
+        fsdp.require_cuda(torch.cuda.is_available())
     model, tokenizer, model_dir, prompts = load_model(cfg)
     adapter = coord_vocab_adapter(tokenizer, model_dir)
     with disk_full_is_an_error("the run's data", run_dir):
@@ -285,8 +294,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
         save_strategy=t.save_strategy.value, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         metric_for_best_model=t.metric_for_best_model, greater_is_better=True,
         remove_unused_columns=False, dataloader_num_workers=t.dataloader_num_workers,
-        use_cpu=use_cpu, ddp_timeout=600,
+        use_cpu=use_cpu, ddp_timeout=DDP_TIMEOUT_S,
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        **fsdp.training_arguments(t, model, torch.cuda.is_available()),
     )
     if isinstance(train_samples, LazyJsonlDataset):  # each rank checks its share (the process group is up)
         train_samples = check_train_shard(cfg, prompts, adapter, train_samples, args.process_index,

@@ -50,17 +50,14 @@ class SyncReport:
 # ----------------------------------------------------------------------------------------------- tensors
 
 
-def server_weights(model, dtype: str | None = None) -> Iterator[tuple[str, Any]]:
-    """``(HF name, tensor)`` of the model's unique parameters (tied weights once), detached, floating-point
-    ones cast to ``dtype`` (a torch dtype name: the server's) when given. The one cast of a sync."""
-    import torch  # torch and safetensors only when a sync runs: the orchestrator imports this module
+def server_weights(model, dtype: str | None = None, gather=None) -> Iterator[tuple[str, Any]]:
+    """``(HF name, tensor)`` of what the server loads: the model's unique parameters (tied weights once), a
+    peft model's base weights with its adapters folded in without touching the trained copy
+    (:func:`coordexp.trainer.merged_weights.merged_named_weights`), detached, floating-point ones cast to
+    ``dtype`` (a torch dtype name: the server's) when given. The one cast of a sync."""
+    from coordexp.trainer.merged_weights import merged_named_weights  # torch: only when a sync runs
 
-    target = getattr(torch, dtype) if dtype else None
-    for name, p in model.named_parameters():  # named_parameters() already skips tied duplicates
-        t = p.detach()
-        if target is not None and t.is_floating_point() and t.dtype != target:
-            t = t.to(target)
-        yield name, t
+    yield from merged_named_weights(model, dtype, gather)
 
 
 def named_weights(model, dtype: str | None = None) -> dict[str, Any]:
