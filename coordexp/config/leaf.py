@@ -7,6 +7,7 @@ another leaf, and it literally pins every high-signal knob below. The same check
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +17,13 @@ import yaml
 
 from coordexp.config.errors import raise_if
 from coordexp.config.keys import key_problems, path_problems
-from coordexp.config.paths import EXPERIMENT_DIR, available_experiments, config_roots, is_config_group
+from coordexp.config.paths import (
+    CONF_DIR,
+    EXPERIMENT_DIR,
+    available_experiments,
+    config_roots,
+    is_config_group,
+)
 from coordexp.config.validate import flatten, raw_value_problems
 
 REQUIRED_LEAF_KNOBS = (
@@ -32,6 +39,11 @@ REQUIRED_LEAF_KNOBS = (
     "training.save_steps",
     "stage2_ab.schedule.b_ratio",
 )
+
+#: Pinned too by every leaf that selects a vision-language model (a tiny *_vl model, or a local checkpoint
+#: unless its config.json is readable and has no vision_config; the preflight confirms VL-ness from it).
+VL_LEAF_KNOBS = ("training.vit_lr", "training.aligner_lr")
+DEFAULT_MODEL_OPTION = "tiny"  # conf/train.yaml's defaults
 
 
 def _has_path(raw: Mapping[str, Any], dotted: str) -> bool:
@@ -101,6 +113,39 @@ def _other_leaf_problem(entry: Any, group: str) -> str | None:
     return None
 
 
+def _model_option(raw: Mapping[str, Any]) -> str:
+    """The /model option a leaf's defaults list selects (the primary config's default otherwise)."""
+    for entry in raw.get("defaults", []) or []:
+        if isinstance(entry, Mapping):
+            for key, option in entry.items():
+                key = str(key).replace("override ", "").replace("optional ", "").strip().split("@", 1)[0]
+                if key.lstrip("/") == "model" and isinstance(option, str):
+                    return option
+    return DEFAULT_MODEL_OPTION
+
+
+def selects_vision_language(raw: Mapping[str, Any], conf_root: Path) -> bool:
+    """Whether a leaf (raw YAML) selects a vision-language model: the model option it selects, with the
+    leaf's own ``model:`` keys on top, is a tiny ``*_vl`` arch, or a local checkpoint whose config.json is not
+    readable here or has a ``vision_config``."""
+    option = _model_option(raw)
+    model: dict[str, Any] = {}
+    for root in (conf_root, CONF_DIR):
+        file = root / "model" / f"{option}.yaml"
+        if file.is_file():
+            model = dict(yaml.safe_load(file.read_text()) or {})
+            break
+    if isinstance(raw.get("model"), Mapping):
+        model.update(raw["model"])
+    if str(model.get("kind", "tiny")) == "tiny":
+        return str(model.get("tiny_arch", "qwen2")).endswith("_vl")
+    try:
+        config = json.loads((Path(str(model.get("path"))).expanduser() / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return True  # a production placeholder path: Qwen-VL class, confirmed by the preflight
+    return not isinstance(config, Mapping) or config.get("vision_config") is not None
+
+
 def leaf_file_problems(path: Path, where: str) -> list[str]:
     text = path.read_text()
     raw = yaml.safe_load(text) or {}
@@ -109,18 +154,24 @@ def leaf_file_problems(path: Path, where: str) -> list[str]:
         problems.append(f"{where}: a leaf must start with '# @package _global_'")
     # relative defaults entries start at the leaf's own group, below the nearest experiment/ folder (the
     # package's conf/ or the user's --config-dir); a file elsewhere counts as a top leaf
-    group, resolved = "experiment", path.resolve()
+    group, resolved, conf_root = "experiment", path.resolve(), CONF_DIR
     for parent in resolved.parents:
         if parent.name == "experiment":
             group = resolved.parent.relative_to(parent.parent).as_posix()
+            conf_root = parent.parent
             break
     for entry in raw.get("defaults", []) or []:
         problem = _other_leaf_problem(entry, group)
         if problem:
             problems.append(f"{where}: {problem}")
     missing = [k for k in REQUIRED_LEAF_KNOBS if not _has_path(raw, k)]
-    if missing:
-        problems.append(f"{where}: missing required knobs: {', '.join(missing)} (every leaf pins them)")
+    vl_missing = ([k for k in VL_LEAF_KNOBS if not _has_path(raw, k)]
+                  if selects_vision_language(raw, conf_root) else [])
+    if missing or vl_missing:
+        why = "; ".join(([] if not missing else ["every leaf pins them"])
+                        + ([] if not vl_missing else ["a leaf that selects a vision-language model also pins "
+                                                      "the vision tower's and the aligner's learning rates"]))
+        problems.append(f"{where}: missing required knobs: {', '.join(missing + vl_missing)} ({why})")
     problems += [f"{where}: {p}" for p in key_problems(raw)]
     body = {k: v for k, v in raw.items() if k not in ("defaults", "hydra")}
     problems += [f"{where}: {p}" for p in raw_value_problems(flatten(body))]

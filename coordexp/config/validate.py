@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tempfile
 import types
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from coordexp.config.gpus import visible_gpus
 from coordexp.config.keys import _type_at
 from coordexp.config.metric_names import BEST_MODEL_METRICS, EVAL_METRICS
 from coordexp.config.schema import (
@@ -21,6 +23,7 @@ from coordexp.config.schema import (
     ServerDevice,
     SyncMode,
     TrainConfig,
+    enum_value,
 )
 from coordexp.config.trackers import tracker_problems
 from coordexp.repeat_rules import config_to_dict
@@ -172,7 +175,96 @@ def problems(cfg: TrainConfig) -> list[str]:
         need(not (tiny_vl and server_mode), "rollout",
              "the tiny VLM runs with rollout=hf only: vLLM's Qwen2-VL needs torchvision (absent from the CPU "
              "stack) and ms-swift's qwen2_vl template expects Qwen's own vision-token ids (docs/vlm.md)")
+    out += param_group_problems(cfg) + precision_problems(cfg)
     out += value_problems(cfg, reported={p.split(":", 1)[0] for p in out})
+    return out
+
+
+def checkpoint_is_vision_language(cfg: TrainConfig) -> bool | None:
+    """Whether the configured checkpoint is vision-language: the tiny model's arch, or a local checkpoint's
+    config.json has a ``vision_config`` (the preflight and the learner apply the same rule,
+    coordexp.models.param_groups.is_vision_language); None when config.json cannot be read yet."""
+    m = cfg.model
+    if m.kind == ModelKind.tiny:
+        return str(enum_value(m.tiny_arch)).endswith("_vl")
+    try:
+        data = json.loads((Path(str(m.path)).expanduser() / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    return isinstance(data, dict) and data.get("vision_config") is not None
+
+
+def param_group_problems(cfg: TrainConfig) -> list[str]:
+    """Parameter-group knobs (coordexp.trainer.optim): vit_lr / aligner_lr > 0; vision knobs only on a
+    vision-language checkpoint; something left to train."""
+    m, t, out = cfg.model, cfg.training, []
+    for name in ("vit_lr", "aligner_lr"):
+        value = getattr(t, name)
+        if value is not None and not value > 0:
+            out.append(f"training.{name}: {value} must be > 0 (null = training.learning_rate; freeze the "
+                       f"group with model.freeze_{name[:-3]} instead of a zero rate)")
+    vl = checkpoint_is_vision_language(cfg)
+    what = (f"the tiny {enum_value(m.tiny_arch)} model" if m.kind == ModelKind.tiny
+            else f"the checkpoint {m.path} (its config.json has no vision_config)")
+    if vl is False:
+        knobs = (("model.freeze_vit", m.freeze_vit), ("model.freeze_aligner", m.freeze_aligner),
+                 ("training.vit_lr", t.vit_lr is not None), ("training.aligner_lr", t.aligner_lr is not None))
+        set_knobs = [k for k, on in knobs if on]
+        out += [f"{k}: {what} is a text model without a vision tower or aligner (its only parameter group is "
+                f"the language model); remove {k}" for k in set_knobs]
+        if m.freeze_llm:
+            out.append(f"model.freeze_llm: freezes all of {what}, a text model: nothing would train")
+    elif m.freeze_llm and m.freeze_vit and m.freeze_aligner:
+        out.append("model.freeze_llm/freeze_vit/freeze_aligner: every parameter group is frozen: nothing "
+                   "would train; unfreeze at least one")
+    return out
+
+
+def adapter_problems(cfg: TrainConfig) -> list[str]:
+    """``model.adapter`` (coordexp.trainer.adapters): rank, alpha, dropout, non-empty unique targets. Whether
+    each target matches a linear layer of the language model is checked at load, against the model."""
+    a = cfg.model.adapter
+    if enum_value(a.kind) == "none":
+        return []
+    out = []
+    number = (int, float)
+    if not (isinstance(a.r, int) and not isinstance(a.r, bool) and a.r >= 1):
+        out.append(f"model.adapter.r: {a.r} must be an integer >= 1 (the adapter rank; 16 in the original)")
+    if not (isinstance(a.alpha, number) and a.alpha > 0):
+        out.append(f"model.adapter.alpha: {a.alpha} must be > 0 (scale = alpha / r; 32 in the original)")
+    if not (isinstance(a.dropout, number) and 0.0 <= a.dropout < 1.0):
+        out.append(f"model.adapter.dropout: {a.dropout} must be in [0, 1)")
+    targets = list(a.target_modules or [])
+    if not targets:
+        out.append("model.adapter.target_modules: is empty: name the linear layers that get adapters, e.g. "
+                   "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]")
+    bad = [t for t in targets if not (isinstance(t, str) and t.strip() and t == t.strip())]
+    if bad:
+        out.append(f"model.adapter.target_modules: {bad} are not module names (non-empty, no spaces)")
+    dups = sorted({t for t in targets if targets.count(t) > 1})
+    if dups:
+        out.append(f"model.adapter.target_modules: {dups} listed more than once")
+    bad = [t for t in (a.modules_to_save or []) if not (isinstance(t, str) and t.strip())]
+    if bad:
+        out.append(f"model.adapter.modules_to_save: {bad} are not module names")
+    return out
+
+
+def precision_problems(cfg: TrainConfig, visible: int | None = None) -> list[str]:
+    """training.precision against model.dtype and the machine (``visible``: GPUs; default: detected)."""
+    precision, dtype = enum_value(cfg.training.precision), enum_value(cfg.model.dtype)
+    out = []
+    if precision == "fp16":
+        gpus = visible_gpus() if visible is None else visible
+        if gpus == 0:
+            out.append("training.precision: fp16 runs on CUDA GPUs only and this machine shows none (CPU "
+                       "autocast has no fp16 gradient scaling): use bf16 (CPU autocast) or fp32")
+        if dtype != "float32":
+            out.append(f"training.precision: fp16 needs float32 master weights (model.dtype: float32), got "
+                       f"model.dtype {dtype}: the fp16 gradient scaler cannot unscale {dtype} gradients")
+    elif precision == "bf16" and dtype == "float16":
+        out.append("training.precision: bf16 autocast over float16 weights mixes two half formats: set "
+                   "model.dtype float32 (master weights) or bfloat16 (pure bf16)")
     return out
 
 

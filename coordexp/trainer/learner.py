@@ -47,7 +47,7 @@ from coordexp.telemetry.console import CompactProgressCallback
 from coordexp.telemetry.record import say
 from coordexp.telemetry.summary import run_summary, write_summary
 from coordexp.telemetry.tensorboard import RegistryTensorBoardCallback
-from coordexp.trainer import fsdp, preemption, resume
+from coordexp.trainer import fsdp, optim, preemption, resume
 from coordexp.trainer.channels import channel_a_sequence
 from coordexp.trainer.evaluation import rollout_evaluator
 from coordexp.trainer.model_dir import prepare_model_dir
@@ -74,6 +74,18 @@ def load_model(cfg: TrainConfig):
     except CoordexpError as err:
         raise LearnerError(str(err)) from None
     return model, tokenizer, model_dir, prompts
+
+
+def announce_groups(model, cfg: TrainConfig, plan) -> None:
+    """Rank 0 prints the parameter groups (total / trainable parameters, learning rate or frozen) and the
+    pure-bf16 warning when it applies."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    table = "\n  ".join(optim.group_table(model, plan))
+    say(f"coordexp: parameter groups ({plan.model_type})\n  {table}", file=sys.stdout)
+    note = optim.precision_note(cfg)
+    if note:
+        say(f"coordexp: {note}")
 
 
 def coord_vocab_adapter(tokenizer, model_dir):
@@ -268,6 +280,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
     if t.fsdp:  # before the model loads: on CPU accelerate would silently run DDP instead
         fsdp.require_cuda(torch.cuda.is_available())
     model, tokenizer, model_dir, prompts = load_model(cfg)
+    group_plan = optim.prepare_model(model, cfg)  # freezing, per-group rates (after any adapter is attached)
+    announce_groups(model, cfg, group_plan)
     adapter = coord_vocab_adapter(tokenizer, model_dir)
     with disk_full_is_an_error("the run's data", run_dir):
         train_samples, val_samples = load_samples(cfg, run_dir)
@@ -294,6 +308,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
         save_strategy=t.save_strategy.value, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         metric_for_best_model=t.metric_for_best_model, greater_is_better=True,
         remove_unused_columns=False, dataloader_num_workers=t.dataloader_num_workers,
+        **optim.precision_arguments(t, torch.cuda.is_available()),
         use_cpu=use_cpu, ddp_timeout=DDP_TIMEOUT_S,
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         **fsdp.training_arguments(t, model, torch.cuda.is_available()),
@@ -311,7 +326,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
         callbacks=[metrics_jsonl_callback(run_dir / "metrics.jsonl")],
         stage2_ab=cfg.stage2_ab, contract=contract, adapter=adapter, prompts=prompts, rollout_backend=backend,
         seed=cfg.seed, run_dir=run_dir, evaluator=evaluator, weight_sync=weight_sync,
-        packing=PackingSettings.from_training(t))
+        packing=PackingSettings.from_training(t), group_plan=group_plan)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactProgressCallback)
     if "tensorboard" in trackers:

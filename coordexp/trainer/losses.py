@@ -3,8 +3,10 @@ expectation-decoded coordinates (softmax over the 1000 coordinate logits -> sum_
 
 The step loss is one definition, packed or not (:func:`sample_losses`): the mean over the step's samples of
 each sample's token-weighted CE plus its box-mean geometry terms. Coordinates, probabilities and every
-geometry term are computed in float32 whatever the autocast dtype (the ``.float()`` in :func:`slot_logits`
-and the token CE)."""
+geometry term are computed in float32 whatever the autocast dtype (``training.precision`` bf16/fp16): the
+logits slices are cast with ``.float()`` (:func:`slot_logits`, the token CE) and :func:`sample_losses` runs
+with autocast disabled (:func:`fp32_region`), so an autocast region around it cannot turn the expectation
+decode's matmul or the CIoU arithmetic back into half precision (tests/unit/test_precision.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from coordexp.coordjson import NUM_BINS
+
+
+def fp32_region(device: torch.device) -> torch.autocast:
+    """A region where autocast is off for ``device``'s type: tensors cast to float32 stay float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def token_ce_per_segment(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor,
@@ -128,7 +135,15 @@ def sample_losses(ce_logits: torch.Tensor, geo_logits: torch.Tensor, batch: dict
     """Every loss term per sample (segment), each ``[n_segments]``: ``ce`` (token-weighted CE from
     ``ce_logits``), and from ``geo_logits`` the box means ``bbox_smoothl1``, ``bbox_ciou`` (1 - CIoU),
     ``coord_ce`` and ``coord_gate``. ``batch`` carries ``input_ids``, ``ce_weights``, ``segment_ids``,
-    ``geometry_slots``, ``geometry_bins`` and ``geometry_segments`` (collate or pack)."""
+    ``geometry_slots``, ``geometry_bins`` and ``geometry_segments`` (collate or pack). Every term is float32
+    (computed in :func:`fp32_region` from float32 slices of the logits)."""
+    with fp32_region(geo_logits.device):
+        return _sample_losses(ce_logits, geo_logits, batch, coord_ids, n_segments, temperature=temperature,
+                              smoothl1_beta=smoothl1_beta)
+
+
+def _sample_losses(ce_logits: torch.Tensor, geo_logits: torch.Tensor, batch: dict, coord_ids: torch.Tensor,
+                   n_segments: int, *, temperature: float, smoothl1_beta: float) -> dict[str, torch.Tensor]:
     ce = token_ce_per_segment(ce_logits, batch["input_ids"], batch["ce_weights"], batch["segment_ids"],
                               n_segments)
     slots = slot_logits(geo_logits, batch["geometry_slots"])

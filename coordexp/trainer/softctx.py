@@ -50,9 +50,13 @@ def soft_context_embeds(base: torch.Tensor, prev_logits: torch.Tensor, slot_mask
     replaced by ``softmax(prev_logits[p - 1, coord_ids] / temperature) @ coord_embeds``.
 
     ``prev_logits [B, T, V]``; ``coord_embeds [K, H]`` are the embedding rows of ``coord_ids [K]``. Position
-    0 is never a slot (a slot is predicted from the position before it)."""
-    probs = torch.softmax(prev_logits[:, :-1, :].index_select(-1, coord_ids).float() / temperature, dim=-1)
-    mix = (probs @ coord_embeds.float()).to(base.dtype)           # [B, T-1, H]: predicts positions 1..T-1
+    0 is never a slot (a slot is predicted from the position before it). The softmax and the expectation
+    are float32 with autocast off (``training.precision`` bf16/fp16 cannot lower them); the mix is then cast
+    to ``base``'s dtype."""
+    with torch.autocast(device_type=base.device.type, enabled=False):
+        coord_logits = prev_logits[:, :-1, :].index_select(-1, coord_ids).float()
+        probs = torch.softmax(coord_logits / temperature, dim=-1)
+        mix = (probs @ coord_embeds.float()).to(base.dtype)       # [B, T-1, H]: predicts positions 1..T-1
     shifted = torch.cat([base[:, :1], mix], dim=1)                # aligned with the position it feeds
     return torch.where(slot_mask.unsqueeze(-1), shifted, base)
 

@@ -24,6 +24,7 @@ from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
 from coordexp.trainer.batch import APPENDED, PREFIX, collate
 from coordexp.trainer.channels import channel_a_sequence, channel_b_sequence
 from coordexp.trainer.losses import sample_losses
+from coordexp.trainer.optim import GroupPlan, optimizer_param_groups
 from coordexp.trainer.packing import NextFitPacker, PackingSettings, check_fits, pack, segment_length
 from coordexp.trainer.pipeline import ChunkProducer
 from coordexp.trainer.positions import mrope_position_ids
@@ -37,7 +38,8 @@ class Stage2ABTrainer(Trainer):
     def __init__(self, *args, stage2_ab: Stage2ABConfig, contract: RolloutContract, adapter: TokenizerAdapter,
                  prompts: TextPromptEncoder, rollout_backend: RolloutBackend, seed: int, run_dir: Path,
                  evaluator=None, weight_sync: WeightSync | None = None,
-                 packing: PackingSettings | None = None, **kwargs):
+                 packing: PackingSettings | None = None, group_plan: GroupPlan | None = None, **kwargs):
+        self.group_plan = group_plan  # per-group learning rates (coordexp.trainer.optim)
         super().__init__(*args, **kwargs)
         self.stage2_ab = stage2_ab
         self.contract = contract
@@ -53,6 +55,18 @@ class Stage2ABTrainer(Trainer):
         self.packing = packing  # training.packing_*, or None without packing
         self._step_samples: list = []
         self._sample_log = self.run_dir / f"rollout_samples.rank{self.args.process_index}.jsonl"
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer class and settings (``args.optim``), with one param group per parameter
+        group x decay/no-decay, each at its group's learning rate (``optimizer_param_groups``)."""
+        if self.group_plan is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        groups = optimizer_param_groups(opt_model, self.group_plan, self.args.weight_decay,
+                                        self.get_decay_parameter_names(opt_model))
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints and saved models also carry a vision-language model's image processor (the Trainer
