@@ -80,6 +80,7 @@ __all__ = [
     "ensure_tiny_model",
     "main",
     "read_build_info",
+    "tiny_config",
     "tiny_model_dir",
 ]
 
@@ -195,55 +196,15 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec,
     import tokenizers
     import torch
     import transformers
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
+    from transformers import GenerationConfig
 
     corpus = corpus if corpus is not None else corpus_texts(spec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     raw = train_tokenizer(spec, corpus)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        eos_token=IM_END,
-        pad_token=PAD_TOKEN,
-        unk_token=None,
-        extra_special_tokens=[IM_START, IM_END, *(VISION_TOKENS if spec.arch in VL_ARCHS else ())],
-        model_max_length=spec.max_position_embeddings,
-        clean_up_tokenization_spaces=False,
-    )
-    hf_tok.chat_template = _chat_template(spec)
+    hf_tok, ids, coord0, (config, Model) = _tokenizer_and_config(spec, raw)
     vocab_size = len(hf_tok)
-    ids = {t: hf_tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    coord0 = hf_tok.convert_tokens_to_ids(bin_to_token(0))
-    if [hf_tok.convert_tokens_to_ids(t) for t in coord_tokens()] != list(range(coord0, coord0 + NUM_BINS)):
-        raise RuntimeError("coordinate tokens did not get contiguous ids")
-
-    common: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_hidden_layers,
-        "num_attention_heads": spec.num_attention_heads,
-        "num_key_value_heads": spec.num_key_value_heads,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
-        "tie_word_embeddings": True,
-        "bos_token_id": None,
-        "eos_token_id": ids[IM_END],
-        "pad_token_id": ids[PAD_TOKEN],
-    }
-    if spec.arch in VL_ARCHS:
-        config, Model = _vl_config(spec, common, hf_tok)
-    elif spec.arch == "qwen2":
-        from transformers import Qwen2Config as Config
-        from transformers import Qwen2ForCausalLM as Model
-
-        config = Config(**common)
-    else:
-        from transformers import Qwen3Config as Config
-        from transformers import Qwen3ForCausalLM as Model
-
-        config = Config(**common, head_dim=spec.head_dim)
     config.dtype = torch.float32
     torch.manual_seed(spec.seed)
     model = Model(config).to(torch.float32)
@@ -281,6 +242,60 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec,
     }
     (out / SPEC_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
+
+
+def tiny_config(spec: TinyModelSpec, corpus: Sequence[str] | None = None):
+    """The transformers config of the tiny model of ``spec`` without building it (no weights, nothing
+    written): the tokenizer is trained in memory for its vocabulary size and token ids (about a second).
+    The memory planner reads parameter counts from it (coordexp.planning)."""
+    corpus = corpus if corpus is not None else corpus_texts(spec)
+    return _tokenizer_and_config(spec, train_tokenizer(spec, corpus))[3][0]
+
+
+def _tokenizer_and_config(spec: TinyModelSpec, raw):
+    """(HF tokenizer, special-token ids, first coordinate-token id, (config, model class)) of ``spec`` with
+    the trained tokenizer ``raw``."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        unk_token=None,
+        extra_special_tokens=[IM_START, IM_END, *(VISION_TOKENS if spec.arch in VL_ARCHS else ())],
+        model_max_length=spec.max_position_embeddings,
+        clean_up_tokenization_spaces=False,
+    )
+    hf_tok.chat_template = _chat_template(spec)
+    vocab_size = len(hf_tok)
+    ids = {t: hf_tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    coord0 = hf_tok.convert_tokens_to_ids(bin_to_token(0))
+    if [hf_tok.convert_tokens_to_ids(t) for t in coord_tokens()] != list(range(coord0, coord0 + NUM_BINS)):
+        raise RuntimeError("coordinate tokens did not get contiguous ids")
+
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
+        "tie_word_embeddings": True,
+        "bos_token_id": None,
+        "eos_token_id": ids[IM_END],
+        "pad_token_id": ids[PAD_TOKEN],
+    }
+    if spec.arch in VL_ARCHS:
+        return hf_tok, ids, coord0, _vl_config(spec, common, hf_tok)
+    if spec.arch == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        return hf_tok, ids, coord0, (Qwen2Config(**common), Qwen2ForCausalLM)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return hf_tok, ids, coord0, (Qwen3Config(**common, head_dim=spec.head_dim), Qwen3ForCausalLM)
 
 
 def _vl_config(spec: TinyModelSpec, common: dict[str, Any], hf_tok):
