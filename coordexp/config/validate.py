@@ -175,7 +175,7 @@ def problems(cfg: TrainConfig) -> list[str]:
         need(not (tiny_vl and server_mode), "rollout",
              "the tiny VLM runs with rollout=hf only: vLLM's Qwen2-VL needs torchvision (absent from the CPU "
              "stack) and ms-swift's qwen2_vl template expects Qwen's own vision-token ids (docs/vlm.md)")
-    out += param_group_problems(cfg) + precision_problems(cfg)
+    out += param_group_problems(cfg) + precision_problems(cfg) + adapter_problems(cfg)
     out += value_problems(cfg, reported={p.split(":", 1)[0] for p in out})
     return out
 

@@ -47,7 +47,7 @@ from coordexp.telemetry.console import CompactProgressCallback
 from coordexp.telemetry.record import say
 from coordexp.telemetry.summary import run_summary, write_summary
 from coordexp.telemetry.tensorboard import RegistryTensorBoardCallback
-from coordexp.trainer import fsdp, optim, preemption, resume
+from coordexp.trainer import adapters, fsdp, optim, preemption, resume
 from coordexp.trainer.channels import channel_a_sequence
 from coordexp.trainer.evaluation import rollout_evaluator
 from coordexp.trainer.model_dir import prepare_model_dir
@@ -280,9 +280,11 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
     if t.fsdp:  # before the model loads: on CPU accelerate would silently run DDP instead
         fsdp.require_cuda(torch.cuda.is_available())
     model, tokenizer, model_dir, prompts = load_model(cfg)
+    adapter = coord_vocab_adapter(tokenizer, model_dir)
+    # model.adapter: peft LoRA/DoRA on the language model, the coordinate-token rows trainable
+    model = adapters.attach_adapter(model, cfg.model.adapter, adapter.coord_token_ids)
     group_plan = optim.prepare_model(model, cfg)  # freezing, per-group rates (after any adapter is attached)
     announce_groups(model, cfg, group_plan)
-    adapter = coord_vocab_adapter(tokenizer, model_dir)
     with disk_full_is_an_error("the run's data", run_dir):
         train_samples, val_samples = load_samples(cfg, run_dir)
     eager = list(train_samples) if isinstance(train_samples, list) else []  # lazy JSONL: checked below

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from coordexp.config.schema import DataKind, IntervalStrategy, ModelKind, TrainConfig
+from coordexp.config.schema import AdapterConfig, DataKind, IntervalStrategy, ModelKind, TrainConfig
 from coordexp.errors import CoordexpError
 from coordexp.models.tiny import ensure_tiny_model
 from coordexp.telemetry.record import say
@@ -59,7 +59,9 @@ def _stage1_config(cfg: TrainConfig, base: Path) -> TrainConfig:
     ab = dataclasses.replace(cfg.stage2_ab, schedule=schedule, n_softctx_iter=1)
     rm = dataclasses.replace(cfg.rollout_matching, pipeline=None,
                              rollout_backend=type(cfg.rollout_matching.rollout_backend).hf)
-    model = dataclasses.replace(cfg.model, kind=ModelKind.local, path=str(base), tiny_stage1_steps=0)
+    # Stage 1 trains the full model (no adapter: the Stage-2 leaf's adapter starts from this checkpoint)
+    model = dataclasses.replace(cfg.model, kind=ModelKind.local, path=str(base), tiny_stage1_steps=0,
+                                adapter=AdapterConfig())
     return dataclasses.replace(cfg, model=model, training=t, stage2_ab=ab, rollout_matching=rm)
 
 

@@ -16,6 +16,8 @@ def mrope_position_ids(model: Any, input_ids: torch.Tensor, attention_mask: torc
     """``[3, B, T]`` mRoPE position ids for a batch with images (the model's ``get_rope_index``: text tokens
     count up on all three rows, an image's tokens take its (t, h, w) grid); None for a text batch or a model
     without multimodal rotary positions (its forward derives 1-D positions itself)."""
+    if hasattr(model, "get_base_model"):  # a peft model: its .model is the wrapped top-level model
+        model = model.get_base_model()
     core = getattr(model, "model", None)
     rope_index = getattr(core, "get_rope_index", None)
     if rope_index is None or "image_grid_thw" not in model_inputs:

@@ -1,0 +1,169 @@
+"""Parameter-efficient adapters for the learner (``model.adapter``), built with peft.
+
+``kind: lora`` / ``dora`` wraps the loaded model with ``peft.get_peft_model`` and a ``LoraConfig``
+(``use_dora`` for DoRA, Liu et al. 2024, arXiv:2402.09353; peft's implementation):
+
+* **where:** ``nn.Linear`` modules of the *language model* whose names end with one of
+  ``model.adapter.target_modules`` (``q_proj`` or a dotted suffix such as ``self_attn.q_proj``). The vision
+  tower and aligner of a vision-language checkpoint are excluded by the family's group table
+  (:mod:`coordexp.models.param_groups`; Qwen2.5-VL's vision blocks also have ``gate_proj``/``up_proj``/
+  ``down_proj``): peft gets a regular expression that matches exactly those modules, and the wrapped set is
+  checked against it.
+* **how much:** ``r``, ``alpha`` (peft's ``lora_alpha``: scale ``alpha / r``), ``dropout``.
+* **coordinate tokens:** ``<|coord_0|>`` .. ``<|coord_999|>`` are new tokens, so their embedding rows and
+  head rows must train even though every base weight is frozen. peft's ``trainable_token_indices`` trains
+  exactly those rows (a ``TrainableTokensWrapper`` around the input embedding; the head shares the rows when
+  it is tied to the embedding, an untied head gets its own trainable rows); nothing else of the 150k-row
+  matrices trains or is saved.
+* ``modules_to_save``: modules trained in full next to the adapters (peft copies them; saved with the
+  adapter). The embedding and the head are refused there (their coordinate rows already train; full
+  embedding training under an adapter is ``kind: none``).
+
+Checkpoints then hold the adapter (``adapter_model.safetensors`` + ``adapter_config.json``, peft's
+``save_pretrained``, which the Trainer calls for a peft model) and the tokenizer/processor; the rollout server
+gets the merged weights (:mod:`coordexp.trainer.merged_weights`); ``coordexp.eval`` and
+``coordexp.models.export`` load base + adapter (:mod:`coordexp.models.adapter_checkpoint`).
+
+Errors: :class:`~coordexp.config.errors.ConfigError` (exit 2) for a target that matches no linear layer of
+the language model, a target that is not linear, a ``modules_to_save`` entry that matches nothing or names the
+embedding/head, or an unsupported family.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from coordexp.config.errors import ConfigError
+from coordexp.config.schema import AdapterConfig, enum_value
+from coordexp.models import param_groups as pg
+
+__all__ = ["ADAPTER_KINDS", "adapter_targets", "attach_adapter", "coordinate_rows_module_names",
+           "target_regex"]
+
+ADAPTER_KINDS = ("lora", "dora")
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule for a list entry: the module name equals the entry or ends with ``.<entry>``."""
+    return name == target or name.endswith("." + target)
+
+
+def adapter_targets(model, adapter: AdapterConfig, model_type: str) -> list[str]:
+    """Full names of the language model's ``nn.Linear`` modules that ``adapter.target_modules`` selects, in
+    module order. Raises ConfigError naming every target that selects nothing (with the linear layer names
+    the language model has) or that selects a layer that is not ``nn.Linear``."""
+    try:
+        fam = pg.family(model_type)
+    except pg.ParamGroupError as err:
+        raise ConfigError([f"model.adapter: {err}"]) from None
+    head = model.get_output_embeddings()
+    llm = [(n, m) for n, m in model.named_modules()
+           if n and m is not head and fam.group_of(n + ".weight") == pg.LLM]  # the head: token rows
+    linear = [n for n, m in llm if isinstance(m, torch.nn.Linear)]
+    problems, chosen = [], set()
+    for target in adapter.target_modules:
+        hits = [n for n, m in llm if _matches(n, target)]
+        not_linear = sorted({type(m).__name__ for n, m in llm if _matches(n, target)
+                             and not isinstance(m, torch.nn.Linear)})
+        if not hits:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+            where = "language model" if fam.is_vision_language else "model"
+            problems.append(f"model.adapter.target_modules: '{target}' matches no module of the {where} of "
+                            f"this {model_type} checkpoint (the head is not a target: its coordinate rows "
+                            f"train as token rows); its linear layers are named {', '.join(leaves)}")
+        elif not_linear:
+            problems.append(f"model.adapter.target_modules: '{target}' selects {', '.join(not_linear)} "
+                            f"module(s); adapters go on nn.Linear layers only (the coordinate rows of the "
+                            f"embedding and head train through trainable token rows)")
+        else:
+            chosen.update(hits)
+    if problems:
+        raise ConfigError(problems)
+    return [n for n in linear if n in chosen]
+
+
+def target_regex(targets: Sequence[str], model_type: str) -> str:
+    """The regular expression (peft ``target_modules`` as a string: ``re.fullmatch`` on module names) that
+    selects modules ending with one of ``targets`` outside the family's vision tower and aligner."""
+    fam = pg.family(model_type)
+    outside = "".join(f"(?!{re.escape(prefix)})" for prefix in (*fam.vit, *fam.aligner))
+    ends = "|".join(re.escape(t) for t in targets)
+    return rf"{outside}(?:.*\.)?(?:{ends})"
+
+
+def coordinate_rows_module_names(model) -> dict[str, str]:
+    """``{"embedding": name, "head": name or ""}``: module names of the input embedding and of an untied
+    output head ("" when the head is tied to the embedding: peft ties its rows to the embedding's)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is None or head.weight is embed.weight
+    return {"embedding": names[id(embed)], "head": "" if tied else names[id(head)]}
+
+
+def _check_modules_to_save(model, adapter: AdapterConfig, rows: dict[str, str]) -> None:
+    problems = []
+    names = [n for n, _ in model.named_modules() if n]
+    for entry in adapter.modules_to_save:
+        hits = [n for n in names if n.endswith(entry)]  # peft's rule for modules_to_save
+        if not hits:
+            problems.append(f"model.adapter.modules_to_save: '{entry}' matches no module of the model")
+        elif any(h in (rows["embedding"], rows["head"], "lm_head") for h in hits):
+            problems.append(f"model.adapter.modules_to_save: '{entry}' selects the embedding or the head; "
+                            f"their coordinate-token rows already train (trainable token rows), and training "
+                            f"the whole matrix next to an adapter is not supported: remove it, or use "
+                            f"model.adapter.kind=none for a full fine-tune")
+    if problems:
+        raise ConfigError(problems)
+
+
+def attach_adapter(model, adapter: AdapterConfig, coord_token_ids: Sequence[int]):
+    """``model`` wrapped in a ``peft.PeftModel`` per ``adapter`` (``kind: none``: ``model`` itself).
+
+    ``coord_token_ids``: vocabulary ids of ``<|coord_0|>``..``<|coord_999|>``
+    (:class:`coordexp.rollout.scoring.TokenizerAdapter`), trained through peft's
+    ``trainable_token_indices`` on the embedding (and on an untied head). After wrapping, the only trainable
+    parameters are the adapter weights (``lora_A``/``lora_B``, DoRA magnitudes), the coordinate rows and any
+    ``modules_to_save`` copies. Raises ConfigError (see the module doc)."""
+    kind = enum_value(adapter.kind)
+    if kind not in ADAPTER_KINDS:
+        return model
+    from peft import LoraConfig, get_peft_model  # the learner's stack; kept off config-only imports
+
+    model_type = pg.model_type_of(model.config)
+    targets = adapter_targets(model, adapter, model_type)
+    rows = coordinate_rows_module_names(model)
+    _check_modules_to_save(model, adapter, rows)
+    ids = sorted({int(i) for i in coord_token_ids})
+    tokens = {rows["embedding"]: ids, **({rows["head"]: ids} if rows["head"] else {})}
+    regex = target_regex(adapter.target_modules, model_type)
+    config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                        use_dora=kind == "dora", target_modules=regex,
+                        trainable_token_indices=tokens, modules_to_save=list(adapter.modules_to_save) or None,
+                        bias="none", task_type="CAUSAL_LM")
+    try:
+        wrapped = get_peft_model(model, config)
+    except (ValueError, TypeError) as err:  # peft's own refusal (e.g. a module type it cannot wrap)
+        raise ConfigError([f"model.adapter: peft refused the adapter: {err}"]) from None
+    _check_wrapped(wrapped, targets, rows)
+    return wrapped
+
+
+def _check_wrapped(wrapped, targets: list[str], rows: dict[str, str]) -> None:
+    """The modules peft wrapped are exactly the validated targets, and the coordinate rows train on the
+    embedding and (tied or not) on the head. An internal-consistency check: failing it is a bug."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import TrainableTokensWrapper
+
+    base = wrapped.get_base_model()
+    got = [n for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+    if got != targets:
+        raise RuntimeError(f"peft wrapped {got}, expected {targets}")
+    if not isinstance(base.get_input_embeddings(), TrainableTokensWrapper):
+        raise RuntimeError(f"the coordinate rows of {rows['embedding']} are not trainable (peft did not "
+                           f"wrap it)")
+    head = base.get_output_embeddings()
+    if head is not None and not isinstance(head, TrainableTokensWrapper):
+        raise RuntimeError("the head's coordinate rows are not trainable (peft did not wrap the head)")

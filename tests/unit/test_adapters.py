@@ -1,0 +1,133 @@
+"""model.adapter on the real tiny checkpoints (text and vision-language): which modules get adapters, the
+coordinate-token rows train (and only they, of the embedding), and bad settings fail with clear messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+from coordexp.config.schema import AdapterConfig, AdapterKind
+from coordexp.errors import ConfigError
+from coordexp.models import param_groups as pg
+from coordexp.rollout.scoring import TokenizerAdapter
+from coordexp.trainer.adapters import attach_adapter
+from coordexp.trainer.merged_weights import merged_named_weights
+
+
+@pytest.fixture(scope="module")
+def tiny_vl_dir(tmp_path_factory):
+    from coordexp.models.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2_vl")
+
+
+def load(model_dir, vl=False):
+    cls = AutoModelForImageTextToText if vl else AutoModelForCausalLM
+    return cls.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.mark.parametrize("kind", [AdapterKind.lora, AdapterKind.dora])
+def test_adapters_on_the_language_model_only_and_the_coordinate_rows(kind, tiny_model_dir, tiny_vl_dir):
+    for model_dir, vl in ((tiny_model_dir, False), (tiny_vl_dir, True)):
+        model, tok = load(model_dir, vl)
+        ids = TokenizerAdapter(tok).coord_token_ids
+        peft_model = attach_adapter(model, AdapterConfig(kind=kind, r=4, alpha=8), ids)
+        model_type = pg.model_type_of(peft_model.config)
+        trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+        lora = [n for n in trainable if ".lora_" in n]
+        assert lora and all(pg.group_of(n, model_type) == pg.LLM for n in lora)  # never the vision tower
+        assert all("lora_magnitude_vector" not in n for n in lora) == (kind == AdapterKind.lora)
+        # every targeted projection of every decoder layer, nothing else
+        wrapped = {n.split(".lora_")[0] for n in lora}
+        layers = peft_model.config.get_text_config().num_hidden_layers
+        assert len(wrapped) == 7 * layers
+        rows = [n for n in trainable if ".lora_" not in n]
+        assert len(rows) == 1
+        assert rows[0].endswith("embed_tokens.token_adapter.trainable_tokens_delta.default")
+        delta = dict(peft_model.named_parameters())[rows[0]]
+        assert delta.shape == (1000, peft_model.config.get_text_config().hidden_size)
+        if vl:  # Qwen2-VL's vision blocks have linear layers too: untouched
+            assert not any("visual" in n for n in trainable)
+        assert peft_model.peft_config["default"].use_dora == (kind == AdapterKind.dora)
+
+
+def test_kind_none_leaves_the_model_as_is(tiny_model_dir):
+    model, tok = load(tiny_model_dir)
+    assert attach_adapter(model, AdapterConfig(), TokenizerAdapter(tok).coord_token_ids) is model
+
+
+def test_coordinate_rows_used_in_a_batch_change_after_one_step_and_no_other_row(tiny_model_dir):
+    """One optimizer step on a batch that uses a few coordinate tokens: those rows of the embedding the
+    server receives (tied head: the same matrix) move; every non-coordinate row and every base weight is
+    bit-identical. (Coordinate rows outside the batch move too: the tied head puts every coordinate logit in
+    the softmax, so they get gradient; they are the trainable set, nothing outside it changes.)"""
+    model, tok = load(tiny_model_dir)
+    adapter = TokenizerAdapter(tok)
+    peft_model = attach_adapter(model, AdapterConfig(kind=AdapterKind.dora, r=4, alpha=8, dropout=0.0),
+                                adapter.coord_token_ids)
+    before = {k: v.clone() for k, v in merged_named_weights(peft_model)}
+    base_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    used = [adapter.coord_token_ids[k] for k in (12, 34, 56, 78)]
+    text = tok("red square", return_tensors="pt")["input_ids"][0].tolist()
+    ids = torch.tensor([text + used + [tok.eos_token_id]])
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=0.0)
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    after = dict(merged_named_weights(peft_model))
+    embed = "model.embed_tokens.weight"
+    coord = torch.tensor(adapter.coord_token_ids)
+    other = torch.ones(after[embed].shape[0], dtype=torch.bool)
+    other[coord] = False
+    for i in used:
+        assert not torch.equal(after[embed][i], before[embed][i]), i
+    assert torch.equal(after[embed][other], before[embed][other])  # no row outside the coordinate rows
+    assert "lm_head.weight" not in after  # tied: the head is the embedding matrix
+    for n, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base_before[n]), n
+
+
+def test_bad_targets_and_modules_to_save_name_the_cause(tiny_model_dir, tiny_vl_dir):
+    model, tok = load(tiny_model_dir)
+    ids = TokenizerAdapter(tok).coord_token_ids
+    with pytest.raises(ConfigError) as err:
+        attach_adapter(model, AdapterConfig(kind=AdapterKind.lora, target_modules=["q_proj", "qkv"]), ids)
+    msg = str(err.value)
+    names = msg.split("named", 1)[1]
+    assert "'qkv' matches no module" in msg and "q_proj" in names and "lm_head" not in names
+    for targets, text in ((["embed_tokens"], "selects Embedding"), (["lm_head"], "matches no module")):
+        with pytest.raises(ConfigError, match=text):
+            attach_adapter(load(tiny_model_dir)[0],
+                           AdapterConfig(kind=AdapterKind.lora, target_modules=targets), ids)
+    with pytest.raises(ConfigError) as err:
+        attach_adapter(load(tiny_model_dir)[0],
+                       AdapterConfig(kind=AdapterKind.lora, modules_to_save=["embed_tokens", "no_such"]), ids)
+    assert "'embed_tokens' selects the embedding" in str(err.value) and "'no_such' matches no module" in \
+        str(err.value)
+    # a vision-language model: a target that only exists in the vision tower matches nothing
+    vl_model, vl_tok = load(tiny_vl_dir, vl=True)
+    with pytest.raises(ConfigError, match="'qkv' matches no module of the language model"):
+        attach_adapter(vl_model, AdapterConfig(kind=AdapterKind.lora, target_modules=["qkv"]),
+                       TokenizerAdapter(vl_tok).coord_token_ids)
+
+
+def test_bad_adapter_values_are_refused_at_config_validation_all_at_once():
+    from coordexp.config.load import compose, to_train_config
+
+    with pytest.raises(ConfigError) as err:
+        to_train_config(compose(["+experiment=smoke/ab_mixed", "model.adapter.kind=dora", "model.adapter.r=0",
+                                 "model.adapter.alpha=0", "model.adapter.dropout=1.5",
+                                 "model.adapter.target_modules=[]"]))
+    problems = err.value.problems
+    assert any(p.startswith("model.adapter.r: 0 must be an integer >= 1") for p in problems)
+    assert any(p.startswith("model.adapter.alpha: 0 must be > 0") for p in problems)
+    assert any(p.startswith("model.adapter.dropout: 1.5 must be in [0, 1)") for p in problems)
+    assert any(p.startswith("model.adapter.target_modules: is empty") for p in problems)
+    with pytest.raises(ConfigError, match=r"\['q_proj'\] listed more than once"):
+        to_train_config(compose(["+experiment=smoke/ab_mixed", "model.adapter.kind=lora",
+                                 "model.adapter.target_modules=[q_proj,q_proj]"]))
+    # kind none: the adapter settings are not used, so they are not checked
+    to_train_config(compose(["+experiment=smoke/ab_mixed", "model.adapter.r=0"]))
