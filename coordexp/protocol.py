@@ -3,11 +3,13 @@ crosses a process boundary, spelled once. Stdlib only (the server process import
 
 Environment of the server process (set by the launcher, read by the ms-swift plugin and the processor):
 :data:`ENV_ENABLE` (guard), :data:`ENV_CONFIG_JSON` (the ``rollout_matching.repeat_terminate`` subtree),
-:data:`ENV_SERVER_DEVICE`. Environment of the learner: :data:`ENV_INITIAL_WEIGHTS`, :data:`ENV_RUN_ID`.
+:data:`ENV_SERVER_DEVICE`, :data:`ENV_WEIGHTS_ROOT`. Environment of the learner: :data:`ENV_INITIAL_WEIGHTS`,
+:data:`ENV_RUN_ID`. Of both: :data:`ENV_SERVER_API_KEY`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +27,12 @@ ENV_INITIAL_WEIGHTS = "COORDEXP_SERVER_INITIAL_WEIGHTS"
 ENV_RUN_ID = "COORDEXP_RUN_ID"
 #: First port of the NCCL weight-sync groups (one port per server).
 ENV_NCCL_GROUP_PORT = "COORDEXP_NCCL_GROUP_PORT"
+#: The API key of the rollout servers (learner, launcher and server). ms-swift's ``--api_key``: every route
+#: but ``/health/`` then needs ``Authorization: Bearer <key>``. Required when a server is reachable beyond
+#: loopback (a non-loopback ``vllm.server.host`` or base URL); never written to the run dir or a command line.
+ENV_SERVER_API_KEY = "COORDEXP_SERVER_API_KEY"
+#: The folder under which the server's weight-loading route accepts files (the run dir, or a sweep's dir).
+ENV_WEIGHTS_ROOT = "COORDEXP_WEIGHTS_ROOT"
 #: The run's console record (``<run_dir>/train.log``): every process of a run (orchestrator, learner ranks)
 #: appends the lines it shows on the console (``coordexp.telemetry.record.say``) to this file.
 ENV_CONSOLE_LOG = "COORDEXP_CONSOLE_LOG"
@@ -56,6 +64,23 @@ SWIFT_WORKER_EXTENSION = "swift.pipelines.infer.rollout.WeightSyncWorkerExtensio
 LOAD_WEIGHTS_ROUTE = "/coordexp/load_weights/"
 #: The worker-extension method the route reaches over vLLM's ``collective_rpc``.
 WORKER_METHOD = "coordexp_load_weights"
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The request headers that carry ``api_key`` (ms-swift's bearer-token check); ``{}`` without a key."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (``127.0.0.0/8``, ``::1``): a server bound there is
+    reachable from this machine only."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
 
 
 def repeat_terminate_json(values: Mapping[str, Any]) -> str:

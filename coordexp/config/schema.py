@@ -314,9 +314,17 @@ class RolloutMatchingConfig:
 
 @dataclass
 class ServerConfig:
-    base_urls: list[str] = doc("Rollout server URLs (http://host:port).", default_factory=list)
-    reuse_existing: bool = doc("Use servers already running at base_urls instead of starting one.", False)
-    host: str = doc("Bind host of a server the launcher starts.", "127.0.0.1")
+    base_urls: list[str] = doc(
+        "Rollout server URLs (http://host:port). Without reuse_existing the launcher starts one server per "
+        "URL (on its port), splits vllm.server_gpus evenly between them (CPU: the cores), sends each a share "
+        "of the requests weighted by its world size and syncs weights into every one.", default_factory=list)
+    reuse_existing: bool = doc("Use servers already running at base_urls instead of starting them.", False)
+    host: str = doc(
+        "Bind host of the servers the launcher starts. Anything but loopback (127.0.0.1, localhost, ::1) "
+        "needs an API key in $COORDEXP_SERVER_API_KEY (so do non-loopback base_urls).", "127.0.0.1")
+    python: str | None = doc(
+        "The Python that runs `swift rollout` (a separate server environment with coordexp[server-gpu] "
+        "installed, e.g. /opt/server-venv/bin/python); null = the learner's own Python.", None)
     startup_timeout_s: float = doc("Deadline for /health/ after start.", 600.0)
     infer_timeout_s: float = doc("Per /infer/ call timeout (one retry, then a clear error).", 120.0)
     request_timeout_s: float = doc("Timeout of every other HTTP call.", 30.0)
@@ -345,10 +353,12 @@ class VllmConfig:
     enforce_eager: bool = doc("Disable CUDA graphs / compilation in the server.", True)
     gpu_memory_utilization: float = doc("Fraction of each server GPU vLLM may use (GPU only).", 0.85)
     cpu_kvcache_space_gib: int = doc("KV cache size for a CPU server (VLLM_CPU_KVCACHE_SPACE).", 1)
-    data_parallel_size: int = doc("Server data-parallel engines.", 1)
-    tensor_parallel_size: int = doc("Server tensor parallelism.", 1)
-    server_gpus: list[int] = doc("GPU ids of the server (device: cuda); disjoint from learner_gpus.",
-                                 default_factory=list)
+    data_parallel_size: int = doc("Data-parallel engines of each server.", 1)
+    tensor_parallel_size: int = doc("Tensor parallelism of each server.", 1)
+    server_gpus: list[int] = doc(
+        "GPU ids of the servers (device: cuda); disjoint from learner_gpus. With N base_urls the launcher "
+        "gives server i the i-th of N equal contiguous slices (the count must divide by N, and each slice "
+        "holds data_parallel_size x tensor_parallel_size GPUs).", default_factory=list)
     learner_gpus: list[int] = doc("GPU ids of the learner (device: cuda).", default_factory=list)
 
 

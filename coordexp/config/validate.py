@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tempfile
 import types
 import typing
@@ -26,6 +27,7 @@ from coordexp.config.schema import (
     enum_value,
 )
 from coordexp.config.trackers import tracker_problems
+from coordexp.protocol import ENV_SERVER_API_KEY, is_loopback_host
 from coordexp.repeat_rules import config_to_dict
 from coordexp.repeat_rules import problems as repeat_terminate_problems
 
@@ -54,6 +56,35 @@ def url_problem(url: object) -> str | None:
     if port == 0:
         return f"'{url}': port 0 is not a port a server listens on (use 1..65535)"
     return None
+
+
+def server_problems(cfg: TrainConfig, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The rollout-server rules of server mode that are not plain ranges: distinct ports for the servers
+    the launcher starts, an API key (:data:`~coordexp.protocol.ENV_SERVER_API_KEY` in ``environ``, default
+    ``os.environ``) for any server reachable beyond loopback, and a runnable ``vllm.server.python``."""
+    s = cfg.vllm.server
+    env = os.environ if environ is None else environ
+    out: list[str] = []
+    parsed = [urlparse(u) for u in s.base_urls if isinstance(u, str) and url_problem(u) is None]
+    if not s.reuse_existing:
+        ports = [p.port for p in parsed]
+        dup = sorted({p for p in ports if ports.count(p) > 1})
+        if dup:
+            out.append(f"vllm.server.base_urls: port(s) {dup} appear more than once; the launcher starts one "
+                       "server per URL, each on its own port")
+    local = s.reuse_existing or not s.host or is_loopback_host(s.host)  # an empty host: its own rule
+    exposed = [] if local else [f"vllm.server.host={s.host}"]
+    exposed += [p.geturl() for p in parsed if not is_loopback_host(p.hostname or "")]
+    if exposed and not env.get(ENV_SERVER_API_KEY):
+        out.append(f"vllm.server: {', '.join(exposed)} is reachable beyond this machine, so the servers need an "
+                   f"API key: export {ENV_SERVER_API_KEY}=<secret> (e.g. `python -c \"import secrets; "
+                   "print(secrets.token_urlsafe(32))\"`) on every node, or bind to 127.0.0.1")
+    if s.python is not None and not s.reuse_existing:
+        py = Path(s.python).expanduser()
+        if not (py.is_absolute() and py.is_file() and os.access(py, os.X_OK)):
+            out.append(f"vllm.server.python: {s.python} is not an executable file (an absolute path such as "
+                       "/opt/server-venv/bin/python; null = the learner's Python)")
+    return out
 
 
 def problems(cfg: TrainConfig) -> list[str]:
@@ -151,12 +182,21 @@ def problems(cfg: TrainConfig) -> list[str]:
         for name in ("startup_timeout_s", "infer_timeout_s", "request_timeout_s"):
             need(getattr(v.server, name) > 0, f"vllm.server.{name}", "must be > 0 (no unbounded waits)")
         need(v.sync.timeout_s > 0, "vllm.sync.timeout_s", "must be > 0")
+        out.extend(server_problems(cfg))
         if v.device == ServerDevice.cuda and not v.server.reuse_existing:
             overlap = sorted(set(v.server_gpus) & set(v.learner_gpus))
             need(not overlap, "vllm.server_gpus", f"overlaps vllm.learner_gpus on GPUs {overlap}")
-            need(len(v.server_gpus) == v.data_parallel_size * v.tensor_parallel_size, "vllm.server_gpus",
-                 f"{len(v.server_gpus)} GPUs != data_parallel_size x tensor_parallel_size "
-                 f"({v.data_parallel_size} x {v.tensor_parallel_size})")
+            n = max(1, len(v.server.base_urls))
+            per = v.data_parallel_size * v.tensor_parallel_size
+            if len(v.server_gpus) % n:
+                need(False, "vllm.server_gpus",
+                     f"{len(v.server_gpus)} GPUs do not split evenly over the {n} servers of "
+                     f"vllm.server.base_urls; give a multiple of {n} GPUs ({n} x {per})")
+            else:
+                need(len(v.server_gpus) // n == per, "vllm.server_gpus",
+                     f"{len(v.server_gpus) // n} GPUs per server ({len(v.server_gpus)} over {n} server(s)) != "
+                     f"data_parallel_size x tensor_parallel_size ({v.data_parallel_size} x "
+                     f"{v.tensor_parallel_size})")
             if v.learner_gpus:
                 need(len(v.learner_gpus) == t.nproc_per_node, "vllm.learner_gpus",
                      f"{len(v.learner_gpus)} GPUs != training.nproc_per_node ({t.nproc_per_node})")

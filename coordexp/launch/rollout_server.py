@@ -11,6 +11,10 @@ with the tail of the server log, logs ``/get_world_size/``, runs the activation 
 abruptly (SIGKILL included), through :mod:`coordexp.launch.supervise`, the group's leader, which owns every
 process of the server (vLLM's EngineCore/Worker grandchildren too). With ``vllm.server.reuse_existing: true``
 nothing is started: each base URL must already answer ``/health/``, and the probe still runs.
+
+Start is two halves so that several servers start concurrently: :meth:`RolloutServer.spawn` (``Popen``; on
+the caller's thread, because Linux's parent-death signal follows the thread that forked) and
+:meth:`RolloutServer.ready` (health deadline, world size, probe; safe on a worker thread).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import atexit
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,7 +33,13 @@ from typing import Any, Self
 from coordexp.checkpoint import read_stop_ids
 from coordexp.errors import ServerStartError
 from coordexp.launch.process import port_in_use, set_parent_death_signal, stop_group, terminate_on_signals
-from coordexp.launch.server_spec import ServerLaunchSpec, build_command, build_env, launch_spec_from_config
+from coordexp.launch.server_spec import (
+    ServerLaunchSpec,
+    build_command,
+    build_env,
+    check_server_python,
+    launch_spec_from_config,
+)
 from coordexp.launch.supervise import supervised_command
 from coordexp.rollout.probe import ProbeError, run_probe
 from coordexp.rollout.server_client import RolloutServerError, check_health, get_world_size
@@ -39,6 +50,17 @@ __all__ = ["RolloutServer", "say"]
 
 def say(msg: str) -> None:
     console.say(f"[coordexp server] {msg}")
+
+
+def _ranges(ids: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 class RolloutServer:
@@ -77,6 +99,7 @@ class RolloutServer:
         self.progress_every_s = float(progress_every_s)
         self.poll_interval_s = float(poll_interval_s)
         self.eos_token_id = eos_token_id
+        self.api_key = spec.api_key if spec is not None else None  # None: the environment's (if any)
         if self.eos_token_id is None and spec is not None:
             self.eos_token_id = read_stop_ids(spec.model_dir) or None  # the checkpoint's stop-token set
         self.proc: subprocess.Popen | None = None
@@ -88,6 +111,7 @@ class RolloutServer:
         self.timings: dict[str, float] = {}
         self._log_fh = None
         self._signals: contextlib.ExitStack | None = None
+        self._t0: float | None = None
 
     # ------------------------------------------------------------------------------------------ factory
 
@@ -99,8 +123,13 @@ class RolloutServer:
         model_dir: str | os.PathLike,
         log_path: str | os.PathLike,
         base_url: str | None = None,
+        index: int = 0,
+        count: int = 1,
+        weights_root: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> RolloutServer:
+        """Server ``index`` of the ``count`` the config describes (``count`` = its number of base URLs);
+        ``weights_root``: where its weight-loading route may read files (the run dir)."""
         s = cfg.vllm.server
         urls = list(s.base_urls)
         url = base_url or (urls[0] if urls else None)
@@ -111,13 +140,8 @@ class RolloutServer:
             kwargs.setdefault("probe", bool(cfg.rollout_matching.repeat_terminate.enabled))
             kwargs.setdefault("eos_token_id", read_stop_ids(model_dir) or None)
         else:
-            if len(urls) > 1 and base_url is None:
-                raise ServerStartError(
-                    f"vllm.server.base_urls has {len(urls)} URLs but reuse_existing is false: the launcher "
-                    "starts one server (scale it with vllm.data_parallel_size), or start several yourself "
-                    "and set vllm.server.reuse_existing=true"
-                )
-            spec = launch_spec_from_config(cfg, model_dir, url)
+            spec = launch_spec_from_config(cfg, model_dir, url, index=index, count=count,
+                                           weights_root=weights_root)
         return cls(
             spec,
             url,
@@ -165,6 +189,8 @@ class RolloutServer:
                 data_parallel_size=spec.data_parallel_size,
                 tensor_parallel_size=spec.tensor_parallel_size,
                 gpus=list(spec.server_gpus),
+                cpus=list(spec.cpus),
+                python=spec.python,
                 max_model_len=spec.max_model_len,
                 command=build_command(spec),
             )
@@ -192,23 +218,40 @@ class RolloutServer:
         return ServerStartError(msg)
 
     def start(self) -> RolloutServer:
-        t0 = time.monotonic()
+        """:meth:`spawn`, then :meth:`ready`; stops the server on any failure."""
+        self.spawn()
+        return self.ready()
+
+    def spawn(self) -> None:
+        """Start the process (nothing for a reused server). Call it on the thread that stays alive for the
+        server's lifetime: the parent-death signal fires when the forking thread ends."""
+        self._t0 = time.monotonic()
+        if self.reuse_existing:
+            return
+        try:
+            self._spawn()
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["spawn"] = time.monotonic() - self._t0
+
+    def ready(self) -> RolloutServer:
+        """Wait for ``/health/`` (or check a reused server), read the world size, run the probe."""
+        t0 = self._t0 if self._t0 is not None else time.monotonic()
         try:
             if self.reuse_existing:
-                if not check_health(self.base_url, self.request_timeout_s):
+                if not check_health(self.base_url, self.request_timeout_s, api_key=self.api_key):
                     raise ServerStartError(
                         f"vllm.server.reuse_existing is true but no healthy server answers "
                         f"{self.base_url}/health/"
                     )
                 self.progress(f"reusing the rollout server at {self.base_url}")
             else:
-                self._spawn()
-                self.timings["spawn"] = time.monotonic() - t0
                 self._wait_healthy(t0)
             t_healthy = time.monotonic()
             self.timings["health"] = t_healthy - t0 - self.timings.get("spawn", 0.0)
             try:
-                self.world_size = get_world_size(self.base_url, self.request_timeout_s)
+                self.world_size = get_world_size(self.base_url, self.request_timeout_s, api_key=self.api_key)
             except RolloutServerError as exc:
                 raise self._fail(
                     f"rollout server at {self.base_url} is up but /get_world_size/ failed: {exc}"
@@ -232,6 +275,8 @@ class RolloutServer:
         assert spec is not None
         if not Path(spec.plugin_path).is_file():
             raise ServerStartError(f"coordexp swift plugin not found at {spec.plugin_path}")
+        if os.path.realpath(spec.python) != os.path.realpath(sys.executable):
+            check_server_python(spec.python)
         if port_in_use(spec.host, spec.port):
             raise ServerStartError(
                 f"port {spec.port} on {spec.host} is already in use: stop whatever listens "
@@ -247,9 +292,16 @@ class RolloutServer:
             out = self._log_fh
         else:
             out = subprocess.DEVNULL
-        self.progress(
-            f"starting rollout server on {spec.host}:{spec.port} ({spec.device}); log: {self.log_path}"
-        )
+        where = f"cores {_ranges(spec.cpus)}" if spec.cpus else (
+            f"GPUs {','.join(map(str, spec.server_gpus))}" if spec.server_gpus else spec.device)
+        self.progress(f"starting rollout server on {spec.host}:{spec.port} ({where}); log: {self.log_path}")
+        cpus = list(spec.cpus)
+
+        def preexec() -> None:  # between fork and exec: die with the orchestrator; pin to the core slice
+            set_parent_death_signal()
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         self.proc = subprocess.Popen(
             cmd,
             env=env,
@@ -257,7 +309,7 @@ class RolloutServer:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=set_parent_death_signal,  # noqa: PLW1509
+            preexec_fn=preexec,  # noqa: PLW1509
             cwd=os.getcwd(),
         )
         self.pgid = self.proc.pid  # session leader: its pid is the process-group id
@@ -270,10 +322,10 @@ class RolloutServer:
             code = self.proc.poll() if self.proc else None
             if code is not None:
                 raise self._fail(
-                    f"rollout server exited with code {code} before becoming healthy "
+                    f"rollout server {self.base_url} exited with code {code} before becoming healthy "
                     f"({time.monotonic() - t0:.1f} s after start)"
                 )
-            if check_health(self.base_url, timeout_s=min(5.0, self.request_timeout_s)):
+            if check_health(self.base_url, timeout_s=min(5.0, self.request_timeout_s), api_key=self.api_key):
                 return
             now = time.monotonic()
             if now >= deadline:
@@ -292,7 +344,8 @@ class RolloutServer:
     def _probe(self) -> None:
         try:
             self.probe_report = run_probe(
-                self.base_url, timeout_s=self.probe_timeout_s, eos_token_id=self.eos_token_id
+                self.base_url, timeout_s=self.probe_timeout_s, eos_token_id=self.eos_token_id,
+                api_key=self.api_key,
             )
         except ProbeError as exc:
             raise self._fail(str(exc), with_log=not self.reuse_existing) from None

@@ -5,11 +5,18 @@ The command is ``python -m swift.cli.rollout ...``: the program ``swift rollout`
 entry point only re-executes that file in a child process). The repeat-terminate subtree is exported as JSON
 in :data:`~coordexp.protocol.ENV_CONFIG_JSON` together with the guard
 :data:`~coordexp.protocol.ENV_ENABLE`, for the server process only.
+
+Several servers (``vllm.server.base_urls`` with N URLs, started here): server ``i`` gets the ``i``-th of N
+equal contiguous slices of ``vllm.server_gpus`` (:func:`gpu_slice`) and, on CPU, the ``i``-th of N equal
+contiguous slices of the cores this process may run on (:func:`cpu_slice`; the server process is pinned to
+them, and vLLM's automatic OpenMP binding then places its threads inside that slice). The API key and the
+weights root reach the server through its environment, never its command line.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +30,8 @@ from coordexp.config.validate import url_problem
 from coordexp.errors import ServerStartError
 from coordexp.repeat_rules import RepeatTerminateConfig, config_to_dict, parse_config
 
-__all__ = ["PLUGIN_PATH", "ServerLaunchSpec", "build_command", "build_env", "launch_spec_from_config"]
+__all__ = ["PLUGIN_PATH", "ServerLaunchSpec", "build_command", "build_env", "check_server_python", "cpu_slice",
+           "gpu_slice", "launch_spec_from_config"]
 
 PLUGIN_PATH = str(Path(__file__).resolve().parents[1] / "rollout" / "server" / "swift_plugin.py")
 #: OpenMP settings of a CPU server (a user's own value in the environment wins).
@@ -54,15 +62,62 @@ class ServerLaunchSpec:
     image_root: str | None = None  # ROOT_IMAGE_DIR: the folder request image paths are relative to
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)  # applied last (tests, site tweaks)
+    #: CPU cores the server process is pinned to (``os.sched_setaffinity``); empty = not pinned
+    cpus: list[int] = field(default_factory=list)
+    #: the folder under which the weight-loading route accepts files (``ENV_WEIGHTS_ROOT``)
+    weights_root: str | None = None
+    #: the API key (``ENV_SERVER_API_KEY`` in the server's environment); None = the caller's environment's
+    api_key: str | None = field(default=None, repr=False)
+
+
+def gpu_slice(gpus: list[int], index: int, count: int) -> list[int]:
+    """Server ``index`` of ``count``: its equal contiguous slice of ``gpus`` (the count must divide)."""
+    if count < 1 or len(gpus) % count:
+        raise ServerStartError(f"vllm.server_gpus ({len(gpus)} GPUs) does not split evenly over {count} servers")
+    per = len(gpus) // count
+    return list(gpus[index * per:(index + 1) * per])
+
+
+def cpu_slice(cores: list[int], index: int, count: int) -> list[int]:
+    """Server ``index`` of ``count``: its contiguous slice of ``cores`` (the first ``len % count`` slices get
+    one core more); all of ``cores`` for a single server, or when there are fewer cores than servers (they
+    then share every core rather than some getting none)."""
+    cores = sorted(cores)
+    if count <= 1 or len(cores) < count:
+        return cores
+    per, extra = divmod(len(cores), count)
+    start = index * per + min(index, extra)
+    return cores[start:start + per + (1 if index < extra else 0)]
+
+
+def check_server_python(python: str) -> None:
+    """Fail fast (``ServerStartError``) when ``python`` cannot run the server: it must import coordexp and
+    find ms-swift and vLLM (found, not imported: a second or so)."""
+    code = ("import importlib.util as u, coordexp.protocol; "
+            "m = [n for n in ('swift', 'vllm') if u.find_spec(n) is None]; "
+            "print(' '.join(m)); raise SystemExit(1 if m else 0)")
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ServerStartError(f"vllm.server.python={python} cannot be run: {err}") from None
+    if out.returncode != 0:
+        missing = out.stdout.strip()
+        why = (f"it lacks {missing}" if missing else
+               f"it cannot import coordexp ({(out.stderr.strip().splitlines() or ['?'])[-1]})")
+        raise ServerStartError(
+            f"vllm.server.python={python} cannot run the rollout server: {why}; install the server stack "
+            f"into that environment: {python} -m pip install -e '<coordexp checkout>[server-gpu]' (docs/runbook.md)")
 
 
 def launch_spec_from_config(
-    cfg: Any, model_dir: str | os.PathLike, base_url: str | None = None
+    cfg: Any, model_dir: str | os.PathLike, base_url: str | None = None, *, index: int = 0, count: int = 1,
+    weights_root: str | os.PathLike | None = None,
 ) -> ServerLaunchSpec:
-    """The launch spec of the (single) server a ``TrainConfig`` asks for, at ``base_url`` (default: the first
-    of ``vllm.server.base_urls``). For the tiny model and checkpoints trained from it, ms-swift is told
-    ``--model_type <qwen2|qwen3> --template chatml`` (its auto-detection is ambiguous for a bare Qwen2
-    folder)."""
+    """The launch spec of server ``index`` of the ``count`` a ``TrainConfig`` asks for, at ``base_url``
+    (default: the first of ``vllm.server.base_urls``): its slice of ``vllm.server_gpus`` (CUDA) or of this
+    process's cores (CPU, with more than one server). For the tiny model and checkpoints trained from it,
+    ms-swift is told ``--model_type <qwen2|qwen3> --template chatml`` (its auto-detection is ambiguous for a
+    bare Qwen2 folder)."""
     v = cfg.vllm
     urls = list(v.server.base_urls)
     url = base_url or (urls[0] if urls else None)
@@ -91,7 +146,11 @@ def launch_spec_from_config(
         cpu_kvcache_space_gib=int(v.cpu_kvcache_space_gib),
         data_parallel_size=int(v.data_parallel_size),
         tensor_parallel_size=int(v.tensor_parallel_size),
-        server_gpus=list(v.server_gpus),
+        server_gpus=gpu_slice(list(v.server_gpus), index, count) if enum_value(v.device) == "cuda" else [],
+        cpus=(cpu_slice(sorted(os.sched_getaffinity(0)), index, count)
+              if enum_value(v.device) == "cpu" and count > 1 and hasattr(os, "sched_getaffinity") else []),
+        python=v.server.python or sys.executable,
+        weights_root=str(Path(weights_root).resolve()) if weights_root else None,
         repeat_terminate=parse_config(
             cfg.rollout_matching.repeat_terminate, where="rollout_matching.repeat_terminate."
         ),
@@ -143,6 +202,10 @@ def build_env(spec: ServerLaunchSpec, base: dict[str, str] | None = None) -> dic
     env[protocol.ENV_CONFIG_JSON] = protocol.repeat_terminate_json(config_to_dict(spec.repeat_terminate))
     env[protocol.ENV_SERVER_DEVICE] = spec.device
     env["PYTHONUNBUFFERED"] = "1"
+    if spec.weights_root:
+        env[protocol.ENV_WEIGHTS_ROOT] = spec.weights_root
+    if spec.api_key:
+        env[protocol.ENV_SERVER_API_KEY] = spec.api_key
     if spec.image_root:
         env["ROOT_IMAGE_DIR"] = spec.image_root
     if spec.device == "cpu":

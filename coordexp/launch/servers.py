@@ -1,7 +1,13 @@
 """The rollout servers of a run: the model dir they serve, which started servers can be kept between jobs
 (:func:`server_key`), the set of servers one run uses (:class:`ServerSet`: started here, or reused), and the
 pool that keeps a server set alive across the jobs of a sweep (:class:`ServerPool`, used by the coordexp Hydra
-launcher through :func:`shared_servers`)."""
+launcher through :func:`shared_servers`).
+
+Several servers: without ``reuse_existing`` every URL of ``vllm.server.base_urls`` gets its own started
+server (``server/swift_rollout.<i>.log`` with more than one), each with its slice of the GPUs or cores
+(:mod:`coordexp.launch.server_spec`). They start concurrently - spawned one after another on the calling
+thread, then health-gated and probed in parallel threads - and the first failure stops them all and names
+its URL. The learner's client splits requests over them by world size and the weight sync reaches each."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,32 +74,43 @@ class ServerSet:
         return any(s.spec is not None for s in self.servers)
 
     @classmethod
-    def start(cls, cfg: TrainConfig, model_dir: Path, run_dir: Path, run_id: str) -> ServerSet:
+    def start(
+        cls, cfg: TrainConfig, model_dir: Path, run_dir: Path, run_id: str, weights_root: Path | None = None
+    ) -> ServerSet:
+        """Start (or check, with ``reuse_existing``) every server of ``vllm.server.base_urls``; raises the
+        first :class:`~coordexp.errors.ServerStartError` after stopping all of them. ``weights_root``: the
+        folder the started servers may load weight files from (default ``run_dir``)."""
         urls = list(cfg.vllm.server.base_urls)
+        reuse = bool(cfg.vllm.server.reuse_existing)
         servers: list[Any] = []
         try:
-            if cfg.vllm.server.reuse_existing:
-                for i, url in enumerate(urls):
-                    servers.append(
-                        RolloutServer.from_config(
-                            cfg,
-                            model_dir=model_dir,
-                            base_url=url,
-                            log_path=run_dir / SERVER_LOG_NAME.format(suffix=f".{i}"),
-                        )
-                    )
-            else:
+            for i, url in enumerate(urls):
+                suffix = f".{i}" if reuse or len(urls) > 1 else ""
                 srv = RolloutServer.from_config(
-                    cfg, model_dir=model_dir, log_path=run_dir / SERVER_LOG_NAME.format(suffix="")
+                    cfg, model_dir=model_dir, base_url=url, index=i, count=len(urls),
+                    weights_root=weights_root or run_dir, log_path=run_dir / SERVER_LOG_NAME.format(suffix=suffix),
                 )
-                srv.spec.extra_env[ENV_RUN_ID] = run_id
+                if srv.spec is not None:
+                    srv.spec.extra_env[ENV_RUN_ID] = run_id
                 servers.append(srv)
-            for srv in servers:
-                srv.start()
+            for srv in servers:  # on this thread: the parent-death signal follows the forking thread
+                srv.spawn()
+            if len(servers) == 1:
+                servers[0].ready()
+            else:
+                with ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="coordexp-server") as ex:
+                    futures = [ex.submit(srv.ready) for srv in servers]
+                    errors = [f.exception() for f in futures]
+                first = next((e for e in errors if e is not None), None)
+                if first is not None:
+                    raise first
         except BaseException:
             for srv in servers:
                 srv.stop()
             raise
+        if len(servers) > 1:
+            _say(f"{len(servers)} rollout servers ready: " + ", ".join(
+                f"{s.base_url} (world_size={s.world_size})" for s in servers))
         return cls(servers, server_key(cfg, model_dir), model_dir)
 
     def dead(self) -> tuple[Any, int] | None:
@@ -104,7 +122,7 @@ class ServerSet:
 
     def healthy(self) -> bool:
         return self.dead() is None and all(
-            check_health(s.base_url, s.request_timeout_s) for s in self.servers
+            check_health(s.base_url, s.request_timeout_s, api_key=s.api_key) for s in self.servers
         )
 
     def log_tails(self) -> str:
@@ -125,9 +143,11 @@ class ServerSet:
 class ServerPool:
     """Keeps one server set alive across the jobs of a sweep (used by the coordexp Hydra launcher)."""
 
-    def __init__(self) -> None:
+    def __init__(self, weights_root: Path | None = None) -> None:
         self.current: ServerSet | None = None
         self.jobs_served = 0
+        #: where the pool's servers may load weight files: the sweep dir (every job's run dir is under it)
+        self.weights_root = weights_root
 
     def acquire(
         self, cfg: TrainConfig, model_dir: Path, run_dir: Path, run_id: str
@@ -145,7 +165,8 @@ class ServerPool:
                 return cur, False
             _say("server settings changed between sweep jobs (or the server is unhealthy): restarting it")
             self.close()
-        self.current = ServerSet.start(cfg, model_dir, run_dir, run_id)
+        root = self.weights_root or run_dir.parent  # a sweep's jobs: <sweep dir>/<job subdir>
+        self.current = ServerSet.start(cfg, model_dir, run_dir, run_id, weights_root=root)
         self.jobs_served = 0
         return self.current, True
 
@@ -169,10 +190,11 @@ def current_pool() -> ServerPool | None:
 
 
 @contextlib.contextmanager
-def shared_servers() -> Iterator[ServerPool]:
-    """Within the block, run_experiment keeps servers between calls (the sweep launcher uses this)."""
+def shared_servers(weights_root: Path | None = None) -> Iterator[ServerPool]:
+    """Within the block, run_experiment keeps servers between calls (the sweep launcher uses this, with the
+    sweep dir as ``weights_root``)."""
     global _POOL
-    prev, _POOL = _POOL, ServerPool()
+    prev, _POOL = _POOL, ServerPool(weights_root)
     try:
         yield _POOL
     finally:

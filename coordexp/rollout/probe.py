@@ -115,8 +115,10 @@ def run_probe(
     attempts: int = 3,
     seed: int = 1234,
     messages: Sequence[dict] = PROBE_MESSAGES,
+    api_key: str | None = None,
 ) -> ProbeReport:
-    """Run the probe against one server; returns the report or raises :class:`ProbeError`."""
+    """Run the probe against one server; returns the report or raises :class:`ProbeError`. ``api_key``:
+    the server's (default: ``COORDEXP_SERVER_API_KEY`` from the environment)."""
     t0 = time.monotonic()
     params = DecodeParams(max_tokens=max_tokens, temperature=1.0, top_p=1.0, top_k=-1, seed=seed)
     reqs = [
@@ -127,7 +129,7 @@ def run_probe(
     for attempt in range(1, attempts + 1):
         payload = build_infer_payload(reqs, params, seed + 1000 * attempt)
         try:
-            body = post_infer(base_url, payload, timeout_s)
+            body = post_infer(base_url, payload, timeout_s, api_key=api_key)
             results = parse_infer_response(body, 2, require_flag=True, base_url=base_url)
         except RolloutServerError as exc:
             raise ProbeError(f"repeat-terminate startup probe against {base_url} failed: {exc}") from None

@@ -20,12 +20,18 @@ returns a :class:`~coordexp.rollout.batch.RolloutBatch`:
 The backend only talks to the servers. Weight sync is the learner's job: the Stage-2 trainer pushes its
 weights (:class:`~coordexp.trainer.weight_sync.WeightSync`) before it asks for rollouts.
 
+With several servers, :meth:`ServerRolloutBackend.log_request_counts` (the learner calls it when training
+ends, also on failure) writes one line per rank to the console and the run's ``train.log``:
+``[coordexp rollout] rank R: requests per rollout server: <url>=<n>, ...`` - the requests each server
+answered (a run-log line, not a metric: metric names are a fixed registry, server URLs are not).
+
 Server failures become :class:`ServerBackendError` (a ``LearnerError``: printed without a traceback, exit 2)
 naming the server, the call and the cause.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +57,7 @@ from coordexp.rollout.server_client import (
     RolloutResult,
     RolloutServerError,
 )
+from coordexp.telemetry.record import say
 
 __all__ = ["ServerBackendError", "ServerRolloutBackend", "relative_image_paths"]
 
@@ -104,6 +111,13 @@ class ServerRolloutBackend:
             request_timeout_s=contract.request_timeout_s,
         )
         self._active: int | None = None  # repeat_terminate_active, once the probe decided it
+
+    def log_request_counts(self) -> str:
+        """Print (and return) this rank's per-server request counts (see the module docstring)."""
+        line = (f"[coordexp rollout] rank {os.environ.get('RANK', '0')}: requests per rollout server: "
+                f"{self.client.counts_line()}")
+        say(line)
+        return line
 
     def _ensure_active(self) -> int:
         if self._active is not None:

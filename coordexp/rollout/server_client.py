@@ -17,6 +17,9 @@ Only ``requests`` is needed (no torch). One :class:`RolloutClient` serves every 
   ``{"response": <RolloutOutput>, "coordexp": {"repeat_terminate_triggered": 0|1}}`` or, from a server
   without the plugin, a bare ``RolloutOutput``. The trigger flag is read from the ``coordexp`` field only
   (never from ``finish_reason``); when repeat-terminate is enabled a missing field is an error naming it;
+* every call (``/health/`` too) carries the API key as ``Authorization: Bearer <key>`` (ms-swift's
+  ``--api_key`` check) when one is given or set in :data:`~coordexp.protocol.ENV_SERVER_API_KEY`; an HTTP
+  401 names that variable;
 * the payload carries messages, sampling settings and (optionally, per request) ``data_dict.vllm_xargs``;
   it never carries logits processors (those are registered once at server start).
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +41,15 @@ from typing import Any
 
 import requests
 
-from coordexp.protocol import ENV_ENABLE, FLAG_KEY, RESPONSE_KEY, WRAPPER_HEADER, WRAPPER_VALUE
+from coordexp.protocol import (
+    ENV_ENABLE,
+    ENV_SERVER_API_KEY,
+    FLAG_KEY,
+    RESPONSE_KEY,
+    WRAPPER_HEADER,
+    WRAPPER_VALUE,
+    auth_headers,
+)
 
 __all__ = [
     "DecodeParams",
@@ -252,11 +264,30 @@ def _timeout(t: float) -> tuple[float, float]:
     return (min(10.0, float(t)), float(t))
 
 
-def get_health(base_url: str, timeout_s: float = 5.0, session: requests.Session | None = None) -> dict:
+def resolve_api_key(api_key: str | None = None) -> str | None:
+    """``api_key``, else :data:`~coordexp.protocol.ENV_SERVER_API_KEY` from the environment, else None."""
+    return api_key or os.environ.get(ENV_SERVER_API_KEY) or None
+
+
+def _headers(api_key: str | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {**auth_headers(resolve_api_key(api_key)), **(extra or {})}
+
+
+def _refused(url: str, r: requests.Response) -> str:
+    """The message of a non-200 answer; a 401 says where the API key comes from."""
+    msg = f"{url} returned HTTP {r.status_code}: {r.text[:300]}"
+    if r.status_code == 401:
+        msg += (f" (the server requires an API key: set {ENV_SERVER_API_KEY} to the key it was started with; "
+                f"{'it is set but does not match' if resolve_api_key() else 'it is not set'})")
+    return msg
+
+
+def get_health(base_url: str, timeout_s: float = 5.0, session: requests.Session | None = None,
+               api_key: str | None = None) -> dict:
     """``GET /health/`` body (raises RolloutServerError when unreachable or not 200)."""
     s = session or requests
     try:
-        r = s.get(base_url.rstrip("/") + "/health/", timeout=_timeout(timeout_s))
+        r = s.get(base_url.rstrip("/") + "/health/", timeout=_timeout(timeout_s), headers=_headers(api_key))
     except requests.RequestException as exc:
         raise RolloutServerError(f"GET {base_url}/health/ failed: {exc}") from None
     if r.status_code != 200:
@@ -267,23 +298,24 @@ def get_health(base_url: str, timeout_s: float = 5.0, session: requests.Session 
         raise MalformedResponseError(f"GET {base_url}/health/ returned non-JSON: {r.text[:300]}") from None
 
 
-def check_health(base_url: str, timeout_s: float = 5.0) -> bool:
+def check_health(base_url: str, timeout_s: float = 5.0, api_key: str | None = None) -> bool:
     try:
-        get_health(base_url, timeout_s)
+        get_health(base_url, timeout_s, api_key=api_key)
         return True
     except RolloutServerError:
         return False
 
 
-def get_world_size(base_url: str, timeout_s: float = 30.0, session: requests.Session | None = None) -> int:
+def get_world_size(base_url: str, timeout_s: float = 30.0, session: requests.Session | None = None,
+                   api_key: str | None = None) -> int:
     s = session or requests
     url = base_url.rstrip("/") + "/get_world_size/"
     try:
-        r = s.get(url, timeout=_timeout(timeout_s))
+        r = s.get(url, timeout=_timeout(timeout_s), headers=_headers(api_key))
     except requests.RequestException as exc:
         raise RolloutServerError(f"GET {url} failed: {exc}") from None
     if r.status_code != 200:
-        raise RolloutServerError(f"GET {url} returned HTTP {r.status_code}: {r.text[:300]}")
+        raise RolloutServerError(f"GET {_refused(url, r)}")
     try:
         ws = r.json()["world_size"]
     except (ValueError, KeyError, TypeError):
@@ -300,6 +332,7 @@ def post_infer(
     payload: dict,
     timeout_s: float,
     session_factory: Callable[[], requests.Session] = requests.Session,
+    api_key: str | None = None,
 ) -> Any:
     """POST one ``/infer/`` body; one retry on a fresh session for transient failures; returns the JSON."""
     url = base_url.rstrip("/") + "/infer/"
@@ -309,7 +342,7 @@ def post_infer(
         session = session_factory()
         try:
             r = session.post(url, json=payload, timeout=_timeout(timeout_s),
-                             headers={WRAPPER_HEADER: WRAPPER_VALUE})
+                             headers=_headers(api_key, {WRAPPER_HEADER: WRAPPER_VALUE}))
         except requests.Timeout as exc:
             last = f"timed out after {timeout_s:g} s ({exc.__class__.__name__})"
             continue
@@ -323,9 +356,7 @@ def post_infer(
             last = f"HTTP {r.status_code}: {r.text[:300]}"
             continue
         if r.status_code != 200:
-            raise RolloutServerError(
-                f"POST {url} ({n} requests) returned HTTP {r.status_code}: {r.text[:500]}"
-            )
+            raise RolloutServerError(f"POST {_refused(url, r)} ({n} requests)")
         try:
             return r.json()
         except ValueError:
@@ -369,6 +400,7 @@ class RolloutClient:
         request_timeout_s: float = 30.0,
         session_factory: Callable[[], requests.Session] = requests.Session,
         world_sizes: Sequence[int] | None = None,
+        api_key: str | None = None,
     ):
         if not base_urls:
             raise ValueError("RolloutClient needs at least one base URL (vllm.server.base_urls)")
@@ -381,7 +413,10 @@ class RolloutClient:
         self.request_timeout_s = float(request_timeout_s)
         self.session_factory = session_factory
         self._world_sizes = list(world_sizes) if world_sizes is not None else None
+        self.api_key = resolve_api_key(api_key)
         self._lock = threading.Lock()
+        #: requests each server answered (``/infer/`` items), by base URL: how the load was split
+        self.request_counts: dict[str, int] = dict.fromkeys(self.base_urls, 0)
 
     @classmethod
     def from_config(cls, cfg: Any, **kwargs: Any) -> RolloutClient:
@@ -400,11 +435,17 @@ class RolloutClient:
     def world_sizes(self) -> list[int]:
         with self._lock:
             if self._world_sizes is None:
-                self._world_sizes = [get_world_size(u, self.request_timeout_s) for u in self.base_urls]
+                self._world_sizes = [get_world_size(u, self.request_timeout_s, api_key=self.api_key)
+                                     for u in self.base_urls]
             return list(self._world_sizes)
 
     def health(self) -> dict[str, dict]:
-        return {u: get_health(u, self.request_timeout_s) for u in self.base_urls}
+        return {u: get_health(u, self.request_timeout_s, api_key=self.api_key) for u in self.base_urls}
+
+    def counts_line(self) -> str:
+        """``url=n, ...``: requests each server answered so far (the learner logs it at the end)."""
+        with self._lock:
+            return ", ".join(f"{u}={n}" for u, n in self.request_counts.items())
 
     def plan(self, n: int) -> list[tuple[str, int, int]]:
         """``(base_url, start, end)`` micro-batches covering ``range(n)``."""
@@ -431,9 +472,11 @@ class RolloutClient:
             for a, b in by_url[url]:
                 seed = None if params.seed is None else params.seed + a
                 payload = build_infer_payload(reqs[a:b], params, seed)
-                body = post_infer(url, payload, self.infer_timeout_s, self.session_factory)
+                body = post_infer(url, payload, self.infer_timeout_s, self.session_factory, self.api_key)
                 parsed = parse_infer_response(body, b - a, self.repeat_terminate_enabled, base_url=url)
                 results[a:b] = parsed
+                with self._lock:
+                    self.request_counts[url] += b - a
 
         if len(by_url) == 1:
             run(next(iter(by_url)))

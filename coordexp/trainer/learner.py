@@ -344,6 +344,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
             trainer.train(resume_from_checkpoint=str(resumed.checkpoint) if resumed else None)
     finally:
         preemption.deactivate()
+        if len(contract.server_base_urls) > 1 and hasattr(backend, "log_request_counts"):
+            backend.log_request_counts()  # how the requests split over the servers (docs/runbook.md)
         for key, value in previous_env.items():  # the next job of an in-process sweep gets its own
             if value is None:
                 os.environ.pop(key, None)

@@ -10,7 +10,8 @@
   ``/update_flattened_params/``, ``/process_weights_after_loading/``) with a timeout on every HTTP call and
   on every broadcast. Not testable on CPU (see docs/runbook.md for how to verify it on a GPU node).
 
-Every HTTP call gets the time left before the push's deadline. torch, safetensors and vLLM are imported when
+Every HTTP call gets the time left before the push's deadline and carries the servers' API key
+(:data:`~coordexp.protocol.ENV_SERVER_API_KEY`) when one is set. torch, safetensors and vLLM are imported when
 a push runs, so the orchestrator can import this module without them.
 """
 
@@ -27,8 +28,8 @@ from urllib.parse import urlparse
 
 import requests
 
-from coordexp.protocol import ENV_NCCL_GROUP_PORT, LOAD_WEIGHTS_ROUTE
-from coordexp.rollout.server_client import get_world_size
+from coordexp.protocol import ENV_NCCL_GROUP_PORT, LOAD_WEIGHTS_ROUTE, auth_headers
+from coordexp.rollout.server_client import get_world_size, resolve_api_key
 
 __all__ = ["FileTransport", "NcclTransport", "SyncReport", "WeightSyncError", "flatten_bucket",
            "named_weights", "write_weights_file"]
@@ -119,7 +120,7 @@ def _post(url: str, payload: dict | None, deadline: float, what: str, session=No
     left = _left(deadline, f"POST {url}")
     s = session or requests
     try:
-        r = s.post(url, json=payload, timeout=(min(10.0, left), left))
+        r = s.post(url, json=payload, timeout=(min(10.0, left), left), headers=auth_headers(resolve_api_key()))
     except requests.Timeout:
         raise WeightSyncError(
             f"weight sync: POST {url} ({what}) timed out after {left:.1f} s (vllm.sync.timeout_s); the "

@@ -79,7 +79,8 @@ class FakeSet:
 
 def test_pool_keeps_equal_servers_restarts_on_change_failure_or_sickness(monkeypatch, tmp_path):
     monkeypatch.setattr(servers, "server_key", lambda cfg, model_dir: cfg)  # the "config" is the key here
-    monkeypatch.setattr(servers.ServerSet, "start", classmethod(lambda cls, cfg, md, rd, rid: FakeSet(cfg)))
+    monkeypatch.setattr(servers.ServerSet, "start",
+                        classmethod(lambda cls, cfg, md, rd, rid, weights_root=None: FakeSet(cfg)))
     pool = servers.ServerPool()
     s1, fresh1 = pool.acquire("A", tmp_path, tmp_path, "r1")  # start
     s2, fresh2 = pool.acquire("A", tmp_path, tmp_path, "r2")  # same settings: keep

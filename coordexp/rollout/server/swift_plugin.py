@@ -73,7 +73,7 @@ from coordexp.rollout.server.responses import (
     wants_wrapper,
     wrap_output,
 )
-from coordexp.rollout.server.weight_route import install_weight_sync_route
+from coordexp.rollout.server.weight_route import install_api_key, install_weight_sync_route
 
 logger = logging.getLogger("coordexp.rollout.server.swift_plugin")
 
@@ -329,6 +329,7 @@ def _weight_sync_engine_kwargs(engine: Any, engine_kwargs: dict) -> None:
 
 def _register_weight_sync() -> None:
     register_engine_kwargs_hook(_weight_sync_engine_kwargs)
+    register_route_installer(install_api_key)
     register_route_installer(install_weight_sync_route)
 
 

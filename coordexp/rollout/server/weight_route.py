@@ -1,6 +1,12 @@
 """``POST /coordexp/load_weights/`` (:data:`~coordexp.protocol.LOAD_WEIGHTS_ROUTE`), installed into
 the ``swift rollout`` app by the plugin: every rollout worker loads a safetensors file the learner wrote.
-Runs in the server's main process; FastAPI is imported when the route is installed."""
+Runs in the server's main process; FastAPI is imported when the route is installed.
+
+Two guards: the route loads only files under :data:`~coordexp.protocol.ENV_WEIGHTS_ROOT` (the launcher sets
+it to the run dir, or to a sweep's dir; anything else, a symlink out of it included, is refused with HTTP
+403), and :func:`install_api_key` gives ms-swift's own bearer-token check the key in
+:data:`~coordexp.protocol.ENV_SERVER_API_KEY` (the secret stays out of the command line, ms-swift's logged
+arguments and the run dir)."""
 
 from __future__ import annotations
 
@@ -10,20 +16,44 @@ import sys
 import time
 from typing import Any
 
-from coordexp.protocol import LOAD_WEIGHTS_ROUTE, WORKER_METHOD
+from coordexp.protocol import ENV_SERVER_API_KEY, ENV_WEIGHTS_ROOT, LOAD_WEIGHTS_ROUTE, WORKER_METHOD
 
-__all__ = ["install_weight_sync_route"]
+__all__ = ["install_api_key", "install_weight_sync_route", "outside_root_problem"]
 
 
 def _say(msg: str) -> None:
     print(f"[coordexp swift plugin pid={os.getpid()}] {msg}", file=sys.stderr, flush=True)
 
 
+def install_api_key(deploy: Any) -> None:
+    """ms-swift's ``--api_key`` from :data:`~coordexp.protocol.ENV_SERVER_API_KEY` (a key given on the
+    command line wins). ms-swift's route guard reads ``deploy.args.api_key`` on every request, so setting it
+    while the routes are installed protects every route but ``/health/``."""
+    key = os.environ.get(ENV_SERVER_API_KEY)
+    if key and not getattr(deploy.args, "api_key", None):
+        deploy.args.api_key = key
+        _say(f"API key from ${ENV_SERVER_API_KEY}: every route but /health/ needs it")
+
+
+def outside_root_problem(path: str, root: str | None) -> str | None:
+    """Why the route must not load ``path``: no root configured, or ``path`` (symlinks resolved) is not
+    under ``root``; None when it may."""
+    if not root:
+        return (f"this server was started without {ENV_WEIGHTS_ROOT}, so it loads no weight files; the "
+                f"coordexp launcher sets it to the run dir (a server you start yourself: export "
+                f"{ENV_WEIGHTS_ROOT}=<the run dir, or a folder above it>)")
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, base]) != base:
+        return f"{path} is outside the run dir {base} ({ENV_WEIGHTS_ROOT}); only files under it are loaded"
+    return None
+
+
 def install_weight_sync_route(deploy: Any) -> None:
     """``POST /coordexp/load_weights/ {"path": <safetensors>, "timeout_s": t}``: every rollout worker (all DP
     engines, every TP rank through ``collective_rpc``) loads the file with ``model.load_weights``. Answers
     ``{"workers": [<per-worker report>], "seconds": s}``; 400 for a bad path, 500 when a worker failed (its
-    traceback is in the server log), 504 when the workers did not finish within ``timeout_s``."""
+    traceback is in the server log), 403 for a file outside :data:`~coordexp.protocol.ENV_WEIGHTS_ROOT`,
+    504 when the workers did not finish within ``timeout_s``."""
     from fastapi import Body, Depends, HTTPException
 
     lock = asyncio.Lock()
@@ -34,6 +64,10 @@ def install_weight_sync_route(deploy: Any) -> None:
             raise HTTPException(
                 status_code=400, detail=f"coordexp: 'path' must be an absolute path, got {path!r}"
             )
+        refused = outside_root_problem(path, os.environ.get(ENV_WEIGHTS_ROOT))
+        if refused:
+            _say(f"refused a weight load: {refused}")
+            raise HTTPException(status_code=403, detail=f"coordexp: {refused}")
         if not os.path.isfile(path):
             raise HTTPException(
                 status_code=400,

@@ -80,7 +80,8 @@ class CoordexpLauncher(Launcher):
             f"{'sweep' if self.share_server else 'job'} (server-mode jobs only)"
         )
         runs: list[JobReturn] = []
-        pool_cm = shared_servers() if self.share_server else contextlib.nullcontext()
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()  # the servers load weights under it
+        pool_cm = shared_servers(sweep_dir) if self.share_server else contextlib.nullcontext()
         with terminate_on_signals(), pool_cm:
             for i, overrides in enumerate(job_overrides):
                 idx = initial_job_idx + i
