@@ -76,8 +76,8 @@ def server_problems(cfg: TrainConfig, environ: Mapping[str, str] | None = None) 
     exposed = [] if local else [f"vllm.server.host={s.host}"]
     exposed += [p.geturl() for p in parsed if not is_loopback_host(p.hostname or "")]
     if exposed and not env.get(ENV_SERVER_API_KEY):
-        out.append(f"vllm.server: {', '.join(exposed)} is reachable beyond this machine, so the servers need an "
-                   f"API key: export {ENV_SERVER_API_KEY}=<secret> (e.g. `python -c \"import secrets; "
+        out.append(f"vllm.server: {', '.join(exposed)} is reachable beyond this machine, so the servers need "
+                   f"an API key: export {ENV_SERVER_API_KEY}=<secret> (e.g. `python -c \"import secrets; "
                    "print(secrets.token_urlsafe(32))\"`) on every node, or bind to 127.0.0.1")
     if s.python is not None and not s.reuse_existing:
         py = Path(s.python).expanduser()
@@ -194,8 +194,8 @@ def problems(cfg: TrainConfig) -> list[str]:
                      f"vllm.server.base_urls; give a multiple of {n} GPUs ({n} x {per})")
             else:
                 need(len(v.server_gpus) // n == per, "vllm.server_gpus",
-                     f"{len(v.server_gpus) // n} GPUs per server ({len(v.server_gpus)} over {n} server(s)) != "
-                     f"data_parallel_size x tensor_parallel_size ({v.data_parallel_size} x "
+                     f"{len(v.server_gpus) // n} GPUs per server ({len(v.server_gpus)} over {n} "
+                     f"server(s)) != data_parallel_size x tensor_parallel_size ({v.data_parallel_size} x "
                      f"{v.tensor_parallel_size})")
             if v.learner_gpus:
                 need(len(v.learner_gpus) == t.nproc_per_node, "vllm.learner_gpus",

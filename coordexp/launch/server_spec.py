@@ -30,8 +30,8 @@ from coordexp.config.validate import url_problem
 from coordexp.errors import ServerStartError
 from coordexp.repeat_rules import RepeatTerminateConfig, config_to_dict, parse_config
 
-__all__ = ["PLUGIN_PATH", "ServerLaunchSpec", "build_command", "build_env", "check_server_python", "cpu_slice",
-           "gpu_slice", "launch_spec_from_config"]
+__all__ = ["PLUGIN_PATH", "ServerLaunchSpec", "build_command", "build_env", "check_server_python",
+           "cpu_slice", "gpu_slice", "launch_spec_from_config"]
 
 PLUGIN_PATH = str(Path(__file__).resolve().parents[1] / "rollout" / "server" / "swift_plugin.py")
 #: OpenMP settings of a CPU server (a user's own value in the environment wins).
@@ -73,7 +73,8 @@ class ServerLaunchSpec:
 def gpu_slice(gpus: list[int], index: int, count: int) -> list[int]:
     """Server ``index`` of ``count``: its equal contiguous slice of ``gpus`` (the count must divide)."""
     if count < 1 or len(gpus) % count:
-        raise ServerStartError(f"vllm.server_gpus ({len(gpus)} GPUs) does not split evenly over {count} servers")
+        raise ServerStartError(
+            f"vllm.server_gpus ({len(gpus)} GPUs) does not split evenly over {count} servers")
     per = len(gpus) // count
     return list(gpus[index * per:(index + 1) * per])
 
@@ -106,7 +107,8 @@ def check_server_python(python: str) -> None:
                f"it cannot import coordexp ({(out.stderr.strip().splitlines() or ['?'])[-1]})")
         raise ServerStartError(
             f"vllm.server.python={python} cannot run the rollout server: {why}; install the server stack "
-            f"into that environment: {python} -m pip install -e '<coordexp checkout>[server-gpu]' (docs/runbook.md)")
+            f"into that environment: {python} -m pip install -e '<coordexp checkout>[server-gpu]' "
+            "(docs/runbook.md)")
 
 
 def launch_spec_from_config(

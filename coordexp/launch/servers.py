@@ -88,7 +88,8 @@ class ServerSet:
                 suffix = f".{i}" if reuse or len(urls) > 1 else ""
                 srv = RolloutServer.from_config(
                     cfg, model_dir=model_dir, base_url=url, index=i, count=len(urls),
-                    weights_root=weights_root or run_dir, log_path=run_dir / SERVER_LOG_NAME.format(suffix=suffix),
+                    weights_root=weights_root or run_dir,
+                    log_path=run_dir / SERVER_LOG_NAME.format(suffix=suffix),
                 )
                 if srv.spec is not None:
                     srv.spec.extra_env[ENV_RUN_ID] = run_id

@@ -120,7 +120,8 @@ def _post(url: str, payload: dict | None, deadline: float, what: str, session=No
     left = _left(deadline, f"POST {url}")
     s = session or requests
     try:
-        r = s.post(url, json=payload, timeout=(min(10.0, left), left), headers=auth_headers(resolve_api_key()))
+        r = s.post(url, json=payload, timeout=(min(10.0, left), left),
+                   headers=auth_headers(resolve_api_key()))
     except requests.Timeout:
         raise WeightSyncError(
             f"weight sync: POST {url} ({what}) timed out after {left:.1f} s (vllm.sync.timeout_s); the "

