@@ -140,6 +140,8 @@ class RolloutServer:
             kwargs.setdefault("probe", bool(cfg.rollout_matching.repeat_terminate.enabled))
             kwargs.setdefault("eos_token_id", read_stop_ids(model_dir) or None)
         else:
+            if s.python and os.path.realpath(s.python) != os.path.realpath(sys.executable):
+                check_server_python(s.python)  # a separate server environment: fail fast without the stack
             spec = launch_spec_from_config(cfg, model_dir, url, index=index, count=count,
                                            weights_root=weights_root)
         return cls(
@@ -275,8 +277,6 @@ class RolloutServer:
         assert spec is not None
         if not Path(spec.plugin_path).is_file():
             raise ServerStartError(f"coordexp swift plugin not found at {spec.plugin_path}")
-        if os.path.realpath(spec.python) != os.path.realpath(sys.executable):
-            check_server_python(spec.python)
         if port_in_use(spec.host, spec.port):
             raise ServerStartError(
                 f"port {spec.port} on {spec.host} is already in use: stop whatever listens "

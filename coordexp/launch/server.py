@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m coordexp.launch.server", description=main.__doc__)
     ap.add_argument("--base-url", help="URL to serve (default: the first of vllm.server.base_urls)")
     ap.add_argument("--log", help="server log file (default: runs/servers/<host>_<port>.log)")
+    ap.add_argument("--weights-root", default="runs",
+                    help="the folder the runs that reuse this server write into (their run dirs must be "
+                         "under it: the server loads synced weights only from there; default: runs)")
     ap.add_argument("overrides", nargs="*")
     ns = ap.parse_args(sys.argv[1:] if argv is None else argv)
     with exit_on_error():
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         log = Path(ns.log) if ns.log else Path("runs") / "servers" / f"{parsed.hostname}_{parsed.port}.log"
         cfg = dataclasses.replace(cfg, vllm=dataclasses.replace(
             cfg.vllm, server=dataclasses.replace(cfg.vllm.server, reuse_existing=False)))
-        with RolloutServer.from_config(cfg, model_dir=model_dir, log_path=log, base_url=url) as srv:
+        with RolloutServer.from_config(cfg, model_dir=model_dir, log_path=log, base_url=url,
+                                       weights_root=Path(ns.weights_root).resolve()) as srv:
             say(f"serving {model_dir} at {srv.base_url} (process group {srv.pgid}, log {log}); "
                 f"SIGINT/SIGTERM stops it")
             while srv.alive():

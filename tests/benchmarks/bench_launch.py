@@ -124,6 +124,7 @@ def start_server(model_dir: Path, log: Path):
         model_type="qwen2",
         template="chatml",
         repeat_terminate=RepeatTerminateConfig(enabled=True),
+        weights_root=str(log.parent),  # bench_sync writes its files next to the log
     )
     spec.extra_env.update(CPU_ENV)
     srv = RolloutServer(
