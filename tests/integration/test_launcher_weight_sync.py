@@ -55,6 +55,7 @@ def server(tiny_model_dir, tmp_path_factory, cpu_env_vars, group_members):
         model_type="qwen2",
         template="chatml",
         repeat_terminate=RepeatTerminateConfig(enabled=True),
+        weights_root=str(tmp_path_factory.getbasetemp()),  # every test's tmp_path (sync dirs, sweep dirs)
     )
     spec.extra_env.update(cpu_env_vars)
     log = tmp_path_factory.mktemp("ws-server") / "swift_rollout.log"
