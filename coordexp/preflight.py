@@ -1,5 +1,7 @@
 """`python -m coordexp.preflight +experiment=<leaf> [overrides]`: resolve the config exactly as the
-learner does and print the launcher contract as one JSON object (no GPU, no download, any cwd)."""
+learner does and print the launcher contract as one JSON object on stdout (no GPU, no download, any cwd),
+with the memory plan (coordexp.planning) under ``memory_plan`` and as a table on stderr. A plan above the
+device memory (``training.device_memory_gib``, else the detected GPU) exits 2 with the table and the fixes."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from coordexp.config.errors import exit_on_config_error
 from coordexp.config.gpus import gpu_plan, gpu_plan_problem
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import TrainConfig
+from coordexp.planning.inventory import PlanError
+from coordexp.planning.memory import memory_plan
+from coordexp.planning.report import plan_table
 from coordexp.repeat_rules import config_to_dict
 
 
@@ -50,12 +55,31 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
+def memory_section(cfg: TrainConfig) -> tuple[dict[str, Any], str]:
+    """(``memory_plan`` JSON, the table). A plan that cannot be made (e.g. the checkpoint is on another
+    machine) is reported, not fatal, unless ``training.device_memory_gib`` asks for the check (PlanError)."""
+    try:
+        plan = memory_plan(cfg)
+    except PlanError as err:
+        if cfg.training.device_memory_gib is not None:
+            raise PlanError(f"training.device_memory_gib is set but the memory plan cannot be made: {err}"
+                            ) from None
+        return {"error": str(err)}, f"warning: no memory plan: {err}"
+    return plan.to_json(), plan_table(plan, cfg)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     with exit_on_config_error():
         cfg = to_train_config(compose(argv))
-    contract = preflight(cfg)
-    print(json.dumps(contract, sort_keys=True))
+        contract = preflight(cfg)
+        plan, table = memory_section(cfg)
+        contract["memory_plan"] = plan
+        print(json.dumps(contract, sort_keys=True), flush=True)
+        if plan.get("fits") is False:
+            raise PlanError(f"the memory plan of +experiment={cfg.experiment} does not fit the device:\n"
+                            f"{table}")
+        print(table, file=sys.stderr)
     problem = gpu_plan_problem(contract["gpu_plan"], cfg.experiment)
     if problem:  # the contract stands (e.g. checked on a login node); the plan does not fit this machine
         print(f"warning: {problem}", file=sys.stderr)

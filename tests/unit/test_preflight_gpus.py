@@ -42,7 +42,10 @@ def test_preflight_on_a_machine_without_the_gpus_says_so():
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["gpu_plan"] == {"needed": 8, "visible": 0, "satisfiable": False,
                                                   "server_gpus": [0, 1, 2, 3, 4, 5], "learner_gpus": [6, 7]}
-    assert out.stderr == (
+    plan_warning, gpu_warning = out.stderr.splitlines()  # no checkpoint here: no memory plan, said so
+    assert plan_warning == ("warning: no memory plan: model.path '/ckpt' has no config.json: the memory plan "
+                            "counts parameters from it (pass model.path=<local checkpoint dir>)")
+    assert gpu_warning + "\n" == (
         "warning: +experiment=ab_mixed needs 8 GPUs (vllm.server_gpus [0, 1, 2, 3, 4, 5], vllm.learner_gpus "
         "[6, 7]; vllm.device: cuda) and this machine shows 0: run it on a node with 8 GPUs, or on a CPU use "
         "a smoke/* leaf (docs/quickstart.md; your own data on a CPU: docs/own_data.md)\n")
