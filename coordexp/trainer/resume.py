@@ -134,3 +134,53 @@ def tied_keys_loaded(model: Any, missing: list[str]) -> list[str]:
     loaded = {id(p) for k, p in params.items() if k not in missing}
     ptrs = {p.data_ptr() for k, p in params.items() if k not in missing}
     return [k for k in missing if k in params and (id(params[k]) in loaded or params[k].data_ptr() in ptrs)]
+
+
+def checkpoint_names(model: Any) -> dict[str, str]:
+    """``{name in a checkpoint the model saved: the model's state-dict name}`` for every name that
+    transformers' save-time conversion renames (transformers 5 saves Qwen2-VL / Qwen2.5-VL / Qwen3-VL in the
+    released checkpoints' layout, ``visual.*`` and ``model.layers.*``, while the classes name them
+    ``model.visual.*`` and ``model.language_model.layers.*``;
+    ``transformers.core_model_loading.revert_weight_conversion``). Names saved as they are, and names a
+    converter (not a plain renaming) produces, are left out."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = {}
+    for name in model.state_dict():
+        saved = revert_weight_conversion(model, {name: torch.empty(0)})
+        if len(saved) == 1 and next(iter(saved)) != name:
+            out[next(iter(saved))] = name
+    return out
+
+
+def load_renamed_checkpoint(model: Any, checkpoint: str | Path):
+    """Load the weights of a full (non-adapter) Trainer checkpoint into ``model`` under the model's own names
+    (:func:`checkpoint_names`), one safetensors shard at a time; returns torch's ``_IncompatibleKeys`` over
+    all shards, or None when this model's checkpoints need no renaming or the checkpoint is not safetensors
+    (the Trainer's own loading is right then). Why: transformers' ``Trainer._load_from_checkpoint`` loads the
+    saved state dict with ``load_state_dict`` as it is, so a VL checkpoint (renamed on save) matched no key
+    and a resumed run silently kept its initial weights."""
+    import safetensors.torch
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    folder = Path(checkpoint)
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        shards = [folder / "model.safetensors"]
+    elif index.is_file():
+        shards = [folder / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    else:
+        return None
+    names = checkpoint_names(model)
+    if not names:
+        return None
+    expected = set(model.state_dict())
+    loaded, unexpected = set(), []
+    for shard in shards:
+        state = {names.get(k, k): v for k, v in safetensors.torch.load_file(shard, device="cpu").items()}
+        result = model.load_state_dict(state, strict=False)
+        unexpected += result.unexpected_keys
+        loaded |= set(state) & expected
+        del state
+    return _IncompatibleKeys(sorted(expected - loaded), unexpected)

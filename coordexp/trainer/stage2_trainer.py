@@ -28,7 +28,7 @@ from coordexp.trainer.optim import GroupPlan, optimizer_param_groups
 from coordexp.trainer.packing import NextFitPacker, PackingSettings, check_fits, pack, segment_length
 from coordexp.trainer.pipeline import ChunkProducer
 from coordexp.trainer.positions import mrope_position_ids
-from coordexp.trainer.resume import tied_keys_loaded
+from coordexp.trainer.resume import load_renamed_checkpoint, tied_keys_loaded
 from coordexp.trainer.schedule import is_channel_b, realized_b_ratio
 from coordexp.trainer.softctx import coord_slot_mask, soft_self_context
 from coordexp.trainer.weight_sync import WeightSync, WeightSyncError
@@ -74,6 +74,19 @@ class Stage2ABTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if self.prompts.image_processor is not None and self.args.should_save:
             self.prompts.image_processor.save_pretrained(output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume loads a full checkpoint under the model's own parameter names (a vision-language checkpoint
+        is saved in the released layout; coordexp.trainer.resume.load_renamed_checkpoint); adapters, FSDP and
+        models saved as they are go through the Trainer."""
+        model = self.model if model is None else model
+        result = None
+        if not self.is_fsdp_enabled and not hasattr(model, "peft_config"):
+            result = load_renamed_checkpoint(model, resume_from_checkpoint)
+        if result is None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            self._issue_warnings_after_load(result)
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """On resume: a tied weight (``lm_head.weight`` of a tied-embedding model, stored once by safetensors)
