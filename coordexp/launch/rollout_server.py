@@ -319,7 +319,9 @@ class RolloutServer:
         deadline = t0 + self.startup_timeout_s
         next_note = time.monotonic() + self.progress_every_s
         while True:
-            code = self.proc.poll() if self.proc else None
+            if self.proc is None:  # stop() from another thread: another server of the set failed
+                raise ServerStartError(f"rollout server {self.base_url} was stopped during its start")
+            code = self.proc.poll()
             if code is not None:
                 raise self._fail(
                     f"rollout server {self.base_url} exited with code {code} before becoming healthy "

@@ -15,7 +15,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from coordexp.rollout.server_client import check_health
 from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
 
 __all__ = ["SERVER_LOG_NAME", "ServerPool", "ServerSet", "current_pool", "resolve_model_dir", "server_key",
-           "shared_servers"]
+           "shared_servers", "start_all"]
 
 SERVER_LOG_NAME = "server/swift_rollout{suffix}.log"
 
@@ -59,6 +59,30 @@ def server_key(cfg: TrainConfig, model_dir: Path) -> str:
         {"model": str(model_dir), "kind": enum_value(cfg.model.kind), "vllm": v, "repeat_terminate": rt},
         sort_keys=True,
     )
+
+
+def start_all(servers: list[RolloutServer]) -> None:
+    """Start ``servers`` concurrently: spawn each on this thread (the parent-death signal follows the forking
+    thread), then wait for health and probe them in parallel threads. Any failure stops every one of them and
+    is re-raised (the first in ``servers`` order; its message names its URL)."""
+    try:
+        for srv in servers:
+            srv.spawn()
+        if len(servers) == 1:
+            servers[0].ready()
+        elif servers:
+            with ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="coordexp-server") as ex:
+                futures = [ex.submit(srv.ready) for srv in servers]
+                wait(futures, return_when=FIRST_EXCEPTION)
+                failed = [f for f in futures if f.done() and f.exception() is not None]
+                if failed:  # stop the others now rather than at their startup deadline
+                    for srv in servers:
+                        srv.stop()
+                    raise failed[0].exception()
+    except BaseException:
+        for srv in servers:
+            srv.stop()
+        raise
 
 
 class ServerSet:
@@ -94,21 +118,11 @@ class ServerSet:
                 if srv.spec is not None:
                     srv.spec.extra_env[ENV_RUN_ID] = run_id
                 servers.append(srv)
-            for srv in servers:  # on this thread: the parent-death signal follows the forking thread
-                srv.spawn()
-            if len(servers) == 1:
-                servers[0].ready()
-            else:
-                with ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="coordexp-server") as ex:
-                    futures = [ex.submit(srv.ready) for srv in servers]
-                    errors = [f.exception() for f in futures]
-                first = next((e for e in errors if e is not None), None)
-                if first is not None:
-                    raise first
         except BaseException:
             for srv in servers:
                 srv.stop()
             raise
+        start_all(servers)
         if len(servers) > 1:
             _say(f"{len(servers)} rollout servers ready: " + ", ".join(
                 f"{s.base_url} (world_size={s.world_size})" for s in servers))
