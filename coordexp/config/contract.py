@@ -34,6 +34,7 @@ class RolloutContract:
     sync_mode: str
     sync_transport: str
     sync_timeout_s: float
+    sync_bucket_mib: int             # bucket size of a sharded learner's gather (vllm.sync.bucket_mib)
     image_root: str                  # request image paths are relative to it (learner_image_root)
     pipeline: bool                   # pipelined Channel-B rollouts (server mode only)
 
@@ -67,6 +68,7 @@ def rollout_contract(cfg: TrainConfig) -> RolloutContract:
         sync_mode=v.sync.mode.value,
         sync_transport=v.sync.transport.value,
         sync_timeout_s=v.sync.timeout_s,
+        sync_bucket_mib=v.sync.bucket_mib,
         image_root=learner_image_root(cfg),
         pipeline=server and (rm.pipeline if rm.pipeline is not None else True),
     )

@@ -341,6 +341,10 @@ class SyncConfig:
     transport: SyncTransport = doc("`file`: learner writes safetensors, server loads them (CPU and GPU); "
                                    "`nccl`: NCCL broadcast (GPU).", SyncTransport.file)
     timeout_s: float = doc("Timeout of one weight sync (HTTP and collectives).", 120.0)
+    bucket_mib: int = doc(
+        "Weights gathered per bucket when the learner is sharded (training.fsdp): rank 0 holds at most this "
+        "many MiB of gathered weights plus one module at a time; each bucket becomes one shard file (file) "
+        "or one broadcast (nccl); unsharded learners: the NCCL broadcast size.", 512)
 
 
 @dataclass

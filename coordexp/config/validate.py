@@ -182,6 +182,7 @@ def problems(cfg: TrainConfig) -> list[str]:
         for name in ("startup_timeout_s", "infer_timeout_s", "request_timeout_s"):
             need(getattr(v.server, name) > 0, f"vllm.server.{name}", "must be > 0 (no unbounded waits)")
         need(v.sync.timeout_s > 0, "vllm.sync.timeout_s", "must be > 0")
+        need(v.sync.bucket_mib >= 1, "vllm.sync.bucket_mib", "must be >= 1")
         out.extend(server_problems(cfg))
         if v.device == ServerDevice.cuda and not v.server.reuse_existing:
             overlap = sorted(set(v.server_gpus) & set(v.learner_gpus))

@@ -17,7 +17,9 @@ a push runs, so the orchestrator can import this module without them.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,8 +33,8 @@ import requests
 from coordexp.protocol import ENV_NCCL_GROUP_PORT, LOAD_WEIGHTS_ROUTE, auth_headers
 from coordexp.rollout.server_client import get_world_size, resolve_api_key
 
-__all__ = ["FileTransport", "NcclTransport", "SyncReport", "WeightSyncError", "flatten_bucket",
-           "named_weights", "write_weights_file"]
+__all__ = ["SHARD_INDEX_NAME", "FileBucketWriter", "FileTransport", "NcclTransport", "SyncReport",
+           "WeightSyncError", "flatten_bucket", "named_weights", "write_weights_file"]
 
 
 class WeightSyncError(RuntimeError):
@@ -185,15 +187,86 @@ class FileTransport:
             )
             _post(url + "/reset_prefix_cache/", None, deadline, "reset prefix cache after weight sync")
             servers[url] = body
+        self._loaded(path)
+        rep = SyncReport(step, time.monotonic() - t0, nbytes, self.name, servers)
+        rep.servers["_write_s"] = round(write_s, 4)
+        return rep
+
+    def begin(self, step: int, deadline: float | None = None) -> FileBucketWriter:
+        """A bucketed push (the sharded learner's, :mod:`coordexp.trainer.sharded_sync`): each bucket is
+        written as one shard file as it comes, then one load of the whole set (:class:`FileBucketWriter`)."""
+        return FileBucketWriter(self, step)
+
+    def _loaded(self, path: Path) -> None:
+        """Remember a pushed file or shard folder; remove the ones older than ``keep_last``."""
         self._written.append(path)
         while len(self._written) > self.keep_last:
             old = self._written.pop(0)
-            try:
-                old.unlink()
-            except OSError:
-                pass
-        rep = SyncReport(step, time.monotonic() - t0, nbytes, self.name, servers)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+
+
+#: Name of a sharded push's index (the Hugging Face sharded-checkpoint layout: ``weight_map`` name -> shard).
+SHARD_INDEX_NAME = "model.safetensors.index.json"
+
+
+class FileBucketWriter:
+    """One bucketed file push: ``add(bucket)`` writes ``<sync_dir>/step-N/weights-0000k.safetensors`` at once
+    (the bucket can then be dropped); ``finish(deadline)`` writes :data:`SHARD_INDEX_NAME` (Hugging Face's
+    sharded-checkpoint index: ``weight_map`` name -> shard file, shards in push order) and POSTs its path to
+    every server, whose workers stream the shards into *one* ``reload_weights`` pass
+    (:mod:`coordexp.rollout.server.worker`).
+
+    Why one load of all shards and not one load per bucket: vLLM's layer-wise reload treats a layer that got
+    no weights in a pass as failed (it puts the old kernel tensors back, with a warning per layer), and a
+    fused layer that got only part of its checkpoint tensors in a pass (``qkv_proj`` from ``q_proj`` /
+    ``k_proj`` / ``v_proj``, ``gate_up_proj``) is processed with the missing parts left uninitialized
+    (``vllm.model_executor.model_loader.reload.layerwise.finalize_layerwise_processing``: "Delayed
+    processing"). Bucket boundaries fall anywhere, so each load must see every weight."""
+
+    def __init__(self, transport: FileTransport, step: int):
+        self.transport, self.step = transport, step
+        self.folder = transport.sync_dir / f"step-{step:08d}"
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+        self.weight_map: dict[str, str] = {}
+        self.bytes = 0
+        self.shards = 0
+        self.t0 = time.monotonic()
+
+    def add(self, bucket: Sequence[tuple[str, Any]]) -> None:
+        self.shards += 1
+        name = f"weights-{self.shards:05d}.safetensors"
+        tensors = {n: t for n, t in bucket}
+        self.bytes += write_weights_file(tensors, self.folder / name,
+                                         metadata={"coordexp_step": str(self.step)})
+        self.weight_map.update({n: name for n in tensors})
+
+    def abort(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def finish(self, deadline: float) -> SyncReport:
+        index = self.folder / SHARD_INDEX_NAME
+        tmp = index.with_name(f".{index.name}.tmp")
+        tmp.write_text(json.dumps({"metadata": {"total_size": self.bytes, "coordexp_step": self.step,
+                                                "shards": self.shards},
+                                   "weight_map": self.weight_map}))
+        os.replace(tmp, index)
+        write_s = time.monotonic() - self.t0
+        servers: dict[str, Any] = {}
+        for url in self.transport.base_urls:
+            left = _left(deadline, f"loading weights on {url}")
+            servers[url] = _post(url + LOAD_WEIGHTS_ROUTE, {"path": str(index), "step": self.step,
+                                                            "timeout_s": left},
+                                 deadline, f"load {self.shards} shard(s) of step {self.step}")
+            _post(url + "/reset_prefix_cache/", None, deadline, "reset prefix cache after weight sync")
+        self.transport._loaded(self.folder)
+        rep = SyncReport(self.step, time.monotonic() - self.t0, self.bytes, self.transport.name, servers)
         rep.servers["_write_s"] = round(write_s, 4)
+        rep.servers["_shards"] = self.shards
         return rep
 
 
@@ -289,3 +362,43 @@ class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see d
             _post(url + "/process_weights_after_loading/", None, deadline, "process weights after loading")
             _post(url + "/reset_prefix_cache/", None, deadline, "reset prefix cache after weight sync")
         return SyncReport(step, time.monotonic() - t0, total, self.name, {})
+
+    def begin(self, step: int, deadline: float) -> _NcclBucketWriter:
+        """A bucketed push (the sharded learner's): each bucket is broadcast to every server as it comes."""
+        return _NcclBucketWriter(self, step, deadline)
+
+
+class _NcclBucketWriter:  # pragma: no cover - needs CUDA + NCCL on both ends; see docs/runbook.md
+    """``add(bucket)``: announce and broadcast one flattened bucket to every server (ms-swift's
+    ``/update_flattened_params/`` loads a subset of the weights per call, then ``finish`` runs
+    ``/process_weights_after_loading/`` once)."""
+
+    def __init__(self, transport: NcclTransport, step: int, deadline: float):
+        self.transport, self.step, self.bytes, self.t0 = transport, step, 0, time.monotonic()
+        self.deadline = deadline
+
+    def add(self, bucket: Sequence[tuple[str, Any]]) -> None:
+        tr = self.transport
+        deadline = self.deadline
+        if tr._comms is None:
+            tr._comms = tr._init(deadline)
+        metas, flat = flatten_bucket(bucket)
+        self.bytes += flat.numel()
+        for url, comm in zip(tr.base_urls, tr._comms):
+            _post(url + "/update_flattened_params/", {"metadatas": metas}, deadline, "announce bucket")
+            flat_dev = flat.to(comm.device)
+
+            def send(comm=comm, flat_dev=flat_dev):
+                comm.broadcast(flat_dev, src=comm.rank)
+                comm.group.barrier()
+
+            tr._run_with_timeout(send, deadline, f"broadcast to {url}")
+
+    def abort(self) -> None:
+        pass
+
+    def finish(self, deadline: float) -> SyncReport:
+        for url in self.transport.base_urls:
+            _post(url + "/process_weights_after_loading/", None, deadline, "process weights after loading")
+            _post(url + "/reset_prefix_cache/", None, deadline, "reset prefix cache after weight sync")
+        return SyncReport(self.step, time.monotonic() - self.t0, self.bytes, self.transport.name, {})

@@ -39,7 +39,8 @@ COLLECTIVE_GRACE_S = 30.0
 
 
 class WeightSync:
-    """Decides when to sync and runs the DDP choreography; the transport does the push."""
+    """Decides when to sync and runs the DDP choreography; the transport does the push (under FSDP2 every
+    rank gathers the sharded weights, :mod:`coordexp.trainer.sharded_sync`)."""
 
     def __init__(
         self,
@@ -47,9 +48,11 @@ class WeightSync:
         timeout_s: float,
         initial_step: int | None = None,
         log: Callable[[str], None] = say,  # through the progress bar's writer (tqdm.write)
+        bucket_bytes: int = 512 << 20,
     ):
         self.transport = transport
         self.timeout_s = float(timeout_s)
+        self.bucket_bytes = int(bucket_bytes)
         self.server_step: int | None = initial_step
         self.log = log
         self.reports: list[SyncReport] = []
@@ -66,12 +69,19 @@ class WeightSync:
         if contract.sync_transport == "file":
             transport = FileTransport(urls, Path(run_dir) / SYNC_DIR_NAME, dtype=contract.server_dtype)
         else:
-            transport = NcclTransport(urls, dtype=contract.server_dtype)
+            transport = NcclTransport(urls, dtype=contract.server_dtype, bucket_mb=contract.sync_bucket_mib)
         initial = None
         fresh = os.environ.get(ENV_INITIAL_WEIGHTS)
         if fresh and model_dir and os.path.realpath(fresh) == os.path.realpath(str(model_dir)):
             initial = 0
-        return cls(transport, contract.sync_timeout_s, initial_step=initial, **kwargs)
+        return cls(transport, contract.sync_timeout_s, initial_step=initial,
+                   bucket_bytes=contract.sync_bucket_mib << 20, **kwargs)
+
+    @staticmethod
+    def _sharded(model) -> bool:
+        from coordexp.trainer.sharded_sync import is_sharded
+
+        return is_sharded(model)
 
     def needed(self, step: int) -> bool:
         return self.server_step != step
@@ -104,9 +114,32 @@ class WeightSync:
                     f"{COLLECTIVE_GRACE_S:g} s): another rank is stuck or gone ({exc})"
                 ) from None
         outcome: list[Any] = [None]
+        model, sharded, failed = None, False, None
+        if distributed:  # FSDP2 (DTensor parameters): every rank gathers, rank 0 pushes the buckets
+            try:
+                model = model_getter()
+                sharded = self._sharded(model)
+            except Exception as exc:  # noqa: BLE001 - rank 0 reports it to every rank below
+                failed = exc
+        deadline = time.monotonic() + self.timeout_s
+        if sharded and rank != 0:
+            from coordexp.trainer.sharded_sync import push_sharded
+
+            try:
+                push_sharded(model, self.transport, step, deadline, rank, self.bucket_bytes)
+            except Exception as exc:  # noqa: BLE001 - a gather collective failed or timed out
+                raise WeightSyncError(f"weight sync at step {step}: rank {rank} failed while gathering the "
+                                      f"sharded weights: {exc.__class__.__name__}: {exc}") from None
         if rank == 0:
             try:
-                report = self.transport.push(model_getter(), step, time.monotonic() + self.timeout_s)
+                if failed is not None:
+                    raise failed
+                if sharded:
+                    from coordexp.trainer.sharded_sync import push_sharded
+
+                    report, _ = push_sharded(model, self.transport, step, deadline, 0, self.bucket_bytes)
+                else:
+                    report = self.transport.push(model if distributed else model_getter(), step, deadline)
                 outcome = [{"ok": True, "seconds": report.seconds, "bytes": report.bytes}]
                 self.reports.append(report)
             except WeightSyncError as exc:

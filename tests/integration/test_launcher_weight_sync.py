@@ -12,6 +12,7 @@ starts exactly one server.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -253,3 +254,161 @@ def test_pipelined_and_serial_steps_are_identical_and_overlap(server, tmp_path):
         assert {k: p[k] for k in same} == pytest.approx({k: s[k] for k in same}, rel=1e-6)
         assert p["packing/packs"] >= 2
         assert p["time/rollout_wait_s"] < p["time/rollout_generate_s"]  # packs trained while chunks came in
+
+
+# ------------------------------------------------------------------------------------ sharded (FSDP2)
+
+SHARD_BUCKET_BYTES = 64 << 10  # the tiny model (~0.8 MB of fp32 weights) splits into many buckets
+SHARD_STEPS, SHARD_LR = 4, 2e-2
+#: Stated tolerance of the sharded-vs-unsharded comparison: the two learners run the same fp32 math, but
+#: FSDP averages the two ranks' gradients with a reduce-scatter (a different summation order than the
+#: unsharded copy's (loss_0 + loss_1) / 2 backward), so AdamW's updates may differ in the last bits.
+SHARD_ATOL = 5e-5
+SHARD_NOISE = 0.1  # then the same seeded noise on both (every layer moves, so greedy output changes)
+
+
+def _add_noise(model):
+    """The same noise for the sharded and the unsharded copy: one generator, parameters in model order; a
+    sharded parameter gets the rows of its local shard (distribute_tensor cuts the full noise as FSDP cut the
+    weight)."""
+    import torch
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=gen) * SHARD_NOISE
+            if isinstance(p, DTensor):
+                noise = distribute_tensor(noise, p.device_mesh, p.placements)
+            p.add_(noise)
+
+
+def _shard_batches(tok):
+    from coordexp.models.tiny import TinyModelSpec, corpus_texts
+
+    texts = corpus_texts(TinyModelSpec())[:64]
+    out = []
+    for i in range(SHARD_STEPS * 2):  # step s: rank 0 trains batch 2s, rank 1 batch 2s + 1
+        b = tok(texts[i * 4:(i + 1) * 4], return_tensors="pt", padding=True, truncation=True, max_length=96)
+        b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        out.append(b)
+    return out
+
+
+def _sharded_worker(rank, world, port, url, model_dir, outdir):
+    """One rank of a real 2-rank gloo group: the tiny Qwen2 model with activation checkpointing and FSDP2
+    (fully_shard per decoder layer, then the root: what accelerate's FSDP2 plugin does), a few AdamW steps on
+    different data per rank; then the bucketed gather (every rank) compared with an unsharded copy trained on
+    both ranks' data (rank 0), and the production sync (WeightSync: rank 0 pushes the buckets to the real
+    server)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    from coordexp.trainer.sharded_sync import GatherStats, gathered_buckets
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batches = _shard_batches(tok)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False  # as the Trainer sets it (TrainingArguments.use_cache: False)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                   check_fn=lambda m: isinstance(m, Qwen2DecoderLayer))
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=SHARD_LR)
+    for s in range(SHARD_STEPS):
+        model(**batches[2 * s + rank]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    _add_noise(model)
+    names = [n for n, _ in model.named_parameters()]
+    stats = GatherStats()
+    gathered = {n: t for bucket in gathered_buckets(model, SHARD_BUCKET_BYTES, keep=rank == 0, stats=stats)
+                for n, t in bucket}
+    result = {"rank": rank, "stats": stats.to_dict(), "wrapped_names": sum("_checkpoint_wrapped" in n
+                                                                           for n in names)}
+    if rank == 0:
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=SHARD_LR)
+        for s in range(SHARD_STEPS):
+            ((ref(**batches[2 * s]).loss + ref(**batches[2 * s + 1]).loss) / 2).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        _add_noise(ref)
+        expected = dict(ref.named_parameters())
+        result["names_equal"] = list(gathered) == list(expected)
+        result["max_abs_diff"] = max((gathered[n] - expected[n].detach()).abs().max().item()
+                                     for n in expected)
+        result["bit_equal"] = all(torch.equal(gathered[n], expected[n].detach()) for n in expected)
+        result["moved"] = max((expected[n].detach() - p).abs().max().item() for n, p in
+                              AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
+        from safetensors.torch import save_file
+
+        save_file({n: t.contiguous() for n, t in gathered.items()},
+                  str(Path(outdir) / "gathered.safetensors"))
+    del gathered
+    sync = WeightSync(FileTransport([url], Path(outdir) / "weight_sync", dtype="float32"), timeout_s=120,
+                      log=lambda m: None, bucket_bytes=SHARD_BUCKET_BYTES)
+    rep = sync.maybe_sync(lambda: model, step=SHARD_STEPS)
+    if rank == 0:
+        result["report"] = {"bytes": rep.bytes, "shards": rep.servers["_shards"],
+                            "gather": rep.servers["_gather"], "worker": rep.servers[url]["workers"][0]}
+    result["needed_after"] = sync.needed(SHARD_STEPS)
+    Path(outdir, f"sharded-r{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sharded_sync_gathers_in_buckets_and_server_greedy_equals_learner(server, tiny_model_dir,
+                                                                         tiny_tokenizer, tmp_path):
+    """FSDP2 (fully_shard on a 2-rank gloo group) + activation checkpointing: the bucketed gather equals an
+    unsharded copy trained on the same data (within SHARD_ATOL), rank 0 never holds more than one bucket plus
+    one tensor, names are the checkpoint's; after WeightSync's bucketed push the real server's greedy outputs
+    equal the learner's token for token."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    before, prompt_ids = server_greedy(server.base_url)
+    mp.start_processes(_sharded_worker, args=(2, free_port(), server.base_url, str(tiny_model_dir),
+                                              str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"sharded-r{r}.json").read_text()) for r in (0, 1))
+    print(f"\nsharded gather: max |sharded - unsharded| = {r0['max_abs_diff']:.3g} (bit-equal: "
+          f"{r0['bit_equal']}), weights moved up to {r0['moved']:.3g}; rank 0 {r0['stats']}, "
+          f"rank 1 {r1['stats']}")
+    assert r0["wrapped_names"] > 0  # the layers really were wrapped (names the server must not see)
+    assert r0["names_equal"] and r0["moved"] > 100 * SHARD_ATOL
+    assert r0["max_abs_diff"] <= SHARD_ATOL
+    for r in (r0, r1):
+        st = r["stats"]
+        assert st["tensors"] == r0["stats"]["tensors"] and st["bytes"] == r0["stats"]["bytes"]
+        assert not r["needed_after"]
+    bound = SHARD_BUCKET_BYTES + r0["stats"]["largest_bytes"]
+    assert r0["stats"]["buckets"] >= 5 and r0["stats"]["peak_held_bytes"] <= bound
+    assert r1["stats"]["buckets"] == 0 and r1["stats"]["peak_held_bytes"] == r1["stats"]["largest_bytes"]
+    rep = r0["report"]
+    assert rep["shards"] == r0["stats"]["buckets"] == rep["gather"]["buckets"]
+    assert rep["gather"]["peak_held_bytes"] <= bound
+    worker = rep["worker"]
+    assert worker["tensors"] == r0["stats"]["tensors"] and worker["shards"] == rep["shards"]
+    folder = tmp_path / "weight_sync" / f"step-{SHARD_STEPS:08d}"
+    shards = sorted(folder.glob("weights-*.safetensors"))
+    assert len(shards) == rep["shards"] and (folder / "model.safetensors.index.json").is_file()
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.load_state_dict(load_file(str(tmp_path / "gathered.safetensors")), strict=False)
+    expected = hf_greedy(model.eval(), tiny_tokenizer, prompt_ids)
+    assert before != expected, "the trained model must generate differently from the served checkpoint"
+    after, prompt_ids_after = server_greedy(server.base_url)
+    assert prompt_ids_after == prompt_ids
+    assert after == expected, (after, expected)

@@ -135,12 +135,12 @@ def test_range_and_cross_field_violations_are_reported_together():
         "stage2_ab.schedule.b_ratio: 1.5 is outside [0, 1]",
         "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier: 5.0 is outside [1, 4]",
         "training.effective_batch_size: 16 is not divisible by per_device_train_batch_size x "
-        "nproc_per_node = 32",
+        "nproc_per_node x nnodes = 32",
         "rollout_matching.repeat_terminate.ngram_repeats: must be 0 (off) or >= 2: "
         "one occurrence is not a repeat",
         "vllm.server.base_urls: server mode needs at least one URL",
         "rollout_matching.max_new_tokens: 4096 must be < vllm.max_model_len (1024)",
-        "vllm.sync.mode: must be full with more than one learner process (nproc_per_node=2)",
+        "vllm.sync.mode: must be full with more than one learner process (nproc_per_node=2, nnodes=1)",
     ]
 
 
@@ -233,7 +233,7 @@ def test_soft_self_context_and_packing_settings_are_checked():
     assert problems_of("+experiment=smoke/ab_mixed", "training.packing=true", "training.packing_buffer=4",
                        "training.packing_min_fill_ratio=1.5") == [
         "training.packing_buffer: 4 < the 16 samples one rank trains per step (effective_batch_size / "
-        "nproc_per_node); raise it",
+        "(nproc_per_node x nnodes)); raise it",
         "training.packing_min_fill_ratio: must be in [0, 1]"]
     assert problems_of("+experiment=smoke/ab_mixed", "rollout=hf", "rollout_matching.pipeline=true") == [
         "rollout_matching.pipeline: pipelined rollouts need rollout=vllm_server (the hf backend generates on "

@@ -1,5 +1,5 @@
-"""training.fsdp: the exact fsdp_config the learner hands the Trainer, what accelerate makes of it, the refusal
-without CUDA (learner and config validation), and the multi-node config rules."""
+"""training.fsdp: the exact fsdp_config the learner hands the Trainer, what accelerate makes of it, the
+refusal without CUDA (learner and config validation), and the multi-node config rules."""
 
 import subprocess
 import sys
@@ -21,14 +21,22 @@ def resolved(*overrides: str):
 
 def meta_model(kind: str):
     """A small model of each family, on the meta device (no weights allocated)."""
-    from transformers import (AutoModelForCausalLM, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2Config, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3Config,
-                              Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    from transformers import (
+        AutoModelForCausalLM,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Config,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen3Config,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
 
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=128)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
-                  embed_dim=32)
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 128}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32,
+              "embed_dim": 32}
     with torch.device("meta"):
         if kind == "qwen2":
             return AutoModelForCausalLM.from_config(Qwen2Config(**text))
@@ -69,7 +77,8 @@ def test_fsdp_config_wraps_the_family_layers(kind, classes):
 def test_accelerate_plugin_arguments_from_the_learner_config():
     """What transformers hands accelerate's FullyShardedDataParallelPlugin (FSDP2, our wrap classes, FSDP's
     activation checkpointing); the Trainer's own flag stays off under FSDP."""
-    cfg = resolved("+experiment=smoke/a_only", "rollout=hf", "training.fsdp=true", "training.gradient_checkpointing=true")
+    cfg = resolved("+experiment=smoke/a_only", "rollout=hf", "training.fsdp=true",
+                   "training.gradient_checkpointing=true")
     model = meta_model("qwen2_vl")
     kwargs = fsdp.training_arguments(cfg.training, model, cuda_available=True)
     args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to="none",
@@ -102,14 +111,14 @@ def test_other_families_use_their_no_split_modules_or_are_refused():
         pass
 
     class Other(torch.nn.Module):
-        _no_split_modules = ["Layer"]
+        _no_split_modules = ("Layer",)
 
         def __init__(self):
             super().__init__()
             self.layers = torch.nn.ModuleList([Layer()])
 
     assert fsdp.wrap_classes(Other()) == ["Layer"]
-    Other._no_split_modules = []
+    Other._no_split_modules = ()
     with pytest.raises(LearnerError, match="none of the decoder-layer"):
         fsdp.wrap_classes(Other())
 
@@ -154,7 +163,7 @@ def test_multinode_rules():
 
 
 def test_world_size_counts_every_node():
-    """effective_batch_size is over all ranks of all nodes: 2 nodes x 1 rank x 4 per device -> accumulation 2"""
+    """effective_batch_size counts every rank of every node: 2 nodes x 1 rank x 4 per device -> 2 steps"""
     from coordexp.config.validate import derived_grad_accumulation
 
     cfg = resolved("+experiment=smoke/a_only", "rollout=hf", "training.nnodes=2",

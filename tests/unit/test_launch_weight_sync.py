@@ -192,7 +192,7 @@ def test_log_names_the_first_sync_then_one_in_50():
 
 def _cfg(mode="full", transport="file", urls=("http://127.0.0.1:1",)):
     """The sync part of a RolloutContract (what WeightSync.from_contract reads)."""
-    return SimpleNamespace(sync_mode=mode, sync_transport=transport, sync_timeout_s=7.0,
+    return SimpleNamespace(sync_mode=mode, sync_transport=transport, sync_timeout_s=7.0, sync_bucket_mib=512,
                            server_dtype="float32", server_base_urls=tuple(urls))
 
 

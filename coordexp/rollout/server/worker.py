@@ -9,6 +9,7 @@ when a worker first needs them.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -20,20 +21,20 @@ def load_weights_file_into(worker, path: str) -> dict[str, Any]:
     """Server-worker side: load a weights file written by :func:`write_weights_file` into the vLLM worker's
     model, in place, through vLLM's own reload path (``Worker.reload_weights``: checkpoint-format HF names,
     layer-wise reload that re-runs each layer's post-load processing - needed on CPU, where vLLM repacks
-    linear weights after loading, and for quantized layers). Returns what was loaded, for the learner's
-    log."""
-    from safetensors.torch import load_file
-
+    linear weights after loading, and for quantized layers). ``path``: one safetensors file, or the index of a
+    bucketed push (``*.index.json``, :class:`~coordexp.trainer.sync_transport.FileBucketWriter`) whose shards
+    are streamed, tensor by tensor, into the same single reload pass. Returns what was loaded, for the
+    learner's log."""
     t0 = time.perf_counter()
-    tensors = load_file(path, device="cpu")
+    counted = _Counted(_stream(path))
     reload = getattr(worker, "reload_weights", None)
     if callable(reload):
-        reload(weights_iterator=list(tensors.items()), is_checkpoint_format=True)
+        reload(weights_iterator=counted, is_checkpoint_format=True)
         how = "reload_weights"
         tied = _refresh_tied_heads(worker.model_runner.model)
     else:  # older vLLM: plain load_weights, then ms-swift's post-load processing
         model = worker.model_runner.model
-        model.load_weights(weights=list(tensors.items()))
+        model.load_weights(weights=counted)
         from swift.rlhf_trainers.utils import finish_vllm_weight_reload
 
         finish_vllm_weight_reload(
@@ -43,12 +44,59 @@ def load_weights_file_into(worker, path: str) -> dict[str, Any]:
         tied = _refresh_tied_heads(model)
     return {
         "path": path,
-        "tensors": len(tensors),
+        "tensors": counted.n,
+        "shards": counted.shards,
         "how": how,
         "tied_heads_refreshed": tied,
         "seconds": round(time.perf_counter() - t0, 4),
         "pid": os.getpid(),
     }
+
+
+class _Counted:
+    """An iterator of ``(name, tensor)`` that counts what was consumed (and the shard files opened)."""
+
+    def __init__(self, source):
+        self.source, self.n, self.shards = source, 0, 0
+
+    def __iter__(self):
+        for item in self.source:
+            if item is None:  # a shard boundary marker from _stream
+                self.shards += 1
+                continue
+            self.n += 1
+            yield item
+
+
+def _shard_paths(path: str) -> list[str]:
+    """The shard files a push consists of: ``path`` itself, or for a Hugging Face sharded-checkpoint index
+    (``*.index.json``, written by the learner's bucketed push: ``weight_map`` name -> shard file) its shards
+    in the order they were written. A shard must be a plain file name next to the index."""
+    if not path.endswith(".index.json"):
+        return [path]
+    with open(path) as fh:
+        weight_map = json.load(fh)["weight_map"]
+    folder = os.path.dirname(path)
+    out: list[str] = []
+    for shard in dict.fromkeys(weight_map.values()):
+        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise ValueError(f"{path}: shard {shard!r} is not a file name next to the index")
+        out.append(os.path.join(folder, shard))
+    return out
+
+
+def _stream(path: str):
+    """``(name, tensor)`` of every shard of the push, one tensor at a time (a shard is never read whole),
+    with None before each shard (counted by :class:`_Counted`). All shards load in one reload pass: vLLM's
+    layer-wise reload needs every weight of a layer in the same pass (coordexp.trainer.sync_transport.
+    FileBucketWriter says why)."""
+    from safetensors import safe_open
+
+    for shard in _shard_paths(path):
+        yield None
+        with safe_open(shard, framework="pt", device="cpu") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                yield name, fh.get_tensor(name)
 
 
 def _refresh_tied_heads(model) -> int:
