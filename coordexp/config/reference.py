@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from coordexp.config.leaf import REQUIRED_LEAF_KNOBS
+from coordexp.config.leaf import REQUIRED_LEAF_KNOBS, VL_LEAF_KNOBS
 from coordexp.config.legacy import LEGACY_KEYS
 from coordexp.config.schema import TrainConfig
 
@@ -68,8 +68,10 @@ def rows(cls: type = TrainConfig, prefix: str = "") -> Iterator[tuple[str, str, 
 
 def render() -> str:
     out = [HEADER]
-    out += [f"`{k}`" + (", " if i < len(REQUIRED_LEAF_KNOBS) - 1 else ".\n") for i, k in
+    out += [f"`{k}`" + (", " if i < len(REQUIRED_LEAF_KNOBS) - 1 else ".") for i, k in
             enumerate(REQUIRED_LEAF_KNOBS)]
+    out += [" A leaf that selects a vision-language model also pins "
+            + ", ".join(f"`{k}`" for k in VL_LEAF_KNOBS) + ".\n"]
     out = ["".join(out), "| key | type | default | meaning |", "|---|---|---|---|"]
     out += [f"| `{p}` | {t} | {d} | {h} |" for p, t, d, h in rows()]
     out += ["", "## Legacy keys", "", "These fail fast with the migration text shown.", "",
