@@ -15,6 +15,10 @@ port check, health wait, activation probe; log ``<out_dir>/server/swift_rollout.
 checkpoint itself) and stops the server on every exit path (return, error, SIGINT, SIGTERM); with
 ``vllm.server.reuse_existing=true`` it uses the running server at ``vllm.server.base_urls`` as it is. The
 teacher-forced coordinate-probability scorer always runs on the in-process model.
+
+Adapter checkpoints (a LoRA/DoRA learner's ``checkpoint-<N>``: ``adapter_config.json``, no full weights)
+load onto their base with the adapter merged (:mod:`coordexp.models.adapter_checkpoint`); the server of
+``rollout=vllm_server`` serves their export (``coordexp.models.export``, into ``<out_dir>/merged_model``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from coordexp.data.synthetic import write_synthetic_split
 from coordexp.errors import CoordexpError, EvalError, ServerStartError
 from coordexp.evaluation.coco_export import CocoExport, CocoExportError, pop_export_flags
 from coordexp.launch.rollout_server import RolloutServer
+from coordexp.models.adapter_checkpoint import is_adapter_checkpoint
 
 #: Where evals go unless hydra.run.dir / hydra.sweep.dir are given (training runs use runs/<experiment>/...).
 DEFAULT_DIRS = {"hydra.run.dir": "runs/${experiment}-eval/${now:%Y-%m-%d_%H-%M-%S}",
@@ -94,6 +99,20 @@ def start_server(stack: contextlib.ExitStack, cfg: TrainConfig, model_dir: Path,
     return server
 
 
+def export_for_server(checkpoint: Path, out: Path) -> Path:
+    """The deployable export of the adapter checkpoint ``checkpoint`` in ``out`` (a server loads full weights
+    only); EvalError when it cannot be written."""
+    from coordexp.models.export import export_checkpoint  # torch and transformers: the model is loaded
+
+    print(f"coordexp.eval: {checkpoint} is an adapter checkpoint: the server gets its merged export {out}",
+          file=sys.stderr, flush=True)
+    try:
+        export_checkpoint(checkpoint, out)
+    except CoordexpError as err:
+        raise EvalError(str(err)) from None
+    return out
+
+
 def _checkpoint_meta(model_dir: Path) -> dict:
     meta = {"checkpoint": str(model_dir)}
     state = model_dir / "trainer_state.json"
@@ -108,7 +127,9 @@ def _checkpoint_meta(model_dir: Path) -> dict:
 def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     contract = rollout_contract(cfg)
-    if cfg.model.kind == ModelKind.local and not (Path(cfg.model.path) / "config.json").is_file():
+    path = Path(cfg.model.path)
+    loadable = (path / "config.json").is_file() or is_adapter_checkpoint(path)
+    if cfg.model.kind == ModelKind.local and not loadable:
         raise EvalError(f"model.path '{cfg.model.path}' is not a checkpoint directory (no config.json): pass "
                         f"model.path=<checkpoint dir>, e.g. <run_dir>/checkpoint-<N>")
     samples, split = load_eval_samples(cfg, out_dir)  # data problems fail before torch and the model load
@@ -137,7 +158,7 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
 
     set_seed(cfg.seed)
     try:
-        model, tokenizer, model_dir, prompts = load_model(cfg)
+        model, tokenizer, model_dir, prompts = load_model(cfg, allow_adapter=True)
         check_prompts(prompts, samples)
     except (CoordexpError, OSError) as err:
         raise EvalError(str(err)) from None
@@ -159,7 +180,11 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
     with contextlib.ExitStack() as stack:  # rollout=vllm_server: the server stops when this block is left
         server = None
         if contract.backend == "vllm":
-            server = start_server(stack, cfg, Path(model_dir), out_dir)
+            served = Path(model_dir)
+            if is_adapter_checkpoint(served) and not cfg.vllm.server.reuse_existing:
+                served = export_for_server(served, out_dir / "merged_model")
+                meta["served_export"] = str(served)
+            server = start_server(stack, cfg, served, out_dir)
             meta["server"] = server.describe()
         backend = build_backend(cfg, contract, model, tokenizer, prompts, Path(model_dir))
         print(f"coordexp.eval: {len(samples)} samples from {split}, checkpoint {model_dir}", flush=True)

@@ -27,6 +27,7 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForI
 
 from coordexp.checkpoint import is_vision_language
 from coordexp.errors import CoordexpError
+from coordexp.models.adapter_checkpoint import adapter_base, is_adapter_checkpoint, merge_adapter
 
 
 class PromptError(CoordexpError, ValueError):
@@ -143,13 +144,21 @@ def concat_vision(visions: Sequence[dict[str, torch.Tensor] | None], image_token
 
 def load_model_and_prompts(model_dir: Path, dtype: str):
     """(model, tokenizer, prompt encoder) of a local checkpoint; a vision-language model when its config has
-    a vision tower."""
+    a vision tower. An adapter checkpoint (``adapter_config.json``: a LoRA/DoRA learner's) loads its base
+    model with the adapter merged in (:mod:`coordexp.models.adapter_checkpoint`), and its own tokenizer and
+    image processor. Raises AdapterCheckpointError for an adapter whose base is missing."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch_dtype = getattr(torch, dtype)
-    if not is_vision_language(model_dir):
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype), tokenizer, \
+    adapter = is_adapter_checkpoint(model_dir)
+    weights_dir = adapter_base(model_dir) if adapter else model_dir
+
+    def weights(model):
+        return merge_adapter(model, model_dir) if adapter else model
+
+    if not is_vision_language(weights_dir):
+        return weights(AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch_dtype)), tokenizer, \
             TextPromptEncoder(tokenizer)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype)
+    model = weights(AutoModelForImageTextToText.from_pretrained(weights_dir, dtype=torch_dtype))
     image_processor = AutoImageProcessor.from_pretrained(model_dir)
     image_token_id = getattr(model.config, "image_token_id", None)
     if image_token_id is None:

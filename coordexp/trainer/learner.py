@@ -65,11 +65,12 @@ __all__ = ["DDP_TIMEOUT_S", "LearnerError", "check_prompts", "exit_rank", "load_
            "main", "train"]
 
 
-def load_model(cfg: TrainConfig):
+def load_model(cfg: TrainConfig, allow_adapter: bool = False):
     """(model, tokenizer, model_dir, prompt encoder) for the configured checkpoint (text or
-    vision-language)."""
+    vision-language). ``allow_adapter``: an adapter checkpoint loads merged onto its base (coordexp.eval);
+    training refuses one as model.path (coordexp.trainer.model_dir)."""
     try:
-        model_dir = prepare_model_dir(cfg)
+        model_dir = prepare_model_dir(cfg, allow_adapter=allow_adapter)
         model, tokenizer, prompts = load_model_and_prompts(model_dir, cfg.model.dtype.value)
     except CoordexpError as err:
         raise LearnerError(str(err)) from None

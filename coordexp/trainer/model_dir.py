@@ -19,6 +19,7 @@ from pathlib import Path
 
 from coordexp.config.schema import AdapterConfig, DataKind, IntervalStrategy, ModelKind, TrainConfig
 from coordexp.errors import CoordexpError
+from coordexp.models.adapter_checkpoint import is_adapter_checkpoint
 from coordexp.models.tiny import ensure_tiny_model
 from coordexp.telemetry.record import say
 
@@ -27,9 +28,20 @@ class ModelDirError(CoordexpError):
     """``model.path`` is not a checkpoint, or the tiny Stage-1 build cannot be made."""
 
 
-def prepare_model_dir(cfg: TrainConfig) -> Path:
+def prepare_model_dir(cfg: TrainConfig, allow_adapter: bool = False) -> Path:
+    """The checkpoint folder to load. ``allow_adapter``: an adapter checkpoint (a LoRA/DoRA learner's,
+    ``adapter_config.json`` without full weights) is accepted (coordexp.eval merges it onto its base);
+    training refuses one as ``model.path`` with the fix (export it, or resume it)."""
     if cfg.model.kind == ModelKind.local:
         path = Path(cfg.model.path)
+        if is_adapter_checkpoint(path):
+            if allow_adapter:
+                return path.resolve()
+            raise ModelDirError(
+                f"model.path '{path}' is an adapter checkpoint (LoRA/DoRA weights only): to continue "
+                f"training that adapter pass training.resume_from_checkpoint={path}; to start a new run "
+                f"from its weights, fold the adapter in first: python -m coordexp.models.export "
+                f"--checkpoint {path} --out <folder>, then model.path=<folder>")
         if not (path / "config.json").is_file():
             raise ModelDirError(f"model.path '{path}' is not a checkpoint directory (no config.json): "
                                 f"pass model.path=<local checkpoint dir>")

@@ -131,3 +131,18 @@ def test_bad_adapter_values_are_refused_at_config_validation_all_at_once():
                                  "model.adapter.target_modules=[q_proj,q_proj]"]))
     # kind none: the adapter settings are not used, so they are not checked
     to_train_config(compose(["+experiment=smoke/ab_mixed", "model.adapter.r=0"]))
+
+
+def test_an_adapter_checkpoint_as_training_model_path_is_refused_with_the_fix(tmp_path):
+    from coordexp.config.load import compose, to_train_config
+    from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / "adapter_config.json").write_text("{}")
+    cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", "model.kind=local", f"model.path={ckpt}"]))
+    with pytest.raises(ModelDirError, match="is an adapter checkpoint") as err:
+        prepare_model_dir(cfg)
+    assert f"training.resume_from_checkpoint={ckpt}" in str(err.value)
+    assert "python -m coordexp.models.export" in str(err.value)
+    assert prepare_model_dir(cfg, allow_adapter=True) == ckpt.resolve()  # coordexp.eval merges it
