@@ -18,7 +18,9 @@ def run(cfg: TrainConfig) -> int:
     """Save the resolved config into the run dir, then the run's whole lifecycle (coordexp.launch.run)."""
     run_dir = Path(cfg.training.output_dir)
     with exit_on_error(), disk_full_is_an_error(RESOLVED_CONFIG_NAME, run_dir):
-        resolved = save_resolved(cfg, run_dir / RESOLVED_CONFIG_NAME)
+        node = cfg.training.node_rank  # multi-node: each node's ranks read their own copy of the shared dir
+        name = RESOLVED_CONFIG_NAME if node == 0 else f"resolved_config.node{node}.yaml"
+        resolved = save_resolved(cfg, run_dir / name)
     from coordexp.launch.run import run_experiment  # heavy imports only when a run really starts
 
     return run_experiment(cfg, run_dir, resolved)

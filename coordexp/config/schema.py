@@ -198,6 +198,10 @@ class TrainingConfig:
     node_rank: int = doc("This node's rank in [0, nnodes); node 0 owns the servers, run dir and sync.", 0)
     rdzv_endpoint: str | None = doc("host:port of the c10d rendezvous (node 0's address) when nnodes > 1.",
                                     None)
+    rdzv_timeout_s: float = doc(
+        "nnodes > 1: how long a node waits for the others to join the rendezvous (node 0 starts its learner "
+        "once its servers are ready; the other nodes first wait up to vllm.server.startup_timeout_s for "
+        "those servers, then this long for node 0's rendezvous), then fails with a clear message.", 300.0)
     device_memory_gib: float | None = doc(
         "Memory of one learner/server device for the preflight memory plan; null = the detected GPU's (no "
         "GPU: the plan is printed, not checked).", None)

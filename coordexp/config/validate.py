@@ -338,6 +338,8 @@ def multinode_problems(cfg: TrainConfig) -> list[str]:
         bad = _endpoint_problem(t.rdzv_endpoint)
         if bad:
             out.append(f"training.rdzv_endpoint: {bad}")
+    if not 0 < t.rdzv_timeout_s <= MAX_WAIT_S:
+        out.append(f"training.rdzv_timeout_s: {t.rdzv_timeout_s} must be in (0, {MAX_WAIT_S:.0f}] seconds")
     return out
 
 

@@ -59,6 +59,7 @@ from coordexp.errors import (
     disk_full_is_an_error,
 )
 from coordexp.launch import metadata
+from coordexp.launch import nodes as nodes_mod
 from coordexp.launch.process import defer_signal, set_parent_death_signal, stop_group, terminate_on_signals
 from coordexp.launch.server_spec import CPU_SERVER_OPENMP_ENV
 from coordexp.launch.servers import ServerSet, current_pool, resolve_model_dir
@@ -115,13 +116,15 @@ class Timeline:
 
 
 def learner_command(cfg: TrainConfig, resolved: Path) -> list[str]:
-    nproc = cfg.training.nproc_per_node
+    t = cfg.training
+    nodes = (nodes_mod.torchrun_node_args(t.nnodes, t.node_rank, t.rdzv_endpoint or "", t.output_dir,
+                                          t.rdzv_timeout_s) if t.nnodes > 1 else ["--standalone"])
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
+        *nodes,
+        f"--nproc_per_node={t.nproc_per_node}",
         "-m",
         "coordexp.trainer.learner",
         "--config",
@@ -199,13 +202,18 @@ def _run_in_process(cfg: TrainConfig, run_dir: Path, env: dict[str, str]) -> int
 
 
 def _run_torchrun(
-    cmd: list[str], env: dict[str, str], servers: ServerSet | None, launcher: dict[str, Any], run_dir: Path
+    cmd: list[str], env: dict[str, str], servers: Any, launcher: dict[str, Any], run_dir: Path,
+    record: bool = True,
 ) -> int:
+    """Run the torchrun learner under the supervisor; ``servers`` (a ServerSet, or another node's view of
+    node 0's servers, :class:`~coordexp.launch.nodes.RemoteServers`) is watched meanwhile. ``record``: this
+    orchestrator owns run_metadata.json (node 0)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env}
     proc = subprocess.Popen(supervised_command(cmd), env=full_env, start_new_session=True,  # owns the ranks
                             preexec_fn=set_parent_death_signal)  # noqa: PLW1509
     launcher["learner"]["pgid"] = proc.pid
-    _update_metadata(run_dir, launcher)
+    if record:
+        _update_metadata(run_dir, launcher)
     try:
         while True:
             try:
@@ -215,13 +223,40 @@ def _run_torchrun(
             dead = servers.dead() if servers is not None else None
             if dead is not None:
                 srv, code = dead
-                _say(
-                    f"error: the rollout server {srv.base_url} exited with code {code} during training; "
-                    f"stopping the learner"
-                )
+                how = (f"is {code}: node 0 ended or was lost" if isinstance(code, str)
+                       else f"exited with code {code}")
+                _say(f"error: the rollout server {srv.base_url} {how} during training; stopping the learner")
                 return EXIT_SERVER_ERROR
     finally:
         stop_group(proc)
+
+
+def _run_other_node(cfg: TrainConfig, run_dir: Path, resolved: Path, env: dict[str, str]) -> int:
+    """A node other than node 0 (docs/runbook.md "Multi-node learner"): no server, no run metadata; wait for
+    node 0's servers and rendezvous, then run this node's ranks, watching node 0's servers."""
+    t, v = cfg.training, cfg.vllm
+    server_mode = enum_value(cfg.rollout_matching.rollout_backend) == "vllm"
+    _say(f"node {t.node_rank} of {t.nnodes}: this node runs {t.nproc_per_node} learner rank(s); node 0 owns "
+         f"the rollout servers and the run metadata; shared run dir {run_dir}")
+    urls = list(v.server.base_urls) if server_mode else []
+    if urls:
+        problem = nodes_mod.wait_for_servers(urls, v.server.startup_timeout_s, t.node_rank, say=_say)
+        if problem:
+            say(f"error: {problem}")
+            return EXIT_SERVER_ERROR
+    problem = nodes_mod.wait_for_rendezvous(t.rdzv_endpoint or "", t.rdzv_timeout_s, t.node_rank, say=_say)
+    if problem:
+        say(f"error: {problem}")
+        return LaunchError.code
+    cmd = learner_command(cfg, resolved)
+    launcher = {"learner": {"command": cmd, "pgid": None}}
+    code = _run_torchrun(cmd, env, nodes_mod.RemoteServers(urls) if urls else None, launcher, run_dir,
+                         record=False)
+    if code != 0:
+        _say(f"node {t.node_rank}: the learner group ended with exit code {code}; with training.nnodes="
+             f"{t.nnodes} a rank or an orchestrator stopping on another node ends every node's ranks too "
+             f"(see node 0's console)")
+    return code
 
 
 def run_experiment(cfg: TrainConfig, run_dir: Path, resolved: Path) -> int:
@@ -252,8 +287,11 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
         "orchestrator_pid": os.getpid(),
         "rollout_backend": enum_value(cfg.rollout_matching.rollout_backend),
         "learner": {
-            "mode": "in_process" if nproc == 1 else "torchrun",
+            "mode": "in_process" if nproc == 1 and cfg.training.nnodes == 1 else "torchrun",
             "nproc_per_node": nproc,
+            "nnodes": cfg.training.nnodes,
+            "node_rank": cfg.training.node_rank,
+            "rdzv_endpoint": cfg.training.rdzv_endpoint,
             "gpus": list(v.learner_gpus) if server_mode and enum_value(v.device) == "cuda" else [],
             "pgid": None,
         },
@@ -272,6 +310,9 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
                 resume.record(run_dir, resumed)
             return 0
     env: dict[str, str] = {ENV_RUN_ID: run_id, **extra_env}
+    multinode = cfg.training.nnodes > 1
+    if multinode and cfg.training.node_rank > 0:
+        return _run_other_node(cfg, run_dir, resolved, env)
     servers: ServerSet | None = None
     code: int | None = None
     try:
@@ -314,7 +355,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
             timeline.mark("server_ready")
             launcher["servers"] = servers.describe()
             launcher["server_fresh"] = fresh
-            if fresh:
+            if fresh and not multinode:  # every node's ranks must agree on it: only node 0 knows
                 env[ENV_INITIAL_WEIGHTS] = str(model_dir)
         try:
             with disk_full_is_an_error("run_metadata.json", run_dir):
@@ -328,11 +369,15 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
         timeline.mark("learner_start")
         launcher["timeline"] = timeline.to_dict()
         _update_metadata(run_dir, launcher)
-        if nproc == 1:
+        if nproc == 1 and not multinode:
             code = _run_in_process(cfg, run_dir, env)
         else:
             launcher["learner"]["command"] = learner_command(cfg, resolved)
             code = _run_torchrun(learner_command(cfg, resolved), env, servers, launcher, run_dir)
+            if code != 0 and multinode:
+                _say(f"the learner group ended with exit code {code}; with training.nnodes="
+                     f"{cfg.training.nnodes} a rank or an orchestrator stopping on another node ends every "
+                     f"node's ranks too (see that node's console)")
         return code
     except SystemExit as exc:  # SIGTERM/SIGINT (128 + signal): run_metadata.json records it like any code
         code = exc.code if isinstance(exc.code, int) else 1
