@@ -182,28 +182,33 @@ def _loss_and_grads(model, adapter, ab, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("frozen", ["none", "llm_embeddings"])
+@pytest.mark.parametrize("frozen", ["none", "llm_embeddings", "lora"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(cache, tmp_path, frozen):
     """Non-reentrant checkpointing as the Trainer enables it, through soft self-context (inputs_embeds) on the
-    tiny VLM, with the embeddings trainable or frozen (then the embedding output is made to require grad)."""
-    from coordexp.trainer import optim
+    tiny VLM, with the embeddings trainable or frozen (then the embedding output is made to require grad), and
+    on a peft LoRA model (coordexp.trainer.adapters: every base weight frozen, coordinate rows trainable)."""
+    from coordexp.config.schema import AdapterConfig, AdapterKind
+    from coordexp.trainer.adapters import attach_adapter
 
     model, adapter, ab, batch = _vl_batch(cache, tmp_path)
     assert ab.n_softctx_iter == 2
-    model.train()
     if frozen == "llm_embeddings":
         model.get_input_embeddings().weight.requires_grad_(False)
+    if frozen == "lora":
+        lora = AdapterConfig(kind=AdapterKind.lora, dropout=0.0)
+        model = attach_adapter(model, lora, adapter.coord_token_ids)
+    model.train()
     want_loss, want = _loss_and_grads(model, adapter, ab, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if frozen == "llm_embeddings":
+    if frozen != "none":
         model.enable_input_require_grads()
     assert model.is_gradient_checkpointing
     got_loss, got = _loss_and_grads(model, adapter, ab, batch)
     assert torch.allclose(got_loss, want_loss, rtol=1e-6, atol=1e-6)
     assert got.keys() == want.keys() and len(got) > 10
+    assert frozen != "lora" or all("lora_" in n or "trainable_tokens" in n for n in got)
     for name in want:
         assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-6), name
-    assert optim  # the learner's prepare_model does the same (test below)
 
 
 @pytest.mark.slow
