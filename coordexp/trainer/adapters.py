@@ -18,6 +18,10 @@
 * ``modules_to_save``: modules trained in full next to the adapters (peft copies them; saved with the
   adapter). The embedding and the head are refused there (their coordinate rows already train; full
   embedding training under an adapter is ``kind: none``).
+* **vision tower and aligner** of a vision-language model: the adapter is the language model's; a group
+  that is not frozen (``model.freeze_vit`` / ``freeze_aligner`` false) trains in full next to it, through
+  ``modules_to_save`` (at ``training.vit_lr`` / ``aligner_lr``). A light DoRA run on a VL checkpoint
+  therefore sets ``freeze_vit: true`` (and usually trains the small aligner).
 
 Checkpoints then hold the adapter (``adapter_model.safetensors`` + ``adapter_config.json``, peft's
 ``save_pretrained``, which the Trainer calls for a peft model) and the tokenizer/processor; the rollout server
@@ -41,7 +45,7 @@ from coordexp.config.schema import AdapterConfig, enum_value
 from coordexp.models import param_groups as pg
 
 __all__ = ["ADAPTER_KINDS", "adapter_targets", "attach_adapter", "coordinate_rows_module_names",
-           "target_regex"]
+           "full_group_modules", "target_regex", "unfrozen_vision_groups"]
 
 ADAPTER_KINDS = ("lora", "dora")
 
@@ -119,14 +123,55 @@ def _check_modules_to_save(model, adapter: AdapterConfig, rows: dict[str, str]) 
         raise ConfigError(problems)
 
 
-def attach_adapter(model, adapter: AdapterConfig, coord_token_ids: Sequence[int]):
+def unfrozen_vision_groups(model_cfg) -> list[str]:
+    """The vision-language groups ``model.freeze_vit`` / ``freeze_aligner`` leave trainable (a text model has
+    no parameter in them: :func:`full_group_modules` then names nothing)."""
+    return [g for g, frozen in ((pg.VIT, model_cfg.freeze_vit), (pg.ALIGNER, model_cfg.freeze_aligner))
+            if not frozen]
+
+
+def full_group_modules(model, model_type: str, groups: Sequence[str]) -> list[str]:
+    """Names of the largest modules whose every parameter is in one of ``groups`` (``vit``, ``aligner``),
+    for peft's ``modules_to_save`` (which refuses ``ModuleList``/``ModuleDict``: their elements are named
+    instead, e.g. ``model.visual.blocks.0``). Raises RuntimeError when a parameter of ``groups`` sits
+    directly on a module shared with another group (it could not train)."""
+    fam = pg.family(model_type)
+    wanted, names, stranded = set(groups), [], []
+    if not wanted:
+        return names
+
+    def visit(prefix: str, module) -> None:
+        kinds = {fam.group_of(prefix + n) for n, _ in module.named_parameters()}
+        if not kinds & wanted:
+            return
+        container = isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict))
+        if prefix and kinds <= wanted and len(kinds) == 1 and not container:
+            names.append(prefix[:-1])
+            return
+        stranded.extend(prefix + n for n, _ in module.named_parameters(recurse=False)
+                        if fam.group_of(prefix + n) in wanted)
+        for n, child in module.named_children():
+            visit(f"{prefix}{n}.", child)
+
+    visit("", model)
+    if stranded:
+        raise RuntimeError(f"parameters {stranded} of group(s) {sorted(wanted)} sit on a module shared with "
+                           f"another group: modules_to_save cannot train them alone")
+    return names
+
+
+def attach_adapter(model, adapter: AdapterConfig, coord_token_ids: Sequence[int],
+                   full_groups: Sequence[str] = ()):
     """``model`` wrapped in a ``peft.PeftModel`` per ``adapter`` (``kind: none``: ``model`` itself).
 
     ``coord_token_ids``: vocabulary ids of ``<|coord_0|>``..``<|coord_999|>``
     (:class:`coordexp.rollout.scoring.TokenizerAdapter`), trained through peft's
-    ``trainable_token_indices`` on the embedding (and on an untied head). After wrapping, the only trainable
-    parameters are the adapter weights (``lora_A``/``lora_B``, DoRA magnitudes), the coordinate rows and any
-    ``modules_to_save`` copies. Raises ConfigError (see the module doc)."""
+    ``trainable_token_indices`` on the embedding (and on an untied head). ``full_groups``: the
+    vision-language groups (``vit``, ``aligner``) that are not frozen: their modules train in full next to
+    the adapter (peft ``modules_to_save``, at ``training.vit_lr`` / ``aligner_lr``), as
+    :func:`full_group_modules` names them. After wrapping, the only trainable parameters are the adapter
+    weights (``lora_A``/``lora_B``, DoRA magnitudes), the coordinate rows and the ``modules_to_save`` copies.
+    Raises ConfigError (see the module doc)."""
     kind = enum_value(adapter.kind)
     if kind not in ADAPTER_KINDS:
         return model
@@ -139,10 +184,11 @@ def attach_adapter(model, adapter: AdapterConfig, coord_token_ids: Sequence[int]
     ids = sorted({int(i) for i in coord_token_ids})
     tokens = {rows["embedding"]: ids, **({rows["head"]: ids} if rows["head"] else {})}
     regex = target_regex(adapter.target_modules, model_type)
+    full = [n for n in full_group_modules(model, model_type, full_groups) if n not in adapter.modules_to_save]
     config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                        use_dora=kind == "dora", target_modules=regex,
-                        trainable_token_indices=tokens, modules_to_save=list(adapter.modules_to_save) or None,
-                        bias="none", task_type="CAUSAL_LM")
+                        use_dora=kind == "dora", target_modules=regex, trainable_token_indices=tokens,
+                        modules_to_save=[*adapter.modules_to_save, *full] or None, bias="none",
+                        task_type="CAUSAL_LM")
     try:
         wrapped = get_peft_model(model, config)
     except (ValueError, TypeError) as err:  # peft's own refusal (e.g. a module type it cannot wrap)

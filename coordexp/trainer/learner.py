@@ -283,7 +283,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
     model, tokenizer, model_dir, prompts = load_model(cfg)
     adapter = coord_vocab_adapter(tokenizer, model_dir)
     # model.adapter: peft LoRA/DoRA on the language model, the coordinate-token rows trainable
-    model = adapters.attach_adapter(model, cfg.model.adapter, adapter.coord_token_ids)
+    model = adapters.attach_adapter(model, cfg.model.adapter, adapter.coord_token_ids,
+                                    full_groups=adapters.unfrozen_vision_groups(cfg.model))
     group_plan = optim.prepare_model(model, cfg)  # freezing, per-group rates (after any adapter is attached)
     announce_groups(model, cfg, group_plan)
     with disk_full_is_an_error("the run's data", run_dir):

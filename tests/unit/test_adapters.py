@@ -146,3 +146,29 @@ def test_an_adapter_checkpoint_as_training_model_path_is_refused_with_the_fix(tm
     assert f"training.resume_from_checkpoint={ckpt}" in str(err.value)
     assert "python -m coordexp.models.export" in str(err.value)
     assert prepare_model_dir(cfg, allow_adapter=True) == ckpt.resolve()  # coordexp.eval merges it
+
+
+def test_unfrozen_vision_groups_train_in_full_next_to_the_adapter(tiny_vl_dir):
+    import copy
+
+    from coordexp.trainer.adapters import full_group_modules
+
+    model, tok = load(tiny_vl_dir, vl=True)
+    names = full_group_modules(model, "qwen2_vl", ["vit", "aligner"])
+    assert names == ["model.visual.patch_embed", "model.visual.blocks.0", "model.visual.merger"]
+    assert full_group_modules(model, "qwen2_vl", ["aligner"]) == ["model.visual.merger"]
+    peft_model = attach_adapter(model, AdapterConfig(kind=AdapterKind.dora, r=4, alpha=8),
+                                TokenizerAdapter(tok).coord_token_ids, full_groups=["aligner"])
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    merger = [n for n in trainable if ".visual." in n]
+    assert merger and all(".visual.merger.modules_to_save.default." in n for n in merger)
+    assert {pg.group_of(n, "qwen2_vl") for n in merger} == {pg.ALIGNER}
+    # the server's weights of this model (merger copy, DoRA, token rows) are peft's own merge
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    merged = dict(merged_named_weights(peft_model))
+    reference = dict(copy.deepcopy(peft_model).merge_and_unload().named_parameters())
+    assert list(merged) == list(reference)
+    assert all(torch.equal(merged[k], reference[k]) for k in merged)
