@@ -17,7 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from coordexp.config.schema import AdapterConfig, DataKind, IntervalStrategy, ModelKind, TrainConfig
+from coordexp.config.schema import (
+    AdapterConfig,
+    DataKind,
+    IntervalStrategy,
+    ModelKind,
+    Precision,
+    TrainConfig,
+)
 from coordexp.errors import CoordexpError
 from coordexp.models.adapter_checkpoint import is_adapter_checkpoint
 from coordexp.models.tiny import ensure_tiny_model
@@ -65,7 +72,10 @@ def _stage1_config(cfg: TrainConfig, base: Path) -> TrainConfig:
                             resume_from_checkpoint=None, nproc_per_node=1,
                             gradient_accumulation_steps=None, warmup_steps=min(cfg.training.warmup_steps, 10),
                             per_device_train_batch_size=cfg.training.effective_batch_size, packing=False,
-                            report_to=[])  # an internal step: no tracker run of its own
+                            report_to=[],  # an internal step: no tracker run of its own
+                            # plain full fine-tuning in fp32 (the cached checkpoint's key has no group knobs)
+                            vit_lr=None, aligner_lr=None, precision=Precision.fp32,
+                            gradient_checkpointing=False)
     schedule = dataclasses.replace(cfg.stage2_ab.schedule, b_ratio=0.0)
     # Stage 1 is plain SFT: teacher forcing without soft self-context passes, whatever the leaf runs after
     ab = dataclasses.replace(cfg.stage2_ab, schedule=schedule, n_softctx_iter=1)
@@ -73,7 +83,8 @@ def _stage1_config(cfg: TrainConfig, base: Path) -> TrainConfig:
                              rollout_backend=type(cfg.rollout_matching.rollout_backend).hf)
     # Stage 1 trains the full model (no adapter: the Stage-2 leaf's adapter starts from this checkpoint)
     model = dataclasses.replace(cfg.model, kind=ModelKind.local, path=str(base), tiny_stage1_steps=0,
-                                adapter=AdapterConfig())
+                                adapter=AdapterConfig(), freeze_llm=False, freeze_vit=False,
+                                freeze_aligner=False)
     return dataclasses.replace(cfg, model=model, training=t, stage2_ab=ab, rollout_matching=rm)
 
 

@@ -257,3 +257,18 @@ def test_soft_context_expectation_is_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = soft_context_embeds(base, logits, mask, coord_ids, coord_embeds, 1.0)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_tiny_stage1_is_plain_full_fine_tuning_whatever_the_stage2_groups():
+    """The cached Stage-1 checkpoint's key holds no group knobs, so Stage 1 must not inherit them."""
+    from coordexp.trainer.model_dir import _stage1_config
+
+    cfg = to_train_config(compose([*VL, "model.freeze_vit=true", "model.freeze_llm=true",
+                                   "training.vit_lr=1e-4", "training.aligner_lr=1e-4",
+                                   "training.precision=bf16", "training.gradient_checkpointing=true"]))
+    s1 = _stage1_config(cfg, Path("/tmp/base"))
+    assert (s1.model.freeze_llm, s1.model.freeze_vit, s1.model.freeze_aligner) == (False, False, False)
+    t = s1.training
+    got = (t.vit_lr, t.aligner_lr, t.precision, t.gradient_checkpointing)
+    assert got == (None, None, Precision.fp32, False)
+    assert t.learning_rate == cfg.training.learning_rate
