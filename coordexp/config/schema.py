@@ -113,15 +113,24 @@ class ReportTo(str, Enum):
 
 @dataclass
 class AdapterConfig:
-    kind: AdapterKind = doc("`none`: train the weights themselves; `lora` / `dora`: peft adapters on "
-                            "target_modules (DoRA: weight-decomposed LoRA, Liu et al. 2024).", AdapterKind.none)
-    r: int = doc("Adapter rank.", 16)
-    alpha: int = doc("Adapter scaling numerator (scale = alpha / r).", 32)
+    kind: AdapterKind = doc(
+        "`none`: train the weights themselves; `lora` / `dora`: peft adapters on target_modules (DoRA: "
+        "weight-decomposed LoRA, Liu et al. 2024; the original Stage 2 trained DoRA r 16, alpha 32). The "
+        "coordinate-token rows of the embedding and head train too (peft trainable_token_indices); an "
+        "unfrozen vision tower / aligner trains in full next to the adapter. Checkpoints hold the adapter; "
+        "the rollout server gets the merged weights; python -m coordexp.models.export folds it in for "
+        "deployment.",
+        AdapterKind.none)
+    r: int = doc("Adapter rank (>= 1).", 16)
+    alpha: int = doc("Adapter scaling numerator (> 0; scale = alpha / r).", 32)
     dropout: float = doc("Dropout on the adapter input, in [0, 1).", 0.05)
     target_modules: list[str] = doc(
-        "Linear modules of the language model that get adapters (module-name suffixes).",
+        "Linear layers of the language model that get adapters: module-name suffixes (`q_proj`) or dotted "
+        "suffixes (`self_attn.q_proj`); the vision tower is never targeted. One that matches no linear layer "
+        "is an error at load.",
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    modules_to_save: list[str] = doc("Modules trained in full next to the adapters (and saved with them).",
+    modules_to_save: list[str] = doc("Further modules trained in full next to the adapters and saved with "
+                                     "them (name suffixes, peft's rule; not the embedding or head).",
                                      default_factory=list)
 
 
