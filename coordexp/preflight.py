@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from coordexp.config.contract import rollout_contract, server_image_root
-from coordexp.config.errors import exit_on_config_error
+from coordexp.config.errors import exit_on_config_error, raise_if
 from coordexp.config.gpus import gpu_plan, gpu_plan_problem
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import TrainConfig
+from coordexp.config.validate import run_dir_problems
 from coordexp.planning.inventory import PlanError
 from coordexp.planning.memory import memory_plan
 from coordexp.planning.report import plan_table
@@ -72,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     with exit_on_config_error():
         cfg = to_train_config(compose(argv))
+        raise_if(run_dir_problems(cfg.training.nnodes, argv, multirun=False))  # one run dir for every node
         contract = preflight(cfg)
         plan, table = memory_section(cfg)
         contract["memory_plan"] = plan

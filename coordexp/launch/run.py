@@ -26,6 +26,12 @@ as a server failure mid-training); 3 when the rollout server could not be starte
 during a torchrun learner; 2 for a model path that is not a checkpoint; 128+signal on SIGINT/SIGTERM. On
 failure the tail of each started server's log is printed.
 
+Multi-node (``training.nnodes > 1``, docs/runbook.md "Multi-node learner"): node 0 runs the lifecycle above
+with a c10d-rendezvous torchrun learner (never in-process) and without the initial-weights shortcut (every
+node's ranks must agree when the first sync happens); another node (``training.node_rank > 0``) starts no
+server and writes no metadata: it waits for node 0's servers and rendezvous
+(:mod:`coordexp.launch.nodes`), then runs its ranks and watches node 0's servers.
+
 Inside a Hydra sweep with ``hydra/launcher=coordexp`` (see ``launchers/``), a
 :class:`~coordexp.launch.servers.ServerPool` keeps the server between jobs whose server settings are
 equal; each job's learner then re-syncs weights before its first rollout (the server holds the previous

@@ -169,9 +169,12 @@ class WeightSync:
         if rank == 0 and (n - 1) % 50 == 0:
             rep = self.reports[-1]
             note = f" (sync {n})" if n > 1 else "; from now on one line per 50 syncs"
+            gather = rep.servers.get("_gather")
+            sharded = (f", gathered from FSDP shards in {gather['buckets']} bucket(s) (at most "
+                       f"{gather['peak_held_bytes'] / 2**20:.2f} MiB held)" if gather else "")
             self.log(
                 f"[coordexp weight sync] step {step}: pushed {rep.bytes / 2**20:.2f} MiB over "
                 f"{self.transport.name} to {len(getattr(self.transport, 'base_urls', []))} server(s) in "
-                f"{rep.seconds:.2f} s{note}"
+                f"{rep.seconds:.2f} s{sharded}{note}"
             )
         return self.reports[-1] if rank == 0 and self.reports else None

@@ -175,3 +175,13 @@ def test_world_size_counts_every_node():
                  "training.rdzv_endpoint=127.0.0.1:29400", "training.per_device_train_batch_size=4",
                  "training.effective_batch_size=16")
     assert any("x nproc_per_node x nnodes = 12" in p for p in err.value.problems)
+
+
+def test_preflight_refuses_multinode_without_a_run_dir(capsys):
+    from coordexp import preflight
+
+    with pytest.raises(SystemExit) as exit_:
+        preflight.main(["+experiment=smoke/a_only", "rollout=hf", "training.nnodes=2",
+                        "training.rdzv_endpoint=127.0.0.1:29400"])
+    assert exit_.value.code == 2
+    assert "hydra.run.dir: must be given explicitly with training.nnodes=2" in capsys.readouterr().err
