@@ -6,8 +6,10 @@ For each model (the tiny model; a wider tiny variant unless ``--no-wide``), meas
 run, one configuration at a time:
 
 * **one server** on every core this process may use (not pinned, as the launcher starts a single server);
-* **two servers**, each pinned to its half of the same cores (``server_spec.cpu_slice``, as the launcher
-  places them), started concurrently, the batch split over both by ``RolloutClient`` (world size 1 : 1).
+* **two servers, pinned**: each pinned to its half of the same cores (``server_spec.cpu_slice``, as the
+  launcher places them), started concurrently, the batch split over both by ``RolloutClient`` (1 : 1);
+* **two servers, shared**: the same, not pinned (both on every core; what the launcher does when there are
+  fewer cores than servers).
 
 Same prompts (synthetic-task prompts), greedy, repeat-terminate off for the request and no stop words, so
 every sequence runs to ``--tokens`` new tokens; one warm-up batch, then the median of ``--rounds`` batches.
@@ -33,7 +35,7 @@ from tests.benchmarks.bench_launch import CPU_ENV, prompts_for, table
 from tests.conftest import free_port
 
 
-def start_servers(model_dir: Path, work: Path, n: int) -> list:
+def start_servers(model_dir: Path, work: Path, n: int, pinned: bool = True) -> list:
     from coordexp.config.schema import RepeatTerminateConfig
     from coordexp.launch.rollout_server import RolloutServer
     from coordexp.launch.server_spec import ServerLaunchSpec, cpu_slice
@@ -44,9 +46,9 @@ def start_servers(model_dir: Path, work: Path, n: int) -> list:
         port = free_port()
         spec = ServerLaunchSpec(model_dir=str(model_dir), port=port, max_model_len=512, model_type="qwen2",
                                 template="chatml", repeat_terminate=RepeatTerminateConfig(enabled=True),
-                                cpus=cpu_slice(cores, i, n) if n > 1 else [])
+                                cpus=cpu_slice(cores, i, n) if n > 1 and pinned else [])
         spec.extra_env.update(CPU_ENV)
-        log = work / f"{model_dir.name}.{n}.{i}.log"
+        log = work / f"{model_dir.name}.{n}.{int(pinned)}.{i}.log"
         servers.append(RolloutServer(spec, f"http://127.0.0.1:{port}", log_path=log, startup_timeout_s=600,
                                      progress=lambda m: None))
     try:
@@ -106,19 +108,21 @@ def main() -> int:
     rows = []
     for label, model_dir in models:
         result = {}
-        for n in (1, 2):
-            servers = start_servers(model_dir, work, n)
+        for name, n, pinned in (("one", 1, False), ("pinned", 2, True), ("shared", 2, False)):
+            servers = start_servers(model_dir, work, n, pinned)
             try:
                 secs, ntok, counts = measure(servers, msgs, a.batch, a.tokens, a.rounds)
             finally:
                 for s in servers:
                     s.stop()
-            result[n] = ntok / secs
-            print(f"{label}: {n} server(s) {ntok} tokens in {secs:.3f} s = {ntok / secs:.1f} tok/s; "
-                  f"requests per server {list(counts.values())}")
-        rows.append([label, f"{result[1]:.1f}", f"{result[2]:.1f}", f"{result[2] / result[1]:.2f}"])
+            result[name] = ntok / secs
+            print(f"{label}: {name}: {n} server(s) {ntok} tokens in {secs:.3f} s = {ntok / secs:.1f} tok/s; "
+                  f"requests per server {list(counts.values())}", flush=True)
+        one = result["one"]
+        rows.append([label, f"{one:.1f}", f"{result['pinned']:.1f}", f"{result['pinned'] / one:.2f}",
+                     f"{result['shared']:.1f}", f"{result['shared'] / one:.2f}"])
     print()
-    table(rows, ["model", "1 server tok/s", "2 servers tok/s", "ratio 2/1"])
+    table(rows, ["model", "1 server tok/s", "2 pinned tok/s", "ratio", "2 shared tok/s", "ratio"])
     return 0
 
 
