@@ -3,6 +3,8 @@ coordinate-token rows train (and only they, of the embedding), and bad settings 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
@@ -172,3 +174,34 @@ def test_unfrozen_vision_groups_train_in_full_next_to_the_adapter(tiny_vl_dir):
     reference = dict(copy.deepcopy(peft_model).merge_and_unload().named_parameters())
     assert list(merged) == list(reference)
     assert all(torch.equal(merged[k], reference[k]) for k in merged)
+
+
+@pytest.mark.slow
+def test_resume_with_dora_and_a_frozen_vision_tower_continues_with_identical_groups(tmp_path, tiny_vl_dir):
+    """Tiny Qwen2-VL, DoRA on the language model, vision tower frozen, aligner trained in full next to the
+    adapter (modules_to_save): 2 steps + resume to 4 ends where 4 uninterrupted steps end."""
+    from tests.conftest import read_jsonl
+    from tests.unit.test_training_groups import base_weights, named_groups, run
+
+    cache = Path(tiny_vl_dir).parent  # the session's shared tiny-model cache root
+    overrides = ["model.adapter.kind=dora", "model.adapter.r=4", "model.adapter.alpha=8",
+                 "model.freeze_vit=true", "training.vit_lr=2e-4", "training.aligner_lr=5e-3",
+                 "training.save_strategy=steps", "training.save_steps=2", "training.save_total_limit=null"]
+    full = run(cache, tmp_path / "full", "training.max_steps=4", *overrides)
+    run(cache, tmp_path / "part", "training.max_steps=2", *overrides)
+    resumed = run(cache, tmp_path / "resumed", "training.max_steps=4", *overrides,
+                  f"training.resume_from_checkpoint={tmp_path / 'part' / 'checkpoint-2'}")
+    assert resumed.state.global_step == 4
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r] == [3, 4]
+    groups = named_groups(resumed.optimizer)
+    assert groups == named_groups(full.optimizer)
+    assert set(groups) == {"llm/decay", "aligner/decay", "aligner/no_decay"}  # no vit: frozen
+    assert {int(s["step"]) for s in resumed.optimizer.state.values()} == {4}
+    before = base_weights(cache)
+    want = dict(full.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, want[name], rtol=0, atol=1e-5, msg=name)
+        plain = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+        if pg.group_of(name, "qwen2_vl") == pg.VIT:
+            assert not p.requires_grad and torch.equal(p, before[plain]), name
