@@ -357,10 +357,12 @@ def _sharded_worker(rank, world, port, url, model_dir, outdir):
         save_file({n: t.contiguous() for n, t in gathered.items()},
                   str(Path(outdir) / "gathered.safetensors"))
     del gathered
+    lines: list[str] = []
     sync = WeightSync(FileTransport([url], Path(outdir) / "weight_sync", dtype="float32"), timeout_s=120,
-                      log=lambda m: None, bucket_bytes=SHARD_BUCKET_BYTES)
+                      log=lines.append, bucket_bytes=SHARD_BUCKET_BYTES)
     rep = sync.maybe_sync(lambda: model, step=SHARD_STEPS)
     if rank == 0:
+        result["log"] = lines
         result["report"] = {"bytes": rep.bytes, "shards": rep.servers["_shards"],
                             "gather": rep.servers["_gather"], "worker": rep.servers[url]["workers"][0]}
     result["needed_after"] = sync.needed(SHARD_STEPS)
@@ -399,6 +401,7 @@ def test_sharded_sync_gathers_in_buckets_and_server_greedy_equals_learner(server
     rep = r0["report"]
     assert rep["shards"] == r0["stats"]["buckets"] == rep["gather"]["buckets"]
     assert rep["gather"]["peak_held_bytes"] <= bound
+    assert f"gathered from FSDP shards in {rep['shards']} bucket(s)" in r0["log"][0]
     worker = rep["worker"]
     assert worker["tensors"] == r0["stats"]["tensors"] and worker["shards"] == rep["shards"]
     folder = tmp_path / "weight_sync" / f"step-{SHARD_STEPS:08d}"
