@@ -143,7 +143,7 @@ def precision_arguments(training, cuda: bool) -> dict[str, Any]:
                            "scaling) and this learner has none: use bf16 (CPU autocast) or fp32"])
     args: dict[str, Any] = {"bf16": precision == Precision.bf16.value,
                             "fp16": precision == Precision.fp16.value}
-    if training.gradient_checkpointing:
+    if training.gradient_checkpointing and not training.fsdp:  # FSDP checkpoints itself (trainer/fsdp.py)
         args.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     return args
 

@@ -93,9 +93,13 @@ def test_accelerate_plugin_arguments_from_the_learner_config():
         "activation_checkpointing": True,
         "reshard_after_forward": True,
     }
+    from coordexp.trainer.optim import precision_arguments
+
+    assert "gradient_checkpointing" not in precision_arguments(cfg.training, cuda=True)  # FSDP's own instead
     off = resolved("+experiment=smoke/a_only", "rollout=hf", "training.gradient_checkpointing=true")
     assert fsdp.training_arguments(off.training, model, cuda_available=False) == {}
     assert fsdp.hf_gradient_checkpointing(off.training) is True
+    assert precision_arguments(off.training, cuda=False)["gradient_checkpointing"] is True
 
 
 def test_fsdp_without_cuda_is_refused():
