@@ -4,14 +4,12 @@ device (``torch.device("meta")``: shapes only, no weights read, no memory), its 
 ``llm`` / ``vit`` / ``aligner`` groups of :mod:`coordexp.models.param_groups`, and what trains under
 ``model.freeze_*`` and ``model.adapter``.
 
-Adapter counts follow peft's layer shapes (peft 0.20, ``LoraLayer.update_layer``): a LoRA adapter of rank r on
-a ``Linear(in, out)`` adds ``A: r x in`` and ``B: out x r`` (``r * (in + out)`` parameters); DoRA adds the
-magnitude vector (``out``); ``modules_to_save`` keeps the original module and trains a full copy; the 1000
-coordinate-token rows train through ``trainable_token_indices`` (``NUM_BINS x hidden`` for the input
-embedding, and as much again for an untied ``lm_head``). Adapters go on the language model's linear layers
-whose name ends with one of ``model.adapter.target_modules`` (the vision tower and aligner get none; with
-an adapter the base weights are frozen, so those groups train only through ``modules_to_save``). peft keeps
-LoRA/DoRA weights in float32 when the base is bfloat16/float16 (``autocast_adapter_dtype``).
+Adapters and freezing are applied to the meta model by the learner's own code, in the learner's order
+(:func:`coordexp.trainer.adapters.attach_adapter`: peft LoRA/DoRA on the language model's target layers, the
+1000 coordinate-token rows through ``trainable_token_indices``, unfrozen vision groups in full through
+``modules_to_save``; then :func:`coordexp.trainer.optim.prepare_model`: frozen groups, per-group rates), so
+the counts are what the learner will train. peft keeps LoRA/DoRA weights in float32 when the base is
+bfloat16/float16 (``autocast_adapter_dtype``).
 
 Errors: :class:`PlanError` (exit 2) when the checkpoint has no config.json or transformers cannot build it;
 :class:`~coordexp.errors.ConfigError` from the learner's own group rules (a vision knob on a text model).
@@ -24,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordexp.config.schema import AdapterKind, ModelKind, TrainConfig, enum_value
+from coordexp.config.schema import ModelKind, TrainConfig, enum_value
 from coordexp.coordjson import NUM_BINS
 from coordexp.data.resize import DEFAULT_MAX_PIXELS
 from coordexp.errors import CoordexpError
 from coordexp.models import param_groups as pg
 from coordexp.models.tiny import SPEC_FILE, TinyModelSpec, tiny_config, tiny_model_dir
+from coordexp.trainer.adapters import attach_adapter, unfrozen_vision_groups
 from coordexp.trainer.fsdp import WRAP_CLASSES
-from coordexp.trainer.optim import plan_groups
+from coordexp.trainer.optim import prepare_model
 
 __all__ = ["GroupCount", "Inventory", "PlanError", "TextDims", "VisionDims", "inventory", "load_model_config",
            "meta_model"]
@@ -173,11 +172,6 @@ def _vision_dims(config: Any, model, processor: dict[str, Any]) -> VisionDims | 
                       image_tokens=_max_pixels(processor) // (patch * merge) ** 2)
 
 
-def _matches(name: str, suffixes: list[str]) -> bool:
-    """peft's rule for a list of target names: the module name equals one or ends with ``.<name>``."""
-    return any(name == s or name.endswith(f".{s}") for s in suffixes)
-
-
 def inventory(cfg: TrainConfig, config: Any | None = None, source: str | None = None,
               processor: dict[str, Any] | None = None) -> Inventory:
     """The :class:`Inventory` of ``cfg``'s model (``config``: a transformers config to use instead of the
@@ -188,7 +182,6 @@ def inventory(cfg: TrainConfig, config: Any | None = None, source: str | None = 
         config, source, processor = load_model_config(cfg)
     model = meta_model(config)
     model_type = pg.model_type_of(config)
-    plan = plan_groups(cfg, config)  # the learner's own rules: rates, frozen groups, vision knobs
     text = _text_dims(config)
     params = dict(model.named_parameters())  # unique tensors: a tied head is listed once
     param_ids = {id(p) for p in params.values()}
@@ -207,41 +200,22 @@ def inventory(cfg: TrainConfig, config: Any | None = None, source: str | None = 
             blocks.append(sum(ps.values()))
             in_blocks |= set(ps)
 
-    a = cfg.model.adapter
-    kind = enum_value(a.kind)
-    extra = {g: 0 for g in base}
-    trainable_extra = {g: 0 for g in base}
-    lora = 0
-    if kind != AdapterKind.none.value:
-        for name, module in model.named_modules():
-            group = pg.group_of(f"{name}.weight", model_type)
-            if (isinstance(module, torch.nn.Linear) and group == pg.LLM and not name.endswith("lm_head")
-                    and _matches(name, list(a.target_modules))):
-                n = a.r * (module.in_features + module.out_features)
-                n += module.out_features if kind == AdapterKind.dora.value else 0
-                lora += n
-                extra[group] += n
-                trainable_extra[group] += n
-            if a.modules_to_save and _matches(name, list(a.modules_to_save)):
-                n = sum(p.numel() for p in module.parameters())
-                extra[group] += n
-                trainable_extra[group] += n
-        rows = NUM_BINS * text.hidden * (1 if text.tied else 2)  # coordinate rows: embedding (+ untied head)
-        extra[pg.LLM] += rows
-        trainable_extra[pg.LLM] += rows
-    groups = {}
-    for g, n in base.items():
-        frozen = g in plan.frozen
-        trainable = 0 if frozen else (trainable_extra[g] if kind != AdapterKind.none.value else n)
-        groups[g] = GroupCount(total=n + extra[g], trainable=trainable, lr=None if frozen else plan.lrs[g],
-                               frozen=frozen)
-    if not any(c.trainable for c in groups.values()):
-        raise PlanError("model.freeze_*: every group is frozen, nothing would train; unfreeze a group")
+    vision = _vision_dims(config, model, processor or {})
+    # what the learner does at load (coordexp.trainer.learner.train): the adapter, then freezing
+    base_params = sum(base.values())
+    coord_ids = range(text.vocab - NUM_BINS, text.vocab)  # where the rows sit does not change any count
+    model = attach_adapter(model, cfg.model.adapter, coord_ids, full_groups=unfrozen_vision_groups(cfg.model))
+    plan = prepare_model(model, cfg)
+    counts = pg.group_counts(model.named_parameters(), model_type)
+    groups = {g: GroupCount(total=n, trainable=k, lr=None if g in plan.frozen else plan.lrs[g],
+                            frozen=g in plan.frozen) for g, (n, k) in counts.items()}
+    total = sum(n for n, _ in counts.values())
+    lora = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
     dtype_half = enum_value(cfg.model.dtype) in ("bfloat16", "float16")
     return Inventory(
         source=source or model_type, model_type=model_type, text=text,
-        vision=_vision_dims(config, model, processor or {}), groups=groups,
-        base_params=sum(base.values()), adapter_params=sum(extra.values()),
+        vision=vision, groups=groups,
+        base_params=base_params, adapter_params=total - base_params,
         adapter_fp32_params=lora if dtype_half else 0,
         trainable=sum(c.trainable for c in groups.values()),
         matmul_params=sum(p.numel() for p in params.values() if id(p) in matmul),

@@ -84,9 +84,28 @@ def test_groups_freezing_and_rates_follow_the_learner_rules(tmp_path):
     assert inv.trainable == inv.groups["llm"].total + inv.groups["aligner"].total
 
 
+def test_dora_on_a_vl_checkpoint_counted_by_hand(tmp_path):
+    """Qwen2.5-VL-3B, DoRA r 16 on the language model's 7 projections, vision tower frozen: per layer
+    r * (in + out) for LoRA A/B + out for the DoRA magnitude, the 1000 coordinate rows of the tied
+    embedding, and the aligner trained in full next to the adapter (a modules_to_save copy)."""
+    inv = inventory(prod_cfg(checkpoint(tmp_path, QWEN25_VL_3B), "model.adapter.kind=dora",
+                             "model.freeze_vit=true"))
+    shapes = [(2048, 2048), (2048, 256), (2048, 256), (2048, 2048),  # q, k, v, o (in, out)
+              (2048, 11008), (2048, 11008), (11008, 2048)]           # gate, up, down
+    per_layer = sum(16 * (i + o) + o for i, o in shapes)
+    assert per_layer == 860160
+    rows = 1000 * 2048
+    merger = 1280 + (5120 * 5120 + 5120) + (5120 * 2048 + 2048)  # ln_q, mlp.0, mlp.2
+    assert inv.groups["llm"].trainable == 36 * per_layer + rows
+    assert (inv.groups["vit"].trainable, inv.groups["vit"].frozen) == (0, True)
+    assert inv.groups["aligner"].trainable == merger == 36708608
+    assert inv.trainable == inv.adapter_params == 36 * per_layer + rows + merger == 69722368
+
+
 def test_lora_and_dora_counts_equal_peft(tmp_path):
-    """The planner's adapter arithmetic against peft's own layers on a real (small) Qwen2 model: the same
-    trainable count for LoRA and DoRA (coordinate rows through trainable_token_indices included)."""
+    """The plan's meta-device count (the learner's attach_adapter on the meta model) against peft on a real
+    (small) Qwen2 model: the same trainable and total counts for LoRA and DoRA (coordinate rows through
+    trainable_token_indices included)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
