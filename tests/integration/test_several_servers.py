@@ -3,7 +3,8 @@ server killed mid-run (issue 16).
 
 ``python -m coordexp.train +experiment=smoke/b_only rollout=vllm_server`` with
 ``vllm.server.base_urls=[<p1>, <p2>]`` and ``COORDEXP_SERVER_API_KEY`` set: the launcher starts both servers
-concurrently (each pinned to its slice of the cores), health-gates and probes each; the in-process learner
+concurrently (each pinned to its slice of the cores) under ``vllm.server.python`` (a wrapper script standing
+in for a separate server environment), health-gates and probes each; the in-process learner
 splits every rollout batch over both (world size 1 : 1) and syncs weights into both. While it trains the test
 checks, against the live servers, that a request without the key is refused (HTTP 401 from ms-swift's own
 check), that the weight route refuses a file outside the run dir (403) and that the key is nowhere in the run
@@ -51,10 +52,14 @@ def test_two_launcher_started_servers_split_requests_sync_both_and_fail_cleanly(
     while ports[1] == ports[0]:
         ports[1] = free_port()
     urls = [f"http://127.0.0.1:{p}" for p in ports]
+    server_python = tmp_path / "server-env" / "python"  # a separate server environment (here: the same one)
+    server_python.parent.mkdir()
+    server_python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    server_python.chmod(0o755)
     cmd = [
         sys.executable, "-m", "coordexp.train", "+experiment=smoke/b_only", "rollout=vllm_server",
         f"hydra.run.dir={run_dir}",
-        f"vllm.server.base_urls=[{urls[0]},{urls[1]}]",
+        f"vllm.server.base_urls=[{urls[0]},{urls[1]}]", f"vllm.server.python={server_python}",
         "vllm.max_model_len=512", "vllm.server.startup_timeout_s=400",
         "model.tiny_stage1_steps=0",
         "training.max_steps=40", "training.packing=false", "training.warmup_steps=0",
@@ -84,6 +89,7 @@ def test_two_launcher_started_servers_split_requests_sync_both_and_fail_cleanly(
             assert sorted(servers[0]["cpus"] + servers[1]["cpus"]) == cores
         for s in servers:
             assert "--api_key" not in s["command"] and KEY not in " ".join(s["command"])
+            assert s["python"] == s["command"][0] == str(server_python)
 
         # the API key: the real server refuses a request without it and takes one with it
         for url in urls:
@@ -109,7 +115,7 @@ def test_two_launcher_started_servers_split_requests_sync_both_and_fail_cleanly(
             proc.kill()
             proc.wait()
     text = out_path.read_text()
-    assert code != 0, text[-4000:]
+    assert code == 2, text[-4000:]  # a server failure mid-training (in-process learner)
     errors = [ln for ln in text.splitlines() if "error" in ln.lower() and urls[1] in ln]
     assert errors, f"no error line names {urls[1]}:\n{text[-4000:]}"
     assert f"the rollout server {urls[1]} exited with code -9" in text
@@ -123,3 +129,88 @@ def test_two_launcher_started_servers_split_requests_sync_both_and_fail_cleanly(
     assert_nothing_left(run_dir, group_members, wait_s=30)
     for log, n in zip(logs, (n0, n1)):
         assert "loaded weights from" in log.read_text()
+
+
+def test_one_failing_server_stops_the_others_and_is_named(tmp_path, tiny_model_dir, group_members,
+                                                          monkeypatch):
+    """``start_all``: server 1 crashes during start while server 0 still hangs in its start: the error names
+    server 1's URL and exit code at once (not at server 0's startup deadline), and server 0's whole process
+    group is stopped too (fake ``swift rollout``, no vLLM)."""
+    import coordexp.launch.rollout_server as rs
+    from coordexp.errors import ServerStartError
+    from coordexp.launch.server_spec import ServerLaunchSpec
+    from coordexp.launch.servers import start_all
+    from tests.integration.test_swift_rollout_server import FAKE_SERVER
+
+    script = tmp_path / "fake_python.py"
+    script.write_text(FAKE_SERVER)
+    orig_command, orig_spawn, pgids = rs.build_command, rs.RolloutServer._spawn, []
+    monkeypatch.setattr(rs, "build_command",
+                        lambda spec: [sys.executable, str(script)] + orig_command(spec)[3:])
+
+    def spawn_and_note(self):
+        orig_spawn(self)
+        pgids.append(self.pgid)
+
+    monkeypatch.setattr(rs.RolloutServer, "_spawn", spawn_and_note)
+    servers = []
+    for i, mode in enumerate(("hang", "crash")):
+        port = free_port()
+        spec = ServerLaunchSpec(model_dir=str(tiny_model_dir), port=port, extra_env={"FAKE_MODE": mode})
+        servers.append(rs.RolloutServer(spec, f"http://127.0.0.1:{port}", log_path=tmp_path / f"s{i}.log",
+                                        startup_timeout_s=120, poll_interval_s=0.2, probe=False))
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError, match=rf"rollout server {servers[1].base_url} exited with code 3"):
+        start_all(servers)
+    assert time.monotonic() - t0 < 60  # not server 0's 120 s deadline
+    assert len(pgids) == 2 and all(s.proc is None for s in servers)
+    deadline = time.monotonic() + 20
+    while any(group_members(g) for g in pgids):
+        assert time.monotonic() < deadline, {g: group_members(g) for g in pgids}
+        time.sleep(0.2)
+
+
+def test_kill_9_of_the_orchestrator_takes_both_servers_down(tmp_path):
+    """Two launcher-started (fake) servers, the learner running, then ``kill -9`` of the orchestrator: each
+    server's supervisor ends its whole group (the fake server and its ``sleep`` grandchild) within 15 s."""
+    from tests.integration.test_hard_kill import survivors, tree
+    from tests.integration.test_launcher_faults import FAKE_SERVER, FAST, HARNESS, run_processes
+
+    fake = tmp_path / "fake_swift_rollout.py"
+    fake.write_text(FAKE_SERVER)
+    script = tmp_path / "orchestrator.py"
+    script.write_text(HARNESS.format(fake=str(fake)))
+    run_dir = tmp_path / "run"
+    ports = [free_port(), free_port()]
+    cmd = [sys.executable, str(script), f"hydra.run.dir={run_dir}", *FAST, "training.max_steps=400",
+           f"vllm.server.base_urls=[http://127.0.0.1:{ports[0]},http://127.0.0.1:{ports[1]}]"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "FAKE_MODE": "ok", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    run_id = None
+    try:
+        meta = run_dir / "run_metadata.json"
+
+        def learner_started():
+            try:
+                launcher = json.loads(meta.read_text())["launcher"]
+            except (OSError, ValueError, KeyError):
+                return None
+            return launcher if "learner_start" in launcher.get("timeline", {}).get("marks", {}) else None
+
+        launcher = wait_for(learner_started, 300, "the learner start", proc)
+        run_id = launcher["run_id"]
+        assert len(launcher["servers"]) == 2
+        snapshot = tree(proc.pid)
+        cmdlines = b"\n".join(info[1] for info in snapshot.values())
+        assert cmdlines.count(fake.name.encode()) >= 2 and cmdlines.count(b"sleep\x00600") >= 2, cmdlines
+        os.kill(proc.pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        markers = [str(run_dir).encode(), *(f"--port\0{p}".encode() for p in ports)]
+        while survivors(snapshot, run_id, markers) and time.monotonic() - t_kill < 15:
+            time.sleep(0.2)
+        assert survivors(snapshot, run_id, markers) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in run_processes(run_id or "-"):
+            os.kill(pid, signal.SIGKILL)
