@@ -212,8 +212,10 @@ class TrainingConfig:
         "once its servers are ready; the other nodes first wait up to vllm.server.startup_timeout_s for "
         "those servers, then this long for node 0's rendezvous), then fails with a clear message.", 300.0)
     device_memory_gib: float | None = doc(
-        "Memory of one learner/server device for the preflight memory plan; null = the detected GPU's (no "
-        "GPU: the plan is printed, not checked).", None)
+        "GiB of one learner / server GPU that the preflight's memory plan is checked against (e.g. 80 for an "
+        "H100 80GB, to check a plan on a login node); null = the smallest GPU nvidia-smi lists; null and no "
+        "GPU: the plan is printed, not checked. A plan above it exits 2 with the table and the fixes "
+        "(docs/runbook.md \"Memory plan\").", None)
     effective_batch_size: int = doc(
         "Samples per optimizer step over all learner ranks; gradient accumulation is derived from it.")
     per_device_train_batch_size: int = doc("Samples per rank per micro-step.", 1)

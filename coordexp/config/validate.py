@@ -108,6 +108,9 @@ def problems(cfg: TrainConfig) -> list[str]:
          f"{mult} is outside [1, 4]")
 
     need(t.learning_rate > 0, "training.learning_rate", "must be > 0")
+    if t.device_memory_gib is not None:
+        need(t.device_memory_gib > 0, "training.device_memory_gib",
+             f"{t.device_memory_gib} must be > 0 (GiB of one GPU, e.g. 80), or null for the detected GPU's")
     for name in ("effective_batch_size", "per_device_train_batch_size", "nproc_per_node", "max_steps",
                  "logging_steps"):
         need(getattr(t, name) >= 1, f"training.{name}", "must be >= 1")

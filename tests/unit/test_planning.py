@@ -292,3 +292,12 @@ def test_cli_refuses_a_7b_full_fp32_ddp_plan_on_80gb_and_passes_bf16_fsdp_with_c
     assert (plan["fits"], plan["learner"]["sharding"], plan["learner"]["world_size"]) == (True, "fsdp", 8)
     assert plan["learner"]["weights"] == -(-4 * 8292166656 // 8)
     assert "  fits" in out.stderr and "FSDP gathered units" in out.stderr
+
+
+def test_device_memory_must_be_positive():
+    from coordexp.config.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        to_train_config(compose(["+experiment=smoke/a_only", "training.device_memory_gib=0"]))
+    assert ("training.device_memory_gib: 0.0 must be > 0 (GiB of one GPU, e.g. 80), or null for the detected "
+            "GPU's") in str(err.value)
