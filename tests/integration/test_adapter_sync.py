@@ -206,3 +206,31 @@ def test_resume_continues_the_same_adapter_at_the_same_step(runs, cache, tmp_pat
                 for g in optimizer.param_groups]
 
     assert groups(again.optimizer) == groups(trainer.optimizer)
+
+
+def test_a_dora_run_against_the_server_syncs_merged_weights_each_step(server, cache, tiny_tokenizer,
+                                                                      tmp_path):
+    """coordexp.train with a DoRA adapter and Channel B every step against the running server: the learner's
+    own sync (Stage2ABTrainer.sync_rollout_weights) pushes merged weights before each step's rollouts, so
+    after the run the server holds step 1's weights: its greedy outputs equal checkpoint-1's (merged)."""
+    from coordexp.models.prompts import load_model_and_prompts
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed", "rollout=vllm_server",
+           f"vllm.server.base_urls=[{server.base_url}]", "vllm.server.reuse_existing=true",
+           "vllm.max_model_len=512", f"model.path={cache}", "model.tiny_stage1_steps=0",
+           "model.adapter.kind=dora", "stage2_ab.schedule.b_ratio=1.0", "training.max_steps=2",
+           "training.effective_batch_size=4", "training.per_device_train_batch_size=4",
+           "training.packing=false", "training.eval_strategy=no", "training.save_strategy=steps",
+           "training.save_steps=1", "training.learning_rate=2e-2", "data.synthetic.train_samples=16",
+           "rollout_matching.max_new_tokens=24",
+           f"hydra.run.dir={run_dir}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    train = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["stage2/channel_b"] for r in train] == [1.0, 1.0]
+    assert all("time/weight_sync_s" in r for r in train)  # a reused server: both steps sync
+    assert (run_dir / "checkpoint-1" / "adapter_config.json").is_file()
+    served, prompt_ids = server_greedy(server.base_url)
+    step1, _, _ = load_model_and_prompts(run_dir / "checkpoint-1", "float32")
+    assert hf_greedy(step1.eval(), tiny_tokenizer, prompt_ids) == served
