@@ -205,3 +205,31 @@ def test_resume_with_dora_and_a_frozen_vision_tower_continues_with_identical_gro
         plain = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
         if pg.group_of(name, "qwen2_vl") == pg.VIT:
             assert not p.requires_grad and torch.equal(p, before[plain]), name
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_vision_blocks_with_llm_like_names_get_no_adapter(arch):
+    """Qwen2.5-VL's vision MLP is gate_proj/up_proj/down_proj and Qwen3-VL's has linear_fc1/fc2 plus
+    deepstack mergers: the adapter still lands on the language model only; the unfrozen aligner (merger and,
+    for Qwen3-VL, every deepstack merger) trains in full next to it."""
+    from tests.unit.test_param_groups import meta_model
+
+    model, _ = meta_model(arch)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    peft_model = attach_adapter(model, AdapterConfig(kind=AdapterKind.dora, r=2, alpha=4),
+                                list(range(10, 20)), full_groups=["aligner"])
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    groups = {n: pg.group_of(n, arch) for n in trainable}
+    assert all(g == pg.LLM for n, g in groups.items() if ".lora_" in n)
+    layers = peft_model.config.get_text_config().num_hidden_layers
+    assert len({n.split(".lora_")[0] for n in trainable if ".lora_" in n}) == 7 * layers
+    saved = {n.split(".modules_to_save.")[0] for n in trainable if ".modules_to_save." in n}
+    want = {"base_model.model.model.visual.merger"}
+    if arch == "qwen3_vl":
+        n_deep = len(peft_model.get_base_model().model.visual.deepstack_merger_list)
+        want |= {f"base_model.model.model.visual.deepstack_merger_list.{i}" for i in range(n_deep)}
+    assert saved == want
+    assert all(groups[n] == pg.ALIGNER for n in trainable if ".modules_to_save." in n)
