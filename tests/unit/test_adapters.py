@@ -233,3 +233,28 @@ def test_vision_blocks_with_llm_like_names_get_no_adapter(arch):
         want |= {f"base_model.model.model.visual.deepstack_merger_list.{i}" for i in range(n_deep)}
     assert saved == want
     assert all(groups[n] == pg.ALIGNER for n in trainable if ".modules_to_save." in n)
+
+
+def test_an_untied_head_gets_its_own_trainable_coordinate_rows():
+    """A 7B-style untied head: peft trains the coordinate rows of the embedding and of the head separately;
+    the merged weights carry both, every other row of both matrices unchanged."""
+    from tests.unit.test_merged_weights import tiny_qwen2
+
+    model = tiny_qwen2(tied=False)
+    before = {k: v.clone() for k, v in merged_named_weights(model)}
+    rows = [80, 81, 95]
+    peft_model = attach_adapter(model, AdapterConfig(kind=AdapterKind.lora, r=2, alpha=4, dropout=0.0), rows)
+    deltas = [n for n, p in peft_model.named_parameters() if p.requires_grad and "trainable_tokens" in n]
+    assert sorted(deltas) == ["base_model.model.lm_head.token_adapter.trainable_tokens_delta.default",
+                              "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"]
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
+    ids = torch.tensor([[3, 80, 81, 7, 95, 4]])
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    after = dict(merged_named_weights(peft_model))
+    other = torch.ones(96, dtype=torch.bool)
+    other[rows] = False
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert not torch.equal(after[name][rows], before[name][rows]), name
+        assert torch.equal(after[name][other], before[name][other]), name
