@@ -16,9 +16,7 @@ from coordexp.config.gpus import gpu_plan, gpu_plan_problem
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import TrainConfig
 from coordexp.config.validate import run_dir_problems
-from coordexp.planning.inventory import PlanError
-from coordexp.planning.memory import memory_plan
-from coordexp.planning.report import plan_table
+from coordexp.errors import CoordexpError
 from coordexp.repeat_rules import config_to_dict
 
 
@@ -56,9 +54,18 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
+class PlanTooLarge(CoordexpError):
+    """The memory plan is above the device memory (exit 2; the message holds the table and the fixes)."""
+
+
 def memory_section(cfg: TrainConfig) -> tuple[dict[str, Any], str]:
     """(``memory_plan`` JSON, the table). A plan that cannot be made (e.g. the checkpoint is on another
     machine) is reported, not fatal, unless ``training.device_memory_gib`` asks for the check (PlanError)."""
+    # kept lazy: the planner loads torch/transformers/peft; a config error is reported without them
+    from coordexp.planning.inventory import PlanError
+    from coordexp.planning.memory import memory_plan
+    from coordexp.planning.report import plan_table
+
     try:
         plan = memory_plan(cfg)
     except PlanError as err:
@@ -79,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         contract["memory_plan"] = plan
         print(json.dumps(contract, sort_keys=True), flush=True)
         if plan.get("fits") is False:
-            raise PlanError(f"the memory plan of +experiment={cfg.experiment} does not fit the device:\n"
+            raise PlanTooLarge(f"the memory plan of +experiment={cfg.experiment} does not fit the device:\n"
                             f"{table}")
         print(table, file=sys.stderr)
     problem = gpu_plan_problem(contract["gpu_plan"], cfg.experiment)
