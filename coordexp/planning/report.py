@@ -38,7 +38,8 @@ def plan_table(plan: MemoryPlan, cfg: TrainConfig) -> str:
         f"({inv.trainable:,d} trainable{'; adapter ' + adapter if adapter != 'none' else ''})",
         *group_table(plan),
         f"  learner: {lp.world} rank(s) = training.nproc_per_node {t.nproc_per_node} x nnodes {t.nnodes}, "
-        f"{'FSDP' if lp.fsdp else 'DDP'}; model.dtype {dtype}, training.precision {precision}",
+        f"{'FSDP' if lp.fsdp else 'DDP' if lp.world > 1 else 'one process'}; model.dtype {dtype}, "
+        f"training.precision {precision}",
         f"  {'per learner rank':<22}{unit:>9}  how",
         f"  {'weights':<22}{_gib(lp.weights)}  {inv.total:,d} params in {dtype} ({shard})",
         f"  {'gradients':<22}{_gib(lp.gradients)}  trainable params"
