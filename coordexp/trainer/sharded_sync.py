@@ -13,9 +13,10 @@ adapter matrices); when the next tensor would overflow the bucket, the bucket go
 and is dropped. The other ranks drop each gathered tensor at once (one module at a time).
 :class:`GatherStats` records the largest amount held, so tests and logs can check the bound.
 
-Timeouts: the gathers run on the FSDP mesh's process group (the learner's default group, whose timeout is
-``training``'s ``ddp_timeout``, :data:`coordexp.trainer.learner.DDP_TIMEOUT_S`); the HTTP calls and the
-surrounding barriers of :class:`~coordexp.trainer.weight_sync.WeightSync` keep ``vllm.sync.timeout_s``.
+Timeouts: :class:`~coordexp.trainer.weight_sync.WeightSync` runs the gathers on a process group of its own
+whose timeout is ``vllm.sync.timeout_s`` (+ grace), through :func:`timed_gather` (the parameter's local
+shard re-wrapped on a 1-D mesh over that group; a mesh of another shape, e.g. HSDP, falls back to the FSDP
+mesh's own group, whose timeout is the learner's ``ddp_timeout``); the HTTP calls keep the push deadline.
 A rank 0 whose transport fails mid-way keeps gathering (dropping the buckets) so the other ranks never wait
 in a collective rank 0 skipped; the error is reported after the last gather.
 
@@ -26,17 +27,19 @@ removes both, so the server gets the checkpoint's names.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from coordexp.trainer.merged_weights import merged_named_weights
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "GatherStats", "full_tensor", "gathered_buckets", "is_sharded",
-           "push_sharded", "server_name"]
+           "push_sharded", "server_name", "timed_gather"]
 
 #: vllm.sync.bucket_mib's default, in bytes.
 DEFAULT_BUCKET_BYTES = 512 << 20
@@ -47,6 +50,30 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: ``DTensor.full_tensor()`` (an all-gather: collective) for a sharded one, else
     ``t``."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def timed_gather(group) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A ``gather`` for :func:`merged_named_weights` that all-gathers each sharded parameter over ``group``
+    (a process group over every rank, created with the sync's timeout) instead of the FSDP mesh's group: the
+    local shard is re-wrapped as a DTensor with the same placements and global shape on a 1-D mesh over
+    ``group`` (``DeviceMesh.from_group``), then ``full_tensor()``. A parameter whose mesh is not 1-D over the
+    same ranks is gathered on its own mesh (:func:`full_tensor`)."""
+    meshes: dict[str, DeviceMesh] = {}
+    ranks = dist.get_process_group_ranks(group)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, DTensor):
+            return t
+        own = t.device_mesh
+        if own.ndim != 1 or own.mesh.flatten().tolist() != ranks:
+            return t.full_tensor()
+        mesh = meshes.get(own.device_type)
+        if mesh is None:
+            mesh = meshes[own.device_type] = DeviceMesh.from_group(group, own.device_type)
+        return DTensor.from_local(t.to_local(), mesh, t.placements, shape=t.shape,
+                                  stride=t.stride()).full_tensor()
+
+    return gather
 
 
 def is_sharded(model) -> bool:
@@ -82,17 +109,22 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
 def gathered_buckets(model, bucket_bytes: int, dtype: str | None = None, keep: bool = True,
-                     stats: GatherStats | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                     stats: GatherStats | None = None, gather: Gather = full_tensor,
+                     ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Buckets ``[(server name, full tensor on CPU, contiguous)]`` of at most ``bucket_bytes`` each (a single
     larger tensor is a bucket of its own), in :func:`merged_named_weights` order, floating-point tensors cast
     to ``dtype`` (a torch dtype name; None keeps each tensor's). Collective when the model is sharded: every
     rank must run the generator to its end. ``keep=False`` (ranks other than 0): each tensor is dropped once
-    gathered and nothing is yielded. ``stats`` is updated as tensors arrive."""
+    gathered and nothing is yielded. ``stats`` is updated as tensors arrive. ``gather``: :func:`full_tensor`
+    (the FSDP mesh's group) or :func:`timed_gather`."""
     stats = stats if stats is not None else GatherStats()
     bucket: list[tuple[str, torch.Tensor]] = []
     held = 0
-    for name, t in merged_named_weights(model, dtype=dtype, gather=full_tensor):
+    for name, t in merged_named_weights(model, dtype=dtype, gather=gather):
         n = _nbytes(t)
         stats.tensors += 1
         stats.bytes += n
@@ -113,7 +145,8 @@ def gathered_buckets(model, bucket_bytes: int, dtype: str | None = None, keep: b
 
 
 def push_sharded(model, transport, step: int, deadline: float, rank: int,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> tuple[Any, GatherStats]:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 gather: Gather = full_tensor) -> tuple[Any, GatherStats]:
     """Gather ``model``'s full weights on every rank in buckets (:func:`gathered_buckets`); rank 0 passes
     each bucket to ``transport.begin(step, deadline)``'s writer (``add(bucket)``) and finally
     ``finish(deadline)``, which loads the weights on every server. Returns ``(SyncReport, GatherStats)``; the
@@ -123,7 +156,7 @@ def push_sharded(model, transport, step: int, deadline: float, rank: int,
     writer = transport.begin(step, deadline) if rank == 0 else None
     error: BaseException | None = None
     for bucket in gathered_buckets(model, bucket_bytes, transport.dtype, keep=writer is not None,
-                                   stats=stats):
+                                   stats=stats, gather=gather):
         if writer is not None and error is None:
             try:
                 writer.add(bucket)

@@ -57,6 +57,8 @@ class WeightSync:
         self.log = log
         self.reports: list[SyncReport] = []
         self._pg = None
+        self._gather_pg = None
+        self._gather = None
 
     @classmethod
     def from_contract(cls, contract: RolloutContract, run_dir: Path, model_dir: str | None = None,
@@ -76,6 +78,16 @@ class WeightSync:
             initial = 0
         return cls(transport, contract.sync_timeout_s, initial_step=initial,
                    bucket_bytes=contract.sync_bucket_mib << 20, **kwargs)
+
+    def _timed_gather(self, dist):
+        """The sharded gather on a group of its own with the sync's timeout (created once, collectively; the
+        default backend: gloo on CPU, NCCL on GPU)."""
+        from coordexp.trainer.sharded_sync import timed_gather
+
+        if self._gather_pg is None:
+            self._gather_pg = dist.new_group(timeout=timedelta(seconds=self.timeout_s + COLLECTIVE_GRACE_S))
+            self._gather = timed_gather(self._gather_pg)
+        return self._gather
 
     @staticmethod
     def _sharded(model) -> bool:
@@ -122,11 +134,12 @@ class WeightSync:
             except Exception as exc:  # noqa: BLE001 - rank 0 reports it to every rank below
                 failed = exc
         deadline = time.monotonic() + self.timeout_s
+        gather = self._timed_gather(dist) if sharded else None
         if sharded and rank != 0:
             from coordexp.trainer.sharded_sync import push_sharded
 
             try:
-                push_sharded(model, self.transport, step, deadline, rank, self.bucket_bytes)
+                push_sharded(model, self.transport, step, deadline, rank, self.bucket_bytes, gather)
             except Exception as exc:  # noqa: BLE001 - a gather collective failed or timed out
                 raise WeightSyncError(f"weight sync at step {step}: rank {rank} failed while gathering the "
                                       f"sharded weights: {exc.__class__.__name__}: {exc}") from None
@@ -137,7 +150,8 @@ class WeightSync:
                 if sharded:
                     from coordexp.trainer.sharded_sync import push_sharded
 
-                    report, _ = push_sharded(model, self.transport, step, deadline, 0, self.bucket_bytes)
+                    report, _ = push_sharded(model, self.transport, step, deadline, 0, self.bucket_bytes,
+                                             gather)
                 else:
                     report = self.transport.push(model if distributed else model_getter(), step, deadline)
                 outcome = [{"ok": True, "seconds": report.seconds, "bytes": report.bytes}]

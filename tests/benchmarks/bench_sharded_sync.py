@@ -42,7 +42,7 @@ def _sharded(rank: int, world: int, port: int, hidden: int, layers: int, repeats
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from coordexp.trainer.sharded_sync import push_sharded
+    from coordexp.trainer.sharded_sync import push_sharded, timed_gather
     from coordexp.trainer.sync_transport import FileTransport
 
     torch.set_num_threads(1)
@@ -52,6 +52,7 @@ def _sharded(rank: int, world: int, port: int, hidden: int, layers: int, repeats
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    gather = timed_gather(dist.new_group())  # what WeightSync uses (a group with the sync's timeout)
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mib in buckets:
@@ -60,7 +61,7 @@ def _sharded(rank: int, world: int, port: int, hidden: int, layers: int, repeats
                 transport = FileTransport([], Path(tmp) / f"b{mib}")
                 dist.barrier()
                 t0 = time.perf_counter()
-                _, stats = push_sharded(model, transport, i, time.monotonic() + 600, rank, mib << 20)
+                _, stats = push_sharded(model, transport, i, time.monotonic() + 600, rank, mib << 20, gather)
                 dist.barrier()
                 times.append(time.perf_counter() - t0)
             res[mib] = {"s": statistics.median(times), "stats": stats.to_dict()}
