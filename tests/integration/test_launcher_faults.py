@@ -232,7 +232,8 @@ def test_port_in_use_fails_fast_and_names_the_port(tmp_path, group_members):
 def test_server_exiting_during_start_reports_code_and_log_tail(harness, tmp_path):
     out = orchestrate(harness, tmp_path / "run", mode="crash")
     assert out.returncode == 3, out.all[-3000:]
-    assert "rollout server exited with code 7 before becoming healthy" in out.all
+    assert re.search(r"rollout server http://127\.0\.0\.1:\d+ exited with code 7 before becoming healthy",
+                     out.all)
     assert "boom: simulated engine failure while loading the model" in out.all  # the server log tail
 
 
