@@ -201,12 +201,17 @@ class TrainingConfig:
                                "model.dtype): fp32 | bf16 (CPU and GPU) | fp16 (GPU only).", Precision.fp32)
     gradient_checkpointing: bool = doc("Activation checkpointing (non-reentrant): recompute each decoder "
                                        "layer's activations in the backward.", False)
-    fsdp: bool = doc("Shard weights, gradients and optimizer state over the learner ranks (FSDP2 through "
-                     "accelerate; GPU only).", False)
-    nnodes: int = doc("Learner nodes (torchrun --nnodes); the same command runs on every node.", 1)
-    node_rank: int = doc("This node's rank in [0, nnodes); node 0 owns the servers, run dir and sync.", 0)
-    rdzv_endpoint: str | None = doc("host:port of the c10d rendezvous (node 0's address) when nnodes > 1.",
-                                    None)
+    fsdp: bool = doc(
+        "Shard weights, gradients and optimizer state over every learner rank (FSDP2 through the Trainer: "
+        "each decoder layer / vision block is one unit; gradient_checkpointing then checkpoints through "
+        "FSDP; weight syncs gather in vllm.sync.bucket_mib buckets). GPU only: refused on CPU, where accelerate "
+        "would silently run plain DDP.", False)
+    nnodes: int = doc("Learner nodes (torchrun --nnodes); the same command runs on every node, with an "
+                      "explicit hydra.run.dir on a filesystem every node mounts.", 1)
+    node_rank: int = doc("This node's rank in [0, nnodes); node 0 starts the servers and writes the run "
+                         "metadata, the others run only their learner ranks.", 0)
+    rdzv_endpoint: str | None = doc("host:port of node 0's c10d rendezvous (torchrun --rdzv_endpoint), as "
+                                    "every node reaches it; required when nnodes > 1.", None)
     rdzv_timeout_s: float = doc(
         "nnodes > 1: how long a node waits for the others to join the rendezvous (node 0 starts its learner "
         "once its servers are ready; the other nodes first wait up to vllm.server.startup_timeout_s for "
