@@ -186,3 +186,16 @@ def test_multinode_needs_an_explicit_shared_run_dir():
     out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "hydra.run.dir: must be given explicitly with training.nnodes=2" in out.stderr
+
+
+def test_node_without_node_0s_servers_fails_fast(tmp_path):
+    port = free_port()
+    cmd = _train_cmd(tmp_path / "run", "rollout=vllm_server", f"vllm.server.base_urls=[http://127.0.0.1:{port}]",
+                     "training.max_steps=1", "training.nnodes=2", "training.node_rank=1",
+                     f"training.rdzv_endpoint=127.0.0.1:{free_port()}", "vllm.server.startup_timeout_s=3")
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert ("node 1 could not reach the rollout server(s) node 0 starts within "
+            f"vllm.server.startup_timeout_s=3 s: http://127.0.0.1:{port} (") in text
+    assert "Traceback" not in text and not (tmp_path / "run" / "run_metadata.json").exists()
