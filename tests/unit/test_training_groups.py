@@ -248,3 +248,47 @@ def test_resume_with_frozen_groups_continues_with_identical_groups(cache, tmp_pa
     full_params = dict(full.model.named_parameters())
     for name, p in resumed.model.named_parameters():
         assert torch.allclose(p, full_params[name], atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_production_leaf_with_dora_frozen_vision_bf16_and_checkpointing(cache, tmp_path):
+    """+experiment=ab_mixed on a local Qwen2-VL checkpoint (the tiny one), as a real run would configure it:
+    fp32 master weights with bf16 autocast, checkpointing, the leaf's three rates, DoRA, frozen vision tower;
+    CPU stand-ins for the GPU rollout server (rollout=hf, vllm=cpu) and a small step. Channel A and B run."""
+    import math
+
+    from coordexp.models.tiny import ensure_tiny_model
+    from coordexp.trainer.learner import train
+
+    ckpt = ensure_tiny_model(cache, arch="qwen2_vl")
+    run_dir = tmp_path / "run"
+    cfg = to_train_config(compose([
+        "+experiment=ab_mixed", f"model.path={ckpt}", "rollout=hf", "vllm=cpu", "data=synthetic_images",
+        "training.nproc_per_node=1", "training.effective_batch_size=2", "training.packing_length=2048",
+        "training.max_steps=2", "training.eval_strategy=no", "training.save_strategy=no",
+        "training.report_to=[]", f"training.output_dir={run_dir}", "data.synthetic.train_samples=8",
+        "data.synthetic.val_samples=2",
+        "model.adapter.kind=dora", "model.freeze_vit=true", "stage2_ab.schedule.b_ratio=0.5",
+        "rollout_matching.max_new_tokens=16", "rollout_matching.decode_batch_size=2"]))
+    t = cfg.training
+    assert (cfg.model.dtype.value, t.precision.value, t.gradient_checkpointing) == ("float32", "bf16", True)
+    trainer = train(cfg, run_dir, summary=False)
+    assert trainer.state.global_step == 2
+    assert trainer.accelerator.mixed_precision == "bf16" and trainer.model.is_gradient_checkpointing
+    assert hasattr(trainer.model, "peft_config") and trainer.model.peft_config["default"].use_dora
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    rates = {g["name"]: g["initial_lr"] for g in trainer.optimizer.param_groups}
+    assert rates["llm/decay"] == 2e-5 and rates["aligner/decay"] == 5e-5
+    assert not any(k.startswith("vit") for k in rates)
+    before = base_weights(cache)
+    for name, p in trainer.model.named_parameters():
+        if group_of(name, "qwen2_vl") == "vit":
+            base = name.removeprefix("base_model.model.")
+            assert not p.requires_grad and torch.equal(p, before[base]), name
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    from tests.conftest import read_jsonl
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    channels = [r["stage2/channel_b"] for r in records if "stage2/channel_b" in r]
+    assert channels == [0.0, 1.0]  # step 1 Channel A, step 2 Channel B (rollouts from the DoRA model)
