@@ -238,6 +238,11 @@ def checkpoint_is_vision_language(cfg: TrainConfig) -> bool | None:
     return isinstance(data, dict) and data.get("vision_config") is not None
 
 
+def unset_hint(key: str) -> str:
+    """How to drop a vision knob a leaf may pin (vision-language leaves pin the rates)."""
+    return f"set {key}=false" if key.startswith("model.freeze_") else f"set {key}=null (or leave it out)"
+
+
 def param_group_problems(cfg: TrainConfig) -> list[str]:
     """Parameter-group knobs (coordexp.trainer.optim): vit_lr / aligner_lr > 0; vision knobs only on a
     vision-language checkpoint; something left to train."""
@@ -255,7 +260,7 @@ def param_group_problems(cfg: TrainConfig) -> list[str]:
                  ("training.vit_lr", t.vit_lr is not None), ("training.aligner_lr", t.aligner_lr is not None))
         set_knobs = [k for k, on in knobs if on]
         out += [f"{k}: {what} is a text model without a vision tower or aligner (its only parameter group is "
-                f"the language model); remove {k}" for k in set_knobs]
+                f"the language model); {unset_hint(k)}" for k in set_knobs]
         if m.freeze_llm:
             out.append(f"model.freeze_llm: freezes all of {what}, a text model: nothing would train")
     elif m.freeze_llm and m.freeze_vit and m.freeze_aligner:

@@ -21,6 +21,7 @@ from typing import Any
 
 from coordexp.config.errors import ConfigError
 from coordexp.config.schema import DType, Precision, TrainConfig, enum_value
+from coordexp.config.validate import unset_hint
 from coordexp.models import param_groups as pg
 
 __all__ = ["GroupPlan", "apply_freezing", "group_table", "optimizer_param_groups", "plan_groups",
@@ -61,7 +62,7 @@ def plan_groups(cfg: TrainConfig, model_config: Any) -> GroupPlan:
         knobs = _set_vision_knobs(cfg)
         if knobs:
             raise ConfigError([f"{k}: the {model_type} checkpoint is a text model (its config.json has no "
-                               f"vision_config): only the language model group exists; remove {k}"
+                               f"vision_config): only the language model group exists; {unset_hint(k)}"
                                for k in knobs])
     m, t = cfg.model, cfg.training
     lrs = {pg.LLM: t.learning_rate}

@@ -44,8 +44,9 @@ def text_model_dir(tmp_path: Path, vision: bool = False) -> Path:
                                   "training.vit_lr=1e-4", "training.aligner_lr=1e-4"])
 def test_vision_knob_on_tiny_text_model_is_a_config_error(knob):
     key = knob.split("=")[0]
+    hint = f"set {key}=false" if "freeze" in key else f"set {key}=null (or leave it out)"
     assert f"{key}: the tiny qwen2 model is a text model without a vision tower or aligner (its only " \
-           f"parameter group is the language model); remove {key}" in config_problems(*TEXT, knob)
+           f"parameter group is the language model); {hint}" in config_problems(*TEXT, knob)
 
 
 def test_vision_knob_on_local_text_checkpoint_names_it(tmp_path):
@@ -169,7 +170,8 @@ def test_plan_refuses_vision_knobs_for_a_text_checkpoint_at_load():
         optim.plan_groups(cfg, {"model_type": "qwen2"})
     assert err.value.problems == [
         f"training.{k}: the qwen2 checkpoint is a text model (its config.json has no vision_config): only "
-        f"the language model group exists; remove training.{k}" for k in ("vit_lr", "aligner_lr")]
+        f"the language model group exists; set training.{k}=null (or leave it out)"
+        for k in ("vit_lr", "aligner_lr")]
     with pytest.raises(ConfigError, match="model_type 'llama' has no parameter-group table"):
         optim.plan_groups(cfg, {"model_type": "llama", "vision_config": {}})
 
