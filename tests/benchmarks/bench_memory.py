@@ -13,7 +13,7 @@ peak RSS (``VmHWM``) - baseline; **peak** = the process's peak RSS (``ru_maxrss`
 optimizer state and activations). Step time: wall and CPU time of the process (CPU time is the steadier
 figure on a shared machine). Variants are interleaved (the order rotates every repeat); medians.
 
-Run: python tests/benchmarks/bench_memory.py [repeats] [seq]
+Run: python tests/benchmarks/bench_memory.py [repeats] [seq]  (one torch thread unless OMP_NUM_THREADS is set)
 Targets: activation checkpointing cuts activation memory >= 2x at a step time <= 1.4x; LoRA cuts the
 optimizer state by its trainable fraction.
 """
@@ -103,7 +103,7 @@ def child(variant: str, seq: int) -> dict:
     from coordexp.trainer.adapters import attach_adapter
     from coordexp.trainer.optim import GroupPlan, apply_freezing
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model = build_model()
     kind, _, ckpt = variant.partition("+")
     if kind == "frozen_vit":
@@ -150,8 +150,11 @@ def main(argv: list[str]) -> int:
         print(json.dumps(child(argv[1], int(argv[2]))))
         return 0
     repeats = int(argv[0]) if argv else 3
-    seq = int(argv[1]) if len(argv) > 1 else 1024
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    seq = int(argv[1]) if len(argv) > 1 else 512
+    # one thread by default: the process's CPU time is then its work alone (several OpenMP threads spin while
+    # they wait, which inflates CPU time on a loaded machine); OMP_NUM_THREADS=2 measures with both cores
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "OMP_WAIT_POLICY": "PASSIVE"}
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for r in range(repeats):
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
