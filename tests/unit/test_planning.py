@@ -345,3 +345,25 @@ def test_vision_block_estimate_is_within_ten_percent_of_the_saved_tensors(bf16):
     measured = (saved(32) - saved(16)) / (32 * 32 - 16 * 16)
     planned = 2 * vision_block_bytes_per_token(256, 512, 4, True, 4, 2 if bf16 else None)
     assert abs(planned / measured - 1) < 0.10, (planned, measured)
+
+
+def test_detected_gpu_memory_reads_nvidia_smi_within_cuda_visible_devices(tmp_path, monkeypatch):
+    """No GPU here: a stand-in ``nvidia-smi`` prints what the real one prints for
+    ``--query-gpu=index,memory.total --format=csv,noheader,nounits``; the plan takes the smallest visible GPU
+    and says where the number came from."""
+    from coordexp.planning.memory import detected_gpu_memory
+
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nprintf '0, 81559\\n1, 40960\\n2, 81559\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert detected_gpu_memory() == 40960 << 20
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
+    assert detected_gpu_memory() == 81559 << 20
+    folder = checkpoint(tmp_path, QWEN25_VL_3B)
+    plan = memory_plan(prod_cfg(folder))
+    assert (plan.device_bytes, plan.device_source) == (81559 << 20, "detected GPU")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert detected_gpu_memory() is None
