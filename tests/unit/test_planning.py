@@ -58,7 +58,10 @@ def checkpoint(tmp_path: Path, config: dict, name: str = "ckpt") -> Path:
 
 
 def prod_cfg(folder: Path, *overrides: str):
-    return to_train_config(compose(["+experiment=ab_mixed", f"model.path={folder}", *overrides]))
+    """The production leaf on ``folder``; a full fine-tune (the leaf's DoRA off) unless an override sets the
+    adapter."""
+    full = [] if any(o.startswith("model.adapter.kind=") for o in overrides) else ["model.adapter.kind=none"]
+    return to_train_config(compose(["+experiment=ab_mixed", f"model.path={folder}", *full, *overrides]))
 
 
 @pytest.mark.parametrize("config, published", [
@@ -270,7 +273,8 @@ def preflight(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_refuses_a_7b_full_fp32_ddp_plan_on_80gb_and_passes_bf16_fsdp_with_checkpointing(tmp_path):
     folder = checkpoint(tmp_path, QWEN25_VL_7B)
-    out = preflight(f"model.path={folder}", "training.precision=fp32", "training.fsdp=false",
+    full = "model.adapter.kind=none"  # the leaf trains DoRA; this test plans a full fine-tune
+    out = preflight(f"model.path={folder}", full, "training.precision=fp32", "training.fsdp=false",
                     "training.gradient_checkpointing=false", "training.device_memory_gib=80")
     assert out.returncode == 2, out.stderr
     plan = json.loads(out.stdout)["memory_plan"]  # stdout stays one JSON object
@@ -284,8 +288,9 @@ def test_cli_refuses_a_7b_full_fp32_ddp_plan_on_80gb_and_passes_bf16_fsdp_with_c
                    "all of the above together"):
         assert needle in err, needle
 
-    out = preflight(f"model.path={folder}", "training.precision=bf16", "training.gradient_checkpointing=true",
-                    "training.fsdp=true", "training.nproc_per_node=8", "vllm.learner_gpus=[0,1,2,3,4,5,6,7]",
+    out = preflight(f"model.path={folder}", full, "training.precision=bf16",
+                    "training.gradient_checkpointing=true", "training.fsdp=true", "training.nproc_per_node=8",
+                    "vllm.learner_gpus=[0,1,2,3,4,5,6,7]",
                     "vllm.server_gpus=[8,9,10,11,12,13]", "training.device_memory_gib=80")
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)["memory_plan"]
