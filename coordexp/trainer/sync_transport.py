@@ -332,36 +332,18 @@ class NcclTransport:  # pragma: no cover - needs CUDA + NCCL on both ends; see d
         return comms
 
     def push(self, model, step: int, deadline: float) -> SyncReport:
-
-        t0 = time.monotonic()
-        if self._comms is None:
-            self._comms = self._init(deadline)
-        buckets, cur, size = [], [], 0
+        """Broadcast the weights bucket by bucket as they are read (at most one bucket held)."""
+        writer = self.begin(step, deadline)
+        bucket, size = [], 0
         for name, t in server_weights(model, self.dtype):
-            cur.append((name, t))
+            bucket.append((name, t))
             size += t.numel() * t.element_size()
             if size >= self.bucket_bytes:
-                buckets.append(cur)
-                cur, size = [], 0
-        if cur:
-            buckets.append(cur)
-        total = 0
-        for bucket in buckets:
-            metas, flat = flatten_bucket(bucket)
-            total += flat.numel()
-            for url, comm in zip(self.base_urls, self._comms):
-                _post(url + "/update_flattened_params/", {"metadatas": metas}, deadline, "announce bucket")
-                flat_dev = flat.to(comm.device)
-
-                def send(comm=comm, flat_dev=flat_dev):
-                    comm.broadcast(flat_dev, src=comm.rank)
-                    comm.group.barrier()
-
-                self._run_with_timeout(send, deadline, f"broadcast to {url}")
-        for url in self.base_urls:
-            _post(url + "/process_weights_after_loading/", None, deadline, "process weights after loading")
-            _post(url + "/reset_prefix_cache/", None, deadline, "reset prefix cache after weight sync")
-        return SyncReport(step, time.monotonic() - t0, total, self.name, {})
+                writer.add(bucket)
+                bucket, size = [], 0
+        if bucket:
+            writer.add(bucket)
+        return writer.finish(deadline)
 
     def begin(self, step: int, deadline: float) -> _NcclBucketWriter:
         """A bucketed push (the sharded learner's): each bucket is broadcast to every server as it comes."""
