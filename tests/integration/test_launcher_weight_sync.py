@@ -169,9 +169,12 @@ def test_load_weights_route_errors_name_the_cause(server, tmp_path):
     assert r.status_code == 400 and "absolute path" in r.text
     bad = tmp_path / "garbage.safetensors"
     bad.write_bytes(b"not a safetensors file")
+    before, _ = server_greedy(server.base_url)
     r = requests.post(url, json={"path": str(bad)}, timeout=60)
     assert r.status_code == 500 and "failed to load weights" in r.text
     assert requests.get(server.base_url + "/health/", timeout=10).status_code == 200
+    # the refused file was checked before the reload touched the model: it still generates, unchanged
+    assert server_greedy(server.base_url)[0] == before
     # the learner-side error names the server and the HTTP answer
     sync = WeightSync(FileTransport([server.base_url], tmp_path / "ws"), timeout_s=60)
 

@@ -26,7 +26,9 @@ def load_weights_file_into(worker, path: str) -> dict[str, Any]:
     are streamed, tensor by tensor, into the same single reload pass. Returns what was loaded, for the
     learner's log."""
     t0 = time.perf_counter()
-    counted = _Counted(_stream(path))
+    shards = _shard_paths(path)
+    _check_shards(shards)  # before the reload: a failed reload leaves the model's weights unloaded
+    counted = _Counted(_stream(shards))
     reload = getattr(worker, "reload_weights", None)
     if callable(reload):
         reload(weights_iterator=counted, is_checkpoint_format=True)
@@ -85,14 +87,25 @@ def _shard_paths(path: str) -> list[str]:
     return out
 
 
-def _stream(path: str):
+def _check_shards(shards: list[str]) -> None:
+    """Open every shard's safetensors header before anything is loaded (a missing, truncated or corrupt
+    file raises here). vLLM's layer-wise reload moves each layer's weights off the model before it refills
+    them, so a file that failed half-way through the reload would leave the server without weights."""
+    from safetensors import safe_open
+
+    for shard in shards:
+        with safe_open(shard, framework="pt", device="cpu") as fh:
+            fh.keys()  # safetensors checks the header against the file's size when it opens it
+
+
+def _stream(shards: list[str]):
     """``(name, tensor)`` of every shard of the push, one tensor at a time (a shard is never read whole),
     with None before each shard (counted by :class:`_Counted`). All shards load in one reload pass: vLLM's
     layer-wise reload needs every weight of a layer in the same pass (coordexp.trainer.sync_transport.
     FileBucketWriter says why)."""
     from safetensors import safe_open
 
-    for shard in _shard_paths(path):
+    for shard in shards:
         yield None
         with safe_open(shard, framework="pt", device="cpu") as fh:
             for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
