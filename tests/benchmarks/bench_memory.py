@@ -153,8 +153,12 @@ def main(argv: list[str]) -> int:
     seq = int(argv[1]) if len(argv) > 1 else 512
     # one thread by default: the process's CPU time is then its work alone (several OpenMP threads spin while
     # they wait, which inflates CPU time on a loaded machine); OMP_NUM_THREADS=2 measures with both cores
+    # glibc keeps freed heap (RSS then tracks the allocator, not the live tensors, and differs by variant):
+    # every allocation above 64 KiB gets its own mapping, returned when freed (the measure of
+    # bench_memory_plan.py's "live" setting, and what torch.cuda.max_memory_allocated measures on a GPU)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "OMP_WAIT_POLICY": "PASSIVE"}
+           "OMP_WAIT_POLICY": "PASSIVE",
+           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for r in range(repeats):
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
