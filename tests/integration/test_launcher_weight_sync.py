@@ -15,20 +15,17 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from coordexp.config.schema import RepeatTerminateConfig
-from coordexp.launch.rollout_server import RolloutServer
-from coordexp.launch.server_spec import ServerLaunchSpec
 from coordexp.protocol import LOAD_WEIGHTS_ROUTE, XARGS_KEY
 from coordexp.rollout.server_client import DecodeParams, InferRequest, RolloutClient
 from coordexp.trainer.sync_transport import FileTransport, WeightSyncError, named_weights
 from coordexp.trainer.weight_sync import WeightSync
 from tests.conftest import free_port
+from tests.integration.conftest import tiny_rollout_server
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -48,28 +45,8 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory, cpu_env_vars, group_members):
-    port = free_port()
-    spec = ServerLaunchSpec(
-        model_dir=str(tiny_model_dir),
-        port=port,
-        max_model_len=512,
-        model_type="qwen2",
-        template="chatml",
-        repeat_terminate=RepeatTerminateConfig(enabled=True),
-        weights_root=str(tmp_path_factory.getbasetemp()),  # every test's tmp_path (sync dirs, sweep dirs)
-    )
-    spec.extra_env.update(cpu_env_vars)
-    log = tmp_path_factory.mktemp("ws-server") / "swift_rollout.log"
-    srv = RolloutServer(
-        spec, f"http://127.0.0.1:{port}", log_path=log, startup_timeout_s=400, probe_timeout_s=180
-    )
-    t0 = time.monotonic()
-    srv.start()
-    print(f"\nserver start {time.monotonic() - t0:.1f} s ({srv.timings})")
-    yield srv
-    pgid = srv.pgid
-    srv.stop()
-    assert not group_members(pgid)
+    yield from tiny_rollout_server(tiny_model_dir, tmp_path_factory, cpu_env_vars, group_members,
+                                   name="ws-server")
 
 
 def server_greedy(url: str) -> list[list[int]]:

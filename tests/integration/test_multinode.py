@@ -21,11 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from coordexp.config.schema import RepeatTerminateConfig
-from coordexp.launch.rollout_server import RolloutServer
-from coordexp.launch.server_spec import ServerLaunchSpec
 from coordexp.launch.supervise import descendants
 from tests.conftest import REPO_ROOT, free_port, read_jsonl
+from tests.integration.conftest import tiny_rollout_server
 
 #: Metrics that are wall times or rates of them (differ between any two runs).
 TIMING = ("time/", "rollout/gen_tokens_per_s")
@@ -52,19 +50,8 @@ def _two_nodes(run_dir: Path, *extra: str) -> tuple[subprocess.Popen, subprocess
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory, cpu_env_vars, group_members):
-    port = free_port()
-    spec = ServerLaunchSpec(model_dir=str(tiny_model_dir), port=port, max_model_len=512, model_type="qwen2",
-                            template="chatml", repeat_terminate=RepeatTerminateConfig(enabled=True),
-                            weights_root=str(tmp_path_factory.getbasetemp()))
-    spec.extra_env.update(cpu_env_vars)
-    log = tmp_path_factory.mktemp("mn-server") / "swift_rollout.log"
-    srv = RolloutServer(spec, f"http://127.0.0.1:{port}", log_path=log, startup_timeout_s=400,
-                        probe_timeout_s=180)
-    srv.start()
-    yield srv
-    pgid = srv.pgid
-    srv.stop()
-    assert not group_members(pgid)
+    yield from tiny_rollout_server(tiny_model_dir, tmp_path_factory, cpu_env_vars, group_members,
+                                   name="mn-server")
 
 
 @pytest.fixture(scope="module")

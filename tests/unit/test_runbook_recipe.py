@@ -45,8 +45,8 @@ def test_the_7b_recipe_fits_80gb_gpus_on_both_nodes(tmp_path, node_rank):
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "coordexp.train"], command
     env = {**os.environ, "COORDEXP_SERVER_API_KEY": "recipe-test-key"}
-    out = subprocess.run([sys.executable, "-m", "coordexp.preflight", *argv[3:],
-                          "training.device_memory_gib=80"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    argv = [sys.executable, "-m", "coordexp.preflight", *argv[3:], "training.device_memory_gib=80"]
+    out = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     contract = json.loads(out.stdout)
     plan = contract["memory_plan"]
