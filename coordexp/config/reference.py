@@ -48,6 +48,8 @@ def _type_name(tp: Any) -> str:
 def _default(f: dataclasses.Field) -> str:
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         value = f.default_factory()  # type: ignore[misc]
+        if isinstance(value, list):  # a list of enum members reads as YAML would write it
+            value = "[" + ", ".join(str(v.value if isinstance(v, enum.Enum) else v) for v in value) + "]"
         return "" if dataclasses.is_dataclass(value) else f"`{value}`"
     if f.default is MISSING or f.default is dataclasses.MISSING:
         return "(required)"

@@ -195,7 +195,8 @@ def problems(cfg: TrainConfig) -> list[str]:
             if len(v.server_gpus) % n:
                 need(False, "vllm.server_gpus",
                      f"{len(v.server_gpus)} GPUs do not split evenly over the {n} servers of "
-                     f"vllm.server.base_urls; give a multiple of {n} GPUs ({n} x {per})")
+                     f"vllm.server.base_urls; give {n * per} GPUs ({n} servers x data_parallel_size "
+                     f"{v.data_parallel_size} x tensor_parallel_size {v.tensor_parallel_size})")
             else:
                 need(len(v.server_gpus) // n == per, "vllm.server_gpus",
                      f"{len(v.server_gpus) // n} GPUs per server ({len(v.server_gpus)} over {n} "

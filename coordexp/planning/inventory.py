@@ -30,6 +30,7 @@ from coordexp.models import param_groups as pg
 from coordexp.models.tiny import SPEC_FILE, TinyModelSpec, tiny_config, tiny_model_dir
 from coordexp.trainer.adapters import attach_adapter, unfrozen_vision_groups
 from coordexp.trainer.fsdp import WRAP_CLASSES
+from coordexp.trainer.model_dir import refuse_adapter_checkpoint
 from coordexp.trainer.optim import prepare_model
 
 __all__ = ["GroupCount", "Inventory", "PlanError", "TextDims", "VisionDims", "inventory", "load_model_config",
@@ -109,6 +110,7 @@ def load_model_config(cfg: TrainConfig) -> tuple[Any, str, dict[str, Any]]:
 
     if cfg.model.kind == ModelKind.local:
         folder = Path(cfg.model.path)
+        refuse_adapter_checkpoint(folder)  # what training says (exit 2), not "no config.json"
         if not (folder / "config.json").is_file():
             raise PlanError(f"model.path '{folder}' has no config.json: the memory plan counts parameters "
                             "from it (pass model.path=<local checkpoint dir>)")

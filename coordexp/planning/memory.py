@@ -272,10 +272,13 @@ def _learner_fixes(cfg: TrainConfig, inv: Inventory, config: Any, device: int) -
     """Each change that shrinks a learner rank, with the GiB it gives, then all of them together."""
     t = cfg.training
     steps: list[tuple[str, Any]] = []
-    if not t.fsdp and world_size(cfg) > 1:
+    # FSDP needs GPUs: not offered where the config check refuses it (a CPU server, so a CPU learner)
+    cpu_server = (enum_value(cfg.rollout_matching.rollout_backend) == "vllm"
+                  and enum_value(cfg.vllm.device) == "cpu")
+    if not t.fsdp and world_size(cfg) > 1 and not cpu_server:
         steps.append(("training.fsdp=true (shard weights, gradients and optimizer state over "
                       f"{world_size(cfg)} ranks)", lambda c: _replace(c, "training", fsdp=True)))
-    if not t.fsdp and world_size(cfg) == 1:
+    if not t.fsdp and world_size(cfg) == 1 and not cpu_server:
         steps.append(("training.fsdp=true training.nproc_per_node=8 (8 learner GPUs: vllm.learner_gpus)",
                       lambda c: _replace(c, "training", fsdp=True, nproc_per_node=8)))
     if not t.gradient_checkpointing:

@@ -35,6 +35,17 @@ class ModelDirError(CoordexpError):
     """``model.path`` is not a checkpoint, or the tiny Stage-1 build cannot be made."""
 
 
+def refuse_adapter_checkpoint(path: Path) -> None:
+    """ModelDirError (exit 2) with both fixes when ``path`` is an adapter checkpoint: a training run (and its
+    preflight) starts from full weights."""
+    if is_adapter_checkpoint(path):
+        raise ModelDirError(
+            f"model.path '{path}' is an adapter checkpoint (LoRA/DoRA weights only): to continue "
+            f"training that adapter pass training.resume_from_checkpoint={path}; to start a new run "
+            f"from its weights, fold the adapter in first: python -m coordexp.models.export "
+            f"--checkpoint {path} --out <folder>, then model.path=<folder>")
+
+
 def prepare_model_dir(cfg: TrainConfig, allow_adapter: bool = False) -> Path:
     """The checkpoint folder to load. ``allow_adapter``: an adapter checkpoint (a LoRA/DoRA learner's,
     ``adapter_config.json`` without full weights) is accepted (coordexp.eval merges it onto its base);
@@ -44,11 +55,7 @@ def prepare_model_dir(cfg: TrainConfig, allow_adapter: bool = False) -> Path:
         if is_adapter_checkpoint(path):
             if allow_adapter:
                 return path.resolve()
-            raise ModelDirError(
-                f"model.path '{path}' is an adapter checkpoint (LoRA/DoRA weights only): to continue "
-                f"training that adapter pass training.resume_from_checkpoint={path}; to start a new run "
-                f"from its weights, fold the adapter in first: python -m coordexp.models.export "
-                f"--checkpoint {path} --out <folder>, then model.path=<folder>")
+            refuse_adapter_checkpoint(path)
         if not (path / "config.json").is_file():
             raise ModelDirError(f"model.path '{path}' is not a checkpoint directory (no config.json): "
                                 f"pass model.path=<local checkpoint dir>")

@@ -148,6 +148,16 @@ def test_an_adapter_checkpoint_as_training_model_path_is_refused_with_the_fix(tm
     assert f"training.resume_from_checkpoint={ckpt}" in str(err.value)
     assert "python -m coordexp.models.export" in str(err.value)
     assert prepare_model_dir(cfg, allow_adapter=True) == ckpt.resolve()  # coordexp.eval merges it
+    # the preflight says the same (exit 2), not "no config.json"
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "coordexp.preflight", "+experiment=smoke/ab_mixed",
+                          "model.kind=local", f"model.path={ckpt}"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert out.stderr.startswith(f"error: model.path '{ckpt}' is an adapter checkpoint"), out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_unfrozen_vision_groups_train_in_full_next_to_the_adapter(tiny_vl_dir):

@@ -244,6 +244,14 @@ def test_server_kv_capacity_and_the_smaller_decode_batch(tmp_path):
     assert any(f.startswith("rollout_matching.decode_batch_size=2 ") for f in plan.fixes), plan.fixes
 
 
+def test_a_cpu_server_leaf_is_never_told_to_shard():
+    """FSDP needs GPUs and the config check refuses it next to a CPU server: the fixes do not offer it."""
+    cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", "training.device_memory_gib=0.00001"]))
+    fixes = memory_plan(cfg).fixes
+    assert fixes and not any("fsdp" in f for f in fixes), fixes
+    assert any(f.startswith("training.gradient_checkpointing=true") for f in fixes), fixes
+
+
 def test_no_checkpoint_is_reported_and_with_the_knob_is_an_error(tmp_path):
     """A checkpoint on another machine: the contract stands and the plan says why it is missing; asking for
     the check (training.device_memory_gib) makes it an error."""

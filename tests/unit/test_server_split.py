@@ -63,8 +63,8 @@ def test_a_gpu_count_that_does_not_divide_over_the_servers_is_a_config_error():
     urls = "vllm.server.base_urls=[http://127.0.0.1:8001,http://127.0.0.1:8002]"
     cuda = ["vllm.device=cuda", "vllm.sync.transport=file", "vllm.learner_gpus=[]"]
     assert problems_of(urls, *cuda, "vllm.server_gpus=[0,1,2]") == [
-        "vllm.server_gpus: 3 GPUs do not split evenly over the 2 servers of vllm.server.base_urls; give a "
-        "multiple of 2 GPUs (2 x 1)"]
+        "vllm.server_gpus: 3 GPUs do not split evenly over the 2 servers of vllm.server.base_urls; give 2 "
+        "GPUs (2 servers x data_parallel_size 1 x tensor_parallel_size 1)"]
     assert problems_of(urls, *cuda, "vllm.server_gpus=[0,1,2,3]") == [
         "vllm.server_gpus: 2 GPUs per server (4 over 2 server(s)) != data_parallel_size x "
         "tensor_parallel_size (1 x 1)"]
