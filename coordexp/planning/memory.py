@@ -252,16 +252,21 @@ def _problems(lp: LearnerPlan, sp: ServerPlan | None, device: int | None) -> lis
         return []
     out = []
     if lp.total > device:
-        out.append(f"a learner rank needs {lp.total / GIB:.1f} GiB and the device has {device / GIB:.1f} GiB")
+        out.append(f"a learner rank needs {size(lp.total)} and the device has {size(device)}")
     if sp is not None and sp.device == "cuda":
         if sp.kv_budget is not None and sp.kv_budget <= 0:
-            out.append(f"a server GPU's weights ({sp.weights_per_gpu / GIB:.1f} GiB) leave no KV cache "
+            out.append(f"a server GPU's weights ({size(sp.weights_per_gpu)}) leave no KV cache "
                        "within vllm.gpu_memory_utilization")
         elif sp.capacity_tokens is not None and sp.capacity_tokens < sp.needed_tokens:
             out.append(f"a server engine's KV cache holds {sp.capacity_tokens:,} tokens and decoding needs "
                        f"{sp.needed_tokens:,} (rollout_matching.decode_batch_size {sp.decode_batch_size} x "
                        f"{sp.per_sequence_tokens:,} prompt + new tokens)")
     return out
+
+
+def size(n: float) -> str:
+    """``n`` bytes in GiB (one decimal), or in MiB below 1 GiB (a tiny model's plan would read 0.0 GiB)."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def _replace(cfg: TrainConfig, section: str, **changes: Any) -> TrainConfig:
@@ -307,11 +312,11 @@ def _learner_fixes(cfg: TrainConfig, inv: Inventory, config: Any, device: int) -
     combined = cfg
     for text, change in steps:
         got = total(change(cfg))
-        out.append(f"{text}: {got / GIB:.1f} GiB per rank ({'fits' if got <= device else 'still over'})")
+        out.append(f"{text}: {size(got)} per rank ({'fits' if got <= device else 'still over'})")
         combined = change(combined)
     if len(steps) > 1:
         got = total(combined)
-        out.append(f"all of the above together: {got / GIB:.1f} GiB per rank "
+        out.append(f"all of the above together: {size(got)} per rank "
                    f"({'fits' if got <= device else 'still over: more ranks or a smaller model'})")
     return out
 
