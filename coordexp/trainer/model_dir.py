@@ -99,9 +99,12 @@ def _weights_key(stage1: TrainConfig) -> dict:
     if stage1.data.kind != DataKind.synthetic:
         raise ModelDirError("model.tiny_stage1_steps needs data.kind: synthetic (the tiny model's task)")
     t, ab = stage1.training, stage1.stage2_ab
+    # the held-out split never reaches Stage 1 (no evals): its keys do not rebuild the checkpoint
+    data = dataclasses.replace(stage1.data, val_jsonl=None, val_sample_limit=None,
+                               synthetic=dataclasses.replace(stage1.data.synthetic, val_samples=0))
     return {"base": stage1.model.path, "seed": stage1.seed, "steps": t.max_steps, "lr": t.learning_rate,
             "batch": t.effective_batch_size, "sched": t.lr_scheduler_type, "warmup": t.warmup_steps,
-            "data": dataclasses.asdict(stage1.data), "losses": dataclasses.asdict(ab)}
+            "data": dataclasses.asdict(data), "losses": dataclasses.asdict(ab)}
 
 
 def _train_stage1(stage1: TrainConfig, target: Path) -> None:

@@ -274,3 +274,15 @@ def test_tiny_stage1_is_plain_full_fine_tuning_whatever_the_stage2_groups():
     got = (t.vit_lr, t.aligner_lr, t.precision, t.gradient_checkpointing)
     assert got == (None, None, Precision.fp32, False)
     assert t.learning_rate == cfg.training.learning_rate
+
+
+def test_tiny_stage1_key_ignores_the_held_out_split_and_keeps_the_training_data():
+    """Stage 1 runs no evals: held-out keys reuse the cached checkpoint; training-data keys rebuild it."""
+    from coordexp.trainer.model_dir import _stage1_config, _weights_key
+
+    def key(*overrides):
+        return _weights_key(_stage1_config(to_train_config(compose([*VL, *overrides])), Path("/tmp/base")))
+
+    assert key() == key("data.val_sample_limit=4", "data.synthetic.val_samples=7")
+    assert key() != key("data.synthetic.train_samples=99")
+    assert key() != key("training.effective_batch_size=2")
