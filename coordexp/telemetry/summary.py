@@ -31,8 +31,10 @@ def run_summary(*, run_dir: Path, logging_dir: str | None, global_step: int, max
                 log_history: Sequence[Mapping[str, Any]], metric: str, best_checkpoint: str | None,
                 best_metric: float | None, last_checkpoint: str | None, resumed_from: str | None = None,
                 trackers: Sequence[str] = ("tensorboard",), console_record: Path | None = None,
-                stopped_by: str | None = None, experiment: str = "<leaf>") -> str:
-    """The summary text (one screen)."""
+                stopped_by: str | None = None, experiment: str = "<leaf>",
+                rollout: str | None = None) -> str:
+    """The summary text (one screen). ``rollout``: the run's rollout config group (``hf`` / ``vllm_server``),
+    carried into the suggested eval command so it evaluates the way the run did."""
     run_dir = Path(run_dir)
     width = 17
     lines = ["coordexp run summary"]
@@ -72,8 +74,9 @@ def run_summary(*, run_dir: Path, logging_dir: str | None, global_step: int, max
         row("mlflow", f"mlflow ui --backend-store-uri {shlex.quote((run_dir / 'mlruns').resolve().as_uri())}")
     row("plot", f"python -m coordexp.plot {shlex.quote(str(run_dir))}")
     if best_checkpoint:
+        group = f" rollout={rollout}" if rollout else ""
         row("evaluate", f"python -m coordexp.eval +experiment={experiment} model.kind=local "
-                        f"model.path={shlex.quote(str(best_checkpoint))}")
+                        f"model.path={shlex.quote(str(best_checkpoint))}{group}")
     return "\n".join(lines)
 
 

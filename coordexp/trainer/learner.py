@@ -22,7 +22,14 @@ from transformers.trainer_callback import ProgressCallback
 
 from coordexp.config.contract import rollout_contract
 from coordexp.config.load import load_saved
-from coordexp.config.schema import DataKind, ImageCheck, IntervalStrategy, ReportTo, TrainConfig
+from coordexp.config.schema import (
+    DataKind,
+    ImageCheck,
+    IntervalStrategy,
+    ReportTo,
+    RolloutBackend,
+    TrainConfig,
+)
 from coordexp.config.trackers import tracker_environment
 from coordexp.config.validate import derived_grad_accumulation
 from coordexp.coordjson import FieldOrder, serialize_objects
@@ -371,7 +378,8 @@ def end_of_run_summary(trainer, cfg: TrainConfig, run_dir: Path, resumed, tracke
         last_checkpoint=str(checkpoints[-1]) if checkpoints else None,
         resumed_from=str(resumed.checkpoint) if resumed else None, trackers=trackers,
         console_record=Path(os.environ[ENV_CONSOLE_LOG]) if os.environ.get(ENV_CONSOLE_LOG) else None,
-        stopped_by=signal.Signals(signum).name if signum else None, experiment=cfg.experiment)
+        stopped_by=signal.Signals(signum).name if signum else None, experiment=cfg.experiment,
+        rollout="hf" if cfg.rollout_matching.rollout_backend == RolloutBackend.hf else "vllm_server")
     with disk_full_is_an_error("summary.txt", run_dir):
         write_summary(text, run_dir)
     say(text, file=sys.stdout)

@@ -145,6 +145,12 @@ def test_summary_names_the_run_the_best_checkpoint_and_the_final_eval(tmp_path):
         f"  evaluate:         python -m coordexp.eval +experiment=<leaf> model.kind=local "
         f"model.path={tmp_path}/checkpoint-4",
     ]
+    # the run's rollout group travels into the eval command (an hf run is evaluated with hf)
+    text = run_summary(run_dir=tmp_path, logging_dir=None, global_step=4, max_steps=4, log_history=history,
+                       metric="eval_rollout/f1", best_checkpoint=best, best_metric=0.5, last_checkpoint=best,
+                       experiment="smoke/ab_mixed", rollout="hf")
+    assert text.splitlines()[-1] == ("  evaluate:         python -m coordexp.eval +experiment=smoke/ab_mixed "
+                                     f"model.kind=local model.path={tmp_path}/checkpoint-4 rollout=hf")
 
 
 def test_the_metric_registry_is_the_docs():
