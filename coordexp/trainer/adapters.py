@@ -213,3 +213,28 @@ def _check_wrapped(wrapped, targets: list[str], rows: dict[str, str]) -> None:
     head = base.get_output_embeddings()
     if head is not None and not isinstance(head, TrainableTokensWrapper):
         raise RuntimeError("the head's coordinate rows are not trainable (peft did not wrap the head)")
+
+
+def resume_adapter_problem(checkpoint, adapter: AdapterConfig) -> str | None:
+    """Why ``checkpoint`` (a folder the run resumes from) cannot continue under ``adapter``, or None: an
+    adapter checkpoint (peft's ``adapter_config.json``) resumes only with the same adapter kind, rank and
+    alpha; a full checkpoint only without an adapter. Read from the files (nothing loaded)."""
+    import json
+    from pathlib import Path
+
+    config = Path(checkpoint) / "adapter_config.json"
+    kind = enum_value(adapter.kind)
+    if not config.is_file():
+        return None if kind == "none" else (
+            f"{checkpoint} holds full weights (no adapter) but model.adapter.kind is {kind}: resume it with "
+            f"model.adapter.kind=none, or start the adapter run from it (model.path=<its folder>)")
+    saved = json.loads(config.read_text())
+    was, r, alpha = "dora" if saved.get("use_dora") else "lora", saved.get("r"), saved.get("lora_alpha")
+    fix = f"model.adapter.kind={was} model.adapter.r={r} model.adapter.alpha={alpha}"
+    if kind == "none":
+        return (f"{checkpoint} holds a {was} adapter (r {r}) but model.adapter.kind is none: resume with the "
+                f"run's adapter settings ({fix})")
+    if (was, r, alpha) != (kind, adapter.r, adapter.alpha):
+        return (f"{checkpoint} holds a {was} adapter with r {r}, alpha {alpha}; the config asks for {kind} "
+                f"with r {adapter.r}, alpha {adapter.alpha}: resume with {fix}")
+    return None

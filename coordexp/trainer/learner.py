@@ -284,6 +284,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
         if int(os.environ.get("RANK", "0")) == 0:
             say(f"coordexp: {resumed.describe()}", file=sys.stdout)
         return None
+    problem = resumed and adapters.resume_adapter_problem(resumed.checkpoint, cfg.model.adapter)
+    if problem:  # the checkpoint's adapter (or its absence) is not what the config builds
+        raise LearnerError(problem)
     contract = rollout_contract(cfg)
     if t.fsdp:  # before the model loads: on CPU accelerate would silently run DDP instead
         fsdp.require_cuda(torch.cuda.is_available())

@@ -268,3 +268,28 @@ def test_an_untied_head_gets_its_own_trainable_coordinate_rows():
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert not torch.equal(after[name][rows], before[name][rows]), name
         assert torch.equal(after[name][other], before[name][other]), name
+
+
+def test_resume_refuses_a_checkpoint_whose_adapter_the_config_does_not_build(tmp_path):
+    """An adapter checkpoint resumes only with the same kind/r/alpha, a full one only without an adapter;
+    each refusal names the settings that would resume it."""
+    import json
+
+    from coordexp.config.schema import AdapterConfig, AdapterKind
+    from coordexp.trainer.adapters import resume_adapter_problem
+
+    full, lora = tmp_path / "full", tmp_path / "lora"
+    full.mkdir()
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "use_dora": False}))
+    none = AdapterConfig()
+    same = AdapterConfig(kind=AdapterKind.lora, r=8, alpha=16)
+    assert resume_adapter_problem(full, none) is None and resume_adapter_problem(lora, same) is None
+    assert resume_adapter_problem(lora, none) == (
+        f"{lora} holds a lora adapter (r 8) but model.adapter.kind is none: resume with the run's adapter "
+        "settings (model.adapter.kind=lora model.adapter.r=8 model.adapter.alpha=16)")
+    assert resume_adapter_problem(lora, AdapterConfig(kind=AdapterKind.dora, r=8, alpha=16)) == (
+        f"{lora} holds a lora adapter with r 8, alpha 16; the config asks for dora with r 8, alpha 16: resume "
+        "with model.adapter.kind=lora model.adapter.r=8 model.adapter.alpha=16")
+    assert resume_adapter_problem(full, same).startswith(f"{full} holds full weights (no adapter) but "
+                                                         "model.adapter.kind is lora")
