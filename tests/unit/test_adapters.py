@@ -289,7 +289,7 @@ def test_resume_refuses_a_checkpoint_whose_adapter_the_config_does_not_build(tmp
         f"{lora} holds a lora adapter (r 8) but model.adapter.kind is none: resume with the run's adapter "
         "settings (model.adapter.kind=lora model.adapter.r=8 model.adapter.alpha=16)")
     assert resume_adapter_problem(lora, AdapterConfig(kind=AdapterKind.dora, r=8, alpha=16)) == (
-        f"{lora} holds a lora adapter with r 8, alpha 16; the config asks for dora with r 8, alpha 16: resume "
-        "with model.adapter.kind=lora model.adapter.r=8 model.adapter.alpha=16")
+        f"{lora} holds a lora adapter with r 8, alpha 16; the config asks for dora with r 8, alpha 16: "
+        "resume with model.adapter.kind=lora model.adapter.r=8 model.adapter.alpha=16")
     assert resume_adapter_problem(full, same).startswith(f"{full} holds full weights (no adapter) but "
                                                          "model.adapter.kind is lora")
