@@ -35,7 +35,9 @@ def plan_table(plan: MemoryPlan, cfg: TrainConfig) -> str:
     shard = f"/{lp.world}" if lp.fsdp else "full"
     lines = [
         f"memory plan: {inv.source} ({inv.model_type}), {inv.total:,d} parameters "
-        f"({inv.trainable:,d} trainable{'; adapter ' + adapter if adapter != 'none' else ''})",
+        + (f"(the checkpoint's {inv.base_params:,d} + {inv.adapter_params:,d} the adapter adds: LoRA/DoRA, "
+           f"coordinate rows, trained copies of unfrozen groups; {inv.trainable:,d} trainable)"
+           if adapter != "none" else f"({inv.trainable:,d} trainable)"),
         *group_table(plan),
         f"  learner: {lp.world} rank(s) = training.nproc_per_node {t.nproc_per_node} x nnodes {t.nnodes}, "
         f"{'FSDP' if lp.fsdp else 'DDP' if lp.world > 1 else 'one process'}; model.dtype {dtype}, "
