@@ -121,6 +121,8 @@ def test_kill_9_of_the_orchestrator_leaves_nothing_and_frees_the_port(tmp_path, 
             os.killpg(proc.pid, signal.SIGKILL)
         for pid in run_processes(locals().get("run_id", "-")):
             os.kill(pid, signal.SIGKILL)
+    if nproc == 1:
+        return  # the port check below is the same after either kill: run it once (CI time)
     # item 2: the killed server's port is free for the next run right away, TIME_WAIT sockets or not
     waiting = time_wait_sockets(port)
     print(f"[hard kill, nproc={nproc}] TIME_WAIT sockets on port {port}: {waiting}")
