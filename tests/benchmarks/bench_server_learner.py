@@ -10,6 +10,7 @@ of HF mode (rollout time excluded).
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,6 +22,7 @@ OUT = Path("/tmp/coordexp-bench-server-learner")
 
 def run(mode: str, steps: int, extra: list[str]) -> dict:
     run_dir = OUT / mode
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run dir that exists is resumed and its metrics appended
     cmd = [sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed", f"rollout={mode}",
            f"training.max_steps={steps}", "training.logging_steps=1", "training.eval_strategy=no",
            "training.save_strategy=no", f"hydra.run.dir={run_dir}", *extra]
