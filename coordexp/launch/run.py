@@ -67,7 +67,6 @@ from coordexp.errors import (
 from coordexp.launch import metadata
 from coordexp.launch import nodes as nodes_mod
 from coordexp.launch.process import defer_signal, set_parent_death_signal, stop_group, terminate_on_signals
-from coordexp.launch.server_spec import CPU_SERVER_OPENMP_ENV
 from coordexp.launch.servers import ServerSet, current_pool, resolve_model_dir
 from coordexp.launch.supervise import supervised_command
 from coordexp.protocol import ENV_INITIAL_WEIGHTS, ENV_RUN_ID
@@ -138,18 +137,15 @@ def learner_command(cfg: TrainConfig, resolved: Path) -> list[str]:
     ]
 
 
-def learner_env(cfg: TrainConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment additions for the learner: its GPU set on a GPU node; next to a CPU server, OpenMP threads
-    that sleep when a parallel region ends (a value in ``environ``, default ``os.environ``, wins)."""
+def learner_env(cfg: TrainConfig) -> dict[str, str]:
+    """Environment additions for the learner: its GPU set on a GPU node. Next to a CPU server the learner
+    keeps OpenMP's default wait policy: with passive threads its forward took 1.4x as long, and the server's
+    worker sleeps between requests instead (:mod:`coordexp.rollout.server.idle_wait`, docs/benchmarks.md)."""
     v = cfg.vllm
     env: dict[str, str] = {}
     server_mode = enum_value(cfg.rollout_matching.rollout_backend) == "vllm"
     if server_mode and enum_value(v.device) == "cuda" and v.learner_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in v.learner_gpus)
-    if server_mode and enum_value(v.device) == "cpu":
-        # A spinning learner thread holds a core the server needs and the reverse (docs/benchmarks.md).
-        current = os.environ if environ is None else environ
-        env.update({k: val for k, val in CPU_SERVER_OPENMP_ENV.items() if k not in current})
     return env
 
 
