@@ -32,10 +32,10 @@ print("gpu", idle_wait.apply({"COORDEXP_SERVER_DEVICE": "cuda"}))
 print("cpu", idle_wait.apply({"COORDEXP_SERVER_DEVICE": "cpu"}))
 print("again", idle_wait.apply({"COORDEXP_SERVER_DEVICE": "cpu"}))
 writer, reader = pair("after")
-print("idle", round(wait_after_read(reader, 0.02), 3))  # past 5 ms: sleeps on the socket until the timeout
+print("idle", round(wait_after_read(reader, 0.06), 3))  # past 20 ms: sleeps on the socket until the timeout
 print("busy", round(wait_after_read(reader, 0.0), 3))  # right after a read: still spins
-threading.Timer(0.1, writer.notify).start()
-print("woken", round(wait_after_read(reader, 0.02, timeout_ms=5000), 3))  # a notification wakes it
+threading.Timer(0.16, writer.notify).start()  # 0.1 s into the wait below
+print("woken", round(wait_after_read(reader, 0.06, timeout_ms=5000), 3))  # a notification wakes it
 """
 
 
@@ -45,7 +45,7 @@ def test_a_cpu_servers_worker_sleeps_after_the_short_busy_window_and_wakes_on_no
     got = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
     assert float(got["unpatched"]) < 0.05
     assert got["gpu"] == "False" and got["cpu"] == "True" and got["again"] == "True"
-    assert out.stdout.count("coordexp: vLLM worker idle wait 5 ms") == 1
+    assert out.stdout.count("coordexp: vLLM worker idle wait 20 ms") == 1
     assert 0.25 <= float(got["idle"]) < 1.0
     assert float(got["busy"]) < 0.05
     assert 0.08 <= float(got["woken"]) < 1.0
