@@ -54,30 +54,46 @@ def _split(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _poll(check: Callable[[], str | None], timeout_s: float, poll_s: float, failed: Callable[[str], str],
+          waiting: Callable[[float], str], say: Callable[[str], None]) -> str | None:
+    """Call ``check`` (None = ready, else why not) every ``poll_s`` until it passes (None) or ``timeout_s``
+    has passed (``failed(why)``); ``waiting(seconds)`` is said every 30 s meanwhile."""
+    start = last_note = time.monotonic()
+    while True:
+        why = check()
+        if why is None:
+            return None
+        now = time.monotonic()
+        if now - start >= timeout_s:
+            return failed(why)
+        if now - last_note >= 30:
+            say(waiting(now - start))
+            last_note = now
+        time.sleep(poll_s)
+
+
 def wait_for_rendezvous(endpoint: str, timeout_s: float, node_rank: int,
                         say: Callable[[str], None] = print, poll_s: float = 1.0) -> str | None:
     """Wait until node 0's rendezvous store accepts TCP connections at ``endpoint``; None when it does, else
     the error text (after ``timeout_s``)."""
     host, port = _split(endpoint)
-    start = time.monotonic()
-    last_note = start
-    while True:
+
+    def check() -> str | None:
         try:
             with socket.create_connection((host, port), timeout=min(5.0, poll_s + 1.0)):
                 return None
         except OSError as err:
-            reason = err.strerror or str(err)
-        now = time.monotonic()
-        if now - start >= timeout_s:
-            return (f"node {node_rank} could not reach node 0's rendezvous at {endpoint} within "
-                    f"training.rdzv_timeout_s={timeout_s:g} s ({reason}). Fix: start node 0 with the same "
-                    f"command and training.node_rank=0; training.rdzv_endpoint must be node 0's address as "
-                    f"this node reaches it, with port {port} open between the nodes")
-        if now - last_note >= 30:
-            say(f"node {node_rank}: waiting for node 0's rendezvous at {endpoint} ... {now - start:.0f} s "
-                f"(training.rdzv_timeout_s={timeout_s:g})")
-            last_note = now
-        time.sleep(poll_s)
+            return err.strerror or str(err)
+
+    return _poll(
+        check, timeout_s, poll_s, say=say,
+        failed=lambda why: (
+            f"node {node_rank} could not reach node 0's rendezvous at {endpoint} within "
+            f"training.rdzv_timeout_s={timeout_s:g} s ({why}). Fix: start node 0 with the same "
+            f"command and training.node_rank=0; training.rdzv_endpoint must be node 0's address as "
+            f"this node reaches it, with port {port} open between the nodes"),
+        waiting=lambda s: (f"node {node_rank}: waiting for node 0's rendezvous at {endpoint} ... {s:.0f} s "
+                           f"(training.rdzv_timeout_s={timeout_s:g})"))
 
 
 def _healthy(url: str, timeout_s: float = 5.0) -> str | None:
@@ -95,24 +111,22 @@ def wait_for_servers(urls: Sequence[str], timeout_s: float, node_rank: int,
                      say: Callable[[str], None] = print, poll_s: float = 2.0) -> str | None:
     """Wait until every server answers ``/health/`` (node 0 starts them); None when they do, else the error
     text naming the servers that did not (after ``timeout_s``)."""
-    start = time.monotonic()
-    last_note = start
-    while True:
-        bad = {u: why for u in urls if (why := _healthy(u)) is not None}
-        if not bad:
-            return None
-        now = time.monotonic()
-        if now - start >= timeout_s:
-            listed = "; ".join(f"{u} ({why})" for u, why in bad.items())
-            return (f"node {node_rank} could not reach the rollout server(s) node 0 starts within "
-                    f"vllm.server.startup_timeout_s={timeout_s:g} s: {listed}. Fix: start node 0 (it owns "
-                    f"the servers); vllm.server.base_urls must be addresses every node reaches (node 0's "
-                    f"host name or IP, not 127.0.0.1, with vllm.server.host=0.0.0.0 and an API key)")
-        if now - last_note >= 30:
-            say(f"node {node_rank}: waiting for node 0's rollout server(s) {', '.join(bad)} ... "
-                f"{now - start:.0f} s")
-            last_note = now
-        time.sleep(poll_s)
+    bad: dict[str, str] = {}
+
+    def check() -> str | None:
+        bad.clear()
+        bad.update({u: why for u in urls if (why := _healthy(u)) is not None})
+        return "; ".join(f"{u} ({why})" for u, why in bad.items()) or None
+
+    return _poll(
+        check, timeout_s, poll_s, say=say,
+        failed=lambda listed: (
+            f"node {node_rank} could not reach the rollout server(s) node 0 starts within "
+            f"vllm.server.startup_timeout_s={timeout_s:g} s: {listed}. Fix: start node 0 (it owns "
+            f"the servers); vllm.server.base_urls must be addresses every node reaches (node 0's "
+            f"host name or IP, not 127.0.0.1, with vllm.server.host=0.0.0.0 and an API key)"),
+        waiting=lambda s: (f"node {node_rank}: waiting for node 0's rollout server(s) {', '.join(bad)} ... "
+                           f"{s:.0f} s"))
 
 
 @dataclass

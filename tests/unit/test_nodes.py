@@ -28,6 +28,19 @@ def test_rendezvous_wait_names_the_endpoint_and_the_fix():
     assert "training.node_rank=0" in msg and f"port {port} open" in msg
 
 
+def test_both_waits_say_they_wait_every_30_s_and_give_up_after_the_timeout(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(nodes.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(nodes.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    said: list[str] = []
+    msg = nodes._poll(lambda: "refused", 95, 10, failed=lambda why: f"gave up: {why}",
+                      waiting=lambda s: f"waiting {s:.0f} s", say=said.append)
+    assert msg == "gave up: refused" and said == ["waiting 30 s", "waiting 60 s", "waiting 90 s"]
+    answers = iter(["no", "no", None])
+    assert nodes._poll(lambda: next(answers), 95, 10, failed=str, waiting=str, say=said.append) is None
+    assert clock[0] == 100 + 20  # checks every 10 s: the first wait gave up at 100 s, the second took 2 sleeps
+
+
 class _Health(BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200 if self.path == "/health/" else 404)
