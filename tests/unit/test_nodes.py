@@ -38,7 +38,7 @@ def test_both_waits_say_they_wait_every_30_s_and_give_up_after_the_timeout(monke
     assert msg == "gave up: refused" and said == ["waiting 30 s", "waiting 60 s", "waiting 90 s"]
     answers = iter(["no", "no", None])
     assert nodes._poll(lambda: next(answers), 95, 10, failed=str, waiting=str, say=said.append) is None
-    assert clock[0] == 100 + 20  # checks every 10 s: the first wait gave up at 100 s, the second took 2 sleeps
+    assert clock[0] == 100 + 20  # checks every 10 s: the first gave up at 100 s, the second slept twice
 
 
 class _Health(BaseHTTPRequestHandler):
