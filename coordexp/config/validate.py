@@ -37,6 +37,11 @@ def learner_world_size(cfg: TrainConfig) -> int:
     return cfg.training.nproc_per_node * max(cfg.training.nnodes, 1)
 
 
+def learner_on_cpu(cfg: TrainConfig) -> bool:
+    """The config runs the learner on CPU: server mode with ``vllm.device: cpu`` (so no FSDP)."""
+    return cfg.rollout_matching.rollout_backend == RolloutBackend.vllm and cfg.vllm.device == ServerDevice.cpu
+
+
 def derived_grad_accumulation(cfg: TrainConfig) -> int:
     t = cfg.training
     return t.effective_batch_size // (t.per_device_train_batch_size * learner_world_size(cfg))
@@ -208,7 +213,7 @@ def problems(cfg: TrainConfig) -> list[str]:
         if v.device == ServerDevice.cpu:
             need(v.sync.transport.value == "file", "vllm.sync.transport",
                  "NCCL does not work on CPU; use file")
-            need(not t.fsdp, "training.fsdp", FSDP_ON_CPU)
+    need(not (t.fsdp and learner_on_cpu(cfg)), "training.fsdp", FSDP_ON_CPU)
     out += multinode_problems(cfg)
     need(cfg.model.tiny_stage1_steps >= 0, "model.tiny_stage1_steps", "must be >= 0")
     if cfg.model.kind == ModelKind.tiny:

@@ -45,6 +45,7 @@ from typing import Any
 
 from coordexp.config.contract import rollout_contract
 from coordexp.config.schema import AdapterKind, Precision, SoftctxGradMode, TrainConfig, enum_value
+from coordexp.config.validate import learner_on_cpu
 from coordexp.data.lengths import token_limit
 from coordexp.planning.activations import (
     ActivationEstimate,
@@ -277,9 +278,7 @@ def _learner_fixes(cfg: TrainConfig, inv: Inventory, config: Any, device: int) -
     """Each change that shrinks a learner rank, with the GiB it gives, then all of them together."""
     t = cfg.training
     steps: list[tuple[str, Any]] = []
-    # FSDP needs GPUs: not offered where the config check refuses it (a CPU server, so a CPU learner)
-    cpu_server = (enum_value(cfg.rollout_matching.rollout_backend) == "vllm"
-                  and enum_value(cfg.vllm.device) == "cpu")
+    cpu_server = learner_on_cpu(cfg)  # FSDP needs GPUs: not offered where the config check refuses it
     if not t.fsdp and world_size(cfg) > 1 and not cpu_server:
         steps.append(("training.fsdp=true (shard weights, gradients and optimizer state over "
                       f"{world_size(cfg)} ranks)", lambda c: _replace(c, "training", fsdp=True)))

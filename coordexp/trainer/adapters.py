@@ -35,8 +35,10 @@ embedding/head, or an unsupported family.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -219,9 +221,6 @@ def resume_adapter_problem(checkpoint, adapter: AdapterConfig) -> str | None:
     """Why ``checkpoint`` (a folder the run resumes from) cannot continue under ``adapter``, or None: an
     adapter checkpoint (peft's ``adapter_config.json``) resumes only with the same adapter kind, rank and
     alpha; a full checkpoint only without an adapter. Read from the files (nothing loaded)."""
-    import json
-    from pathlib import Path
-
     config = Path(checkpoint) / "adapter_config.json"
     kind = enum_value(adapter.kind)
     if not config.is_file():
