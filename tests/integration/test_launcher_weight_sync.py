@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -419,8 +420,6 @@ def test_the_cpu_servers_worker_sleeps_between_requests(server):
 
     assert IDLE_AFTER_S < 0.05
     server_greedy(server.base_url)
-    import time
-
     time.sleep(0.05)
     before = _worker_cpu_s(server.pgid)
     time.sleep(0.9)
