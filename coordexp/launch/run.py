@@ -2,9 +2,9 @@
 
 ``run_experiment(cfg, run_dir, resolved)``:
 
-1. ``rollout=hf``: record the run (``run_metadata.json``), train (in-process learner for
-   ``training.nproc_per_node == 1``, else ``torchrun`` on the saved ``resolved_config.yaml`` - ranks never
-   re-compose Hydra), return the learner's exit code.
+1. ``rollout=hf``: record the run (``run_metadata.json``), train (in-process learner for one process on one
+   node without FSDP - :func:`learner_in_process` - else ``torchrun`` on the saved ``resolved_config.yaml``;
+   ranks never re-compose Hydra), return the learner's exit code.
 2. ``rollout=vllm_server`` additionally, before the learner:
 
    * resolve the model dir the server must serve - the very folder the learner trains (for the tiny model
@@ -127,7 +127,7 @@ def learner_command(cfg: TrainConfig, resolved: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "coordexp.launch.quiet_torchrun",
         *nodes,
         f"--nproc_per_node={t.nproc_per_node}",
         "-m",
@@ -135,6 +135,14 @@ def learner_command(cfg: TrainConfig, resolved: Path) -> list[str]:
         "--config",
         str(resolved),
     ]
+
+
+def learner_in_process(cfg: TrainConfig) -> bool:
+    """Whether the learner runs in this process: one process on one node, unsharded. FSDP needs a process
+    group even on one GPU (the Trainer refuses FSDP outside distributed training), so ``training.fsdp``
+    always runs under torchrun."""
+    t = cfg.training
+    return t.nproc_per_node == 1 and t.nnodes == 1 and not t.fsdp
 
 
 def learner_env(cfg: TrainConfig) -> dict[str, str]:
@@ -289,7 +297,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
         "orchestrator_pid": os.getpid(),
         "rollout_backend": enum_value(cfg.rollout_matching.rollout_backend),
         "learner": {
-            "mode": "in_process" if nproc == 1 and cfg.training.nnodes == 1 else "torchrun",
+            "mode": "in_process" if learner_in_process(cfg) else "torchrun",
             "nproc_per_node": nproc,
             "nnodes": cfg.training.nnodes,
             "node_rank": cfg.training.node_rank,
@@ -371,7 +379,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
         timeline.mark("learner_start")
         launcher["timeline"] = timeline.to_dict()
         _update_metadata(run_dir, launcher)
-        if nproc == 1 and not multinode:
+        if learner_in_process(cfg):
             code = _run_in_process(cfg, run_dir, env)
         else:
             launcher["learner"]["command"] = learner_command(cfg, resolved)

@@ -22,8 +22,8 @@ from typing import Any
 
 from coordexp.errors import LearnerError
 
-__all__ = ["FSDP_NEEDS_CUDA", "WRAP_CLASSES", "fsdp_config", "hf_gradient_checkpointing", "require_cuda",
-           "training_arguments", "wrap_classes"]
+__all__ = ["FSDP_NEEDS_CUDA", "WRAP_CLASSES", "fsdp_config", "hf_gradient_checkpointing",
+           "refuse_tied_adapter", "require_cuda", "ties_embeddings", "training_arguments", "wrap_classes"]
 
 #: Decoder-layer and vision-block classes of the Qwen families (transformers 5.19 class names): each
 #: instance becomes one FSDP unit. Order: text decoders, then VL decoders, then vision blocks.
@@ -50,6 +50,30 @@ def require_cuda(cuda_available: bool) -> None:
     """Raise :class:`~coordexp.errors.LearnerError` (:data:`FSDP_NEEDS_CUDA`) when there is no CUDA device."""
     if not cuda_available:
         raise LearnerError(FSDP_NEEDS_CUDA)
+
+
+def ties_embeddings(model) -> bool:
+    """Whether the checkpoint ties its head to its input embedding (``tie_word_embeddings``, top level or
+    in the text config of a vision-language model)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
+
+
+def refuse_tied_adapter(model) -> None:
+    """Raise :class:`~coordexp.errors.LearnerError` for a peft adapter on a tied-embedding checkpoint.
+
+    accelerate (1.15) shards a tied embedding and head as one unit, recognising the tie by
+    ``get_input_embeddings().weight is get_output_embeddings().weight``. peft's trainable coordinate rows wrap
+    both modules, so the test fails, the shared weight lands in two units, and ``fully_shard`` crashes
+    before the first step (seen on an H200 with torch 2.11: "Invariant encountered: value was None")."""
+    if hasattr(model, "peft_config") and ties_embeddings(model):
+        raise LearnerError(
+            "training.fsdp with model.adapter.kind lora/dora is not supported on a checkpoint that ties its "
+            "head to its input embedding (tie_word_embeddings: true): accelerate cannot see the tie through "
+            "peft's trainable coordinate rows and fails to shard the shared weight. Fix: train the adapter "
+            "with training.fsdp=false (DDP: the adapter's gradients and optimizer state are small), or "
+            "train the full weights (model.adapter.kind=none) with FSDP")
 
 
 def wrap_classes(model) -> list[str]:
@@ -91,8 +115,10 @@ def hf_gradient_checkpointing(training) -> bool:
 
 def training_arguments(training, model, cuda_available: bool) -> dict[str, Any]:
     """``TrainingArguments`` keywords for ``training`` (the ``training.*`` config): ``{}`` without
-    ``training.fsdp``; else ``fsdp`` and ``fsdp_config`` (after :func:`require_cuda`)."""
+    ``training.fsdp``; else ``fsdp`` and ``fsdp_config`` (after :func:`require_cuda` and
+    :func:`refuse_tied_adapter`)."""
     if not training.fsdp:
         return {}
     require_cuda(cuda_available)
+    refuse_tied_adapter(model)
     return {"fsdp": True, "fsdp_config": fsdp_config(model, training.gradient_checkpointing)}

@@ -1,7 +1,7 @@
 """Channel-A soft self-context: N teacher-forced forwards in which every assistant coordinate slot is fed the
 model's own expected coordinate embedding from the previous pass.
 
-Iteration 0 is the plain teacher-forced forward through ``inputs_embeds = E[input_ids]``. Iteration m >= 1
+Iteration 0 is the plain teacher-forced forward (the model embeds ``input_ids`` itself). Iteration m >= 1
 rebuilds the base embeddings and replaces the embedding at every coordinate slot p, all slots in parallel, by
 
     softmax(z_{m-1}[p - 1, coord_ids] / tau) @ E[coord_ids]
@@ -21,6 +21,13 @@ Gradient modes (``stage2_ab.softctx_grad_mode``):
 Under DDP only the last forward goes through the DDP wrapper (one wrapper forward per backward, as DDP's
 reducer expects); earlier iterations call the wrapped module directly. Their parameters are the same
 tensors, so their gradients reach the same buckets in the one backward.
+
+Under FSDP2 (``training.fsdp``) the embedding is a sharded unit of its own (accelerate carves it out, with
+the tied head), so two rules keep every pass correct: iteration 0 feeds ``input_ids`` (the model looks up
+``E[input_ids]`` itself, the same values), so the first module FSDP runs is the root - calling the embedding
+first makes FSDP2 take it for the root and fail ("FSDP requires a single root module"); and the coordinate
+rows ``E[coord_ids]`` come from the embedding's forward, never from its ``weight``, which is a sharded
+DTensor outside a forward (and, under peft, the wrapper's forward adds the trainable coordinate rows).
 """
 
 from __future__ import annotations
@@ -76,19 +83,17 @@ def soft_self_context(forward: Callable[..., Any], inner_forward: Callable[..., 
         raise ValueError(f"softctx_grad_mode must be unroll or em_detach, got {grad_mode!r}")
     detach = grad_mode == "em_detach"
 
-    def base_embeds() -> torch.Tensor:
-        return embed(input_ids)
-
-    first = inner_forward(inputs_embeds=base_embeds(), use_cache=False, **model_kwargs).logits
+    first = inner_forward(input_ids=input_ids, use_cache=False, **model_kwargs).logits
     logits = first
     for m in range(1, n_iter):
         last = m == n_iter - 1
         prev = logits.detach() if detach else logits
         with contextlib.nullcontext() if (last or not detach) else torch.no_grad():
-            coord_embeds = embed.weight.index_select(0, coord_ids)
+            coord_embeds = embed(coord_ids)
             if detach:
                 coord_embeds = coord_embeds.detach()
-            embeds = soft_context_embeds(base_embeds(), prev, slot_mask, coord_ids, coord_embeds, temperature)
+            base = embed(input_ids)
+            embeds = soft_context_embeds(base, prev, slot_mask, coord_ids, coord_embeds, temperature)
             run = forward if last else inner_forward
             logits = run(inputs_embeds=embeds, use_cache=False, **model_kwargs).logits
     return first, logits

@@ -7,8 +7,8 @@ Channel B (segments from the model's own greedy rollouts, made once), the forwar
 - ``packed``: next-fit packs of ``packing_length`` tokens (the real ``Stage2ABTrainer`` pack path);
 and Channel A with ``n_softctx_iter`` 2 vs 1 (packed). Interleaved repeats, medians.
 
-Run: python tests/benchmarks/bench_packing.py [repeats] [packing_length] [leaf ...]
-(leaves default to both smoke leaves)
+Run: python tests/benchmarks/bench_packing.py [--device cuda] [repeats] [packing_length] [leaf ...]
+(leaves default to both smoke leaves; ``--device cuda`` runs the same steps on the first GPU)
 Target: packed >= 1.5x unpacked x16 in samples/s.
 """
 
@@ -36,9 +36,9 @@ from coordexp.trainer.packing import plan_packs, segment_length
 from coordexp.trainer.stage2_trainer import Stage2ABTrainer
 
 
-def trainer_view(ab, adapter, prompts):
+def trainer_view(ab, adapter, prompts, device: torch.device):
     fake = SimpleNamespace(stage2_ab=ab, adapter=adapter, metric_buffer=MetricBuffer(), prompts=prompts,
-                           args=SimpleNamespace(device=torch.device("cpu")),
+                           args=SimpleNamespace(device=device),
                            _coord_ids=torch.tensor(adapter.coord_token_ids),
                            accelerator=SimpleNamespace(unwrap_model=lambda m: m))
     for name in ("_logits", "_forward_losses", "_weighted", "_sample_losses", "_mean_loss", "_pack_loss"):
@@ -58,14 +58,16 @@ def step_time(model, fake, seqs, mode: str, soft: bool, capacity: int) -> float:
     else:
         for members in plan_packs([segment_length(q) for q in seqs], capacity):
             fake._pack_loss(model, [seqs[i] for i in members], n, soft).backward()
+    if fake.args.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def setup(leaf: str, softctx: int):
+def setup(leaf: str, softctx: int, device: torch.device):
     cfg = to_train_config(compose([f"+experiment={leaf}", "rollout=hf", f"stage2_ab.n_softctx_iter={softctx}",
                                    "hydra.run.dir=/tmp/coordexp-bench-packing"]))
     model, tok, _, prompts = load_model(cfg)
-    model.train()
+    model.to(device).train()
     adapter, ab = TokenizerAdapter(tok), cfg.stage2_ab
     path = write_synthetic_split(f"/tmp/coordexp-bench-packing/{leaf.replace('/', '_')}.jsonl",
                                  cfg.data.synthetic, "val")
@@ -77,17 +79,22 @@ def setup(leaf: str, softctx: int):
     model.train()
     seqs_b = [q for q in (channel_b_sequence(s, p, r, adapter, rollout_contract(cfg), ab)[0]
                           for s, p, r in zip(samples, encoded, batch.rollouts)) if q is not None]
-    return model, trainer_view(ab, adapter, prompts), seqs_a, seqs_b
+    return model, trainer_view(ab, adapter, prompts, device), seqs_a, seqs_b
 
 
 def main() -> None:
-    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    capacity = int(sys.argv[2]) if len(sys.argv) > 2 else 1024
+    args = sys.argv[1:]
+    device = torch.device("cpu")
+    if args[:1] == ["--device"]:
+        device, args = torch.device(args[1]), args[2:]
+    repeats = int(args[0]) if args else 5
+    capacity = int(args[1]) if len(args) > 1 else 1024
     torch.manual_seed(0)
-    print(f"{torch.get_num_threads()} torch threads; packing_length {capacity}; 16 samples per step; "
-          f"median of {repeats}")
-    for leaf in sys.argv[3:] or ("smoke/ab_mixed", "smoke/ab_mixed_vl"):
-        model, fake, seqs_a, seqs_b = setup(leaf, 1)
+    cuda = device.type == "cuda"
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
+    print(f"{device} ({where}); packing_length {capacity}; 16 samples per step; median of {repeats}")
+    for leaf in args[2:] or ("smoke/ab_mixed", "smoke/ab_mixed_vl"):
+        model, fake, seqs_a, seqs_b = setup(leaf, 1, device)
         lengths = [segment_length(q) for q in seqs_a]
         print(f"\n{leaf}: segment tokens A mean {statistics.mean(lengths):.0f} (max {max(lengths)}), "
               f"packs A {len(plan_packs(lengths, capacity))}, "

@@ -110,6 +110,21 @@ def test_fsdp_without_cuda_is_refused():
     assert "DistributedType.MULTI_CPU" in str(err.value) and "training.fsdp=false" in str(err.value)
 
 
+def test_an_adapter_on_a_tied_checkpoint_is_refused_with_the_fix():
+    from tests.unit.test_merged_weights import adapted, tiny_qwen2
+
+    cfg = resolved("+experiment=smoke/a_only", "rollout=hf", "training.fsdp=true")
+    with pytest.raises(LearnerError) as err:
+        fsdp.training_arguments(cfg.training, adapted("dora", tied=True), cuda_available=True)
+    assert "tie_word_embeddings: true" in str(err.value) and "training.fsdp=false" in str(err.value)
+    for model in (adapted("lora", tied=False), tiny_qwen2(tied=True)):  # untied adapter; tied full weights
+        args = fsdp.training_arguments(cfg.training, model, cuda_available=True)
+        assert args["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]
+    vl = meta_model("qwen2_vl")
+    vl.config.text_config.tie_word_embeddings = True  # read from the text config of a VL checkpoint too
+    assert fsdp.ties_embeddings(vl)
+
+
 def test_other_families_use_their_no_split_modules_or_are_refused():
     class Layer(torch.nn.Module):
         pass

@@ -57,6 +57,17 @@ def test_learner_env_gets_the_learner_gpus_only_on_gpu():
     assert run.learner_env(cfg_of("rollout=hf")) == {}
 
 
+def test_only_one_unsharded_process_on_one_node_trains_in_process():
+    assert run.learner_in_process(cfg_of("rollout=hf"))
+    assert not run.learner_in_process(cfg_of("rollout=hf", "training.nproc_per_node=2",
+                                             "training.effective_batch_size=32"))
+    # FSDP needs a process group even on one GPU: the Trainer refuses it outside distributed training
+    one_gpu_fsdp = cfg_of("vllm=gpu", "vllm.learner_gpus=[7]", "training.fsdp=true")
+    assert one_gpu_fsdp.training.nproc_per_node == 1 and not run.learner_in_process(one_gpu_fsdp)
+    cmd = run.learner_command(one_gpu_fsdp, "/run/resolved_config.yaml")
+    assert cmd[2:5] == ["coordexp.launch.quiet_torchrun", "--standalone", "--nproc_per_node=1"]
+
+
 def test_a_learner_next_to_a_cpu_server_keeps_openmps_default_wait_policy():
     """Passive OpenMP threads made the learner's Channel-B forward 1.4x slower next to a CPU server
     (tests/benchmarks/bench_server_learner.py, docs/benchmarks.md); the server's worker sleeps between

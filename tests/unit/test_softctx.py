@@ -28,7 +28,9 @@ class Toy(torch.nn.Module):
     def get_input_embeddings(self):
         return self.embed
 
-    def forward(self, inputs_embeds, use_cache=False, attention_mask=None):
+    def forward(self, input_ids=None, inputs_embeds=None, use_cache=False, attention_mask=None):
+        if inputs_embeds is None:  # a transformers model embeds input_ids itself (exactly one of the two)
+            inputs_embeds = self.embed(input_ids)
         self.calls.append((inputs_embeds.detach().clone(), torch.is_grad_enabled()))
         return SimpleNamespace(logits=self.head(torch.tanh(inputs_embeds)))
 

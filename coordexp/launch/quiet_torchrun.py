@@ -1,0 +1,30 @@
+"""``torchrun`` for the learner, without the launcher's own traceback when a rank fails.
+
+``python -m coordexp.launch.quiet_torchrun <torchrun arguments>`` runs ``torch.distributed.run`` unchanged.
+When a rank exits non-zero, torchrun raises ``ChildFailedError`` and Python prints the launcher's traceback
+under the rank's own message (for a user error such as a bad model path, the rank has already said what is
+wrong and how to fix it). Here the failure becomes one line naming the first failed rank, and the process
+exits with that rank's exit code (2 for a coordexp error, as the in-process learner) instead of 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        print(f"coordexp: learner rank {rank} exited with code {failure.exitcode} (its message is above)",
+              file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
