@@ -204,8 +204,9 @@ class TrainingConfig:
     fsdp: bool = doc(
         "Shard weights, gradients and optimizer state over every learner rank (FSDP2 through the Trainer: "
         "each decoder layer / vision block is one unit; gradient_checkpointing then checkpoints through "
-        "FSDP; weight syncs gather in vllm.sync.bucket_mib buckets). GPU only: refused on CPU, where "
-        "accelerate would silently run plain DDP.", False)
+        "FSDP; weight syncs gather in vllm.sync.bucket_mib buckets). Runs under torchrun, on one GPU too. "
+        "GPU only: refused on CPU, where accelerate would silently run plain DDP. A LoRA/DoRA adapter on a "
+        "tied-embedding checkpoint is refused (docs/runbook.md 'Sharded learner').", False)
     nnodes: int = doc("Learner nodes (torchrun --nnodes); the same command runs on every node, with an "
                       "explicit hydra.run.dir on a filesystem every node mounts.", 1)
     node_rank: int = doc("This node's rank in [0, nnodes); node 0 starts the servers and writes the run "
