@@ -24,7 +24,7 @@ from coordexp.config.paths import (
     config_roots,
     is_config_group,
 )
-from coordexp.config.validate import flatten, raw_value_problems
+from coordexp.config.value_rules import flatten, raw_value_problems
 
 REQUIRED_LEAF_KNOBS = (
     "model.path",

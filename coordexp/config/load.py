@@ -25,7 +25,8 @@ from coordexp.config.leaf import _parse_overrides, check_command_line
 from coordexp.config.paths import CONF_DIR
 from coordexp.config.schema import TrainConfig
 from coordexp.config.store import register_configs
-from coordexp.config.validate import dir_problems, run_dir_problems
+from coordexp.config.validate import run_dir_problems
+from coordexp.config.value_rules import dir_problems
 
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 

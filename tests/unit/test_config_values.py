@@ -11,7 +11,7 @@ import pytest
 from coordexp.config.leaf import check_command_line, leaf_file_problems, leaf_problems
 from coordexp.config.load import check_before_start, compose, sweep_jobs, to_train_config
 from coordexp.config.metric_names import BEST_MODEL_METRICS, EVAL_METRICS
-from coordexp.config.validate import LR_SCHEDULERS, UNSUPPORTED_LR_SCHEDULERS, dir_problems
+from coordexp.config.value_rules import LR_SCHEDULERS, UNSUPPORTED_LR_SCHEDULERS, dir_problems
 from coordexp.errors import ConfigError
 
 LEAF = "+experiment=smoke/ab_mixed"
@@ -200,7 +200,7 @@ def test_metric_registry_is_what_the_eval_emits():
 def test_every_shipped_leaf_and_group_file_has_strict_booleans():
     import yaml
 
-    from coordexp.config.validate import flatten, raw_value_problems
+    from coordexp.config.value_rules import flatten, raw_value_problems
 
     for path in Path("conf").rglob("*.yaml"):
         text = path.read_text()
