@@ -270,6 +270,18 @@ def metrics_jsonl_callback(path: Path):
     return MetricsJsonl()
 
 
+def earlier_run_notice(run_dir: Path, resumed) -> str | None:
+    """The console line for a fresh run (``resumed`` None) into a run dir whose ``metrics.jsonl`` already
+    holds records: the learner appends to it (and to the rollout sample logs), so the file then mixes two
+    runs' step 1, 2, ... rows. None otherwise."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if resumed is not None or not metrics.is_file() or metrics.stat().st_size == 0:
+        return None
+    return (f"coordexp: note: {metrics} already holds an earlier run's records and no checkpoint is resumed; "
+            f"this run appends its own after them. For a clean record use a new hydra.run.dir; to continue "
+            f"the earlier run pass training.resume_from_checkpoint=latest")
+
+
 def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool = True):
     """Train to the end (or to the end of the step a preemption SIGTERM arrived in, with a checkpoint);
     returns the Stage2ABTrainer, or None when the checkpoint to resume from is already at max_steps (nothing
@@ -284,6 +296,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
         if int(os.environ.get("RANK", "0")) == 0:
             say(f"coordexp: {resumed.describe()}", file=sys.stdout)
         return None
+    notice = earlier_run_notice(run_dir, resumed)
+    if notice and int(os.environ.get("RANK", "0")) == 0:
+        say(notice)
     problem = resumed and adapters.resume_adapter_problem(resumed.checkpoint, cfg.model.adapter)
     if problem:  # the checkpoint's adapter (or its absence) is not what the config builds
         raise LearnerError(problem)

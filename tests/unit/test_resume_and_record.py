@@ -191,3 +191,18 @@ def test_report_to_a_missing_tracker_is_a_config_error_naming_the_install():
     assert out.returncode == 2
     assert ("  - training.report_to[1]: 'wandb' is not installed in this environment: pip install wandb, or "
             "drop it from training.report_to (tensorboard needs nothing)\n") in out.stderr
+
+
+def test_a_fresh_run_into_a_dir_with_metrics_says_it_appends(tmp_path):
+    from coordexp.trainer.learner import earlier_run_notice
+
+    assert earlier_run_notice(tmp_path, None) is None  # a new dir
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("")
+    assert earlier_run_notice(tmp_path, None) is None  # an empty file: nothing to mix with
+    metrics.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    notice = earlier_run_notice(tmp_path, None)
+    assert notice.startswith(f"coordexp: note: {metrics} already holds an earlier run's records")
+    assert "new hydra.run.dir" in notice and "training.resume_from_checkpoint=latest" in notice
+    resumed = resume.Resume(tmp_path / "checkpoint-1", 1, 10)
+    assert earlier_run_notice(tmp_path, resumed) is None  # resuming appends on purpose
