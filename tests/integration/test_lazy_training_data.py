@@ -55,7 +55,8 @@ def test_two_ranks_each_check_their_share_and_stop_together(tmp_path):
 
     proc = train("bad", 1)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out  # torchrun's exit code when a rank fails (each rank exits 2)
+    assert proc.returncode == 2, out  # the failed rank's exit code (coordexp.launch.quiet_torchrun)
+    assert "Traceback" not in out and "coordexp: learner rank " in out, out
     # the two ranks write to one pipe at the same moment: their lines can land on one line, so the two
     # messages are matched in the output, not line by line
     expected = [
