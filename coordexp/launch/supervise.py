@@ -155,11 +155,14 @@ def main(argv: list[str] | None = None) -> None:
         if os.getppid() != parent:
             stop.append(signal.SIGTERM)
         time.sleep(_POLL_S)
-    why = ("the parent is gone" if os.getppid() != parent else f"signal {stop[0]}" if stop
-           else f"the command exited ({statuses.get(child.pid)})")
-    print(f"[coordexp supervise pid={os.getpid()}] {why}: stopping {len(descendants(os.getpid()))} "
-          f"process(es) below (TERM, up to {ns.grace:g} s or {ORPHAN_GRACE_S:g} s once the parent is gone, "
-          f"KILL)", file=sys.stderr, flush=True)
+    left = len(descendants(os.getpid()))
+    if stop or left or os.getppid() != parent:  # a command that ended alone and cleanly needs no line
+        status = statuses.get(child.pid)
+        why = ("the parent is gone" if os.getppid() != parent else f"signal {stop[0]}" if stop
+               else f"the command exited with code {os.waitstatus_to_exitcode(status)}")
+        print(f"[coordexp supervise pid={os.getpid()}] {why}: stopping {left} process(es) below (TERM, up "
+              f"to {ns.grace:g} s or {ORPHAN_GRACE_S:g} s once the parent is gone, KILL)", file=sys.stderr,
+              flush=True)
     _stop_tree(ns.grace, statuses, parent)
     statuses.update(_reap())
     child.returncode = 0  # reaped here, not by Popen: keep Popen from waiting on it at exit

@@ -41,8 +41,8 @@ WRAP_CLASSES = (
 FSDP_NEEDS_CUDA = (
     "training.fsdp: true needs CUDA GPUs for the learner, and this learner has none: on CPU accelerate does "
     "not shard at all, it silently runs plain DDP (DistributedType.MULTI_CPU). Fix: set training.fsdp=false "
-    "on a CPU machine (DDP over training.nproc_per_node ranks), or run on GPU nodes (vllm.device: cuda, "
-    "vllm.learner_gpus)"
+    "on a CPU machine (DDP over training.nproc_per_node ranks), or run on a machine with CUDA GPUs (in "
+    "server mode: vllm.device: cuda and vllm.learner_gpus)"
 )
 
 

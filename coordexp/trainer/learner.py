@@ -271,15 +271,24 @@ def metrics_jsonl_callback(path: Path):
 
 
 def earlier_run_notice(run_dir: Path, resumed) -> str | None:
-    """The console line for a fresh run (``resumed`` None) into a run dir whose ``metrics.jsonl`` already
-    holds records: the learner appends to it (and to the rollout sample logs), so the file then mixes two
-    runs' step 1, 2, ... rows. None otherwise."""
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if resumed is not None or not metrics.is_file() or metrics.stat().st_size == 0:
+    """The console line for a fresh run (``resumed`` None) into a run dir an earlier run left records or
+    checkpoints in: the learner appends to ``metrics.jsonl``, ``train.log``, the rollout sample logs and
+    TensorBoard's dir, and the Trainer overwrites a ``checkpoint-<N>`` of a step it saves again. None
+    otherwise."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    has_records = metrics.is_file() and metrics.stat().st_size > 0
+    # checkpoint-2 before checkpoint-10: by length, then by name
+    names = [p.name for p in run_dir.glob("checkpoint-*") if p.is_dir()]
+    checkpoints = sorted(names, key=lambda n: (len(n), n))
+    if resumed is not None or not (has_records or checkpoints):
         return None
-    return (f"coordexp: note: {metrics} already holds an earlier run's records and no checkpoint is resumed; "
-            f"this run appends its own after them. For a clean record use a new hydra.run.dir; to continue "
-            f"the earlier run pass training.resume_from_checkpoint=latest")
+    left = ", ".join(filter(None, ["metrics.jsonl records" if has_records else "",
+                                   " ".join(checkpoints[:5]) + (" ..." if len(checkpoints) > 5 else "")]))
+    return (f"coordexp: note: {run_dir} holds an earlier run ({left}) and no checkpoint is resumed: this run "
+            f"appends to its metrics.jsonl, train.log and TensorBoard files and overwrites any checkpoint "
+            f"of a step it saves again. For a clean record use a new hydra.run.dir; to continue the earlier "
+            f"run pass training.resume_from_checkpoint=latest")
 
 
 def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool = True):

@@ -193,16 +193,24 @@ def test_report_to_a_missing_tracker_is_a_config_error_naming_the_install():
             "drop it from training.report_to (tensorboard needs nothing)\n") in out.stderr
 
 
-def test_a_fresh_run_into_a_dir_with_metrics_says_it_appends(tmp_path):
+def test_a_fresh_run_into_a_dir_with_an_earlier_run_says_what_it_appends_and_overwrites(tmp_path):
     from coordexp.trainer.learner import earlier_run_notice
 
     assert earlier_run_notice(tmp_path, None) is None  # a new dir
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("")
-    assert earlier_run_notice(tmp_path, None) is None  # an empty file: nothing to mix with
+    assert earlier_run_notice(tmp_path, None) is None  # an empty file and no checkpoint: nothing to mix with
     metrics.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
-    notice = earlier_run_notice(tmp_path, None)
-    assert notice.startswith(f"coordexp: note: {metrics} already holds an earlier run's records")
-    assert "new hydra.run.dir" in notice and "training.resume_from_checkpoint=latest" in notice
-    resumed = resume.Resume(tmp_path / "checkpoint-1", 1, 10)
+    assert earlier_run_notice(tmp_path, None) == (
+        f"coordexp: note: {tmp_path} holds an earlier run (metrics.jsonl records) and no checkpoint is "
+        "resumed: this run appends to its metrics.jsonl, train.log and TensorBoard files and overwrites any "
+        "checkpoint of a step it saves again. For a clean record use a new hydra.run.dir; to continue the "
+        "earlier run pass training.resume_from_checkpoint=latest")
+    for step in (10, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert "(metrics.jsonl records, checkpoint-2 checkpoint-10)" in earlier_run_notice(tmp_path, None)
+    metrics.unlink()  # checkpoints alone: the Trainer would overwrite them
+    alone = earlier_run_notice(tmp_path, None)
+    assert f"{tmp_path} holds an earlier run (checkpoint-2 checkpoint-10)" in alone
+    resumed = resume.Resume(tmp_path / "checkpoint-10", 10, 20)
     assert earlier_run_notice(tmp_path, resumed) is None  # resuming appends on purpose
