@@ -84,10 +84,15 @@ def load_model(cfg: TrainConfig, allow_adapter: bool = False):
     return model, tokenizer, model_dir, prompts
 
 
+def _rank_zero() -> bool:
+    """This process is global rank 0 (or the only learner process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def announce_groups(model, cfg: TrainConfig, plan) -> None:
     """Rank 0 prints the parameter groups (total / trainable parameters, learning rate or frozen) and the
     pure-bf16 warning when it applies."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _rank_zero():
         return
     table = "\n  ".join(optim.group_table(model, plan))
     say(f"coordexp: parameter groups ({plan.model_type})\n  {table}", file=sys.stdout)
@@ -302,11 +307,11 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed = resume.resolve(t.resume_from_checkpoint, run_dir, t.max_steps)
     if resumed is not None and resumed.complete:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _rank_zero():
             say(f"coordexp: {resumed.describe()}", file=sys.stdout)
         return None
-    notice = earlier_run_notice(run_dir, resumed)
-    if notice and int(os.environ.get("RANK", "0")) == 0:
+    notice = earlier_run_notice(run_dir, resumed) if _rank_zero() else None  # rank 0 alone reads the dir
+    if notice:
         say(notice)
     problem = resumed and adapters.resume_adapter_problem(resumed.checkpoint, cfg.model.adapter)
     if problem:  # the checkpoint's adapter (or its absence) is not what the config builds
