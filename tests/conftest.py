@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -52,8 +53,23 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+_PORTS = random.Random(os.urandom(8))  # not the global generator: a test may seed that one
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 nothing listens on right now (for a server or a rendezvous a test starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 nothing listens on right now (for a server or a rendezvous a test starts),
+    below the kernel's ephemeral range: a port from ``bind(0)`` can go to another process's ``bind(0)`` --
+    vLLM's engine takes its internal ports so -- before the server the test starts binds it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(100):
+        port = _PORTS.randrange(20000, max(low, 20001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [20000, {low})")

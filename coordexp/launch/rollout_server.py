@@ -5,7 +5,8 @@ Importable without torch (only ``requests`` and the pure config/rule modules).
 :class:`RolloutServer` starts a server from a :class:`~coordexp.launch.server_spec.ServerLaunchSpec` in its
 own session / process group (``setsid``), refuses a port that is already in use, polls ``/health/`` against a
 deadline with progress lines, notices an early exit and raises :class:`~coordexp.errors.ServerStartError`
-with the tail of the server log, logs ``/get_world_size/``, runs the activation probe
+with the tail of the server log (an exit because another process bound the port during the start --
+:class:`PortTakenDuringStart` -- starts it once more), logs ``/get_world_size/``, runs the activation probe
 (:mod:`coordexp.rollout.probe`) when repeat-terminate is enabled, and tears the whole process group down
 (TERM, then KILL) on exit, error, SIGINT or SIGTERM - also from ``atexit`` and, if the orchestrator dies
 abruptly (SIGKILL included), through :mod:`coordexp.launch.supervise`, the group's leader, which owns every
@@ -22,11 +23,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Self
 
@@ -45,7 +48,21 @@ from coordexp.rollout.probe import ProbeError, run_probe
 from coordexp.rollout.server_client import RolloutServerError, check_health, get_world_size
 from coordexp.telemetry import record as console
 
-__all__ = ["RolloutServer", "say"]
+__all__ = ["PortTakenDuringStart", "RolloutServer", "say", "start_all"]
+
+
+class PortTakenDuringStart(ServerStartError):
+    """The server exited because its port was bound by another process between the launcher's free-port
+    check and uvicorn's bind -- often the server's own engine, which takes its internal ports from the
+    kernel's ephemeral range. Starting again usually succeeds (:func:`start_all`)."""
+
+
+def _ephemeral_range() -> str:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return f"{low}-{high}"
+    except (OSError, ValueError):
+        return "the kernel's ephemeral range"
 
 
 def say(msg: str) -> None:
@@ -110,6 +127,7 @@ class RolloutServer:
         #: seconds per start phase: ``spawn`` (Popen), ``health`` (until /health/ answered), ``probe``
         self.timings: dict[str, float] = {}
         self._log_fh = None
+        self._log_start = 0  # byte offset of the current start in the (appended) server log
         self._signals: contextlib.ExitStack | None = None
         self._t0: float | None = None
 
@@ -214,15 +232,27 @@ class RolloutServer:
         with open(self.log_path, "r", errors="replace") as fh:
             return "".join(deque(fh, maxlen=n))
 
-    def _fail(self, msg: str, with_log: bool = True) -> ServerStartError:
+    def _lost_its_port(self) -> bool:
+        """uvicorn's bind error for this server's port is in the log tail."""
+        if self.spec is None or not self.log_path or not self.log_path.is_file():
+            return False
+        with open(self.log_path, "rb") as fh:
+            fh.seek(self._log_start)  # this start's lines only: the log is appended to across starts
+            text = fh.read().decode(errors="replace")
+        bind_error = rf"bind on address \(.*, {self.spec.port}\).*address already in use"  # uvicorn's line
+        return re.search(bind_error, text) is not None
+
+    def _fail(self, msg: str, with_log: bool = True,
+              error: type[ServerStartError] = ServerStartError) -> ServerStartError:
         if with_log and self.log_path:
             msg += f"\n--- last {self.log_tail_lines} lines of {self.log_path} ---\n{self.log_tail()}"
-        return ServerStartError(msg)
+        return error(msg)
 
     def start(self) -> RolloutServer:
-        """:meth:`spawn`, then :meth:`ready`; stops the server on any failure."""
-        self.spawn()
-        return self.ready()
+        """:meth:`spawn`, then :meth:`ready` (once more after a lost port: :func:`start_all`); stops the
+        server on any failure."""
+        start_all([self])
+        return self
 
     def spawn(self) -> None:
         """Start the process (nothing for a reused server). Call it on the thread that stays alive for the
@@ -288,6 +318,7 @@ class RolloutServer:
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_fh = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - closed by stop()
+            self._log_start = self._log_fh.tell()
             self._log_fh.write(("$ " + " ".join(cmd) + "\n").encode())
             out = self._log_fh
         else:
@@ -323,10 +354,17 @@ class RolloutServer:
                 raise ServerStartError(f"rollout server {self.base_url} was stopped during its start")
             code = self.proc.poll()
             if code is not None:
-                raise self._fail(
-                    f"rollout server {self.base_url} exited with code {code} before becoming healthy "
-                    f"({time.monotonic() - t0:.1f} s after start)"
-                )
+                msg = (f"rollout server {self.base_url} exited with code {code} before becoming healthy "
+                       f"({time.monotonic() - t0:.1f} s after start)")
+                if self._lost_its_port():
+                    port = self.spec.port
+                    self.progress(f"{self.base_url} lost port {port} to another process during its start")
+                    raise self._fail(
+                        f"{msg}: port {port} was taken after the launcher found it free (the server's engine "
+                        f"takes internal ports from the ephemeral range {_ephemeral_range()}). Fix: choose a "
+                        f"port below that range in vllm.server.base_urls (8000 is)",
+                        error=PortTakenDuringStart)
+                raise self._fail(msg)
             if check_health(self.base_url, timeout_s=min(5.0, self.request_timeout_s), api_key=self.api_key):
                 return
             now = time.monotonic()
@@ -389,3 +427,36 @@ class RolloutServer:
             if self._signals is not None:
                 self._signals.close()
                 self._signals = None
+
+
+def start_all(servers: list[RolloutServer]) -> None:
+    """Start ``servers`` concurrently: spawn each on this thread (the parent-death signal follows the forking
+    thread), then wait for health and probe them in parallel threads. Any failure stops every one of them and
+    is re-raised (the first in ``servers`` order; its message names its URL). A server that lost its port
+    during its start (:class:`PortTakenDuringStart`) starts the set once more; a second loss is raised."""
+    try:
+        _start_all_once(servers)
+    except PortTakenDuringStart:
+        say("starting the rollout server(s) once more")
+        _start_all_once(servers)
+
+
+def _start_all_once(servers: list[RolloutServer]) -> None:
+    try:
+        for srv in servers:
+            srv.spawn()
+        if len(servers) == 1:
+            servers[0].ready()
+        elif servers:
+            with ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="coordexp-server") as ex:
+                futures = [ex.submit(srv.ready) for srv in servers]
+                wait(futures, return_when=FIRST_EXCEPTION)
+                failed = [f for f in futures if f.done() and f.exception() is not None]
+                if failed:  # stop the others now rather than at their startup deadline
+                    for srv in servers:
+                        srv.stop()
+                    raise failed[0].exception()
+    except BaseException:
+        for srv in servers:
+            srv.stop()
+        raise

@@ -15,7 +15,6 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,14 @@ from omegaconf import OmegaConf
 
 from coordexp.config.schema import TrainConfig, enum_value
 from coordexp.errors import LaunchError
-from coordexp.launch.rollout_server import RolloutServer
+from coordexp.launch.rollout_server import RolloutServer, start_all
 from coordexp.protocol import ENV_RUN_ID
 from coordexp.repeat_rules import config_to_dict, parse_config
 from coordexp.rollout.server_client import check_health
 from coordexp.trainer.model_dir import ModelDirError, prepare_model_dir
 
 __all__ = ["SERVER_LOG_NAME", "ServerPool", "ServerSet", "current_pool", "resolve_model_dir", "server_key",
-           "shared_servers", "start_all"]
+           "shared_servers"]
 
 SERVER_LOG_NAME = "server/swift_rollout{suffix}.log"
 
@@ -59,30 +58,6 @@ def server_key(cfg: TrainConfig, model_dir: Path) -> str:
         {"model": str(model_dir), "kind": enum_value(cfg.model.kind), "vllm": v, "repeat_terminate": rt},
         sort_keys=True,
     )
-
-
-def start_all(servers: list[RolloutServer]) -> None:
-    """Start ``servers`` concurrently: spawn each on this thread (the parent-death signal follows the forking
-    thread), then wait for health and probe them in parallel threads. Any failure stops every one of them and
-    is re-raised (the first in ``servers`` order; its message names its URL)."""
-    try:
-        for srv in servers:
-            srv.spawn()
-        if len(servers) == 1:
-            servers[0].ready()
-        elif servers:
-            with ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="coordexp-server") as ex:
-                futures = [ex.submit(srv.ready) for srv in servers]
-                wait(futures, return_when=FIRST_EXCEPTION)
-                failed = [f for f in futures if f.done() and f.exception() is not None]
-                if failed:  # stop the others now rather than at their startup deadline
-                    for srv in servers:
-                        srv.stop()
-                    raise failed[0].exception()
-    except BaseException:
-        for srv in servers:
-            srv.stop()
-        raise
 
 
 class ServerSet:

@@ -48,6 +48,18 @@ FAKE_SERVER = textwrap.dedent("""
         sys.exit(7)
     if mode == "hang":
         time.sleep(600)
+    first_start = not os.path.exists(__file__ + ".started")
+    open(__file__ + ".started", "a").close()
+    if mode == "port_taken" or (mode == "port_race" and first_start):
+        import socket
+        engine_port = socket.socket()  # what vLLM's engine does with an ephemeral port: bind it
+        engine_port.bind(("127.0.0.1", port))
+        try:
+            ThreadingHTTPServer(("127.0.0.1", port), BaseHTTPRequestHandler)
+        except OSError as e:  # uvicorn's own line for a failed bind
+            print(f"ERROR:    [Errno {e.errno}] error while attempting to bind on address "
+                  f"{('127.0.0.1', port)!r}: {e.strerror.lower()}", flush=True)
+            sys.exit(3)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model)
     EOS = tok.eos_token_id
@@ -235,6 +247,32 @@ def test_server_exiting_during_start_reports_code_and_log_tail(harness, tmp_path
     assert re.search(r"rollout server http://127\.0\.0\.1:\d+ exited with code 7 before becoming healthy",
                      out.all)
     assert "boom: simulated engine failure while loading the model" in out.all  # the server log tail
+
+
+@pytest.mark.slow
+def test_a_port_lost_during_the_start_starts_the_server_once_more(harness, tmp_path, group_members):
+    run_dir = tmp_path / "run"
+    out = orchestrate(harness, run_dir, "training.max_steps=1", mode="port_race")
+    assert out.returncode == 0, out.all[-3000:]
+    lines = out.all.splitlines()
+    (i,) = [i for i, ln in enumerate(lines) if "lost port" in ln]
+    assert re.fullmatch(r"\[coordexp server\] http://127\.0\.0\.1:(\d+) lost port \1 to another process "
+                        r"during its start", lines[i]), lines[i]
+    assert lines[i + 1] == "[coordexp server] starting the rollout server(s) once more", lines[i + 1]
+    log = (run_dir / "server" / "swift_rollout.log").read_text()
+    assert log.count("fake swift rollout starting") == 2 and log.count("address already in use") == 1
+    assert_nothing_left(run_dir, group_members)
+
+
+@pytest.mark.slow
+def test_a_port_lost_twice_fails_with_the_fix(harness, tmp_path, group_members):
+    run_dir = tmp_path / "run"
+    out = orchestrate(harness, run_dir, mode="port_taken")
+    assert out.returncode == 3, out.all[-3000:]
+    assert out.all.count("once more") == 1
+    assert "Fix: choose a port below that range in vllm.server.base_urls (8000 is)" in out.all
+    assert "Traceback" not in out.all
+    assert_nothing_left(run_dir, group_members)
 
 
 @pytest.mark.slow
