@@ -4,13 +4,15 @@
 When a rank exits non-zero, torchrun raises ``ChildFailedError`` and Python prints the launcher's traceback
 under the rank's own message (for a user error such as a bad model path, the rank has already said what is
 wrong and how to fix it). Here the failure becomes one line naming the first failed rank, and the process
-exits with that rank's exit code (2 for a coordexp error, as the in-process learner) instead of 1. A
+exits with that rank's exit code (2 for a coordexp error, as the in-process learner) instead of 1; the
+elastic agent's own ``failed (exitcode: N) local_rank ...`` log line, which that line replaces, is dropped. A
 SIGTERM or SIGINT torchrun receives (the orchestrator stopping the group: preemption, Ctrl-C) raises
 ``SignalException`` once torchrun has stopped the ranks; it exits 128 + the signal number, quietly too.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from torch.distributed.elastic.multiprocessing import SignalException
@@ -18,7 +20,13 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
 
+class _DropRankFailureLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed (exitcode:")
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropRankFailureLine())
     try:
         run(parse_args(argv))
     except ChildFailedError as err:
