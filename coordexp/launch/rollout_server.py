@@ -48,13 +48,19 @@ from coordexp.rollout.probe import ProbeError, run_probe
 from coordexp.rollout.server_client import RolloutServerError, check_health, get_world_size
 from coordexp.telemetry import record as console
 
-__all__ = ["PortTakenDuringStart", "RolloutServer", "say", "start_all"]
+__all__ = ["PortTakenDuringStart", "RolloutServer", "lost_port_in_log", "say", "start_all"]
 
 
 class PortTakenDuringStart(ServerStartError):
     """The server exited because its port was bound by another process between the launcher's free-port
     check and uvicorn's bind -- often the server's own engine, which takes its internal ports from the
     kernel's ephemeral range. Starting again usually succeeds (:func:`start_all`)."""
+
+
+def lost_port_in_log(text: str, port: int) -> bool:
+    """uvicorn's failed-bind line for ``port`` is in ``text``: ``error while attempting to bind on address
+    ('127.0.0.1', 8000): address already in use`` (IPv6: ``('::1', 8000, 0, 0)``)."""
+    return re.search(rf"bind on address \([^)]*\b{port}\b[^)]*\): address already in use", text) is not None
 
 
 def _ephemeral_range() -> str:
@@ -239,8 +245,7 @@ class RolloutServer:
         with open(self.log_path, "rb") as fh:
             fh.seek(self._log_start)  # this start's lines only: the log is appended to across starts
             text = fh.read().decode(errors="replace")
-        bind_error = rf"bind on address \(.*, {self.spec.port}\).*address already in use"  # uvicorn's line
-        return re.search(bind_error, text) is not None
+        return lost_port_in_log(text, self.spec.port)
 
     def _fail(self, msg: str, with_log: bool = True,
               error: type[ServerStartError] = ServerStartError) -> ServerStartError:

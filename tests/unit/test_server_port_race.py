@@ -1,0 +1,20 @@
+"""Which early server exits count as a port lost during the start (the launcher then starts the server once
+more: ``coordexp.launch.rollout_server.start_all``; end to end in ``test_launcher_faults.py``)."""
+
+from __future__ import annotations
+
+from coordexp.launch.rollout_server import lost_port_in_log
+
+UVICORN = "ERROR:    [Errno 98] error while attempting to bind on address {addr}: address already in use"
+
+
+def test_uvicorns_bind_error_for_the_port_counts_ipv4_and_ipv6():
+    assert lost_port_in_log("INFO: x\n" + UVICORN.format(addr="('127.0.0.1', 42161)") + "\n", 42161)
+    assert lost_port_in_log(UVICORN.format(addr="('::1', 42161, 0, 0)"), 42161)
+
+
+def test_another_port_or_another_error_does_not_count():
+    assert not lost_port_in_log(UVICORN.format(addr="('127.0.0.1', 421610)"), 42161)
+    assert not lost_port_in_log(UVICORN.format(addr="('127.0.0.1', 4216)"), 42161)
+    assert not lost_port_in_log("[Errno 98] address already in use (port 42161 of the engine)", 42161)
+    assert not lost_port_in_log("RuntimeError: CUDA out of memory", 42161)
