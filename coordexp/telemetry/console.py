@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback
 
 from coordexp.telemetry.record import say
@@ -34,6 +35,14 @@ def summary_line(step: int, max_steps: int, logs: dict) -> str:
 
 
 class CompactProgressCallback(ProgressCallback):
+    """transformers' progress bar, on a terminal only (``tqdm(disable=None)``: a redirected console log gets
+    the step lines without the bar's redraws), and one summary line per log step."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, disable=None)
+        self.current_step = 0
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs:
             say(summary_line(state.global_step, state.max_steps, logs), file=sys.stdout)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
+from transformers.utils import logging as hf_logging
 
 from coordexp.config.contract import rollout_contract
 from coordexp.config.load import load_saved
@@ -303,6 +304,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
     the end-of-run summary and write it to the run dir (rank 0)."""
     set_seed(cfg.seed)
     t = cfg.training
+    if not sys.stderr.isatty():  # transformers' loading/saving bars: redraws and escapes in a log file
+        hf_logging.disable_progress_bar()
     report_disk_full_in_threads()
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed = resume.resolve(t.resume_from_checkpoint, run_dir, t.max_steps)

@@ -69,6 +69,14 @@ def test_train_log_is_what_the_console_showed(small_run):
 
 
 @pytest.mark.slow
+def test_a_redirected_console_has_no_progress_bars(small_run):
+    _, proc = small_run  # stdout and stderr are pipes, as with nohup or a batch scheduler's log
+    console = proc.stdout + proc.stderr
+    assert "\r" not in console and "\x1b[" not in console, console[-3000:]
+    assert "it/s]" not in console and "s/it]" not in console and "Loading weights" not in console
+
+
+@pytest.mark.slow
 def test_end_of_run_summary_printed_and_written(small_run):
     run_dir, proc = small_run
     state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
