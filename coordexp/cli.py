@@ -62,13 +62,14 @@ def _skips_the_check(ns: argparse.Namespace | None) -> bool:
     return ns is None or bool(ns.help or ns.hydra_help or ns.info or ns.shell_completion)
 
 
-def prepare_argv(extra: dict[str, str] | None = None) -> argparse.Namespace | None:
+def prepare_argv(extra: dict[str, str] | None = None, training: bool = True) -> argparse.Namespace | None:
     """Before ``@hydra.main`` runs: register the schema, check the command line (legacy and unknown keys,
     the leaf contract, the user's ``--config-dir`` leaves included) unless help, info or completion was
     asked for, make ``--cfg`` print the resolved config, and append the ``extra`` overrides
     (``key=value``) the user did not give. With ``--cfg`` only composition and interpolation are checked
     here (a failure prints nothing on stdout); :func:`check_after_print` validates after Hydra printed.
-    Returns Hydra's reading of the command line."""
+    ``training``: validate as a training config (False for an evaluation). Returns Hydra's reading of the
+    command line."""
     register_configs()
     ns = hydra_args(sys.argv[1:])
     if ns is None:
@@ -91,25 +92,27 @@ def prepare_argv(extra: dict[str, str] | None = None) -> argparse.Namespace | No
     if not _skips_the_check(ns):
         with exit_on_error():  # every job composed and validated, its directories probed (not for --cfg)
             check_before_start(hydra_overrides(sys.argv[1:]), writes=not cfg_flag, validate=not cfg_flag,
-                               multirun=bool(ns.multirun), config_dir=ns.config_dir)
+                               multirun=bool(ns.multirun), config_dir=ns.config_dir, training=training)
     return ns
 
 
-def check_after_print(ns: argparse.Namespace | None) -> None:
+def check_after_print(ns: argparse.Namespace | None, training: bool = True) -> None:
     """After ``--cfg`` printed a config: validate it as a run would and, if invalid, report every problem
     on stderr and exit 2, so someone diffing configs learns that one would be rejected."""
     if ns is None or ns.cfg is None or _skips_the_check(ns):
         return
     with exit_on_error():
         check_before_start(hydra_overrides(sys.argv[1:]), writes=False, multirun=bool(ns.multirun),
-                           config_dir=ns.config_dir)
+                           config_dir=ns.config_dir, training=training)
 
 
-def run_hydra(hydra_task: Callable[[], Any], extra: dict[str, str] | None = None) -> None:
-    """An entry point's main: :func:`prepare_argv`, the Hydra app, then :func:`check_after_print`."""
-    ns = prepare_argv(extra)
+def run_hydra(hydra_task: Callable[[], Any], extra: dict[str, str] | None = None,
+              training: bool = True) -> None:
+    """An entry point's main: :func:`prepare_argv`, the Hydra app, then :func:`check_after_print`
+    (``training``: the configs are validated as training configs; False for an evaluation)."""
+    ns = prepare_argv(extra, training)
     hydra_task()
-    check_after_print(ns)
+    check_after_print(ns, training)
 
 
 def console_record(hydra_cfg: Any) -> Path | None:
@@ -125,13 +128,14 @@ def console_record(hydra_cfg: Any) -> Path | None:
     return Path(filename)
 
 
-def run_job(cfg: DictConfig, job: Callable[[TrainConfig], int], what: str) -> int:
-    """Validate the composed config, run ``job`` and end with its exit code: ``sys.exit`` in a single run,
-    an exception in a sweep job (Hydra's launcher reports it and goes on)."""
+def run_job(cfg: DictConfig, job: Callable[[TrainConfig], int], what: str, training: bool = True) -> int:
+    """Validate the composed config (``training``: as a training config, see ``to_train_config``), run
+    ``job`` and end with its exit code: ``sys.exit`` in a single run, an exception in a sweep job (Hydra's
+    launcher reports it and goes on)."""
     record = console_record(HydraConfig.get())
     try:
         with exit_on_error():
-            train_cfg = to_train_config(cfg)
+            train_cfg = to_train_config(cfg, training=training)
         code = job(train_cfg)
     finally:  # a job that showed nothing leaves no empty train.log behind
         if record is not None and record.is_file() and record.stat().st_size == 0:

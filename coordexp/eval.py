@@ -216,7 +216,7 @@ def hydra_task(cfg: DictConfig) -> int:
             print(f"error: {err}", file=sys.stderr)
             return err.code
 
-    return run_job(cfg, job, "eval job")
+    return run_job(cfg, job, "eval job", training=False)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.code)
     if flags:
         COCO_EXPORT = CocoExport(Path(flags["--coco-results"]).resolve(), flags.get("--coco-categories"))
-    run_hydra(hydra_task, extra=DEFAULT_DIRS)  # keep evals apart from training runs unless told otherwise
+    # DEFAULT_DIRS: evals apart from training runs unless told otherwise; no training data needed
+    run_hydra(hydra_task, extra=DEFAULT_DIRS, training=False)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ from coordexp.config.value_rules import dir_problems
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 
 
-def to_train_config(cfg: DictConfig) -> TrainConfig:
+def to_train_config(cfg: DictConfig, training: bool = True) -> TrainConfig:
     """Resolve, type and validate a composed config; raises ConfigError listing every problem. Relative
     path fields become absolute against the directory the command started in (``hydra.runtime.cwd``), so
-    ``hydra.job.chdir=true`` moves no cache or data path (:mod:`coordexp.config.cwd`)."""
+    ``hydra.job.chdir=true`` moves no cache or data path (:mod:`coordexp.config.cwd`). ``training``: the
+    config is for training (False for an evaluation: no training data is required)."""
     cfg = cfg.copy()
     start_dir = OmegaConf.select(cfg, "hydra.runtime.cwd", default=None, throw_on_resolution_failure=False)
     if "hydra" in cfg:
@@ -51,7 +52,7 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         raise ConfigError([f"{key}: {getattr(err, 'msg', str(err)).splitlines()[0]}"]) from None
     assert isinstance(obj, TrainConfig), type(obj)
     absolute_paths(obj, start_dir)
-    raise_if(validate.problems(obj))
+    raise_if(validate.problems(obj, training=training))
     return obj
 
 
@@ -132,11 +133,13 @@ def resolve_composed(cfg: DictConfig) -> None:
 
 
 def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writes: bool = True,
-                       validate: bool = True, config_dir: str | Path | None = None) -> None:
+                       validate: bool = True, config_dir: str | Path | None = None,
+                       training: bool = True) -> None:
     """What the Hydra entry points (train, eval) run before Hydra starts anything: every job of the command
     line is composed, resolved and validated as its task will be, and (``writes``: a real run, not --cfg)
     the directories it writes are checked. ``validate=False``: composition and interpolation only (before
     ``--cfg`` prints; the validation follows the print). ``config_dir``: the user's ``--config-dir``.
+    ``training``: validate as training configs (False for an evaluation: see :func:`to_train_config`).
     Raises one ConfigError listing every problem of every job."""
     jobs = sweep_jobs(overrides)
     found: dict[str, list[str]] = {}
@@ -148,7 +151,7 @@ def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writ
             if not validate:
                 resolve_composed(cfg)
                 continue
-            obj = to_train_config(cfg)
+            obj = to_train_config(cfg, training=training)
             if not multirun:
                 dirs += [("training.output_dir", obj.training.output_dir),
                          ("training.logging_dir", obj.training.logging_dir)]

@@ -84,7 +84,9 @@ def server_problems(cfg: TrainConfig, environ: Mapping[str, str] | None = None) 
     return out
 
 
-def problems(cfg: TrainConfig) -> list[str]:
+def problems(cfg: TrainConfig, training: bool = True) -> list[str]:
+    """Every problem of ``cfg`` as ``"<key>: <what is wrong>"`` (empty: valid). ``training``: the config
+    is for training (an evaluation needs no training data)."""
     out: list[str] = []
 
     def need(ok: bool, path: str, message: str) -> None:
@@ -154,7 +156,7 @@ def problems(cfg: TrainConfig) -> list[str]:
     out += repeat_terminate_problems(config_to_dict(rt), "rollout_matching.repeat_terminate.")
 
     data = cfg.data
-    if data.kind.value == "jsonl":
+    if data.kind.value == "jsonl" and training:  # an evaluation reads data.val_jsonl alone
         need(bool(data.train_jsonl), "data.train_jsonl", "is required with data.kind: jsonl")
     syn = data.synthetic
     need(1 <= syn.min_objects <= syn.max_objects, "data.synthetic.min_objects/max_objects",

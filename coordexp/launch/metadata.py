@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+
 from coordexp.config.paths import REPO_ROOT
 from coordexp.config.schema import TrainConfig
 
@@ -36,12 +38,21 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _task_overrides() -> list[str] | None:
+    """The command line's config overrides (Hydra's task overrides), None outside a Hydra job."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return None
+
+
 def collect(cfg: TrainConfig, resolved_config: Path,
             launcher: dict[str, Any] | None = None) -> dict[str, Any]:
     status = _git("status", "--porcelain")
     return {
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
         "experiment": cfg.experiment,
+        "overrides": _task_overrides(),
         "run_name": cfg.training.run_name,
         "resolved_config": str(resolved_config),
         "seed": cfg.seed,

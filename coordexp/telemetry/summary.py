@@ -27,14 +27,30 @@ def final_eval(log_history: Sequence[Mapping[str, Any]], metric: str) -> Mapping
     return evals[-1] if evals else None
 
 
+#: Overrides of a run that do not shape its evaluation (or that the eval command sets itself).
+_NOT_FOR_EVAL = ("experiment", "rollout", "training", "stage2_ab", "hydra", "model.path", "model.kind")
+
+
+def eval_overrides(overrides: Sequence[str]) -> list[str]:
+    """The run's command-line overrides an evaluation of its checkpoint repeats (its data, seed, model,
+    decoding and server settings: the held-out split and the rollouts the run's own evals saw)."""
+    keep = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if not any(key == k or key.startswith((k + ".", k + "/")) for k in _NOT_FOR_EVAL):
+            keep.append(override)
+    return keep
+
+
 def run_summary(*, run_dir: Path, logging_dir: str | None, global_step: int, max_steps: int,
                 log_history: Sequence[Mapping[str, Any]], metric: str, best_checkpoint: str | None,
                 best_metric: float | None, last_checkpoint: str | None, resumed_from: str | None = None,
                 trackers: Sequence[str] = ("tensorboard",), console_record: Path | None = None,
                 stopped_by: str | None = None, experiment: str = "<leaf>",
-                rollout: str | None = None) -> str:
+                rollout: str | None = None, overrides: Sequence[str] = ()) -> str:
     """The summary text (one screen). ``rollout``: the run's rollout config group (``hf`` / ``vllm_server``),
-    carried into the suggested eval command so it evaluates the way the run did."""
+    and ``overrides`` (the run's command-line overrides, :func:`eval_overrides` of them) are carried into the
+    suggested eval command so it evaluates the way the run did."""
     run_dir = Path(run_dir)
     width = 17
     lines = ["coordexp run summary"]
@@ -73,10 +89,11 @@ def run_summary(*, run_dir: Path, logging_dir: str | None, global_step: int, max
     if "mlflow" in trackers:
         row("mlflow", f"mlflow ui --backend-store-uri {shlex.quote((run_dir / 'mlruns').resolve().as_uri())}")
     row("plot", f"python -m coordexp.plot {shlex.quote(str(run_dir))}")
-    if best_checkpoint:
-        group = f" rollout={rollout}" if rollout else ""
-        row("evaluate", f"python -m coordexp.eval +experiment={experiment} model.kind=local "
-                        f"model.path={shlex.quote(str(best_checkpoint))}{group}")
+    if best_checkpoint or last_checkpoint:  # the best one, else the last one
+        extra = ([f"rollout={rollout}"] if rollout else []) + eval_overrides(overrides)
+        row("evaluate", " ".join([f"python -m coordexp.eval +experiment={experiment} model.kind=local",
+                                  f"model.path={shlex.quote(str(best_checkpoint or last_checkpoint))}",
+                                  *map(shlex.quote, extra)]))
     return "\n".join(lines)
 
 

@@ -414,7 +414,8 @@ def end_of_run_summary(trainer, cfg: TrainConfig, run_dir: Path, resumed, tracke
         resumed_from=str(resumed.checkpoint) if resumed else None, trackers=trackers,
         console_record=Path(os.environ[ENV_CONSOLE_LOG]) if os.environ.get(ENV_CONSOLE_LOG) else None,
         stopped_by=signal.Signals(signum).name if signum else None, experiment=cfg.experiment,
-        rollout="hf" if cfg.rollout_matching.rollout_backend == RolloutBackend.hf else "vllm_server")
+        rollout="hf" if cfg.rollout_matching.rollout_backend == RolloutBackend.hf else "vllm_server",
+        overrides=resume.read_metadata(run_dir).get("overrides") or [])
     with disk_full_is_an_error("summary.txt", run_dir):
         write_summary(text, run_dir)
     say(text, file=sys.stdout)

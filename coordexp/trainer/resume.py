@@ -115,15 +115,20 @@ def resolve(spec: str | None, run_dir: Path, max_steps: int) -> Resume | None:
     return Resume(picked.resolve(), _step(picked), max_steps)
 
 
+def read_metadata(run_dir: Path) -> dict[str, Any]:
+    """The run's run_metadata.json (written by the orchestrator), {} when it is missing or unreadable."""
+    try:
+        data = json.loads((Path(run_dir) / "run_metadata.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def record(run_dir: Path, resume: Resume) -> None:
     """Add ``resumed_from`` to the run's run_metadata.json (read, update, write: other keys stay)."""
-    path = Path(run_dir) / "run_metadata.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
+    data = read_metadata(run_dir)
     data[METADATA_KEY] = resume.to_dict()
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    (Path(run_dir) / "run_metadata.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def tied_keys_loaded(model: Any, missing: list[str]) -> list[str]:

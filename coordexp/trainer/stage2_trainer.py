@@ -263,7 +263,8 @@ class Stage2ABTrainer(Trainer):
         record_rollout_metrics(buf, records)
         with self._sample_log.open("a") as f:
             for record in records:
-                f.write(json.dumps({"step": step, **record_as_dict(record)}) + "\n")
+                # the step's number in metrics.jsonl and on the console (global_step counts finished steps)
+                f.write(json.dumps({"step": step + 1, **record_as_dict(record)}) + "\n")
 
     def _logits(self, model, batch: dict, model_inputs: dict, soft_context: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ def test_logged_metrics_equal_the_union_of_both_ranks(ddp_run):
     per_step = defaultdict(lambda: {0: [], 1: []})
     for rank in (0, 1):
         for rec in read_jsonl(ddp_run / f"rollout_samples.rank{rank}.jsonl"):
-            per_step[rec["step"] + 1][rank].append(rec)  # records carry the 0-based step being computed
+            per_step[rec["step"]][rank].append(rec)  # the step's number in metrics.jsonl
     b_steps = sorted(per_step)
     assert b_steps == [2], "b_ratio 0.5 over 3 steps: Channel B only at step index 1"
     assert [metrics[s]["stage2/channel_b"] for s in (1, 2, 3)] == [0.0, 1.0, 0.0]

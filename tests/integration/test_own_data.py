@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shlex
 import subprocess
 import sys
 
@@ -68,6 +69,15 @@ def test_tiny_vlm_trains_on_the_converted_set(converted):
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 4 and any(r["stage2/channel_b"] == 1.0 for r in rows)
     assert all(r["rollout/raw_rollouts"] == 2 for r in rows if r["stage2/channel_b"] == 1.0)
+    # the summary's eval command, as printed, evaluates the run's own held-out split
+    summary = (run / "summary.txt").read_text().splitlines()
+    (line,) = [ln for ln in summary if ln.strip().startswith("evaluate:")]
+    command = shlex.split(line.split("evaluate:", 1)[1])
+    assert command[:3] == ["python", "-m", "coordexp.eval"]
+    out = _run(*command[2:], f"hydra.run.dir={converted / 'eval_from_summary'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((converted / "eval_from_summary" / "eval_report.json").read_text())
+    assert report["split"] == {"path": str(converted / "data" / "train.jsonl"), "samples": 2}
 
 
 def test_checkpoint_without_coord_tokens_is_refused_then_fixed(converted, checkpoint):

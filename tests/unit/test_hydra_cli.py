@@ -17,6 +17,7 @@ from coordexp.cli import hydra_overrides
 from coordexp.config.cwd import PATH_FIELDS, absolute_paths
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import TrainConfig
+from coordexp.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
 
@@ -169,3 +170,11 @@ def test_chdir_true_moves_no_path(tmp_path):
     # the console record holds the error line the console showed
     assert f"error: model.path '{tmp_path}/my_ckpt' is not a checkpoint directory" in (
         run_dir / "train.log").read_text()
+
+
+def test_an_evaluation_needs_no_training_data():
+    cfg = compose(["+experiment=smoke/a_only", "rollout=hf", "data=jsonl", "data.val_jsonl=/d/val.jsonl"])
+    with pytest.raises(ConfigError) as err:
+        to_train_config(cfg)
+    assert err.value.problems == ["data.train_jsonl: is required with data.kind: jsonl"]
+    assert to_train_config(cfg, training=False).data.val_jsonl == "/d/val.jsonl"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from coordexp.config.trackers import tracker_environment, tracker_problems
 from coordexp.errors import LearnerError
 from coordexp.protocol import ENV_CONSOLE_LOG
 from coordexp.telemetry.record import say
-from coordexp.telemetry.summary import run_summary
+from coordexp.telemetry.summary import eval_overrides, run_summary
 from coordexp.trainer import resume
 from tests.conftest import REPO_ROOT
 
@@ -151,6 +152,24 @@ def test_summary_names_the_run_the_best_checkpoint_and_the_final_eval(tmp_path):
                        experiment="smoke/ab_mixed", rollout="hf")
     assert text.splitlines()[-1] == ("  evaluate:         python -m coordexp.eval +experiment=smoke/ab_mixed "
                                      f"model.kind=local model.path={tmp_path}/checkpoint-4 rollout=hf")
+    # and the run's overrides that shape its eval: its own held-out split, prompt, seed, decoding
+    overrides = ["+experiment=smoke/ab_mixed_vl", "rollout=hf", "data=jsonl",
+                 "data.train_jsonl=/d/train.jsonl", "data.val_jsonl=/d/val café.jsonl",
+                 "data.system_prompt='Réponds en français'", "seed=7", "model.tiny_stage1_steps=0",
+                 "model.path=/x", "training.max_steps=4", "stage2_ab.schedule.b_ratio=1",
+                 "rollout_matching.max_new_tokens=64", "hydra.run.dir=/r", "hydra/launcher=coordexp",
+                 "+extra.note=猫"]
+    assert eval_overrides(overrides) == [
+        "data=jsonl", "data.train_jsonl=/d/train.jsonl", "data.val_jsonl=/d/val café.jsonl",
+        "data.system_prompt='Réponds en français'", "seed=7", "model.tiny_stage1_steps=0",
+        "rollout_matching.max_new_tokens=64", "+extra.note=猫"]
+    text = run_summary(run_dir=tmp_path, logging_dir=None, global_step=4, max_steps=4, log_history=history,
+                       metric="eval_rollout/f1", best_checkpoint=best, best_metric=0.5, last_checkpoint=best,
+                       experiment="smoke/ab_mixed_vl", rollout="hf", overrides=overrides)
+    command = text.splitlines()[-1].split("evaluate:", 1)[1].strip()
+    assert shlex.split(command) == [
+        "python", "-m", "coordexp.eval", "+experiment=smoke/ab_mixed_vl", "model.kind=local",
+        f"model.path={tmp_path}/checkpoint-4", "rollout=hf", *eval_overrides(overrides)]
 
 
 def test_the_metric_registry_is_the_docs():
