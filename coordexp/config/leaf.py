@@ -189,11 +189,15 @@ def _parse_overrides(argv: Sequence[str]):
         try:
             overrides += parser.parse_overrides([arg])
         except OverrideParseException as err:
-            key, sep, _ = arg.partition("=")
+            key, sep, value = arg.partition("=")
             detail = " ".join(str(err).split("\n")[-2:-1] or [str(err)]).strip()
             if not sep:
                 problems.append(f"{arg}: not an override: write key=value (+key=value adds a key, ~key "
                                 f"deletes one); Hydra: {detail}")
+            elif not value.isascii() and value[:1] not in ("'", '"', "[", "{") and "'" not in value:
+                problems.append(f"{key}: cannot parse the value of override '{arg}': Hydra reads unquoted "
+                                f"values in ASCII only; quote it (the shell's double quotes keep Hydra's "
+                                f"single quotes): \"{key}='{value}'\"")
             else:
                 problems.append(f"{key}: cannot parse the value of override '{arg}': {detail}. An "
                                 f"unterminated '${{' or an unbalanced bracket or quote? Quote the value or "

@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from coordexp.config.leaf import REQUIRED_LEAF_KNOBS, VL_LEAF_KNOBS
 from coordexp.config.legacy import LEGACY_KEYS
+from coordexp.config.paths import CONF_DIR
 from coordexp.config.schema import TrainConfig
 
 HEADER = """# Config reference
@@ -25,8 +26,7 @@ Generated from `coordexp/config/schema.py` by `python -m coordexp.config.referen
 full dotted path, closed sets are enums, and ranges and cross-field rules are reported all at once.
 `(required)` means the experiment leaf or the command line must set it.
 
-Groups (select with `group=option`): `model` (tiny, local), `data` (synthetic, jsonl), `rollout`
-(hf, vllm_server), `vllm` (cpu, gpu), `stage2_ab/schedule` (a_only, b_only, ab_mixed). Experiment leaves:
+Groups (select with `group=option`): {groups}. Experiment leaves:
 `conf/experiment/*.yaml` (`+experiment=<name>`), one hop each; every leaf pins:
 """
 
@@ -68,8 +68,16 @@ def rows(cls: type = TrainConfig, prefix: str = "") -> Iterator[tuple[str, str, 
             yield path, _type_name(tp), _default(f), f.metadata.get("help", "")
 
 
+def config_groups() -> str:
+    """Every config group under ``conf/`` (the experiment leaves aside) with its options."""
+    groups = sorted({p.parent for p in CONF_DIR.rglob("*.yaml")} - {CONF_DIR}, key=str)
+    named = [(g.relative_to(CONF_DIR).as_posix(), sorted(p.stem for p in g.glob("*.yaml"))) for g in groups]
+    return ", ".join(f"`{name}` ({', '.join(options)})" for name, options in named
+                     if not name.startswith("experiment"))
+
+
 def render() -> str:
-    out = [HEADER]
+    out = [HEADER.format(groups=config_groups())]
     out += [f"`{k}`" + (", " if i < len(REQUIRED_LEAF_KNOBS) - 1 else ".") for i, k in
             enumerate(REQUIRED_LEAF_KNOBS)]
     out += [" A leaf that selects a vision-language model also pins "

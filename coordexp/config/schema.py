@@ -399,5 +399,6 @@ class TrainConfig:
     rollout_matching: RolloutMatchingConfig = doc("Rollout, parsing and matching (canonical rollout "
                                                   "namespace).", default_factory=RolloutMatchingConfig)
     vllm: VllmConfig = doc("Rollout server settings.", default_factory=VllmConfig)
-    extra: dict[str, Any] = doc("Free-form user notes; recorded, never read by coordexp.",
-                                default_factory=dict)
+    extra: dict[str, Any] = doc("Free-form user notes; recorded, never read by coordexp. Add a key with a "
+                                "leading +: `+extra.note=baseline` (non-ASCII quoted: "
+                                "\"+extra.note='猫'\").", default_factory=dict)

@@ -256,11 +256,22 @@ def test_check_before_start_covers_run_dirs_and_every_sweep_job(tmp_path):
     ("training.max_steps",
      "training.max_steps: not an override: write key=value (+key=value adds a key, ~key deletes one); Hydra: "
      "missing EQUAL at '<EOF>'"),
+    ("data.system_prompt=Réponds",
+     "data.system_prompt: cannot parse the value of override 'data.system_prompt=Réponds': Hydra reads "
+     "unquoted values in ASCII only; quote it (the shell's double quotes keep Hydra's single quotes): "
+     "\"data.system_prompt='Réponds'\""),
+    ("+extra.note=猫🚗",
+     "+extra.note: cannot parse the value of override '+extra.note=猫🚗': Hydra reads unquoted values in "
+     "ASCII only; quote it (the shell's double quotes keep Hydra's single quotes): \"+extra.note='猫🚗'\""),
 ])
 def test_unparsable_overrides_name_their_key(override, problem):
     with pytest.raises(ConfigError) as err:
         check_command_line([LEAF, override])
     assert err.value.problems == [problem]
+
+
+def test_the_quoting_the_non_ascii_hint_suggests_parses():
+    check_command_line([LEAF, "data.system_prompt='Réponds en français'", "+extra.note='猫🚗'"])
 
 
 @pytest.mark.parametrize("override,problem", [
