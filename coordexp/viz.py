@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from coordexp.coordjson import bins_to_pixel_box
+from coordexp.data.fonts import label_font
 
 GT_MATCHED = (0, 114, 178)
 GT_MISSED = (204, 121, 167)
@@ -36,13 +37,6 @@ Pair = tuple[int, int, float]                # (pred_index, gt_index, iou)
 
 
 MIN_SIDE = 448  # smaller canvases are enlarged by an integer factor so boxes and labels stay legible
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # pragma: no cover - Pillow without FreeType
-        return ImageFont.load_default()
 
 
 def resolve_image(path: str, image_root: Path | None) -> Path | None:
@@ -116,7 +110,7 @@ def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair
     w, h = canvas.size
     draw = ImageDraw.Draw(canvas)
     line = max(2, round(min(w, h) / 240))
-    font = _font(max(10, round(min(w, h) / 40)))
+    font_px = max(10, round(min(w, h) / 40))
 
     pairs = list(pairs)
     matched_pred = {p: (g, iou) for p, g, iou in pairs}
@@ -146,7 +140,7 @@ def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair
         labels.append(((box[0], box[1]), text, colour, False))
     placed: list[tuple] = []
     for anchor, text, colour, below in labels:
-        _label(draw, anchor, text, colour, font, (w, h), placed, below=below)
+        _label(draw, anchor, text, colour, label_font(font_px, text), (w, h), placed, below=below)
 
     n_tp = len(pairs)
     entries = [(GT_MATCHED, True, f"GT matched ({len(matched_gt)})"),
@@ -154,7 +148,7 @@ def draw_detections(gt: Sequence[Obj], pred: Sequence[Obj], pairs: Iterable[Pair
                (PRED_TP, False, f"pred matched / TP ({n_tp})"),
                (PRED_FP, False, f"pred unmatched / FP ({len(pred) - n_tp})")]
     head = [t for t in (title, f"matching at {iou_label}", note) if t]
-    _legend(draw, entries, head, font, (w, h), line)
+    _legend(draw, entries, head, label_font(font_px, "".join(head)), (w, h), line)
     return canvas
 
 

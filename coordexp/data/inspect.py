@@ -23,12 +23,14 @@ import json
 import math
 import statistics
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from coordexp.coordjson import bins_to_coco_box, bins_to_pixel_box
+from coordexp.data.fonts import label_font, missing_glyphs, plot_font_families
 
 __all__ = ["COCO_MEDIUM", "COCO_SMALL", "dataset_stats", "draw_ground_truth", "main", "size_class"]
 
@@ -94,15 +96,6 @@ def dataset_stats(samples: Sequence, top_k: int = 20) -> dict[str, Any]:
     }
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # pragma: no cover - Pillow without FreeType
-        return ImageFont.load_default()
-
-
 def draw_ground_truth(sample):
     """A PIL image of ``sample``'s ground truth at the record's size (on its first image, else a blank
     canvas)."""
@@ -119,12 +112,13 @@ def draw_ground_truth(sample):
         canvas = Image.new("RGB", size, CANVAS)
     draw = ImageDraw.Draw(canvas)
     line = max(1, round(min(size) / 200))
-    font = _font(max(10, round(min(size) / 40)))
+    font_px = max(10, round(min(size) / 40))
     colours = {}
     for o in sample.objects:
         colour = colours.setdefault(o.desc, PALETTE[len(colours) % len(PALETTE)])
         x1, y1, x2, y2 = bins_to_pixel_box(o.bbox_2d, *size)
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+        font = label_font(font_px, o.desc)
         left, top, right, bottom = draw.textbbox((0, 0), o.desc, font=font)
         tx, ty = x1, max(y1 - (bottom - top) - 4, 0)
         draw.rectangle([tx, ty, tx + right - left + 4, ty + bottom - top + 4], fill=colour)
@@ -138,6 +132,7 @@ def _histograms(stats: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams["font.family"] = plot_font_families()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     per_image = stats["_per_image"]
     axes[0, 0].hist(per_image, bins=range(max(per_image, default=0) + 2), color="#0072B2", align="left",
@@ -156,8 +151,10 @@ def _histograms(stats: dict[str, Any], path: Path) -> None:
     top = stats["top_descs"][:15][::-1]
     axes[1, 1].barh([d for d, _ in top], [n for _, n in top], color="#E69F00")
     axes[1, 1].set(title="most frequent descs", xlabel="objects")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with warnings.catch_warnings():  # one glyph warning per missing character: inspect() says it once
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -180,7 +177,8 @@ def inspect(jsonl: str | Path, out: str | Path, *, limit: int = 16, top_k: int =
         draw_ground_truth(s).save(out / "samples" / f"{s.index:05d}_{name}.png", format="PNG")
     _histograms(stats, out / "histograms.png")
     public = {k: v for k, v in stats.items() if not k.startswith("_")}
-    public.update(jsonl=str(jsonl), pictures=min(limit, len(samples)), pictures_without_image_file=missing)
+    public.update(jsonl=str(jsonl), pictures=min(limit, len(samples)), pictures_without_image_file=missing,
+                  glyphs_without_font=missing_glyphs(o.desc for s in samples for o in s.objects))
     (out / "stats.json").write_text(json.dumps(public, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return public
 
@@ -207,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.jsonl}: {stats['records']} records, {stats['objects']} objects, {stats['distinct_descs']} "
           f"descs; boxes small/medium/large {b['small']}/{b['medium']}/{b['large']} ({b['area_frame']} "
           f"pixels); {stats['pictures']} pictures in {args.out / 'samples'}; {args.out / 'stats.json'}")
+    if stats["glyphs_without_font"]:
+        print(f"note: no installed font draws {' '.join(stats['glyphs_without_font'])} (drawn as boxes in "
+              f"the pictures; the stats are exact). For CJK install Noto Sans CJK (Debian/Ubuntu: "
+              f"fonts-noto-cjk)", file=sys.stderr)
     return 0
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 from coco_fixture import write_coco
 from PIL import Image
 
 from coordexp.data.convert import ConvertOptions, convert
+from coordexp.data.fonts import label_font, missing_glyphs
 from coordexp.data.inspect import PALETTE, main, size_class
 from coordexp.data.synthetic import write_synthetic_jsonl
 
@@ -62,3 +64,22 @@ def test_a_coco_instances_file_is_refused_with_the_fix(tmp_path, capsys):
     assert err.startswith(f"error: {instances}:1: unknown key(s) 'annotations', 'categories'")
     assert "convert it first: python -m coordexp.data.convert coco --instances" in err
     assert "Traceback" not in err
+
+
+def test_labels_beyond_ascii_get_a_font_that_draws_them(tmp_path, capsys):
+    record = {"width": 512, "height": 512, "objects": [
+        {"desc": "café crème", "bbox_2d": [10, 10, 400, 400]},
+        {"desc": "🚗", "bbox_2d": [600, 100, 900, 300]},
+        {"desc": "Ωμέγα", "bbox_2d": [500, 500, 900, 900]}, {"desc": "猫", "bbox_2d": [100, 600, 300, 900]}]}
+    (tmp_path / "u.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([str(tmp_path / "u.jsonl"), "--out", str(tmp_path / "o")]) == 0
+    assert not [w for w in caught if "Glyph" in str(w.message)]  # said once below, not once per glyph
+    for text in ("café crème", "Ωμέγα"):  # Pillow's own font has neither; DejaVu Sans has both
+        assert label_font(12, text).path.endswith("DejaVuSans.ttf") and not missing_glyphs([text])
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    # no colour emoji font is used; 猫 is drawn when a CJK font is installed (none on a bare machine)
+    assert "🚗" in stats["glyphs_without_font"] and set(stats["glyphs_without_font"]) <= {"猫", "🚗"}
+    err = capsys.readouterr().err
+    assert f"note: no installed font draws {' '.join(stats['glyphs_without_font'])} (drawn as boxes" in err
