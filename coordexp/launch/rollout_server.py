@@ -239,7 +239,7 @@ class RolloutServer:
             return "".join(deque(fh, maxlen=n))
 
     def _lost_its_port(self) -> bool:
-        """uvicorn's bind error for this server's port is in the log tail."""
+        """uvicorn's bind error for this server's port is in what this start wrote to the log."""
         if self.spec is None or not self.log_path or not self.log_path.is_file():
             return False
         with open(self.log_path, "rb") as fh:
