@@ -219,10 +219,20 @@ def hydra_task(cfg: DictConfig) -> int:
     return run_job(cfg, job, "eval job", training=False)
 
 
+#: What ``--help`` shows before Hydra's own help: the flags coordexp.eval takes besides Hydra's.
+FLAGS_HELP = """coordexp.eval flags (anywhere on the command line; docs/evaluation.md):
+  --coco-results PATH      also write the predictions as a COCO results file (a split converted by
+                           python -m coordexp.data.convert, whose records carry metadata.image_id)
+  --coco-categories PATH   the desc -> category_id map (default: <split stem>.categories.json next to it)
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     global COCO_EXPORT
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print(FLAGS_HELP)
     try:
         sys.argv[1:], flags = pop_export_flags(sys.argv[1:])
     except CocoExportError as err:

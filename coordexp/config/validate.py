@@ -18,7 +18,7 @@ from coordexp.config.schema import (
     TrainConfig,
     enum_value,
 )
-from coordexp.config.value_rules import MAX_WAIT_S, kind_of, value_problems
+from coordexp.config.value_rules import MAX_WAIT_S, kind_of, nonfinite_keys, value_problems
 from coordexp.protocol import ENV_SERVER_API_KEY, is_loopback_host
 from coordexp.repeat_rules import config_to_dict
 from coordexp.repeat_rules import problems as repeat_terminate_problems
@@ -88,9 +88,10 @@ def problems(cfg: TrainConfig, training: bool = True) -> list[str]:
     """Every problem of ``cfg`` as ``"<key>: <what is wrong>"`` (empty: valid). ``training``: the config
     is for training (an evaluation needs no training data)."""
     out: list[str] = []
+    nonfinite = nonfinite_keys(cfg)  # "nan is not a finite number" says more than a range rule's message
 
     def need(ok: bool, path: str, message: str) -> None:
-        if not ok:
+        if not ok and path not in nonfinite:
             out.append(f"{path}: {message}")
 
     t, ab, rm, v = cfg.training, cfg.stage2_ab, cfg.rollout_matching, cfg.vllm

@@ -76,6 +76,11 @@ def _is_a(value: object, tp: Any) -> bool:
     return isinstance(value, tp) if isinstance(tp, type) else True
 
 
+def nonfinite_keys(cfg: TrainConfig) -> set[str]:
+    """Keys holding nan or +-inf: :func:`value_problems` names them so, before any range rule would."""
+    return {path for path, _, value in _leaves(cfg) if isinstance(value, float) and not math.isfinite(value)}
+
+
 def value_problems(cfg: TrainConfig, reported: Iterable[str] = ()) -> list[str]:
     """Rules by kind of value plus the library choices, first problem per key only (``reported``: keys that
     already have one)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 from coco_fixture import ANNOTATIONS, write_coco
@@ -14,6 +16,7 @@ from pycocotools.cocoeval import COCOeval
 
 from coordexp.data.convert import ConvertOptions, convert
 from coordexp.data.jsonl import load_jsonl
+from coordexp.eval import FLAGS_HELP
 from coordexp.evaluation.coco import CocoImage, CocoObject, coco_ap
 from coordexp.evaluation.coco_export import (
     CocoExport,
@@ -25,6 +28,7 @@ from coordexp.evaluation.coco_export import (
     pop_export_flags,
     write_coco_results,
 )
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture(scope="module", params=["none", "qwen2_5_vl"])
@@ -148,3 +152,11 @@ def test_command_line_flags_and_the_early_check(split, tmp_path):
                                         f"no category: 'unicorn' x2)")
     with pytest.raises(CocoExportError, match="not found"):
         CocoExport(tmp_path / "r.json").check(samples, tmp_path / "elsewhere.jsonl")
+
+
+def test_eval_help_lists_the_export_flags():
+    out = subprocess.run([sys.executable, "-m", "coordexp.eval", "--help"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(FLAGS_HELP) and "== Configuration groups ==" in out.stdout
+    assert "--coco-results PATH" in FLAGS_HELP and "--coco-categories PATH" in FLAGS_HELP
