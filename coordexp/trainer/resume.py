@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from coordexp.errors import LearnerError
+from coordexp.protocol import METADATA_NAME
 
 RESUME_KEY = "training.resume_from_checkpoint"
 LATEST = "latest"
@@ -118,7 +119,7 @@ def resolve(spec: str | None, run_dir: Path, max_steps: int) -> Resume | None:
 def read_metadata(run_dir: Path) -> dict[str, Any]:
     """The run's run_metadata.json (written by the orchestrator), {} when it is missing or unreadable."""
     try:
-        data = json.loads((Path(run_dir) / "run_metadata.json").read_text())
+        data = json.loads((Path(run_dir) / METADATA_NAME).read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -128,7 +129,7 @@ def record(run_dir: Path, resume: Resume) -> None:
     """Add ``resumed_from`` to the run's run_metadata.json (read, update, write: other keys stay)."""
     data = read_metadata(run_dir)
     data[METADATA_KEY] = resume.to_dict()
-    (Path(run_dir) / "run_metadata.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    (Path(run_dir) / METADATA_NAME).write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def tied_keys_loaded(model: Any, missing: list[str]) -> list[str]:
