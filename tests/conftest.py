@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from coordexp.launch.process import ephemeral_port_range
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,10 +62,7 @@ def free_port() -> int:
     """A TCP port on 127.0.0.1 nothing listens on right now (for a server or a rendezvous a test starts),
     below the kernel's ephemeral range: a port from ``bind(0)`` can go to another process's ``bind(0)`` --
     vLLM's engine takes its internal ports so -- before the server the test starts binds it."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
+    low = (ephemeral_port_range() or (32768, 60999))[0]
     for _ in range(100):
         port = _PORTS.randrange(20000, max(low, 20001))
         with socket.socket() as s:

@@ -17,14 +17,26 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-__all__ = ["SIGNAL_GRACE_S", "defer_signal", "port_in_use", "set_parent_death_signal", "stop_group",
-           "terminate_on_signals"]
+__all__ = ["SIGNAL_GRACE_S", "defer_signal", "ephemeral_port_range", "port_in_use", "set_parent_death_signal",
+           "stop_group", "terminate_on_signals"]
 
 #: Seconds from the first SIGTERM/SIGINT to the end of the process, whatever the main thread is doing (a step
 #: in native code cannot run a Python signal handler): past it the process exits at once with 128 + signal,
 #: and the supervisors stop every child process within their own grace.
 SIGNAL_GRACE_S = 20.0
+
+
+def ephemeral_port_range() -> tuple[int, int] | None:
+    """The kernel's range for ``bind(0)`` ports (``/proc/sys/net/ipv4/ip_local_port_range``, inclusive), None
+    where it cannot be read. A server port inside it can be taken by any process's ``bind(0)`` -- vLLM's
+    engine takes its internal ports so -- between a free-port check and the server's own bind."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return None
 
 
 def port_in_use(host: str, port: int) -> bool:

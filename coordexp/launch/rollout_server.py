@@ -35,7 +35,13 @@ from typing import Any, Self
 
 from coordexp.checkpoint import read_stop_ids
 from coordexp.errors import ServerStartError
-from coordexp.launch.process import port_in_use, set_parent_death_signal, stop_group, terminate_on_signals
+from coordexp.launch.process import (
+    ephemeral_port_range,
+    port_in_use,
+    set_parent_death_signal,
+    stop_group,
+    terminate_on_signals,
+)
 from coordexp.launch.server_spec import (
     ServerLaunchSpec,
     build_command,
@@ -61,14 +67,6 @@ def lost_port_in_log(text: str, port: int) -> bool:
     """uvicorn's failed-bind line for ``port`` is in ``text``: ``error while attempting to bind on address
     ('127.0.0.1', 8000): address already in use`` (IPv6: ``('::1', 8000, 0, 0)``)."""
     return re.search(rf"bind on address \([^)]*\b{port}\b[^)]*\): address already in use", text) is not None
-
-
-def _ephemeral_range() -> str:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return f"{low}-{high}"
-    except (OSError, ValueError):
-        return "the kernel's ephemeral range"
 
 
 def say(msg: str) -> None:
@@ -362,11 +360,12 @@ class RolloutServer:
                 msg = (f"rollout server {self.base_url} exited with code {code} before becoming healthy "
                        f"({time.monotonic() - t0:.1f} s after start)")
                 if self._lost_its_port():
-                    port = self.spec.port
+                    port, ephemeral = self.spec.port, ephemeral_port_range()
+                    span = f"{ephemeral[0]}-{ephemeral[1]}" if ephemeral else "(ip_local_port_range)"
                     self.progress(f"{self.base_url} lost port {port} to another process during its start")
                     raise self._fail(
                         f"{msg}: port {port} was taken after the launcher found it free (the server's engine "
-                        f"takes internal ports from the ephemeral range {_ephemeral_range()}). Fix: choose a "
+                        f"takes internal ports from the ephemeral range {span}). Fix: choose a "
                         f"port below that range in vllm.server.base_urls (8000 is)",
                         error=PortTakenDuringStart)
                 raise self._fail(msg)

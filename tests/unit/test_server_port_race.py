@@ -3,6 +3,9 @@ more: ``coordexp.launch.rollout_server.start_all``; end to end in ``test_launche
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from coordexp.launch.process import ephemeral_port_range
 from coordexp.launch.rollout_server import lost_port_in_log
 
 UVICORN = "ERROR:    [Errno 98] error while attempting to bind on address {addr}: address already in use"
@@ -18,3 +21,8 @@ def test_another_port_or_another_error_does_not_count():
     assert not lost_port_in_log(UVICORN.format(addr="('127.0.0.1', 4216)"), 42161)
     assert not lost_port_in_log("[Errno 98] address already in use (port 42161 of the engine)", 42161)
     assert not lost_port_in_log("RuntimeError: CUDA out of memory", 42161)
+
+
+def test_the_ephemeral_range_is_the_kernels():
+    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert ephemeral_port_range() == (low, high) and 1024 <= low <= high <= 65535
