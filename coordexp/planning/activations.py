@@ -23,7 +23,10 @@ Measured on CPU (tests/unit/test_planning.py): the bytes of the tensors autograd
 layer of a Qwen2 model (``torch.autograd.graph.saved_tensors_hooks``) equal this count exactly, in float32
 and under bfloat16 autocast. Outside the layers: the rotary cos/sin (``2 head_dim s``, shared by all
 layers), the final norm, and the loss head: the logits (``V a``), their float32 copy (when ``a != 4``), the
-selected rows and their log-softmax (``8 V``) (coordexp.trainer.losses.token_ce_per_segment). The vision
+selected rows and their log-softmax (``8 V``) (coordexp.trainer.losses.token_ce_per_segment), per token that
+gets logits: the learner computes them only at positions that predict a supervised token
+(coordexp.trainer.kept_logits), so never at an image placeholder; the count takes every other token (the
+prompt's text share is unknown here, so an upper bound). The vision
 tower's blocks use the same count with their width and a fused qkv projection (``qkv`` output kept as the
 storage of v: ``3w``; rotated q, k; output and projection input: ``7 w a``): an estimate, within 10% of
 the bytes saved in a Qwen2.5-VL vision tower (measured -1.2% in float32, +6.1% under bf16 autocast; the

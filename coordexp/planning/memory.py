@@ -97,7 +97,8 @@ def estimate_activations(cfg: TrainConfig, inv: Inventory) -> ActivationEstimate
     else:
         text = passes * S * (d.layers * b_layer + shared)
         vision = passes * patches * v.depth * b_vis if v else 0
-    head = S * d.vocab * (a + (4 if a != 4 else 0) + 8) + (passes - 1) * S * d.vocab * a
+    supervised = S - image_tokens  # logits only where a loss reads them: never an image placeholder
+    head = supervised * d.vocab * (a + (4 if a != 4 else 0) + 8) + (passes - 1) * supervised * d.vocab * a
     return ActivationEstimate(tokens=S, image_tokens=image_tokens, patches=patches, passes=passes,
                               checkpointing=t.gradient_checkpointing, layer_bytes_per_token=b_layer,
                               vision_bytes_per_patch=b_vis, text_bytes=text, vision_bytes=vision,

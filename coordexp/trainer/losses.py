@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from coordexp.coordjson import NUM_BINS
+from coordexp.trainer.kept_logits import predicting_logits
 
 
 def fp32_region(device: torch.device) -> torch.autocast:
@@ -22,16 +23,21 @@ def fp32_region(device: torch.device) -> torch.autocast:
 
 
 def token_ce_per_segment(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor,
-                         segment_ids: torch.Tensor, n_segments: int) -> torch.Tensor:
+                         segment_ids: torch.Tensor, n_segments: int,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
     """Per segment: sum_p w_p * CE(logits[p-1], input_ids[p]) / sum_p w_p over the segment's positions (0
     for a segment without a weighted position): ``[n_segments]``.
 
-    logits [B, T, V], input_ids / weights / segment_ids [B, T] (weights and segment ids aligned with
-    input_ids: the weight of predicting that token, the segment it belongs to)."""
-    pred = logits[:, :-1, :].float()
-    target = input_ids[:, 1:]
-    w = weights[:, 1:].to(pred.dtype)
-    seg = segment_ids[:, 1:]
+    logits [B, T, V], or [B, K, V] at ``positions [K]`` (coordexp.trainer.kept_logits: the positions that
+    predict the supervised tokens); input_ids / weights / segment_ids [B, T] (weights and segment ids
+    aligned with input_ids: the weight of predicting that token, the segment it belongs to)."""
+    if positions is None:
+        pred, nxt = logits[:, :-1, :].float(), slice(1, None)
+    else:
+        pred, nxt = logits.float(), positions + 1
+    target = input_ids[:, nxt]
+    w = weights[:, nxt].to(pred.dtype)
+    seg = segment_ids[:, nxt]
     mask = w > 0
     zeros = pred.new_zeros(n_segments)
     if not bool(mask.any()):
@@ -48,12 +54,16 @@ def weighted_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, weights: to
     return token_ce_per_segment(logits, input_ids, weights, torch.zeros_like(input_ids), 1)[0]
 
 
-def slot_logits(logits: torch.Tensor, slot_positions: torch.Tensor) -> torch.Tensor:
+def slot_logits(logits: torch.Tensor, slot_positions: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
     """Full-vocabulary logits that predict each coordinate slot: [N, 4, V].
 
-    slot_positions [N, 4, 2] holds (batch row, sequence position) of each coordinate token.
+    slot_positions [N, 4, 2] holds (batch row, sequence position) of each coordinate token; logits
+    [B, T, V], or [B, K, V] at ``positions [K]`` (coordexp.trainer.kept_logits).
     """
-    return logits[slot_positions[..., 0], slot_positions[..., 1] - 1].float()
+    rows, targets = slot_positions[..., 0].reshape(-1), slot_positions[..., 1].reshape(-1)
+    picked = predicting_logits(logits, rows, targets, positions)
+    return picked.reshape(*slot_positions.shape[:2], logits.shape[-1]).float()
 
 
 def coord_distribution(slot_logits_: torch.Tensor, coord_token_ids: torch.Tensor,
@@ -131,28 +141,25 @@ def _segment_mean(values: torch.Tensor, segments: torch.Tensor, n_segments: int)
 
 
 def sample_losses(ce_logits: torch.Tensor, geo_logits: torch.Tensor, batch: dict, coord_ids: torch.Tensor,
-                  n_segments: int, *, temperature: float, smoothl1_beta: float) -> dict[str, torch.Tensor]:
+                  n_segments: int, *, temperature: float, smoothl1_beta: float,
+                  ce_positions: torch.Tensor | None = None, geo_positions: torch.Tensor | None = None
+                  ) -> dict[str, torch.Tensor]:
     """Every loss term per sample (segment), each ``[n_segments]``: ``ce`` (token-weighted CE from
     ``ce_logits``), and from ``geo_logits`` the box means ``bbox_smoothl1``, ``bbox_ciou`` (1 - CIoU),
     ``coord_ce`` and ``coord_gate``. ``batch`` carries ``input_ids``, ``ce_weights``, ``segment_ids``,
-    ``geometry_slots``, ``geometry_bins`` and ``geometry_segments`` (collate or pack). Every term is float32
-    (computed in :func:`fp32_region` from float32 slices of the logits)."""
+    ``geometry_slots``, ``geometry_bins`` and ``geometry_segments`` (collate or pack). Logits are
+    ``[B, T, V]``, or ``[B, K, V]`` at ``ce_positions`` / ``geo_positions`` (coordexp.trainer.kept_logits).
+    Every term is float32 (computed in :func:`fp32_region` from float32 slices of the logits)."""
     with fp32_region(geo_logits.device):
-        return _sample_losses(ce_logits, geo_logits, batch, coord_ids, n_segments, temperature=temperature,
-                              smoothl1_beta=smoothl1_beta)
-
-
-def _sample_losses(ce_logits: torch.Tensor, geo_logits: torch.Tensor, batch: dict, coord_ids: torch.Tensor,
-                   n_segments: int, *, temperature: float, smoothl1_beta: float) -> dict[str, torch.Tensor]:
-    ce = token_ce_per_segment(ce_logits, batch["input_ids"], batch["ce_weights"], batch["segment_ids"],
-                              n_segments)
-    slots = slot_logits(geo_logits, batch["geometry_slots"])
-    probs = coord_distribution(slots, coord_ids, temperature)
-    sl1, ciou_loss, coord_ce = geometry_terms(probs, batch["geometry_bins"], smoothl1_beta)
-    gate = coord_gate_terms(slots, coord_ids)
-    seg = batch["geometry_segments"]
-    out = {"ce": ce}
-    for name, per_box in (("bbox_smoothl1", sl1), ("bbox_ciou", ciou_loss), ("coord_ce", coord_ce),
-                          ("coord_gate", gate)):
-        out[name] = _segment_mean(per_box, seg, n_segments)
-    return out
+        ce = token_ce_per_segment(ce_logits, batch["input_ids"], batch["ce_weights"], batch["segment_ids"],
+                                  n_segments, ce_positions)
+        slots = slot_logits(geo_logits, batch["geometry_slots"], geo_positions)
+        probs = coord_distribution(slots, coord_ids, temperature)
+        sl1, ciou_loss, coord_ce = geometry_terms(probs, batch["geometry_bins"], smoothl1_beta)
+        gate = coord_gate_terms(slots, coord_ids)
+        seg = batch["geometry_segments"]
+        out = {"ce": ce}
+        for name, per_box in (("bbox_smoothl1", sl1), ("bbox_ciou", ciou_loss), ("coord_ce", coord_ce),
+                              ("coord_gate", gate)):
+            out[name] = _segment_mean(per_box, seg, n_segments)
+        return out

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from coordexp.trainer.kept_logits import forward_logits, predicting_logits
+
 __all__ = ["coord_slot_mask", "soft_context_embeds", "soft_self_context"]
 
 
@@ -52,39 +54,48 @@ def coord_slot_mask(shape: tuple[int, int], slots: torch.Tensor, device: torch.d
 
 def soft_context_embeds(base: torch.Tensor, prev_logits: torch.Tensor, slot_mask: torch.Tensor,
                         coord_ids: torch.Tensor, coord_embeds: torch.Tensor,
-                        temperature: float) -> torch.Tensor:
+                        temperature: float, positions: torch.Tensor | None = None) -> torch.Tensor:
     """The next iteration's ``inputs_embeds [B, T, H]``: ``base`` with every slot p (``slot_mask [B, T]``)
     replaced by ``softmax(prev_logits[p - 1, coord_ids] / temperature) @ coord_embeds``.
 
-    ``prev_logits [B, T, V]``; ``coord_embeds [K, H]`` are the embedding rows of ``coord_ids [K]``. Position
-    0 is never a slot (a slot is predicted from the position before it). The softmax and the expectation
-    are float32 with autocast off (``training.precision`` bf16/fp16 cannot lower them); the mix is then cast
-    to ``base``'s dtype."""
+    ``prev_logits [B, T, V]``, or ``[B, K, V]`` at ``positions [K]`` (coordexp.trainer.kept_logits; they must
+    include every slot's p - 1); ``coord_embeds [K_coord, H]`` are the embedding rows of ``coord_ids``.
+    Position 0 is never a slot (a slot is predicted from the position before it). The softmax and the
+    expectation are float32 with autocast off (``training.precision`` bf16/fp16 cannot lower them); the mix
+    is then cast to ``base``'s dtype."""
+    slot_mask = slot_mask.clone()
+    slot_mask[:, 0] = False
+    rows, slots = slot_mask.nonzero(as_tuple=True)
     with torch.autocast(device_type=base.device.type, enabled=False):
-        coord_logits = prev_logits[:, :-1, :].index_select(-1, coord_ids).float()
-        probs = torch.softmax(coord_logits / temperature, dim=-1)
-        mix = (probs @ coord_embeds.float()).to(base.dtype)       # [B, T-1, H]: predicts positions 1..T-1
-    shifted = torch.cat([base[:, :1], mix], dim=1)                # aligned with the position it feeds
-    return torch.where(slot_mask.unsqueeze(-1), shifted, base)
+        prev = predicting_logits(prev_logits, rows, slots, positions)      # [M, V]
+        probs = torch.softmax(prev.index_select(-1, coord_ids).float() / temperature, dim=-1)
+        mix = (probs @ coord_embeds.float()).to(base.dtype)                # [M, H]
+    return base.index_put((rows, slots), mix)
 
 
 def soft_self_context(forward: Callable[..., Any], inner_forward: Callable[..., Any], embed: torch.nn.Module,
                       input_ids: torch.Tensor, slot_mask: torch.Tensor, coord_ids: torch.Tensor, *,
                       n_iter: int, temperature: float, grad_mode: str,
+                      keep: tuple[torch.Tensor, torch.Tensor] | None = None, keeps_logits: bool = False,
                       **model_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(iteration-0 logits, last-iteration logits), both ``[B, T, V]``, of ``n_iter >= 2`` passes.
+    """(iteration-0 logits, last-iteration logits) of ``n_iter >= 2`` passes: ``[B, T, V]`` each, or with
+    ``keep = (positions, slot_positions)`` (coordexp.trainer.kept_logits.supervised_positions) iteration 0's
+    at ``positions`` (CE and the next pass's expectations) and every later one's at ``slot_positions`` only.
 
     ``forward``: the (possibly DDP-wrapped) model, used for the last pass; ``inner_forward``: the module
-    itself, for the earlier passes; ``embed``: its input embedding layer. ``model_kwargs`` (attention mask,
-    position ids, vision inputs) go to every pass unchanged."""
+    itself, for the earlier passes; ``embed``: its input embedding layer; ``keeps_logits``: the model takes
+    ``logits_to_keep``. ``model_kwargs`` (attention mask, position ids, vision inputs) go to every pass
+    unchanged."""
     if n_iter < 2:
         raise ValueError(f"soft self-context needs n_iter >= 2, got {n_iter}")
     if grad_mode not in ("unroll", "em_detach"):
         raise ValueError(f"softctx_grad_mode must be unroll or em_detach, got {grad_mode!r}")
     detach = grad_mode == "em_detach"
+    first_at, later_at = keep if keep is not None else (None, None)
 
-    first = inner_forward(input_ids=input_ids, use_cache=False, **model_kwargs).logits
-    logits = first
+    first = forward_logits(inner_forward, first_at, keeps_logits, input_ids=input_ids, use_cache=False,
+                           **model_kwargs)
+    logits, at = first, first_at
     for m in range(1, n_iter):
         last = m == n_iter - 1
         prev = logits.detach() if detach else logits
@@ -93,7 +104,9 @@ def soft_self_context(forward: Callable[..., Any], inner_forward: Callable[..., 
             if detach:
                 coord_embeds = coord_embeds.detach()
             base = embed(input_ids)
-            embeds = soft_context_embeds(base, prev, slot_mask, coord_ids, coord_embeds, temperature)
+            embeds = soft_context_embeds(base, prev, slot_mask, coord_ids, coord_embeds, temperature, at)
             run = forward if last else inner_forward
-            logits = run(inputs_embeds=embeds, use_cache=False, **model_kwargs).logits
+            logits = forward_logits(run, later_at, keeps_logits, inputs_embeds=embeds, use_cache=False,
+                                    **model_kwargs)
+            at = later_at
     return first, logits

@@ -23,6 +23,7 @@ from coordexp.rollout.server_backend import ServerBackendError
 from coordexp.telemetry.metrics import MetricBuffer, gather_and_reduce
 from coordexp.trainer.batch import APPENDED, PREFIX, collate
 from coordexp.trainer.channels import channel_a_sequence, channel_b_sequence
+from coordexp.trainer.kept_logits import accepts_logits_to_keep, forward_logits, supervised_positions
 from coordexp.trainer.losses import sample_losses
 from coordexp.trainer.optim import GroupPlan, optimizer_param_groups
 from coordexp.trainer.packing import NextFitPacker, PackingSettings, check_fits, pack, segment_length
@@ -54,6 +55,7 @@ class Stage2ABTrainer(Trainer):
         self._coord_ids = torch.tensor(adapter.coord_token_ids, dtype=torch.long)
         self.packing = packing  # training.packing_*, or None without packing
         self._step_samples: list = []
+        self._keeps_logits: bool | None = None  # the model takes logits_to_keep (asked at the first forward)
         self._sample_log = self.run_dir / f"rollout_samples.rank{self.args.process_index}.jsonl"
 
     def create_optimizer(self, model=None):
@@ -267,30 +269,38 @@ class Stage2ABTrainer(Trainer):
                 f.write(json.dumps({"step": step + 1, **record_as_dict(record)}) + "\n")
 
     def _logits(self, model, batch: dict, model_inputs: dict, soft_context: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits for CE, logits for geometry): one plain forward, or the Channel-A soft self-context
-        passes (``stage2_ab.n_softctx_iter >= 2``; CE from pass 0, geometry from the last). A packed batch
-        carries its own ``position_ids`` and no attention mask (block-diagonal by positions)."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits for CE, logits for geometry, the positions of each): one plain forward, or the Channel-A
+        soft self-context passes (``stage2_ab.n_softctx_iter >= 2``; CE from pass 0, geometry from the
+        last). Only the positions that predict a supervised token get logits (coordexp.trainer.kept_logits).
+        A packed batch carries its own ``position_ids`` and no attention mask (block-diagonal by
+        positions)."""
         ab = self.stage2_ab
         packed = batch.get("position_ids") is not None
         kwargs = {"attention_mask": batch["attention_mask"], **model_inputs}
         if packed:
             kwargs.update(position_ids=batch["position_ids"], use_cache=False)
-        if not soft_context or ab.n_softctx_iter == 1:
-            logits = model(input_ids=batch["input_ids"], **kwargs).logits
-            return logits, logits
-        inner = self.accelerator.unwrap_model(model)
-        if not packed:
-            positions = mrope_position_ids(inner, batch["input_ids"], batch["attention_mask"], model_inputs)
-            if positions is not None:
-                kwargs["position_ids"] = positions
-        kwargs.pop("use_cache", None)
         ids = batch["input_ids"]
+        inner = self.accelerator.unwrap_model(model)
+        if self._keeps_logits is None:
+            self._keeps_logits = accepts_logits_to_keep(inner)
+        positions, slot_positions = supervised_positions(batch["ce_weights"], batch["geometry_slots"])
+        if not soft_context or ab.n_softctx_iter == 1:
+            logits = forward_logits(model, positions, self._keeps_logits, input_ids=ids, **kwargs)
+            return logits, logits, positions, positions
+        if not packed:
+            mrope = mrope_position_ids(inner, ids, batch["attention_mask"], model_inputs)
+            if mrope is not None:
+                kwargs["position_ids"] = mrope
+        kwargs.pop("use_cache", None)
         slots = coord_slot_mask(tuple(ids.shape), batch["geometry_slots"], ids.device)
-        return soft_self_context(model, inner, inner.get_input_embeddings(), ids, slots,
-                                 self._coord_ids.to(ids.device), n_iter=ab.n_softctx_iter,
-                                 temperature=ab.softctx_temperature, grad_mode=ab.softctx_grad_mode.value,
-                                 **kwargs)
+        first, last = soft_self_context(model, inner, inner.get_input_embeddings(), ids, slots,
+                                        self._coord_ids.to(ids.device), n_iter=ab.n_softctx_iter,
+                                        temperature=ab.softctx_temperature,
+                                        grad_mode=ab.softctx_grad_mode.value,
+                                        keep=(positions, slot_positions), keeps_logits=self._keeps_logits,
+                                        **kwargs)
+        return first, last, positions, slot_positions
 
     def _forward_losses(self, model, batch: dict, n_segments: int, soft_context: bool
                         ) -> dict[str, torch.Tensor]:
@@ -298,11 +308,12 @@ class Stage2ABTrainer(Trainer):
         device = self.args.device
         model_inputs = {k: v.to(device) for k, v in batch.pop("model_inputs").items()}
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        ce_logits, geo_logits = self._logits(model, batch, model_inputs, soft_context)
+        ce_logits, geo_logits, ce_at, geo_at = self._logits(model, batch, model_inputs, soft_context)
         ab = self.stage2_ab
         coord_ids = self._coord_ids.to(geo_logits.device)
         losses = sample_losses(ce_logits, geo_logits, batch, coord_ids, n_segments,
-                               temperature=ab.softctx_temperature, smoothl1_beta=ab.bbox_smoothl1_beta)
+                               temperature=ab.softctx_temperature, smoothl1_beta=ab.bbox_smoothl1_beta,
+                               ce_positions=ce_at, geo_positions=geo_at)
         buf = self.metric_buffer
         for name, per_sample in losses.items():
             buf.add_ratio(f"loss/{name}", float(per_sample.detach().sum()), n_segments)

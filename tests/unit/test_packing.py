@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from learner_fixture import channel_b_seqs, fake_trainer, grads, setup_channel_a
 
-from coordexp.config.load import compose, to_train_config
 from coordexp.telemetry.metrics import MetricBuffer
 from coordexp.trainer.batch import TrainSequence
 from coordexp.trainer.packing import OversizeSegmentError, pack, plan_packs
@@ -45,98 +45,26 @@ def test_packed_layout():
     assert p["geometry_bins"].tolist() == [[10, 20, 30, 40], [1, 2, 3, 4]]
 
 
-def _fake_trainer(ab, adapter, image_token_id, model):
-    fake = SimpleNamespace(stage2_ab=ab, adapter=adapter, metric_buffer=MetricBuffer(),
-                           prompts=SimpleNamespace(image_token_id=image_token_id),
-                           args=SimpleNamespace(device=torch.device("cpu")),
-                           _coord_ids=torch.tensor(adapter.coord_token_ids),
-                           accelerator=SimpleNamespace(unwrap_model=lambda m: m))
-    for name in ("_logits", "_forward_losses", "_weighted", "_sample_losses", "_mean_loss", "_pack_loss"):
-        setattr(fake, name, getattr(Stage2ABTrainer, name).__get__(fake))
-    return fake
-
-
-def _grads(model, loss):
-    model.zero_grad()
-    loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _setup(path, samples, n_softctx_iter):
-    from coordexp.models.prompts import load_model_and_prompts
-    from coordexp.rollout.scoring import TokenizerAdapter
-    from coordexp.trainer.channels import channel_a_sequence
-
-    model, tok, prompts = load_model_and_prompts(path, "float32")
-    model.train()
-    torch.manual_seed(0)
-    adapter = TokenizerAdapter(tok)
-    ab = to_train_config(compose(["+experiment=smoke/a_only", "rollout=hf",
-                                  f"stage2_ab.n_softctx_iter={n_softctx_iter}"])).stage2_ab
-    seqs = [channel_a_sequence(s, prompts.encode(s), adapter, "desc_first", ab) for s in samples]
-    return model, adapter, prompts, ab, seqs
-
-
-def _channel_b_seqs(model, adapter, prompts, ab, samples):
-    """Channel-B segments from the model's own greedy rollouts (HF backend)."""
-    from coordexp.config.contract import rollout_contract
-    from coordexp.rollout.batch import generate_rollouts
-    from coordexp.rollout.hf_backend import HFRolloutBackend
-    from coordexp.trainer.channels import channel_b_sequence
-
-    contract = rollout_contract(to_train_config(compose(["+experiment=smoke/b_only", "rollout=hf",
-                                                         "rollout_matching.max_new_tokens=40"])))
-    encoded = [prompts.encode(s) for s in samples]
-    backend = HFRolloutBackend(lambda: model, adapter.tokenizer, contract, prompts.image_token_id)
-    batch = generate_rollouts(backend, samples, encoded, seed=0)
-    model.train()
-    seqs = [channel_b_sequence(s, p, r, adapter, contract, ab)[0]
-            for s, p, r in zip(samples, encoded, batch.rollouts)]
-    return [q for q in seqs if q is not None]
-
-
 def _compare(path, samples, n_softctx_iter, capacity_of, channel="A"):
-    model, adapter, prompts, ab, seqs = _setup(path, samples, n_softctx_iter)
+    model, adapter, prompts, ab, seqs = setup_channel_a(path, samples, n_softctx_iter)
     if channel == "B":
-        seqs = _channel_b_seqs(model, adapter, prompts, ab, samples)
+        seqs = channel_b_seqs(model, adapter, prompts, ab, samples)
         assert len(seqs) == len(samples)  # every rollout gave a target (appended GT at least)
-    trainer = _fake_trainer(ab, adapter, prompts.image_token_id, model)
+    trainer = fake_trainer(ab, adapter, prompts.image_token_id, model)
     soft = n_softctx_iter > 1
     # reference: every segment forward on its own, mean of the per-sample totals
     per = [trainer._weighted(trainer._sample_losses(model, [q], soft)) for q in seqs]
     reference = torch.cat(per).mean()
-    ref_grads = _grads(model, reference)
+    ref_grads = grads(model, reference)
     lengths = [len(q.prompt_ids) + len(q.target_ids) for q in seqs]
     packs = plan_packs(lengths, capacity_of(lengths))
     assert len(packs) >= 2 and any(len(p) >= 2 for p in packs)  # several packs, several segments in one
     total = sum(trainer._pack_loss(model, [seqs[i] for i in members], len(seqs), soft) for members in packs)
-    packed_grads = _grads(model, total)
+    packed_grads = grads(model, total)
     assert total.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-6)
     assert ref_grads.keys() == packed_grads.keys() and len(ref_grads) > 10
     for name, g in ref_grads.items():  # float32: the packed attention sums in another order
         assert (packed_grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-7, name
-
-
-@pytest.fixture(scope="module")
-def text_samples(tmp_path_factory):
-    from coordexp.data.jsonl import load_jsonl
-    from coordexp.data.prompt import PromptSpec
-    from coordexp.data.synthetic import write_synthetic_jsonl
-
-    return list(load_jsonl(write_synthetic_jsonl(tmp_path_factory.mktemp("t") / "t.jsonl", 5, seed=9),
-                           PromptSpec()))
-
-
-@pytest.fixture(scope="module")
-def vl(tmp_path_factory):
-    from coordexp.data.jsonl import load_jsonl
-    from coordexp.data.prompt import PromptSpec
-    from coordexp.data.synthetic_images import write_synthetic_image_jsonl
-    from coordexp.models.tiny import ensure_tiny_model
-
-    path = ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model-cache", arch="qwen2_vl")
-    split = write_synthetic_image_jsonl(tmp_path_factory.mktemp("img") / "v.jsonl", 3, seed=2)
-    return path, list(load_jsonl(split, PromptSpec()))
 
 
 @pytest.mark.parametrize("n_softctx_iter", [1, 2])

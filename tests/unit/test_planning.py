@@ -380,3 +380,19 @@ def test_detected_gpu_memory_reads_nvidia_smi_within_cuda_visible_devices(tmp_pa
     assert (plan.device_bytes, plan.device_source) == (81559 << 20, "detected GPU")
     monkeypatch.setenv("PATH", "/nonexistent")
     assert detected_gpu_memory() is None
+
+
+def test_the_loss_head_counts_no_image_placeholder(tmp_path):
+    """The learner computes logits only at positions that predict a supervised token
+    (coordexp.trainer.kept_logits): the head term of a Qwen2.5-VL-7B pack counts its non-image tokens,
+    ``(tokens - image tokens) x vocab x (2 bf16 logits + 4 float32 copy + 8 CE rows and log-softmax)``, plus
+    the bf16 logits of the second soft self-context pass (``unroll`` keeps both graphs)."""
+    from coordexp.planning.inventory import inventory
+    from coordexp.planning.memory import estimate_activations
+
+    cfg = prod_cfg(checkpoint(tmp_path, QWEN25_VL_7B), "training.precision=bf16",
+                   "stage2_ab.softctx_grad_mode=unroll", "stage2_ab.n_softctx_iter=2")
+    act = estimate_activations(cfg, inventory(cfg))
+    assert act.passes == 2 and 0 < act.image_tokens < act.tokens
+    text_tokens = act.tokens - act.image_tokens
+    assert act.head_bytes == text_tokens * 152064 * (2 + 4 + 8) + text_tokens * 152064 * 2

@@ -200,15 +200,22 @@ def test_soft_context_changes_only_what_follows_a_slot(which, request):
 
 
 def test_one_pass_is_plain_teacher_forcing(text_batch):
-    """n_softctx_iter 1: the trainer's Channel-A loss is bit-identical to plain teacher forcing."""
+    """n_softctx_iter 1: the trainer's Channel-A logits are one plain teacher-forced forward, at the positions
+    that predict a supervised token (coordexp.trainer.kept_logits), equal to the full forward's there."""
+    from coordexp.trainer.kept_logits import supervised_positions
     from coordexp.trainer.stage2_trainer import Stage2ABTrainer
 
     model, adapter, batch = text_batch
     ab = to_train_config(compose(["+experiment=smoke/a_only", "rollout=hf",
                                   "stage2_ab.n_softctx_iter=1"])).stage2_ab
-    fake = SimpleNamespace(stage2_ab=ab, _coord_ids=torch.tensor(adapter.coord_token_ids),
+    fake = SimpleNamespace(stage2_ab=ab, _coord_ids=torch.tensor(adapter.coord_token_ids), _keeps_logits=None,
                            accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    positions, _ = supervised_positions(batch["ce_weights"], batch["geometry_slots"])
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        got_ce, got_geo = Stage2ABTrainer._logits(fake, model, batch, {}, True)
-    assert got_ce is got_geo and torch.equal(got_ce, logits)  # CE and geometry from the one plain forward
+        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      logits_to_keep=positions).logits
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got_ce, got_geo, ce_at, geo_at = Stage2ABTrainer._logits(fake, model, batch, {}, True)
+    assert got_ce is got_geo and ce_at is geo_at and torch.equal(ce_at, positions)  # one plain forward
+    assert torch.equal(got_ce, plain) and fake._keeps_logits is True
+    assert torch.allclose(got_ce, full.index_select(1, positions), atol=1e-5, rtol=0)

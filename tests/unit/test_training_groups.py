@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from learner_fixture import fake_trainer
 
 from coordexp.config.load import compose, to_train_config
 from coordexp.models.param_groups import group_of
@@ -165,18 +166,9 @@ def _vl_batch(cache: Path, tmp_path: Path):
 
 def _loss_and_grads(model, adapter, ab, batch):
     """The trainer's own Channel-A loss (two soft self-context passes) and every parameter's gradient."""
-    from types import SimpleNamespace
-
-    from coordexp.telemetry.metrics import MetricBuffer
-    from coordexp.trainer.stage2_trainer import Stage2ABTrainer
-
-    fake = SimpleNamespace(stage2_ab=ab, _coord_ids=torch.tensor(adapter.coord_token_ids),
-                           accelerator=SimpleNamespace(unwrap_model=lambda m: m),
-                           args=SimpleNamespace(device=torch.device("cpu")), metric_buffer=MetricBuffer())
-    fake._logits = lambda *a: Stage2ABTrainer._logits(fake, *a)
-    fake._weighted = lambda losses: Stage2ABTrainer._weighted(fake, losses)
+    fake = fake_trainer(ab, adapter, None, model)
     model.zero_grad(set_to_none=True)
-    losses = Stage2ABTrainer._forward_losses(fake, model, dict(batch), 2, True)
+    losses = fake._forward_losses(model, dict(batch), 2, True)
     loss = fake._weighted(losses).sum() / 2
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
