@@ -23,6 +23,9 @@ from coordexp.protocol import ENV_SERVER_API_KEY, is_loopback_host
 from coordexp.repeat_rules import config_to_dict
 from coordexp.repeat_rules import problems as repeat_terminate_problems
 
+# patch_size x merge_size (px) of the tiny vision-language models (coordexp.models.tiny; a test keeps it true)
+TINY_VL_IMAGE_UNIT = {"qwen2_vl": 28, "qwen2_5_vl": 28, "qwen3_vl": 32}
+
 
 def learner_world_size(cfg: TrainConfig) -> int:
     """Learner ranks over all nodes: training.nproc_per_node x training.nnodes."""
@@ -135,7 +138,11 @@ def problems(cfg: TrainConfig, training: bool = True) -> list[str]:
 
     need(rm.decode_batch_size >= 1, "rollout_matching.decode_batch_size", "must be >= 1")
     if t.packing:
-        need(t.packing_length >= 1, "training.packing_length", "must be >= 1")
+        need(t.packing_length > rm.max_new_tokens, "training.packing_length",
+             f"{t.packing_length} leaves no room for a prompt: a Channel-B segment is the prompt + up to "
+             f"rollout_matching.max_new_tokens ({rm.max_new_tokens}) tokens and must fit one pack; raise it "
+             f"above {rm.max_new_tokens} + your longest prompt + answer, or lower "
+             f"rollout_matching.max_new_tokens")
         per_rank = t.effective_batch_size // max(world, 1)
         need(t.packing_buffer >= per_rank, "training.packing_buffer",
              f"{t.packing_buffer} < the {per_rank} samples one rank trains per step "
@@ -145,6 +152,9 @@ def problems(cfg: TrainConfig, training: bool = True) -> list[str]:
         need(False, "rollout_matching.pipeline", "pipelined rollouts need rollout=vllm_server (the hf "
              "backend generates on the learner's own device: nothing to overlap); set it to null or false")
     need(rm.max_new_tokens >= 1, "rollout_matching.max_new_tokens", "must be >= 1")
+    # every sample's prompt + answer must fit vllm.max_model_len - max_new_tokens (coordexp.data.lengths)
+    need(rm.max_new_tokens < v.max_model_len, "rollout_matching.max_new_tokens",
+         f"{rm.max_new_tokens} must be < vllm.max_model_len ({v.max_model_len})")
     need(rm.repetition_penalty > 0, "rollout_matching.repetition_penalty", "must be > 0")
     need(rm.decoding.temperature >= 0, "rollout_matching.decoding.temperature", "must be >= 0 (0 = greedy)")
     need(0 < rm.decoding.top_p <= 1, "rollout_matching.decoding.top_p", "must be in (0, 1]")
@@ -173,8 +183,6 @@ def problems(cfg: TrainConfig, training: bool = True) -> list[str]:
         for i, url in enumerate(v.server.base_urls):
             bad = url_problem(url)
             need(bad is None, f"vllm.server.base_urls[{i}]", bad or "")
-        need(rm.max_new_tokens < v.max_model_len, "rollout_matching.max_new_tokens",
-             f"{rm.max_new_tokens} must be < vllm.max_model_len ({v.max_model_len})")
         if world > 1:
             need(v.sync.mode == SyncMode.full, "vllm.sync.mode",
                  f"must be full with more than one learner process (nproc_per_node={t.nproc_per_node}, "
@@ -212,11 +220,25 @@ def problems(cfg: TrainConfig, training: bool = True) -> list[str]:
     out += multinode_problems(cfg)
     need(cfg.model.tiny_stage1_steps >= 0, "model.tiny_stage1_steps", "must be >= 0")
     if cfg.model.kind == ModelKind.tiny:
+        path = Path(str(cfg.model.path)).expanduser()
+        need(not (path / "config.json").is_file(), "model.path",
+             f"'{path}' is a checkpoint (it has config.json), but model.kind is tiny, for which model.path "
+             f"is the cache dir the tiny model is built in: add model.kind=local to load that checkpoint")
+        need(cfg.model.tiny_stage1_steps == 0 or data.kind.value == "synthetic", "model.tiny_stage1_steps",
+             f"{cfg.model.tiny_stage1_steps} Stage-1 steps train the tiny model on its own synthetic task, "
+             f"so they need data.kind: synthetic; set model.tiny_stage1_steps=0 to train it on your data "
+             f"from random weights, or train your checkpoint: model.kind=local model.path=<checkpoint>")
         need(cfg.model.dtype.value == "float32", "model.dtype", "the tiny model trains in float32 on CPU")
         tiny_vl = cfg.model.tiny_arch.value.endswith("_vl")
         need(tiny_vl or not (data.kind.value == "synthetic" and syn.images), "data.synthetic.images",
              f"the tiny {cfg.model.tiny_arch.value} model is text-only and cannot read images: "
              f"use model=tiny_vl (model.tiny_arch=qwen2_vl) or data.synthetic.images=false")
+        unit = TINY_VL_IMAGE_UNIT.get(cfg.model.tiny_arch.value)
+        if unit and data.kind.value == "synthetic" and syn.images:
+            need(syn.image_cell == unit, "data.synthetic.image_cell",
+                 f"{syn.image_cell} px cells make {4 * syn.image_cell}x{4 * syn.image_cell} px images, but "
+                 f"the tiny {cfg.model.tiny_arch.value} reads images in {unit} px units (patch x merge): set "
+                 f"data.synthetic.image_cell={unit}")
         need(not (tiny_vl and server_mode), "rollout",
              "the tiny VLM runs with rollout=hf only: vLLM's Qwen2-VL needs torchvision (absent from the CPU "
              "stack) and ms-swift's qwen2_vl template expects Qwen's own vision-token ids (docs/vlm.md)")

@@ -23,11 +23,13 @@ __all__ = ["TokenLimit", "check_lengths", "oversize_error", "token_limit"]
 
 
 class TokenLimit:
-    """``limit`` tokens for prompt + answer, and where the number comes from (for messages)."""
+    """``limit`` tokens for prompt + answer, where the number comes from and the setting that raises it (for
+    messages)."""
 
-    def __init__(self, limit: int, origin: str):
+    def __init__(self, limit: int, origin: str, knob: str = "vllm.max_model_len"):
         self.limit = int(limit)
         self.origin = origin
+        self.knob = knob
 
     def __repr__(self) -> str:
         return f"TokenLimit({self.limit}, {self.origin!r})"
@@ -41,7 +43,7 @@ def token_limit(cfg: Any) -> TokenLimit:
     if cfg.training.packing and cfg.training.packing_length < total:
         total, origin = cfg.training.packing_length, "training.packing_length"
     budget = cfg.rollout_matching.max_new_tokens
-    return TokenLimit(total - budget, f"{origin} {total} - rollout_matching.max_new_tokens {budget}")
+    return TokenLimit(total - budget, f"{origin} {total} - rollout_matching.max_new_tokens {budget}", origin)
 
 
 def oversize_error(source: str, n_tokens: int, limit: TokenLimit,
@@ -50,7 +52,8 @@ def oversize_error(source: str, n_tokens: int, limit: TokenLimit,
     if n_tokens <= limit.limit:
         return None
     return (f"{source}: {n_tokens} tokens ({what}) exceed the limit of {limit.limit} ({limit.origin}); "
-            f"shorten or drop the record, or raise vllm.max_model_len (the model's context permitting)")
+            f"shorten or drop the record, or raise {limit.knob}"
+            + (" (the model's context permitting)" if limit.knob == "vllm.max_model_len" else ""))
 
 
 def check_lengths(samples: Sequence[Any], count: Callable[[Any], int], limit: TokenLimit,

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from coordexp.config.schema import (
     AdapterConfig,
-    DataKind,
     IntervalStrategy,
     ModelKind,
     Precision,
@@ -96,15 +95,18 @@ def _stage1_config(cfg: TrainConfig, base: Path) -> TrainConfig:
 
 
 def _weights_key(stage1: TrainConfig) -> dict:
-    if stage1.data.kind != DataKind.synthetic:
-        raise ModelDirError("model.tiny_stage1_steps needs data.kind: synthetic (the tiny model's task)")
     t, ab = stage1.training, stage1.stage2_ab
     # the held-out split never reaches Stage 1 (no evals): its keys do not rebuild the checkpoint
     data = dataclasses.replace(stage1.data, val_jsonl=None, val_sample_limit=None,
                                synthetic=dataclasses.replace(stage1.data.synthetic, val_samples=0))
-    return {"base": stage1.model.path, "seed": stage1.seed, "steps": t.max_steps, "lr": t.learning_rate,
-            "batch": t.effective_batch_size, "sched": t.lr_scheduler_type, "warmup": t.warmup_steps,
-            "data": dataclasses.asdict(data), "losses": dataclasses.asdict(ab)}
+    # Stage 1 runs Channel A alone with one pass: the schedule, the Channel-B settings and the soft
+    # self-context gradient mode cannot change its weights (the coordinate softmax temperature can)
+    losses = {k: v for k, v in dataclasses.asdict(ab).items()
+              if k not in ("schedule", "channel_b", "softctx_grad_mode", "n_softctx_iter")}
+    # the base by its name (its build spec's hash), not its path: a moved repo or cache dir reuses the build
+    return {"base": Path(stage1.model.path).name, "seed": stage1.seed, "steps": t.max_steps,
+            "lr": t.learning_rate, "batch": t.effective_batch_size, "sched": t.lr_scheduler_type,
+            "warmup": t.warmup_steps, "data": dataclasses.asdict(data), "losses": losses}
 
 
 def _train_stage1(stage1: TrainConfig, target: Path) -> None:

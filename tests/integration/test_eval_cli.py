@@ -231,7 +231,8 @@ def test_eval_cli_errors_are_clear(tmp_path):
     assert "starting rollout server" not in proc.stderr
     # your own data: an evaluation needs data.val_jsonl only (data.train_jsonl is a training key)
     proc = _run(["-m", "coordexp.eval", "+experiment=smoke/ab_mixed", "data=jsonl",
-                 "data.val_jsonl=/nonexistent.jsonl", f"hydra.run.dir={tmp_path / 'out4'}"], timeout=120)
+                 "model.tiny_stage1_steps=0", "data.val_jsonl=/nonexistent.jsonl",
+                 f"hydra.run.dir={tmp_path / 'out4'}"], timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "data.val_jsonl '/nonexistent.jsonl' does not exist" in proc.stderr, proc.stderr
     # the server's port is taken: exit 3, as coordexp.train, before anything starts

@@ -136,10 +136,10 @@ def test_range_and_cross_field_violations_are_reported_together():
         "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier: 5.0 is outside [1, 4]",
         "training.effective_batch_size: 16 is not divisible by per_device_train_batch_size x "
         "nproc_per_node x nnodes = 32",
+        "rollout_matching.max_new_tokens: 4096 must be < vllm.max_model_len (1024)",
         "rollout_matching.repeat_terminate.ngram_repeats: must be 0 (off) or >= 2: "
         "one occurrence is not a repeat",
         "vllm.server.base_urls: server mode needs at least one URL",
-        "rollout_matching.max_new_tokens: 4096 must be < vllm.max_model_len (1024)",
         "vllm.sync.mode: must be full with more than one learner process (nproc_per_node=2, nnodes=1)",
     ]
 
@@ -238,3 +238,44 @@ def test_soft_self_context_and_packing_settings_are_checked():
     assert problems_of("+experiment=smoke/ab_mixed", "rollout=hf", "rollout_matching.pipeline=true") == [
         "rollout_matching.pipeline: pipelined rollouts need rollout=vllm_server (the hf backend generates on "
         "the learner's own device: nothing to overlap); set it to null or false"]
+
+
+def test_tiny_model_rules_name_the_fix(tmp_path):
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    assert problems_of("+experiment=smoke/ab_mixed", "rollout=hf", f"model.path={ckpt}") == [
+        f"model.path: '{ckpt}' is a checkpoint (it has config.json), but model.kind is tiny, for which "
+        "model.path is the cache dir the tiny model is built in: add model.kind=local to load that "
+        "checkpoint"]
+    assert resolved("+experiment=smoke/ab_mixed", "rollout=hf", f"model.path={ckpt}",
+                    "model.kind=local", "model.dtype=float32").model.path == str(ckpt)
+    assert problems_of("+experiment=smoke/ab_mixed", "rollout=hf", "data.kind=jsonl",
+                       f"data.train_jsonl={tmp_path / 't.jsonl'}") == [
+        "model.tiny_stage1_steps: 300 Stage-1 steps train the tiny model on its own synthetic task, so they "
+        "need data.kind: synthetic; set model.tiny_stage1_steps=0 to train it on your data from random "
+        "weights, or train your checkpoint: model.kind=local model.path=<checkpoint>"]
+    assert problems_of("+experiment=smoke/ab_mixed_vl", "model.tiny_arch=qwen3_vl") == [
+        "data.synthetic.image_cell: 28 px cells make 112x112 px images, but the tiny qwen3_vl reads images "
+        "in 32 px units (patch x merge): set data.synthetic.image_cell=32"]
+    assert resolved("+experiment=smoke/ab_mixed_vl", "model.tiny_arch=qwen3_vl",
+                    "data.synthetic.image_cell=32").data.synthetic.image_cell == 32
+
+
+def test_the_tiny_image_units_are_the_tiny_models_patch_times_merge():
+    from coordexp.config.validate import TINY_VL_IMAGE_UNIT
+    from coordexp.models.tiny import VL_ARCHS, TinyModelSpec
+
+    assert set(TINY_VL_IMAGE_UNIT) == set(VL_ARCHS)
+    for arch, unit in TINY_VL_IMAGE_UNIT.items():
+        vision = TinyModelSpec(arch=arch).vision
+        assert vision.patch_size * vision.merge_size == unit, arch
+
+
+def test_the_pack_and_the_context_must_leave_room_for_a_prompt():
+    assert problems_of("+experiment=smoke/ab_mixed", "rollout=hf", "training.packing_length=64") == [
+        "training.packing_length: 64 leaves no room for a prompt: a Channel-B segment is the prompt + up to "
+        "rollout_matching.max_new_tokens (96) tokens and must fit one pack; raise it above 96 + your longest "
+        "prompt + answer, or lower rollout_matching.max_new_tokens"]
+    assert problems_of("+experiment=smoke/ab_mixed", "rollout=hf", "vllm.max_model_len=96") == [
+        "rollout_matching.max_new_tokens: 96 must be < vllm.max_model_len (96)"]  # the hf backend too

@@ -286,3 +286,19 @@ def test_tiny_stage1_key_ignores_the_held_out_split_and_keeps_the_training_data(
     assert key() == key("data.val_sample_limit=4", "data.synthetic.val_samples=7")
     assert key() != key("data.synthetic.train_samples=99")
     assert key() != key("training.effective_batch_size=2")
+    # Channel A alone with one pass: Channel-B and multi-pass settings reuse it; its loss settings do not
+    assert key() == key("stage2_ab.softctx_grad_mode=em_detach", "stage2_ab.n_softctx_iter=3",
+                        "stage2_ab.channel_b.drop_invalid_struct_ce_multiplier=2",
+                        "stage2_ab.schedule.b_ratio=0.9")
+    assert key() != key("stage2_ab.softctx_temperature=0.5")  # the coordinate softmax of the geometry losses
+    assert key() != key("stage2_ab.bbox_ciou_weight=2")
+
+
+def test_tiny_stage1_key_names_the_base_not_its_path():
+    """A moved repo or cache dir reuses the cached Stage-1 build (the base folder's name: its spec's hash)."""
+    from coordexp.trainer.model_dir import _stage1_config, _weights_key
+
+    cfg = to_train_config(compose(VL))
+    here = _weights_key(_stage1_config(cfg, Path("/a/cache/tiny-models/tiny-qwen2_vl-be99")))
+    moved = _weights_key(_stage1_config(cfg, Path("/elsewhere/tiny-models/tiny-qwen2_vl-be99")))
+    assert here == moved and here["base"] == "tiny-qwen2_vl-be99"

@@ -43,6 +43,18 @@ def test_the_rule_names_source_count_and_limit():
         "the record, or raise vllm.max_model_len (the model's context permitting)")
 
 
+def test_a_pack_shorter_than_the_context_is_the_limit_and_the_setting_to_raise():
+    from coordexp.data.lengths import token_limit
+
+    cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=hf",
+                                   "training.packing_length=400"]))
+    limit = token_limit(cfg)
+    assert (limit.limit, limit.knob) == (304, "training.packing_length")
+    assert oversize_error("d.jsonl:2", 305, limit) == (
+        "d.jsonl:2: 305 tokens (prompt + answer) exceed the limit of 304 (training.packing_length 400 - "
+        "rollout_matching.max_new_tokens 96); shorten or drop the record, or raise training.packing_length")
+
+
 def test_over_length_records_are_refused_at_load_and_short_ones_are_not_tokenized(tmp_path, encoders):
     from coordexp.trainer.learner import check_sample_lengths
 
@@ -50,7 +62,8 @@ def test_over_length_records_are_refused_at_load_and_short_ones_are_not_tokenize
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join([record("cat"), record("a long one " * 400), record("dog"),
                                record("x" * 1_000_000)]) + "\n")
-    cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=hf", "data.kind=jsonl",
+    cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=hf", "model.tiny_stage1_steps=0",
+                                   "data.kind=jsonl",
                                    f"data.train_jsonl={path}"]))
     samples = list(load_jsonl(path, PromptSpec(), check_images=False))
     counted = []
