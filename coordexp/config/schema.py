@@ -190,7 +190,8 @@ class DataConfig:
 @dataclass
 class TrainingConfig:
     run_name: str = doc("Run name (TensorBoard run, metadata).")
-    output_dir: str = doc("Run directory: checkpoints, metrics.jsonl, run_metadata.json.")
+    output_dir: str = doc("Run directory: checkpoints, metrics.jsonl, run_metadata.json. The leaves set it "
+                          "to Hydra's run dir (train.log, .hydra/); move a run with hydra.run.dir=<dir>.")
     logging_dir: str = doc("TensorBoard event directory.")
     learning_rate: float = doc("Peak learning rate (AdamW) of the language model (+ head).")
     vit_lr: float | None = doc("Peak learning rate of the vision tower (vision-language models only; "
@@ -252,7 +253,8 @@ class TrainingConfig:
         default_factory=lambda: [ReportTo.tensorboard])
     resume_from_checkpoint: str | None = doc(
         "`latest` resumes from the newest checkpoint of this run's lineage (its own dir, or a run dir whose "
-        ".hydra/overrides.yaml equals this run's overrides without this key); a checkpoint dir or a run dir "
+        ".hydra/overrides.yaml equals this run's overrides without this key and training.max_steps); a "
+        "checkpoint dir or a run dir "
         "resumes from it (docs/runbook.md).", None)
     dataloader_num_workers: int = doc("DataLoader worker processes.", 0)
     packing: bool = doc(

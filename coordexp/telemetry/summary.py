@@ -27,6 +27,18 @@ def final_eval(log_history: Sequence[Mapping[str, Any]], metric: str) -> Mapping
     return evals[-1] if evals else None
 
 
+def _why_no_best(log_history: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """Why a run has no best checkpoint: no eval ran, or the best eval (highest ``metric``: every
+    metric_for_best_model is higher-is-better) fell on a step that saved no checkpoint."""
+    evals = [r for r in log_history if isinstance(r.get(metric), (int, float))]
+    if not evals:
+        return "none (no eval ran: training.eval_strategy, or no held-out split)"
+    best = max(evals, key=lambda r: r[metric])
+    return (f"none: the best eval ({metric} {_fmt(best[metric])} at step {best.get('step', '?')}) fell on a "
+            f"step without a checkpoint (a checkpoint at every eval needs training.eval_steps to be a "
+            f"multiple of training.save_steps)")
+
+
 #: Overrides of a run that do not shape its evaluation (or that the eval command sets itself).
 _NOT_FOR_EVAL = ("experiment", "rollout", "training", "stage2_ab", "hydra", "model.path", "model.kind")
 
@@ -69,7 +81,7 @@ def run_summary(*, run_dir: Path, logging_dir: str | None, global_step: int, max
         shown = f" ({metric} {_fmt(best_metric)})" if best_metric is not None else ""
         row("best checkpoint", f"{best_checkpoint}{shown}")
     else:
-        row("best checkpoint", "none (no eval picked one: training.eval_strategy / save_strategy)")
+        row("best checkpoint", _why_no_best(log_history, metric))
     row("last checkpoint", last_checkpoint or "none (training.save_strategy: no)")
     record = final_eval(log_history, metric)
     if record is None:

@@ -1,8 +1,9 @@
 """Which checkpoint a run resumes from (``training.resume_from_checkpoint``), and what a resume records.
 
 - ``latest`` stays inside the run's **lineage**: the run's own dir, and every run dir whose
-  ``.hydra/overrides.yaml`` equals this run's overrides without the resume key (the same job started
-  earlier: the first attempt of a preempted single run, or the same sweep job of an earlier sweep). Run
+  ``.hydra/overrides.yaml`` equals this run's overrides without the resume key and ``training.max_steps``
+  (the same job started earlier: the first attempt of a preempted single run, the same sweep job of an
+  earlier sweep, or a finished run trained on with a higher ``max_steps``). Run
   dirs are looked for next to the run's dir and, for a sweep job (``<sweep dir>/<job num>``), in the
   sibling sweep dirs; a job with other overrides (another ``b_ratio``) is never picked.
 - a checkpoint dir resumes from it; a run dir from its newest checkpoint.
@@ -25,6 +26,8 @@ from coordexp.errors import LearnerError
 from coordexp.protocol import METADATA_NAME
 
 RESUME_KEY = "training.resume_from_checkpoint"
+#: keys a run's lineage ignores: how it resumes, and how far it trains (raising it trains the same run on)
+LINEAGE_FREE_KEYS = (RESUME_KEY, "training.max_steps")
 LATEST = "latest"
 #: Where a run records the checkpoint it resumed from (a top-level key of run_metadata.json).
 METADATA_KEY = "resumed_from"
@@ -45,7 +48,8 @@ class Resume:
     def describe(self) -> str:
         if self.complete:
             return (f"already complete: {self.checkpoint} is at step {self.global_step}, training.max_steps "
-                    f"is {self.max_steps}; nothing to train (raise training.max_steps to train on)")
+                    f"is {self.max_steps}; nothing to train (to train on: the same command with a higher "
+                    f"training.max_steps and {RESUME_KEY}={LATEST})")
         return f"resuming from {self.checkpoint} (step {self.global_step} of {self.max_steps})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,7 +58,8 @@ class Resume:
 
 
 def _overrides(run_dir: Path) -> list[str] | None:
-    """The run's Hydra task overrides without the resume key (None when it has no .hydra record)."""
+    """The run's Hydra task overrides without :data:`LINEAGE_FREE_KEYS` (None when it has no .hydra
+    record)."""
     path = run_dir / ".hydra" / "overrides.yaml"
     try:
         items = yaml.safe_load(path.read_text()) or []
@@ -62,11 +67,11 @@ def _overrides(run_dir: Path) -> list[str] | None:
         return None
     if not isinstance(items, list):
         return None
-    return sorted(str(o) for o in items if str(o).lstrip("+~").split("=", 1)[0] != RESUME_KEY)
+    return sorted(str(o) for o in items if str(o).lstrip("+~").split("=", 1)[0] not in LINEAGE_FREE_KEYS)
 
 
 def lineage(run_dir: Path) -> list[Path]:
-    """The run's own dir, then every run dir with the same overrides (without the resume key)."""
+    """The run's own dir, then every run dir with the same overrides (but :data:`LINEAGE_FREE_KEYS`)."""
     run_dir = Path(run_dir).resolve()
     mine = _overrides(run_dir)
     out = [run_dir]

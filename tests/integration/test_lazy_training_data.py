@@ -33,6 +33,10 @@ def test_train_cli_stops_before_training_on_a_bad_line_far_down(tmp_path):
     assert (f"error: {path}:19001: empty objects (Stage-2 needs at least one ground-truth object per "
             f"sample)") in out
     assert "Traceback" not in out and not (run_dir / "metrics.jsonl").exists()
+    # training.output_dir apart from hydra.run.dir: said once, with the one-folder fix
+    note = f"note: training.output_dir={run_dir} is not the run dir Hydra made ({tmp_path}/hydra)"
+    assert out.count(note) == 1
+    assert f"set hydra.run.dir={run_dir} instead" in out
 
 
 def test_two_ranks_each_check_their_share_and_stop_together(tmp_path):

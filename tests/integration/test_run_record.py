@@ -104,7 +104,8 @@ def test_a_checkpoint_at_max_steps_is_already_complete(small_run, tmp_path):
     proc = train(f"training.resume_from_checkpoint={run_dir}/checkpoint-4", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = (f"[coordexp launch] already complete: {run_dir}/checkpoint-4 is at step 4, training.max_steps is "
-            f"4; nothing to train (raise training.max_steps to train on)")
+            f"4; nothing to train (to train on: the same command with a higher training.max_steps and "
+            f"training.resume_from_checkpoint=latest)")
     assert line in proc.stderr.splitlines() and "step 1/4" not in proc.stdout
     assert not list(out.glob("checkpoint-*")) and not (out / "metrics.jsonl").exists()
     meta = json.loads((out / "run_metadata.json").read_text())

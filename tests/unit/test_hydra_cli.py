@@ -147,7 +147,8 @@ def test_every_path_field_of_the_schema_is_made_absolute():
 
 def test_relative_paths_are_taken_from_where_the_command_started(tmp_path, monkeypatch):
     cfg = compose(["+experiment=smoke/a_only", "rollout=hf", "data=jsonl", "data.train_jsonl=d/train.jsonl",
-                   "training.resume_from_checkpoint=latest", "hydra.job.chdir=true"])
+                   "model.tiny_stage1_steps=0", "training.resume_from_checkpoint=latest",
+                   "hydra.job.chdir=true"])
     start = cfg.hydra.runtime.cwd
     monkeypatch.chdir(tmp_path)  # what hydra.job.chdir=true does before the job runs
     obj = to_train_config(cfg)
@@ -173,8 +174,19 @@ def test_chdir_true_moves_no_path(tmp_path):
 
 
 def test_an_evaluation_needs_no_training_data():
-    cfg = compose(["+experiment=smoke/a_only", "rollout=hf", "data=jsonl", "data.val_jsonl=/d/val.jsonl"])
+    cfg = compose(["+experiment=smoke/a_only", "rollout=hf", "data=jsonl", "data.val_jsonl=/d/val.jsonl",
+                   "model.tiny_stage1_steps=0"])
     with pytest.raises(ConfigError) as err:
         to_train_config(cfg)
     assert err.value.problems == ["data.train_jsonl: is required with data.kind: jsonl"]
     assert to_train_config(cfg, training=False).data.val_jsonl == "/d/val.jsonl"
+
+
+def test_an_output_dir_apart_from_the_hydra_run_dir_is_said(tmp_path):
+    from coordexp.train import split_run_note
+
+    assert split_run_note(str(tmp_path / "r"), str(tmp_path / "x" / ".." / "r")) is None  # the same folder
+    assert split_run_note(str(tmp_path / "ckpt"), str(tmp_path / "hydra")) == (
+        f"note: training.output_dir={tmp_path}/ckpt is not the run dir Hydra made ({tmp_path}/hydra): "
+        "checkpoints, metrics and TensorBoard go to the first, train.log and .hydra/ stay in the second; to "
+        f"keep the run in one folder set hydra.run.dir={tmp_path}/ckpt instead")

@@ -69,6 +69,18 @@ def test_latest_of_a_single_run_prefers_its_own_dir_and_same_overrides(tmp_path)
     assert resume.resolve("latest", me, 150).checkpoint == (me / "checkpoint-120").resolve()
 
 
+def test_a_finished_run_trains_on_with_a_higher_max_steps(tmp_path):
+    """The "already complete" fix, as the message gives it: the same command with a higher max_steps and
+    latest finds the finished run's checkpoint (max_steps is no part of the lineage)."""
+    done = make_run(tmp_path, "2026-01-01_00-00-00", [LEAF, "training.max_steps=4", LATEST], steps=(4,))
+    complete = resume.resolve("latest", done, 4)
+    assert complete.complete and "a higher training.max_steps and training.resume_from_checkpoint=latest" in \
+        complete.describe()
+    me = make_run(tmp_path, "2026-01-02_00-00-00", [LEAF, "training.max_steps=6", LATEST])
+    on = resume.resolve("latest", me, 6)
+    assert (on.checkpoint, on.global_step, on.complete) == ((done / "checkpoint-4").resolve(), 4, False)
+
+
 def test_no_checkpoint_in_the_lineage_is_a_clear_error(tmp_path):
     make_run(tmp_path, "other", [LEAF, "stage2_ab.schedule.b_ratio=0.5"], steps=(4,))
     me = make_run(tmp_path, "me", [LEAF, LATEST])
@@ -123,6 +135,23 @@ def test_say_goes_through_the_bar_and_into_the_record(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_CONSOLE_LOG)
     say("not recorded", file=io.StringIO())
     assert record.read_text() == "[coordexp weight sync] step 1: pushed\n"
+
+
+def test_summary_says_why_there_is_no_best_checkpoint(tmp_path):
+    """The best eval at step 4 of evals every 2 steps, checkpoints every 3: no checkpoint holds it."""
+    history = [{"eval_rollout/f1": 0.582, "step": 2}, {"eval_rollout/f1": 0.642, "step": 4},
+               {"eval_rollout/f1": 0.402, "step": 6}]
+    last = str(tmp_path / "checkpoint-6")
+    kwargs = {"run_dir": tmp_path, "logging_dir": None, "global_step": 6, "max_steps": 6,
+              "metric": "eval_rollout/f1", "best_checkpoint": None, "best_metric": None,
+              "last_checkpoint": last}
+    rows = run_summary(log_history=history, **kwargs).splitlines()
+    assert rows[3] == ("  best checkpoint:  none: the best eval (eval_rollout/f1 0.6420 at step 4) fell on a "
+                       "step without a checkpoint (a checkpoint at every eval needs training.eval_steps "
+                       "to be a multiple of training.save_steps)")
+    assert rows[-1].endswith(f"model.path={last}")  # the evaluate line falls back to the last checkpoint
+    rows = run_summary(log_history=[{"loss": 1.0, "step": 6}], **kwargs).splitlines()
+    assert rows[3] == "  best checkpoint:  none (no eval ran: training.eval_strategy, or no held-out split)"
 
 
 def test_summary_names_the_run_the_best_checkpoint_and_the_final_eval(tmp_path):
