@@ -93,8 +93,8 @@ PATTERNS: tuple[str, ...] = ("rollout/parse_dropped/<reason>", f"{EVAL_PREFIX}/p
 ALL_METRICS: frozenset[str] = frozenset(
     (*HF_KEYS, *HF_END_KEYS, *HF_EVAL_KEYS, *STEP_KEYS, *CHANNEL_B_KEYS, *EVAL_METRICS))
 
-#: The keys docs/metrics.md documents (HF's end-of-training and eval timing records are not).
-DOCUMENTED: frozenset[str] = frozenset((*HF_KEYS, *STEP_KEYS, *CHANNEL_B_KEYS, *EVAL_METRICS, *PATTERNS))
+#: The keys docs/metrics.md documents: every key a run logs.
+DOCUMENTED: frozenset[str] = frozenset((*ALL_METRICS, *PATTERNS))
 
 _PATTERN_RES = [re.compile(re.escape(p).replace(re.escape("<reason>"), r"[a-z0-9_]+") + "$")
                 for p in PATTERNS]

@@ -173,3 +173,26 @@ def test_coord_vocab_rejects_incomplete_or_duplicate_ids():
         CoordVocab(tuple([0] * 1000))
     with pytest.raises(ValueError, match="needs 1000"):
         CoordVocab((1, 2, 3))
+
+
+def test_channel_b_pages_example_imports_what_it_uses():
+    """docs/channel_b.md's snippet: every name it uses from coordexp is imported by its own import lines."""
+    import re
+
+    from tests.conftest import REPO_ROOT
+
+    text = (REPO_ROOT / "docs" / "channel_b.md").read_text()
+    snippet = text[text.index("```python\n") + 10:]
+    snippet = snippet[:snippet.index("```")]
+    imports = "\n".join(line for line in snippet.splitlines() if line.startswith("from coordexp"))
+    scope: dict = {}
+    exec(imports, scope)  # noqa: S102 - the page's own import lines
+    names = {"parse_rollout", "build_channel_b_target", "match_boxes", "TargetInvariantError"}
+    assert {n for n in names if re.search(rf"\b{n}\(|except {n}\b", snippet)} == names  # the page uses them
+    assert names <= scope.keys()
+
+
+def test_a_pixel_box_takes_the_nearest_bin_of_each_corner():
+    """As docs/channel_b.md and docs/data.md say: the nearest bin per corner (not floor / ceil), widened."""
+    assert pixel_box_to_bins((10.4, 10.4, 20.4, 20.4), 100, 100) == (105, 105, 206, 206)  # floor: 104
+    assert pixel_box_to_bins((999, 5, 999, 5), 1000, 1000) == (998, 5, 999, 6)
