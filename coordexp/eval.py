@@ -43,6 +43,7 @@ from coordexp.errors import CoordexpError, EvalError, ServerStartError
 from coordexp.evaluation.coco_export import CocoExport, CocoExportError, pop_export_flags
 from coordexp.launch.rollout_server import RolloutServer
 from coordexp.models.adapter_checkpoint import is_adapter_checkpoint
+from coordexp.models.progress import progress_bars_on_a_terminal_only
 
 #: Where evals go unless hydra.run.dir / hydra.sweep.dir are given (training runs use runs/<experiment>/...).
 DEFAULT_DIRS = {"hydra.run.dir": "runs/${experiment}-eval/${now:%Y-%m-%d_%H-%M-%S}",
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.code)
     if flags:
         COCO_EXPORT = CocoExport(Path(flags["--coco-results"]).resolve(), flags.get("--coco-categories"))
+    progress_bars_on_a_terminal_only()
     # DEFAULT_DIRS: evals apart from training runs unless told otherwise; no training data needed
     run_hydra(hydra_task, extra=DEFAULT_DIRS, training=False)
 

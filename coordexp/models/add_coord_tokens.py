@@ -38,6 +38,7 @@ from typing import Any
 
 from coordexp.coordjson import NUM_BINS
 from coordexp.errors import CoordexpError, run_reporting
+from coordexp.models.progress import progress_bars_on_a_terminal_only
 
 RECORD_FILE = "coordexp_coord_tokens.json"
 DEFAULT_SCALE = 0.25
@@ -184,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"size of the ordered component in units of the per-dimension std "
                              f"(default {DEFAULT_SCALE})")
     args = parser.parse_args(argv)
+    progress_bars_on_a_terminal_only()
     summary = run_reporting(lambda: add_coord_tokens(args.src, args.dst, scale=args.scale))
     if isinstance(summary, int):
         return summary

@@ -33,6 +33,7 @@ import torch
 from coordexp.errors import CoordexpError, run_reporting
 from coordexp.models.adapter_checkpoint import ADAPTER_CONFIG, adapter_base, is_adapter_checkpoint
 from coordexp.models.add_coord_tokens import missing_coord_tokens
+from coordexp.models.progress import progress_bars_on_a_terminal_only
 from coordexp.models.prompts import load_model_and_prompts
 
 __all__ = ["EXPORT_RECORD", "ExportError", "export_checkpoint", "main"]
@@ -127,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weight dtype of the export (default: the base checkpoint's)")
     args = parser.parse_args(argv)
+    progress_bars_on_a_terminal_only()
     record = run_reporting(lambda: export_checkpoint(args.checkpoint, args.out, args.dtype))
     if isinstance(record, int):
         return record

@@ -19,7 +19,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
-from transformers.utils import logging as hf_logging
 
 from coordexp.config.contract import rollout_contract
 from coordexp.config.load import load_saved
@@ -46,6 +45,7 @@ from coordexp.errors import (
     exit_on_error,
     report_disk_full_in_threads,
 )
+from coordexp.models.progress import progress_bars_on_a_terminal_only
 from coordexp.models.prompts import load_model_and_prompts
 from coordexp.protocol import ENV_CONSOLE_LOG
 from coordexp.rollout.hf_backend import HFRolloutBackend
@@ -304,8 +304,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
     the end-of-run summary and write it to the run dir (rank 0)."""
     set_seed(cfg.seed)
     t = cfg.training
-    if not sys.stderr.isatty():  # transformers' loading/saving bars: redraws and escapes in a log file
-        hf_logging.disable_progress_bar()
+    progress_bars_on_a_terminal_only()
     report_disk_full_in_threads()
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed = resume.resolve(t.resume_from_checkpoint, run_dir, t.max_steps)

@@ -81,6 +81,15 @@ def test_a_finished_run_trains_on_with_a_higher_max_steps(tmp_path):
     assert (on.checkpoint, on.global_step, on.complete) == ((done / "checkpoint-4").resolve(), 4, False)
 
 
+def test_a_misspelt_latest_is_named(tmp_path):
+    with pytest.raises(LearnerError, match=r"'lastest' is neither .* \(did you mean "
+                                           r"training.resume_from_checkpoint=latest\?\)$"):
+        resume.resolve("lastest", tmp_path, 4)
+    with pytest.raises(LearnerError) as err:
+        resume.resolve(str(tmp_path / "no_such_run"), tmp_path, 4)
+    assert "did you mean" not in str(err.value)
+
+
 def test_no_checkpoint_in_the_lineage_is_a_clear_error(tmp_path):
     make_run(tmp_path, "other", [LEAF, "stage2_ab.schedule.b_ratio=0.5"], steps=(4,))
     me = make_run(tmp_path, "me", [LEAF, LATEST])
