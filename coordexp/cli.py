@@ -37,6 +37,15 @@ def hydra_args(args: list[str]) -> argparse.Namespace | None:
         return None
 
 
+def command_name(argv0: str | None = None) -> str:
+    """How the user started this entry point: ``python -m coordexp.train`` for a module run (argv[0] is then
+    the module's file), else the console script's name (``coordexp-train``)."""
+    path = Path(argv0 if argv0 is not None else sys.argv[0])
+    if path.suffix == ".py" and path.parent.name == "coordexp":
+        return f"python -m coordexp.{path.stem}"
+    return path.name
+
+
 def hydra_overrides(args: list[str]) -> list[str]:
     """Hydra overrides among the CLI args (flags and their values, e.g. ``-m``, ``--cfg job``, ``--info
     defaults-tree``, ``--config-dir <dir>``, are skipped)."""
@@ -72,8 +81,11 @@ def prepare_argv(extra: dict[str, str] | None = None, training: bool = True) -> 
     command line."""
     register_configs()
     ns = hydra_args(sys.argv[1:])
-    if ns is None:
-        return None  # Hydra reports its own usage error
+    if ns is None:  # Hydra's own parser reports the usage error (exit 2), under the command's real name
+        parser = get_args_parser()
+        parser.prog = command_name()
+        parser.parse_intermixed_args(sys.argv[1:])
+        return None
     modes = [flag for flag, on in (("--run", ns.run), ("--multirun", ns.multirun), ("--cfg", ns.cfg),
                                    ("--info", ns.info), ("--shell-completion", ns.shell_completion)) if on]
     if len(modes) > 1:  # Hydra raises a bare ValueError for this

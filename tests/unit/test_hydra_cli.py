@@ -190,3 +190,19 @@ def test_an_output_dir_apart_from_the_hydra_run_dir_is_said(tmp_path):
         f"note: training.output_dir={tmp_path}/ckpt is not the run dir Hydra made ({tmp_path}/hydra): "
         "checkpoints, metrics and TensorBoard go to the first, train.log and .hydra/ stay in the second; to "
         f"keep the run in one folder set hydra.run.dir={tmp_path}/ckpt instead")
+
+
+@pytest.mark.parametrize("module", ["coordexp.train", "coordexp.eval"])
+def test_a_usage_error_names_the_command_the_user_ran(module):
+    out = run("+experiment=smoke/ab_mixed", "--cfg", "jbo", module=module)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"usage: python -m {module} [--help]")
+    assert f"python -m {module}: error: argument --cfg/-c: invalid choice: 'jbo'" in out.stderr
+    assert "train.py" not in out.stderr and "eval.py" not in out.stderr
+
+
+def test_command_name():
+    from coordexp.cli import command_name
+
+    assert command_name("/site-packages/coordexp/train.py") == "python -m coordexp.train"
+    assert command_name("/venv/bin/coordexp-train") == "coordexp-train"
