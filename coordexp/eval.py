@@ -41,6 +41,7 @@ from coordexp.data.prompt import PromptSpec
 from coordexp.data.synthetic import write_synthetic_split
 from coordexp.errors import CoordexpError, EvalError, ServerStartError
 from coordexp.evaluation.coco_export import CocoExport, CocoExportError, pop_export_flags
+from coordexp.launch.process import terminate_on_signals
 from coordexp.launch.rollout_server import RolloutServer
 from coordexp.models.adapter_checkpoint import is_adapter_checkpoint
 from coordexp.models.progress import progress_bars_on_a_terminal_only
@@ -212,7 +213,9 @@ def run_eval(cfg: TrainConfig, out_dir: Path) -> int:
 def hydra_task(cfg: DictConfig) -> int:
     def job(train_cfg: TrainConfig) -> int:
         try:
-            return run_eval(train_cfg, Path(HydraConfig.get().runtime.output_dir))
+            # SIGINT/SIGTERM end the eval as SystemExit(128 + signal): the server stops, no traceback
+            with terminate_on_signals():
+                return run_eval(train_cfg, Path(HydraConfig.get().runtime.output_dir))
         except EvalError as err:
             print(f"error: {err}", file=sys.stderr)
             return err.code

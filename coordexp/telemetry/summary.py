@@ -4,6 +4,7 @@ numbers, and how to look at the curves. Printed at the end of a training run and
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,21 @@ def final_eval(log_history: Sequence[Mapping[str, Any]], metric: str) -> Mapping
     """The last eval record of a Trainer's ``log_history`` (the one carrying ``metric``)."""
     evals = [r for r in log_history if metric in r or "eval_rollout/f1" in r]
     return evals[-1] if evals else None
+
+
+_HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_/.+:~-]*\Z")  # a value Hydra reads unquoted, as it is
+
+
+def shell_override(key: str, value: str) -> str:
+    """``key=value`` as one shell word whose value Hydra reads back exactly: unquoted when plain ASCII path
+    characters; else in Hydra's single quotes (non-ASCII, spaces, commas), the word in the shell's double
+    quotes when nothing in it is special to them, else in the shell's single quotes."""
+    if _HYDRA_PLAIN.match(value):
+        return f"{key}={value}"
+    quoted = "'" + value.replace("'", "\\'") + "'"  # Hydra: a backslash escapes only a quote
+    if not re.search(r"[\"$`\\!']", value):
+        return f'"{key}={quoted}"'
+    return shlex.quote(f"{key}={quoted}")
 
 
 def _why_no_best(log_history: Sequence[Mapping[str, Any]], metric: str) -> str:
@@ -104,7 +120,7 @@ def run_summary(*, run_dir: Path, logging_dir: str | None, global_step: int, max
     if best_checkpoint or last_checkpoint:  # the best one, else the last one
         extra = ([f"rollout={rollout}"] if rollout else []) + eval_overrides(overrides)
         row("evaluate", " ".join([f"python -m coordexp.eval +experiment={experiment} model.kind=local",
-                                  f"model.path={shlex.quote(str(best_checkpoint or last_checkpoint))}",
+                                  shell_override("model.path", str(best_checkpoint or last_checkpoint)),
                                   *map(shlex.quote, extra)]))
     return "\n".join(lines)
 

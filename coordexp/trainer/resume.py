@@ -117,7 +117,8 @@ def resolve(spec: str | None, run_dir: Path, max_steps: int) -> Resume | None:
     path = Path(spec)
     picked = path if (path / "trainer_state.json").is_file() else (_newest([path]) if path.is_dir() else None)
     if picked is None:
-        typo = not path.exists() and difflib.get_close_matches(spec, [LATEST], n=1, cutoff=0.6)
+        # the config made the value absolute against the cwd: compare the name the user typed
+        typo = not path.exists() and difflib.get_close_matches(path.name, [LATEST], n=1, cutoff=0.6)
         hint = f" (did you mean {RESUME_KEY}={LATEST}?)" if typo else ""
         raise LearnerError(f"{RESUME_KEY}='{spec}' is neither a checkpoint dir nor a run dir with "
                            f"checkpoint-* inside{hint}")

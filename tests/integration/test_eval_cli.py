@@ -252,3 +252,25 @@ def test_eval_cli_errors_are_clear(tmp_path):
 def test_plot_cli_error_on_a_dir_without_metrics(tmp_path):
     proc = _run(["-m", "coordexp.plot", str(tmp_path)], timeout=120)
     assert proc.returncode == 2 and "no metrics file" in proc.stderr
+
+
+def test_ctrl_c_during_the_rollouts_ends_the_eval_with_130_and_no_traceback(tmp_path):
+    """SIGINT (Ctrl-C) while coordexp.eval rolls out in-process: exit 130, a clean stop, as coordexp.train."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordexp.eval", "+experiment=smoke/ab_mixed", "rollout=hf",
+         "model.tiny_stage1_steps=0", "data.synthetic.val_samples=400", "data.val_sample_limit=400",
+         f"hydra.run.dir={tmp_path / 'eval'}"],
+        cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the rollouts start right after this line
+            if line.startswith("coordexp.eval: 400 samples"):
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert not (tmp_path / "eval" / "eval_report.json").exists()

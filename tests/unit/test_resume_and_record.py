@@ -85,6 +85,8 @@ def test_a_misspelt_latest_is_named(tmp_path):
     with pytest.raises(LearnerError, match=r"'lastest' is neither .* \(did you mean "
                                            r"training.resume_from_checkpoint=latest\?\)$"):
         resume.resolve("lastest", tmp_path, 4)
+    with pytest.raises(LearnerError, match=r"did you mean training.resume_from_checkpoint=latest\?"):
+        resume.resolve(str(tmp_path / "lastest"), tmp_path, 4)  # as the config passes it: made absolute
     with pytest.raises(LearnerError) as err:
         resume.resolve(str(tmp_path / "no_such_run"), tmp_path, 4)
     assert "did you mean" not in str(err.value)
@@ -271,3 +273,20 @@ def test_a_fresh_run_into_a_dir_with_an_earlier_run_says_what_it_appends_and_ove
     assert f"{tmp_path} holds an earlier run (checkpoint-2 checkpoint-10)" in alone
     resumed = resume.Resume(tmp_path / "checkpoint-10", 10, 20)
     assert earlier_run_notice(tmp_path, resumed) is None  # resuming appends on purpose
+
+
+@pytest.mark.parametrize("path", ["/runs/smoke/2026-12-01_00-00-00/checkpoint-4", "/tmp/rún 猫/checkpoint-2",
+                                  "/tmp/a,b/checkpoint-2", "/tmp/it's/c", "/tmp/$HOME `x` \\ \"q\"/c"])
+def test_the_evaluate_lines_model_path_reads_back_exactly(path):
+    """Pasted into a shell, the summary's model.path override reaches Hydra as one word that parses back
+    to the path (non-ASCII, spaces and commas need Hydra's quotes; the shell must not expand anything)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from coordexp.telemetry.summary import shell_override
+
+    word = shell_override("model.path", path)
+    (arg,) = shlex.split(word)
+    parsed = OverridesParser.create().parse_override(arg)
+    assert (parsed.key_or_group, parsed.value()) == ("model.path", path)
+    if path.isascii() and " " not in path and "," not in path and "'" not in path and "$" not in path:
+        assert word == f"model.path={path}"  # a plain path stays as it is
