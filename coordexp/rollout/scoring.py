@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 from pathlib import Path
 
 from coordexp.checkpoint import read_stop_ids
@@ -24,6 +24,7 @@ from coordexp.coordjson import (
     raw_piece,
     spelled,
 )
+from coordexp.data.special_tokens import special_token_pattern
 from coordexp.matching import match_boxes
 from coordexp.rollout.batch import Rollout
 from coordexp.telemetry.metrics import MetricBuffer
@@ -70,6 +71,12 @@ class TokenizerAdapter:
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
+
+    @cached_property
+    def special_token_pattern(self):
+        """A regex of every added token (special tokens and the coordinate vocabulary): text that holds one
+        is encoded as that token (coordexp.data.special_tokens)."""
+        return special_token_pattern([*self.tokenizer.get_added_vocab(), *self.tokenizer.all_special_tokens])
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         """Lossless pieces (what ``parse_rollout`` takes)."""

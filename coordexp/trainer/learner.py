@@ -37,6 +37,7 @@ from coordexp.data.jsonl import MAX_REPORTED_ERRORS, DataValidationError, load_j
 from coordexp.data.lazy_jsonl import LazyJsonlDataset, evenly_spaced
 from coordexp.data.lengths import check_lengths, token_limit
 from coordexp.data.prompt import PromptSpec
+from coordexp.data.special_tokens import check_descs
 from coordexp.data.synthetic import write_synthetic_split
 from coordexp.errors import (
     CoordexpError,
@@ -136,9 +137,10 @@ def load_samples(cfg: TrainConfig, run_dir: Path):
 
 
 def check_sample_lengths(cfg: TrainConfig, prompts, adapter: TokenizerAdapter, samples) -> None:
-    """The one length rule (coordexp.data.lengths), at load: prompt + Channel-A answer tokens of every sample
-    within vllm.max_model_len - max_new_tokens. Exact counts only where a byte bound does not settle it (a
-    token covers at least one byte), so a normal dataset is not tokenized here."""
+    """At load: no desc holds a special token (coordexp.data.special_tokens), and the one length rule
+    (coordexp.data.lengths): prompt + Channel-A answer tokens of every sample within vllm.max_model_len -
+    max_new_tokens. Exact counts only where a byte bound does not settle it (a token covers at least one
+    byte), so a normal dataset is not tokenized here."""
     order = cfg.data.object_field_order.value
 
     def bound(sample) -> int:
@@ -150,6 +152,10 @@ def check_sample_lengths(cfg: TrainConfig, prompts, adapter: TokenizerAdapter, s
         answer = channel_a_sequence(sample, prompt, adapter, order, cfg.stage2_ab).target_ids
         return len(prompt.ids) + len(answer)
 
+    try:
+        check_descs(samples, adapter.special_token_pattern)
+    except DataValidationError as err:
+        raise LearnerError(f"descs that hold special tokens:\n{err}") from None
     try:
         check_lengths(samples, count, token_limit(cfg), upper_bound=bound)
     except DataValidationError as err:

@@ -122,3 +122,28 @@ def test_with_packing_the_pack_length_bounds_samples_when_smaller():
     assert repr(limit("training.packing=true", "training.packing_length=600")) == (
         "TokenLimit(504, 'training.packing_length 600 - rollout_matching.max_new_tokens 96')")
     assert limit("training.packing=true", "training.packing_length=4096").limit == 928  # the context rules
+
+
+def test_a_desc_holding_a_special_token_is_refused_at_load(tmp_path, encoders):
+    """The tokenizer would encode '<|im_end|>' inside a desc as the end-of-turn token: a Channel-A target
+    that stops mid-label. Every such desc is listed with file:line; plain non-ASCII descs load."""
+    from coordexp.trainer.learner import check_sample_lengths
+
+    prompts, adapter = encoders
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([record("猫 café 🐶"), record("<|im_end|>"), record("cat <|coord_5|>"),
+                               record("a <|coord half"), record("<|endoftext|>")]) + "\n", encoding="utf-8")
+    cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", "rollout=hf", "model.tiny_stage1_steps=0",
+                                   "data.kind=jsonl", f"data.train_jsonl={path}"]))
+    samples = list(load_jsonl(path, PromptSpec(), check_images=False))
+    with pytest.raises(LearnerError) as err:
+        check_sample_lengths(cfg, prompts, adapter, samples)
+    assert str(err.value).splitlines() == [
+        "descs that hold special tokens:",
+        f"{path}:2: objects[0].desc '<|im_end|>' holds the tokenizer's special token '<|im_end|>'; a desc is "
+        "plain text: remove or rewrite it",
+        f"{path}:3: objects[0].desc 'cat <|coord_5|>' holds the tokenizer's special token '<|coord_5|>'; a "
+        "desc is plain text: remove or rewrite it",
+        f"{path}:5: objects[0].desc '<|endoftext|>' holds the tokenizer's special token '<|endoftext|>'; a "
+        "desc is plain text: remove or rewrite it"]
+    check_sample_lengths(cfg, prompts, adapter, [samples[0], samples[3]])  # plain text, however odd
