@@ -83,7 +83,7 @@ def plot_run(run_dir_or_file: Path, output: Path | None = None) -> Path:
     src = Path(run_dir_or_file)
     metrics = src if src.is_file() else src / METRICS_NAME
     records = read_metrics(metrics)
-    out = Path(output) if output else metrics.parent / OUTPUT_NAME
+    out = output_path(Path(output) if output else metrics.parent / OUTPUT_NAME)
     train = [r for r in records if "loss" in r or any(k.startswith("loss/") for k in r)]
     loss_keys = [k for k in LOSS_KEYS if any(k in r for r in train)]
     loss_keys += sorted({k for r in train for k in r if k.startswith("loss/")} - set(loss_keys))
@@ -142,9 +142,28 @@ def plot_run(run_dir_or_file: Path, output: Path | None = None) -> Path:
 
     fig.suptitle(f"{metrics.parent.name}: {len(train)} train log steps, "
                  f"{sum(1 for r in records if 'eval_rollout/f1' in r)} evals")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+    except OSError as err:
+        raise PlotError(f"cannot write {out}: {err.strerror or err}; pass -o <writable path>.png") from None
+    finally:
+        plt.close(fig)
+    return out
+
+
+def output_path(out: Path) -> Path:
+    """The file the plot is written to: ``out``, ``out/<OUTPUT_NAME>`` for an existing folder, ``out.png``
+    without a suffix. Raises PlotError for a suffix matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if out.is_dir():
+        return out / OUTPUT_NAME
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise PlotError(f"-o {out}: matplotlib cannot write .{out.suffix[1:]} files; use .png, .pdf or .svg")
     return out
 
 

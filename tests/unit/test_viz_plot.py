@@ -118,3 +118,24 @@ def test_plot_rejects_a_corrupt_middle_line(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\nnot json\n{"step": 2, "loss": 1}\n')
     assert plot.main([str(tmp_path)]) == 2
     assert "metrics.jsonl:2" in capsys.readouterr().err
+
+
+def test_plot_output_paths_say_what_was_written(tmp_path, capsys):
+    """-o: a folder gets training_curves.png inside; no suffix gets .png; the printed path is the file
+    written; an unknown suffix or an unwritable place is an error line (exit 2), not a traceback."""
+    _write_metrics(tmp_path / "metrics.jsonl")
+    capsys.readouterr()
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    for given, written in ((folder, folder / "training_curves.png"),
+                           (tmp_path / "curves", tmp_path / "curves.png"),
+                           (tmp_path / "c.pdf", tmp_path / "c.pdf")):
+        assert plot.main([str(tmp_path), "-o", str(given)]) == 0
+        assert capsys.readouterr().out.strip() == str(written) and written.is_file()
+    assert plot.main([str(tmp_path), "-o", str(tmp_path / "x.txt")]) == 2
+    assert capsys.readouterr().err == (f"error: -o {tmp_path}/x.txt: matplotlib cannot write .txt files; use "
+                                       f".png, .pdf or .svg\n")
+    (tmp_path / "afile").write_text("")
+    assert plot.main([str(tmp_path), "-o", str(tmp_path / "afile" / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {tmp_path}/afile/x.png: ") and "Traceback" not in err
