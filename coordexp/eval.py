@@ -55,10 +55,8 @@ COCO_EXPORT: CocoExport | None = None
 
 def load_eval_samples(cfg: TrainConfig, out_dir: Path) -> tuple[list, Path]:
     """(samples, split path): data.val_jsonl, else the synthetic held-out split (seed + 1, as the learner)."""
-    if cfg.data.val_jsonl:
+    if cfg.data.val_jsonl:  # a file: checked before the eval started (value_rules.data_file_problems)
         path = Path(cfg.data.val_jsonl)
-        if not path.is_file():
-            raise EvalError(f"data.val_jsonl '{path}' does not exist")
     elif cfg.data.kind == DataKind.synthetic:
         path = write_synthetic_split(out_dir / "data" / "val.jsonl", cfg.data.synthetic, "val")
     else:

@@ -10,12 +10,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from coordexp.config.contract import rollout_contract, server_image_root
 from coordexp.config.errors import exit_on_config_error, raise_if
 from coordexp.config.gpus import gpu_plan, gpu_plan_problem
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import TrainConfig
 from coordexp.config.validate import run_dir_problems
+from coordexp.config.value_rules import data_file_problems, dir_problems
 from coordexp.errors import CoordexpError
 from coordexp.repeat_rules import config_to_dict
 
@@ -79,8 +82,14 @@ def memory_section(cfg: TrainConfig) -> tuple[dict[str, Any], str]:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     with exit_on_config_error():
-        cfg = to_train_config(compose(argv))
-        raise_if(run_dir_problems(cfg.training.nnodes, argv, multirun=False))  # one run dir for every node
+        composed = compose(argv)
+        cfg = to_train_config(composed)
+        dirs = [("hydra.run.dir", OmegaConf.select(composed, "hydra.run.dir")),
+                ("training.output_dir", cfg.training.output_dir),
+                ("training.logging_dir", cfg.training.logging_dir)]
+        # what the run itself checks first: one run dir for every node, the dirs it writes, the files it reads
+        raise_if(run_dir_problems(cfg.training.nnodes, argv, multirun=False) + dir_problems(dirs)
+                 + data_file_problems(cfg))
         contract = preflight(cfg)
         plan, table = memory_section(cfg)
         contract["memory_plan"] = plan

@@ -26,7 +26,7 @@ from coordexp.config.paths import CONF_DIR
 from coordexp.config.schema import TrainConfig
 from coordexp.config.store import register_configs
 from coordexp.config.validate import run_dir_problems
-from coordexp.config.value_rules import dir_problems
+from coordexp.config.value_rules import data_file_problems, dir_problems
 
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 
@@ -156,7 +156,7 @@ def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writ
                 dirs += [("training.output_dir", obj.training.output_dir),
                          ("training.logging_dir", obj.training.logging_dir)]
             raise_if(run_dir_problems(obj.training.nnodes, job, multirun)
-                     + (dir_problems(dirs) if writes else []))
+                     + (dir_problems(dirs) + data_file_problems(obj, training) if writes else []))
         except ConfigError as err:
             for problem in err.problems:
                 found.setdefault(problem, []).append(label)

@@ -179,6 +179,18 @@ def _dir_problem(path: Path) -> str | None:
     return None
 
 
+def data_file_problems(cfg: TrainConfig, training: bool = True) -> list[str]:
+    """The JSONL files the run reads: ``data.train_jsonl`` (``training``) and ``data.val_jsonl`` must be
+    files, checked before anything starts (the model load, a server)."""
+    keys = (("data.train_jsonl", cfg.data.train_jsonl),) if training else ()
+    out = []
+    for key, raw in (*keys, ("data.val_jsonl", cfg.data.val_jsonl)):
+        if raw and not Path(raw).expanduser().is_file():
+            what = "is a folder, not a JSONL file" if Path(raw).expanduser().is_dir() else "does not exist"
+            out.append(f"{key}: '{raw}' {what}")
+    return out
+
+
 def dir_problems(dirs: Iterable[tuple[str, str | None]]) -> list[str]:
     """Directories a run creates and writes, as ``(key, path)``: each must be a directory or creatable, and
     writable. Probes by creating (and removing) an empty folder; nothing else is left behind. A path at or

@@ -226,7 +226,7 @@ def test_eval_cli_errors_are_clear(tmp_path):
     assert proc.returncode != 0 and "no experiment selected" in proc.stderr
     proc = _run(["-m", "coordexp.eval", "+experiment=smoke/ab_mixed", "data.val_jsonl=/nonexistent.jsonl",
                  f"hydra.run.dir={tmp_path / 'out2'}"], timeout=120)
-    assert proc.returncode == 2 and "data.val_jsonl '/nonexistent.jsonl' does not exist" in proc.stderr
+    assert proc.returncode == 2 and "data.val_jsonl: '/nonexistent.jsonl' does not exist" in proc.stderr
     # rollout=vllm_server: problems fail before the server
     assert "starting rollout server" not in proc.stderr
     # your own data: an evaluation needs data.val_jsonl only (data.train_jsonl is a training key)
@@ -234,7 +234,7 @@ def test_eval_cli_errors_are_clear(tmp_path):
                  "model.tiny_stage1_steps=0", "data.val_jsonl=/nonexistent.jsonl",
                  f"hydra.run.dir={tmp_path / 'out4'}"], timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "data.val_jsonl '/nonexistent.jsonl' does not exist" in proc.stderr, proc.stderr
+    assert "data.val_jsonl: '/nonexistent.jsonl' does not exist" in proc.stderr, proc.stderr
     # the server's port is taken: exit 3, as coordexp.train, before anything starts
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

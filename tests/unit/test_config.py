@@ -279,3 +279,20 @@ def test_the_pack_and_the_context_must_leave_room_for_a_prompt():
         "prompt + answer, or lower rollout_matching.max_new_tokens"]
     assert problems_of("+experiment=smoke/ab_mixed", "rollout=hf", "vllm.max_model_len=96") == [
         "rollout_matching.max_new_tokens: 96 must be < vllm.max_model_len (96)"]  # the hf backend too
+
+
+def test_preflight_checks_the_run_dir_and_the_data_files_as_the_run_does(tmp_path, capsys):
+    """The preflight passes only what the run would start: a run dir below a file and a missing JSONL are
+    refused with the key (the run itself failed there, after loading the model for the JSONL)."""
+    from coordexp.preflight import main as preflight_main
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        preflight_main(["+experiment=smoke/ab_mixed", "rollout=hf", f"hydra.run.dir={tmp_path}/afile/x",
+                        "model.tiny_stage1_steps=0", "data=jsonl", f"data.train_jsonl={tmp_path}/nope.jsonl",
+                        f"data.val_jsonl={tmp_path}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"hydra.run.dir: '{tmp_path}/afile/x' cannot be created: '{tmp_path}/afile' is a file" in err
+    assert f"data.train_jsonl: '{tmp_path}/nope.jsonl' does not exist" in err
+    assert f"data.val_jsonl: '{tmp_path}' is a folder, not a JSONL file" in err
