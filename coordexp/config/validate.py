@@ -216,6 +216,8 @@ def problems(cfg: TrainConfig, training: bool = True) -> list[str]:
         if v.device == ServerDevice.cpu:
             need(v.sync.transport.value == "file", "vllm.sync.transport",
                  "NCCL does not work on CPU; use file")
+            need(v.cpu_kvcache_space_gib >= 1, "vllm.cpu_kvcache_space_gib",
+                 f"{v.cpu_kvcache_space_gib} must be >= 1 (GiB of KV cache the CPU server allocates)")
     need(not (t.fsdp and learner_on_cpu(cfg)), "training.fsdp", FSDP_ON_CPU)
     out += multinode_problems(cfg)
     need(cfg.model.tiny_stage1_steps >= 0, "model.tiny_stage1_steps", "must be >= 0")

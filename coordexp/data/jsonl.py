@@ -231,9 +231,10 @@ def _depth(value: Any) -> int:
 
 def decode_line(raw: bytes) -> Any:
     """One JSONL line (bytes) -> its JSON value, or ValueError with the reason: not UTF-8, bad JSON, nested
-    deeper than MAX_JSON_DEPTH, or a key repeated inside one object. Every JSONL reader uses this."""
+    deeper than MAX_JSON_DEPTH, or a key repeated inside one object. Every JSONL reader uses this. A UTF-8
+    byte-order mark (what some Windows editors put first in a file) is skipped."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start}") from None
     try:

@@ -66,7 +66,7 @@ def load_category_map(path: str | os.PathLike) -> dict[str, int]:
     except FileNotFoundError:
         raise CocoExportError(f"category map {path} not found: it is written by python -m "
                               f"coordexp.data.convert next to the JSONL; convert the split with it, or pass "
-                              f"the map's path") from None
+                              f"the map's path: --coco-categories <file>") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CocoExportError(f"category map {path} is not a coordexp.data.convert category map "
                               f"({type(err).__name__}: {err})") from None

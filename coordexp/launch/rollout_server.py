@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from coordexp.checkpoint import read_stop_ids
+from coordexp.config.schema import enum_value
 from coordexp.errors import ServerStartError
 from coordexp.launch.process import (
     ephemeral_port_range,
@@ -163,7 +164,8 @@ class RolloutServer:
             kwargs.setdefault("eos_token_id", read_stop_ids(model_dir) or None)
         else:
             if s.python and os.path.realpath(s.python) != os.path.realpath(sys.executable):
-                check_server_python(s.python)  # a separate server environment: fail fast without the stack
+                # a separate server environment: fail fast without the stack
+                check_server_python(s.python, enum_value(cfg.vllm.device))
             spec = launch_spec_from_config(cfg, model_dir, url, index=index, count=count,
                                            weights_root=weights_root)
         return cls(
@@ -278,7 +280,9 @@ class RolloutServer:
                 if not check_health(self.base_url, self.request_timeout_s, api_key=self.api_key):
                     raise ServerStartError(
                         f"vllm.server.reuse_existing is true but no healthy server answers "
-                        f"{self.base_url}/health/"
+                        f"{self.base_url}/health/: start it first (python -m coordexp.launch.server "
+                        f"+experiment=<leaf> ..., docs/runbook.md), or set vllm.server.reuse_existing=false "
+                        f"to let the run start its own"
                     )
                 self.progress(f"reusing the rollout server at {self.base_url}")
             else:

@@ -91,9 +91,10 @@ def cpu_slice(cores: list[int], index: int, count: int) -> list[int]:
     return cores[start:start + per + (1 if index < extra else 0)]
 
 
-def check_server_python(python: str) -> None:
+def check_server_python(python: str, device: str = "cuda") -> None:
     """Fail fast (``ServerStartError``) when ``python`` cannot run the server: it must import coordexp and
-    find ms-swift and vLLM (found, not imported: a second or so)."""
+    find ms-swift and vLLM (found, not imported: a second or so). ``device``: the server's (``vllm.device``),
+    which names the extra to install (``server-cpu`` / ``server-gpu``)."""
     code = ("import importlib.util as u, coordexp.protocol; "
             "m = [n for n in ('swift', 'vllm') if u.find_spec(n) is None]; "
             "print(' '.join(m)); raise SystemExit(1 if m else 0)")
@@ -103,11 +104,12 @@ def check_server_python(python: str) -> None:
         raise ServerStartError(f"vllm.server.python={python} cannot be run: {err}") from None
     if out.returncode != 0:
         missing = out.stdout.strip()
+        extra = "server-cpu" if device == "cpu" else "server-gpu"
         why = (f"it lacks {missing}" if missing else
                f"it cannot import coordexp ({(out.stderr.strip().splitlines() or ['?'])[-1]})")
         raise ServerStartError(
             f"vllm.server.python={python} cannot run the rollout server: {why}; install the server stack "
-            f"into that environment: {python} -m pip install -e '<coordexp checkout>[server-gpu]' "
+            f"into that environment: {python} -m pip install -e '<coordexp checkout>[{extra}]' "
             "(docs/runbook.md)")
 
 

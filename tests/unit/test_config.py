@@ -296,3 +296,9 @@ def test_preflight_checks_the_run_dir_and_the_data_files_as_the_run_does(tmp_pat
     assert f"hydra.run.dir: '{tmp_path}/afile/x' cannot be created: '{tmp_path}/afile' is a file" in err
     assert f"data.train_jsonl: '{tmp_path}/nope.jsonl' does not exist" in err
     assert f"data.val_jsonl: '{tmp_path}' is a folder, not a JSONL file" in err
+
+
+@pytest.mark.parametrize("gib", ["0", "-1"])
+def test_a_cpu_server_needs_kv_cache(gib):
+    assert problems_of("+experiment=smoke/ab_mixed", f"vllm.cpu_kvcache_space_gib={gib}") == [
+        f"vllm.cpu_kvcache_space_gib: {gib} must be >= 1 (GiB of KV cache the CPU server allocates)"]

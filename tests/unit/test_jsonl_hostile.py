@@ -55,3 +55,17 @@ def test_a_one_megabyte_desc_loads_fast_and_whole(tmp_path):
     path.write_text(json.dumps(rec) + "\n")
     (sample,) = JsonlDetectionDataset(path, check_images=False)
     assert len(sample.objects[0].desc) == 1_000_000 and sample.source == f"{Path(path)}:1"
+
+
+@pytest.mark.parametrize("loader", ["eager", "lazy"])
+def test_a_file_with_a_utf8_byte_order_mark_loads(tmp_path, loader):
+    """Windows editors may write a BOM first: the file loads as without it (both readers)."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n" + GOOD.encode() + b"\n")
+    if loader == "eager":
+        samples = list(JsonlDetectionDataset(path, check_images=False))
+    else:
+        lazy = LazyJsonlDataset(path, check_images=False)
+        lazy.validate(progress=False)
+        samples = [lazy.get(0), lazy.get(1)]
+    assert [s.objects[0].desc for s in samples] == ["cat", "cat"] and samples[0].width == 640

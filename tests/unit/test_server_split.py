@@ -103,8 +103,10 @@ def test_a_server_python_without_the_server_stack_fails_fast_naming_what_is_miss
     fake.write_text(f"#!/bin/sh\nPYTHONPATH={os.getcwd()} exec /usr/bin/python3 -S \"$@\"\n")
     fake.chmod(0o755)
     with pytest.raises(ServerStartError,
-                       match=r"cannot run the rollout server: it lacks swift vllm; install"):
+                       match=r"the rollout server: it lacks swift vllm; install .*\[server-gpu\]'"):
         check_server_python(str(fake))
+    with pytest.raises(ServerStartError, match=r"-m pip install -e '<coordexp checkout>\[server-cpu\]'"):
+        check_server_python(str(fake), "cpu")  # a CPU server's stack is the server-cpu extra
 
 
 # ---- what reaches the server -----------------------------------------------------------------------------
@@ -220,3 +222,20 @@ def test_the_client_sends_the_key_on_every_call_and_counts_requests_per_server(m
     finally:
         a.close()
         b.close()
+
+
+def test_reuse_existing_without_a_server_names_both_fixes(tmp_path):
+    from coordexp.config.load import compose, to_train_config
+    from coordexp.launch.rollout_server import RolloutServer
+    from tests.conftest import free_port
+
+    port = free_port()
+    cfg = to_train_config(compose(["+experiment=smoke/ab_mixed", "vllm.server.reuse_existing=true",
+                                   f"vllm.server.base_urls=[http://127.0.0.1:{port}]"]))
+    server = RolloutServer.from_config(cfg, model_dir=tmp_path, log_path=tmp_path / "server.log")
+    with pytest.raises(ServerStartError) as err:
+        server.start()
+    assert str(err.value) == (
+        f"vllm.server.reuse_existing is true but no healthy server answers http://127.0.0.1:{port}/health/: "
+        "start it first (python -m coordexp.launch.server +experiment=<leaf> ..., docs/runbook.md), or set "
+        "vllm.server.reuse_existing=false to let the run start its own")
