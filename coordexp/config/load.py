@@ -141,6 +141,11 @@ def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writ
     ``--cfg`` prints; the validation follows the print). ``config_dir``: the user's ``--config-dir``.
     ``training``: validate as training configs (False for an evaluation: see :func:`to_train_config`).
     Raises one ConfigError listing every problem of every job."""
+    if not multirun:  # Hydra's own message for this is a raw "Ambiguous value" with exit 1
+        raise_if([f"{ov.input_line}: several values are a sweep, which needs -m on the command line; for one "
+                  f"run give one value, for a list write {ov.get_key_element()}=[a,b], for text with a comma "
+                  f"quote it: {ov.get_key_element()}='a,b'"
+                  for ov in _parse_overrides(overrides) if ov.is_sweep_override()])
     jobs = sweep_jobs(overrides)
     found: dict[str, list[str]] = {}
     for job, label in jobs:

@@ -206,3 +206,11 @@ def test_command_name():
 
     assert command_name("/site-packages/coordexp/train.py") == "python -m coordexp.train"
     assert command_name("/venv/bin/coordexp-train") == "coordexp-train"
+
+
+def test_sweep_values_without_m_are_a_config_error_with_the_fixes():
+    out = run("+experiment=smoke/ab_mixed", "rollout=hf", "training.learning_rate=1e-3,2e-3", "seed=1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "Ambiguous value" not in out.stderr
+    assert ("  - training.learning_rate=1e-3,2e-3: several values are a sweep, which needs -m on the command "
+            "line; for one run give one value, for a list write training.learning_rate=[a,b], for text with "
+            "a comma quote it: training.learning_rate='a,b'\n") in out.stderr
