@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from coordexp.coordjson import bins_to_pixel_box
-from coordexp.data.fonts import label_font
+from coordexp.data.fonts import label_font, note_missing_glyphs
 
 GT_MATCHED = (0, 114, 178)
 GT_MISSED = (204, 121, 167)
@@ -209,7 +209,9 @@ def render_prediction(record: dict, *, image_root: Path | None = None, iou_key: 
 def write_sample_pngs(records: Sequence[dict], out_dir: Path, *, limit: int = 4,
                       image_root: Path | None = None,
                       iou_key: str = "0.50") -> list[tuple[Path, Image.Image]]:
-    """PNGs of the first ``limit`` records as ``<out_dir>/<index>_<sample>.png``; returns (path, image)."""
+    """PNGs of the first ``limit`` records as ``<out_dir>/<index>_<sample>.png``; returns (path, image).
+    Labels no installed font draws are named once on stderr (coordexp.data.fonts.note_missing_glyphs)."""
+    note_missing_glyphs(o["desc"] for r in records[:limit] for o in (*r["gt"], *r["pred"]))
     out = []
     for i, record in enumerate(records[:limit]):
         image = render_prediction(record, image_root=image_root, iou_key=iou_key)

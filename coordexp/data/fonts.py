@@ -14,7 +14,8 @@ import functools
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["font_files", "label_font", "missing_glyphs", "plot_font_families"]
+__all__ = ["font_files", "label_font", "missing_glyphs", "missing_glyphs_note", "note_missing_glyphs",
+           "plot_font_families"]
 
 #: Common locations of system fonts that cover CJK (Debian/Ubuntu and Fedora/RHEL package paths).
 SYSTEM_FALLBACKS = (
@@ -72,6 +73,26 @@ def missing_glyphs(texts: Iterable[str]) -> list[str]:
     files = font_files()
     chars = {c for t in texts for c in t if not c.isspace()}
     return sorted(c for c in chars if not any(ord(c) in _codepoints(f) for f in files))
+
+
+def missing_glyphs_note(chars: Iterable[str]) -> str:
+    """The one note every picture writer prints (once) when labels hold characters no font draws."""
+    return (f"note: no installed font draws {' '.join(chars)} (drawn as boxes in the pictures; the text "
+            f"itself is exact). For CJK install Noto Sans CJK (Debian/Ubuntu: fonts-noto-cjk)")
+
+
+_NOTED: set[str] = set()
+
+
+def note_missing_glyphs(texts: Iterable[str]) -> None:
+    """Print :func:`missing_glyphs_note` on stderr for characters of ``texts`` no font draws, each character
+    once per process (pictures are written at every eval of a run)."""
+    import sys
+
+    new = [c for c in missing_glyphs(texts) if c not in _NOTED]
+    if new:
+        _NOTED.update(new)
+        print(missing_glyphs_note(new), file=sys.stderr, flush=True)
 
 
 def plot_font_families() -> list[str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from coordexp.coordjson import bins_to_coco_box, bins_to_pixel_box
-from coordexp.data.fonts import label_font, missing_glyphs, plot_font_families
+from coordexp.data.fonts import label_font, missing_glyphs, missing_glyphs_note, plot_font_families
 
 __all__ = ["COCO_MEDIUM", "COCO_SMALL", "dataset_stats", "draw_ground_truth", "main", "size_class"]
 
@@ -191,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=16, help="records to draw (default 16)")
     parser.add_argument("--top-k", type=int, default=20, help="most frequent descs to list (default 20)")
     args = parser.parse_args(argv)
+    if args.limit < 0 or args.top_k < 0:
+        parser.error("--limit and --top-k must be >= 0")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; pass a folder (it is created when missing)")
     try:
         stats = inspect(args.jsonl, args.out, limit=args.limit, top_k=args.top_k)
     except (OSError, ValueError) as err:
@@ -206,9 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"descs; boxes small/medium/large {b['small']}/{b['medium']}/{b['large']} ({b['area_frame']} "
           f"pixels); {stats['pictures']} pictures in {args.out / 'samples'}; {args.out / 'stats.json'}")
     if stats["glyphs_without_font"]:
-        print(f"note: no installed font draws {' '.join(stats['glyphs_without_font'])} (drawn as boxes in "
-              f"the pictures; the stats are exact). For CJK install Noto Sans CJK (Debian/Ubuntu: "
-              f"fonts-noto-cjk)", file=sys.stderr)
+        print(missing_glyphs_note(stats["glyphs_without_font"]), file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import pytest
 from coco_fixture import write_coco
 from PIL import Image
 
@@ -83,3 +84,18 @@ def test_labels_beyond_ascii_get_a_font_that_draws_them(tmp_path, capsys):
     assert "🚗" in stats["glyphs_without_font"] and set(stats["glyphs_without_font"]) <= {"猫", "🚗"}
     err = capsys.readouterr().err
     assert f"note: no installed font draws {' '.join(stats['glyphs_without_font'])} (drawn as boxes" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--limit", "-1"], "--limit and --top-k must be >= 0"),
+    (["--out", "FILE"], "--out FILE is a file; pass a folder (it is created when missing)"),
+])
+def test_bad_arguments_are_usage_errors(tmp_path, capsys, args, message):
+    record = {"width": 10, "height": 10, "objects": [{"desc": "a", "bbox_2d": [1, 1, 5, 5]}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / "FILE").write_text("")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), *args])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message.replace("FILE", str(tmp_path / "FILE")))

@@ -139,3 +139,18 @@ def test_plot_output_paths_say_what_was_written(tmp_path, capsys):
     assert plot.main([str(tmp_path), "-o", str(tmp_path / "afile" / "x.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write {tmp_path}/afile/x.png: ") and "Traceback" not in err
+
+
+def test_labels_no_font_draws_are_named_once_per_process(tmp_path, capsys, monkeypatch):
+    """Training's viz/step-N and coordexp.eval's pictures say, as coordexp.data.inspect does, which label
+    characters are drawn as boxes (no colour emoji font is used), each character once per process."""
+    from coordexp.data import fonts
+
+    monkeypatch.setattr(fonts, "_NOTED", set())
+    emoji = _record([("dog 🐶", (100, 100, 400, 400))], [])
+    viz.write_sample_pngs([PERFECT, emoji], tmp_path / "a", limit=4)
+    assert capsys.readouterr().err == fonts.missing_glyphs_note(["🐶"]) + "\n"
+    viz.write_sample_pngs([emoji], tmp_path / "b", limit=4)  # the next eval: said already
+    assert capsys.readouterr().err == ""
+    viz.write_sample_pngs([PERFECT], tmp_path / "c", limit=4)
+    assert capsys.readouterr().err == ""  # DejaVu Sans draws every label
