@@ -54,7 +54,8 @@ def gpu_plan_problem(plan: Mapping[str, Any], experiment: str) -> str | None:
     """One line for a plan this machine cannot run, naming the way out; None when it fits."""
     if plan["satisfiable"]:
         return None
+    on_cpu = ("drop vllm=gpu (a smoke leaf's server runs on the CPU)" if experiment.startswith("smoke/") else
+              "use a smoke/* leaf (docs/quickstart.md; your own data on a CPU: docs/own_data.md)")
     return (f"+experiment={experiment} needs {plan['needed']} GPUs (vllm.server_gpus {plan['server_gpus']}, "
             f"vllm.learner_gpus {plan['learner_gpus']}; vllm.device: cuda) and this machine shows "
-            f"{plan['visible']}: run it on a node with {plan['needed']} GPUs, or on a CPU use a smoke/* leaf "
-            f"(docs/quickstart.md; your own data on a CPU: docs/own_data.md)")
+            f"{plan['visible']}: run it on a node with {plan['needed']} GPUs, or on a CPU {on_cpu}")

@@ -49,3 +49,11 @@ def test_preflight_on_a_machine_without_the_gpus_says_so():
         "warning: +experiment=ab_mixed needs 8 GPUs (vllm.server_gpus [0, 1, 2, 3, 4, 5], vllm.learner_gpus "
         "[6, 7]; vllm.device: cuda) and this machine shows 0: run it on a node with 8 GPUs, or on a CPU use "
         "a smoke/* leaf (docs/quickstart.md; your own data on a CPU: docs/own_data.md)\n")
+
+
+def test_a_smoke_leaf_pointed_at_gpus_is_told_to_drop_vllm_gpu():
+    from coordexp.config.gpus import gpu_plan_problem
+
+    plan = {"satisfiable": False, "needed": 2, "visible": 0, "server_gpus": [0], "learner_gpus": [1]}
+    assert gpu_plan_problem(plan, "smoke/ab_mixed").endswith(
+        "run it on a node with 2 GPUs, or on a CPU drop vllm=gpu (a smoke leaf's server runs on the CPU)")
