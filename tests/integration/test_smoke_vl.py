@@ -69,17 +69,27 @@ def test_vl_smoke_artifacts(vl_run):
 
 
 def test_image_size_mismatch_stops_before_training(tmp_path):
-    """Qwen3-VL resizes to multiples of 32 px: 112 px scenes (28 px cells) no longer match their records."""
-    out = subprocess.run([sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed_vl",
-                          "model.tiny_arch=qwen3_vl", "model.tiny_stage1_steps=0",
-                          f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    """Qwen3-VL resizes to multiples of 32 px: 112 px scenes (28 px cells) no longer match their records. The
+    generated task is refused at config time with its one fix; the same images as your own JSONL are found
+    when the data loads, before any step."""
+    from coordexp.data.synthetic_images import write_synthetic_image_jsonl
+
+    def train(*overrides):
+        return subprocess.run([sys.executable, "-m", "coordexp.train", "+experiment=smoke/ab_mixed_vl",
+                               "model.tiny_arch=qwen3_vl", "model.tiny_stage1_steps=0", *overrides],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+    out = train(f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 2 and "set data.synthetic.image_cell=32" in out.stderr, out.stderr[-2000:]
+    split = write_synthetic_image_jsonl(tmp_path / "own" / "train.jsonl", 6, seed=0)
+    out = train("data=jsonl", f"data.train_jsonl={split}", f"data.val_jsonl={split}",
+                f"hydra.run.dir={tmp_path / 'run2'}")
     assert out.returncode == 2, out.stderr[-2000:]
-    assert ("error: 1056 image(s) do not match their record's width/height after the processor's resize"
-            in out.stderr)
-    assert "train_000000.png is 112x112, the image processor resizes it to 128x128, but the record says " \
-           "width=112, height=112" in out.stderr
-    assert "multiples of 32 px" in out.stderr and not list((tmp_path / "run").glob("checkpoint-*"))
+    assert ("error: 6 image(s) do not match their record's width/height after the processor's resize"
+            in out.stderr), out.stderr[-2000:]
+    assert ("is 112x112, the image processor resizes it to 128x128, but the record says width=112, "
+            "height=112") in out.stderr
+    assert "multiples of 32 px" in out.stderr and not list((tmp_path / "run2").glob("checkpoint-*"))
 
 
 def test_vl_checkpoint_evaluates_on_its_own(vl_run, tmp_path):
