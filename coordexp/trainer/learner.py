@@ -46,6 +46,7 @@ from coordexp.errors import (
     exit_on_error,
     report_disk_full_in_threads,
 )
+from coordexp.models.param_groups import is_vision_language
 from coordexp.models.progress import progress_bars_on_a_terminal_only
 from coordexp.models.prompts import load_model_and_prompts
 from coordexp.protocol import ENV_CONSOLE_LOG
@@ -361,6 +362,11 @@ def train(cfg: TrainConfig, run_dir: Path, *, rank: bool = False, summary: bool 
         remove_unused_columns=False, dataloader_num_workers=t.dataloader_num_workers,
         **optim.precision_arguments(t, torch.cuda.is_available()),
         use_cpu=use_cpu, ddp_timeout=DDP_TIMEOUT_S,
+        # every parameter of a text model takes part in every step (soft self-context passes, kept logits,
+        # an empty step's zero loss over all parameters): DDP need not search the graph for unused ones (the
+        # search costs a graph traversal per step and warns on every rank); a VLM's vision tower sits out a
+        # micro-batch without images, so it keeps transformers' default
+        ddp_find_unused_parameters=None if is_vision_language(model.config) else False,
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         **fsdp.training_arguments(t, model, torch.cuda.is_available()),
     )
