@@ -10,15 +10,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from coordexp.config.contract import rollout_contract, server_image_root
 from coordexp.config.errors import exit_on_config_error, raise_if
 from coordexp.config.gpus import gpu_plan, gpu_plan_problem
-from coordexp.config.load import compose, to_train_config
+from coordexp.config.load import compose, hydra_dir_of, start_problems, to_train_config
 from coordexp.config.schema import TrainConfig
-from coordexp.config.validate import run_dir_problems
-from coordexp.config.value_rules import data_file_problems, dir_problems
 from coordexp.errors import CoordexpError
 from coordexp.repeat_rules import config_to_dict
 
@@ -84,12 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with exit_on_config_error():
         composed = compose(argv)
         cfg = to_train_config(composed)
-        dirs = [("hydra.run.dir", OmegaConf.select(composed, "hydra.run.dir")),
-                ("training.output_dir", cfg.training.output_dir),
-                ("training.logging_dir", cfg.training.logging_dir)]
-        # what the run itself checks first: one run dir for every node, the dirs it writes, the files it reads
-        raise_if(run_dir_problems(cfg.training.nnodes, argv, multirun=False) + dir_problems(dirs)
-                 + data_file_problems(cfg))
+        raise_if(start_problems(cfg, argv, hydra_dir_of(composed)))  # what the run itself checks first
         contract = preflight(cfg)
         plan, table = memory_section(cfg)
         contract["memory_plan"] = plan

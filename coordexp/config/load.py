@@ -132,6 +132,26 @@ def resolve_composed(cfg: DictConfig) -> None:
         raise ConfigError([f"{key}: {(getattr(err, 'msg', None) or str(err)).splitlines()[0]}"]) from None
 
 
+def hydra_dir_of(cfg: DictConfig, multirun: bool = False) -> tuple[str, str | None]:
+    """(key, path) of the folder Hydra makes for a composed config: ``hydra.sweep.dir`` of a sweep, else
+    ``hydra.run.dir``."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    return key, OmegaConf.select(cfg, key)
+
+
+def start_problems(obj: TrainConfig, job: Sequence[str], hydra_dir: tuple[str, str | None], *,
+                   multirun: bool = False, training: bool = True) -> list[str]:
+    """What a run checks before it starts anything (the train and eval entry points, and the preflight):
+    one run dir for every node, the dirs it writes (``hydra_dir`` from :func:`hydra_dir_of`, and a single
+    run's output and logging dirs; probed) and the JSONL files it reads."""
+    dirs = [hydra_dir]
+    if not multirun:
+        dirs += [("training.output_dir", obj.training.output_dir),
+                 ("training.logging_dir", obj.training.logging_dir)]
+    return (run_dir_problems(obj.training.nnodes, job, multirun) + dir_problems(dirs)
+            + data_file_problems(obj, training))
+
+
 def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writes: bool = True,
                        validate: bool = True, config_dir: str | Path | None = None,
                        training: bool = True) -> None:
@@ -151,17 +171,13 @@ def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writ
     for job, label in jobs:
         try:
             cfg = compose(job, config_dir=config_dir)
-            dirs = ([("hydra.sweep.dir", OmegaConf.select(cfg, "hydra.sweep.dir"))] if multirun else
-                    [("hydra.run.dir", OmegaConf.select(cfg, "hydra.run.dir"))])
+            hydra_dir = hydra_dir_of(cfg, multirun)
             if not validate:
                 resolve_composed(cfg)
                 continue
             obj = to_train_config(cfg, training=training)
-            if not multirun:
-                dirs += [("training.output_dir", obj.training.output_dir),
-                         ("training.logging_dir", obj.training.logging_dir)]
-            raise_if(run_dir_problems(obj.training.nnodes, job, multirun)
-                     + (dir_problems(dirs) + data_file_problems(obj, training) if writes else []))
+            raise_if(start_problems(obj, job, hydra_dir, multirun=multirun, training=training) if writes
+                     else run_dir_problems(obj.training.nnodes, job, multirun))
         except ConfigError as err:
             for problem in err.problems:
                 found.setdefault(problem, []).append(label)

@@ -254,8 +254,7 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = doc(
         "`latest` resumes from the newest checkpoint of this run's lineage (its own dir, or a run dir whose "
         ".hydra/overrides.yaml equals this run's overrides without this key and training.max_steps); a "
-        "checkpoint dir or a run dir "
-        "resumes from it (docs/runbook.md).", None)
+        "checkpoint dir or a run dir resumes from it (docs/runbook.md).", None)
     dataloader_num_workers: int = doc("DataLoader worker processes.", 0)
     packing: bool = doc(
         "Post-rollout packing: micro-steps of an accumulation window buffer raw samples; the last one builds "
