@@ -1,12 +1,14 @@
 """Reading COCO / LVIS instance files into per-image plans (no image I/O): which boxes survive, and why not.
+Repeated image, annotation or category ids are refused (pycocotools would keep the last one silently).
 
 The files are read with pycocotools (``COCO`` index: images, annotations per image, categories). For each
 image the plan keeps the annotations that become objects and counts the others by reason:
 
 - ``crowd``: ``iscrowd == 1`` (COCO's crowd regions; kept with ``keep_crowd=True``);
-- ``invalid_box``: ``bbox`` is not 4 finite numbers;
-- ``outside_image``: nothing of the box is inside the image after clipping to it;
-- ``sub_pixel``: after clipping, the box is under one pixel wide or high (``w < 1`` or ``h < 1``);
+- ``invalid_box``: ``bbox`` is not 4 finite JSON numbers, or its width or height is negative;
+- ``outside_image``: the box does not overlap the image (touching its edge from outside included);
+- ``sub_pixel``: inside, but under one pixel wide or high after clipping (``w < 1`` or ``h < 1``; a
+  zero-width box is one);
 - ``unknown_category``: the annotation's ``category_id`` is not in ``categories``.
 
 Boxes are COCO ``[x, y, w, h]`` in pixels of the original image (edges), clipped to ``[0, W] x [0, H]``.
@@ -22,6 +24,7 @@ import io
 import json
 import math
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,16 +123,51 @@ def _file_name(img: dict[str, Any], source: str) -> str:
     raise SourceError(f"image id {img.get('id')!r} has neither 'file_name' nor 'coco_url' ({source} file)")
 
 
-def _clip(xywh: Any, width: int, height: int) -> tuple[float, float, float, float] | None:
-    try:
-        x, y, w, h = (float(v) for v in xywh)
-    except (TypeError, ValueError):
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float if it is a JSON number (not a bool or a string of digits), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        return None
+    return float(v)
+
+
+def box_drop_reason(xywh: Any, width: int, height: int) -> str | None:
+    """Why a COCO ``[x, y, w, h]`` box (pixels) is dropped for a ``width x height`` image, or None to keep it.
+
+    ``invalid_box``: not 4 finite JSON numbers, or a negative width/height. ``outside_image``: it does not
+    overlap the image (a box that only touches its edge included). ``sub_pixel``: inside, but under one pixel
+    wide or high after clipping (a zero-width box is one)."""
+    if not isinstance(xywh, (list, tuple)) or len(xywh) != 4:
+        return "invalid_box"
+    nums = [_number(v) for v in xywh]
+    if any(v is None for v in nums) or nums[2] < 0 or nums[3] < 0:
+        return "invalid_box"
+    _, _, cw, ch = _clip(nums, width, height)
+    if cw < 0 or ch < 0 or (cw == 0 and nums[2] > 0) or (ch == 0 and nums[3] > 0):
+        return "outside_image"
+    if cw < 1 or ch < 1:
+        return "sub_pixel"
+    return None
+
+
+def _clip(xywh: list[float], width: int, height: int) -> tuple[float, float, float, float]:
+    x, y, w, h = xywh
     x1, y1 = max(x, 0.0), max(y, 0.0)
     x2, y2 = min(x + w, float(width)), min(y + h, float(height))
     return x1, y1, x2 - x1, y2 - y1
+
+
+def _unique_ids(data: dict[str, Any], instances: str | os.PathLike) -> None:
+    """pycocotools indexes by id and keeps the last entry of a repeated one: boxes would land on another
+    image. Refuse repeated image, annotation and category ids instead."""
+    for key in ("images", "categories", "annotations"):
+        seen: set[Any] = set()
+        for entry in data[key]:
+            eid = entry.get("id") if isinstance(entry, dict) else None
+            if eid in seen:
+                raise SourceError(f"--instances {instances}: {key} id {eid!r} appears more than once; "
+                                  f"ids must be unique (pycocotools would keep only the last entry and "
+                                  f"attach its boxes to the wrong one). Fix: renumber the duplicates")
+            seen.add(eid)
 
 
 def plan_source(source: str, instances: str | os.PathLike, *, desc_map_path: str | os.PathLike | None = None,
@@ -140,6 +178,7 @@ def plan_source(source: str, instances: str | os.PathLike, *, desc_map_path: str
     from pycocotools.coco import COCO
 
     data = _read_instances(Path(instances))
+    _unique_ids(data, instances)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         coco = COCO()
         coco.dataset = data
@@ -147,7 +186,8 @@ def plan_source(source: str, instances: str | os.PathLike, *, desc_map_path: str
             coco.createIndex()
         except (KeyError, TypeError) as err:
             raise SourceError(f"--instances {instances}: an entry has no {err} key (every image needs 'id', "
-                              f"every annotation 'id' and 'image_id', every category 'id')") from None
+                              f"every annotation 'id', 'image_id' and 'category_id', every category "
+                              f"'id')") from None
     names = {c.get("name") for c in coco.cats.values()}
     desc_map = load_desc_map(desc_map_path, {n for n in names if isinstance(n, str)})
     categories: dict[int, dict[str, str]] = {}
@@ -156,7 +196,9 @@ def plan_source(source: str, instances: str | os.PathLike, *, desc_map_path: str
         name = coco.cats[cid].get("name")
         if not isinstance(name, str) or not name.strip():
             raise SourceError(f"--instances {instances}: category id {cid} has no name")
-        desc = desc_map.get(name, name)
+        # NFC: the form Qwen tokenizers write (their normalizer), so a decomposed "cafe\u0301" in the file
+        # becomes the "caf\u00e9" a trained model answers, and eval / the COCO export match it exactly
+        desc = unicodedata.normalize("NFC", desc_map.get(name, name))
         if desc in by_desc:
             raise SourceError(f"categories {by_desc[desc]} and {cid} both get desc {desc!r}; one desc must "
                               f"name one category (the COCO results export maps descs back to category ids). "
@@ -185,16 +227,11 @@ def plan_source(source: str, instances: str | os.PathLike, *, desc_map_path: str
             if crowd and not keep_crowd:
                 plan.dropped["crowd"] += 1
                 continue
-            clipped = _clip(ann.get("bbox"), width, height)
-            if clipped is None:
-                plan.dropped["invalid_box"] += 1
+            reason = box_drop_reason(ann.get("bbox"), width, height)
+            if reason is not None:
+                plan.dropped[reason] += 1
                 continue
-            if clipped[2] <= 0 or clipped[3] <= 0:
-                plan.dropped["outside_image"] += 1
-                continue
-            if clipped[2] < 1 or clipped[3] < 1:
-                plan.dropped["sub_pixel"] += 1
-                continue
+            clipped = _clip([float(v) for v in ann["bbox"]], width, height)
             plan.boxes.append(PlannedBox(int(ann.get("id", 0)), int(cid), categories[cid]["desc"], clipped,
                                          crowd))
         images.append(plan)

@@ -195,6 +195,9 @@ def _check_options(opts: ConvertOptions) -> None:
                            f"{opts.max_pixels}")
     if opts.workers < 1:
         raise ConvertError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.out.exists() and not opts.out.is_dir():
+        raise ConvertError(f"--out {opts.out}: is a file, not a folder. Fix: pass a new or existing folder "
+                           f"(the JSONL, its summary and the resized images go into it)")
     if not opts.images.is_dir():
         raise ConvertError(f"--images {opts.images}: not a folder. Fix: pass the folder the instances file's "
                            f"file_name entries are relative to")
@@ -357,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(summary, int):
         return summary
     im, bx = summary["images"], summary["boxes"]
-    drops = ", ".join(f"{k} {v}" for k, v in bx["dropped"].items() if v) or "none"
+    lost = {**bx["dropped"], "with skipped images": bx["dropped_with_skipped_images"]}
+    drops = ", ".join(f"{k} {v}" for k, v in lost.items() if v) or "none"
     print(f"{summary['jsonl']}: {im['out']} of {im['in']} images ({im['skipped_without_annotations']} "
           f"without annotations, {im['skipped_all_boxes_dropped']} with every box dropped), {bx['out']} of "
           f"{bx['in']} boxes (dropped: {drops}), {summary['seconds']} s")

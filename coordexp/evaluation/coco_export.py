@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,12 @@ def category_map_path(split: str | os.PathLike) -> Path:
     return split.with_name(f"{split.stem}.categories.json")
 
 
+def _nfc(desc: str) -> str:
+    """Descs compare in Unicode NFC: Qwen tokenizers write NFC, so a model trained on ``"cafe\u0301"``
+    answers ``"caf\u00e9"``; the map and the GT are keyed the same way."""
+    return unicodedata.normalize("NFC", desc)
+
+
 def load_category_map(path: str | os.PathLike) -> dict[str, int]:
     """``{desc: category id}`` from a converter category map (``{"categories": [{"id", "name", "desc"}]}``).
 
@@ -62,7 +69,7 @@ def load_category_map(path: str | os.PathLike) -> dict[str, int]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         cats = doc["categories"]
-        out = {str(c["desc"]): int(c["id"]) for c in cats}
+        out = {_nfc(str(c["desc"])): int(c["id"]) for c in cats}
     except FileNotFoundError:
         raise CocoExportError(f"category map {path} not found: it is written by python -m "
                               f"coordexp.data.convert next to the JSONL; convert the split with it, or pass "
@@ -108,7 +115,7 @@ def coco_results(records: Sequence[Mapping[str, Any]], samples: Sequence,
     for record, sample in zip(records, samples):
         image_id, ow, oh = _image_facts(sample)
         for p in record["pred"]:
-            cid = desc_to_id.get(p["desc"])
+            cid = desc_to_id.get(_nfc(p["desc"]))
             if cid is None:
                 unknown[p["desc"]] += 1
                 continue
@@ -129,10 +136,11 @@ def coco_ground_truth(samples: Sequence, desc_to_id: Mapping[str, int]) -> dict[
         image_id, ow, oh = _image_facts(sample)
         images.append({"id": image_id, "width": ow, "height": oh})
         for o in sample.objects:
-            if o.desc not in desc_to_id:
+            cid = desc_to_id.get(_nfc(o.desc))
+            if cid is None:
                 raise CocoExportError(f"{sample.source}: desc {o.desc!r} is not in the category map")
             box = original_coco_box(o.bbox_2d, sample.width, sample.height, ow, oh)
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": desc_to_id[o.desc],
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cid,
                          "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
     return {"images": images, "annotations": anns,
             "categories": [{"id": cid, "name": desc} for desc, cid in sorted(desc_to_id.items(),

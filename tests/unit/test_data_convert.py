@@ -11,6 +11,7 @@ import pytest
 from coco_fixture import write_coco, write_lvis
 from PIL import Image
 
+from coordexp.data.coco_source import box_drop_reason
 from coordexp.data.convert import ConvertError, ConvertOptions, convert, main
 from coordexp.data.jsonl import load_jsonl
 from coordexp.data.resize import family_resized_size
@@ -114,7 +115,8 @@ def test_bad_input_exits_2_with_one_screen(coco, tmp_path):
         (["--instances", str(not_instances), "--images", str(images)],
          "no 'categories' list; a COCO/LVIS instances file has 'images', 'annotations' and 'categories'"),
         (["--instances", str(no_image_id), "--images", str(images)],
-         "an entry has no 'image_id' key (every image needs 'id', every annotation 'id' and 'image_id'"),
+         "an entry has no 'image_id' key (every image needs 'id', every annotation 'id', 'image_id' and "
+         "'category_id', every category 'id')"),
         (["--instances", str(instances), "--images", str(tmp_path)],
          "2 of 2 image(s) with boxes are not under --images"),
         (["--instances", str(instances), "--images", str(images), "--min-pixels", "10", "--max-pixels", "5"],
@@ -209,3 +211,86 @@ def test_no_usable_box_is_a_user_error(tmp_path):
         convert(ConvertOptions("coco", instances, tmp_path, tmp_path / "o", progress=False))
     summary = json.loads((tmp_path / "o" / "i.summary.json").read_text())
     assert summary["boxes"]["dropped"]["sub_pixel"] == 1
+
+
+@pytest.mark.parametrize(("bbox", "reason"), [
+    ([10, 10, 5, 5], None),
+    ([0, 0, 100, 50], None),                  # the whole image
+    ([90, 40, 30, 30], None),                 # runs over the edge: clipped, kept
+    ([10, 10, 0, 30], "sub_pixel"),           # zero width, inside
+    ([0, 10, 0, 30], "sub_pixel"),            # zero width on the left edge
+    ([10, 10, 0.5, 30], "sub_pixel"),
+    ([100, 10, 5, 5], "outside_image"),       # touches the right edge from outside
+    ([-5, 10, 5, 5], "outside_image"),        # touches the left edge from outside
+    ([300, 10, 0, 5], "outside_image"),       # zero width, beyond the image
+    ([10, 10, -5, 20], "invalid_box"),        # negative width
+    (["10", "10", "5", "5"], "invalid_box"),  # strings of digits are no JSON numbers
+    ([True, 10, 20, 20], "invalid_box"),      # nor is a bool
+    ([10, 10, 5], "invalid_box"),
+    ([10, 10, 5, float("nan")], "invalid_box"),
+    ([10, 10, float("inf"), 5], "invalid_box"),
+    (None, "invalid_box"),
+    ("10 10 5 5", "invalid_box"),
+])
+def test_box_drop_reasons(bbox, reason):
+    assert box_drop_reason(bbox, 100, 50) == reason
+
+
+def _instances(tmp_path, images, annotations, categories) -> Path:
+    path = tmp_path / "i.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories},
+                               ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("key", ["images", "annotations", "categories"])
+def test_repeated_ids_are_refused(tmp_path, key):
+    images = [{"id": 1, "file_name": "a.png", "width": 20, "height": 20},
+              {"id": 2, "file_name": "b.png", "width": 10, "height": 10}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [1, 1, 5, 5]}]
+    cats = [{"id": 1, "name": "café"}, {"id": 2, "name": "红绿灯"}]
+    {"images": images, "annotations": anns, "categories": cats}[key][1]["id"] = 1
+    with pytest.raises(ConvertError, match=rf"{key} id 1 appears more than once; ids must be unique .* Fix: "
+                                           r"renumber the duplicates"):
+        convert(ConvertOptions("coco", _instances(tmp_path, images, anns, cats), tmp_path, tmp_path / "o",
+                               progress=False))
+
+
+def test_descs_are_written_in_nfc_and_the_export_finds_them(tmp_path):
+    from coordexp.evaluation.coco_export import coco_results, load_category_map
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    decomposed = "cafe\u0301"
+    instances = _instances(tmp_path, [{"id": 1, "file_name": "a.png", "width": 20, "height": 20}],
+                           [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 5, 5]}],
+                           [{"id": 7, "name": decomposed}])
+    convert(ConvertOptions("coco", instances, tmp_path, tmp_path / "o", progress=False))
+    record = _read(tmp_path / "o" / "i.jsonl")[0]
+    assert record["objects"][0]["desc"] == "caf\u00e9"
+    categories = json.loads((tmp_path / "o" / "i.categories.json").read_text())["categories"]
+    assert categories == [{"id": 7, "name": decomposed, "desc": "caf\u00e9"}]
+    desc_to_id = load_category_map(tmp_path / "o" / "i.categories.json")
+    sample = load_jsonl(tmp_path / "o" / "i.jsonl")[0]
+    # a prediction in either form lands on category 7
+    records = [{"width": 20, "height": 20, "pred": [{"desc": d, "bbox_2d": [50, 50, 250, 250]}
+                                                    for d in ("caf\u00e9", decomposed)]}]
+    results, summary = coco_results(records, [sample], desc_to_id)
+    assert [r["category_id"] for r in results] == [7, 7] and summary["unknown_desc_predictions"] == 0
+
+
+def test_out_that_is_a_file_and_lost_boxes_on_the_console(coco, tmp_path, capsys):
+    instances, images = coco
+    (tmp_path / "file").write_text("")
+    assert main(["coco", "--instances", str(instances), "--images", str(images), "--out",
+                 str(tmp_path / "file"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: --out {tmp_path / 'file'}: is a file, not a folder. Fix: "
+                                       f"pass a new or existing folder (the JSONL, its summary and the "
+                                       f"resized images go into it)\n")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "a.jpg").write_bytes((images / "a.jpg").read_bytes())
+    assert main(["coco", "--instances", str(instances), "--images", str(partial), "--out",
+                 str(tmp_path / "o"), "--skip-missing-images", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(dropped: crowd 2, sub_pixel 1, with skipped images 3)" in out, out
