@@ -218,6 +218,11 @@ def problems(cfg: TrainConfig, training: bool = True) -> list[str]:
                  "NCCL does not work on CPU; use file")
             need(v.cpu_kvcache_space_gib >= 1, "vllm.cpu_kvcache_space_gib",
                  f"{v.cpu_kvcache_space_gib} must be >= 1 (GiB of KV cache the CPU server allocates)")
+            need(cfg.model.kind == ModelKind.tiny or not checkpoint_is_vision_language(cfg), "rollout",
+                 f"the checkpoint {cfg.model.path} is vision-language (its config.json has a "
+                 f"vision_config), and a CPU rollout server cannot run one: vLLM's Qwen-VL models import "
+                 f"torchvision, which the CPU stack removes (docs/vlm.md). Use rollout=hf, or a GPU server "
+                 f"(vllm=gpu)")
     need(not (t.fsdp and learner_on_cpu(cfg)), "training.fsdp", FSDP_ON_CPU)
     out += multinode_problems(cfg)
     need(cfg.model.tiny_stage1_steps >= 0, "model.tiny_stage1_steps", "must be >= 0")

