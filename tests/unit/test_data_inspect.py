@@ -86,6 +86,28 @@ def test_labels_beyond_ascii_get_a_font_that_draws_them(tmp_path, capsys):
     assert f"note: no installed font draws {' '.join(stats['glyphs_without_font'])} (drawn as boxes" in err
 
 
+def test_missing_and_other_size_images_are_named(tmp_path, capsys):
+    Image.new("RGB", (168, 112), (30, 30, 30)).save(tmp_path / "small.png")
+    Image.new("RGB", (100, 80), (30, 30, 30)).save(tmp_path / "fits.png")
+    objects = [{"desc": "红绿灯", "bbox_2d": [0, 0, 500, 500]}]
+    records = [{"images": ["fits.png"], "width": 100, "height": 80, "objects": objects},
+               {"images": ["nothere.png"], "width": 100, "height": 80, "objects": objects},
+               {"images": ["small.png"], "width": 500, "height": 112, "objects": objects}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                      encoding="utf-8")
+    assert main([str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")]) == 0
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    assert stats["pictures_without_image_file"] == 1 and stats["pictures_of_another_size"] == 1
+    jsonl = tmp_path / "d.jsonl"
+    assert stats["image_notes"] == [
+        f"{jsonl}:2: no image file {tmp_path / 'nothere.png'} (drawn on a blank canvas)",
+        f"{jsonl}:3: small.png is 168x112, the record says 500x112 (drawn resized to the record's size; "
+        f"training accepts it only if the model's image processor resizes it to exactly that, docs/vlm.md)"]
+    err = capsys.readouterr().err
+    assert err.startswith("note: 2 of 3 pictures do not show their record's image as it is:\n  " +
+                          "\n  ".join(stats["image_notes"]) + "\n")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--limit", "-1"], "--limit and --top-k must be >= 0"),
     (["--out", "FILE"], "--out FILE is a file; pass a folder (it is created when missing)"),
