@@ -25,7 +25,8 @@ PATH_FIELDS = (
 KEYWORDS = ("latest",)
 
 
-def _absolute(value: str, base: str | None) -> str:
+def absolute_path(value: str, base: str | None = None) -> str:
+    """``value`` absolute: as it is, or against ``base`` (default: where the command started)."""
     if base is None:
         return to_absolute_path(value)  # Hydra's rule: against the original cwd inside a Hydra job
     return value if Path(value).is_absolute() else str(Path(base) / value)
@@ -41,5 +42,5 @@ def absolute_paths(obj: TrainConfig, base: str | None = None) -> TrainConfig:
             node = getattr(node, part)
         value = getattr(node, name)
         if isinstance(value, str) and value and value not in KEYWORDS:
-            setattr(node, name, _absolute(value, base))
+            setattr(node, name, absolute_path(value, base))
     return obj

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from coordexp.config.cwd import KEYWORDS, PATH_FIELDS, absolute_path
+
 SUMMARY_NAME = "summary.txt"
 
 #: The eval numbers the summary shows (when the eval logged them), in this order.
@@ -31,16 +33,27 @@ def final_eval(log_history: Sequence[Mapping[str, Any]], metric: str) -> Mapping
 _HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_/.+:~-]*\Z")  # a value Hydra reads unquoted, as it is
 
 
-def shell_override(key: str, value: str) -> str:
-    """``key=value`` as one shell word whose value Hydra reads back exactly: unquoted when plain ASCII path
-    characters; else in Hydra's single quotes (non-ASCII, spaces, commas), the word in the shell's double
-    quotes when nothing in it is special to them, else in the shell's single quotes."""
+def hydra_override(key: str, value: str) -> str:
+    """``key=value`` that Hydra reads back as ``value`` exactly: unquoted when plain ASCII path characters,
+    else in Hydra's single quotes (non-ASCII, spaces, commas)."""
     if _HYDRA_PLAIN.match(value):
         return f"{key}={value}"
-    quoted = "'" + value.replace("'", "\\'") + "'"  # Hydra: a backslash escapes only a quote
-    if not re.search(r"[\"$`\\!']", value):
-        return f'"{key}={quoted}"'
-    return shlex.quote(f"{key}={quoted}")
+    return f"{key}='" + value.replace("'", "\\'") + "'"  # Hydra: a backslash escapes only a quote
+
+
+def shell_word(word: str) -> str:
+    """``word`` as one shell word: as it is when nothing in it is special to the shell, else in the shell's
+    double quotes when nothing in it is special to them, else in its single quotes."""
+    if shlex.quote(word) == word:
+        return word
+    if not re.search(r"[\"$`\\!]", word):
+        return f'"{word}"'
+    return shlex.quote(word)
+
+
+def shell_override(key: str, value: str) -> str:
+    """``key=value`` as one shell word whose value Hydra reads back exactly."""
+    return shell_word(hydra_override(key, value))
 
 
 def _why_no_best(log_history: Sequence[Mapping[str, Any]], metric: str) -> str:
@@ -61,12 +74,17 @@ _NOT_FOR_EVAL = ("experiment", "rollout", "training", "stage2_ab", "hydra", "mod
 
 def eval_overrides(overrides: Sequence[str]) -> list[str]:
     """The run's command-line overrides an evaluation of its checkpoint repeats (its data, seed, model,
-    decoding and server settings: the held-out split and the rollouts the run's own evals saw)."""
+    decoding and server settings: the held-out split and the rollouts the run's own evals saw). Relative
+    data paths become absolute (coordexp.config.cwd), so the command works from any directory."""
     keep = []
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if not any(key == k or key.startswith((k + ".", k + "/")) for k in _NOT_FOR_EVAL):
-            keep.append(override)
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if any(key == k or key.startswith((k + ".", k + "/")) for k in _NOT_FOR_EVAL):
+            continue
+        if key in PATH_FIELDS and value and value[0] not in "'\"~$/" and value not in KEYWORDS:
+            override = hydra_override(override.partition("=")[0], absolute_path(value))  # pasted anywhere
+        keep.append(override)
     return keep
 
 
@@ -121,7 +139,7 @@ def run_summary(*, run_dir: Path, logging_dir: str | None, global_step: int, max
         extra = ([f"rollout={rollout}"] if rollout else []) + eval_overrides(overrides)
         row("evaluate", " ".join([f"python -m coordexp.eval +experiment={experiment} model.kind=local",
                                   shell_override("model.path", str(best_checkpoint or last_checkpoint)),
-                                  *map(shlex.quote, extra)]))
+                                  *map(shell_word, extra)]))
     return "\n".join(lines)
 
 

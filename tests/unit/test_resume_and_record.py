@@ -198,11 +198,14 @@ def test_summary_names_the_run_the_best_checkpoint_and_the_final_eval(tmp_path):
                  "data.system_prompt='Réponds en français'", "seed=7", "model.tiny_stage1_steps=0",
                  "model.path=/x", "training.max_steps=4", "stage2_ab.schedule.b_ratio=1",
                  "rollout_matching.max_new_tokens=64", "hydra.run.dir=/r", "hydra/launcher=coordexp",
-                 "+extra.note=猫"]
+                 "+extra.note=猫", "vllm.server.image_root=imgs"]
     assert eval_overrides(overrides) == [
         "data=jsonl", "data.train_jsonl=/d/train.jsonl", "data.val_jsonl=/d/val café.jsonl",
         "data.system_prompt='Réponds en français'", "seed=7", "model.tiny_stage1_steps=0",
-        "rollout_matching.max_new_tokens=64", "+extra.note=猫"]
+        "rollout_matching.max_new_tokens=64", "+extra.note=猫", f"vllm.server.image_root={Path.cwd()}/imgs"]
+    # a relative data path is made absolute, so the command works pasted in any directory
+    assert eval_overrides(["data.val_jsonl=cx/val.jsonl", "data.train_jsonl=~/t.jsonl"]) == [
+        f"data.val_jsonl={Path.cwd()}/cx/val.jsonl", "data.train_jsonl=~/t.jsonl"]
     text = run_summary(run_dir=tmp_path, logging_dir=None, global_step=4, max_steps=4, log_history=history,
                        metric="eval_rollout/f1", best_checkpoint=best, best_metric=0.5, last_checkpoint=best,
                        experiment="smoke/ab_mixed_vl", rollout="hf", overrides=overrides)
@@ -290,3 +293,17 @@ def test_the_evaluate_lines_model_path_reads_back_exactly(path):
     assert (parsed.key_or_group, parsed.value()) == ("model.path", path)
     if path.isascii() and " " not in path and "," not in path and "'" not in path and "$" not in path:
         assert word == f"model.path={path}"  # a plain path stays as it is
+
+
+def test_a_relative_data_path_under_a_directory_with_spaces_reads_back(tmp_path, monkeypatch):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from coordexp.telemetry.summary import shell_word
+
+    here = tmp_path / "mes données"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    (override,) = eval_overrides(["data.val_jsonl=cx/val.jsonl"])
+    (arg,) = shlex.split(shell_word(override))
+    parsed = OverridesParser.create().parse_override(arg)
+    assert (parsed.key_or_group, parsed.value()) == ("data.val_jsonl", f"{here}/cx/val.jsonl")
