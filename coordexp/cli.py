@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from coordexp.config.load import check_before_start, to_train_config
+from coordexp.config.load import check_before_start, to_train_config, validate_composed
 from coordexp.config.schema import TrainConfig
 from coordexp.config.store import register_configs
 from coordexp.errors import ConfigError, exit_on_error
@@ -103,8 +103,9 @@ def prepare_argv(extra: dict[str, str] | None = None, training: bool = True) -> 
     cfg_flag = ns.cfg is not None
     if not _skips_the_check(ns):
         with exit_on_error():  # every job composed and validated, its directories probed (not for --cfg)
-            check_before_start(hydra_overrides(sys.argv[1:]), writes=not cfg_flag, validate=not cfg_flag,
-                               multirun=bool(ns.multirun), config_dir=ns.config_dir, training=training)
+            ns.composed = check_before_start(hydra_overrides(sys.argv[1:]), writes=not cfg_flag,
+                                             validate=not cfg_flag, multirun=bool(ns.multirun),
+                                             config_dir=ns.config_dir, training=training)
     return ns
 
 
@@ -113,9 +114,8 @@ def check_after_print(ns: argparse.Namespace | None, training: bool = True) -> N
     on stderr and exit 2, so someone diffing configs learns that one would be rejected."""
     if ns is None or ns.cfg is None or _skips_the_check(ns):
         return
-    with exit_on_error():
-        check_before_start(hydra_overrides(sys.argv[1:]), writes=False, multirun=bool(ns.multirun),
-                           config_dir=ns.config_dir, training=training)
+    with exit_on_error():  # the jobs prepare_argv composed
+        validate_composed(ns.composed, multirun=bool(ns.multirun), training=training)
 
 
 def run_hydra(hydra_task: Callable[[], Any], extra: dict[str, str] | None = None,

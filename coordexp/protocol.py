@@ -5,6 +5,9 @@ Environment of the server process (set by the launcher, read by the ms-swift plu
 :data:`ENV_ENABLE` (guard), :data:`ENV_CONFIG_JSON` (the ``rollout_matching.repeat_terminate`` subtree),
 :data:`ENV_SERVER_DEVICE`, :data:`ENV_WEIGHTS_ROOT`. Environment of the learner: :data:`ENV_INITIAL_WEIGHTS`,
 :data:`ENV_RUN_ID`. Of both: :data:`ENV_SERVER_API_KEY`.
+
+The answer's record keys and their order (:class:`FieldOrder`) are here too: the config, the server's
+prompts and the learner's parser agree on them, and the config imports them without the coordjson package.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any
 
 # ---- environment ------------------------------------------------------------------------------------
@@ -90,3 +94,18 @@ def repeat_terminate_json(values: Mapping[str, Any]) -> str:
     """The one serialization of the repeat-terminate settings that crosses a process boundary (the
     environment of the server, the probe's per-request overrides)."""
     return json.dumps(dict(values), separators=(",", ":"), sort_keys=False)
+
+
+DESC_KEY = "desc"
+BBOX_KEY = "bbox_2d"
+
+
+class FieldOrder(str, Enum):
+    """Key order inside each record of an answer; a record in the other order is invalid."""
+
+    desc_first = "desc_first"
+    geometry_first = "geometry_first"
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        return (DESC_KEY, BBOX_KEY) if self is FieldOrder.desc_first else (BBOX_KEY, DESC_KEY)

@@ -7,8 +7,10 @@ argv: they load the resolved config the orchestrator saved, through the same sch
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -152,37 +154,73 @@ def start_problems(obj: TrainConfig, job: Sequence[str], hydra_dir: tuple[str, s
             + data_file_problems(obj, training))
 
 
-def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writes: bool = True,
-                       validate: bool = True, config_dir: str | Path | None = None,
-                       training: bool = True) -> None:
-    """What the Hydra entry points (train, eval) run before Hydra starts anything: every job of the command
-    line is composed, resolved and validated as its task will be, and (``writes``: a real run, not --cfg)
-    the directories it writes are checked. ``validate=False``: composition and interpolation only (before
-    ``--cfg`` prints; the validation follows the print). ``config_dir``: the user's ``--config-dir``.
-    ``training``: validate as training configs (False for an evaluation: see :func:`to_train_config`).
-    Raises one ConfigError listing every problem of every job."""
-    if not multirun:  # Hydra's own message for this is a raw "Ambiguous value" with exit 1
-        raise_if([f"{ov.input_line}: several values are a sweep, which needs -m on the command line; for one "
-                  f"run give one value, for a list write {ov.get_key_element()}=[a,b], for text with a comma "
-                  f"quote it: {ov.get_key_element()}='a,b'"
-                  for ov in _parse_overrides(overrides) if ov.is_sweep_override()])
-    jobs = sweep_jobs(overrides)
+@dataclass
+class ComposedJob:
+    """One job of a command line, composed (what :func:`check_before_start` hands back for ``--cfg``)."""
+
+    cfg: DictConfig
+    overrides: list[str]
+    label: str
+    hydra_dir: tuple[str, str | None]
+
+
+def _for_every_job(labelled: Sequence[tuple[str, Any]], check: Callable[[Any], None]) -> None:
+    """Run ``check`` on every job of ``labelled`` ((label, job) pairs); raise one ConfigError listing every
+    problem once, with the sweep jobs it concerns when not all of them."""
     found: dict[str, list[str]] = {}
-    for job, label in jobs:
+    for label, item in labelled:
         try:
-            cfg = compose(job, config_dir=config_dir)
-            hydra_dir = hydra_dir_of(cfg, multirun)
-            if not validate:
-                resolve_composed(cfg)
-                continue
-            obj = to_train_config(cfg, training=training)
-            raise_if(start_problems(obj, job, hydra_dir, multirun=multirun, training=training) if writes
-                     else run_dir_problems(obj.training.nnodes, job, multirun))
+            check(item)
         except ConfigError as err:
             for problem in err.problems:
                 found.setdefault(problem, []).append(label)
         except OmegaConfBaseException as err:  # an interpolation in the hydra node itself
             key = getattr(err, "full_key", None) or "hydra"
             found.setdefault(f"{key}: {getattr(err, 'msg', str(err)).splitlines()[0]}", []).append(label)
-    raise_if([problem if len(labels) == len(jobs) else f"{problem} (sweep job {', '.join(labels)})"
+    raise_if([problem if len(labels) == len(labelled) else f"{problem} (sweep job {', '.join(labels)})"
               for problem, labels in found.items()])
+
+
+def check_before_start(overrides: Sequence[str], *, multirun: bool = False, writes: bool = True,
+                       validate: bool = True, config_dir: str | Path | None = None,
+                       training: bool = True) -> list[ComposedJob]:
+    """What the Hydra entry points (train, eval) run before Hydra starts anything: every job of the command
+    line is composed, resolved and validated as its task will be, and (``writes``: a real run, not --cfg)
+    the directories it writes are checked. ``validate=False``: composition and interpolation only (before
+    ``--cfg`` prints; :func:`validate_composed` follows the print with the jobs returned here, so nothing
+    is composed twice). ``config_dir``: the user's ``--config-dir``. ``training``: validate as training
+    configs (False for an evaluation: see :func:`to_train_config`). Raises one ConfigError listing every
+    problem of every job."""
+    if not multirun:  # Hydra's own message for this is a raw "Ambiguous value" with exit 1
+        raise_if([f"{ov.input_line}: several values are a sweep, which needs -m on the command line; for one "
+                  f"run give one value, for a list write {ov.get_key_element()}=[a,b], for text with a comma "
+                  f"quote it: {ov.get_key_element()}='a,b'"
+                  for ov in _parse_overrides(overrides) if ov.is_sweep_override()])
+    composed: list[ComposedJob] = []
+
+    def check(item: tuple[list[str], str]) -> None:
+        job, label = item
+        cfg = compose(job, config_dir=config_dir)
+        done = ComposedJob(cfg, job, label, hydra_dir_of(cfg, multirun))
+        if validate:
+            _validate(done, multirun=multirun, writes=writes, training=training)
+        else:
+            resolve_composed(cfg)
+            composed.append(done)
+
+    _for_every_job([(label, (job, label)) for job, label in sweep_jobs(overrides)], check)
+    return composed
+
+
+def validate_composed(composed: Sequence[ComposedJob], *, multirun: bool = False,
+                      training: bool = True) -> None:
+    """Validate jobs :func:`check_before_start` composed with ``validate=False`` (nothing is written, so
+    only the run-dir rule among the start checks). Raises one ConfigError listing every problem."""
+    _for_every_job([(job.label, job) for job in composed],
+                   lambda job: _validate(job, multirun=multirun, writes=False, training=training))
+
+
+def _validate(job: ComposedJob, *, multirun: bool, writes: bool, training: bool) -> None:
+    obj = to_train_config(job.cfg, training=training)
+    raise_if(start_problems(obj, job.overrides, job.hydra_dir, multirun=multirun, training=training) if writes
+             else run_dir_problems(obj.training.nnodes, job.overrides, multirun))

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from coordexp.coordjson.serialize import FieldOrder
+from coordexp.protocol import FieldOrder
 from coordexp.repeat_rules import RepeatTerminateConfig
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from coordexp.coordjson.serialize import BBOX_KEY, DESC_KEY
+from coordexp.protocol import BBOX_KEY, DESC_KEY
 
 #: The whitespace JSON allows between tokens (RFC 8259); the parser's lexer uses exactly these.
 JSON_WHITESPACE = " \t\n\r"

@@ -16,7 +16,8 @@ import numpy as np
 
 from coordexp.coordjson.codec import try_token_to_bin
 from coordexp.coordjson.record_start import JSON_WHITESPACE
-from coordexp.coordjson.serialize import BBOX_KEY, DESC_KEY, FieldOrder, Span, lone_surrogate
+from coordexp.coordjson.serialize import Span, lone_surrogate
+from coordexp.protocol import BBOX_KEY, DESC_KEY, FieldOrder
 
 # JSON whitespace only (space, tab, LF, CR): the one definition, shared with the record start
 _WS = "[" + re.escape(JSON_WHITESPACE) + "]"

@@ -5,28 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 from coordexp.coordjson.codec import MAX_BIN, bin_to_token
+from coordexp.protocol import DESC_KEY, FieldOrder
 
 CONTAINER_HEADER = '{"objects": ['
 CONTAINER_CLOSURE = "]}"
 RECORD_SEPARATOR = ", "
-DESC_KEY = "desc"
-BBOX_KEY = "bbox_2d"
-
-
-class FieldOrder(str, Enum):
-    """Key order inside each record; a record in the other order is invalid."""
-
-    desc_first = "desc_first"
-    geometry_first = "geometry_first"
-
-    @property
-    def keys(self) -> tuple[str, str]:
-        return (DESC_KEY, BBOX_KEY) if self is FieldOrder.desc_first else (BBOX_KEY, DESC_KEY)
-
-
 Span = tuple[int, int]
 
 

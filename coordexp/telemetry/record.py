@@ -14,8 +14,6 @@ import os
 import sys
 from typing import TextIO
 
-from tqdm import tqdm
-
 from coordexp.protocol import ENV_CONSOLE_LOG
 
 __all__ = ["ENV_CONSOLE_LOG", "say"]
@@ -24,6 +22,8 @@ __all__ = ["ENV_CONSOLE_LOG", "say"]
 def say(message: str, file: TextIO | None = None) -> None:
     """Show ``message`` (one or more lines) on the console (``file``: stderr by default) through tqdm's
     writer, and append it to the run's console record when there is one."""
+    from tqdm import tqdm  # here: the config commands (--cfg, errors) never load it
+
     out = file if file is not None else sys.stderr
     tqdm.write(message, file=out)
     out.flush()
