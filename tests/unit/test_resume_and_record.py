@@ -165,7 +165,10 @@ def test_summary_says_why_there_is_no_best_checkpoint(tmp_path):
     assert rows[3] == "  best checkpoint:  none (no eval ran: training.eval_strategy, or no held-out split)"
 
 
-def test_summary_names_the_run_the_best_checkpoint_and_the_final_eval(tmp_path):
+def test_summary_names_the_run_the_best_checkpoint_and_the_final_eval(tmp_path, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # no Hydra job: relative paths to the cwd
     history = [{"loss": 1.0, "step": 2}, {"eval_rollout/f1": 0.25, "eval_rollout/precision": 0.5, "step": 2},
                {"eval_rollout/f1": 0.5, "eval_rollout/precision": 0.75, "eval_rollout/recall": 0.375,
                 "step": 4}]
@@ -296,6 +299,7 @@ def test_the_evaluate_lines_model_path_reads_back_exactly(path):
 
 
 def test_a_relative_data_path_under_a_directory_with_spaces_reads_back(tmp_path, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from coordexp.telemetry.summary import shell_word
@@ -303,6 +307,7 @@ def test_a_relative_data_path_under_a_directory_with_spaces_reads_back(tmp_path,
     here = tmp_path / "mes données"
     here.mkdir()
     monkeypatch.chdir(here)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # no Hydra job: relative to the cwd
     (override,) = eval_overrides(["data.val_jsonl=cx/val.jsonl"])
     (arg,) = shlex.split(shell_word(override))
     parsed = OverridesParser.create().parse_override(arg)
