@@ -347,6 +347,12 @@ class ServerConfig:
     python: str | None = doc(
         "The Python that runs `swift rollout` (a separate server environment with coordexp[server-gpu] "
         "installed, e.g. /opt/server-venv/bin/python); null = the learner's own Python.", None)
+    template: str | None = doc(
+        "ms-swift's chat template for the servers the launcher starts (`swift rollout --template`). null = "
+        "the checkpoint's own family for Qwen-VL (config.json model_type qwen2_vl, qwen2_5_vl or qwen3_vl: "
+        "ms-swift cannot tell them from look-alikes such as mimo_vl when the folder is renamed), chatml for "
+        "the tiny model, else ms-swift's detection. The learner checks that the server's prompt ids equal "
+        "its own, so a wrong template fails at the first rollout.", None)
     startup_timeout_s: float = doc("Deadline for /health/ after start.", 600.0)
     infer_timeout_s: float = doc("Per /infer/ call timeout (one retry, then a clear error).", 120.0)
     request_timeout_s: float = doc("Timeout of every other HTTP call.", 30.0)

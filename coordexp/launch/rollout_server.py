@@ -70,6 +70,30 @@ def lost_port_in_log(text: str, port: int) -> bool:
     return re.search(rf"bind on address \([^)]*\b{port}\b[^)]*\): address already in use", text) is not None
 
 
+_SWIFT_NO_MATCH = re.compile(r"Failed to automatically match `?(template_type|model_type)`? for .*?\. "
+                             r"(Multiple possible types found: (\[[^\]]*\]))?")
+
+
+def start_failure_fix(text: str) -> str | None:
+    """The fix for a server start that failed the way ``text`` (this start's log) shows, when it is a
+    known one: ms-swift could not tell the checkpoint's template or model type (a renamed folder), or the
+    server environment lacks ``qwen_vl_utils`` (ms-swift's Qwen-VL image loader)."""
+    found = _SWIFT_NO_MATCH.search(text)
+    if found:
+        key = "template" if found.group(1) == "template_type" else "model_type"
+        choices = f" (ms-swift offers {found.group(3)})" if found.group(3) else ""
+        if key == "template":
+            return (f"Fix: ms-swift cannot tell which chat template the checkpoint uses{choices}; name it: "
+                    f"vllm.server.template=<the checkpoint's family>")
+        return (f"Fix: ms-swift cannot tell the checkpoint's model type{choices}; rename the folder after "
+                f"the released model it comes from, or start the server yourself with --model_type "
+                f"(vllm.server.reuse_existing=true)")
+    if "No module named 'qwen_vl_utils'" in text:
+        return ("Fix: install ms-swift's Qwen-VL image loader into the server's environment: pip install "
+                "'coordexp[server-gpu]' (it brings qwen-vl-utils)")
+    return None
+
+
 def say(msg: str) -> None:
     console.say(f"[coordexp server] {msg}")
 
@@ -238,14 +262,16 @@ class RolloutServer:
         with open(self.log_path, "r", errors="replace") as fh:
             return "".join(deque(fh, maxlen=n))
 
-    def _lost_its_port(self) -> bool:
-        """uvicorn's bind error for this server's port is in what this start wrote to the log."""
-        if self.spec is None or not self.log_path or not self.log_path.is_file():
-            return False
+    def _this_starts_log(self) -> str:
+        if not self.log_path or not self.log_path.is_file():
+            return ""
         with open(self.log_path, "rb") as fh:
             fh.seek(self._log_start)  # this start's lines only: the log is appended to across starts
-            text = fh.read().decode(errors="replace")
-        return lost_port_in_log(text, self.spec.port)
+            return fh.read().decode(errors="replace")
+
+    def _lost_its_port(self) -> bool:
+        """uvicorn's bind error for this server's port is in what this start wrote to the log."""
+        return self.spec is not None and lost_port_in_log(self._this_starts_log(), self.spec.port)
 
     def _fail(self, msg: str, with_log: bool = True,
               error: type[ServerStartError] = ServerStartError) -> ServerStartError:
@@ -372,7 +398,8 @@ class RolloutServer:
                         f"takes internal ports from the ephemeral range {span}). Fix: choose a "
                         f"port below that range in vllm.server.base_urls (8000 is)",
                         error=PortTakenDuringStart)
-                raise self._fail(msg)
+                fix = start_failure_fix(self._this_starts_log())
+                raise self._fail(f"{msg}. {fix}" if fix else msg)
             if check_health(self.base_url, timeout_s=min(5.0, self.request_timeout_s), api_key=self.api_key):
                 return
             now = time.monotonic()

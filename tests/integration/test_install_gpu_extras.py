@@ -50,6 +50,7 @@ def test_train_plus_server_gpu_resolves_to_one_environment(tmp_path):
     # vllm 0.33 needs torch 2.14.0: the learner's pin no longer contradicts it
     assert picked["vllm"] == "0.33.0" and picked["torch"].startswith("2.14.")
     assert picked["ms-swift"] == "4.6.0"
+    assert "qwen-vl-utils" in picked  # ms-swift's Qwen-VL template imports it for every image
     major, minor = (int(x) for x in picked["transformers"].split(".")[:2])
     assert (5, 16) <= (major, minor) < (5, 20), picked["transformers"]
     # the learner's own stack is in the same environment

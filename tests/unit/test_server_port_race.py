@@ -1,12 +1,13 @@
 """Which early server exits count as a port lost during the start (the launcher then starts the server once
-more: ``coordexp.launch.rollout_server.start_all``; end to end in ``test_launcher_faults.py``)."""
+more: ``coordexp.launch.rollout_server.start_all``; end to end in ``test_launcher_faults.py``), and which
+known failures name their fix."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from coordexp.launch.process import ephemeral_port_range
-from coordexp.launch.rollout_server import lost_port_in_log
+from coordexp.launch.rollout_server import lost_port_in_log, start_failure_fix
 
 UVICORN = "ERROR:    [Errno 98] error while attempting to bind on address {addr}: address already in use"
 
@@ -26,3 +27,20 @@ def test_another_port_or_another_error_does_not_count():
 def test_the_ephemeral_range_is_the_kernels():
     low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     assert ephemeral_port_range() == (low, high) and 1024 <= low <= high <= 65535
+
+
+def test_known_start_failures_name_their_fix():
+    # ms-swift's messages (swift/template/register.py, swift/model/model_meta.py), for a renamed folder
+    template = ("ValueError: Failed to automatically match `template_type` for `/ckpt/stage1.5`. Multiple "
+                "possible types found: ['qwen2_5_vl', 'mimo_vl']. Please specify `template_type` manually "
+                "via `--template`. See documentation: https://swift.readthedocs.io/")
+    assert start_failure_fix("INFO x\n" + template + "\n") == (
+        "Fix: ms-swift cannot tell which chat template the checkpoint uses (ms-swift offers ['qwen2_5_vl', "
+        "'mimo_vl']); name it: vllm.server.template=<the checkpoint's family>")
+    model = ("ValueError: Failed to automatically match `model_type` for `/ckpt/x`. Multiple possible types "
+             "found: ['a', 'b']. Please specify `model_type` manually.")
+    assert start_failure_fix(model).startswith(
+        "Fix: ms-swift cannot tell the checkpoint's model type (ms-swift offers ['a', 'b']); rename the")
+    assert "pip install 'coordexp[server-gpu]'" in start_failure_fix(
+        "ModuleNotFoundError: No module named 'qwen_vl_utils'")
+    assert start_failure_fix("RuntimeError: CUDA out of memory") is None

@@ -344,3 +344,30 @@ def test_other_qwen_vl_families_load_encode_train_and_generate(arch, tmp_path, c
     backend = HFRolloutBackend(lambda: model, tok, rollout_contract(cfg), prompts.image_token_id)
     rollout = generate_rollouts(backend, [sample], [encoded], seed=0).rollouts[0]
     assert rollout.prompt_ids == encoded.ids and 1 <= len(rollout.token_ids) <= 96
+
+
+@pytest.mark.parametrize(("model_type", "override", "template"), [
+    ("qwen2_5_vl", None, "qwen2_5_vl"),   # ms-swift alone offers qwen2_5_vl and mimo_vl for a renamed folder
+    ("qwen2_vl", None, "qwen2_vl"),       # and qwen2_vl or qvq
+    ("qwen3_vl", None, "qwen3_vl"),
+    ("qwen2", None, None),                # a text checkpoint: ms-swift's own detection
+    ("qwen2_5_vl", "mimo_vl", "mimo_vl"),  # vllm.server.template wins
+    ("qwen2", "qwen2_5", "qwen2_5"),
+])
+def test_the_server_gets_the_checkpoints_family_template(tmp_path, model_type, override, template):
+    from coordexp.launch.server_spec import build_command, launch_spec_from_config
+
+    ckpt = tmp_path / "stage1"  # renamed: nothing in the name says Qwen2.5-VL
+    ckpt.mkdir()
+    config = {"model_type": model_type, **({"vision_config": {}} if model_type.endswith("_vl") else {})}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    overrides = ["+experiment=ab_mixed", f"model.path={ckpt}"] + (
+        [f"vllm.server.template={override}"] if override else []) + (
+        [] if model_type.endswith("_vl") else ["training.vit_lr=null", "training.aligner_lr=null"])
+    spec = launch_spec_from_config(to_train_config(compose(overrides)), ckpt)
+    command = build_command(spec)
+    assert spec.template == template and spec.model_type is None
+    if template:
+        assert command[command.index("--template") + 1] == template
+    else:
+        assert "--template" not in command
