@@ -15,6 +15,7 @@ from coordexp.config.errors import exit_on_config_error, raise_if
 from coordexp.config.gpus import gpu_plan, gpu_plan_problem
 from coordexp.config.load import compose, hydra_dir_of, start_problems, to_train_config
 from coordexp.config.schema import TrainConfig
+from coordexp.config.validate import config_warnings
 from coordexp.errors import CoordexpError
 from coordexp.repeat_rules import config_to_dict
 
@@ -89,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise PlanTooLarge(f"the memory plan of +experiment={cfg.experiment} does not fit the device:\n"
                             f"{table}")
         print(table, file=sys.stderr)
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     problem = gpu_plan_problem(contract["gpu_plan"], cfg.experiment)
     if problem:  # the contract stands (e.g. checked on a login node); the plan does not fit this machine
         print(f"warning: {problem}", file=sys.stderr)

@@ -10,8 +10,10 @@ from urllib.parse import urlparse
 
 from coordexp.config.gpus import visible_gpus
 from coordexp.config.schema import (
+    DType,
     IntervalStrategy,
     ModelKind,
+    Precision,
     RolloutBackend,
     ServerDevice,
     SyncMode,
@@ -395,3 +397,21 @@ def run_dir_problems(nnodes: int, overrides: Iterable[str], multirun: bool) -> l
                 "their ranks' files), so pass hydra.run.dir=<dir on a filesystem every node mounts> with the "
                 "same value on every node"]
     return []
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """What a valid config probably did not mean (printed by the preflight and by the learner's rank 0 at
+    start, never refused): pure bf16 (``model.dtype: bfloat16`` with ``training.precision: bf16``: no fp32
+    master weights), and a checkpoint of your own trained on the built-in synthetic task (the production
+    leaves' data default is the synthetic toy task, so a run that sets only ``model.path`` trains on it)."""
+    out = []
+    if (enum_value(cfg.model.dtype) == DType.bfloat16.value
+            and enum_value(cfg.training.precision) == Precision.bf16.value):
+        out.append("model.dtype bfloat16 with training.precision bf16 is pure bf16 (no fp32 master weights; "
+                   "small updates can round away): model.dtype float32 keeps fp32 master weights")
+    if cfg.model.kind == ModelKind.local and enum_value(cfg.data.kind) == "synthetic":
+        what = "images" if cfg.data.synthetic.images else "text"
+        out.append(f"the checkpoint {cfg.model.path} trains on the built-in synthetic task (data.kind: "
+                   f"synthetic, {what}): for your data add data=jsonl data.train_jsonl=<file> "
+                   f"data.val_jsonl=<file> (docs/own_data.md)")
+    return out

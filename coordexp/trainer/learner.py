@@ -31,7 +31,7 @@ from coordexp.config.schema import (
     TrainConfig,
 )
 from coordexp.config.trackers import tracker_environment
-from coordexp.config.validate import derived_grad_accumulation
+from coordexp.config.validate import config_warnings, derived_grad_accumulation
 from coordexp.coordjson import FieldOrder, serialize_objects
 from coordexp.data.jsonl import MAX_REPORTED_ERRORS, DataValidationError, load_jsonl
 from coordexp.data.lazy_jsonl import LazyJsonlDataset, evenly_spaced
@@ -94,14 +94,13 @@ def _rank_zero() -> bool:
 
 def announce_groups(model, cfg: TrainConfig, plan) -> None:
     """Rank 0 prints the parameter groups (total / trainable parameters, learning rate or frozen) and the
-    pure-bf16 warning when it applies."""
+    config's warnings (``config.validate.config_warnings``)."""
     if not _rank_zero():
         return
     table = "\n  ".join(optim.group_table(model, plan))
     say(f"coordexp: parameter groups ({plan.model_type})\n  {table}", file=sys.stdout)
-    note = optim.precision_note(cfg)
-    if note:
-        say(f"coordexp: {note}")
+    for warning in config_warnings(cfg):
+        say(f"coordexp: warning: {warning}")
 
 
 def coord_vocab_adapter(tokenizer, model_dir):

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordexp.config.errors import ConfigError
-from coordexp.config.schema import DType, Precision, TrainConfig, enum_value
+from coordexp.config.schema import Precision, TrainConfig, enum_value
 from coordexp.config.validate import unset_hint
 from coordexp.models import param_groups as pg
 
 __all__ = ["GroupPlan", "apply_freezing", "group_table", "optimizer_param_groups", "plan_groups",
-           "precision_arguments", "precision_note", "prepare_model"]
+           "precision_arguments", "prepare_model"]
 
 VISION_KNOBS = ("model.freeze_vit", "model.freeze_aligner", "training.vit_lr", "training.aligner_lr")
 
@@ -121,16 +121,6 @@ def group_table(model, plan: GroupPlan) -> list[str]:
         state = "frozen" if group in plan.frozen else f"lr {plan.lrs[group]:g}"
         lines.append(f"{group:<8} {total:>14,d} params  {trainable:>14,d} trainable  {state}")
     return lines
-
-
-def precision_note(cfg: TrainConfig) -> str | None:
-    """The one-line warning for pure bf16 (``model.dtype: bfloat16`` with ``training.precision: bf16``:
-    weights, gradients and optimizer state in bf16, no fp32 master copy); None otherwise."""
-    if (enum_value(cfg.model.dtype) == DType.bfloat16.value
-            and enum_value(cfg.training.precision) == Precision.bf16.value):
-        return ("warning: model.dtype bfloat16 with training.precision bf16 is pure bf16 (no fp32 master "
-                "weights; small updates can round away): model.dtype float32 keeps fp32 master weights")
-    return None
 
 
 def precision_arguments(training, cuda: bool) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from coordexp.config.errors import ConfigError
 from coordexp.config.leaf import leaf_file_problems
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import DType, Precision
-from coordexp.config.validate import precision_problems, problems
+from coordexp.config.validate import config_warnings, precision_problems, problems
 from coordexp.models.param_groups import group_of
 from coordexp.trainer import optim
 
@@ -110,9 +110,13 @@ def test_precision_against_the_load_dtype(tmp_path):
 def test_pure_bf16_is_allowed_with_one_warning():
     pure = to_train_config(compose(["+experiment=ab_mixed", "model.dtype=bfloat16"]))
     assert precision_problems(pure, visible=0) == []
-    assert optim.precision_note(pure).startswith("warning: model.dtype bfloat16 with training.precision bf16 "
-                                                 "is pure bf16")
-    assert optim.precision_note(to_train_config(compose(["+experiment=ab_mixed"]))) is None
+    note, data = config_warnings(pure)
+    assert note.startswith("model.dtype bfloat16 with training.precision bf16 is pure bf16")
+    # the production leaf's data default is the synthetic task: a checkpoint of your own would train on it
+    assert data == ("the checkpoint /models/coordexp-stage1 trains on the built-in synthetic task "
+                    "(data.kind: synthetic, text): for your data add data=jsonl data.train_jsonl=<file> "
+                    "data.val_jsonl=<file> (docs/own_data.md)")
+    assert config_warnings(to_train_config(compose(["+experiment=smoke/ab_mixed"]))) == []
 
 
 def test_production_leaves_use_fp32_master_weights_bf16_and_checkpointing():

@@ -15,7 +15,7 @@ FREEZE_VIT = ("model.adapter.kind=dora", "model.freeze_vit=true")
 ROWS = {  # the table's first column -> (config.json, overrides of +experiment=ab_mixed[, training fields set
     # afterwards: a world size whose node settings the plan does not need)]
     "7B, full fine-tune (`model.adapter.kind=none`), 2 ranks DDP": (QWEN25_VL_7B, ("training.fsdp=false",)),
-    "7B, the recipe above: full fine-tune, FSDP over 8 ranks (2 nodes x 4)":
+    "7B, full fine-tune, FSDP over 8 ranks (2 nodes x 4): the recipe with `model.adapter.kind=none`":
         (QWEN25_VL_7B, ("training.fsdp=true",), {"nproc_per_node": 4, "nnodes": 2}),
     "7B, the leaf as it is: DoRA r 16, vision tower and aligner in full, 2 ranks DDP":
         (QWEN25_VL_7B, ("model.adapter.kind=dora",)),
