@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with exit_on_config_error():
         composed = compose(argv)
         cfg = to_train_config(composed)
-        raise_if(start_problems(cfg, argv, hydra_dir_of(composed)))  # what the run itself checks first
+        # what the run itself checks first (the GPUs: a warning below; a login node has none)
+        raise_if(start_problems(cfg, argv, hydra_dir_of(composed), this_machine=False))
         contract = preflight(cfg)
         plan, table = memory_section(cfg)
         contract["memory_plan"] = plan

@@ -38,13 +38,16 @@ def visible_gpus(environ: Mapping[str, str] | None = None, proc: Path = NVIDIA_P
 
 
 def gpu_plan(cfg: TrainConfig, visible: int | None = None) -> dict[str, Any]:
-    """``{"needed", "visible", "satisfiable", "server_gpus", "learner_gpus"}`` for a config."""
+    """``{"needed", "visible", "satisfiable", "server_gpus", "learner_gpus"}`` for a config on this node:
+    the servers' GPUs on node 0 only (the other nodes start no server). GPU ids index the visible GPUs, so
+    ``needed`` is the highest id + 1 (``[6, 7]`` needs 8 GPUs, not 2)."""
     v = cfg.vllm
     server_mode = cfg.rollout_matching.rollout_backend == RolloutBackend.vllm
     on_gpu = server_mode and v.device == ServerDevice.cuda
-    server = sorted(set(v.server_gpus)) if on_gpu and not v.server.reuse_existing else []
+    starts_servers = on_gpu and not v.server.reuse_existing and cfg.training.node_rank == 0
+    server = sorted(set(v.server_gpus)) if starts_servers else []
     learner = sorted(set(v.learner_gpus)) if on_gpu else []
-    needed = len(set(server) | set(learner))
+    needed = max([*server, *learner], default=-1) + 1
     seen = visible_gpus() if visible is None else visible
     return {"needed": needed, "visible": seen, "satisfiable": needed <= seen,
             "server_gpus": server, "learner_gpus": learner}

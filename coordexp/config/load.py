@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from coordexp.config import validate
 from coordexp.config.cwd import absolute_paths
 from coordexp.config.errors import ConfigError, raise_if
+from coordexp.config.gpus import gpu_plan, gpu_plan_problem
 from coordexp.config.leaf import _parse_overrides, check_command_line
 from coordexp.config.paths import CONF_DIR
 from coordexp.config.schema import TrainConfig
@@ -142,16 +143,18 @@ def hydra_dir_of(cfg: DictConfig, multirun: bool = False) -> tuple[str, str | No
 
 
 def start_problems(obj: TrainConfig, job: Sequence[str], hydra_dir: tuple[str, str | None], *,
-                   multirun: bool = False, training: bool = True) -> list[str]:
+                   multirun: bool = False, training: bool = True, this_machine: bool = True) -> list[str]:
     """What a run checks before it starts anything (the train and eval entry points, and the preflight):
     one run dir for every node, the dirs it writes (``hydra_dir`` from :func:`hydra_dir_of`, and a single
-    run's output and logging dirs; probed) and the JSONL files it reads."""
+    run's output and logging dirs; probed), the JSONL files it reads and (``this_machine``: not for the
+    preflight, which may run on a login node and reports it as a warning) the GPUs it needs here."""
     dirs = [hydra_dir]
     if not multirun:
         dirs += [("training.output_dir", obj.training.output_dir),
                  ("training.logging_dir", obj.training.logging_dir)]
+    gpus = gpu_plan_problem(gpu_plan(obj), obj.experiment) if this_machine else None
     return (run_dir_problems(obj.training.nnodes, job, multirun) + dir_problems(dirs)
-            + data_file_problems(obj, training))
+            + data_file_problems(obj, training) + ([f"vllm.device: {gpus}"] if gpus else []))
 
 
 @dataclass

@@ -55,6 +55,9 @@ def url_problem(url: object) -> str | None:
         return f"'{url}' is not http(s)://host:port ({err}; the port is an integer 1..65535)"
     if parsed.scheme not in ("http", "https") or not parsed.hostname or port is None:
         return f"'{url}' is not http(s)://host:port"
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        return (f"'{url}' has a path; a base URL is http(s)://host:port only (the client adds the routes: "
+                f"/infer/, /health/, ...)")
     if port == 0:
         return f"'{url}': port 0 is not a port a server listens on (use 1..65535)"
     return None
@@ -74,6 +77,12 @@ def server_problems(cfg: TrainConfig, environ: Mapping[str, str] | None = None) 
         if dup:
             out.append(f"vllm.server.base_urls: port(s) {dup} appear more than once; the launcher starts one "
                        "server per URL, each on its own port")
+    if not s.reuse_existing and s.host and is_loopback_host(s.host):
+        far = [p.geturl() for p in parsed if not is_loopback_host(p.hostname or "")]
+        if far:
+            out.append(f"vllm.server.base_urls: {', '.join(far)} is not a loopback address, but the servers "
+                       f"the launcher starts bind vllm.server.host={s.host}, so nothing answers there: set "
+                       f"vllm.server.host=0.0.0.0 (with an API key), or use http://127.0.0.1:<port>")
     local = s.reuse_existing or not s.host or is_loopback_host(s.host)  # an empty host: its own rule
     exposed = [] if local else [f"vllm.server.host={s.host}"]
     exposed += [p.geturl() for p in parsed if not is_loopback_host(p.hostname or "")]
@@ -197,6 +206,15 @@ def problems(cfg: TrainConfig, training: bool = True) -> list[str]:
         need(v.sync.timeout_s > 0, "vllm.sync.timeout_s", "must be > 0")
         need(v.sync.bucket_mib >= 1, "vllm.sync.bucket_mib", "must be >= 1")
         out.extend(server_problems(cfg))
+        if v.device == ServerDevice.cuda:
+            for name in ("server_gpus", "learner_gpus"):
+                ids = getattr(v, name)
+                need(all(i >= 0 for i in ids), f"vllm.{name}",
+                     f"{ids}: GPU ids are >= 0 (a negative id in CUDA_VISIBLE_DEVICES hides every GPU after "
+                     f"it)")
+                twice = sorted({i for i in ids if ids.count(i) > 1})
+                need(not twice, f"vllm.{name}", f"{ids}: GPU(s) {twice} appear more than once; one process "
+                     f"(server worker or learner rank) per GPU")
         if v.device == ServerDevice.cuda and not v.server.reuse_existing:
             overlap = sorted(set(v.server_gpus) & set(v.learner_gpus))
             need(not overlap, "vllm.server_gpus", f"overlaps vllm.learner_gpus on GPUs {overlap}")
@@ -403,7 +421,9 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
     """What a valid config probably did not mean (printed by the preflight and by the learner's rank 0 at
     start, never refused): pure bf16 (``model.dtype: bfloat16`` with ``training.precision: bf16``: no fp32
     master weights), and a checkpoint of your own trained on the built-in synthetic task (the production
-    leaves' data default is the synthetic toy task, so a run that sets only ``model.path`` trains on it)."""
+    leaves' data default is the synthetic toy task, so a run that sets only ``model.path`` trains on it),
+    and a multi-node run whose rendezvous or servers are on loopback (only nodes on this machine reach them:
+    right for a test of several nodes on one machine, wrong on a cluster)."""
     out = []
     if (enum_value(cfg.model.dtype) == DType.bfloat16.value
             and enum_value(cfg.training.precision) == Precision.bf16.value):
@@ -414,4 +434,14 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
         out.append(f"the checkpoint {cfg.model.path} trains on the built-in synthetic task (data.kind: "
                    f"synthetic, {what}): for your data add data=jsonl data.train_jsonl=<file> "
                    f"data.val_jsonl=<file> (docs/own_data.md)")
+    t = cfg.training
+    if t.nnodes > 1:
+        server_mode = cfg.rollout_matching.rollout_backend == RolloutBackend.vllm
+        near = [f"vllm.server.base_urls {u}" for u in (cfg.vllm.server.base_urls if server_mode else [])
+                if url_problem(u) is None and is_loopback_host(urlparse(u).hostname or "")]
+        if t.rdzv_endpoint and is_loopback_host(t.rdzv_endpoint.rpartition(":")[0]):
+            near.insert(0, f"training.rdzv_endpoint {t.rdzv_endpoint}")
+        if near:
+            out.append(f"{' and '.join(near)}: loopback, which only nodes on this machine reach; on a "
+                       f"cluster name node 0 by a hostname or address every node resolves (node0.cluster)")
     return out
