@@ -223,6 +223,12 @@ def experiment_from_argv(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _has_submitit() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+
+
 def check_command_line(argv: Sequence[str], need_experiment: bool = True,
                        config_dir: str | Path | None = None) -> None:
     """Pre-composition checks of ``argv`` overrides and the selected leaf (``config_dir``: the user's own
@@ -237,6 +243,10 @@ def check_command_line(argv: Sequence[str], need_experiment: bool = True,
                 problems.append("experiment: sweeping over leaves is not supported; run one leaf per sweep")
             elif not ov.is_delete():
                 experiment = str(ov.value())
+            continue
+        if key == "hydra/launcher" and str(ov.value()).startswith("submitit") and not _has_submitit():
+            problems.append(f"{ov.input_line}: Hydra's submitit launcher is not installed: pip install "
+                            f"hydra-submitit-launcher (docs/runbook.md, Clusters)")
             continue
         if key.startswith(("hydra.", "hydra/")) or key == "hydra" or is_config_group(key, config_dir):
             continue

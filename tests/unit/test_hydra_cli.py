@@ -214,3 +214,17 @@ def test_sweep_values_without_m_are_a_config_error_with_the_fixes():
     assert ("  - training.learning_rate=1e-3,2e-3: several values are a sweep, which needs -m on the command "
             "line; for one run give one value, for a list write training.learning_rate=[a,b], for text with "
             "a comma quote it: training.learning_rate='a,b'\n") in out.stderr
+
+
+def test_the_submitit_launcher_without_its_package_names_the_install(monkeypatch):
+    from coordexp.config import leaf
+    from coordexp.config.errors import ConfigError
+
+    monkeypatch.setattr(leaf, "_has_submitit", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        leaf.check_command_line(["hydra/launcher=submitit_slurm", "+experiment=smoke/ab_mixed"])
+    assert err.value.problems == [
+        "hydra/launcher=submitit_slurm: Hydra's submitit launcher is not installed: pip install "
+        "hydra-submitit-launcher (docs/runbook.md, Clusters)"]
+    monkeypatch.setattr(leaf, "_has_submitit", lambda: True)  # installed: Hydra takes it from here
+    leaf.check_command_line(["hydra/launcher=submitit_slurm", "+experiment=smoke/ab_mixed"])
