@@ -314,10 +314,15 @@ def _learner_fixes(cfg: TrainConfig, inv: Inventory, config: Any, device: int) -
         got = total(change(cfg))
         out.append(f"{text}: {size(got)} per rank ({'fits' if got <= device else 'still over'})")
         combined = change(combined)
+    got = total(combined)
     if len(steps) > 1:
-        got = total(combined)
-        out.append(f"all of the above together: {size(got)} per rank "
-                   f"({'fits' if got <= device else 'still over: more ranks or a smaller model'})")
+        verdict = "fits" if got <= device else "still over"
+        out.append(f"all of the above together: {size(got)} per rank ({verdict})")
+    if got > device:  # nothing left to turn on fits it: a bigger world or a smaller job
+        wider = ("" if cpu_server else "shard over more learner ranks (training.fsdp=true with more "
+                 "training.nproc_per_node / training.nnodes), or ")
+        out.append(f"{'with all of that' if steps else 'every memory setting is on already'}, a rank needs "
+                   f"{size(got)}: {wider}train a smaller model")
     return out
 
 
@@ -326,18 +331,28 @@ def _processor(inv: Inventory) -> dict[str, Any]:
     return {"max_pixels": v.image_tokens * (v.patch * v.merge) ** 2} if v else {}
 
 
-def _server_fixes(sp: ServerPlan) -> list[str]:
+def _more_tensor_parallel(cfg: TrainConfig, sp: ServerPlan) -> str:
+    """Twice the tensor parallelism, as overrides the config check accepts: the same GPUs per server with
+    half the data parallelism when it halves, else twice the servers' GPUs."""
+    tp, dp = sp.tensor_parallel * 2, cfg.vllm.data_parallel_size
+    if dp % 2 == 0:
+        return f"vllm.tensor_parallel_size={tp} vllm.data_parallel_size={dp // 2}"
+    return (f"vllm.tensor_parallel_size={tp} with {tp * dp} GPUs per server (vllm.server_gpus: "
+            f"{tp * dp * sp.servers} in all)")
+
+
+def _server_fixes(cfg: TrainConfig, sp: ServerPlan) -> list[str]:
     out = []
     if sp.kv_budget is not None and sp.kv_budget <= 0:
-        out.append(f"vllm.tensor_parallel_size={sp.tensor_parallel * 2} (split the weights over more GPUs), "
-                   "or a higher vllm.gpu_memory_utilization")
+        out.append(f"{_more_tensor_parallel(cfg, sp)} (split the weights over more GPUs), or a higher "
+                   "vllm.gpu_memory_utilization")
         return out
     capacity = sp.capacity_tokens or 0
     fit = capacity // sp.per_sequence_tokens
     if fit >= 1 and capacity >= sp.max_model_len:
         out.append(f"rollout_matching.decode_batch_size={fit} (smaller decode batch: "
                    f"{fit * sp.per_sequence_tokens:,} tokens of KV cache)")
-    out.append(f"vllm.tensor_parallel_size={sp.tensor_parallel * 2} (more KV cache per engine), a higher "
+    out.append(f"{_more_tensor_parallel(cfg, sp)} (more KV cache per engine), a higher "
                "vllm.gpu_memory_utilization, or a shorter vllm.max_model_len")
     return out
 
@@ -363,6 +378,6 @@ def memory_plan(cfg: TrainConfig, device_bytes: int | None = None, config: Any =
     if device_bytes is not None and lp.total > device_bytes:
         fixes += _learner_fixes(cfg, inv, config, device_bytes)
     if problems and sp is not None and any("server" in p for p in problems):
-        fixes += _server_fixes(sp)
+        fixes += _server_fixes(cfg, sp)
     return MemoryPlan(inventory=inv, learner=lp, server=sp, device_bytes=device_bytes, device_source=src,
                       problems=problems, fixes=fixes)

@@ -89,6 +89,7 @@ def plan_table(plan: MemoryPlan, cfg: TrainConfig) -> str:
         lines.append("  does not fit:")
         lines += [f"    - {p}" for p in plan.problems]
     if plan.fixes:
-        lines.append("  fixes (each alone, then together):")
+        together = any(f.startswith("all of the above together") for f in plan.fixes)
+        lines.append("  fixes (each alone, then together):" if together else "  fixes:")
         lines += [f"    - {f}" for f in plan.fixes]
     return "\n".join(lines)

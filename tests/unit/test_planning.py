@@ -16,6 +16,7 @@ from coordexp.config.load import compose, to_train_config
 from coordexp.planning.activations import layer_bytes_per_token
 from coordexp.planning.inventory import PlanError, inventory
 from coordexp.planning.memory import GIB, memory_plan
+from coordexp.planning.report import plan_table
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -396,3 +397,25 @@ def test_the_loss_head_counts_no_image_placeholder(tmp_path):
     assert act.passes == 2 and 0 < act.image_tokens < act.tokens
     text_tokens = act.tokens - act.image_tokens
     assert act.head_bytes == text_tokens * 152064 * (2 + 4 + 8) + text_tokens * 152064 * 2
+
+
+def test_the_fixes_of_a_plan_with_every_memory_setting_on_are_ones_the_config_accepts(tmp_path):
+    """DoRA, FSDP, checkpointing, bf16 on a 16 GiB device: the learner fix left is shorter packs, then a
+    bigger world or a smaller model; the server's tensor parallelism keeps the GPUs per server (6 = 3 x 2),
+    so the override the fix names passes the config check."""
+    folder = checkpoint(tmp_path, QWEN25_VL_7B)
+    cfg = prod_cfg(folder, "model.adapter.kind=dora", "training.fsdp=true")
+    plan = memory_plan(cfg, device_bytes=16 * GIB)
+    assert plan.fixes[0].startswith("training.packing_length=6000 (shorter packs): ")
+    assert plan.fixes[1].startswith("with all of that, a rank needs ")
+    assert plan.fixes[1].endswith(": shard over more learner ranks (training.fsdp=true with more "
+                                  "training.nproc_per_node / training.nnodes), or train a smaller model")
+    assert plan.fixes[2] == ("vllm.tensor_parallel_size=2 vllm.data_parallel_size=3 (split the weights over "
+                             "more GPUs), or a higher vllm.gpu_memory_utilization")
+    prod_cfg(folder, "model.adapter.kind=dora", "training.fsdp=true", "vllm.tensor_parallel_size=2",
+             "vllm.data_parallel_size=3")  # accepted
+    odd = prod_cfg(folder, "model.adapter.kind=dora", "training.fsdp=true", "vllm.data_parallel_size=1",
+                   "vllm.server_gpus=[0]")
+    assert memory_plan(odd, device_bytes=16 * GIB).fixes[-1].startswith(
+        "vllm.tensor_parallel_size=2 with 2 GPUs per server (vllm.server_gpus: 2 in all)")
+    assert "fixes:\n" in plan_table(plan, cfg) and "then together" not in plan_table(plan, cfg)
