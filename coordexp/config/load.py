@@ -224,6 +224,13 @@ def validate_composed(composed: Sequence[ComposedJob], *, multirun: bool = False
 
 
 def _validate(job: ComposedJob, *, multirun: bool, writes: bool, training: bool) -> None:
-    obj = to_train_config(job.cfg, training=training)
+    """The config's problems and the command line's run-dir rule, reported together (an invalid value does
+    not hide a sweep over several nodes); the start checks need a valid config."""
+    try:
+        obj = to_train_config(job.cfg, training=training)
+    except ConfigError as err:
+        nnodes = OmegaConf.select(job.cfg, "training.nnodes", default=1, throw_on_resolution_failure=False)
+        extra = run_dir_problems(nnodes, job.overrides, multirun) if isinstance(nnodes, int) else []
+        raise ConfigError([*err.problems, *extra], err.title) from None
     raise_if(start_problems(obj, job.overrides, job.hydra_dir, multirun=multirun, training=training) if writes
              else run_dir_problems(obj.training.nnodes, job.overrides, multirun))

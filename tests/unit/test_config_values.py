@@ -286,3 +286,12 @@ def test_unresolvable_interpolations_name_their_key(override, problem):
     with pytest.raises(ConfigError) as err:
         check_before_start([LEAF, override], writes=False)
     assert err.value.problems == [problem]
+
+
+def test_an_invalid_value_does_not_hide_the_run_dir_rule():
+    with pytest.raises(ConfigError) as err:
+        check_before_start([LEAF, "training.nnodes=2", "training.rdzv_endpoint=n0:29400",
+                            "training.device_memory_gib=0"], multirun=True, writes=False)
+    assert [p.split(":")[0] for p in err.value.problems] == ["training.device_memory_gib", "training.nnodes"]
+    assert err.value.problems[1] == (
+        "training.nnodes: 2 nodes cannot run a sweep (-m); start each job as its own run")
