@@ -25,6 +25,8 @@ from coordexp.protocol import ENV_SERVER_API_KEY, is_loopback_host
 from coordexp.repeat_rules import config_to_dict
 from coordexp.repeat_rules import problems as repeat_terminate_problems
 
+#: GiB no single accelerator comes near (an H200 has 141): a larger training.device_memory_gib is a typo
+MAX_DEVICE_GIB = 4096
 # patch_size x merge_size (px) of the tiny vision-language models (coordexp.models.tiny; a test keeps it true)
 TINY_VL_IMAGE_UNIT = {"qwen2_vl": 28, "qwen2_5_vl": 28, "qwen3_vl": 32}
 
@@ -123,8 +125,9 @@ def problems(cfg: TrainConfig, training: bool = True) -> list[str]:
 
     need(t.learning_rate > 0, "training.learning_rate", "must be > 0")
     if t.device_memory_gib is not None:
-        need(t.device_memory_gib > 0, "training.device_memory_gib",
-             f"{t.device_memory_gib} must be > 0 (GiB of one GPU, e.g. 80), or null for the detected GPU's")
+        need(0 < t.device_memory_gib <= MAX_DEVICE_GIB, "training.device_memory_gib",
+             f"{t.device_memory_gib} must be in (0, {MAX_DEVICE_GIB}] (GiB of one GPU, e.g. 80), or null for "
+             f"the detected GPU's")
     for name in ("effective_batch_size", "per_device_train_batch_size", "nproc_per_node", "max_steps",
                  "logging_steps"):
         need(getattr(t, name) >= 1, f"training.{name}", "must be >= 1")

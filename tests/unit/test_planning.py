@@ -308,13 +308,15 @@ def test_cli_refuses_a_7b_full_fp32_ddp_plan_on_80gb_and_passes_bf16_fsdp_with_c
     assert "  fits" in out.stderr and "FSDP gathered units" in out.stderr
 
 
-def test_device_memory_must_be_positive():
+@pytest.mark.parametrize("gib", ["0", "-1", "1e30", "4097"])
+def test_device_memory_must_be_a_devices_size(gib):
     from coordexp.config.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        to_train_config(compose(["+experiment=smoke/a_only", "training.device_memory_gib=0"]))
-    assert ("training.device_memory_gib: 0.0 must be > 0 (GiB of one GPU, e.g. 80), or null for the detected "
-            "GPU's") in str(err.value)
+        to_train_config(compose(["+experiment=smoke/a_only", f"training.device_memory_gib={gib}"]))
+    assert (f"training.device_memory_gib: {float(gib)} must be in (0, 4096] (GiB of one GPU, e.g. 80), or "
+            f"null for the detected GPU's") in str(err.value)
+    to_train_config(compose(["+experiment=smoke/a_only", "training.device_memory_gib=141"]))
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
