@@ -187,14 +187,15 @@ def check_train_shard(cfg: TrainConfig, prompts, adapter: TokenizerAdapter, data
         samples.append(sample)
         if checked:
             with_images_checked.append(sample)
-    message = None
-    try:
-        if errors:
-            raise LearnerError(str(DataValidationError(errors[:MAX_REPORTED_ERRORS], len(errors))))
-        check_prompts(prompts, with_images_checked)
-        check_sample_lengths(cfg, prompts, adapter, samples)
-    except LearnerError as err:
-        message = str(err)
+    # every finding in one report: the records that parse are checked too (image sizes, lengths)
+    found = [str(DataValidationError(errors[:MAX_REPORTED_ERRORS], len(errors)))] if errors else []
+    for check, args in ((check_prompts, (prompts, with_images_checked)),
+                        (check_sample_lengths, (cfg, prompts, adapter, samples))):
+        try:
+            check(*args)
+        except LearnerError as err:
+            found.append(str(err))
+    message = "\n".join(found) or None
     del samples, with_images_checked
     _gather_failures(message, rank, world_size)
     return ImageCheckedOnRead(dataset, prompts) if sampled else dataset

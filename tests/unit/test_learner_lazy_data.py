@@ -165,3 +165,24 @@ def test_image_check_samples_must_be_positive(tmp_path):
         jsonl_cfg(tmp_path / "t.jsonl", "data.image_check=sample", "data.image_check_samples=0")
     assert "data.image_check_samples: 0: must be >= 1 (data.image_check: all checks every record)" in \
         err.value.problems
+
+
+def test_bad_records_and_a_wrong_image_size_are_reported_together(tmp_path, vl_encoders):
+    """A file with a broken record and a record whose image the processor resizes to another size: one
+    report with both (it took two runs before)."""
+    from coordexp.data.synthetic_images import write_synthetic_image_jsonl
+    from coordexp.trainer.learner import check_train_shard
+
+    path = write_synthetic_image_jsonl(tmp_path / "train.jsonl", 6, seed=3)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[1]["objects"][0]["bbox_2d"] = [1, 2, 3]
+    records[4]["width"] += 28
+    write(path, records)
+    prompts, adapter = vl_encoders
+    cfg = jsonl_cfg(path, leaf="smoke/ab_mixed_vl")
+    with pytest.raises(LearnerError) as err:
+        check_train_shard(cfg, prompts, adapter, LazyJsonlDataset(path, PromptSpec()))
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}:2: objects[0]: bbox_2d must have 4 values [x1, y1, x2, y2], got 3"
+    assert lines[1].startswith("1 image(s) do not match their record's width/height after the processor's")
+    assert lines[2].startswith(f"  {path}:5: ")
