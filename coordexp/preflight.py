@@ -23,6 +23,7 @@ from coordexp.repeat_rules import config_to_dict
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
     contract = rollout_contract(cfg)
     v = cfg.vllm
+    on_cuda = bool(contract.vllm_mode) and v.device.value == "cuda"
     return {
         "experiment": cfg.experiment,
         "rollout_backend": contract.backend,
@@ -40,8 +41,9 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
         "vllm_max_model_len": v.max_model_len,
         "server_data_parallel_size": v.data_parallel_size,
         "server_tensor_parallel_size": v.tensor_parallel_size,
-        "server_gpus": list(v.server_gpus),
-        "learner_gpus": list(v.learner_gpus),
+        # GPU lists apply to a server on CUDA only (the launcher pins the learner to learner_gpus then)
+        "server_gpus": list(v.server_gpus) if on_cuda else [],
+        "learner_gpus": list(v.learner_gpus) if on_cuda else [],
         "learner_nproc_per_node": cfg.training.nproc_per_node,
         "sync_mode": contract.sync_mode,
         "sync_transport": contract.sync_transport,

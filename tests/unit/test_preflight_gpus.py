@@ -134,3 +134,12 @@ def test_train_refuses_a_gpu_plan_this_machine_cannot_run(tmp_path):
     assert ("  - vllm.device: +experiment=ab_mixed needs 8 GPUs (vllm.server_gpus [0, 1, 2, 3, 4, 5], "
             "vllm.learner_gpus [6, 7]; vllm.device: cuda) and this machine shows 0") in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "run" / "server").exists()
+
+
+def test_the_contract_lists_gpus_only_where_they_apply():
+    from coordexp.preflight import preflight
+
+    hf = preflight(to_train_config(compose(["+experiment=ab_mixed", "model.path=/ckpt", "rollout=hf"])))
+    assert (hf["server_gpus"], hf["learner_gpus"], hf["gpu_plan"]["needed"]) == ([], [], 0)
+    server = preflight(to_train_config(compose(["+experiment=ab_mixed", "model.path=/ckpt"])))
+    assert (server["server_gpus"], server["learner_gpus"]) == ([0, 1, 2, 3, 4, 5], [6, 7])
