@@ -7,6 +7,9 @@
   dirs are looked for next to the run's dir and, for a sweep job (``<sweep dir>/<job num>``), in the
   sibling sweep dirs; a job with other overrides (another ``b_ratio``) is never picked.
 - a checkpoint dir resumes from it; a run dir from its newest checkpoint.
+- a checkpoint without its optimizer, scheduler or RNG state (:func:`missing_state`: a partial copy, a kill
+  while it was written) is refused by name; ``latest`` passes over such a one to the newest complete one and
+  says so.
 - a checkpoint at or past ``training.max_steps`` trains nothing: the run ends with exit 0 and says the run
   is already complete (:attr:`Resume.complete`).
 
@@ -41,6 +44,8 @@ class Resume:
     max_steps: int
     #: the lineage dirs ``latest`` searched (empty for an explicit path)
     searched: tuple[Path, ...] = ()
+    #: newer checkpoints ``latest`` passed over, each with what it lacks (see :func:`missing_state`)
+    skipped: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -51,7 +56,8 @@ class Resume:
             return (f"already complete: {self.checkpoint} is at step {self.global_step}, training.max_steps "
                     f"is {self.max_steps}; nothing to train (to train on: the same command with a higher "
                     f"training.max_steps and {RESUME_KEY}={LATEST})")
-        return f"resuming from {self.checkpoint} (step {self.global_step} of {self.max_steps})"
+        skipped = f"; skipped the newer {', '.join(self.skipped)}" if self.skipped else ""
+        return f"resuming from {self.checkpoint} (step {self.global_step} of {self.max_steps}){skipped}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), "global_step": self.global_step,
@@ -95,9 +101,41 @@ def _step(checkpoint: Path) -> int:
                            f"{RESUME_KEY}=<checkpoint dir>") from None
 
 
-def _newest(dirs: list[Path]) -> Path | None:
+def missing_state(checkpoint: Path) -> list[str]:
+    """What of the training state a resume needs is not in ``checkpoint``: the optimizer state
+    (``optimizer.pt``; FSDP: ``optimizer.bin`` or an ``optimizer_*`` folder), ``scheduler.pt`` and the RNG
+    state (``rng_state*.pth``). transformers' Trainer skips a missing one without a word and restarts the
+    optimizer, the learning-rate schedule (warmup again) or the data order, so a resume checks first."""
+    checkpoint = Path(checkpoint)
+    missing = []
+    optimizer = ((checkpoint / "optimizer.pt").is_file() or (checkpoint / "optimizer.bin").is_file()
+                 or any(p.is_dir() for p in checkpoint.glob("optimizer*")))
+    if not optimizer:
+        missing.append("optimizer.pt (the optimizer state)")
+    if not (checkpoint / "scheduler.pt").is_file():
+        missing.append("scheduler.pt (the learning-rate schedule)")
+    if not any(checkpoint.glob("rng_state*.pth")):
+        missing.append("rng_state.pth (the random state: data order, sampling)")
+    return missing
+
+
+def _newest(dirs: list[Path], before: Path | None = None) -> Path | None:
+    """The checkpoint of the highest step in ``dirs`` (the newer of two with one step), or the newest older
+    than ``before``."""
     found = [c for d in dirs for c in Path(d).glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
-    return max(found, key=lambda c: (_step(c), c.stat().st_mtime)) if found else None
+    key = lambda c: (_step(c), c.stat().st_mtime)
+    if before is not None:
+        found = [c for c in found if key(c) < key(before)]
+    return max(found, key=key) if found else None
+
+
+def _complete(picked: Path, spec: str) -> Path:
+    missing = missing_state(picked)
+    if missing:
+        raise LearnerError(f"{RESUME_KEY}={spec}: {picked} lacks {', '.join(missing)}, so a resume would "
+                           f"restart what it holds without a word. Fix: restore the file(s) (copy the whole "
+                           f"checkpoint dir), or pass {RESUME_KEY}=<an earlier checkpoint dir>")
+    return picked
 
 
 def resolve(spec: str | None, run_dir: Path, max_steps: int) -> Resume | None:
@@ -108,12 +146,19 @@ def resolve(spec: str | None, run_dir: Path, max_steps: int) -> Resume | None:
     if spec == LATEST:
         dirs = lineage(Path(run_dir))
         picked = _newest(dirs)
+        skipped = []
+        while picked is not None and missing_state(picked):  # e.g. killed while it was being written
+            skipped.append(f"{picked.name} (lacks {', '.join(missing_state(picked))})")
+            picked = _newest(dirs, before=picked)
+        if picked is None and skipped:
+            raise LearnerError(f"{RESUME_KEY}=latest: no complete checkpoint in this run's lineage; skipped "
+                               f"{'; '.join(skipped)}. Start without the key, or restore the missing files")
         if picked is None:
             shown = "\n".join(f"  {d}" for d in dirs[:10])
             raise LearnerError(f"{RESUME_KEY}=latest: no checkpoint-* in this run's lineage (its own dir and "
                                f"the run dirs with the same overrides):\n{shown}\nStart without the key, or "
                                f"pass {RESUME_KEY}=<checkpoint dir or run dir>")
-        return Resume(picked.resolve(), _step(picked), max_steps, tuple(dirs))
+        return Resume(picked.resolve(), _step(picked), max_steps, tuple(dirs), tuple(skipped))
     path = Path(spec)
     picked = path if (path / "trainer_state.json").is_file() else (_newest([path]) if path.is_dir() else None)
     if picked is None:
@@ -122,7 +167,7 @@ def resolve(spec: str | None, run_dir: Path, max_steps: int) -> Resume | None:
         hint = f" (did you mean {RESUME_KEY}={LATEST}?)" if typo else ""
         raise LearnerError(f"{RESUME_KEY}='{spec}' is neither a checkpoint dir nor a run dir with "
                            f"checkpoint-* inside{hint}")
-    return Resume(picked.resolve(), _step(picked), max_steps)
+    return Resume(_complete(picked, spec).resolve(), _step(picked), max_steps)
 
 
 def read_metadata(run_dir: Path) -> dict[str, Any]:

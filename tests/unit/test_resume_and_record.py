@@ -33,9 +33,17 @@ def make_run(root: Path, name: str, overrides: list[str], steps: tuple[int, ...]
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     for step in steps:
-        (run / f"checkpoint-{step}").mkdir()
-        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        checkpoint(run / f"checkpoint-{step}", step)
     return run
+
+
+def checkpoint(path: Path, step: int) -> Path:
+    """The files of a Trainer checkpoint a resume reads (empty stand-ins but trainer_state.json)."""
+    path.mkdir()
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (path / name).write_bytes(b"")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
 
 
 LEAF = "+experiment=smoke/ab_mixed"
@@ -64,8 +72,7 @@ def test_latest_of_a_single_run_prefers_its_own_dir_and_same_overrides(tmp_path)
     make_run(tmp_path, "2026-01-02_00-00-00", [LEAF, "training.learning_rate=1"], steps=(150,))
     me = make_run(tmp_path, "2026-01-03_00-00-00", [LEAF, LATEST])
     assert resume.resolve("latest", me, 150).checkpoint == (first / "checkpoint-100").resolve()
-    (me / "checkpoint-120").mkdir()  # its own dir counts too (a restart in place)
-    (me / "checkpoint-120" / "trainer_state.json").write_text(json.dumps({"global_step": 120}))
+    checkpoint(me / "checkpoint-120", 120)  # its own dir counts too (a restart in place)
     assert resume.resolve("latest", me, 150).checkpoint == (me / "checkpoint-120").resolve()
 
 
@@ -110,6 +117,37 @@ def test_a_checkpoint_at_max_steps_is_complete(tmp_path):
     assert json.loads((run / "run_metadata.json").read_text())["resumed_from"] == {
         "checkpoint": str((run / "checkpoint-4").resolve()), "global_step": 4, "max_steps": 4,
         "complete": True}
+
+
+def test_a_checkpoint_without_its_optimizer_scheduler_or_rng_state_is_refused_by_name(tmp_path):
+    """transformers' Trainer resumes from such a checkpoint without a word and restarts the optimizer and the
+    learning-rate schedule (warmup again): a partial copy must not resume silently."""
+    run = make_run(tmp_path, "r", [LEAF], steps=(3, 6))
+    (run / "checkpoint-6" / "optimizer.pt").unlink()
+    (run / "checkpoint-6" / "scheduler.pt").unlink()
+    assert resume.missing_state(run / "checkpoint-6") == ["optimizer.pt (the optimizer state)",
+                                                           "scheduler.pt (the learning-rate schedule)"]
+    with pytest.raises(LearnerError) as err:
+        resume.resolve(str(run / "checkpoint-6"), run, max_steps=8)
+    assert str(err.value) == (
+        f"training.resume_from_checkpoint={run / 'checkpoint-6'}: {run / 'checkpoint-6'} lacks optimizer.pt "
+        f"(the optimizer state), scheduler.pt (the learning-rate schedule), so a resume would restart what "
+        f"it holds without a word. Fix: restore the file(s) (copy the whole checkpoint dir), or pass "
+        f"training.resume_from_checkpoint=<an earlier checkpoint dir>")
+    # latest passes over it to the newest complete checkpoint, and says so
+    picked = resume.resolve("latest", run, max_steps=8)
+    assert picked.checkpoint == (run / "checkpoint-3").resolve()
+    assert picked.describe().endswith("(step 3 of 8); skipped the newer checkpoint-6 (lacks optimizer.pt "
+                                      "(the optimizer state), scheduler.pt (the learning-rate schedule))")
+    (run / "checkpoint-3" / "rng_state.pth").unlink()
+    with pytest.raises(LearnerError, match=r"latest: no complete checkpoint in this run's lineage; skipped "
+                                           r"checkpoint-6 .*; checkpoint-3 \(lacks rng_state.pth"):
+        resume.resolve("latest", run, max_steps=8)
+    # FSDP saves the optimizer state as a folder
+    (run / "checkpoint-3" / "rng_state_0.pth").write_bytes(b"")
+    (run / "checkpoint-6" / "optimizer_0").mkdir()
+    (run / "checkpoint-6" / "scheduler.pt").write_bytes(b"")
+    assert resume.missing_state(run / "checkpoint-6") == [] == resume.missing_state(run / "checkpoint-3")
 
 
 def test_tied_lm_head_is_not_reported_missing():
