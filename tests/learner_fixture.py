@@ -18,6 +18,7 @@ def fake_trainer(ab, adapter, image_token_id, model):
                            prompts=SimpleNamespace(image_token_id=image_token_id),
                            args=SimpleNamespace(device=torch.device("cpu")),
                            _coord_ids=torch.tensor(adapter.coord_token_ids), _keeps_logits=None,
+                           _forward_tokens=0,
                            accelerator=SimpleNamespace(unwrap_model=lambda m: m))
     for name in ("_logits", "_forward_losses", "_weighted", "_sample_losses", "_mean_loss", "_pack_loss"):
         setattr(fake, name, getattr(Stage2ABTrainer, name).__get__(fake))

@@ -5,8 +5,11 @@ The trainer's ``rollouts`` syncs the weights first (server mode) and rolls out t
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
+
+from transformers.trainer_utils import speed_metrics
 
 from coordexp.config.contract import RolloutContract
 from coordexp.evaluation.artifacts import find_tensorboard_writer, write_eval_artifacts
@@ -23,6 +26,7 @@ def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, prompts:
     def evaluate(trainer) -> dict[str, float]:
         rank, world = trainer.args.process_index, trainer.args.world_size
         shard = list(val_samples[rank::world])
+        started = time.time()  # transformers' speed_metrics reads time.time()
         start = time.perf_counter()
         batch = trainer.rollouts(shard, [prompts.encode(s) for s in shard], seed)
         scored = [score_rollout(s, r, adapter, contract) for s, r in zip(shard, batch.rollouts)]
@@ -35,6 +39,10 @@ def rollout_evaluator(val_samples: Sequence, adapter: TokenizerAdapter, prompts:
         buf.add_max("eval_rollout/repeat_terminate_active", batch.repeat_terminate_active)
         buf.add_max("eval_time/rollout_s", time.perf_counter() - start)
         metrics = finish_detection_metrics(gather_and_reduce(buf), prefix="eval_rollout")
+        # the Trainer's own eval timing keys (eval_runtime, eval_samples_per_second, eval_steps_per_second):
+        # every sample of the held-out split, in decode batches of this rank's shard
+        metrics.update(speed_metrics("eval", started, num_samples=len(val_samples),
+                                     num_steps=math.ceil(len(shard) / contract.decode_batch_size)))
         if trainer.is_world_process_zero():
             try:
                 write_eval_artifacts(predictions, trainer.run_dir, trainer.state.global_step,

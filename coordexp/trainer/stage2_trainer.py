@@ -56,6 +56,8 @@ class Stage2ABTrainer(Trainer):
         self.packing = packing  # training.packing_*, or None without packing
         self._step_samples: list = []
         self._keeps_logits: bool | None = None  # the model takes logits_to_keep (asked at the first forward)
+        self._forward_tokens = 0  # tokens the model read since the last floating_point_ops
+        self._flop_parameters: int | None = None
         self._sample_log = self.run_dir / f"rollout_samples.rank{self.args.process_index}.jsonl"
 
     def create_optimizer(self, model=None):
@@ -98,6 +100,20 @@ class Stage2ABTrainer(Trainer):
             missing_keys=[k for k in load_result.missing_keys if k not in tied]))
 
     # ---- one micro-step -------------------------------------------------------------------------
+    def floating_point_ops(self, inputs) -> int:
+        """transformers' estimate of a micro-step's floating-point operations, forward and backward: 6 x
+        non-embedding parameters x tokens (Kaplan et al. 2020, the rule of ``PreTrainedModel.
+        floating_point_ops``), over the tokens the model read in the micro-step (rollout and packed segments,
+        each soft self-context pass); the Trainer sums it into ``total_flos``. Its own rule reads
+        ``inputs["input_ids"]``, which raw samples do not have, so it gave 0."""
+        if self._flop_parameters is None:
+            inner = self.accelerator.unwrap_model(self.model)
+            self._flop_parameters = (inner.num_parameters(exclude_embeddings=True)
+                                     if hasattr(inner, "num_parameters")
+                                     else sum(p.numel() for p in inner.parameters()))
+        tokens, self._forward_tokens = self._forward_tokens, 0
+        return 6 * self._flop_parameters * tokens
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         samples = inputs["samples"]
         step = self.state.global_step
@@ -285,6 +301,7 @@ class Stage2ABTrainer(Trainer):
         if self._keeps_logits is None:
             self._keeps_logits = accepts_logits_to_keep(inner)
         positions, slot_positions = supervised_positions(batch["ce_weights"], batch["geometry_slots"])
+        self._forward_tokens += ids.numel() * (ab.n_softctx_iter if soft_context else 1)
         if not soft_context or ab.n_softctx_iter == 1:
             logits = forward_logits(model, positions, self._keeps_logits, input_ids=ids, **kwargs)
             return logits, logits, positions, positions

@@ -64,7 +64,8 @@ def build(device: torch.device, prompt: int, target: int, segments: int, n_softc
                                   f"stage2_ab.n_softctx_iter={n_softctx_iter}"])).stage2_ab
     fake = SimpleNamespace(stage2_ab=ab, metric_buffer=MetricBuffer(),
                            args=SimpleNamespace(device=device), _coord_ids=torch.tensor(coord_ids),
-                           _keeps_logits=None, accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+                           _keeps_logits=None, _forward_tokens=0,
+                           accelerator=SimpleNamespace(unwrap_model=lambda m: m))
     for name in ("_logits", "_forward_losses", "_weighted"):
         setattr(fake, name, getattr(stage2_trainer.Stage2ABTrainer, name).__get__(fake))
     return model, fake, seqs

@@ -40,6 +40,7 @@ def trainer_view(ab, adapter, prompts, device: torch.device):
     fake = SimpleNamespace(stage2_ab=ab, adapter=adapter, metric_buffer=MetricBuffer(), prompts=prompts,
                            args=SimpleNamespace(device=device),
                            _coord_ids=torch.tensor(adapter.coord_token_ids), _keeps_logits=None,
+                           _forward_tokens=0,
                            accelerator=SimpleNamespace(unwrap_model=lambda m: m))
     for name in ("_logits", "_forward_losses", "_weighted", "_sample_losses", "_mean_loss", "_pack_loss"):
         setattr(fake, name, getattr(Stage2ABTrainer, name).__get__(fake))

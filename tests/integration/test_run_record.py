@@ -42,6 +42,9 @@ def test_tensorboard_shows_the_registry_names(small_run):
     logged = {k for r in records(run_dir) for k in r if k != "step"}
     assert [k for k in logged if not is_registered(k)] == []
     assert tags == logged  # every logged key, under its own name
+    # the Trainer's eval timing and its FLOP estimate (docs/metrics.md, "End of training and eval timing")
+    assert {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "total_flos"} <= logged
+    assert [r["total_flos"] for r in records(run_dir) if "total_flos" in r][-1] > 0
     # the value TensorBoard holds is the logged one
     last_eval = [r for r in records(run_dir) if "eval_rollout/f1" in r][-1]
     assert events.Scalars("eval_rollout/f1")[-1].value == pytest.approx(last_eval["eval_rollout/f1"])

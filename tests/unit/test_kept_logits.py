@@ -138,3 +138,20 @@ def test_kept_logits_give_the_full_logits_loss_and_gradients_channel_b(monkeypat
     seqs = channel_b_seqs(model, adapter, prompts, ab, text_samples[:3])
     trainer = fake_trainer(ab, adapter, prompts.image_token_id, model)
     _compare_with_full_logits(monkeypatch, model, trainer, pack(seqs), len(seqs), False)
+
+
+@pytest.mark.parametrize("n_softctx_iter", [1, 2])
+def test_total_flos_counts_six_flops_per_parameter_and_token_of_every_pass(tiny_model_dir, text_samples,
+                                                                         n_softctx_iter):
+    """transformers' rule (PreTrainedModel.floating_point_ops: 6 x non-embedding parameters x tokens) over the
+    tokens the model read: a pack once per soft self-context pass. The Trainer's own rule gave 0."""
+    model, adapter, prompts, ab, seqs = setup_channel_a(tiny_model_dir, text_samples[:3], n_softctx_iter)
+    trainer = fake_trainer(ab, adapter, prompts.image_token_id, model)
+    trainer.model, trainer._flop_parameters = model, None
+    trainer.floating_point_ops = stage2_trainer.Stage2ABTrainer.floating_point_ops.__get__(trainer)
+    batch = pack(seqs)
+    tokens = batch["input_ids"].numel()
+    trainer._forward_losses(model, batch, len(seqs), soft_context=True)
+    flops = trainer.floating_point_ops({})
+    assert flops == 6 * model.num_parameters(exclude_embeddings=True) * tokens * n_softctx_iter > 0
+    assert trainer.floating_point_ops({}) == 0  # counted once

@@ -209,6 +209,7 @@ def test_one_pass_is_plain_teacher_forcing(text_batch):
     ab = to_train_config(compose(["+experiment=smoke/a_only", "rollout=hf",
                                   "stage2_ab.n_softctx_iter=1"])).stage2_ab
     fake = SimpleNamespace(stage2_ab=ab, _coord_ids=torch.tensor(adapter.coord_token_ids), _keeps_logits=None,
+                           _forward_tokens=0,
                            accelerator=SimpleNamespace(unwrap_model=lambda m: m))
     positions, _ = supervised_positions(batch["ce_weights"], batch["geometry_slots"])
     with torch.no_grad():
