@@ -68,8 +68,10 @@ def _why_no_best(log_history: Sequence[Mapping[str, Any]], metric: str) -> str:
             f"multiple of training.save_steps)")
 
 
-#: Overrides of a run that do not shape its evaluation (or that the eval command sets itself).
-_NOT_FOR_EVAL = ("experiment", "rollout", "training", "stage2_ab", "hydra", "model.path", "model.kind")
+#: Overrides of a run that do not shape its evaluation (or that the eval command sets itself). The
+#: adapter comes from the checkpoint's adapter_config.json, not from model.adapter; freezing is training-only.
+_NOT_FOR_EVAL = ("experiment", "rollout", "training", "stage2_ab", "hydra", "model.path", "model.kind",
+                 "model.adapter", "model.freeze_llm", "model.freeze_vit", "model.freeze_aligner")
 
 
 def eval_overrides(overrides: Sequence[str]) -> list[str]:

@@ -239,7 +239,8 @@ def test_summary_names_the_run_the_best_checkpoint_and_the_final_eval(tmp_path, 
                  "data.system_prompt='Réponds en français'", "seed=7", "model.tiny_stage1_steps=0",
                  "model.path=/x", "training.max_steps=4", "stage2_ab.schedule.b_ratio=1",
                  "rollout_matching.max_new_tokens=64", "hydra.run.dir=/r", "hydra/launcher=coordexp",
-                 "+extra.note=猫", "vllm.server.image_root=imgs"]
+                 "+extra.note=猫", "vllm.server.image_root=imgs", "model.adapter.kind=dora",
+                 "model.adapter.r=8", "model.freeze_vit=true"]
     assert eval_overrides(overrides) == [
         "data=jsonl", "data.train_jsonl=/d/train.jsonl", "data.val_jsonl=/d/val café.jsonl",
         "data.system_prompt='Réponds en français'", "seed=7", "model.tiny_stage1_steps=0",
