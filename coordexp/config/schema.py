@@ -145,7 +145,8 @@ class ModelConfig:
                                  "(cached next to it) before Stage 2 starts; 0 = start from random weights "
                                  "(kind: tiny only).", 0)
     dtype: DType = doc("Load/storage dtype of the learner's weights (the optimizer's master copy); compute "
-                       "precision is training.precision.", DType.float32)
+                       "precision is training.precision. The tiny model (kind: tiny) takes float32 only.",
+                       DType.float32)
     freeze_llm: bool = doc("Freeze the language model (decoder layers, embeddings, head).", False)
     freeze_vit: bool = doc("Freeze the vision tower (vision-language models only).", False)
     freeze_aligner: bool = doc("Freeze the aligner (Qwen-VL's merger; Qwen3-VL's deepstack mergers too; "
