@@ -74,12 +74,16 @@ def adapter_targets(model, adapter: AdapterConfig, model_type: str) -> list[str]
         hits = [n for n, m in llm if _matches(n, target)]
         not_linear = sorted({type(m).__name__ for n, m in llm if _matches(n, target)
                              and not isinstance(m, torch.nn.Linear)})
+        head_names = [n for n, m in model.named_modules() if m is head and _matches(n, target)]
         if not hits:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
             where = "language model" if fam.is_vision_language else "model"
-            problems.append(f"model.adapter.target_modules: '{target}' matches no module of the {where} of "
-                            f"this {model_type} checkpoint (the head is not a target: its coordinate rows "
-                            f"train as token rows); its linear layers are named {', '.join(leaves)}")
+            what = (f"names the output head ({head_names[0]}), which adapters never target (its coordinate "
+                    f"rows train as token rows)" if head_names else
+                    f"matches no module of the {where} of this {model_type} checkpoint (the output head is "
+                    f"not a target either: its coordinate rows train as token rows)")
+            problems.append(f"model.adapter.target_modules: '{target}' {what}; the linear layers are named "
+                            f"{', '.join(leaves)}")
         elif not_linear:
             problems.append(f"model.adapter.target_modules: '{target}' selects {', '.join(not_linear)} "
                             f"module(s); adapters go on nn.Linear layers only (the coordinate rows of the "
