@@ -25,6 +25,8 @@ from coordexp.protocol import ENV_SERVER_API_KEY, is_loopback_host
 from coordexp.repeat_rules import config_to_dict
 from coordexp.repeat_rules import problems as repeat_terminate_problems
 
+#: Soft self-context passes a config may ask for: each is a full forward whose graph stays alive
+MAX_SOFTCTX_ITER = 16
 #: GiB no single accelerator comes near (an H200 has 141): a larger training.device_memory_gib is a typo
 MAX_DEVICE_GIB = 4096
 # patch_size x merge_size (px) of the tiny vision-language models (coordexp.models.tiny; a test keeps it true)
@@ -113,7 +115,9 @@ def problems(cfg: TrainConfig, training: bool = True) -> list[str]:
     t, ab, rm, v = cfg.training, cfg.stage2_ab, cfg.rollout_matching, cfg.vllm
     need(0.0 <= ab.schedule.b_ratio <= 1.0, "stage2_ab.schedule.b_ratio",
          f"{ab.schedule.b_ratio} is outside [0, 1]")
-    need(ab.n_softctx_iter >= 1, "stage2_ab.n_softctx_iter", "must be >= 1 (1 = plain teacher forcing)")
+    need(1 <= ab.n_softctx_iter <= MAX_SOFTCTX_ITER, "stage2_ab.n_softctx_iter",
+         f"{ab.n_softctx_iter} must be in [1, {MAX_SOFTCTX_ITER}] (1 = plain teacher forcing; each pass is a "
+         f"full forward, the production leaves use 2)")
     need(ab.softctx_temperature > 0, "stage2_ab.softctx_temperature", "must be > 0")
     need(ab.bbox_smoothl1_beta > 0, "stage2_ab.bbox_smoothl1_beta", "must be > 0")
     for name in ("desc_ce_weight", "bbox_smoothl1_weight", "bbox_ciou_weight", "coord_ce_weight",
@@ -423,10 +427,10 @@ def run_dir_problems(nnodes: int, overrides: Iterable[str], multirun: bool) -> l
 def config_warnings(cfg: TrainConfig) -> list[str]:
     """What a valid config probably did not mean (printed by the preflight and by the learner's rank 0 at
     start, never refused): pure bf16 (``model.dtype: bfloat16`` with ``training.precision: bf16``: no fp32
-    master weights), and a checkpoint of your own trained on the built-in synthetic task (the production
-    leaves' data default is the synthetic toy task, so a run that sets only ``model.path`` trains on it),
-    and a multi-node run whose rendezvous or servers are on loopback (only nodes on this machine reach them:
-    right for a test of several nodes on one machine, wrong on a cluster)."""
+    master weights), a checkpoint of your own trained on the built-in synthetic task (the production
+    leaves' data default is the synthetic toy task, so a run that sets only ``model.path`` trains on it), a
+    warmup as long as the run, and a multi-node run whose rendezvous or servers are on loopback (only nodes
+    on this machine reach them: right for a test of several nodes on one machine, wrong on a cluster)."""
     out = []
     if (enum_value(cfg.model.dtype) == DType.bfloat16.value
             and enum_value(cfg.training.precision) == Precision.bf16.value):
@@ -438,6 +442,9 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
                    f"synthetic, {what}): for your data add data=jsonl data.train_jsonl=<file> "
                    f"data.val_jsonl=<file> (docs/own_data.md)")
     t = cfg.training
+    if t.max_steps > 0 and t.warmup_steps >= t.max_steps:
+        out.append(f"training.warmup_steps {t.warmup_steps} >= training.max_steps {t.max_steps}: the "
+                   f"learning rate never reaches training.learning_rate; lower training.warmup_steps")
     if t.nnodes > 1:
         server_mode = cfg.rollout_matching.rollout_backend == RolloutBackend.vllm
         near = [f"vllm.server.base_urls {u}" for u in (cfg.vllm.server.base_urls if server_mode else [])

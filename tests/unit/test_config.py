@@ -228,8 +228,10 @@ def test_config_reference_matches_schema():
 
 def test_soft_self_context_and_packing_settings_are_checked():
     assert resolved("+experiment=smoke/ab_mixed", "stage2_ab.n_softctx_iter=2").stage2_ab.n_softctx_iter == 2
-    assert problems_of("+experiment=smoke/ab_mixed", "stage2_ab.n_softctx_iter=0") == [
-        "stage2_ab.n_softctx_iter: must be >= 1 (1 = plain teacher forcing)"]
+    for bad in (0, 17, 1000):
+        assert problems_of("+experiment=smoke/ab_mixed", f"stage2_ab.n_softctx_iter={bad}") == [
+            f"stage2_ab.n_softctx_iter: {bad} must be in [1, 16] (1 = plain teacher forcing; each pass is a "
+            f"full forward, the production leaves use 2)"]
     assert problems_of("+experiment=smoke/ab_mixed", "training.packing=true", "training.packing_buffer=4",
                        "training.packing_min_fill_ratio=1.5") == [
         "training.packing_buffer: 4 < the 16 samples one rank trains per step (effective_batch_size / "

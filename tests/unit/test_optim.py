@@ -117,6 +117,11 @@ def test_pure_bf16_is_allowed_with_one_warning():
                     "(data.kind: synthetic, text): for your data add data=jsonl data.train_jsonl=<file> "
                     "data.val_jsonl=<file> (docs/own_data.md)")
     assert config_warnings(to_train_config(compose(["+experiment=smoke/ab_mixed"]))) == []
+    # the smoke leaf warms up for 10 steps: a 6-step run never reaches its learning rate
+    short = to_train_config(compose(["+experiment=smoke/ab_mixed", "training.max_steps=6"]))
+    assert config_warnings(short) == [
+        "training.warmup_steps 10 >= training.max_steps 6: the learning rate never reaches "
+        "training.learning_rate; lower training.warmup_steps"]
 
 
 def test_production_leaves_use_fp32_master_weights_bf16_and_checkpointing():

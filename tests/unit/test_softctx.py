@@ -119,7 +119,8 @@ def test_config_accepts_n_passes_and_refuses_zero():
     from dataclasses import replace
 
     zero = replace(cfg, stage2_ab=replace(cfg.stage2_ab, n_softctx_iter=0))
-    assert "stage2_ab.n_softctx_iter: must be >= 1 (1 = plain teacher forcing)" in problems(zero)
+    assert ("stage2_ab.n_softctx_iter: 0 must be in [1, 16] (1 = plain teacher forcing; each pass is a full "
+            "forward, the production leaves use 2)") in problems(zero)
 
 
 # ---------------------------------------------------------------------------------------- real tiny models
