@@ -185,6 +185,12 @@ def attach_adapter(model, adapter: AdapterConfig, coord_token_ids: Sequence[int]
 
     model_type = pg.model_type_of(model.config)
     targets = adapter_targets(model, adapter, model_type)
+    modules = dict(model.named_modules())
+    full_rank = max(min(modules[n].in_features, modules[n].out_features) for n in targets)
+    if adapter.r > full_rank:
+        raise ConfigError([f"model.adapter.r: {adapter.r} exceeds the rank of every target layer (the widest "
+                           f"is {full_rank}): an update of that rank costs more than the layer itself; use "
+                           f"r <= {full_rank} (LoRA ranks are usually 8-64)"])
     rows = coordinate_rows_module_names(model)
     _check_modules_to_save(model, adapter, rows)
     ids = sorted({int(i) for i in coord_token_ids})

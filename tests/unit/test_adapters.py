@@ -295,3 +295,18 @@ def test_resume_refuses_a_checkpoint_whose_adapter_the_config_does_not_build(tmp
         "resume with model.adapter.kind=lora model.adapter.r=8 model.adapter.alpha=16")
     assert resume_adapter_problem(full, same).startswith(f"{full} holds full weights (no adapter) but "
                                                          "model.adapter.kind is lora")
+
+
+def test_a_rank_above_every_target_layers_rank_is_refused(tiny_model_dir):
+    model, tok = load(tiny_model_dir)
+    ids = TokenizerAdapter(tok).coord_token_ids
+    widest = max(min(m.in_features, m.out_features) for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("q_proj", "v_proj"))
+    with pytest.raises(ConfigError) as err:
+        attach_adapter(model, AdapterConfig(kind=AdapterKind.lora, r=100_000,
+                                            target_modules=["q_proj", "v_proj"]), ids)
+    assert err.value.problems == [
+        f"model.adapter.r: 100000 exceeds the rank of every target layer (the widest is {widest}): an update "
+        f"of that rank costs more than the layer itself; use r <= {widest} (LoRA ranks are usually 8-64)"]
+    attach_adapter(load(tiny_model_dir)[0], AdapterConfig(kind=AdapterKind.lora, r=widest,
+                                                          target_modules=["q_proj", "v_proj"]), ids)
