@@ -157,6 +157,18 @@ def start_problems(obj: TrainConfig, job: Sequence[str], hydra_dir: tuple[str, s
             + data_file_problems(obj, training) + ([f"vllm.device: {gpus}"] if gpus else []))
 
 
+#: Hydra launchers that run a sweep's jobs on this machine (any other, e.g. submitit, runs them elsewhere)
+LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+                   "hydra_plugins.coordexp_launcher.coordexp_launcher.CoordexpLauncher")
+
+
+def runs_here(cfg: DictConfig, multirun: bool) -> bool:
+    """The job runs on this machine: a plain run, or a sweep whose launcher is a local one (a Slurm sweep
+    is checked on a login node without the GPUs its jobs get)."""
+    target = OmegaConf.select(cfg, "hydra.launcher._target_", default=None, throw_on_resolution_failure=False)
+    return not multirun or target in LOCAL_LAUNCHERS
+
+
 @dataclass
 class ComposedJob:
     """One job of a command line, composed (what :func:`check_before_start` hands back for ``--cfg``)."""
@@ -232,5 +244,6 @@ def _validate(job: ComposedJob, *, multirun: bool, writes: bool, training: bool)
         nnodes = OmegaConf.select(job.cfg, "training.nnodes", default=1, throw_on_resolution_failure=False)
         extra = run_dir_problems(nnodes, job.overrides, multirun) if isinstance(nnodes, int) else []
         raise ConfigError([*err.problems, *extra], err.title) from None
-    raise_if(start_problems(obj, job.overrides, job.hydra_dir, multirun=multirun, training=training) if writes
+    raise_if(start_problems(obj, job.overrides, job.hydra_dir, multirun=multirun, training=training,
+                            this_machine=runs_here(job.cfg, multirun)) if writes
              else run_dir_problems(obj.training.nnodes, job.overrides, multirun))

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from coordexp.config.gpus import gpu_plan, visible_gpus
 from coordexp.config.load import compose, to_train_config
 from tests.conftest import REPO_ROOT
@@ -143,3 +145,21 @@ def test_the_contract_lists_gpus_only_where_they_apply():
     assert (hf["server_gpus"], hf["learner_gpus"], hf["gpu_plan"]["needed"]) == ([], [], 0)
     server = preflight(to_train_config(compose(["+experiment=ab_mixed", "model.path=/ckpt"])))
     assert (server["server_gpus"], server["learner_gpus"]) == ([0, 1, 2, 3, 4, 5], [6, 7])
+
+
+def test_a_sweep_run_elsewhere_is_not_held_to_this_machines_gpus(tmp_path, monkeypatch):
+    """A Slurm sweep (hydra/launcher=submitit_slurm) is started on a login node without GPUs: its jobs get
+    theirs on the compute nodes, so only a sweep that runs here is checked against this machine."""
+    from coordexp.config.errors import ConfigError
+    from coordexp.config.load import check_before_start, runs_here
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible, whatever the host has
+    remote = "hydra.launcher._target_=hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    sweep = ["+experiment=ab_mixed", "model.path=/ckpt", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+             "stage2_ab.schedule.b_ratio=0.25,0.5"]
+    assert runs_here(compose([*sweep[:2], remote]), multirun=True) is False
+    assert runs_here(compose(sweep[:2]), multirun=True) is True and runs_here(compose(sweep[:2]), False)
+    check_before_start([*sweep, remote], multirun=True)  # the login node: nothing to refuse
+    with pytest.raises(ConfigError) as err:
+        check_before_start(sweep, multirun=True)  # the basic launcher runs the jobs here
+    assert err.value.problems[0].startswith("vllm.device: +experiment=ab_mixed needs 8 GPUs")
