@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from coordexp.config.load import compose, to_train_config
 from coordexp.config.schema import enum_value
-from coordexp.config.validate import url_problem
+from coordexp.config.validate import server_problems, url_problem
 from coordexp.errors import ConfigError, CoordexpError, ServerStartError, exit_on_error
 from coordexp.launch.rollout_server import RolloutServer, say
 from coordexp.launch.servers import resolve_model_dir
@@ -39,11 +39,16 @@ def main(argv: list[str] | None = None) -> int:
             raise CoordexpError("no URL: pass --base-url or vllm.server.base_urls=[http://host:port]")
         if url_problem(url):  # --base-url skips the config's URL check
             raise ConfigError([f"--base-url: {url_problem(url)}"])
+        cfg = dataclasses.replace(cfg, vllm=dataclasses.replace(
+            cfg.vllm, server=dataclasses.replace(cfg.vllm.server, reuse_existing=False, base_urls=[url])))
+        # the config's server rules for the URL served here: the bind host answers it, an API key beyond
+        # loopback (else the server binds 127.0.0.1 and the health check waits for a URL nobody answers)
+        problems = server_problems(cfg)
+        if problems:
+            raise ConfigError([f"{p} (serving {url})" for p in problems])
         model_dir = resolve_model_dir(cfg)
         parsed = urlparse(url)
         log = Path(ns.log) if ns.log else Path("runs") / "servers" / f"{parsed.hostname}_{parsed.port}.log"
-        cfg = dataclasses.replace(cfg, vllm=dataclasses.replace(
-            cfg.vllm, server=dataclasses.replace(cfg.vllm.server, reuse_existing=False)))
         with RolloutServer.from_config(cfg, model_dir=model_dir, log_path=log, base_url=url,
                                        weights_root=Path(ns.weights_root).resolve()) as srv:
             say(f"serving {model_dir} at {srv.base_url} (process group {srv.pgid}, log {log}); "

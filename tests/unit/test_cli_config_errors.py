@@ -81,6 +81,10 @@ def test_a_sweep_is_checked_job_by_job_before_the_first_starts(tmp_path):
      "  - --base-url: 'http://127.0.0.1:abc' is not http(s)://host:port (Port could not"),
     ("http://127.0.0.1:99999",
      "  - --base-url: 'http://127.0.0.1:99999' is not http(s)://host:port (Port out of"),
+    # a host the server (bound to 127.0.0.1, no API key) would never answer: refused, not a 10-minute wait
+    ("http://10.0.0.5:8652",
+     "  - vllm.server.base_urls: http://10.0.0.5:8652 is not a loopback address, but the servers the "
+     "launcher starts bind vllm.server.host=127.0.0.1"),
 ])
 def test_the_server_cli_checks_its_base_url_before_building_anything(url, needle):
     assert_one_screen(run("coordexp.launch.server", "--base-url", url), needle)
