@@ -74,6 +74,10 @@ _SWIFT_NO_MATCH = re.compile(r"Failed to automatically match `?(template_type|mo
                              r"(Multiple possible types found: (\[[^\]]*\]))?")
 
 
+#: coordexp.launch.supervise's line when the command it runs ended by itself
+_COMMAND_EXITED = re.compile(r"\[coordexp supervise pid=\d+\] the command exited with code (-?\d+)")
+
+
 def start_failure_fix(text: str) -> str | None:
     """The fix for a server start that failed the way ``text`` (this start's log) shows, when it is a
     known one: ms-swift could not tell the checkpoint's template or model type (a renamed folder), or the
@@ -217,6 +221,15 @@ class RolloutServer:
     def exit_code(self) -> int | None:
         """The exit code of a server started here that has exited; None while it runs (or if reused)."""
         return self.proc.poll() if self.proc is not None else None
+
+    def command_exit_code(self) -> int | None:
+        """The exit code of the server command itself, once it ended: its supervisor says so in this start's
+        log at once, then spends up to its grace stopping the engine processes before it exits itself (and
+        :meth:`exit_code` shows it). None while the command runs (or if reused)."""
+        if self.proc is None:
+            return None
+        found = _COMMAND_EXITED.findall(self._this_starts_log()[-20000:])
+        return int(found[-1]) if found else self.exit_code()
 
     def describe(self) -> dict[str, Any]:
         """What run_metadata.json records about this server."""

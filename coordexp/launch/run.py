@@ -395,7 +395,9 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
     finally:
         failed = code is None or code != 0
         if servers is not None and failed:
-            dead = servers.dead()
+            # a learner error (not a signal) may come from a server that just died: give its supervisor's
+            # line a moment, so the message names the server
+            dead = servers.ended(wait_s=2.0 if code in (2, 3) else 0.0)
             if dead is not None:
                 _say(f"the rollout server {dead[0].base_url} exited with code {dead[1]}")
             tails = servers.log_tails()

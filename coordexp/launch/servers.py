@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,20 @@ class ServerSet:
             if code is not None:
                 return srv, code
         return None
+
+    def ended(self, wait_s: float = 0.0) -> tuple[Any, int] | None:
+        """A server whose command ended (:meth:`RolloutServer.command_exit_code`: before its supervisor has
+        stopped the engine processes), waiting up to ``wait_s`` for one: after a learner failed on a
+        connection the server dropped, the supervisor's line may be a moment behind."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for srv in self.servers:
+                code = srv.command_exit_code()
+                if code is not None:
+                    return srv, code
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
 
     def healthy(self) -> bool:
         return self.dead() is None and all(

@@ -44,3 +44,28 @@ def test_known_start_failures_name_their_fix():
     assert "pip install 'coordexp[server-gpu]'" in start_failure_fix(
         "ModuleNotFoundError: No module named 'qwen_vl_utils'")
     assert start_failure_fix("RuntimeError: CUDA out of memory") is None
+
+
+def test_a_server_whose_command_died_is_named_before_its_supervisor_exits(tmp_path):
+    """kill -9 of the server mid-run: the learner fails on the dropped connection at once, while the
+    supervisor still stops the engine processes (up to its grace); its line in the log names the death."""
+    import subprocess
+    import threading
+
+    from coordexp.launch.rollout_server import RolloutServer
+    from coordexp.launch.servers import ServerSet
+
+    log = tmp_path / "swift_rollout.log"
+    log.write_text("INFO: serving\n")
+    srv = RolloutServer(None, "http://127.0.0.1:8600", reuse_existing=True, log_path=log)
+    srv.proc = subprocess.Popen(["sleep", "30"])  # the supervisor, still tearing down
+    try:
+        servers = ServerSet([srv], "key", tmp_path)
+        assert srv.command_exit_code() is None and servers.ended() is None
+        line = "[coordexp supervise pid=4242] the command exited with code -9: stopping 2 process(es) below\n"
+        threading.Timer(0.3, lambda: log.write_text(log.read_text() + line)).start()
+        assert servers.ended(wait_s=3.0) == (srv, -9)
+        assert srv.exit_code() is None  # the supervisor itself has not exited yet
+    finally:
+        srv.proc.kill()
+        srv.proc.wait()
