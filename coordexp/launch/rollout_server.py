@@ -172,7 +172,7 @@ class RolloutServer:
         cfg: Any,
         *,
         model_dir: str | os.PathLike,
-        log_path: str | os.PathLike,
+        log_path: str | os.PathLike | None,
         base_url: str | None = None,
         index: int = 0,
         count: int = 1,

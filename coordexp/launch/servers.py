@@ -85,11 +85,11 @@ class ServerSet:
         servers: list[Any] = []
         try:
             for i, url in enumerate(urls):
-                suffix = f".{i}" if reuse or len(urls) > 1 else ""
+                suffix = f".{i}" if len(urls) > 1 else ""
                 srv = RolloutServer.from_config(
                     cfg, model_dir=model_dir, base_url=url, index=i, count=len(urls),
-                    weights_root=weights_root or run_dir,
-                    log_path=run_dir / SERVER_LOG_NAME.format(suffix=suffix),
+                    weights_root=weights_root or run_dir,  # a reused server logs where it was started
+                    log_path=None if reuse else run_dir / SERVER_LOG_NAME.format(suffix=suffix),
                 )
                 if srv.spec is not None:
                     srv.spec.extra_env[ENV_RUN_ID] = run_id

@@ -239,3 +239,16 @@ def test_reuse_existing_without_a_server_names_both_fixes(tmp_path):
         f"vllm.server.reuse_existing is true but no healthy server answers http://127.0.0.1:{port}/health/: "
         "start it first (python -m coordexp.launch.server +experiment=<leaf> ..., docs/runbook.md), or set "
         "vllm.server.reuse_existing=false to let the run start its own")
+
+
+def test_a_reused_server_has_no_log_in_the_run_dir(tmp_path, monkeypatch):
+    """Its log is where it was started: a failure with a reused server shows no tail of a file that does not
+    exist (it printed "--- last 40 lines of <run>/server/swift_rollout.0.log --- (no server log)")."""
+    from coordexp.launch import servers as servers_mod
+
+    monkeypatch.setattr(servers_mod, "start_all", lambda started: None)
+    reused = servers_mod.ServerSet.start(cfg_of("vllm.server.reuse_existing=true"), tmp_path, tmp_path, "run")
+    assert [(s.log_path, s.describe()["log"]) for s in reused.servers] == [(None, None)]
+    assert reused.servers[0]._fail("HTTP 401").args == ("HTTP 401",)
+    started = servers_mod.ServerSet.start(cfg_of(), tmp_path, tmp_path, "run")
+    assert [s.log_path.name for s in started.servers] == ["swift_rollout.log"]
