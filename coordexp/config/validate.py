@@ -436,7 +436,8 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
             and enum_value(cfg.training.precision) == Precision.bf16.value):
         out.append("model.dtype bfloat16 with training.precision bf16 is pure bf16 (no fp32 master weights; "
                    "small updates can round away): model.dtype float32 keeps fp32 master weights")
-    if cfg.model.kind == ModelKind.local and enum_value(cfg.data.kind) == "synthetic":
+    smoke = str(cfg.experiment).startswith("smoke/")  # the tiny models' own task (their Stage-1, their evals)
+    if cfg.model.kind == ModelKind.local and enum_value(cfg.data.kind) == "synthetic" and not smoke:
         what = "images" if cfg.data.synthetic.images else "text"
         out.append(f"the checkpoint {cfg.model.path} trains on the built-in synthetic task (data.kind: "
                    f"synthetic, {what}): for your data add data=jsonl data.train_jsonl=<file> "

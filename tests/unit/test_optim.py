@@ -311,3 +311,11 @@ def test_tiny_stage1_key_names_the_base_not_its_path():
     here = _weights_key(_stage1_config(cfg, Path("/a/cache/tiny-models/tiny-qwen2_vl-be99")))
     moved = _weights_key(_stage1_config(cfg, Path("/elsewhere/tiny-models/tiny-qwen2_vl-be99")))
     assert here == moved and here["base"] == "tiny-qwen2_vl-be99"
+
+
+def test_the_smoke_leaves_own_checkpoints_on_their_task_get_no_data_warning(tmp_path):
+    """The tiny Stage-1 build and the summary's evaluate line of a smoke run load a local checkpoint on the
+    synthetic task on purpose: only the production leaves' synthetic default is worth a warning."""
+    smoke = to_train_config(compose(["+experiment=smoke/ab_mixed", "model.kind=local",
+                                     f"model.path={tmp_path}", "model.tiny_stage1_steps=0"]))
+    assert config_warnings(smoke) == []
