@@ -98,6 +98,8 @@ def compose(overrides: Sequence[str], config_dir: str | Path | None = None) -> D
         cause = err.__cause__
         key = getattr(cause, "full_key", None)
         detail = (getattr(cause, "msg", None) or str(cause or err)).splitlines()[0]
+        if "is not a ListConfig, list or tuple" in detail:  # a list key given one bare value
+            detail += f" Fix: write a list in brackets, {key}=[a,b] (quote the word for the shell)"
         raise ConfigError([f"{key}: {detail} ({str(err).splitlines()[0]})" if key else str(err)]) from None
     HydraConfig.instance().set_config(cfg)
     return cfg

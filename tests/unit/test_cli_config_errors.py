@@ -43,6 +43,8 @@ def assert_one_screen(out, needle: str) -> None:
     ("rollout_matching.repeat_terminate.enabled=2",
      "  - rollout_matching.repeat_terminate.enabled: 2 is not a boolean: use true or false"),
     ("training.learning_rate=inf", "  - training.learning_rate: inf is not a finite number"),
+    ("vllm.server.base_urls=http://127.0.0.1:8601",
+     "str is not a ListConfig, list or tuple. Fix: write a list in brackets, vllm.server.base_urls=[a,b]"),
 ])
 def test_bad_command_line_is_one_screen_with_the_key(module, arg, needle):
     assert_one_screen(run(module, arg), needle)
