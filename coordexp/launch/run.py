@@ -394,9 +394,10 @@ def _run(cfg: TrainConfig, run_dir: Path, resolved: Path, timeline: Timeline) ->
         raise
     finally:
         failed = code is None or code != 0
-        if servers is not None and failed:
-            # a learner error (not a signal) may come from a server that just died: give its supervisor's
-            # line a moment, so the message names the server
+        interrupted = code in (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the user's or a scheduler's stop
+        if servers is not None and failed and not interrupted:
+            # a learner error may come from a server that just died: give its supervisor's line a moment,
+            # so the message names the server
             dead = servers.ended(wait_s=2.0 if code in (2, 3) else 0.0)
             if dead is not None:
                 _say(f"the rollout server {dead[0].base_url} exited with code {dead[1]}")
