@@ -23,7 +23,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import re
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from coordexp.launch.process import (
     stop_group,
     terminate_on_signals,
 )
+from coordexp.launch.server_log import command_exit_code, lost_port_in_log, start_failure_fix
 from coordexp.launch.server_spec import (
     ServerLaunchSpec,
     build_command,
@@ -62,40 +62,6 @@ class PortTakenDuringStart(ServerStartError):
     """The server exited because its port was bound by another process between the launcher's free-port
     check and uvicorn's bind -- often the server's own engine, which takes its internal ports from the
     kernel's ephemeral range. Starting again usually succeeds (:func:`start_all`)."""
-
-
-def lost_port_in_log(text: str, port: int) -> bool:
-    """uvicorn's failed-bind line for ``port`` is in ``text``: ``error while attempting to bind on address
-    ('127.0.0.1', 8000): address already in use`` (IPv6: ``('::1', 8000, 0, 0)``)."""
-    return re.search(rf"bind on address \([^)]*\b{port}\b[^)]*\): address already in use", text) is not None
-
-
-_SWIFT_NO_MATCH = re.compile(r"Failed to automatically match `?(template_type|model_type)`? for .*?\. "
-                             r"(Multiple possible types found: (\[[^\]]*\]))?")
-
-
-#: coordexp.launch.supervise's line when the command it runs ended by itself
-_COMMAND_EXITED = re.compile(r"\[coordexp supervise pid=\d+\] the command exited with code (-?\d+)")
-
-
-def start_failure_fix(text: str) -> str | None:
-    """The fix for a server start that failed the way ``text`` (this start's log) shows, when it is a
-    known one: ms-swift could not tell the checkpoint's template or model type (a renamed folder), or the
-    server environment lacks ``qwen_vl_utils`` (ms-swift's Qwen-VL image loader)."""
-    found = _SWIFT_NO_MATCH.search(text)
-    if found:
-        key = "template" if found.group(1) == "template_type" else "model_type"
-        choices = f" (ms-swift offers {found.group(3)})" if found.group(3) else ""
-        if key == "template":
-            return (f"Fix: ms-swift cannot tell which chat template the checkpoint uses{choices}; name it: "
-                    f"vllm.server.template=<the checkpoint's family>")
-        return (f"Fix: ms-swift cannot tell the checkpoint's model type{choices}; rename the folder after "
-                f"the released model it comes from, or start the server yourself with --model_type "
-                f"(vllm.server.reuse_existing=true)")
-    if "No module named 'qwen_vl_utils'" in text:
-        return ("Fix: install ms-swift's Qwen-VL image loader into the server's environment: pip install "
-                "'coordexp[server-gpu]' (it brings qwen-vl-utils)")
-    return None
 
 
 def say(msg: str) -> None:
@@ -228,8 +194,8 @@ class RolloutServer:
         :meth:`exit_code` shows it). None while the command runs (or if reused)."""
         if self.proc is None:
             return None
-        found = _COMMAND_EXITED.findall(self._this_starts_log()[-20000:])
-        return int(found[-1]) if found else self.exit_code()
+        code = command_exit_code(self._this_starts_log())
+        return code if code is not None else self.exit_code()
 
     def describe(self) -> dict[str, Any]:
         """What run_metadata.json records about this server."""

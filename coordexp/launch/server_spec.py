@@ -34,11 +34,11 @@ __all__ = ["PLUGIN_PATH", "ServerLaunchSpec", "build_command", "build_env", "che
            "cpu_slice", "gpu_slice", "launch_spec_from_config"]
 
 PLUGIN_PATH = str(Path(__file__).resolve().parents[1] / "rollout" / "server" / "swift_plugin.py")
-#: OpenMP settings of a CPU server (a user's own value in the environment wins).
 #: config.json model_types whose ms-swift template has the same name. ms-swift's own detection offers
 #: look-alikes for them (qwen2_5_vl: also mimo_vl; qwen2_vl: also qvq) and picks by the folder's name, so a
 #: renamed checkpoint (/ckpt/stage1) stops the server with "Failed to automatically match template_type".
 SWIFT_FAMILY_TEMPLATES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+#: OpenMP settings of a CPU server (a user's own value in the environment wins).
 CPU_SERVER_OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 
 
@@ -139,12 +139,12 @@ def launch_spec_from_config(
     model_dir = str(Path(model_dir).resolve())
     if not Path(model_dir).is_dir():
         raise ServerStartError(f"model directory {model_dir} does not exist")
-    model_type, template = None, v.server.template
+    model_type, template, family = None, v.server.template, checkpoint.model_type(model_dir)
     if enum_value(cfg.model.kind) == "tiny" or checkpoint.is_tiny_checkpoint(model_dir):
-        model_type = checkpoint.model_type(model_dir) or enum_value(cfg.model.tiny_arch)
+        model_type = family or enum_value(cfg.model.tiny_arch)
         template = template or "chatml"
-    elif template is None and checkpoint.model_type(model_dir) in SWIFT_FAMILY_TEMPLATES:
-        template = checkpoint.model_type(model_dir)
+    elif template is None and family in SWIFT_FAMILY_TEMPLATES:
+        template = family
     return ServerLaunchSpec(
         model_dir=model_dir,
         port=int(parsed.port),

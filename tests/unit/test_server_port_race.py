@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordexp.launch.process import ephemeral_port_range
-from coordexp.launch.rollout_server import lost_port_in_log, start_failure_fix
+from coordexp.launch.server_log import lost_port_in_log, start_failure_fix
 
 UVICORN = "ERROR:    [Errno 98] error while attempting to bind on address {addr}: address already in use"
 
