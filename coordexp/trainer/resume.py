@@ -119,14 +119,14 @@ def missing_state(checkpoint: Path) -> list[str]:
     return missing
 
 
-def _newest(dirs: list[Path], before: Path | None = None) -> Path | None:
-    """The checkpoint of the highest step in ``dirs`` (the newer of two with one step), or the newest older
-    than ``before``."""
+def _newest_first(dirs: list[Path]) -> list[Path]:
+    """The checkpoints in ``dirs``, the highest step first (the newer of two with one step)."""
     found = [c for d in dirs for c in Path(d).glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
-    key = lambda c: (_step(c), c.stat().st_mtime)
-    if before is not None:
-        found = [c for c in found if key(c) < key(before)]
-    return max(found, key=key) if found else None
+    return sorted(found, key=lambda c: (_step(c), c.stat().st_mtime), reverse=True)
+
+
+def _newest(dirs: list[Path]) -> Path | None:
+    return next(iter(_newest_first(dirs)), None)
 
 
 def _complete(picked: Path, spec: str) -> Path:
@@ -145,11 +145,13 @@ def resolve(spec: str | None, run_dir: Path, max_steps: int) -> Resume | None:
         return None
     if spec == LATEST:
         dirs = lineage(Path(run_dir))
-        picked = _newest(dirs)
-        skipped = []
-        while picked is not None and missing_state(picked):  # e.g. killed while it was being written
-            skipped.append(f"{picked.name} (lacks {', '.join(missing_state(picked))})")
-            picked = _newest(dirs, before=picked)
+        picked, skipped = None, []
+        for candidate in _newest_first(dirs):
+            missing = missing_state(candidate)
+            if not missing:
+                picked = candidate
+                break
+            skipped.append(f"{candidate.name} (lacks {', '.join(missing)})")  # e.g. a partial copy
         if picked is None and skipped:
             raise LearnerError(f"{RESUME_KEY}=latest: no complete checkpoint in this run's lineage; skipped "
                                f"{'; '.join(skipped)}. Start without the key, or restore the missing files")
