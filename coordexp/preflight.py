@@ -12,7 +12,7 @@ from typing import Any
 
 from coordexp.config.contract import rollout_contract, server_image_root
 from coordexp.config.errors import exit_on_config_error, raise_if
-from coordexp.config.gpus import gpu_plan, gpu_plan_problem
+from coordexp.config.gpus import cuda_server, gpu_plan, gpu_plan_problem
 from coordexp.config.load import compose, hydra_dir_of, start_problems, to_train_config
 from coordexp.config.schema import TrainConfig
 from coordexp.config.validate import config_warnings
@@ -23,7 +23,7 @@ from coordexp.repeat_rules import config_to_dict
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
     contract = rollout_contract(cfg)
     v = cfg.vllm
-    on_cuda = bool(contract.vllm_mode) and v.device.value == "cuda"
+    on_cuda = cuda_server(cfg)
     return {
         "experiment": cfg.experiment,
         "rollout_backend": contract.backend,

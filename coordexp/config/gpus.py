@@ -37,13 +37,18 @@ def visible_gpus(environ: Mapping[str, str] | None = None, proc: Path = NVIDIA_P
     return min(len(ids), present)
 
 
+def cuda_server(cfg: TrainConfig) -> bool:
+    """Server mode with ``vllm.device: cuda``: where ``vllm.server_gpus`` and ``vllm.learner_gpus`` apply."""
+    server_mode = cfg.rollout_matching.rollout_backend == RolloutBackend.vllm
+    return server_mode and cfg.vllm.device == ServerDevice.cuda
+
+
 def gpu_plan(cfg: TrainConfig, visible: int | None = None) -> dict[str, Any]:
     """``{"needed", "visible", "satisfiable", "server_gpus", "learner_gpus"}`` for a config on this node:
     the servers' GPUs on node 0 only (the other nodes start no server). GPU ids index the visible GPUs, so
     ``needed`` is the highest id + 1 (``[6, 7]`` needs 8 GPUs, not 2)."""
     v = cfg.vllm
-    server_mode = cfg.rollout_matching.rollout_backend == RolloutBackend.vllm
-    on_gpu = server_mode and v.device == ServerDevice.cuda
+    on_gpu = cuda_server(cfg)
     starts_servers = on_gpu and not v.server.reuse_existing and cfg.training.node_rank == 0
     server = sorted(set(v.server_gpus)) if starts_servers else []
     learner = sorted(set(v.learner_gpus)) if on_gpu else []
