@@ -99,23 +99,23 @@ def dataset_stats(samples: Sequence, top_k: int = 20) -> dict[str, Any]:
 NOTES_SHOWN = 5
 
 
-def _image_note(sample) -> str | None:
-    """Why ``sample``'s picture is not its image as the record describes it: no image file (drawn on a blank
-    canvas), or an image whose size is not the record's width x height (drawn resized to it); None when
-    it is, or when the record has no image."""
+def _image_note(sample) -> tuple[bool, str] | None:
+    """(missing, why) when ``sample``'s picture is not its image as the record describes it: no image file
+    (missing; drawn on a blank canvas), or an image whose size is not the record's width x height (drawn
+    resized to it); None when it is, or when the record has no image."""
     from PIL import Image
 
     if not sample.images:
         return None
     path = Path(sample.images[0])
     if not path.is_file():
-        return f"{sample.source}: no image file {path} (drawn on a blank canvas)"
+        return True, f"{sample.source}: no image file {path} (drawn on a blank canvas)"
     with Image.open(path) as im:  # the header only
         size = im.size
     if size != (sample.width, sample.height):
-        return (f"{sample.source}: {path.name} is {size[0]}x{size[1]}, the record says {sample.width}x"
-                f"{sample.height} (drawn resized to the record's size; training accepts it only if the "
-                f"model's image processor resizes it to exactly that, docs/vlm.md)")
+        return False, (f"{sample.source}: {path.name} is {size[0]}x{size[1]}, the record says {sample.width}x"
+                       f"{sample.height} (drawn resized to the record's size; training accepts it only if "
+                       f"the model's image processor resizes it to exactly that, docs/vlm.md)")
     return None
 
 
@@ -192,21 +192,20 @@ def inspect(jsonl: str | Path, out: str | Path, *, limit: int = 16, top_k: int =
     out = Path(out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     stats = dataset_stats(samples, top_k=top_k)
-    notes = []
-    missing = resized = 0
+    found = []  # (missing, why) per drawn record whose picture is not its image as described
     for s in samples[:limit]:
         note = _image_note(s)
         if note:
-            notes.append(note)
-            missing += "no image file" in note
-            resized += "no image file" not in note
+            found.append(note)
         stem = Path(s.images[0]).stem if s.images else "canvas"
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
         draw_ground_truth(s).save(out / "samples" / f"{s.index:05d}_{name}.png", format="PNG")
     _histograms(stats, out / "histograms.png")
     public = {k: v for k, v in stats.items() if not k.startswith("_")}
+    missing = sum(m for m, _ in found)
     public.update(jsonl=str(jsonl), pictures=min(limit, len(samples)), pictures_without_image_file=missing,
-                  pictures_of_another_size=resized, image_notes=notes[:NOTES_SHOWN],
+                  pictures_of_another_size=len(found) - missing,
+                  image_notes=[why for _, why in found[:NOTES_SHOWN]],
                   glyphs_without_font=missing_glyphs(o.desc for s in samples for o in s.objects))
     (out / "stats.json").write_text(json.dumps(public, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return public

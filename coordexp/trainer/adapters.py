@@ -69,17 +69,17 @@ def adapter_targets(model, adapter: AdapterConfig, model_type: str) -> list[str]
     llm = [(n, m) for n, m in model.named_modules()
            if n and m is not head and fam.group_of(n + ".weight") == pg.LLM]  # the head: token rows
     linear = [n for n, m in llm if isinstance(m, torch.nn.Linear)]
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
     problems, chosen = [], set()
     for target in adapter.target_modules:
         hits = [n for n, m in llm if _matches(n, target)]
         not_linear = sorted({type(m).__name__ for n, m in llm if _matches(n, target)
                              and not isinstance(m, torch.nn.Linear)})
-        head_names = [n for n, m in model.named_modules() if m is head and _matches(n, target)]
         if not hits:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
             where = "language model" if fam.is_vision_language else "model"
-            what = (f"names the output head ({head_names[0]}), which adapters never target (its coordinate "
-                    f"rows train as token rows)" if head_names else
+            what = (f"names the output head ({head_name}), which adapters never target (its coordinate "
+                    f"rows train as token rows)" if head_name and _matches(head_name, target) else
                     f"matches no module of the {where} of this {model_type} checkpoint (the output head is "
                     f"not a target either: its coordinate rows train as token rows)")
             problems.append(f"model.adapter.target_modules: '{target}' {what}; the linear layers are named "
