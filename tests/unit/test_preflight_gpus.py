@@ -159,6 +159,8 @@ def test_a_sweep_run_elsewhere_is_not_held_to_this_machines_gpus(tmp_path, monke
              "stage2_ab.schedule.b_ratio=0.25,0.5"]
     assert runs_here(compose([*sweep[:2], remote]), multirun=True) is False
     assert runs_here(compose(sweep[:2]), multirun=True) is True and runs_here(compose(sweep[:2]), False)
+    # coordexp's own launcher (launchers/hydra_plugins) runs its jobs here too: its _target_ is listed
+    assert runs_here(compose([*sweep[:2], "hydra/launcher=coordexp"]), multirun=True) is True
     check_before_start([*sweep, remote], multirun=True)  # the login node: nothing to refuse
     with pytest.raises(ConfigError) as err:
         check_before_start(sweep, multirun=True)  # the basic launcher runs the jobs here
