@@ -10,8 +10,9 @@ with the tail of the server log (an exit because another process bound the port 
 (:mod:`coordexp.rollout.probe`) when repeat-terminate is enabled, and tears the whole process group down
 (TERM, then KILL) on exit, error, SIGINT or SIGTERM - also from ``atexit`` and, if the orchestrator dies
 abruptly (SIGKILL included), through :mod:`coordexp.launch.supervise`, the group's leader, which owns every
-process of the server (vLLM's EngineCore/Worker grandchildren too). With ``vllm.server.reuse_existing: true``
-nothing is started: each base URL must already answer ``/health/``, and the probe still runs.
+process of the server (its engine process and vLLM's EngineCore/Worker grandchildren too). With
+``vllm.server.reuse_existing: true`` nothing is started: each base URL must already answer ``/health/``, and
+the probe still runs.
 
 Start is two halves so that several servers start concurrently: :meth:`RolloutServer.spawn` (``Popen``; on
 the caller's thread, because Linux's parent-death signal follows the thread that forked) and

@@ -147,8 +147,9 @@ def learner_in_process(cfg: TrainConfig) -> bool:
 
 def learner_env(cfg: TrainConfig) -> dict[str, str]:
     """Environment additions for the learner: its GPU set on a GPU node. Next to a CPU server the learner
-    keeps OpenMP's default wait policy: with passive threads its forward took 1.4x as long, and the server's
-    worker sleeps between requests instead (:mod:`coordexp.rollout.server.idle_wait`, docs/benchmarks.md)."""
+    keeps OpenMP's default wait policy: with passive threads its forward took 1.4x as long, and the server
+    sleeps between requests instead (:func:`coordexp.launch.server_spec.cpu_server_env`,
+    docs/benchmarks.md)."""
     v = cfg.vllm
     env: dict[str, str] = {}
     server_mode = enum_value(cfg.rollout_matching.rollout_backend) == "vllm"

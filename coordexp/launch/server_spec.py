@@ -9,7 +9,7 @@ in :data:`~coordexp.protocol.ENV_CONFIG_JSON` together with the guard
 Several servers (``vllm.server.base_urls`` with N URLs, started here): server ``i`` gets the ``i``-th of N
 equal contiguous slices of ``vllm.server_gpus`` (:func:`gpu_slice`) and, on CPU, the ``i``-th of N equal
 contiguous slices of the cores this process may run on (:func:`cpu_slice`; the server process is pinned to
-them, and vLLM's automatic OpenMP binding then places its threads inside that slice). The API key and the
+them, and its OpenMP threads, :func:`cpu_server_env`, run inside that slice). The API key and the
 weights root reach the server through its environment, never its command line.
 """
 
@@ -31,15 +31,31 @@ from coordexp.errors import ServerStartError
 from coordexp.repeat_rules import RepeatTerminateConfig, config_to_dict, parse_config
 
 __all__ = ["PLUGIN_PATH", "ServerLaunchSpec", "build_command", "build_env", "check_server_python",
-           "cpu_slice", "gpu_slice", "launch_spec_from_config"]
+           "cpu_server_env", "cpu_slice", "gpu_slice", "launch_spec_from_config"]
 
 PLUGIN_PATH = str(Path(__file__).resolve().parents[1] / "rollout" / "server" / "swift_plugin.py")
 #: config.json model_types whose ms-swift template has the same name. ms-swift's own detection offers
 #: look-alikes for them (qwen2_5_vl: also mimo_vl; qwen2_vl: also qvq) and picks by the folder's name, so a
 #: renamed checkpoint (/ckpt/stage1) stops the server with "Failed to automatically match template_type".
 SWIFT_FAMILY_TEMPLATES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-#: OpenMP settings of a CPU server (a user's own value in the environment wins).
-CPU_SERVER_OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+
+
+def cpu_server_env(cores: int) -> dict[str, str]:
+    """The environment a CPU server on ``cores`` cores adds (a user's own value in the environment wins).
+
+    - vLLM's engine runs inside the server process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: its in-process
+      client and single-process executor). With vLLM's default on CPU, an EngineCore process and a Worker
+      process each busy-wait on the shared-memory queue between them, so a generation held both cores of a
+      2-core machine and the learner's packs trained meanwhile ran 5x slower; in-process there is nothing to
+      spin on, the server starts in half the time and the smoke trains faster (docs/benchmarks.md).
+    - ``OMP_NUM_THREADS``: one thread fewer than the cores, at least one - the threads vLLM's automatic
+      binding gives its worker when it keeps a core for its scheduler process
+      (``vllm.utils.ompmultiprocessing``).
+    - OpenMP threads sleep as soon as a parallel region ends (passive wait; Intel's runtime reads
+      ``KMP_BLOCKTIME``) instead of spinning on cores the learner's next forward needs.
+    """
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, cores - 1)),
+            "OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 
 
 @dataclass
@@ -223,10 +239,9 @@ def build_env(spec: ServerLaunchSpec, base: dict[str, str] | None = None) -> dic
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_space_gib)
         # ms-swift's own vLLM general plugin imports torchvision, absent from the CPU stack.
         env.setdefault("VLLM_PLUGINS", "none")
-        # The server shares the cores with the learner: its OpenMP threads (vLLM's worker preloads torch's
-        # libgomp; Intel's runtime reads KMP_BLOCKTIME) must sleep as soon as a parallel region ends instead
-        # of spin-waiting, or the learner's next forward runs on cores they still hold (docs/benchmarks.md).
-        for key, value in CPU_SERVER_OPENMP_ENV.items():
+        cores = len(spec.cpus) or len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity")
+                                      else range(os.cpu_count() or 1))
+        for key, value in cpu_server_env(cores).items():
             env.setdefault(key, value)
     elif spec.server_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.server_gpus)

@@ -1,9 +1,10 @@
 """``python -m coordexp.launch.supervise [--grace S] -- CMD ...``: run CMD so that nothing it starts outlives
 the process that started the supervisor, whatever kills that process (SIGKILL included).
 
-Why: a parent-death signal reaches only a direct child. vLLM's ``EngineCore`` and ``Worker`` processes are
-grandchildren of the orchestrator (children of ``swift rollout``), so when the orchestrator was SIGKILLed
-they were re-parented to init and kept their memory for minutes. The supervisor sits between the
+Why: a parent-death signal reaches only a direct child. ms-swift's engine process (and on a GPU server
+vLLM's ``EngineCore`` and ``Worker`` processes) are grandchildren of the orchestrator (descendants of
+``swift rollout``), so when the orchestrator was SIGKILLed they were re-parented to init and kept their
+memory for minutes. The supervisor sits between the
 orchestrator and the command and owns the whole tree:
 
 - it is a *child subreaper* (``PR_SET_CHILD_SUBREAPER``): every process of the tree whose parent dies is

@@ -71,7 +71,7 @@ def test_only_one_unsharded_process_on_one_node_trains_in_process():
 def test_a_learner_next_to_a_cpu_server_keeps_openmps_default_wait_policy():
     """Passive OpenMP threads made the learner's Channel-B forward 1.4x slower next to a CPU server
     (tests/benchmarks/bench_server_learner.py, docs/benchmarks.md); the server's worker sleeps between
-    requests instead (coordexp.rollout.server.idle_wait)."""
+    requests instead (coordexp.launch.server_spec.cpu_server_env)."""
     assert run.learner_env(cfg_of()) == {}
 
 
@@ -144,15 +144,22 @@ def test_missing_local_checkpoint_is_a_launch_error():
         servers.resolve_model_dir(cfg)
 
 
-def test_a_cpu_server_lets_its_openmp_threads_sleep(tmp_path):
-    """The server shares the learner's cores: its OpenMP threads must not spin after a parallel region (the
-    learner's Channel-B forward right after the rollouts ran 24x slower in the issue's measurement); a value
-    the user exported wins, and a GPU server is left alone."""
-    from coordexp.launch.server_spec import ServerLaunchSpec, build_env
+def test_a_cpu_server_runs_vllm_in_process_with_sleeping_openmp_threads(tmp_path):
+    """The server shares the learner's cores: vLLM's engine runs in the server process (no EngineCore and
+    Worker processes spinning on the queue between them), on one thread fewer than its cores, and its OpenMP
+    threads do not spin after a parallel region (the learner's Channel-B forward right after the rollouts ran
+    24x slower in the issue's measurement); a value the user exported wins, and a GPU server is left alone."""
+    from coordexp.launch.server_spec import ServerLaunchSpec, build_env, cpu_server_env
 
-    cpu = ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cpu")
+    cpu = ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cpu", cpus=[4, 5, 6])
     env = build_env(cpu, base={"PATH": "/bin"})
     assert (env["OMP_WAIT_POLICY"], env["KMP_BLOCKTIME"]) == ("PASSIVE", "0")
-    assert build_env(cpu, base={"KMP_BLOCKTIME": "5"})["KMP_BLOCKTIME"] == "5"
+    assert (env["VLLM_ENABLE_V1_MULTIPROCESSING"], env["OMP_NUM_THREADS"]) == ("0", "2")
+    one_core = ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cpu", cpus=[3])
+    assert build_env(one_core, base={})["OMP_NUM_THREADS"] == "1"
+    unpinned = build_env(ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cpu"), base={})
+    assert unpinned["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) - 1))
+    mine = {"KMP_BLOCKTIME": "5", "OMP_NUM_THREADS": "7", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    assert {k: build_env(cpu, base=mine)[k] for k in mine} == mine
     gpu = build_env(ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cuda"), base={})
-    assert "OMP_WAIT_POLICY" not in gpu and "KMP_BLOCKTIME" not in gpu
+    assert not set(cpu_server_env(4)) & set(gpu)

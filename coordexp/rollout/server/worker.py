@@ -147,11 +147,7 @@ def _refresh_tied_heads(model) -> int:
 
 
 def _build_worker_extension():
-    """The vLLM worker extension class, built on first access (imports ms-swift only in the worker); on a
-    CPU server it also shortens the worker's busy-wait between commands (:mod:`.idle_wait`)."""
-    from coordexp.rollout.server import idle_wait
-
-    idle_wait.apply()
+    """The vLLM worker extension class, built on first access (imports ms-swift only in the worker)."""
     try:
         from swift.pipelines.infer.rollout import WeightSyncWorkerExtension as base
     except Exception:  # noqa: BLE001 - ms-swift absent: file-load method only
