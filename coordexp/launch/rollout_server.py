@@ -328,6 +328,10 @@ class RolloutServer:
             )
         cmd = supervised_command(build_command(spec))  # the supervisor owns vLLM's engine grandchildren too
         env = build_env(spec)
+        if spec.device == "cpu" and env["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+            self.progress("warning: VLLM_ENABLE_V1_MULTIPROCESSING in the environment runs this CPU server's "
+                          "engine in separate EngineCore/Worker processes that busy-wait on each other: the "
+                          "learner's steps next to it ran up to 28x slower (docs/benchmarks.md); unset it")
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_fh = open(self.log_path, "ab", buffering=0)  # noqa: SIM115 - closed by stop()

@@ -475,3 +475,21 @@ def test_orchestrator_signal_tears_the_server_group_down(fake_spec, tmp_path, gr
     finally:
         if p.poll() is None:
             p.kill()
+
+
+@pytest.mark.parametrize("multiprocessing", [None, "1"])
+def test_a_cpu_server_with_vllms_engine_processes_is_named_at_start(fake_spec, tmp_path, multiprocessing):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=1 exported brings back the EngineCore/Worker pair that spins between
+    requests (server_spec.cpu_server_env): the start says so, a default start does not."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": multiprocessing} if multiprocessing else {}
+    spec, url = fake_spec("crash", **env)
+    said = []
+    srv = RolloutServer(spec, url, log_path=tmp_path / "s.log", startup_timeout_s=60, poll_interval_s=0.2,
+                        progress=said.append)
+    with pytest.raises(ServerStartError, match="exited with code 3"):
+        srv.start()
+    warned = [line for line in said if "VLLM_ENABLE_V1_MULTIPROCESSING" in line]
+    assert warned == ([] if multiprocessing is None else [
+        "warning: VLLM_ENABLE_V1_MULTIPROCESSING in the environment runs this CPU server's engine in "
+        "separate EngineCore/Worker processes that busy-wait on each other: the learner's steps next to it "
+        "ran up to 28x slower (docs/benchmarks.md); unset it"])
