@@ -40,21 +40,22 @@ PLUGIN_PATH = str(Path(__file__).resolve().parents[1] / "rollout" / "server" / "
 SWIFT_FAMILY_TEMPLATES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def cpu_server_env(cores: int) -> dict[str, str]:
-    """The environment a CPU server on ``cores`` cores adds (a user's own value in the environment wins).
+def cpu_server_env(cores: int, engines: int = 1) -> dict[str, str]:
+    """The environment a CPU server on ``cores`` cores with ``engines`` data-parallel engines adds (a user's
+    own value in the environment wins).
 
     - vLLM's engine runs inside the server process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: its in-process
       client and single-process executor). With vLLM's default on CPU, an EngineCore process and a Worker
       process each busy-wait on the shared-memory queue between them, so a generation held both cores of a
       2-core machine and the learner's packs trained meanwhile ran 5x slower; in-process there is nothing to
       spin on, the server starts in half the time and the smoke trains faster (docs/benchmarks.md).
-    - ``OMP_NUM_THREADS``: one thread fewer than the cores, at least one - the threads vLLM's automatic
-      binding gives its worker when it keeps a core for its scheduler process
-      (``vllm.utils.ompmultiprocessing``).
+    - ``OMP_NUM_THREADS``: the cores less one, split over the engines, at least one per engine - for one
+      engine, the threads vLLM's automatic binding gives its worker when it keeps a core for its scheduler
+      process (``vllm.utils.ompmultiprocessing``).
     - OpenMP threads sleep as soon as a parallel region ends (passive wait; Intel's runtime reads
       ``KMP_BLOCKTIME``) instead of spinning on cores the learner's next forward needs.
     """
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, cores - 1)),
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, (cores - 1) // engines)),
             "OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 
 
@@ -241,7 +242,7 @@ def build_env(spec: ServerLaunchSpec, base: dict[str, str] | None = None) -> dic
         env.setdefault("VLLM_PLUGINS", "none")
         cores = len(spec.cpus) or len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity")
                                       else range(os.cpu_count() or 1))
-        for key, value in cpu_server_env(cores).items():
+        for key, value in cpu_server_env(cores, spec.data_parallel_size).items():
             env.setdefault(key, value)
     elif spec.server_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.server_gpus)

@@ -157,6 +157,9 @@ def test_a_cpu_server_runs_vllm_in_process_with_sleeping_openmp_threads(tmp_path
     assert (env["VLLM_ENABLE_V1_MULTIPROCESSING"], env["OMP_NUM_THREADS"]) == ("0", "2")
     one_core = ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cpu", cpus=[3])
     assert build_env(one_core, base={})["OMP_NUM_THREADS"] == "1"
+    two_engines = ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cpu", cpus=list(range(16)),
+                                   data_parallel_size=2)
+    assert build_env(two_engines, base={})["OMP_NUM_THREADS"] == "7"  # (16 - 1) // 2 per engine
     unpinned = build_env(ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cpu"), base={})
     assert unpinned["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) - 1))
     mine = {"KMP_BLOCKTIME": "5", "OMP_NUM_THREADS": "7", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
