@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from coordexp.launch.server_spec import cpu_server_env
 from tests.conftest import free_port
 
 CPU_ENV = {
@@ -280,7 +281,8 @@ def bench_offline(model_dir: Path, ids, batch_sizes, tokens: int, rounds: int, w
             str(rounds),
         ],
         cwd=work,
-        env={**os.environ, **CPU_ENV},
+        # the engine layout and threads of the server (vLLM in-process, coordexp.launch.server_spec)
+        env={**os.environ, **CPU_ENV, **cpu_server_env(len(os.sched_getaffinity(0)))},
         capture_output=True,
         text=True,
         timeout=900,
