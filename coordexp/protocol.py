@@ -37,6 +37,9 @@ ENV_NCCL_GROUP_PORT = "COORDEXP_NCCL_GROUP_PORT"
 ENV_SERVER_API_KEY = "COORDEXP_SERVER_API_KEY"
 #: The folder under which the server's weight-loading route accepts files (the run dir, or a sweep's dir).
 ENV_WEIGHTS_ROOT = "COORDEXP_WEIGHTS_ROOT"
+#: A random token the launcher gives each server it starts; :data:`IDENTITY_ROUTE` answers it, so the launcher
+#: tells its own server from another one that answers the same port.
+ENV_SERVER_NONCE = "COORDEXP_SERVER_NONCE"
 #: The run's console record (``<run_dir>/train.log``): every process of a run (orchestrator, learner ranks)
 #: appends the lines it shows on the console (``coordexp.telemetry.record.say``) to this file.
 ENV_CONSOLE_LOG = "COORDEXP_CONSOLE_LOG"
@@ -71,6 +74,10 @@ SWIFT_WORKER_EXTENSION = "swift.pipelines.infer.rollout.WeightSyncWorkerExtensio
 LOAD_WEIGHTS_ROUTE = "/coordexp/load_weights/"
 #: The worker-extension method the route reaches over vLLM's ``collective_rpc``.
 WORKER_METHOD = "coordexp_load_weights"
+#: ``GET``: ``{"nonce", "pid", "model", "weights_root", "loaded"}``: which server this is (its
+#: :data:`ENV_SERVER_NONCE`, process id, ``--model`` folder, weights root) and the last weights file the
+#: load route loaded into it (null: it still holds ``model``).
+IDENTITY_ROUTE = "/coordexp/identity/"
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:

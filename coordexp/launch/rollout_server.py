@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -52,8 +53,10 @@ from coordexp.launch.server_spec import (
     launch_spec_from_config,
 )
 from coordexp.launch.supervise import supervised_command
+from coordexp.protocol import ENV_SERVER_NONCE
 from coordexp.rollout.probe import ProbeError, run_probe
-from coordexp.rollout.server_client import RolloutServerError, check_health, get_world_size
+from coordexp.rollout.server.weight_route import outside_root_problem
+from coordexp.rollout.server_client import RolloutServerError, check_health, get_identity, get_world_size
 from coordexp.telemetry import record as console
 
 __all__ = ["PortTakenDuringStart", "RolloutServer", "lost_port_in_log", "say", "start_all"]
@@ -99,7 +102,12 @@ class RolloutServer:
         progress_every_s: float = 10.0,
         poll_interval_s: float = 1.0,
         eos_token_id: int | tuple[int, ...] | None = None,
+        pushes_from: str | os.PathLike | None = None,
+        serves: str | os.PathLike | None = None,
     ):
+        """``pushes_from`` / ``serves`` apply to a reused server: the folder this run writes weight files
+        under (the server's weights root must hold it), or - when nothing is pushed (an eval) - the model
+        folder the server must serve unchanged."""
         if spec is None and not reuse_existing:
             raise ValueError("RolloutServer needs a launch spec unless reuse_existing is set")
         self.spec = spec
@@ -116,6 +124,9 @@ class RolloutServer:
         self.progress_every_s = float(progress_every_s)
         self.poll_interval_s = float(poll_interval_s)
         self.eos_token_id = eos_token_id
+        self.pushes_from = str(pushes_from) if pushes_from else None
+        self.serves = str(serves) if serves else None
+        self._nonce = secrets.token_hex(8)  # this start's identity (ENV_SERVER_NONCE)
         self.api_key = spec.api_key if spec is not None else None  # None: the environment's (if any)
         if self.eos_token_id is None and spec is not None:
             self.eos_token_id = read_stop_ids(spec.model_dir) or None  # the checkpoint's stop-token set
@@ -157,6 +168,10 @@ class RolloutServer:
             spec = None
             kwargs.setdefault("probe", bool(cfg.rollout_matching.repeat_terminate.enabled))
             kwargs.setdefault("eos_token_id", read_stop_ids(model_dir) or None)
+            if weights_root is None:  # an eval: nothing is pushed, the server must hold the checkpoint
+                kwargs.setdefault("serves", model_dir)
+            elif enum_value(cfg.vllm.sync.transport) == "file":
+                kwargs.setdefault("pushes_from", weights_root)
         else:
             if s.python and os.path.realpath(s.python) != os.path.realpath(sys.executable):
                 # a separate server environment: fail fast without the stack
@@ -291,6 +306,7 @@ class RolloutServer:
                         f"to let the run start its own"
                     )
                 self.progress(f"reusing the rollout server at {self.base_url}")
+                self._check_reused()
             else:
                 self._wait_healthy(t0)
             t_healthy = time.monotonic()
@@ -328,6 +344,7 @@ class RolloutServer:
             )
         cmd = supervised_command(build_command(spec))  # the supervisor owns vLLM's engine grandchildren too
         env = build_env(spec)
+        env[ENV_SERVER_NONCE] = self._nonce
         if spec.device == "cpu" and env["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
             self.progress("warning: VLLM_ENABLE_V1_MULTIPROCESSING in the environment runs this CPU server's "
                           "engine in separate EngineCore/Worker processes that busy-wait on each other: the "
@@ -384,7 +401,8 @@ class RolloutServer:
                         error=PortTakenDuringStart)
                 fix = start_failure_fix(self._this_starts_log())
                 raise self._fail(f"{msg}. {fix}" if fix else msg)
-            if check_health(self.base_url, timeout_s=min(5.0, self.request_timeout_s), api_key=self.api_key):
+            wait_s = min(5.0, self.request_timeout_s)
+            if check_health(self.base_url, wait_s, api_key=self.api_key) and self._answers_as_ours(wait_s):
                 return
             now = time.monotonic()
             if now >= deadline:
@@ -399,6 +417,58 @@ class RolloutServer:
                 )
                 next_note = now + self.progress_every_s
             time.sleep(self.poll_interval_s)
+
+    def _answers_as_ours(self, timeout_s: float) -> bool:
+        """Whether the server answering :attr:`base_url` is the one this start spawned (its identity route
+        returns this start's nonce). Another server on the port (a run that started a moment earlier: both
+        found the port free) is an error now, before its rollouts or evals could be taken for ours; False
+        while the route cannot be asked yet (keep polling)."""
+        try:
+            ident = get_identity(self.base_url, timeout_s, api_key=self.api_key)
+        except RolloutServerError:
+            return False
+        if ident is not None and ident.get("nonce") == self._nonce:
+            return True
+        who = f"process {ident.get('pid')} serving {ident.get('model')}" if ident else "not a coordexp server"
+        raise self._fail(
+            f"{self.base_url} answers, but not as the rollout server this run started: another server holds "
+            f"port {self.spec.port} ({who}). Fix: stop that server or choose a free port in "
+            f"vllm.server.base_urls; to use a server that is already running, set "
+            f"vllm.server.reuse_existing=true", with_log=False)
+
+    def _check_reused(self) -> None:
+        """A reused server must fit this run: its weights root holds :attr:`pushes_from` (the learner's
+        weight files), or - nothing pushed, an eval - it still serves :attr:`serves` as loaded (a server a
+        training run pushed other weights into would give another model's numbers). A server without the
+        identity route (an older coordexp) cannot be checked: said, not refused."""
+        try:
+            ident = get_identity(self.base_url, timeout_s=self.request_timeout_s, api_key=self.api_key)
+        except RolloutServerError as exc:
+            raise ServerStartError(f"vllm.server.reuse_existing: {exc}") from None
+        if ident is None:
+            self.progress(f"warning: {self.base_url} has no /coordexp/identity/ route (a server started "
+                          f"by an older coordexp): cannot check which weights it holds or where it loads "
+                          f"them from")
+            return
+        url = self.base_url
+        if self.pushes_from:
+            problem = outside_root_problem(self.pushes_from, ident.get("weights_root"))
+            if problem:
+                raise ServerStartError(f"vllm.server.reuse_existing: the server at {url} cannot load this "
+                                       f"run's weight files: {problem}")
+        if self.serves:
+            loaded, model = ident.get("loaded"), ident.get("model")
+            if loaded:
+                raise ServerStartError(
+                    f"vllm.server.reuse_existing: the server at {url} holds weights a training run pushed "
+                    f"into it ({loaded}), not {self.serves}, and an eval pushes none: drop "
+                    f"vllm.server.reuse_existing=true to let the eval start a server from the checkpoint, or "
+                    f"restart that server from {self.serves}")
+            if not model or os.path.realpath(model) != os.path.realpath(self.serves):
+                raise ServerStartError(
+                    f"vllm.server.reuse_existing: the server at {url} serves {model}, not {self.serves}: "
+                    f"drop vllm.server.reuse_existing=true to let the eval start a server from the "
+                    f"checkpoint, or restart that server from {self.serves}")
 
     def _probe(self) -> None:
         try:

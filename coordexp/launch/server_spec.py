@@ -243,7 +243,8 @@ def build_env(spec: ServerLaunchSpec, base: dict[str, str] | None = None) -> dic
         cores = len(spec.cpus) or len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity")
                                       else range(os.cpu_count() or 1))
         for key, value in cpu_server_env(cores, spec.data_parallel_size).items():
-            env.setdefault(key, value)
+            if not env.get(key):  # an empty value is unset (vLLM would fail to parse it)
+                env[key] = value
     elif spec.server_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.server_gpus)
     env.update({str(k): str(v) for k, v in spec.extra_env.items()})

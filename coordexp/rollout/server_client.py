@@ -45,6 +45,7 @@ from coordexp.protocol import (
     ENV_ENABLE,
     ENV_SERVER_API_KEY,
     FLAG_KEY,
+    IDENTITY_ROUTE,
     RESPONSE_KEY,
     WRAPPER_HEADER,
     WRAPPER_VALUE,
@@ -61,6 +62,7 @@ __all__ = [
     "build_infer_payload",
     "check_health",
     "get_health",
+    "get_identity",
     "get_world_size",
     "parse_infer_response",
     "post_infer",
@@ -296,6 +298,28 @@ def get_health(base_url: str, timeout_s: float = 5.0, session: requests.Session 
         return r.json()
     except ValueError:
         raise MalformedResponseError(f"GET {base_url}/health/ returned non-JSON: {r.text[:300]}") from None
+
+
+def get_identity(base_url: str, timeout_s: float = 5.0, api_key: str | None = None) -> dict | None:
+    """``GET /coordexp/identity/`` body (:data:`~coordexp.protocol.IDENTITY_ROUTE`); None when the server
+    has no such route (not a coordexp server, or an older one). Raises RolloutServerError when unreachable,
+    refused or malformed."""
+    url = base_url.rstrip("/") + IDENTITY_ROUTE
+    try:
+        r = requests.get(url, timeout=_timeout(timeout_s), headers=_headers(api_key))
+    except requests.RequestException as exc:
+        raise RolloutServerError(f"GET {url} failed: {exc}") from None
+    if r.status_code == 404:
+        return None
+    if r.status_code != 200:
+        raise RolloutServerError(f"GET {_refused(url, r)}")
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise MalformedResponseError(f"GET {url}: expected a JSON object, got {r.text[:300]}")
+    return body
 
 
 def check_health(base_url: str, timeout_s: float = 5.0, api_key: str | None = None) -> bool:

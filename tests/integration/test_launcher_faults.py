@@ -76,6 +76,10 @@ FAKE_SERVER = textwrap.dedent("""
             self.end_headers()
             self.wfile.write(data)
         def do_GET(self):
+            if self.path.startswith("/coordexp/identity"):
+                return self._send({"nonce": os.environ.get("COORDEXP_SERVER_NONCE"), "pid": os.getpid(),
+                                   "model": None, "weights_root": os.environ.get("COORDEXP_WEIGHTS_ROOT"),
+                                   "loaded": None})
             self._send({"status": "ok"} if self.path.startswith("/health") else {"world_size": 1})
         def do_POST(self):
             n = int(self.headers.get("Content-Length") or 0)

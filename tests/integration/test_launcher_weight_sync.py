@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from coordexp.errors import ServerStartError
+from coordexp.launch.rollout_server import RolloutServer
 from coordexp.protocol import LOAD_WEIGHTS_ROUTE, XARGS_KEY
-from coordexp.rollout.server_client import DecodeParams, InferRequest, RolloutClient
+from coordexp.rollout.server_client import DecodeParams, InferRequest, RolloutClient, get_identity
 from coordexp.trainer.sync_transport import FileTransport, WeightSyncError, named_weights
 from coordexp.trainer.weight_sync import WeightSync
 from tests.conftest import free_port
@@ -111,7 +113,20 @@ def changed_model(model_dir, tok, steps=3, noise=0.1):
     return model.eval()
 
 
+def reused(url: str, **expect) -> RolloutServer:
+    """The server at ``url`` as a run with ``vllm.server.reuse_existing`` sees it (``expect``: what the run
+    needs of it: ``serves`` for an eval, ``pushes_from`` for a training run)."""
+    return RolloutServer(None, url, reuse_existing=True, probe=False, progress=lambda line: None, **expect)
+
+
 def test_file_sync_makes_server_greedy_equal_learner_greedy(server, tiny_model_dir, tiny_tokenizer, tmp_path):
+    ident = get_identity(server.base_url)
+    assert ident["nonce"] == server._nonce and ident["loaded"] is None  # the module's first push is below
+    assert os.path.realpath(ident["model"]) == os.path.realpath(tiny_model_dir)
+    reused(server.base_url, serves=tiny_model_dir).ready()  # an eval of the served checkpoint may reuse it
+    with pytest.raises(ServerStartError, match=rf"serves {ident['model']}, not /elsewhere/ckpt: drop "
+                                               r"vllm.server.reuse_existing=true"):
+        reused(server.base_url, serves="/elsewhere/ckpt").ready()  # an eval of another checkpoint may not
     tok = tiny_tokenizer
     before, prompt_ids = server_greedy(server.base_url)
     model = changed_model(tiny_model_dir, tok)
@@ -137,6 +152,23 @@ def test_file_sync_makes_server_greedy_equal_learner_greedy(server, tiny_model_d
     # a second push at the same step is skipped; the file of the previous push is replaced
     assert sync.maybe_sync(lambda: model, step=5) is None
     assert sorted(p.name for p in (tmp_path / "weight_sync").iterdir()) == ["step-00000005.safetensors"]
+
+    # reused from now on: an eval would get the pushed weights' numbers under the checkpoint's name
+    pushed = str(tmp_path / "weight_sync" / "step-00000005.safetensors")
+    assert get_identity(server.base_url)["loaded"] == pushed
+    with pytest.raises(ServerStartError) as err:
+        reused(server.base_url, serves=tiny_model_dir).ready()
+    assert str(err.value) == (
+        f"vllm.server.reuse_existing: the server at {server.base_url} holds weights a training run pushed "
+        f"into it ({pushed}), not {tiny_model_dir}, and an eval pushes none: drop "
+        f"vllm.server.reuse_existing=true to let the eval start a server from the checkpoint, or restart "
+        f"that server from {tiny_model_dir}")
+    # a training run whose weight files the server cannot load is refused before it trains
+    with pytest.raises(ServerStartError, match=r"cannot load this run's weight files: /elsewhere/run is "
+                                               r"outside this server's weights root .* restart the server "
+                                               r"with --weights-root"):
+        reused(server.base_url, pushes_from="/elsewhere/run").ready()
+    reused(server.base_url, pushes_from=tmp_path).ready()  # under its weights root: accepted
 
 
 def test_load_weights_route_errors_name_the_cause(server, tmp_path):

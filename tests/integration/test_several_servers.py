@@ -102,7 +102,7 @@ def test_two_launcher_started_servers_split_requests_sync_both_and_fail_cleanly(
         outside.write_bytes(b"not weights")
         r = requests.post(f"{urls[0]}{LOAD_WEIGHTS_ROUTE}", json={"path": str(outside)}, timeout=30,
                           headers={"Authorization": f"Bearer {KEY}"})
-        assert r.status_code == 403 and "is outside the run dir" in r.json()["detail"], r.text
+        assert r.status_code == 403 and "is outside this server's weights root" in r.json()["detail"], r.text
         assert requests.post(f"{urls[0]}{LOAD_WEIGHTS_ROUTE}", json={"path": str(outside)},
                              timeout=30).status_code == 401
 

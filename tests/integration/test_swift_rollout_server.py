@@ -327,6 +327,10 @@ FAKE_SERVER = textwrap.dedent("""
             self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers()
             self.wfile.write(data)
         def do_GET(self):
+            if self.path.startswith("/coordexp/identity"):
+                return self._send({"nonce": os.environ.get("COORDEXP_SERVER_NONCE"), "pid": os.getpid(),
+                                   "model": None, "weights_root": os.environ.get("COORDEXP_WEIGHTS_ROOT"),
+                                   "loaded": None})
             self._send({"status": "ok"} if self.path.startswith("/health") else {"world_size": 1})
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -493,3 +497,25 @@ def test_a_cpu_server_with_vllms_engine_processes_is_named_at_start(fake_spec, t
         "warning: VLLM_ENABLE_V1_MULTIPROCESSING in the environment runs this CPU server's engine in "
         "separate EngineCore/Worker processes that busy-wait on each other: the learner's steps next to it "
         "ran up to 28x slower (docs/benchmarks.md); unset it"])
+
+
+def test_another_server_answering_the_port_is_not_taken_for_ours(fake_spec, tmp_path, monkeypatch):
+    """Two runs that found port P free a moment apart: the later one's health poll is answered by the first
+    one's server. It must fail (and stop its own server), not roll out or evaluate on the other's model."""
+    from coordexp.launch import rollout_server
+
+    spec, url = fake_spec("ok")
+    with RolloutServer(spec, url, log_path=tmp_path / "first.log", startup_timeout_s=30, poll_interval_s=0.2,
+                       progress=lambda line: None) as first:
+        late, _ = fake_spec("hang")  # the second run's server: still loading, not bound yet
+        late.port = spec.port
+        monkeypatch.setattr(rollout_server, "port_in_use", lambda host, port: False)  # the race window
+        second = RolloutServer(late, url, log_path=tmp_path / "second.log", startup_timeout_s=30,
+                               poll_interval_s=0.2, progress=lambda line: None)
+        with pytest.raises(ServerStartError, match=(
+                rf"^{re.escape(url)} answers, but not as the rollout server this run started: another server "
+                rf"holds port {spec.port} \(process \d+ serving None\)\. Fix: stop that server or choose a "
+                rf"free port in vllm.server.base_urls")):
+            second.start()
+        assert second.proc is None  # its own server was stopped
+        assert first.alive() and get_health(url)["status"] == "ok"

@@ -164,5 +164,7 @@ def test_a_cpu_server_runs_vllm_in_process_with_sleeping_openmp_threads(tmp_path
     assert unpinned["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) - 1))
     mine = {"KMP_BLOCKTIME": "5", "OMP_NUM_THREADS": "7", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     assert {k: build_env(cpu, base=mine)[k] for k in mine} == mine
+    empty = build_env(cpu, base={"VLLM_ENABLE_V1_MULTIPROCESSING": ""})  # unset: vLLM cannot parse ""
+    assert empty["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     gpu = build_env(ServerLaunchSpec(model_dir=str(tmp_path), port=1, device="cuda"), base={})
     assert not set(cpu_server_env(4)) & set(gpu)

@@ -144,12 +144,12 @@ def test_the_weight_route_loads_only_files_under_the_run_dir(tmp_path):
     (run / "weight_sync" / "escape.safetensors").symlink_to(other / "w.safetensors")
     assert outside_root_problem(str(run / "weight_sync" / "step-1.safetensors"), str(run)) is None
     assert outside_root_problem(str(other / "w.safetensors"), str(run)) == (
-        f"{other}/w.safetensors is outside the run dir {run} ({ENV_WEIGHTS_ROOT}); only files under it are "
-        "loaded")
-    assert "is outside the run dir" in outside_root_problem(str(run / "weight_sync" / "escape.safetensors"),
-                                                            str(run))
-    assert "is outside the run dir" in outside_root_problem(str(run / ".." / "other" / "w.safetensors"),
-                                                            str(run))
+        f"{other}/w.safetensors is outside this server's weights root {run} ({ENV_WEIGHTS_ROOT}); only files "
+        f"under it are loaded: restart the server with --weights-root <a folder that holds the run dir> "
+        f"(python -m coordexp.launch.server), or put the run dir under {run}")
+    outside = "is outside this server's weights root"
+    assert outside in outside_root_problem(str(run / "weight_sync" / "escape.safetensors"), str(run))
+    assert outside in outside_root_problem(str(run / ".." / "other" / "w.safetensors"), str(run))
     assert outside_root_problem(f"{run}-sibling/w.safetensors", str(run)) is not None  # not a prefix match
     assert outside_root_problem("/etc/passwd", None).startswith(
         f"this server was started without {ENV_WEIGHTS_ROOT}, so it loads no weight files")

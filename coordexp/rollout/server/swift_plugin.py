@@ -73,7 +73,11 @@ from coordexp.rollout.server.responses import (
     wants_wrapper,
     wrap_output,
 )
-from coordexp.rollout.server.weight_route import install_api_key, install_weight_sync_route
+from coordexp.rollout.server.weight_route import (
+    install_api_key,
+    install_identity_route,
+    install_weight_sync_route,
+)
 
 logger = logging.getLogger("coordexp.rollout.server.swift_plugin")
 
@@ -331,6 +335,7 @@ def _register_weight_sync() -> None:
     register_engine_kwargs_hook(_weight_sync_engine_kwargs)
     register_route_installer(install_api_key)
     register_route_installer(install_weight_sync_route)
+    register_route_installer(install_identity_route)
 
 
 def _patch_cpu() -> None:

@@ -1,6 +1,7 @@
 """``POST /coordexp/load_weights/`` (:data:`~coordexp.protocol.LOAD_WEIGHTS_ROUTE`), installed into
-the ``swift rollout`` app by the plugin: every rollout worker loads a safetensors file the learner wrote.
-Runs in the server's main process; FastAPI is imported when the route is installed.
+the ``swift rollout`` app by the plugin: every rollout worker loads a safetensors file the learner wrote; and
+``GET /coordexp/identity/`` (:data:`~coordexp.protocol.IDENTITY_ROUTE`): which server this is and which
+weights it holds. Runs in the server's main process; FastAPI is imported when the routes are installed.
 
 Two guards: the route loads only files under :data:`~coordexp.protocol.ENV_WEIGHTS_ROOT` (the launcher sets
 it to the run dir, or to a sweep's dir; anything else, a symlink out of it included, is refused with HTTP
@@ -16,9 +17,16 @@ import sys
 import time
 from typing import Any
 
-from coordexp.protocol import ENV_SERVER_API_KEY, ENV_WEIGHTS_ROOT, LOAD_WEIGHTS_ROUTE, WORKER_METHOD
+from coordexp.protocol import (
+    ENV_SERVER_API_KEY,
+    ENV_SERVER_NONCE,
+    ENV_WEIGHTS_ROOT,
+    IDENTITY_ROUTE,
+    LOAD_WEIGHTS_ROUTE,
+    WORKER_METHOD,
+)
 
-__all__ = ["install_api_key", "install_weight_sync_route", "outside_root_problem"]
+__all__ = ["install_api_key", "install_identity_route", "install_weight_sync_route", "outside_root_problem"]
 
 
 def _say(msg: str) -> None:
@@ -44,7 +52,9 @@ def outside_root_problem(path: str, root: str | None) -> str | None:
                 f"{ENV_WEIGHTS_ROOT}=<the run dir, or a folder above it>)")
     real, base = os.path.realpath(path), os.path.realpath(root)
     if os.path.commonpath([real, base]) != base:
-        return f"{path} is outside the run dir {base} ({ENV_WEIGHTS_ROOT}); only files under it are loaded"
+        return (f"{path} is outside this server's weights root {base} ({ENV_WEIGHTS_ROOT}); only files under "
+                f"it are loaded: restart the server with --weights-root <a folder that holds the run dir> "
+                f"(python -m coordexp.launch.server), or put the run dir under {base}")
     return None
 
 
@@ -99,9 +109,26 @@ def install_weight_sync_route(deploy: Any) -> None:
                 detail=f"coordexp: a rollout worker failed to load weights from {path}; see the server log",
             )
         workers = [w for r in results for w in (r if isinstance(r, list) else [r])]
+        deploy._coordexp_loaded = path
         _say(f"loaded weights from {path} into {len(workers)} worker(s) in {time.monotonic() - t0:.2f} s")
         return {"workers": workers, "seconds": round(time.monotonic() - t0, 4), "step": payload.get("step")}
 
     guard = getattr(deploy, "_require_api_key", None)
     deps = [Depends(guard())] if callable(guard) else []
     deploy.app.post(LOAD_WEIGHTS_ROUTE, dependencies=deps)(load_weights)
+
+
+def install_identity_route(deploy: Any) -> None:
+    """``GET /coordexp/identity/``: ``{"nonce", "pid", "model", "weights_root", "loaded"}`` (see
+    :data:`~coordexp.protocol.IDENTITY_ROUTE`); behind the API key like every route but ``/health/``."""
+    from fastapi import Depends
+
+    def identity():
+        return {"nonce": os.environ.get(ENV_SERVER_NONCE), "pid": os.getpid(),
+                "model": getattr(getattr(deploy, "args", None), "model", None),
+                "weights_root": os.environ.get(ENV_WEIGHTS_ROOT),
+                "loaded": getattr(deploy, "_coordexp_loaded", None)}
+
+    guard = getattr(deploy, "_require_api_key", None)
+    deps = [Depends(guard())] if callable(guard) else []
+    deploy.app.get(IDENTITY_ROUTE, dependencies=deps)(identity)
