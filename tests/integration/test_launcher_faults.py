@@ -393,6 +393,8 @@ def test_server_cli_serves_until_signal_and_a_run_reuses_it(harness, tmp_path, g
             str(harness),
             "--log",
             str(tmp_path / "cli.log"),
+            "--weights-root",  # the run dir below is under it: the reusing run is accepted
+            str(tmp_path),
             "+experiment=smoke/ab_mixed",
             "rollout=vllm_server",
             "model.tiny_stage1_steps=0",
