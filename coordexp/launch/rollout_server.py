@@ -59,7 +59,11 @@ from coordexp.rollout.server.weight_route import outside_root_problem
 from coordexp.rollout.server_client import RolloutServerError, check_health, get_identity, get_world_size
 from coordexp.telemetry import record as console
 
-__all__ = ["PortTakenDuringStart", "RolloutServer", "lost_port_in_log", "say", "start_all"]
+__all__ = ["BUSY_PORT_FIX", "PortTakenDuringStart", "RolloutServer", "lost_port_in_log", "say", "start_all"]
+
+#: The way out of a busy port for a run or an eval.
+BUSY_PORT_FIX = ("stop whatever listens there, pick another port in vllm.server.base_urls, or set "
+                 "vllm.server.reuse_existing=true to use a server that is already running")
 
 
 class PortTakenDuringStart(ServerStartError):
@@ -104,10 +108,12 @@ class RolloutServer:
         eos_token_id: int | tuple[int, ...] | None = None,
         pushes_from: str | os.PathLike | None = None,
         serves: str | os.PathLike | None = None,
+        busy_port_fix: str = BUSY_PORT_FIX,
     ):
         """``pushes_from`` / ``serves`` apply to a reused server: the folder this run writes weight files
         under (the server's weights root must hold it), or - when nothing is pushed (an eval) - the model
-        folder the server must serve unchanged."""
+        folder the server must serve unchanged. ``busy_port_fix``: what the error for a busy port tells the
+        user to do."""
         if spec is None and not reuse_existing:
             raise ValueError("RolloutServer needs a launch spec unless reuse_existing is set")
         self.spec = spec
@@ -124,6 +130,7 @@ class RolloutServer:
         self.progress_every_s = float(progress_every_s)
         self.poll_interval_s = float(poll_interval_s)
         self.eos_token_id = eos_token_id
+        self.busy_port_fix = busy_port_fix
         self.pushes_from = str(pushes_from) if pushes_from else None
         self.serves = str(serves) if serves else None
         self._nonce = secrets.token_hex(8)  # this start's identity (ENV_SERVER_NONCE)
@@ -337,11 +344,7 @@ class RolloutServer:
         if not Path(spec.plugin_path).is_file():
             raise ServerStartError(f"coordexp swift plugin not found at {spec.plugin_path}")
         if port_in_use(spec.host, spec.port):
-            raise ServerStartError(
-                f"port {spec.port} on {spec.host} is already in use: stop whatever listens "
-                f"there, pick another port in vllm.server.base_urls, or set "
-                f"vllm.server.reuse_existing=true to use a server that is already running"
-            )
+            raise ServerStartError(f"port {spec.port} on {spec.host} is already in use: {self.busy_port_fix}")
         cmd = supervised_command(build_command(spec))  # the supervisor owns vLLM's engine grandchildren too
         env = build_env(spec)
         env[ENV_SERVER_NONCE] = self._nonce

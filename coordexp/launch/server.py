@@ -49,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = resolve_model_dir(cfg)
         parsed = urlparse(url)
         log = Path(ns.log) if ns.log else Path("runs") / "servers" / f"{parsed.hostname}_{parsed.port}.log"
+        busy = ("stop whatever listens there (a coordexp server already running there serves runs with "
+                "vllm.server.reuse_existing=true as it is), or serve another port with --base-url")
+        root = Path(ns.weights_root).resolve()
         with RolloutServer.from_config(cfg, model_dir=model_dir, log_path=log, base_url=url,
-                                       weights_root=Path(ns.weights_root).resolve()) as srv:
+                                       weights_root=root, busy_port_fix=busy) as srv:
             say(f"serving {model_dir} at {srv.base_url} (process group {srv.pgid}, log {log}); "
                 f"SIGINT/SIGTERM stops it")
             while srv.alive():

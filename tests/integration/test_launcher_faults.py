@@ -435,3 +435,21 @@ def test_server_cli_serves_until_signal_and_a_run_reuses_it(harness, tmp_path, g
     finally:
         if cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
+
+
+def test_server_cli_on_a_busy_port_names_its_own_way_out(harness, tmp_path):
+    """The server CLI never reuses a server (it forces vllm.server.reuse_existing=false): its busy-port error
+    names what it can do instead, not the runs' reuse switch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, str(harness), "+experiment=smoke/ab_mixed", "rollout=vllm_server",
+             "model.tiny_stage1_steps=0", f"vllm.server.base_urls=[http://127.0.0.1:{port}]"],
+            cwd=REPO, env={**os.environ, "FAKE_MODE": "ok", "HARNESS_MODULE": "coordexp.launch.server"},
+            capture_output=True, text=True, timeout=300)
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    assert (f"port {port} on 127.0.0.1 is already in use: stop whatever listens there (a coordexp server "
+            "already running there serves runs with vllm.server.reuse_existing=true as it is), or serve "
+            "another port with --base-url") in out.stdout + out.stderr
