@@ -44,6 +44,7 @@ from coordexp.launch.process import (
     stop_group,
     terminate_on_signals,
 )
+from coordexp.launch.server_identity import foreign_server_problem, reuse_problem
 from coordexp.launch.server_log import command_exit_code, lost_port_in_log, start_failure_fix
 from coordexp.launch.server_spec import (
     ServerLaunchSpec,
@@ -55,7 +56,6 @@ from coordexp.launch.server_spec import (
 from coordexp.launch.supervise import supervised_command
 from coordexp.protocol import ENV_SERVER_NONCE
 from coordexp.rollout.probe import ProbeError, run_probe
-from coordexp.rollout.server.weight_route import outside_root_problem
 from coordexp.rollout.server_client import RolloutServerError, check_health, get_identity, get_world_size
 from coordexp.telemetry import record as console
 
@@ -422,28 +422,22 @@ class RolloutServer:
             time.sleep(self.poll_interval_s)
 
     def _answers_as_ours(self, timeout_s: float) -> bool:
-        """Whether the server answering :attr:`base_url` is the one this start spawned (its identity route
-        returns this start's nonce). Another server on the port (a run that started a moment earlier: both
-        found the port free) is an error now, before its rollouts or evals could be taken for ours; False
-        while the route cannot be asked yet (keep polling)."""
+        """Whether the server answering :attr:`base_url` is the one this start spawned; another server there
+        is an error now, before its rollouts or evals could be taken for ours
+        (:func:`~coordexp.launch.server_identity.foreign_server_problem`). False while the identity route
+        cannot be asked yet (keep polling)."""
         try:
             ident = get_identity(self.base_url, timeout_s, api_key=self.api_key)
         except RolloutServerError:
             return False
-        if ident is not None and ident.get("nonce") == self._nonce:
-            return True
-        who = f"process {ident.get('pid')} serving {ident.get('model')}" if ident else "not a coordexp server"
-        raise self._fail(
-            f"{self.base_url} answers, but not as the rollout server this run started: another server holds "
-            f"port {self.spec.port} ({who}). Fix: stop that server or choose a free port in "
-            f"vllm.server.base_urls; to use a server that is already running, set "
-            f"vllm.server.reuse_existing=true", with_log=False)
+        problem = foreign_server_problem(ident, self._nonce, self.base_url, self.spec.port)
+        if problem:
+            raise self._fail(problem, with_log=False)
+        return True
 
     def _check_reused(self) -> None:
-        """A reused server must fit this run: its weights root holds :attr:`pushes_from` (the learner's
-        weight files), or - nothing pushed, an eval - it still serves :attr:`serves` as loaded (a server a
-        training run pushed other weights into would give another model's numbers). A server without the
-        identity route (an older coordexp) cannot be checked: said, not refused."""
+        """A reused server must fit this run (:func:`~coordexp.launch.server_identity.reuse_problem`). A
+        server without the identity route (an older coordexp) cannot be checked: said, not refused."""
         try:
             ident = get_identity(self.base_url, timeout_s=self.request_timeout_s, api_key=self.api_key)
         except RolloutServerError as exc:
@@ -453,25 +447,9 @@ class RolloutServer:
                           f"by an older coordexp): cannot check which weights it holds or where it loads "
                           f"them from")
             return
-        url = self.base_url
-        if self.pushes_from:
-            problem = outside_root_problem(self.pushes_from, ident.get("weights_root"))
-            if problem:
-                raise ServerStartError(f"vllm.server.reuse_existing: the server at {url} cannot load this "
-                                       f"run's weight files: {problem}")
-        if self.serves:
-            loaded, model = ident.get("loaded"), ident.get("model")
-            if loaded:
-                raise ServerStartError(
-                    f"vllm.server.reuse_existing: the server at {url} holds weights a training run pushed "
-                    f"into it ({loaded}), not {self.serves}, and an eval pushes none: drop "
-                    f"vllm.server.reuse_existing=true to let the eval start a server from the checkpoint, or "
-                    f"restart that server from {self.serves}")
-            if not model or os.path.realpath(model) != os.path.realpath(self.serves):
-                raise ServerStartError(
-                    f"vllm.server.reuse_existing: the server at {url} serves {model}, not {self.serves}: "
-                    f"drop vllm.server.reuse_existing=true to let the eval start a server from the "
-                    f"checkpoint, or restart that server from {self.serves}")
+        problem = reuse_problem(ident, self.base_url, self.pushes_from, self.serves)
+        if problem:
+            raise ServerStartError(problem)
 
     def _probe(self) -> None:
         try:

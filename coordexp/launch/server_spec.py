@@ -240,8 +240,8 @@ def build_env(spec: ServerLaunchSpec, base: dict[str, str] | None = None) -> dic
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_space_gib)
         # ms-swift's own vLLM general plugin imports torchvision, absent from the CPU stack.
         env.setdefault("VLLM_PLUGINS", "none")
-        cores = len(spec.cpus) or len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity")
-                                      else range(os.cpu_count() or 1))
+        cores = len(spec.cpus) or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                   else os.cpu_count() or 1)
         for key, value in cpu_server_env(cores, spec.data_parallel_size).items():
             if not env.get(key):  # an empty value is unset (vLLM would fail to parse it)
                 env[key] = value

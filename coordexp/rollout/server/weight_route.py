@@ -64,7 +64,7 @@ def install_weight_sync_route(deploy: Any) -> None:
     ``{"workers": [<per-worker report>], "seconds": s}``; 400 for a bad path, 500 when a worker failed (its
     traceback is in the server log), 403 for a file outside :data:`~coordexp.protocol.ENV_WEIGHTS_ROOT`,
     504 when the workers did not finish within ``timeout_s``."""
-    from fastapi import Body, Depends, HTTPException
+    from fastapi import Body, HTTPException
 
     lock = asyncio.Lock()
 
@@ -113,22 +113,25 @@ def install_weight_sync_route(deploy: Any) -> None:
         _say(f"loaded weights from {path} into {len(workers)} worker(s) in {time.monotonic() - t0:.2f} s")
         return {"workers": workers, "seconds": round(time.monotonic() - t0, 4), "step": payload.get("step")}
 
-    guard = getattr(deploy, "_require_api_key", None)
-    deps = [Depends(guard())] if callable(guard) else []
-    deploy.app.post(LOAD_WEIGHTS_ROUTE, dependencies=deps)(load_weights)
+    deploy.app.post(LOAD_WEIGHTS_ROUTE, dependencies=_api_key_guard(deploy))(load_weights)
 
 
 def install_identity_route(deploy: Any) -> None:
     """``GET /coordexp/identity/``: ``{"nonce", "pid", "model", "weights_root", "loaded"}`` (see
     :data:`~coordexp.protocol.IDENTITY_ROUTE`); behind the API key like every route but ``/health/``."""
-    from fastapi import Depends
-
     def identity():
         return {"nonce": os.environ.get(ENV_SERVER_NONCE), "pid": os.getpid(),
                 "model": getattr(getattr(deploy, "args", None), "model", None),
                 "weights_root": os.environ.get(ENV_WEIGHTS_ROOT),
                 "loaded": getattr(deploy, "_coordexp_loaded", None)}
 
+    deploy.app.get(IDENTITY_ROUTE, dependencies=_api_key_guard(deploy))(identity)
+
+
+def _api_key_guard(deploy: Any) -> list:
+    """The route dependencies that apply ms-swift's bearer-token check (``deploy._require_api_key``), if
+    this ms-swift has it."""
+    from fastapi import Depends
+
     guard = getattr(deploy, "_require_api_key", None)
-    deps = [Depends(guard())] if callable(guard) else []
-    deploy.app.get(IDENTITY_ROUTE, dependencies=deps)(identity)
+    return [Depends(guard())] if callable(guard) else []
